@@ -1,0 +1,262 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"os"
+	"slices"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/pflag"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/clientcmd"
+
+	"github.com/endpointlag/endpointlag/collector"
+	"github.com/endpointlag/endpointlag/probes"
+	"github.com/endpointlag/endpointlag/probes/kube"
+)
+
+const inspectUsage = `Usage: endpointlag inspect [flags]
+
+Prints the terminating endpoints and each one's timeline so far, as a table or as JSON.
+
+By default it asks a running daemon (its /api/v1/records): every stage that daemon saw, with the
+lag since the pod's deletion (+N s, pods on the daemon's node) or since the daemon saw the slice
+change (~N s). With --api it asks the Kubernetes API instead: the endpoints its EndpointSlices
+list as terminating now, and their pods' deletion time as the API recorded it (1 s precision).
+
+Flags:
+`
+
+type inspectOptions struct {
+	daemon     string
+	api        bool
+	kubeconfig string
+	namespace  string
+	output     string
+	timeout    time.Duration
+}
+
+func runInspect(args []string, stdout, stderr io.Writer) int {
+	fs := pflag.NewFlagSet("endpointlag inspect", pflag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var o inspectOptions
+	fs.StringVar(&o.daemon, "daemon", "http://127.0.0.1:9860", "base URL of the daemon to ask")
+	fs.BoolVar(&o.api, "api", false, "ask the Kubernetes API instead of a daemon")
+	fs.StringVar(&o.kubeconfig, "kubeconfig", defaultKubeconfig(), "kubeconfig for --api (default $KUBECONFIG, else ~/.kube/config)")
+	fs.StringVarP(&o.namespace, "namespace", "n", "", "only this namespace (default all)")
+	fs.StringVarP(&o.output, "output", "o", "table", "output format: table or json")
+	fs.DurationVar(&o.timeout, "timeout", 10*time.Second, "how long to wait for an answer")
+	fs.Usage = func() {
+		fmt.Fprint(stderr, inspectUsage)
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, pflag.ErrHelp) {
+			return 0
+		}
+		return 2
+	}
+	if o.output != "table" && o.output != "json" {
+		fmt.Fprintf(stderr, "endpointlag inspect: -o %q: use table or json\n", o.output)
+		return 2
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), o.timeout)
+	defer cancel()
+	var (
+		resp RecordsResponse
+		err  error
+	)
+	if o.api {
+		resp, err = recordsFromAPI(ctx, o, stderr)
+	} else {
+		resp, err = recordsFromDaemon(ctx, o.daemon)
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "endpointlag inspect: %v\n", err)
+		return 1
+	}
+	if o.namespace != "" {
+		resp.Records = slices.DeleteFunc(resp.Records, func(r collector.RecordView) bool { return r.Pod.Namespace != o.namespace })
+	}
+	if o.output == "json" {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		if err := enc.Encode(resp); err != nil {
+			fmt.Fprintf(stderr, "endpointlag inspect: %v\n", err)
+			return 1
+		}
+		return 0
+	}
+	writeTable(stdout, resp, time.Now())
+	return 0
+}
+
+func defaultKubeconfig() string {
+	if k := os.Getenv("KUBECONFIG"); k != "" {
+		return k
+	}
+	return clientcmd.RecommendedHomeFile
+}
+
+func recordsFromDaemon(ctx context.Context, base string) (RecordsResponse, error) {
+	var resp RecordsResponse
+	u, err := url.Parse(base)
+	if err != nil || u.Scheme == "" || u.Host == "" {
+		return resp, fmt.Errorf("--daemon %q is not a URL like http://127.0.0.1:9860", base)
+	}
+	u = u.JoinPath("api/v1/records")
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
+	if err != nil {
+		return resp, err
+	}
+	r, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return resp, fmt.Errorf("asking the daemon: %w (is it running? --daemon sets its address, --api asks the API instead)", err)
+	}
+	defer r.Body.Close()
+	if r.StatusCode != http.StatusOK {
+		body, _ := io.ReadAll(io.LimitReader(r.Body, 512))
+		return resp, fmt.Errorf("%s answered %s: %s", u, r.Status, strings.TrimSpace(string(body)))
+	}
+	if err := json.NewDecoder(r.Body).Decode(&resp); err != nil {
+		return resp, fmt.Errorf("%s: decoding the answer: %w", u, err)
+	}
+	return resp, nil
+}
+
+// recordsFromAPI builds timelines from what the API shows now: each terminating endpoint, and its
+// pod's deletion time.
+func recordsFromAPI(ctx context.Context, o inspectOptions, stderr io.Writer) (RecordsResponse, error) {
+	resp := RecordsResponse{Node: "(api)"}
+	cfg, err := restConfig(o.kubeconfig)
+	if err != nil {
+		return resp, err
+	}
+	client, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return resp, err
+	}
+	list, err := client.DiscoveryV1().EndpointSlices(o.namespace).List(ctx, metav1.ListOptions{})
+	if err != nil {
+		return resp, fmt.Errorf("listing EndpointSlices: %w", err)
+	}
+	now := time.Now()
+	eps, errs := kube.Terminating(list.Items)
+	for _, err := range errs {
+		fmt.Fprintf(stderr, "warning: %v\n", err)
+	}
+	type podInfo struct {
+		t0   time.Time
+		gone bool
+	}
+	pods := map[string]podInfo{}
+	for _, ep := range eps {
+		info, ok := pods[ep.Pod.UID]
+		if !ok {
+			pod, err := client.CoreV1().Pods(ep.Pod.Namespace).Get(ctx, ep.Pod.Name, metav1.GetOptions{})
+			switch {
+			case apierrors.IsNotFound(err):
+				info.gone = true
+			case err != nil:
+				return resp, fmt.Errorf("getting pod %s: %w", ep.Pod, err)
+			case string(pod.UID) != ep.Pod.UID:
+				info.gone = true // the name now belongs to a successor
+			default:
+				info.t0 = kube.APIDeletionTime(pod)
+			}
+			pods[ep.Pod.UID] = info
+		}
+		rec := collector.RecordView{Pod: ep.Pod, Service: ep.Service, Endpoint: ep.Endpoint, Local: false}
+		if !info.t0.IsZero() {
+			t0 := info.t0
+			rec.T0API = &t0
+			rec.Stages = append(rec.Stages, collector.StageView{Stage: string(probes.StageDeleted), Source: "api", Time: t0, Precision: 1})
+		}
+		rec.Stages = append(rec.Stages, collector.StageView{Stage: string(probes.StageEndpointSlice), Source: "api", Time: now, Initial: true})
+		if info.gone {
+			rec.Stages = append(rec.Stages, collector.StageView{Stage: string(probes.StageGone), Source: "api", Time: now, Initial: true})
+		}
+		rec.Pending = []string{string(probes.StageEndpointSliceRemoved)}
+		resp.Records = append(resp.Records, rec)
+	}
+	return resp, nil
+}
+
+// stageOrder puts the timeline's stages in the order they happen; stages it does not name come
+// after endpointslice_removed, in order of first appearance.
+var stageOrder = []string{string(probes.StageDeleted), string(probes.StageEndpointSlice), string(probes.StageEndpointSliceRemoved)}
+
+func writeTable(w io.Writer, resp RecordsResponse, now time.Time) {
+	if len(resp.Records) == 0 {
+		fmt.Fprintf(w, "no terminating endpoints known to %s\n", resp.Node)
+		return
+	}
+	cols := slices.Clone(stageOrder)
+	for _, r := range resp.Records {
+		for _, s := range r.Stages {
+			if !slices.Contains(cols, s.Stage) && s.Stage != string(probes.StageGone) {
+				cols = append(cols, s.Stage)
+			}
+		}
+	}
+	cols = append(cols, string(probes.StageGone))
+
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	header := []string{"POD", "SERVICE", "ENDPOINT", "LOCAL"}
+	for _, c := range cols {
+		header = append(header, strings.ToUpper(c))
+	}
+	header = append(header, "PENDING")
+	fmt.Fprintln(tw, strings.Join(header, "\t"))
+	for _, r := range resp.Records {
+		row := []string{r.Pod.String(), r.Service.String(), r.Endpoint.String(), yesNo(r.Local)}
+		for _, c := range cols {
+			row = append(row, stageCell(r, c))
+		}
+		pending := "-"
+		if len(r.Pending) > 0 {
+			pending = strings.Join(r.Pending, ",")
+		}
+		row = append(row, pending)
+		fmt.Fprintln(tw, strings.Join(row, "\t"))
+	}
+	tw.Flush()
+	fmt.Fprintf(w, "\n%d endpoint(s) on %s at %s. +N: seconds since the pod's deletion; ~N: seconds since this\n"+
+		"node saw the slice change; a clock time: seen, no reference; *: already so when first looked.\n",
+		len(resp.Records), resp.Node, now.Format(time.TimeOnly))
+}
+
+func stageCell(r collector.RecordView, stage string) string {
+	for _, s := range r.Stages {
+		if s.Stage != stage {
+			continue
+		}
+		switch {
+		case s.Initial:
+			return "*"
+		case s.Propagation != nil:
+			return fmt.Sprintf("+%.3fs", *s.Propagation)
+		case s.Programming != nil:
+			return fmt.Sprintf("~%.3fs", *s.Programming)
+		}
+		return s.Time.Local().Format("15:04:05.000")
+	}
+	return "-"
+}
+
+func yesNo(b bool) string {
+	if b {
+		return "yes"
+	}
+	return "no"
+}

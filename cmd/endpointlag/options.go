@@ -1,0 +1,113 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/spf13/pflag"
+
+	"github.com/endpointlag/endpointlag/probes"
+)
+
+// Options are the daemon's settings; flags are bound in one place, bindFlags.
+type Options struct {
+	Kubeconfig      string
+	NodeName        string
+	ListenAddress   string
+	LogLevel        string
+	LogFormat       string
+	Horizon         time.Duration
+	MaxRecords      int
+	SweepInterval   time.Duration
+	ShutdownTimeout time.Duration
+	// Probes maps every registered probe to whether it runs.
+	Probes map[string]*bool
+}
+
+func bindFlags(fs *pflag.FlagSet, o *Options) {
+	fs.StringVar(&o.Kubeconfig, "kubeconfig", os.Getenv("KUBECONFIG"),
+		"path to a kubeconfig; empty means the in-cluster service account (default $KUBECONFIG)")
+	fs.StringVar(&o.NodeName, "node-name", os.Getenv("NODE_NAME"),
+		"name of the node this daemon runs on, from the downward API (default $NODE_NAME)")
+	fs.StringVar(&o.ListenAddress, "web.listen-address", ":9860",
+		"address for /metrics, /healthz, /readyz and /api/v1/records")
+	fs.StringVar(&o.LogLevel, "log.level", "info", "log level: debug, info, warn or error")
+	fs.StringVar(&o.LogFormat, "log.format", "text", "log format: text or json")
+	fs.DurationVar(&o.Horizon, "record.horizon", 10*time.Minute,
+		"how long a terminating endpoint's record is kept; stages seen later are not joined")
+	fs.IntVar(&o.MaxRecords, "record.max", 50000,
+		"most endpoint records (and, separately, deleting pods) held at once; more are dropped and counted")
+	fs.DurationVar(&o.SweepInterval, "record.sweep-interval", 10*time.Second, "how often expired records are removed")
+	fs.DurationVar(&o.ShutdownTimeout, "shutdown-timeout", 10*time.Second,
+		"how long SIGTERM/SIGINT waits for probes and in-flight requests before exiting")
+	o.Probes = map[string]*bool{}
+	for _, f := range probes.Registered() {
+		o.Probes[f.Name] = fs.Bool("probe."+f.Name, f.DefaultEnabled, "run the "+f.Name+" probe: "+f.Help)
+	}
+}
+
+// Validate reports every setting that is wrong, naming the flag.
+func (o *Options) Validate() error {
+	var errs []error
+	if _, err := parseLevel(o.LogLevel); err != nil {
+		errs = append(errs, err)
+	}
+	if o.LogFormat != "text" && o.LogFormat != "json" {
+		errs = append(errs, fmt.Errorf("--log.format: %q is neither text nor json", o.LogFormat))
+	}
+	if _, _, err := net.SplitHostPort(o.ListenAddress); err != nil {
+		errs = append(errs, fmt.Errorf("--web.listen-address: %w", err))
+	}
+	for name, d := range map[string]time.Duration{
+		"--record.horizon": o.Horizon, "--record.sweep-interval": o.SweepInterval, "--shutdown-timeout": o.ShutdownTimeout,
+	} {
+		if d <= 0 {
+			errs = append(errs, fmt.Errorf("%s must be positive, got %s", name, d))
+		}
+	}
+	if o.MaxRecords <= 0 {
+		errs = append(errs, fmt.Errorf("--record.max must be positive, got %d", o.MaxRecords))
+	}
+	enabled := o.enabled()
+	if len(enabled) == 0 {
+		errs = append(errs, errors.New("no probe enabled: set at least one --probe.<name>"))
+	}
+	for _, f := range enabled {
+		if f.NeedsAPI && o.NodeName == "" {
+			errs = append(errs, fmt.Errorf("--node-name (or NODE_NAME) is required by --probe.%s", f.Name))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (o *Options) enabled() []probes.Factory {
+	var out []probes.Factory
+	for _, f := range probes.Registered() {
+		if on := o.Probes[f.Name]; on != nil && *on {
+			out = append(out, f)
+		}
+	}
+	return out
+}
+
+func parseLevel(s string) (slog.Level, error) {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(s)); err != nil {
+		return 0, fmt.Errorf("--log.level: %q is not one of debug, info, warn, error", s)
+	}
+	return l, nil
+}
+
+func newLogger(level, format string) *slog.Logger {
+	l, _ := parseLevel(level)
+	opts := &slog.HandlerOptions{Level: l}
+	if strings.EqualFold(format, "json") {
+		return slog.New(slog.NewJSONHandler(os.Stderr, opts))
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, opts))
+}

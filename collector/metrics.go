@@ -1,0 +1,141 @@
+package collector
+
+import (
+	"errors"
+	"runtime"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/endpointlag/endpointlag/probes"
+)
+
+const namespace = "endpointlag"
+
+// LagBuckets are fine at the low end, where dataplane programming lands, and exact at the values
+// people set preStop and terminationGracePeriodSeconds to.
+var LagBuckets = []float64{
+	0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75,
+	1, 2, 3, 5, 10, 15, 20, 30, 45, 60, 90, 120, 300,
+}
+
+type metrics struct {
+	c           *Collector
+	propagation *prometheus.HistogramVec
+	programming *prometheus.HistogramVec
+	dropped     prometheus.Counter
+	expired     *prometheus.CounterVec
+	probeUp     *prometheus.GaugeVec
+	probeErrors *prometheus.CounterVec
+
+	pendingDesc *prometheus.Desc
+	oldestDesc  *prometheus.Desc
+	trackedDesc *prometheus.Desc
+	podsDesc    *prometheus.Desc
+}
+
+func newMetrics(c *Collector) *metrics {
+	return &metrics{
+		c: c,
+		propagation: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: namespace,
+			Name:      "propagation_seconds",
+			Help:      "Time from a pod's deletion (T0) to the removal of its endpoint at each stage; pods on this node only.",
+			Buckets:   LagBuckets,
+		}, []string{"stage"}),
+		programming: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: namespace,
+			Name:      "programming_seconds",
+			Help:      "Time from this node seeing an endpoint turn terminating in its EndpointSlice to its removal at each stage.",
+			Buckets:   LagBuckets,
+		}, []string{"stage"}),
+		dropped: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: namespace,
+			Name:      "records_dropped_total",
+			Help:      "Terminating endpoints and pods not tracked because the record limit was reached.",
+		}),
+		expired: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace,
+			Name:      "records_expired_total",
+			Help:      "Records removed after the horizon; outcome=incomplete had stages still pending.",
+		}, []string{"outcome"}),
+		probeUp: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: namespace,
+			Name:      "probe_up",
+			Help:      "1 while the probe can read its source.",
+		}, []string{"probe"}),
+		probeErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace,
+			Name:      "probe_errors_total",
+			Help:      "Probe failures by reason: source (reading the source failed) or the kind of invalid input skipped.",
+		}, []string{"probe", "reason"}),
+		pendingDesc: prometheus.NewDesc(namespace+"_pending_endpoints",
+			"Terminating endpoints not yet removed at the stage.", []string{"stage"}, nil),
+		oldestDesc: prometheus.NewDesc(namespace+"_oldest_pending_seconds",
+			"Age of the oldest terminating endpoint not yet removed at the stage, since this node saw it terminate.", []string{"stage"}, nil),
+		trackedDesc: prometheus.NewDesc(namespace+"_tracked_records",
+			"Terminating endpoint records held in memory.", nil, nil),
+		podsDesc: prometheus.NewDesc(namespace+"_tracked_pods",
+			"Deleting pods of this node held in memory.", nil, nil),
+	}
+}
+
+func (m *metrics) register(reg prometheus.Registerer) error {
+	return errors.Join(
+		reg.Register(m.propagation),
+		reg.Register(m.programming),
+		reg.Register(m.dropped),
+		reg.Register(m.expired),
+		reg.Register(m.probeUp),
+		reg.Register(m.probeErrors),
+		reg.Register(m),
+	)
+}
+
+// Describe implements prometheus.Collector for the values read from the store at scrape time.
+func (m *metrics) Describe(ch chan<- *prometheus.Desc) {
+	ch <- m.pendingDesc
+	ch <- m.oldestDesc
+	ch <- m.trackedDesc
+	ch <- m.podsDesc
+}
+
+// Collect implements prometheus.Collector.
+func (m *metrics) Collect(ch chan<- prometheus.Metric) {
+	c := m.c
+	c.mu.Lock()
+	now := c.clock.Now()
+	pending := make(map[probes.Stage]int, len(c.opts.Stages))
+	oldest := make(map[probes.Stage]float64, len(c.opts.Stages))
+	for _, r := range c.records {
+		stages := c.pendingStages(r)
+		if len(stages) == 0 {
+			continue
+		}
+		age := max(now.Sub(r.stage(probes.StageEndpointSlice).at).Seconds(), 0)
+		for _, s := range stages {
+			pending[s]++
+			oldest[s] = max(oldest[s], age)
+		}
+	}
+	records, pods := len(c.records), len(c.pods)
+	c.mu.Unlock()
+
+	for _, s := range c.opts.Stages {
+		ch <- prometheus.MustNewConstMetric(m.pendingDesc, prometheus.GaugeValue, float64(pending[s]), string(s))
+		ch <- prometheus.MustNewConstMetric(m.oldestDesc, prometheus.GaugeValue, oldest[s], string(s))
+	}
+	ch <- prometheus.MustNewConstMetric(m.trackedDesc, prometheus.GaugeValue, float64(records))
+	ch <- prometheus.MustNewConstMetric(m.podsDesc, prometheus.GaugeValue, float64(pods))
+}
+
+// RegisterBuildInfo registers endpointlag_build_info, a constant 1 labelled with what was built.
+func RegisterBuildInfo(reg prometheus.Registerer, version, revision string) error {
+	g := prometheus.NewGauge(prometheus.GaugeOpts{
+		Namespace:   namespace,
+		Name:        "build_info",
+		Help:        "A constant 1 labelled with the version, revision and Go version endpointlag was built from.",
+		ConstLabels: prometheus.Labels{"version": version, "revision": revision, "goversion": runtime.Version()},
+	})
+	g.Set(1)
+	return reg.Register(g)
+}

@@ -1,0 +1,264 @@
+// Package kube observes the Kubernetes API: EndpointSlices cluster-wide (as kube-proxy does) and
+// the pods of this node only. It reports the deleted, endpointslice, endpointslice_removed and gone
+// stages.
+package kube
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/cache"
+	"k8s.io/utils/clock"
+
+	"github.com/endpointlag/endpointlag/probes"
+)
+
+// Name is the probe's registry name and the source of its observations.
+const Name = "kube"
+
+func init() {
+	probes.Register(probes.Factory{
+		Name:           Name,
+		Help:           "EndpointSlices (cluster-wide) and this node's pods from the Kubernetes API",
+		DefaultEnabled: true,
+		Stages:         []probes.Stage{probes.StageEndpointSliceRemoved},
+		NeedsAPI:       true,
+		New: func(env probes.Env) (probes.Probe, error) {
+			return New(env.Client, env.NodeName, env.Clock, env.Logger)
+		},
+	})
+}
+
+// Probe watches EndpointSlices and this node's pods.
+type Probe struct {
+	client kubernetes.Interface
+	node   string
+	clock  clock.PassiveClock
+	log    *slog.Logger
+}
+
+// New returns the probe for node.
+func New(client kubernetes.Interface, node string, clk clock.PassiveClock, log *slog.Logger) (*Probe, error) {
+	if client == nil {
+		return nil, errors.New("the kube probe needs a Kubernetes client")
+	}
+	if node == "" {
+		return nil, errors.New("the kube probe needs the node name (--node-name or NODE_NAME)")
+	}
+	return &Probe{client: client, node: node, clock: clk, log: log.With("probe", Name)}, nil
+}
+
+// Name implements probes.Probe.
+func (p *Probe) Name() string { return Name }
+
+// Run implements probes.Probe. Informers retry with backoff while the API server is unreachable;
+// every failed list or watch is reported to the sink, and the probe counts as up again at the
+// next event it receives.
+func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
+	sink.SetStatus(Name, probes.Status{})
+	slices := &sliceHandler{probe: p, sink: sink, tracker: newSliceTracker(), reported: map[string]string{}}
+	pods := &podHandler{probe: p, sink: sink, deleted: map[string]bool{}}
+
+	all := informers.NewSharedInformerFactory(p.client, 0)
+	sliceInf := all.Discovery().V1().EndpointSlices().Informer()
+	local := informers.NewSharedInformerFactoryWithOptions(p.client, 0, informers.WithTweakListOptions(func(o *metav1.ListOptions) {
+		o.FieldSelector = fields.OneTermEqualSelector("spec.nodeName", p.node).String()
+	}))
+	podInf := local.Core().V1().Pods().Informer()
+
+	var synced []cache.InformerSynced
+	for _, h := range []struct {
+		inf     cache.SharedIndexInformer
+		handler cache.ResourceEventHandler
+	}{
+		{sliceInf, cache.ResourceEventHandlerDetailedFuncs{AddFunc: slices.add, UpdateFunc: slices.update, DeleteFunc: slices.delete}},
+		{podInf, cache.ResourceEventHandlerDetailedFuncs{AddFunc: pods.add, UpdateFunc: pods.update, DeleteFunc: pods.delete}},
+	} {
+		if err := h.inf.SetTransform(stripManagedFields); err != nil {
+			return fmt.Errorf("kube probe: %w", err)
+		}
+		if err := h.inf.SetWatchErrorHandlerWithContext(func(_ context.Context, r *cache.Reflector, err error) {
+			sink.Error(Name, fmt.Errorf("watching %s: %w", r.TypeDescription(), err))
+		}); err != nil {
+			return fmt.Errorf("kube probe: %w", err)
+		}
+		reg, err := h.inf.AddEventHandler(h.handler)
+		if err != nil {
+			return fmt.Errorf("kube probe: %w", err)
+		}
+		synced = append(synced, reg.HasSynced)
+	}
+	all.Start(ctx.Done())
+	local.Start(ctx.Done())
+	defer all.Shutdown()
+	defer local.Shutdown()
+
+	p.log.Info("waiting for informers to sync", "node", p.node)
+	if !cache.WaitForCacheSync(ctx.Done(), synced...) {
+		return nil
+	}
+	sink.SetStatus(Name, probes.Status{Up: true, Synced: true})
+	p.log.Info("informers synced", "slices", len(slices.tracker.slices))
+	<-ctx.Done()
+	return nil
+}
+
+// stripManagedFields drops what the probe never reads from cached objects.
+func stripManagedFields(obj any) (any, error) {
+	if m, ok := obj.(metav1.Object); ok {
+		m.SetManagedFields(nil)
+	}
+	return obj, nil
+}
+
+// sliceHandler runs on the slice informer's single handler goroutine.
+type sliceHandler struct {
+	probe   *Probe
+	sink    probes.Sink
+	tracker *sliceTracker
+	// reported remembers the input errors already reported per slice, so that a bad slice is
+	// reported when it turns bad, not at every update.
+	reported map[string]string
+}
+
+func (h *sliceHandler) add(obj any, initial bool) { h.apply(obj, false, initial) }
+func (h *sliceHandler) update(_, obj any)          { h.apply(obj, false, false) }
+func (h *sliceHandler) delete(obj any)             { h.apply(obj, true, false) }
+
+func (h *sliceHandler) apply(obj any, deleted, initial bool) {
+	now := h.probe.clock.Now()
+	if tomb, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+		obj, deleted = tomb.Obj, true
+	}
+	s, ok := obj.(*discoveryv1.EndpointSlice)
+	if !ok {
+		h.sink.Error(Name, fmt.Errorf("slice informer delivered %T", obj))
+		return
+	}
+	h.sink.SetStatus(Name, probes.Status{Up: true})
+	key := s.Namespace + "/" + s.Name
+	var entry *sliceEntry
+	if !deleted {
+		var errs []error
+		entry, errs = parseSlice(s)
+		h.report(key, errs)
+	} else {
+		delete(h.reported, key)
+	}
+	for _, c := range h.tracker.apply(key, entry) {
+		h.sink.Observe(probes.Observation{
+			Stage:    c.stage,
+			Time:     now,
+			Source:   Name,
+			Pod:      c.info.pod,
+			Service:  c.service,
+			Endpoint: c.key.endpoint,
+			Local:    c.info.node == h.probe.node,
+			Initial:  initial,
+		})
+	}
+}
+
+func (h *sliceHandler) report(key string, errs []error) {
+	var sig string
+	for _, err := range errs {
+		sig += err.Error() + "\n"
+	}
+	if sig == h.reported[key] {
+		return
+	}
+	if sig == "" {
+		delete(h.reported, key)
+		return
+	}
+	h.reported[key] = sig
+	for _, err := range errs {
+		h.sink.Error(Name, err)
+	}
+}
+
+// podHandler runs on the pod informer's single handler goroutine.
+type podHandler struct {
+	probe *Probe
+	sink  probes.Sink
+	// deleted holds the UIDs whose deletion was reported; bounded by this node's pods.
+	deleted map[string]bool
+}
+
+func (h *podHandler) add(obj any, initial bool) { h.seen(obj, initial) }
+func (h *podHandler) update(_, obj any)          { h.seen(obj, false) }
+
+func (h *podHandler) seen(obj any, initial bool) {
+	pod, ok := h.pod(obj)
+	if !ok || pod.DeletionTimestamp == nil || h.deleted[string(pod.UID)] {
+		return
+	}
+	h.deleted[string(pod.UID)] = true
+	h.sink.Observe(deletedObservation(pod, h.probe.clock.Now(), initial))
+}
+
+func (h *podHandler) delete(obj any) {
+	now := h.probe.clock.Now()
+	if tomb, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+		obj = tomb.Obj
+	}
+	pod, ok := h.pod(obj)
+	if !ok {
+		return
+	}
+	if !h.deleted[string(pod.UID)] {
+		h.sink.Observe(deletedObservation(pod, now, false))
+	}
+	delete(h.deleted, string(pod.UID))
+	h.sink.Observe(probes.Observation{Stage: probes.StageGone, Time: now, Source: Name, Pod: podRef(pod), Local: true})
+}
+
+// pod unpacks an informer object and keeps only pods of this node; the field selector already
+// does, this guards against a server or fake that ignores it.
+func (h *podHandler) pod(obj any) (*corev1.Pod, bool) {
+	pod, ok := obj.(*corev1.Pod)
+	if !ok {
+		h.sink.Error(Name, fmt.Errorf("pod informer delivered %T", obj))
+		return nil, false
+	}
+	h.sink.SetStatus(Name, probes.Status{Up: true})
+	return pod, pod.Spec.NodeName == h.probe.node
+}
+
+func deletedObservation(pod *corev1.Pod, now time.Time, initial bool) probes.Observation {
+	return probes.Observation{
+		Stage:   probes.StageDeleted,
+		Time:    now,
+		Source:  Name,
+		Pod:     podRef(pod),
+		Local:   true,
+		Initial: initial,
+		APITime: APIDeletionTime(pod),
+	}
+}
+
+// APIDeletionTime is when the API server accepted the delete: it sets deletionTimestamp to that
+// moment plus the grace period. Zero when the pod has no deletionTimestamp.
+func APIDeletionTime(pod *corev1.Pod) time.Time {
+	if pod.DeletionTimestamp == nil {
+		return time.Time{}
+	}
+	var grace int64
+	if pod.DeletionGracePeriodSeconds != nil {
+		grace = *pod.DeletionGracePeriodSeconds
+	}
+	return pod.DeletionTimestamp.Add(-time.Duration(grace) * time.Second)
+}
+
+func podRef(pod *corev1.Pod) probes.PodRef {
+	return probes.PodRef{Namespace: pod.Namespace, Name: pod.Name, UID: string(pod.UID)}
+}

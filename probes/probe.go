@@ -1,0 +1,173 @@
+// Package probes defines what every observation source reports and how sources are registered.
+//
+// A probe watches one source (the Kubernetes API, this node's kube-proxy rules, an ingress proxy,
+// packets) and reports what it saw, where and when, to a Sink. Probes never compute lags: the
+// collector joins observations into per-endpoint timelines and measures.
+package probes
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"sort"
+	"time"
+
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/utils/clock"
+)
+
+// Stage names one point of an endpoint's removal timeline. Its string is the `stage` metric label.
+type Stage string
+
+// The stages of DESIGN.md's timeline known so far.
+const (
+	// StageDeleted is T0: the pod got its deletionTimestamp. Reported for pods on this node only.
+	StageDeleted Stage = "deleted"
+	// StageEndpointSlice: the endpoint turned ready=false, terminating=true in its EndpointSlice.
+	StageEndpointSlice Stage = "endpointslice"
+	// StageEndpointSliceRemoved: the endpoint left every EndpointSlice of its Service.
+	StageEndpointSliceRemoved Stage = "endpointslice_removed"
+	// StageGone: the pod object was deleted. Reported for pods on this node only.
+	StageGone Stage = "gone"
+)
+
+// PodRef identifies the pod behind an endpoint. UID is what tells a pod from its successor with
+// the same name or IP.
+type PodRef struct {
+	Namespace string `json:"namespace"`
+	Name      string `json:"name"`
+	UID       string `json:"uid"`
+}
+
+func (p PodRef) String() string { return p.Namespace + "/" + p.Name }
+
+// ServiceRef identifies a Service.
+type ServiceRef struct {
+	Namespace string `json:"namespace"`
+	Name      string `json:"name"`
+}
+
+func (s ServiceRef) String() string {
+	if s.Name == "" {
+		return ""
+	}
+	return s.Namespace + "/" + s.Name
+}
+
+// Endpoint is one address and port of a pod as a Service sends traffic to it. Port is 0 when the
+// EndpointSlice lists no ports (all ports of the address).
+type Endpoint struct {
+	Addr     netip.Addr `json:"ip"`
+	Port     uint16     `json:"port"`
+	Protocol string     `json:"protocol"`
+}
+
+func (e Endpoint) String() string {
+	return fmt.Sprintf("%s/%s", netip.AddrPortFrom(e.Addr, e.Port), e.Protocol)
+}
+
+// Observation says what a probe saw, where and when. Pod-level stages (deleted, gone) leave
+// Endpoint and Service zero.
+type Observation struct {
+	Stage Stage
+	// Time is when this daemon saw the change, on the local clock.
+	Time time.Time
+	// Precision is how late Time may be: 0 for event-driven sources, the poll interval for polled
+	// ones.
+	Precision time.Duration
+	// Source names the instance that was observed (the probe name, or an ingress instance).
+	Source   string
+	Pod      PodRef
+	Service  ServiceRef
+	Endpoint Endpoint
+	// Local is true when the pod runs on this daemon's node.
+	Local bool
+	// Initial is true when the source was already in this state when the probe started (its first
+	// list): Time is when the probe first saw it, not when it happened.
+	Initial bool
+	// APITime is, for StageDeleted, the deletion time as the API server recorded it
+	// (deletionTimestamp − deletionGracePeriodSeconds, 1 s precision).
+	APITime time.Time
+}
+
+// Status is a probe's health as it reports it to the sink.
+type Status struct {
+	// Up is true while the probe can read its source.
+	Up bool
+	// Synced is true once the probe has read its source's full state at least once.
+	Synced bool
+}
+
+// InputError is a piece of source data a probe had to skip. Reason is a short, fixed word (it
+// becomes a metric label); the error says what was wrong and where.
+type InputError struct {
+	Reason string
+	Err    error
+}
+
+func (e *InputError) Error() string { return e.Reason + ": " + e.Err.Error() }
+func (e *InputError) Unwrap() error { return e.Err }
+
+// Sink receives what probes report. Its methods are safe for concurrent use and do not block on
+// I/O.
+type Sink interface {
+	Observe(Observation)
+	// SetStatus reports the probe's health.
+	SetStatus(probe string, s Status)
+	// Error reports a failure of the probe (reading its source, or an *InputError for data it
+	// skipped). The probe keeps running.
+	Error(probe string, err error)
+}
+
+// Probe observes one source until its context is done.
+type Probe interface {
+	Name() string
+	// Run reports to sink until ctx is done. A returned error ends this probe only.
+	Run(ctx context.Context, sink Sink) error
+}
+
+// Env is what the daemon hands every probe constructor.
+type Env struct {
+	NodeName string
+	// Client is nil when no API server is configured.
+	Client kubernetes.Interface
+	Clock  clock.Clock
+	Logger *slog.Logger
+}
+
+// Factory describes a registered probe.
+type Factory struct {
+	Name string
+	// Help is one line for --help.
+	Help string
+	// DefaultEnabled is the value of --probe.<name> when not given.
+	DefaultEnabled bool
+	// Stages are the endpoint stages the probe reports removals at; the collector tracks them as
+	// pending until seen.
+	Stages []Stage
+	// NeedsAPI is true for probes that cannot run without a Kubernetes client.
+	NeedsAPI bool
+	New      func(Env) (Probe, error)
+}
+
+var registry = map[string]Factory{}
+
+// Register adds a probe factory. It is called from the probe packages' init functions and panics
+// on a duplicate name, which is a programming error.
+func Register(f Factory) {
+	if _, dup := registry[f.Name]; dup {
+		panic("probes: duplicate registration of " + f.Name)
+	}
+	registry[f.Name] = f
+}
+
+// Registered returns every registered probe factory, sorted by name.
+func Registered() []Factory {
+	out := make([]Factory, 0, len(registry))
+	for _, f := range registry {
+		out = append(out, f)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
