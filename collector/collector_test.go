@@ -1,0 +1,351 @@
+package collector
+
+import (
+	"fmt"
+	"io"
+	"log/slog"
+	"math"
+	"net/netip"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+	clocktesting "k8s.io/utils/clock/testing"
+
+	"github.com/endpointlag/endpointlag/probes"
+)
+
+var t0 = time.Date(2026, 11, 26, 12, 0, 0, 0, time.UTC)
+
+type fixture struct {
+	t     *testing.T
+	c     *Collector
+	reg   *prometheus.Registry
+	clock *clocktesting.FakeClock
+}
+
+func newFixture(t *testing.T, opts Options) *fixture {
+	t.Helper()
+	if opts.Horizon == 0 {
+		opts.Horizon = 10 * time.Minute
+	}
+	if opts.MaxRecords == 0 {
+		opts.MaxRecords = 1000
+	}
+	if opts.SweepInterval == 0 {
+		opts.SweepInterval = time.Second
+	}
+	if opts.Stages == nil {
+		opts.Stages = []probes.Stage{probes.StageEndpointSliceRemoved}
+	}
+	reg := prometheus.NewRegistry()
+	clk := clocktesting.NewFakeClock(t0)
+	c, err := New(opts, clk, slog.New(slog.NewTextHandler(io.Discard, nil)), reg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &fixture{t: t, c: c, reg: reg, clock: clk}
+}
+
+// histogram returns the sample count and sum of name{stage}, as a scrape would show them.
+func (f *fixture) histogram(name string, stage probes.Stage) (uint64, float64) {
+	f.t.Helper()
+	for _, m := range f.family(name).GetMetric() {
+		if label(m, "stage") == string(stage) {
+			return m.GetHistogram().GetSampleCount(), m.GetHistogram().GetSampleSum()
+		}
+	}
+	return 0, 0
+}
+
+// value returns the value of a counter or gauge with the given label values ("" for none).
+func (f *fixture) value(name string, labels ...string) float64 {
+	f.t.Helper()
+	for _, m := range f.family(name).GetMetric() {
+		match := true
+		for i := 0; i+1 < len(labels); i += 2 {
+			match = match && label(m, labels[i]) == labels[i+1]
+		}
+		if match {
+			return m.GetCounter().GetValue() + m.GetGauge().GetValue()
+		}
+	}
+	return 0
+}
+
+func (f *fixture) family(name string) *dto.MetricFamily {
+	f.t.Helper()
+	mfs, err := f.reg.Gather()
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == name {
+			return mf
+		}
+	}
+	return nil
+}
+
+func label(m *dto.Metric, name string) string {
+	for _, l := range m.GetLabel() {
+		if l.GetName() == name {
+			return l.GetValue()
+		}
+	}
+	return ""
+}
+
+func pod(i int) probes.PodRef {
+	return probes.PodRef{Namespace: "default", Name: fmt.Sprintf("web-%d", i), UID: fmt.Sprintf("uid-%d", i)}
+}
+
+var web = probes.ServiceRef{Namespace: "default", Name: "web"}
+
+func endpoint(i int) probes.Endpoint {
+	return probes.Endpoint{Addr: netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)}), Port: 8080, Protocol: "TCP"}
+}
+
+func obs(stage probes.Stage, i int, at time.Time, local bool) probes.Observation {
+	o := probes.Observation{Stage: stage, Time: at, Source: "kube", Pod: pod(i), Local: local}
+	if stage != probes.StageDeleted && stage != probes.StageGone {
+		o.Service, o.Endpoint = web, endpoint(i)
+	}
+	return o
+}
+
+func near(a, b float64) bool { return math.Abs(a-b) < 1e-9 }
+
+func TestLocalPodBothReferences(t *testing.T) {
+	f := newFixture(t, Options{})
+	f.c.Observe(obs(probes.StageDeleted, 1, t0, true))
+	f.c.Observe(obs(probes.StageEndpointSlice, 1, t0.Add(40*time.Millisecond), true))
+	f.c.Observe(obs(probes.StageEndpointSliceRemoved, 1, t0.Add(1540*time.Millisecond), true))
+
+	if n, sum := f.histogram("endpointlag_propagation_seconds", probes.StageEndpointSlice); n != 1 || !near(sum, 0.040) {
+		t.Errorf("propagation endpointslice: %d samples, sum %g; want 1, 0.040", n, sum)
+	}
+	if n, sum := f.histogram("endpointlag_propagation_seconds", probes.StageEndpointSliceRemoved); n != 1 || !near(sum, 1.540) {
+		t.Errorf("propagation endpointslice_removed: %d samples, sum %g; want 1, 1.540", n, sum)
+	}
+	if n, sum := f.histogram("endpointlag_programming_seconds", probes.StageEndpointSliceRemoved); n != 1 || !near(sum, 1.5) {
+		t.Errorf("programming endpointslice_removed: %d samples, sum %g; want 1, 1.5", n, sum)
+	}
+	if n, _ := f.histogram("endpointlag_programming_seconds", probes.StageEndpointSlice); n != 0 {
+		t.Errorf("programming endpointslice has %d samples; the stage is its own reference", n)
+	}
+}
+
+func TestRemotePodProgrammingOnly(t *testing.T) {
+	f := newFixture(t, Options{})
+	f.c.Observe(obs(probes.StageEndpointSlice, 2, t0, false))
+	f.c.Observe(obs(probes.StageEndpointSliceRemoved, 2, t0.Add(300*time.Millisecond), false))
+	if n, sum := f.histogram("endpointlag_programming_seconds", probes.StageEndpointSliceRemoved); n != 1 || !near(sum, 0.3) {
+		t.Errorf("programming: %d samples, sum %g; want 1, 0.3", n, sum)
+	}
+	if fam := f.family("endpointlag_propagation_seconds"); fam != nil {
+		t.Errorf("a pod on another node got propagation samples: %v", fam)
+	}
+}
+
+func TestDuplicateObservationsCountOnce(t *testing.T) {
+	f := newFixture(t, Options{})
+	for range 3 {
+		f.c.Observe(obs(probes.StageDeleted, 1, t0, true))
+		f.c.Observe(obs(probes.StageEndpointSlice, 1, t0.Add(10*time.Millisecond), true))
+		f.c.Observe(obs(probes.StageEndpointSliceRemoved, 1, t0.Add(time.Second), true))
+		f.c.Observe(obs(probes.StageGone, 1, t0.Add(2*time.Second), true))
+	}
+	for _, s := range []probes.Stage{probes.StageEndpointSlice, probes.StageEndpointSliceRemoved} {
+		if n, _ := f.histogram("endpointlag_propagation_seconds", s); n != 1 {
+			t.Errorf("propagation %s: %d samples, want 1", s, n)
+		}
+	}
+	if got := f.value("endpointlag_tracked_records"); got != 1 {
+		t.Errorf("tracked records = %g, want 1", got)
+	}
+}
+
+// The slice watch can deliver before the pod watch: T0 is then no later than the slice change,
+// and the propagation samples wait for the pod's event.
+func TestSliceBeforePodEvent(t *testing.T) {
+	f := newFixture(t, Options{})
+	f.c.Observe(obs(probes.StageEndpointSlice, 1, t0, true))
+	if fam := f.family("endpointlag_propagation_seconds"); fam != nil {
+		t.Fatalf("propagation sampled before T0 was known: %v", fam)
+	}
+	f.c.Observe(obs(probes.StageDeleted, 1, t0.Add(20*time.Millisecond), true))
+	f.c.Observe(obs(probes.StageEndpointSliceRemoved, 1, t0.Add(time.Second), true))
+	if n, sum := f.histogram("endpointlag_propagation_seconds", probes.StageEndpointSlice); n != 1 || sum != 0 {
+		t.Errorf("propagation endpointslice: %d samples, sum %g; want 1, 0", n, sum)
+	}
+	if n, sum := f.histogram("endpointlag_propagation_seconds", probes.StageEndpointSliceRemoved); n != 1 || !near(sum, 1) {
+		t.Errorf("propagation endpointslice_removed: %d samples, sum %g; want 1, 1", n, sum)
+	}
+	if got := f.value("endpointlag_tracked_records"); got != 1 {
+		t.Errorf("tracked records = %g, want 1", got)
+	}
+}
+
+// A removal with no terminating phase counts only for a local pod known to be deleting.
+func TestRemovalWithoutTerminating(t *testing.T) {
+	f := newFixture(t, Options{})
+	f.c.Observe(obs(probes.StageEndpointSliceRemoved, 5, t0, false))
+	f.c.Observe(obs(probes.StageEndpointSliceRemoved, 6, t0, true))
+	if got := f.value("endpointlag_tracked_records"); got != 0 {
+		t.Fatalf("removals of endpoints never seen terminating made %g records", got)
+	}
+	f.c.Observe(obs(probes.StageDeleted, 7, t0, true))
+	f.c.Observe(obs(probes.StageEndpointSliceRemoved, 7, t0.Add(50*time.Millisecond), true))
+	for _, s := range []probes.Stage{probes.StageEndpointSlice, probes.StageEndpointSliceRemoved} {
+		if n, sum := f.histogram("endpointlag_propagation_seconds", s); n != 1 || !near(sum, 0.05) {
+			t.Errorf("propagation %s: %d samples, sum %g; want 1, 0.05", s, n, sum)
+		}
+	}
+}
+
+// What a probe finds at start-up is shown but never measured.
+func TestInitialObservationsAreNotSampled(t *testing.T) {
+	f := newFixture(t, Options{})
+	del := obs(probes.StageDeleted, 1, t0, true)
+	del.Initial = true
+	slice := obs(probes.StageEndpointSlice, 1, t0, true)
+	slice.Initial = true
+	f.c.Observe(del)
+	f.c.Observe(slice)
+	f.c.Observe(obs(probes.StageEndpointSliceRemoved, 1, t0.Add(time.Second), true))
+	if fam := f.family("endpointlag_propagation_seconds"); fam != nil {
+		t.Errorf("propagation sampled from start-up state: %v", fam)
+	}
+	if fam := f.family("endpointlag_programming_seconds"); fam != nil {
+		t.Errorf("programming sampled from start-up state: %v", fam)
+	}
+	recs := f.c.Records()
+	if len(recs) != 1 || len(recs[0].Stages) != 3 || recs[0].Pending != nil {
+		t.Errorf("records = %+v, want one complete record with 3 stages", recs)
+	}
+}
+
+func TestPendingGauges(t *testing.T) {
+	f := newFixture(t, Options{})
+	f.c.Observe(obs(probes.StageEndpointSlice, 1, t0, false))
+	f.c.Observe(obs(probes.StageEndpointSlice, 2, t0.Add(time.Second), false))
+	f.clock.SetTime(t0.Add(5 * time.Second))
+	if got := f.value("endpointlag_pending_endpoints", "stage", "endpointslice_removed"); got != 2 {
+		t.Errorf("pending = %g, want 2", got)
+	}
+	if got := f.value("endpointlag_oldest_pending_seconds", "stage", "endpointslice_removed"); got != 5 {
+		t.Errorf("oldest pending = %g s, want 5", got)
+	}
+	f.c.Observe(obs(probes.StageEndpointSliceRemoved, 1, t0.Add(5*time.Second), false))
+	if got := f.value("endpointlag_pending_endpoints", "stage", "endpointslice_removed"); got != 1 {
+		t.Errorf("pending after one removal = %g, want 1", got)
+	}
+	if got := f.value("endpointlag_oldest_pending_seconds", "stage", "endpointslice_removed"); got != 4 {
+		t.Errorf("oldest pending after one removal = %g s, want 4", got)
+	}
+	s := f.c.Summary()
+	if s.Records != 2 || s.Pending[probes.StageEndpointSliceRemoved] != 1 {
+		t.Errorf("summary = %+v", s)
+	}
+}
+
+func heapInUse() uint64 {
+	runtime.GC()
+	runtime.GC()
+	var m runtime.MemStats
+	runtime.ReadMemStats(&m)
+	return m.HeapInuse
+}
+
+// 10,000 terminations at once with room for 5,000: the rest is dropped and counted, everything
+// expires after the horizon, and the memory the records held is returned.
+func TestBurstCapAndExpiry(t *testing.T) {
+	const burst, limit = 10000, 5000
+	f := newFixture(t, Options{MaxRecords: limit, Horizon: time.Minute})
+	before := heapInUse()
+	for i := range burst {
+		f.c.Observe(obs(probes.StageDeleted, i, t0, true))
+		f.c.Observe(obs(probes.StageEndpointSlice, i, t0.Add(time.Millisecond), true))
+	}
+	grown := heapInUse()
+	if got := f.value("endpointlag_tracked_records"); got != limit {
+		t.Errorf("tracked records = %g, want %d", got, limit)
+	}
+	// Each pod over the limit is dropped once as a pod and once as a record.
+	if got := f.value("endpointlag_records_dropped_total"); got != 2*(burst-limit) {
+		t.Errorf("dropped = %g, want %d", got, 2*(burst-limit))
+	}
+	if got := f.value("endpointlag_pending_endpoints", "stage", "endpointslice_removed"); got != limit {
+		t.Errorf("pending = %g, want %d", got, limit)
+	}
+
+	f.clock.Step(59 * time.Second)
+	f.c.Sweep()
+	if got := f.value("endpointlag_tracked_records"); got != limit {
+		t.Fatalf("records expired before the horizon: %g left", got)
+	}
+	f.clock.Step(time.Second)
+	f.c.Sweep()
+	if got := f.value("endpointlag_tracked_records"); got != 0 {
+		t.Errorf("tracked records after the horizon = %g, want 0", got)
+	}
+	if got := f.value("endpointlag_tracked_pods"); got != 0 {
+		t.Errorf("tracked pods after the horizon = %g, want 0", got)
+	}
+	if got := f.value("endpointlag_records_expired_total", "outcome", "incomplete"); got != limit {
+		t.Errorf("expired incomplete = %g, want %d", got, limit)
+	}
+	after := heapInUse()
+	held := int64(grown) - int64(before)
+	left := int64(after) - int64(before)
+	t.Logf("heap in use: before %d, with records %d (+%d), after expiry %d (+%d)", before, grown, held, after, left)
+	if held <= 0 || left > held/10 {
+		t.Errorf("after expiry %d of the %d bytes the records held are still in use", left, held)
+	}
+
+	// The store works on after being emptied.
+	f.c.Observe(obs(probes.StageEndpointSlice, 1, f.clock.Now(), false))
+	if got := f.value("endpointlag_tracked_records"); got != 1 {
+		t.Errorf("tracked records after reuse = %g, want 1", got)
+	}
+}
+
+func TestProbeStatusAndErrors(t *testing.T) {
+	f := newFixture(t, Options{Probes: []string{"kube"}})
+	if ok, waiting := f.c.Ready(); ok || strings.Join(waiting, ",") != "kube" {
+		t.Errorf("Ready() = %v, %v before sync", ok, waiting)
+	}
+	f.c.SetStatus("kube", probes.Status{Up: true, Synced: true})
+	if ok, _ := f.c.Ready(); !ok {
+		t.Error("not ready after sync")
+	}
+	f.c.Error("kube", fmt.Errorf("watch failed"))
+	f.c.Error("kube", &probes.InputError{Reason: "bad_address", Err: fmt.Errorf("x")})
+	if got := f.value("endpointlag_probe_up", "probe", "kube"); got != 0 {
+		t.Errorf("probe_up after a source error = %g, want 0", got)
+	}
+	if ok, _ := f.c.Ready(); !ok {
+		t.Error("a source error after sync made the collector unready")
+	}
+	for _, reason := range []string{"source", "bad_address"} {
+		if got := f.value("endpointlag_probe_errors_total", "probe", "kube", "reason", reason); got != 1 {
+			t.Errorf("probe_errors_total{reason=%s} = %g, want 1", reason, got)
+		}
+	}
+}
+
+func TestOptionsValidate(t *testing.T) {
+	for _, o := range []Options{
+		{Horizon: 0, MaxRecords: 1, SweepInterval: time.Second},
+		{Horizon: time.Second, MaxRecords: 0, SweepInterval: time.Second},
+		{Horizon: time.Second, MaxRecords: 1, SweepInterval: 0},
+	} {
+		if err := o.Validate(); err == nil {
+			t.Errorf("%+v: no error", o)
+		}
+	}
+}

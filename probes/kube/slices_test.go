@@ -1,0 +1,267 @@
+package kube
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	discoveryv1 "k8s.io/api/discovery/v1"
+	"sigs.k8s.io/yaml"
+
+	"github.com/endpointlag/endpointlag/probes"
+)
+
+func loadSlice(t testing.TB, name string) *discoveryv1.EndpointSlice {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join("testdata", name))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var s discoveryv1.EndpointSlice
+	if err := yaml.UnmarshalStrict(b, &s); err != nil {
+		t.Fatalf("%s: %v", name, err)
+	}
+	return &s
+}
+
+var condNames = map[condition]string{notReady: "not-ready", terminating: "terminating", ready: "ready"}
+
+// describe renders an entry as sorted lines "service endpoint pod node condition".
+func describe(e *sliceEntry) []string {
+	if e == nil {
+		return nil
+	}
+	var out []string
+	for k, info := range e.eps {
+		out = append(out, fmt.Sprintf("%s %s %s@%s %s", e.service, k.endpoint, info.pod, info.node, condNames[info.cond]))
+	}
+	slices.Sort(out)
+	return out
+}
+
+func reasons(errs []error) []string {
+	var out []string
+	for _, err := range errs {
+		var ie *probes.InputError
+		if !errors.As(err, &ie) {
+			out = append(out, "not an InputError: "+err.Error())
+			continue
+		}
+		out = append(out, ie.Reason)
+	}
+	return out
+}
+
+func TestParseSlice(t *testing.T) {
+	for _, tc := range []struct {
+		file    string
+		want    []string
+		reasons []string
+		// errText must appear in the errors: they say what was wrong and where.
+		errText string
+	}{
+		{file: "terminating.yaml", want: []string{
+			"shop/web 10.244.1.5:53/UDP shop/web-7d4b9-x2k4p@node-a terminating",
+			"shop/web 10.244.1.5:8080/TCP shop/web-7d4b9-x2k4p@node-a terminating",
+			"shop/web 10.244.2.7:53/UDP shop/web-7d4b9-qq9zt@node-b ready",
+			"shop/web 10.244.2.7:8080/TCP shop/web-7d4b9-qq9zt@node-b ready",
+			"shop/web 10.244.2.9:53/UDP shop/web-7d4b9-n0tr3@node-b not-ready",
+			"shop/web 10.244.2.9:8080/TCP shop/web-7d4b9-n0tr3@node-b not-ready",
+		}},
+		{file: "ipv6.yaml", want: []string{
+			"shop/web [fd00:10:244:1::5]:8080/TCP shop/web-7d4b9-x2k4p@node-a terminating",
+		}},
+		{file: "headless-noports.yaml", want: []string{
+			"shop/peers 10.244.1.20:0/ shop/peers-0@node-a terminating",
+		}},
+		{file: "fqdn.yaml"},
+		{file: "mirrored.yaml", want: nil, reasons: []string{reasonNoTargetRef},
+			errText: "EndpointSlice shop/external-db-abcde: 2 endpoint(s) without a Pod targetRef skipped (first: 10.99.0.10)"},
+		{file: "unlabelled.yaml", reasons: []string{reasonNoServiceLabel},
+			errText: "EndpointSlice shop/orphan has no kubernetes.io/service-name label"},
+		{file: "bad-address.yaml", want: []string{
+			"shop/web 10.244.1.12:80/TCP shop/c@ terminating",
+		}, reasons: []string{reasonBadAddress},
+			errText: `EndpointSlice shop/web-manual: 2 endpoint(s) skipped (first: "10.244.1.300" is not an IPv4 address)`},
+	} {
+		t.Run(tc.file, func(t *testing.T) {
+			e, errs := parseSlice(loadSlice(t, tc.file))
+			if got := describe(e); !slices.Equal(got, tc.want) {
+				t.Errorf("endpoints:\n got %q\nwant %q", got, tc.want)
+			}
+			if got := reasons(errs); !slices.Equal(got, tc.reasons) {
+				t.Errorf("error reasons = %q, want %q", got, tc.reasons)
+			}
+			if tc.errText != "" && !strings.Contains(errors.Join(errs...).Error(), tc.errText) {
+				t.Errorf("errors %q do not say %q", errors.Join(errs...), tc.errText)
+			}
+		})
+	}
+}
+
+// entry builds a one-endpoint slice entry of Service shop/web.
+func entry(eps ...string) *sliceEntry {
+	e := &sliceEntry{service: probes.ServiceRef{Namespace: "shop", Name: "web"}, eps: map[epKey]epInfo{}}
+	for _, spec := range eps {
+		// spec: "uid ip cond"
+		f := strings.Fields(spec)
+		var c condition
+		for k, v := range condNames {
+			if v == f[2] {
+				c = k
+			}
+		}
+		ep := probes.Endpoint{Port: 80, Protocol: "TCP"}
+		ep.Addr = netip.MustParseAddr(f[1])
+		e.eps[epKey{uid: f[0], endpoint: ep}] = epInfo{pod: probes.PodRef{Namespace: "shop", Name: "pod-" + f[0], UID: f[0]}, cond: c}
+	}
+	return e
+}
+
+func changes(cs []change) []string {
+	var out []string
+	for _, c := range cs {
+		out = append(out, fmt.Sprintf("%s %s %s", c.stage, c.key.uid, c.key.endpoint.Addr))
+	}
+	slices.Sort(out)
+	return out
+}
+
+func TestSliceTracker(t *testing.T) {
+	type step struct {
+		slice string
+		entry *sliceEntry
+		want  []string
+	}
+	for _, tc := range []struct {
+		name  string
+		steps []step
+	}{
+		{"terminate then remove", []step{
+			{"s1", entry("a 10.0.0.1 ready", "b 10.0.0.2 ready"), nil},
+			{"s1", entry("a 10.0.0.1 terminating", "b 10.0.0.2 ready"), []string{"endpointslice a 10.0.0.1"}},
+			{"s1", entry("a 10.0.0.1 terminating", "b 10.0.0.2 ready"), nil},
+			{"s1", entry("b 10.0.0.2 ready"), []string{"endpointslice_removed a 10.0.0.1"}},
+		}},
+		{"resync and relist repeat nothing", []step{
+			{"s1", entry("a 10.0.0.1 terminating"), []string{"endpointslice a 10.0.0.1"}},
+			{"s1", entry("a 10.0.0.1 terminating"), nil},
+			{"s1", entry("a 10.0.0.1 terminating"), nil},
+		}},
+		{"spread over two slices", []step{
+			{"s1", entry("a 10.0.0.1 ready"), nil},
+			{"s2", entry("b 10.0.0.2 ready"), nil},
+			{"s1", entry("a 10.0.0.1 terminating"), []string{"endpointslice a 10.0.0.1"}},
+			// The controller moves the endpoint to the other slice: still terminating, not removed.
+			{"s2", entry("b 10.0.0.2 ready", "a 10.0.0.1 terminating"), nil},
+			{"s1", nil, nil},
+			{"s2", entry("b 10.0.0.2 ready"), []string{"endpointslice_removed a 10.0.0.1"}},
+		}},
+		{"ready in one slice wins over terminating in another", []step{
+			{"s1", entry("a 10.0.0.1 ready"), nil},
+			{"s2", entry("a 10.0.0.1 terminating"), nil},
+			{"s1", nil, []string{"endpointslice a 10.0.0.1"}},
+		}},
+		{"same address, new pod", []step{
+			{"s1", entry("a 10.0.0.1 terminating"), []string{"endpointslice a 10.0.0.1"}},
+			{"s1", entry("c 10.0.0.1 ready"), []string{"endpointslice_removed a 10.0.0.1"}},
+			{"s1", entry("c 10.0.0.1 terminating"), []string{"endpointslice c 10.0.0.1"}},
+		}},
+		{"slice deleted", []step{
+			{"s1", entry("a 10.0.0.1 terminating", "b 10.0.0.2 ready"), []string{"endpointslice a 10.0.0.1"}},
+			{"s1", nil, []string{"endpointslice_removed a 10.0.0.1", "endpointslice_removed b 10.0.0.2"}},
+			{"s1", nil, nil},
+		}},
+		{"not ready then terminating", []step{
+			{"s1", entry("a 10.0.0.1 not-ready"), nil},
+			{"s1", entry("a 10.0.0.1 terminating"), []string{"endpointslice a 10.0.0.1"}},
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tr := newSliceTracker()
+			for i, s := range tc.steps {
+				if got := changes(tr.apply(s.slice, s.entry)); !slices.Equal(got, s.want) {
+					t.Errorf("step %d: changes %q, want %q", i, got, s.want)
+				}
+			}
+		})
+	}
+}
+
+func TestSliceTrackerServiceChange(t *testing.T) {
+	tr := newSliceTracker()
+	tr.apply("s1", entry("a 10.0.0.1 terminating"))
+	moved := entry("a 10.0.0.1 terminating")
+	moved.service.Name = "web2"
+	got := tr.apply("s1", moved)
+	if len(got) != 2 || got[0].service.Name == got[1].service.Name {
+		t.Fatalf("relabelling a slice to another Service gave %+v, want a removal from web and a terminating in web2", got)
+	}
+	if len(tr.services) != 1 {
+		t.Errorf("tracker still indexes %d services, want 1", len(tr.services))
+	}
+	tr.apply("s1", nil)
+	if len(tr.services) != 0 || len(tr.slices) != 0 {
+		t.Errorf("tracker leaks: %d services, %d slices", len(tr.services), len(tr.slices))
+	}
+}
+
+func TestTerminating(t *testing.T) {
+	list := []discoveryv1.EndpointSlice{*loadSlice(t, "terminating.yaml"), *loadSlice(t, "ipv6.yaml"), *loadSlice(t, "unlabelled.yaml")}
+	eps, errs := Terminating(list)
+	var got []string
+	for _, ep := range eps {
+		got = append(got, ep.Service.String()+" "+ep.Endpoint.String()+" "+ep.Pod.Name+" "+ep.Node)
+	}
+	want := []string{
+		"shop/web 10.244.1.5:53/UDP web-7d4b9-x2k4p node-a",
+		"shop/web 10.244.1.5:8080/TCP web-7d4b9-x2k4p node-a",
+		"shop/web [fd00:10:244:1::5]:8080/TCP web-7d4b9-x2k4p node-a",
+	}
+	if !slices.Equal(got, want) {
+		t.Errorf("Terminating:\n got %q\nwant %q", got, want)
+	}
+	if r := reasons(errs); !slices.Equal(r, []string{reasonNoServiceLabel}) {
+		t.Errorf("errors %q", r)
+	}
+}
+
+// FuzzParseSlice's seed corpus in testdata/fuzz holds the JSON of the YAML fixtures.
+func FuzzParseSlice(f *testing.F) {
+	f.Fuzz(func(t *testing.T, data []byte) {
+		var s discoveryv1.EndpointSlice
+		if yaml.Unmarshal(data, &s) != nil {
+			return
+		}
+		e, errs := parseSlice(&s)
+		for _, err := range errs {
+			var ie *probes.InputError
+			if !errors.As(err, &ie) || ie.Reason == "" {
+				t.Errorf("error without a reason: %v", err)
+			}
+		}
+		if e == nil {
+			return
+		}
+		for k, info := range e.eps {
+			if k.endpoint.Addr.Is4() != (s.AddressType == discoveryv1.AddressTypeIPv4) {
+				t.Errorf("%s in a %s slice", k.endpoint.Addr, s.AddressType)
+			}
+			if k.uid == "" || info.pod.UID != k.uid {
+				t.Errorf("endpoint %s without its pod's UID", k.endpoint)
+			}
+		}
+		// Applying a slice and removing it leaves nothing behind.
+		tr := newSliceTracker()
+		tr.apply("x", e)
+		tr.apply("x", nil)
+		if len(tr.slices)+len(tr.services) != 0 {
+			t.Error("tracker not empty after the slice was removed")
+		}
+	})
+}
