@@ -60,7 +60,11 @@ func (c *Collector) view(r *record) RecordView {
 	if t := r.timeline; t != nil {
 		if !t.t0.IsZero() {
 			v.T0 = &t.t0
-			v.Stages = append(v.Stages, StageView{Stage: string(probes.StageDeleted), Source: t.t0Source, Time: t.t0, Initial: t.t0Initial})
+			s := StageView{Stage: string(probes.StageDeleted), Source: t.t0Source, Time: t.t0, Initial: t.t0Initial}
+			if hasT0 {
+				s.Propagation = ptr(0.0)
+			}
+			v.Stages = append(v.Stages, s)
 		}
 		if !t.t0API.IsZero() {
 			v.T0API = &t.t0API

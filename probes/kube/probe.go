@@ -103,13 +103,36 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 	defer local.Shutdown()
 
 	p.log.Info("waiting for informers to sync", "node", p.node)
-	if !cache.WaitForCacheSync(ctx.Done(), synced...) {
+	if !p.waitForSync(ctx, sink, synced) {
 		return nil
 	}
 	sink.SetStatus(Name, probes.Status{Up: true, Synced: true})
-	p.log.Info("informers synced", "slices", len(slices.tracker.slices))
+	p.log.Info("informers synced")
 	<-ctx.Done()
 	return nil
+}
+
+// waitForSync waits for the informers' first list. Informers retry an unreachable API server
+// quietly (a refused connection is backed off inside client-go without reaching the watch error
+// handler), so while they wait the probe asks the server for its version, with backoff, and
+// reports why it cannot be reached. It returns false when ctx ends first.
+func (p *Probe) waitForSync(ctx context.Context, sink probes.Sink, synced []cache.InformerSynced) bool {
+	done := make(chan bool, 1)
+	go func() { done <- cache.WaitForCacheSync(ctx.Done(), synced...) }()
+	delay := time.Second
+	for {
+		t := time.NewTimer(delay)
+		select {
+		case ok := <-done:
+			t.Stop()
+			return ok
+		case <-t.C:
+		}
+		if _, err := p.client.Discovery().ServerVersion(); err != nil {
+			sink.Error(Name, fmt.Errorf("informers not synced after %s: API server unreachable: %w", delay, err))
+		}
+		delay = min(2*delay, 30*time.Second)
+	}
 }
 
 // stripManagedFields drops what the probe never reads from cached objects.
@@ -131,8 +154,8 @@ type sliceHandler struct {
 }
 
 func (h *sliceHandler) add(obj any, initial bool) { h.apply(obj, false, initial) }
-func (h *sliceHandler) update(_, obj any)          { h.apply(obj, false, false) }
-func (h *sliceHandler) delete(obj any)             { h.apply(obj, true, false) }
+func (h *sliceHandler) update(_, obj any)         { h.apply(obj, false, false) }
+func (h *sliceHandler) delete(obj any)            { h.apply(obj, true, false) }
 
 func (h *sliceHandler) apply(obj any, deleted, initial bool) {
 	now := h.probe.clock.Now()
@@ -195,7 +218,7 @@ type podHandler struct {
 }
 
 func (h *podHandler) add(obj any, initial bool) { h.seen(obj, initial) }
-func (h *podHandler) update(_, obj any)          { h.seen(obj, false) }
+func (h *podHandler) update(_, obj any)         { h.seen(obj, false) }
 
 func (h *podHandler) seen(obj any, initial bool) {
 	pod, ok := h.pod(obj)

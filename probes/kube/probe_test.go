@@ -1,0 +1,533 @@
+package kube_test
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"math"
+	"net/http"
+	"net/http/httptest"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/watch"
+	"k8s.io/client-go/kubernetes/fake"
+	k8stesting "k8s.io/client-go/testing"
+	clocktesting "k8s.io/utils/clock/testing"
+	"k8s.io/utils/ptr"
+
+	"github.com/endpointlag/endpointlag/collector"
+	"github.com/endpointlag/endpointlag/probes"
+	"github.com/endpointlag/endpointlag/probes/kube"
+)
+
+const (
+	node  = "node-a"
+	other = "node-b"
+	ns    = "shop"
+)
+
+var start = time.Date(2026, 11, 26, 12, 0, 0, 0, time.UTC)
+
+// harness runs the kube probe against a fake clientset, feeding a real collector whose metrics are
+// read back as a scrape reads them.
+type harness struct {
+	t      *testing.T
+	ctx    context.Context
+	client *fake.Clientset
+	clock  *clocktesting.FakeClock
+	coll   *collector.Collector
+	scrape string
+}
+
+func newHarness(t *testing.T, objs ...runtime.Object) *harness {
+	t.Helper()
+	return newHarnessWithClient(t, fake.NewClientset(objs...))
+}
+
+func newHarnessWithClient(t *testing.T, client *fake.Clientset) *harness {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	h := &harness{t: t, ctx: ctx, client: client, clock: clocktesting.NewFakeClock(start)}
+	reg := prometheus.NewRegistry()
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	var err error
+	h.coll, err = collector.New(collector.Options{
+		Horizon: time.Hour, MaxRecords: 1000, SweepInterval: time.Hour,
+		Stages: []probes.Stage{probes.StageEndpointSliceRemoved}, Probes: []string{kube.Name},
+	}, h.clock, log, reg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	h.scrape = srv.URL
+	p, err := kube.New(h.client, node, h.clock, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		if err := p.Run(ctx, h.coll); err != nil {
+			t.Errorf("probe: %v", err)
+		}
+	})
+	t.Cleanup(func() {
+		cancel()
+		wg.Wait()
+		srv.Close()
+	})
+	h.eventually("probe synced", func() bool { ok, _ := h.coll.Ready(); return ok })
+	return h
+}
+
+// metrics scrapes the collector's registry over HTTP and parses the exposition text.
+func (h *harness) metrics() map[string]*dto.MetricFamily {
+	h.t.Helper()
+	resp, err := http.Get(h.scrape)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	p := expfmt.NewTextParser(model.UTF8Validation)
+	mfs, err := p.TextToMetricFamilies(resp.Body)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	return mfs
+}
+
+// hist returns the count and sum of a histogram series with the given stage.
+func (h *harness) hist(name string, stage probes.Stage) (uint64, float64) {
+	for _, m := range h.metrics()[name].GetMetric() {
+		for _, l := range m.GetLabel() {
+			if l.GetName() == "stage" && l.GetValue() == string(stage) {
+				return m.GetHistogram().GetSampleCount(), m.GetHistogram().GetSampleSum()
+			}
+		}
+	}
+	return 0, 0
+}
+
+// value returns a gauge or counter whose labels include the given pairs.
+func (h *harness) value(name string, labels ...string) float64 {
+	for _, m := range h.metrics()[name].GetMetric() {
+		match := true
+		for i := 0; i+1 < len(labels); i += 2 {
+			found := false
+			for _, l := range m.GetLabel() {
+				found = found || (l.GetName() == labels[i] && l.GetValue() == labels[i+1])
+			}
+			match = match && found
+		}
+		if match {
+			return m.GetGauge().GetValue() + m.GetCounter().GetValue() + m.GetUntyped().GetValue()
+		}
+	}
+	return 0
+}
+
+func (h *harness) eventually(what string, cond func() bool) {
+	h.t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			h.t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func (h *harness) waitValue(want float64, name string, labels ...string) {
+	h.t.Helper()
+	h.eventually(fmt.Sprintf("%s%v = %g", name, labels, want), func() bool { return h.value(name, labels...) == want })
+}
+
+func (h *harness) waitHist(want uint64, name string, stage probes.Stage) {
+	h.t.Helper()
+	h.eventually(fmt.Sprintf("%s{stage=%s} count %d", name, stage, want), func() bool {
+		n, _ := h.hist(name, stage)
+		return n == want
+	})
+}
+
+func (h *harness) expectHist(name string, stage probes.Stage, count uint64, sum float64) {
+	h.t.Helper()
+	n, s := h.hist(name, stage)
+	if n != count || math.Abs(s-sum) > 1e-9 {
+		h.t.Errorf("%s{stage=%q}: %d samples, sum %g; want %d, %g", name, stage, n, s, count, sum)
+	}
+}
+
+func (h *harness) updateSlice(s *discoveryv1.EndpointSlice) {
+	h.t.Helper()
+	if _, err := h.client.DiscoveryV1().EndpointSlices(s.Namespace).Update(h.ctx, s, metav1.UpdateOptions{}); err != nil {
+		h.t.Fatal(err)
+	}
+}
+
+// deletePod does what the API server does on a graceful delete: it sets the deletionTimestamp.
+func (h *harness) deletePod(p *corev1.Pod) {
+	h.t.Helper()
+	p = p.DeepCopy()
+	p.DeletionTimestamp = &metav1.Time{Time: h.clock.Now().Add(30 * time.Second).Truncate(time.Second)}
+	p.DeletionGracePeriodSeconds = ptr.To[int64](30)
+	if _, err := h.client.CoreV1().Pods(p.Namespace).Update(h.ctx, p, metav1.UpdateOptions{}); err != nil {
+		h.t.Fatal(err)
+	}
+}
+
+func pod(name, uid, nodeName, ip string) *corev1.Pod {
+	return &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name, UID: types.UID(uid)},
+		Spec:       corev1.PodSpec{NodeName: nodeName},
+		Status:     corev1.PodStatus{PodIP: ip},
+	}
+}
+
+type ep struct {
+	pod   *corev1.Pod
+	state string // ready, terminating
+}
+
+func slice(name, service string, eps ...ep) *discoveryv1.EndpointSlice {
+	s := &discoveryv1.EndpointSlice{
+		ObjectMeta:  metav1.ObjectMeta{Namespace: ns, Name: name, Labels: map[string]string{discoveryv1.LabelServiceName: service}},
+		AddressType: discoveryv1.AddressTypeIPv4,
+		Ports:       []discoveryv1.EndpointPort{{Name: ptr.To("http"), Port: ptr.To[int32](8080), Protocol: ptr.To(corev1.ProtocolTCP)}},
+	}
+	for _, e := range eps {
+		term := e.state == "terminating"
+		s.Endpoints = append(s.Endpoints, discoveryv1.Endpoint{
+			Addresses:  []string{e.pod.Status.PodIP},
+			Conditions: discoveryv1.EndpointConditions{Ready: ptr.To(!term), Serving: ptr.To(true), Terminating: ptr.To(term)},
+			NodeName:   ptr.To(e.pod.Spec.NodeName),
+			TargetRef:  &corev1.ObjectReference{Kind: "Pod", Namespace: ns, Name: e.pod.Name, UID: e.pod.UID},
+		})
+	}
+	return s
+}
+
+const (
+	prop = "endpointlag_propagation_seconds"
+	prog = "endpointlag_programming_seconds"
+)
+
+// The timeline of the issue: a pod of this node gets its deletionTimestamp, its slice marks it
+// terminating 40 ms later, then drops it; a pod on another node is measured against the slice only.
+func TestDeletionTimeline(t *testing.T) {
+	local := pod("web-1", "uid-1", node, "10.244.1.5")
+	remote := pod("web-2", "uid-2", other, "10.244.2.5")
+	h := newHarness(t, local, remote, slice("web-abc", "web", ep{local, "ready"}, ep{remote, "ready"}))
+
+	h.deletePod(local)
+	h.waitValue(1, "endpointlag_tracked_pods")
+	h.clock.Step(40 * time.Millisecond)
+	h.updateSlice(slice("web-abc", "web", ep{local, "terminating"}, ep{remote, "ready"}))
+	h.waitHist(1, prop, probes.StageEndpointSlice)
+	h.expectHist(prop, probes.StageEndpointSlice, 1, 0.040)
+	if n, _ := h.hist(prog, probes.StageEndpointSlice); n != 0 {
+		t.Errorf("programming{stage=endpointslice} has %d samples; the stage has only a propagation value", n)
+	}
+	if got := h.value("endpointlag_pending_endpoints", "stage", "endpointslice_removed"); got != 1 {
+		t.Errorf("pending endpoints = %g, want 1", got)
+	}
+
+	h.clock.Step(1500 * time.Millisecond)
+	h.updateSlice(slice("web-abc", "web", ep{remote, "ready"}))
+	h.waitHist(1, prop, probes.StageEndpointSliceRemoved)
+	h.expectHist(prop, probes.StageEndpointSliceRemoved, 1, 1.540)
+	h.expectHist(prog, probes.StageEndpointSliceRemoved, 1, 1.500)
+
+	// The pod on the other node: programming only, no guessed propagation.
+	h.clock.Step(time.Second)
+	h.updateSlice(slice("web-abc", "web", ep{remote, "terminating"}))
+	h.waitValue(2, "endpointlag_tracked_records")
+	h.clock.Step(300 * time.Millisecond)
+	h.updateSlice(slice("web-abc", "web"))
+	h.waitHist(2, prog, probes.StageEndpointSliceRemoved)
+	h.expectHist(prog, probes.StageEndpointSliceRemoved, 2, 1.800)
+	h.expectHist(prop, probes.StageEndpointSlice, 1, 0.040)
+	h.expectHist(prop, probes.StageEndpointSliceRemoved, 1, 1.540)
+	if got := h.value("endpointlag_pending_endpoints", "stage", "endpointslice_removed"); got != 0 {
+		t.Errorf("pending endpoints = %g, want 0", got)
+	}
+
+	// The pod object goes: the timeline ends, nothing more is sampled.
+	if err := h.client.CoreV1().Pods(ns).Delete(h.ctx, local.Name, metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	h.eventually("gone stage", func() bool {
+		for _, r := range h.coll.Records() {
+			if r.Pod.UID == "uid-1" && r.Stages[len(r.Stages)-1].Stage == string(probes.StageGone) {
+				return true
+			}
+		}
+		return false
+	})
+	h.expectHist(prop, probes.StageEndpointSliceRemoved, 1, 1.540)
+}
+
+// A pod deleted and replaced by one that reuses its IP: two records, each measured once.
+func TestPodRecreatedWithSameIP(t *testing.T) {
+	old := pod("db-0", "uid-old", node, "10.244.1.9")
+	h := newHarness(t, old, slice("db-x", "db", ep{old, "ready"}))
+	h.deletePod(old)
+	h.waitValue(1, "endpointlag_tracked_pods")
+	h.clock.Step(10 * time.Millisecond)
+	h.updateSlice(slice("db-x", "db", ep{old, "terminating"}))
+	h.waitHist(1, prop, probes.StageEndpointSlice)
+
+	// The successor has the same name and IP and a new UID; the slice swaps them in one update.
+	next := pod("db-0", "uid-new", node, "10.244.1.9")
+	if err := h.client.CoreV1().Pods(ns).Delete(h.ctx, old.Name, metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.client.CoreV1().Pods(ns).Create(h.ctx, next, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	h.clock.Step(990 * time.Millisecond)
+	h.updateSlice(slice("db-x", "db", ep{next, "ready"}))
+	h.waitHist(1, prop, probes.StageEndpointSliceRemoved)
+	h.expectHist(prop, probes.StageEndpointSliceRemoved, 1, 1.0)
+	if got := h.value("endpointlag_pending_endpoints", "stage", "endpointslice_removed"); got != 0 {
+		t.Errorf("the successor is pending: %g", got)
+	}
+
+	h.clock.Step(time.Second)
+	h.deletePod(next)
+	h.waitValue(2, "endpointlag_tracked_pods")
+	h.clock.Step(20 * time.Millisecond)
+	h.updateSlice(slice("db-x", "db", ep{next, "terminating"}))
+	h.waitHist(2, prop, probes.StageEndpointSlice)
+	h.expectHist(prop, probes.StageEndpointSlice, 2, 0.030)
+	if got := h.value("endpointlag_tracked_records"); got != 2 {
+		t.Errorf("tracked records = %g, want 2 (one per pod)", got)
+	}
+}
+
+// A Service whose endpoints are spread over two slices; the terminating endpoint moves between
+// them and counts as removed only when no slice lists it.
+func TestEndpointSpreadOverSlices(t *testing.T) {
+	a := pod("web-a", "uid-a", other, "10.244.2.1")
+	b := pod("web-b", "uid-b", other, "10.244.2.2")
+	h := newHarness(t, a, b, slice("web-1", "web", ep{a, "ready"}), slice("web-2", "web", ep{b, "ready"}))
+	h.updateSlice(slice("web-1", "web", ep{a, "terminating"}))
+	h.waitValue(1, "endpointlag_tracked_records")
+	h.clock.Step(100 * time.Millisecond)
+	h.updateSlice(slice("web-2", "web", ep{b, "ready"}, ep{a, "terminating"}))
+	h.updateSlice(slice("web-1", "web"))
+	h.clock.Step(100 * time.Millisecond)
+	// A marker change on another Service tells when the updates above were handled.
+	marker := pod("m", "uid-m", other, "10.244.2.99")
+	if _, err := h.client.DiscoveryV1().EndpointSlices(ns).Create(h.ctx, slice("marker", "marker", ep{marker, "terminating"}), metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	h.waitValue(2, "endpointlag_tracked_records")
+	if n, _ := h.hist(prog, probes.StageEndpointSliceRemoved); n != 0 {
+		t.Fatal("the endpoint counted as removed while another slice of its Service lists it")
+	}
+	h.updateSlice(slice("web-2", "web", ep{b, "ready"}))
+	h.waitHist(1, prog, probes.StageEndpointSliceRemoved)
+	h.expectHist(prog, probes.StageEndpointSliceRemoved, 1, 0.2)
+}
+
+// A Service deleted while its pods terminate: its slices go, the terminating endpoint is removed
+// once, and the ready endpoints that went with it start no record.
+func TestServiceDeletedWhileTerminating(t *testing.T) {
+	a := pod("web-a", "uid-a", node, "10.244.1.1")
+	b := pod("web-b", "uid-b", other, "10.244.2.2")
+	h := newHarness(t, a, b, slice("web-1", "web", ep{a, "ready"}, ep{b, "ready"}))
+	h.deletePod(a)
+	h.updateSlice(slice("web-1", "web", ep{a, "terminating"}, ep{b, "ready"}))
+	h.waitHist(1, prop, probes.StageEndpointSlice)
+	h.clock.Step(250 * time.Millisecond)
+	if err := h.client.DiscoveryV1().EndpointSlices(ns).Delete(h.ctx, "web-1", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	h.waitHist(1, prog, probes.StageEndpointSliceRemoved)
+	h.expectHist(prog, probes.StageEndpointSliceRemoved, 1, 0.25)
+	if got := h.value("endpointlag_tracked_records"); got != 1 {
+		t.Errorf("tracked records = %g, want 1", got)
+	}
+	if got := h.value("endpointlag_pending_endpoints", "stage", "endpointslice_removed"); got != 0 {
+		t.Errorf("pending = %g, want 0", got)
+	}
+}
+
+// The watch expires (410 Gone) and the informer lists again: what changed meanwhile is seen once,
+// what did not change is not seen again, and a slice that vanished meanwhile counts as removed.
+func TestInformerRelist(t *testing.T) {
+	a := pod("web-a", "uid-a", other, "10.244.2.1")
+	b := pod("web-b", "uid-b", other, "10.244.2.2")
+	client := fake.NewClientset(a, b, slice("web-1", "web", ep{a, "ready"}), slice("web-2", "web", ep{b, "ready"}))
+	var (
+		mu       sync.Mutex
+		watchers []*watch.FakeWatcher
+	)
+	client.PrependWatchReactor("endpointslices", func(k8stesting.Action) (bool, watch.Interface, error) {
+		w := watch.NewFakeWithChanSize(10, false)
+		mu.Lock()
+		watchers = append(watchers, w)
+		mu.Unlock()
+		return true, w, nil
+	})
+	expire := func() {
+		mu.Lock()
+		w := watchers[len(watchers)-1]
+		n := len(watchers)
+		mu.Unlock()
+		w.Error(&metav1.Status{Status: metav1.StatusFailure, Code: 410, Reason: metav1.StatusReasonExpired, Message: "too old resource version"})
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			mu.Lock()
+			relisted := len(watchers) > n
+			mu.Unlock()
+			if relisted {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatal("the informer did not watch again after the 410")
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	h := newHarnessWithClient(t, client)
+	tracker := client.Tracker()
+	gvr := discoveryv1.SchemeGroupVersion.WithResource("endpointslices")
+
+	// While the watch is broken, a turns terminating.
+	if err := tracker.Update(gvr, slice("web-1", "web", ep{a, "terminating"}), ns); err != nil {
+		t.Fatal(err)
+	}
+	expire()
+	h.waitValue(1, "endpointlag_tracked_records")
+
+	// Nothing changes; one more relist.
+	expire()
+	// While broken again, web-1 is deleted (its endpoint removed) and b turns terminating.
+	h.clock.Step(2 * time.Second)
+	if err := tracker.Delete(gvr, ns, "web-1"); err != nil {
+		t.Fatal(err)
+	}
+	if err := tracker.Update(gvr, slice("web-2", "web", ep{b, "terminating"}), ns); err != nil {
+		t.Fatal(err)
+	}
+	expire()
+	h.waitValue(2, "endpointlag_tracked_records")
+	h.waitHist(1, prog, probes.StageEndpointSliceRemoved)
+	h.expectHist(prog, probes.StageEndpointSliceRemoved, 1, 2)
+	if got := h.value("endpointlag_pending_endpoints", "stage", "endpointslice_removed"); got != 1 {
+		t.Errorf("pending = %g, want 1 (b)", got)
+	}
+}
+
+// The slice watch delivers before the pod watch: the terminating endpoint waits for T0, and T0
+// is taken as no later than the slice change.
+func TestSliceUpdateBeforePodUpdate(t *testing.T) {
+	a := pod("web-a", "uid-a", node, "10.244.1.1")
+	b := pod("web-b", "uid-b", other, "10.244.2.2")
+	h := newHarness(t, a, b, slice("web-1", "web", ep{a, "ready"}, ep{b, "ready"}))
+	h.updateSlice(slice("web-1", "web", ep{a, "terminating"}, ep{b, "ready"}))
+	h.waitValue(1, "endpointlag_tracked_records")
+	if n, _ := h.hist(prop, probes.StageEndpointSlice); n != 0 {
+		t.Fatalf("propagation sampled before the pod's deletion was seen")
+	}
+	h.clock.Step(20 * time.Millisecond)
+	h.deletePod(a)
+	h.waitHist(1, prop, probes.StageEndpointSlice)
+	h.expectHist(prop, probes.StageEndpointSlice, 1, 0)
+	h.clock.Step(time.Second)
+	h.updateSlice(slice("web-1", "web", ep{b, "ready"}))
+	h.waitHist(1, prop, probes.StageEndpointSliceRemoved)
+	h.expectHist(prop, probes.StageEndpointSliceRemoved, 1, 1.02)
+	h.expectHist(prog, probes.StageEndpointSliceRemoved, 1, 1.02)
+	if got := h.value("endpointlag_tracked_pods"); got != 1 {
+		t.Errorf("tracked pods = %g, want 1", got)
+	}
+}
+
+// Bad slices are reported with their reason once per change, and the probe goes on.
+func TestBadInputIsReportedAndSkipped(t *testing.T) {
+	a := pod("web-a", "uid-a", other, "10.244.2.1")
+	h := newHarness(t, a, slice("web-1", "web", ep{a, "ready"}))
+
+	unlabelled := slice("orphan", "", ep{a, "terminating"})
+	delete(unlabelled.Labels, discoveryv1.LabelServiceName)
+	noRef := slice("mirror", "ext", ep{a, "terminating"})
+	noRef.Endpoints[0].TargetRef = nil
+	badAddr := slice("typo", "web", ep{a, "terminating"})
+	badAddr.Endpoints[0].Addresses = []string{"10.244.2.300"}
+	for _, s := range []*discoveryv1.EndpointSlice{unlabelled, noRef, badAddr} {
+		if _, err := h.client.DiscoveryV1().EndpointSlices(ns).Create(h.ctx, s, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, reason := range []string{"no_service_label", "no_target_ref", "bad_address"} {
+		h.waitValue(1, "endpointlag_probe_errors_total", "probe", "kube", "reason", reason)
+	}
+	// The same bad slice again is not reported again; a good change is still measured.
+	unlabelled.Annotations = map[string]string{"touched": "yes"}
+	h.updateSlice(unlabelled)
+	h.updateSlice(slice("web-1", "web", ep{a, "terminating"}))
+	h.waitValue(1, "endpointlag_tracked_records")
+	if got := h.value("endpointlag_probe_errors_total", "probe", "kube", "reason", "no_service_label"); got != 1 {
+		t.Errorf("no_service_label counted %g times, want 1", got)
+	}
+	if got := h.value("endpointlag_probe_up", "probe", "kube"); got != 1 {
+		t.Errorf("probe_up = %g after bad input, want 1", got)
+	}
+}
+
+// What is already terminating when the daemon starts is shown but not measured.
+func TestStartupStateIsNotMeasured(t *testing.T) {
+	a := pod("web-a", "uid-a", node, "10.244.1.1")
+	a.DeletionTimestamp = &metav1.Time{Time: start.Add(25 * time.Second)}
+	a.DeletionGracePeriodSeconds = ptr.To[int64](30)
+	h := newHarness(t, a, slice("web-1", "web", ep{a, "terminating"}))
+	h.waitValue(1, "endpointlag_tracked_records")
+	h.clock.Step(time.Second)
+	h.updateSlice(slice("web-1", "web"))
+	h.eventually("removal", func() bool {
+		r := h.coll.Records()
+		return len(r) == 1 && r[0].Pending == nil
+	})
+	if n, _ := h.hist(prop, probes.StageEndpointSliceRemoved); n != 0 {
+		t.Errorf("propagation sampled against a T0 seen only at start-up")
+	}
+	if n, _ := h.hist(prog, probes.StageEndpointSliceRemoved); n != 0 {
+		t.Errorf("programming sampled against a slice change seen only at start-up")
+	}
+	r := h.coll.Records()[0]
+	if r.T0API == nil || !r.T0API.Equal(start.Add(-5*time.Second)) {
+		t.Errorf("T0 from the API = %v, want deletionTimestamp − grace = %v", r.T0API, start.Add(-5*time.Second))
+	}
+}
+
+// A pod deleted with grace period 0 vanishes without an update: deletion and gone come together,
+// and the endpoint that leaves its slice without a terminating phase is still measured.
+func TestForceDeletedPod(t *testing.T) {
+	a := pod("web-a", "uid-a", node, "10.244.1.1")
+	b := pod("web-b", "uid-b", other, "10.244.2.2")
+	h := newHarness(t, a, b, slice("web-1", "web", ep{a, "ready"}, ep{b, "ready"}))
+	if err := h.client.CoreV1().Pods(ns).Delete(h.ctx, a.Name, metav1.DeleteOptions{GracePeriodSeconds: ptr.To[int64](0)}); err != nil {
+		t.Fatal(err)
+	}
+	h.waitValue(1, "endpointlag_tracked_pods")
+	h.clock.Step(60 * time.Millisecond)
+	h.updateSlice(slice("web-1", "web", ep{b, "ready"}))
+	h.waitHist(1, prop, probes.StageEndpointSliceRemoved)
+	h.expectHist(prop, probes.StageEndpointSliceRemoved, 1, 0.06)
+	h.expectHist(prop, probes.StageEndpointSlice, 1, 0.06)
+}
