@@ -1,0 +1,104 @@
+package collector
+
+import (
+	"bufio"
+	"errors"
+	"os"
+	"regexp"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/endpointlag/endpointlag/probes"
+)
+
+// docRow is one metric as docs/metrics.md lists it.
+type docRow struct {
+	typ    string
+	labels []string
+}
+
+var rowRE = regexp.MustCompile("^\\| `(endpointlag_[a-z_]+)` \\| ([a-z]+) \\|([^|]*)\\|")
+
+func readMetricsDoc(t *testing.T) map[string]docRow {
+	t.Helper()
+	f, err := os.Open("../docs/metrics.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	rows := map[string]docRow{}
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		m := rowRE.FindStringSubmatch(sc.Text())
+		if m == nil {
+			continue
+		}
+		var labels []string
+		for _, l := range strings.Split(m[3], ",") {
+			if l = strings.Trim(strings.TrimSpace(l), "`"); l != "" {
+				labels = append(labels, l)
+			}
+		}
+		slices.Sort(labels)
+		rows[m[1]] = docRow{typ: m[2], labels: labels}
+	}
+	if err := sc.Err(); err != nil {
+		t.Fatal(err)
+	}
+	return rows
+}
+
+// TestMetricsDoc drives the collector until every metric it has exports a series, then checks
+// that docs/metrics.md lists exactly those metrics with their types and labels.
+func TestMetricsDoc(t *testing.T) {
+	f := newFixture(t, Options{Horizon: time.Minute, MaxRecords: 2, Probes: []string{"kube"}})
+	if err := RegisterBuildInfo(f.reg, "v0", "abc"); err != nil {
+		t.Fatal(err)
+	}
+	f.c.SetStatus("kube", probes.Status{Up: true, Synced: true})
+	f.c.Error("kube", errors.New("x"))
+	f.c.Observe(obs(probes.StageDeleted, 1, t0, true))
+	f.c.Observe(obs(probes.StageEndpointSlice, 1, t0, true))
+	f.c.Observe(obs(probes.StageEndpointSliceRemoved, 1, t0, true))
+	f.c.Observe(obs(probes.StageEndpointSlice, 2, t0, false))
+	f.c.Observe(obs(probes.StageEndpointSlice, 3, t0, false)) // over the limit: dropped
+	f.clock.Step(time.Minute)
+	f.c.Sweep()
+
+	mfs, err := f.reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	code := map[string]docRow{}
+	for _, mf := range mfs {
+		name := mf.GetName()
+		if !strings.HasPrefix(name, "endpointlag_") {
+			continue
+		}
+		var labels []string
+		for _, l := range mf.GetMetric()[0].GetLabel() {
+			labels = append(labels, l.GetName())
+		}
+		slices.Sort(labels)
+		code[name] = docRow{typ: strings.ToLower(mf.GetType().String()), labels: labels}
+	}
+	doc := readMetricsDoc(t)
+	for name, c := range code {
+		d, ok := doc[name]
+		switch {
+		case !ok:
+			t.Errorf("%s is exported but not in docs/metrics.md", name)
+		case d.typ != c.typ:
+			t.Errorf("%s: docs/metrics.md says %s, the code exports a %s", name, d.typ, c.typ)
+		case !slices.Equal(d.labels, c.labels):
+			t.Errorf("%s: docs/metrics.md lists labels %q, the code has %q", name, d.labels, c.labels)
+		}
+	}
+	for name := range doc {
+		if _, ok := code[name]; !ok {
+			t.Errorf("docs/metrics.md lists %s, which the code does not export", name)
+		}
+	}
+}
