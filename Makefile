@@ -29,7 +29,10 @@ deps:
 
 ## test: unit tests (race detector on); prints how many tests skipped and why.
 test: deps
-	$(GO) tool gotestsum --format testname --format-hide-empty-pkg -- -race -count=1 ./...
+	@mkdir -p bin
+	$(GO) tool gotestsum --format testname --format-hide-empty-pkg --jsonfile bin/test.json -- -race -count=1 ./...
+	@n=$$(grep -c '"Action":"skip","Package":"[^"]*","Test":' bin/test.json || true); \
+	echo "skipped tests: $$n$$( [ "$$n" -gt 0 ] && echo ' (each with its reason under === Skipped above)')"
 
 ## lint: gofmt, go vet and staticcheck.
 lint: deps
