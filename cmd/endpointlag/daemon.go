@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -136,8 +137,8 @@ func (d *daemon) run(ctx context.Context) error {
 }
 
 // runDaemon is the default command.
-func runDaemon(ctx context.Context, opts Options) error {
-	log := newLogger(opts.LogLevel, opts.LogFormat)
+func runDaemon(ctx context.Context, opts Options, logOut io.Writer) error {
+	log := newLogger(logOut, opts.LogLevel, opts.LogFormat)
 	klog.SetSlogLogger(log.With("component", "client-go"))
 	var client kubernetes.Interface
 	for _, f := range opts.enabled() {

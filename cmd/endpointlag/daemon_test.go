@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -304,5 +305,44 @@ func TestInspectDaemonDown(t *testing.T) {
 	}
 	if !strings.Contains(errOut.String(), "is it running?") {
 		t.Errorf("stderr: %s", errOut.String())
+	}
+}
+
+// SIGTERM, as the kubelet sends it: the daemon stops within its shutdown timeout, exits 0 and
+// logs what it still held.
+func TestSIGTERM(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	unreachable := ln.Addr().String()
+	ln.Close()
+	kubeconfig := filepath.Join(t.TempDir(), "kubeconfig")
+	cfg := "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {server: \"http://" + unreachable + "\"}\n" +
+		"contexts:\n- name: c\n  context: {cluster: c, user: u}\ncurrent-context: c\nusers:\n- name: u\n  user: {}\n"
+	if err := os.WriteFile(kubeconfig, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	stderr := &syncBuffer{}
+	code := make(chan int, 1)
+	go func() {
+		code <- run([]string{"--node-name=node-a", "--kubeconfig", kubeconfig, "--web.listen-address=127.0.0.1:0", "--shutdown-timeout=3s"}, io.Discard, stderr)
+	}()
+	waitFor(t, "the daemon to start", func() bool { return strings.Contains(stderr.String(), "waiting for informers to sync") })
+	if err := syscall.Kill(os.Getpid(), syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case c := <-code:
+		if c != 0 {
+			t.Errorf("exit code %d after SIGTERM\n%s", c, stderr.String())
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatalf("not stopped 5 s after SIGTERM with --shutdown-timeout=3s\n%s", stderr.String())
+	}
+	for _, want := range []string{"msg=\"shutting down\" signal=", "msg=stopped records=0 pods=0"} {
+		if !strings.Contains(stderr.String(), want) {
+			t.Errorf("the log lacks %q:\n%s", want, stderr.String())
+		}
 	}
 }

@@ -77,7 +77,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	context.AfterFunc(ctx, stop) // a second signal ends the process at once
-	if err := runDaemon(ctx, opts); err != nil {
+	if err := runDaemon(ctx, opts, stderr); err != nil {
 		fmt.Fprintf(stderr, "endpointlag: %v\n", err)
 		return 1
 	}

@@ -3,6 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -103,11 +104,11 @@ func parseLevel(s string) (slog.Level, error) {
 	return l, nil
 }
 
-func newLogger(level, format string) *slog.Logger {
+func newLogger(w io.Writer, level, format string) *slog.Logger {
 	l, _ := parseLevel(level)
 	opts := &slog.HandlerOptions{Level: l}
 	if strings.EqualFold(format, "json") {
-		return slog.New(slog.NewJSONHandler(os.Stderr, opts))
+		return slog.New(slog.NewJSONHandler(w, opts))
 	}
-	return slog.New(slog.NewTextHandler(os.Stderr, opts))
+	return slog.New(slog.NewTextHandler(w, opts))
 }

@@ -119,7 +119,7 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 func (p *Probe) waitForSync(ctx context.Context, sink probes.Sink, synced []cache.InformerSynced) bool {
 	done := make(chan bool, 1)
 	go func() { done <- cache.WaitForCacheSync(ctx.Done(), synced...) }()
-	delay := time.Second
+	start, delay := time.Now(), time.Second
 	for {
 		t := time.NewTimer(delay)
 		select {
@@ -129,7 +129,7 @@ func (p *Probe) waitForSync(ctx context.Context, sink probes.Sink, synced []cach
 		case <-t.C:
 		}
 		if _, err := p.client.Discovery().ServerVersion(); err != nil {
-			sink.Error(Name, fmt.Errorf("informers not synced after %s: API server unreachable: %w", delay, err))
+			sink.Error(Name, fmt.Errorf("informers not synced after %s: API server unreachable: %w", time.Since(start).Round(time.Second), err))
 		}
 		delay = min(2*delay, 30*time.Second)
 	}
