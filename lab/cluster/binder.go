@@ -1,0 +1,53 @@
+package cluster
+
+import (
+	"context"
+	"log/slog"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/cache"
+)
+
+// binder is the lab's scheduler: it binds each new pod to the node that runs the fewest pods.
+type binder struct {
+	client kubernetes.Interface
+	nodes  []string
+	log    *slog.Logger
+}
+
+func (b *binder) run(ctx context.Context) {
+	f := informers.NewSharedInformerFactory(b.client, 0)
+	inf := f.Core().V1().Pods().Informer()
+	bind := func(obj any) {
+		pod, ok := obj.(*corev1.Pod)
+		if !ok || pod.Spec.NodeName != "" || pod.DeletionTimestamp != nil {
+			return
+		}
+		load := map[string]int{}
+		for _, o := range inf.GetStore().List() {
+			if p := o.(*corev1.Pod); p.Spec.NodeName != "" && p.DeletionTimestamp == nil {
+				load[p.Spec.NodeName]++
+			}
+		}
+		target := b.nodes[0]
+		for _, n := range b.nodes {
+			if load[n] < load[target] {
+				target = n
+			}
+		}
+		err := b.client.CoreV1().Pods(pod.Namespace).Bind(ctx, &corev1.Binding{
+			ObjectMeta: metav1.ObjectMeta{Namespace: pod.Namespace, Name: pod.Name, UID: pod.UID},
+			Target:     corev1.ObjectReference{Kind: "Node", Name: target},
+		}, metav1.CreateOptions{})
+		if err != nil {
+			b.log.Warn("binding pod", "pod", pod.Name, "node", target, "err", err)
+		}
+	}
+	_, _ = inf.AddEventHandler(cache.ResourceEventHandlerFuncs{AddFunc: bind, UpdateFunc: func(_, o any) { bind(o) }})
+	f.Start(ctx.Done())
+	<-ctx.Done()
+	f.Shutdown()
+}

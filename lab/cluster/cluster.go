@@ -1,0 +1,449 @@
+// Package cluster starts and stops the lab: a real Kubernetes control plane (etcd,
+// kube-apiserver, kube-controller-manager) and, per node, kube-proxy and endpointlag, each node a
+// network namespace on a shared underlay bridge, with a kubelet stand-in and a binder running in
+// this process. Nothing is routed from the root namespace: the API server and the daemons'
+// endpoints are reached through forwarders on loopback.
+package cluster
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"syscall"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/clientcmd"
+
+	"github.com/endpointlag/endpointlag/lab/internal/ns"
+)
+
+// Config chooses the lab's shape.
+type Config struct {
+	// Nodes is the number of nodes (1 to 9).
+	Nodes int
+	// ProxyMode is kube-proxy's mode: nftables or iptables.
+	ProxyMode string
+	// BinDir holds etcd, kube-apiserver, kube-controller-manager and kube-proxy.
+	BinDir string
+	// Endpointlag is the endpointlag binary run on every node.
+	Endpointlag string
+	// StateDir holds keys, kubeconfigs, logs and the PID records.
+	StateDir string
+	// APIPort is the loopback port of the API server's forwarder; node i's daemon is reachable
+	// on loopback port DaemonPortBase+i.
+	APIPort        int
+	DaemonPortBase int
+	Log            *slog.Logger
+}
+
+// Defaults fills unset fields.
+func (c *Config) Defaults() {
+	if c.Nodes == 0 {
+		c.Nodes = 2
+	}
+	if c.ProxyMode == "" {
+		c.ProxyMode = "nftables"
+	}
+	if c.StateDir == "" {
+		c.StateDir = "/run/endpointlag-lab"
+	}
+	if c.APIPort == 0 {
+		c.APIPort = 16443
+	}
+	if c.DaemonPortBase == 0 {
+		c.DaemonPortBase = 19860
+	}
+	if c.Log == nil {
+		c.Log = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+}
+
+func (c *Config) validate() error {
+	var errs []error
+	if c.Nodes < 1 || c.Nodes > 9 {
+		errs = append(errs, fmt.Errorf("nodes: %d is not between 1 and 9", c.Nodes))
+	}
+	if c.ProxyMode != "nftables" && c.ProxyMode != "iptables" {
+		errs = append(errs, fmt.Errorf("proxy mode %q is neither nftables nor iptables", c.ProxyMode))
+	}
+	for _, b := range []string{"etcd", "kube-apiserver", "kube-controller-manager", "kube-proxy"} {
+		if _, err := os.Stat(filepath.Join(c.BinDir, b)); err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w (build them with `make lab-bins`)", b, err))
+		}
+	}
+	if _, err := os.Stat(c.Endpointlag); err != nil {
+		errs = append(errs, fmt.Errorf("endpointlag binary: %w (build it with `make build`)", err))
+	}
+	if os.Geteuid() != 0 {
+		errs = append(errs, errors.New("the lab needs root (network namespaces, nftables)"))
+	}
+	return errors.Join(errs...)
+}
+
+// Node is one lab node.
+type Node struct {
+	Name    string
+	NS      string
+	Addr    netip.Addr
+	PodCIDR netip.Prefix
+	// DaemonURL reaches this node's endpointlag from the root namespace.
+	DaemonURL string
+	kubelet   *kubelet
+}
+
+// Cluster is a running lab.
+type Cluster struct {
+	cfg Config
+	// Kubeconfig is for users in the root namespace: kubectl works with it.
+	Kubeconfig string
+	Client     kubernetes.Interface
+	Nodes      []*Node
+
+	procs     *procs
+	cancel    context.CancelFunc
+	wg        sync.WaitGroup
+	listeners []net.Listener
+	client    struct {
+		netns string
+		ip    netip.Addr
+	}
+}
+
+// Cleanup removes what an earlier lab left behind in stateDir and in the kernel: its processes (by
+// recorded PID) and every namespace carrying the lab prefix. It refuses while a live lab process
+// holds the state directory.
+func Cleanup(stateDir string, log *slog.Logger) error {
+	if pid, alive := labPID(stateDir); alive && pid != os.Getpid() {
+		return fmt.Errorf("a lab is running (pid %d); stop it with `make lab-down`", pid)
+	}
+	killed, err := killLeftovers(stateDir)
+	if err != nil {
+		return fmt.Errorf("ending leftover processes: %w", err)
+	}
+	names, err := ns.List()
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, n := range names {
+		errs = append(errs, ns.Delete(n))
+	}
+	if killed > 0 || len(names) > 0 {
+		log.Info("removed leftovers of an earlier lab", "processes", killed, "namespaces", len(names))
+	}
+	return errors.Join(errs...)
+}
+
+func labPID(stateDir string) (int, bool) {
+	b, err := os.ReadFile(filepath.Join(stateDir, "lab.pid"))
+	if err != nil {
+		return 0, false
+	}
+	pid, err := strconv.Atoi(string(b))
+	if err != nil || pid <= 1 {
+		return 0, false
+	}
+	return pid, syscall.Kill(pid, 0) == nil
+}
+
+// Up starts a lab. On error it removes whatever it had started.
+func Up(ctx context.Context, cfg Config) (c *Cluster, err error) {
+	cfg.Defaults()
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	log := cfg.Log
+	if err := Cleanup(cfg.StateDir, log); err != nil {
+		return nil, err
+	}
+	if err := os.RemoveAll(cfg.StateDir); err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(filepath.Join(cfg.StateDir, "logs"), 0o755); err != nil {
+		return nil, err
+	}
+	if err := os.WriteFile(filepath.Join(cfg.StateDir, "lab.pid"), []byte(strconv.Itoa(os.Getpid())), 0o644); err != nil {
+		return nil, err
+	}
+	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	c = &Cluster{cfg: cfg, procs: &procs{dir: cfg.StateDir}, cancel: cancel}
+	defer func() {
+		if err != nil {
+			c.Down()
+			c = nil
+		}
+	}()
+	start := time.Now()
+	if err := c.network(); err != nil {
+		return c, fmt.Errorf("network: %w", err)
+	}
+	log.Info("lab: network namespaces ready", "nodes", cfg.Nodes)
+	if err := c.controlPlane(ctx); err != nil {
+		return c, fmt.Errorf("control plane: %w", err)
+	}
+	log.Info("lab: control plane ready", "kubeconfig", c.Kubeconfig, "took", time.Since(start).Round(time.Millisecond))
+	if err := c.startNodes(ctx, runCtx); err != nil {
+		return c, fmt.Errorf("nodes: %w", err)
+	}
+	log.Info("lab: up", "took", time.Since(start).Round(time.Millisecond))
+	return c, nil
+}
+
+func (c *Cluster) network() error {
+	if err := makeUnderlay(); err != nil {
+		return err
+	}
+	if err := plugUnderlay(cpNS, "cp", cpAddr); err != nil {
+		return err
+	}
+	for i := 1; i <= c.cfg.Nodes; i++ {
+		n := &Node{Name: fmt.Sprintf("node%d", i), NS: nodeNS(i), Addr: nodeAddr(i), PodCIDR: podCIDR(i)}
+		if err := plugUnderlay(n.NS, fmt.Sprintf("n%d", i), n.Addr); err != nil {
+			return err
+		}
+		if err := routeNodes(n.NS, i, c.cfg.Nodes); err != nil {
+			return err
+		}
+		c.Nodes = append(c.Nodes, n)
+	}
+	return nil
+}
+
+func (c *Cluster) path(name string) string { return filepath.Join(c.cfg.StateDir, name) }
+
+func (c *Cluster) bin(name string) string { return filepath.Join(c.cfg.BinDir, name) }
+
+func (c *Cluster) controlPlane(ctx context.Context) error {
+	saKey, saPub, err := writeServiceAccountKeys(c.cfg.StateDir)
+	if err != nil {
+		return err
+	}
+	token, err := newToken()
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(c.path("tokens.csv"), []byte(token+",admin,admin,system:masters\n"), 0o600); err != nil {
+		return err
+	}
+	c.Kubeconfig = c.path("kubeconfig")
+	for path, server := range map[string]string{
+		c.Kubeconfig:              fmt.Sprintf("https://127.0.0.1:%d", c.cfg.APIPort),
+		c.path("cp.kubeconfig"):   "https://127.0.0.1:6443",
+		c.path("node.kubeconfig"): fmt.Sprintf("https://%s:6443", cpAddr),
+	} {
+		if err := writeKubeconfig(path, server, token); err != nil {
+			return err
+		}
+	}
+	if _, err := c.procs.start("etcd", cpNS, c.bin("etcd"),
+		"--name=lab", "--data-dir="+c.path("etcd"),
+		"--listen-client-urls=http://127.0.0.1:2379", "--advertise-client-urls=http://127.0.0.1:2379",
+		"--listen-peer-urls=http://127.0.0.1:2380", "--initial-advertise-peer-urls=http://127.0.0.1:2380",
+		"--initial-cluster=lab=http://127.0.0.1:2380", "--unsafe-no-fsync", "--log-level=warn"); err != nil {
+		return err
+	}
+	api, err := c.procs.start("kube-apiserver", cpNS, c.bin("kube-apiserver"),
+		"--etcd-servers=http://127.0.0.1:2379",
+		"--bind-address=0.0.0.0", "--secure-port=6443", "--advertise-address="+cpAddr.String(),
+		"--cert-dir="+c.path("pki"), "--token-auth-file="+c.path("tokens.csv"),
+		"--authorization-mode=RBAC", "--service-cluster-ip-range="+serviceCIDR,
+		"--service-account-issuer=https://kubernetes.default.svc",
+		"--service-account-key-file="+saPub, "--service-account-signing-key-file="+saKey)
+	if err != nil {
+		return err
+	}
+	if err := c.forward(c.cfg.APIPort, cpNS, "127.0.0.1:6443"); err != nil {
+		return err
+	}
+	rc, err := clientcmd.BuildConfigFromFlags("", c.Kubeconfig)
+	if err != nil {
+		return err
+	}
+	rc.QPS, rc.Burst = 100, 200
+	if c.Client, err = kubernetes.NewForConfig(rc); err != nil {
+		return err
+	}
+	if err := waitFor(ctx, 90*time.Second, "the API server", func() error {
+		if done, perr := api.exited(); done {
+			return &fatal{fmt.Errorf("kube-apiserver exited (%v); see %s", perr, c.path("logs/kube-apiserver.log"))}
+		}
+		_, err := c.Client.Discovery().RESTClient().Get().AbsPath("/readyz").DoRaw(ctx)
+		return err
+	}); err != nil {
+		return err
+	}
+	_, err = c.procs.start("kube-controller-manager", cpNS, c.bin("kube-controller-manager"),
+		"--kubeconfig="+c.path("cp.kubeconfig"),
+		"--controllers=endpointslice,endpointslicemirroring,serviceaccount,serviceaccount-token,namespace,garbagecollector,deployment,replicaset",
+		"--service-account-private-key-file="+saKey, "--use-service-account-credentials=false",
+		"--leader-elect=false", "--secure-port=0")
+	if err != nil {
+		return err
+	}
+	return waitFor(ctx, 60*time.Second, "the default service account", func() error {
+		_, err := c.Client.CoreV1().ServiceAccounts("default").Get(ctx, "default", metav1.GetOptions{})
+		return err
+	})
+}
+
+func (c *Cluster) startNodes(ctx, runCtx context.Context) error {
+	names := make([]string, len(c.Nodes))
+	for i, n := range c.Nodes {
+		names[i] = n.Name
+		node := &corev1.Node{
+			ObjectMeta: metav1.ObjectMeta{Name: n.Name, Labels: map[string]string{corev1.LabelHostname: n.Name}},
+			Spec:       corev1.NodeSpec{PodCIDR: n.PodCIDR.String(), PodCIDRs: []string{n.PodCIDR.String()}},
+		}
+		created, err := c.Client.CoreV1().Nodes().Create(ctx, node, metav1.CreateOptions{})
+		if err != nil {
+			return err
+		}
+		created.Status = corev1.NodeStatus{
+			Addresses:  []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: n.Addr.String()}, {Type: corev1.NodeHostName, Address: n.Name}},
+			Conditions: []corev1.NodeCondition{{Type: corev1.NodeReady, Status: corev1.ConditionTrue, LastHeartbeatTime: metav1.Now(), LastTransitionTime: metav1.Now()}},
+		}
+		if _, err := c.Client.CoreV1().Nodes().UpdateStatus(ctx, created, metav1.UpdateOptions{}); err != nil {
+			return err
+		}
+		cfgPath := c.path(n.Name + "-kube-proxy.yaml")
+		if err := writeKubeProxyConfig(cfgPath, c.cfg.ProxyMode, n.Name, c.path("node.kubeconfig"), clusterCIDR.String()); err != nil {
+			return err
+		}
+		if _, err := c.procs.start(n.Name+"-kube-proxy", n.NS, c.bin("kube-proxy"), "--config="+cfgPath); err != nil {
+			return err
+		}
+		if _, err := c.procs.start(n.Name+"-endpointlag", n.NS, c.cfg.Endpointlag,
+			"--kubeconfig="+c.path("node.kubeconfig"), "--node-name="+n.Name,
+			"--web.listen-address=127.0.0.1:9860", "--log.level=debug"); err != nil {
+			return err
+		}
+		port := c.cfg.DaemonPortBase + i + 1
+		if err := c.forward(port, n.NS, "127.0.0.1:9860"); err != nil {
+			return err
+		}
+		n.DaemonURL = fmt.Sprintf("http://127.0.0.1:%d", port)
+		n.kubelet = newKubelet(n.Name, i+1, c.Client, c.cfg.Log)
+		c.wg.Go(func() { n.kubelet.run(runCtx) })
+	}
+	b := &binder{client: c.Client, nodes: names, log: c.cfg.Log}
+	c.wg.Go(func() { b.run(runCtx) })
+	var err error
+	if c.client.netns, c.client.ip, err = c.Nodes[0].kubelet.attach(); err != nil {
+		return fmt.Errorf("client pod: %w", err)
+	}
+	for _, n := range c.Nodes {
+		if err := waitFor(ctx, 60*time.Second, n.Name+"'s endpointlag to be ready", func() error {
+			return httpOK(ctx, n.DaemonURL+"/readyz")
+		}); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// ClientNS is the network namespace of the client pod on the first node, for load generators.
+func (c *Cluster) ClientNS() string { return c.client.netns }
+
+// forward listens on loopback port and connects each connection to addr inside namespace netns.
+func (c *Cluster) forward(port int, netns, addr string) error {
+	l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", port))
+	if err != nil {
+		return fmt.Errorf("forwarder to %s %s: %w", netns, addr, err)
+	}
+	c.listeners = append(c.listeners, l)
+	c.wg.Go(func() {
+		for {
+			in, err := l.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer in.Close()
+				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+				out, err := ns.Dial(ctx, netns, "tcp", addr)
+				cancel()
+				if err != nil {
+					return
+				}
+				defer out.Close()
+				done := make(chan struct{}, 2)
+				go func() { _, _ = io.Copy(out, in); done <- struct{}{} }()
+				go func() { _, _ = io.Copy(in, out); done <- struct{}{} }()
+				<-done
+			}()
+		}
+	})
+	return nil
+}
+
+// Down stops everything the lab started and removes its namespaces.
+func (c *Cluster) Down() {
+	if c.cancel != nil {
+		c.cancel()
+	}
+	for _, l := range c.listeners {
+		l.Close()
+	}
+	c.wg.Wait()
+	c.procs.stopAll(5 * time.Second)
+	names, _ := ns.List()
+	for _, n := range names {
+		if err := ns.Delete(n); err != nil {
+			c.cfg.Log.Warn("removing namespace", "netns", n, "err", err)
+		}
+	}
+	_ = os.Remove(filepath.Join(c.cfg.StateDir, "lab.pid"))
+}
+
+// fatal marks an error that waiting will not cure.
+type fatal struct{ error }
+
+func waitFor(ctx context.Context, timeout time.Duration, what string, f func() error) error {
+	deadline := time.Now().Add(timeout)
+	var last error
+	for {
+		last = f()
+		var fe *fatal
+		switch {
+		case last == nil:
+			return nil
+		case errors.As(last, &fe):
+			return fe.error
+		case time.Now().After(deadline):
+			return fmt.Errorf("waiting %s for %s: %w", timeout, what, last)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+func httpOK(ctx context.Context, url string) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("%s: %s", url, resp.Status)
+	}
+	return nil
+}

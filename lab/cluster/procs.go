@@ -1,0 +1,143 @@
+package cluster
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/endpointlag/endpointlag/lab/internal/ns"
+)
+
+// procs starts the lab's processes inside namespaces and records each PID in a file of the state
+// directory, so that a later run can end what a crashed one left, by PID and only after checking
+// that the PID still runs one of the lab's binaries.
+type procs struct {
+	dir  string
+	mu   sync.Mutex
+	list []*proc
+}
+
+type proc struct {
+	name string
+	cmd  *exec.Cmd
+	done chan struct{}
+	err  error
+}
+
+const pidFile = "pids"
+
+// start runs binary in namespace netns with its output in logs/<name>.log.
+func (p *procs) start(name, netns, binary string, args ...string) (*proc, error) {
+	logf, err := os.Create(filepath.Join(p.dir, "logs", name+".log"))
+	if err != nil {
+		return nil, err
+	}
+	cmd := ns.Command(netns, append([]string{binary}, args...)...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	// The child dies with the lab process; `ip netns exec` execs the binary, which keeps it.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		logf.Close()
+		return nil, fmt.Errorf("starting %s: %w", name, err)
+	}
+	pr := &proc{name: name, cmd: cmd, done: make(chan struct{})}
+	go func() {
+		pr.err = cmd.Wait()
+		logf.Close()
+		close(pr.done)
+	}()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.list = append(p.list, pr)
+	f, err := os.OpenFile(filepath.Join(p.dir, pidFile), os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o600)
+	if err != nil {
+		return pr, err
+	}
+	defer f.Close()
+	_, err = fmt.Fprintf(f, "%d %s\n", cmd.Process.Pid, binary)
+	return pr, err
+}
+
+// exited reports whether the process has ended, and how.
+func (pr *proc) exited() (bool, error) {
+	select {
+	case <-pr.done:
+		return true, pr.err
+	default:
+		return false, nil
+	}
+}
+
+// stopAll ends the processes, newest first: SIGTERM, then SIGKILL after the grace period.
+func (p *procs) stopAll(grace time.Duration) {
+	p.mu.Lock()
+	list := p.list
+	p.list = nil
+	p.mu.Unlock()
+	for i := len(list) - 1; i >= 0; i-- {
+		pr := list[i]
+		if done, _ := pr.exited(); done {
+			continue
+		}
+		_ = pr.cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-pr.done:
+		case <-time.After(grace):
+			_ = pr.cmd.Process.Kill()
+			<-pr.done
+		}
+	}
+	_ = os.Remove(filepath.Join(p.dir, pidFile))
+}
+
+// killLeftovers ends the processes a previous run recorded in dir and that still run the binary
+// it recorded. It returns how many it killed.
+func killLeftovers(dir string) (int, error) {
+	f, err := os.Open(filepath.Join(dir, pidFile))
+	if errors.Is(err, os.ErrNotExist) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	killed := 0
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		pidText, binary, ok := strings.Cut(sc.Text(), " ")
+		pid, err := strconv.Atoi(pidText)
+		if !ok || err != nil || pid <= 1 {
+			continue
+		}
+		exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
+		if err != nil || exe != binary {
+			continue // gone, or the PID now belongs to something else
+		}
+		if syscall.Kill(pid, syscall.SIGKILL) == nil {
+			killed++
+			waitGone(pid, 5*time.Second)
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return killed, err
+	}
+	return killed, os.Remove(filepath.Join(dir, pidFile))
+}
+
+func waitGone(pid int, timeout time.Duration) {
+	deadline := time.Now().Add(timeout)
+	for time.Now().Before(deadline) {
+		if err := syscall.Kill(pid, 0); errors.Is(err, syscall.ESRCH) {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}

@@ -1,0 +1,200 @@
+// Command lab runs endpointlag's one-machine Kubernetes lab: `lab demo` (the README's `make
+// demo`), `lab up` / `lab down` for interactive use. It needs root.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/endpointlag/endpointlag/lab/cluster"
+	"github.com/endpointlag/endpointlag/lab/load"
+	"github.com/endpointlag/endpointlag/lab/scenario"
+)
+
+const usage = `Usage: lab <command> [flags]
+
+Commands:
+  demo   start the lab, roll a Deployment twice under load, print the propagation report, stop
+  up     start the lab and keep it running until SIGINT/SIGTERM (or lab down)
+  down   stop a running lab and remove what any earlier lab left behind
+
+The lab is a real control plane (etcd, kube-apiserver, kube-controller-manager) and per node
+kube-proxy and endpointlag, each node a network namespace. It needs root.
+
+Flags:
+`
+
+type options struct {
+	cluster.Config
+	rate      int
+	keepAlive bool
+	logLevel  string
+}
+
+func main() {
+	os.Exit(run(os.Args[1:]))
+}
+
+func run(args []string) int {
+	if len(args) == 0 || strings.HasPrefix(args[0], "-") {
+		fmt.Fprint(os.Stderr, usage)
+		return 2
+	}
+	cmd := args[0]
+	fs := flag.NewFlagSet("lab "+cmd, flag.ContinueOnError)
+	var o options
+	fs.IntVar(&o.Nodes, "nodes", 2, "number of nodes (1 to 9)")
+	fs.StringVar(&o.ProxyMode, "proxy-mode", "nftables", "kube-proxy mode: nftables or iptables")
+	fs.StringVar(&o.BinDir, "bin-dir", os.Getenv("LAB_BIN_DIR"), "directory with etcd, kube-apiserver, kube-controller-manager, kube-proxy (default $LAB_BIN_DIR)")
+	fs.StringVar(&o.Endpointlag, "endpointlag", "bin/endpointlag", "the endpointlag binary to run on every node")
+	fs.StringVar(&o.StateDir, "state-dir", "/run/endpointlag-lab", "keys, kubeconfigs, logs and PID records of the lab")
+	fs.IntVar(&o.rate, "rate", 200, "demo: load generator requests per second")
+	fs.BoolVar(&o.keepAlive, "keep-alive", false, "demo: reuse connections instead of one new connection per request")
+	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
+	fs.Usage = func() {
+		fmt.Fprint(os.Stderr, usage)
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args[1:]); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		return 2
+	}
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(o.logLevel)); err != nil {
+		fmt.Fprintf(os.Stderr, "lab: --log-level %q: %v\n", o.logLevel, err)
+		return 2
+	}
+	o.Log = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	if abs, err := filepath.Abs(o.Endpointlag); err == nil {
+		o.Endpointlag = abs
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	var err error
+	switch cmd {
+	case "up":
+		err = up(ctx, o)
+	case "down":
+		err = down(o)
+	case "demo":
+		err = demo(ctx, o, os.Stdout)
+	default:
+		fmt.Fprintf(os.Stderr, "lab: unknown command %q\n\n%s", cmd, usage)
+		return 2
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "lab %s: %v\n", cmd, err)
+		return 1
+	}
+	return 0
+}
+
+func up(ctx context.Context, o options) error {
+	c, err := cluster.Up(ctx, o.Config)
+	if err != nil {
+		return err
+	}
+	defer c.Down()
+	fmt.Printf("lab is up (pid %d). Stop it with Ctrl-C, or `make lab-down`.\n\n", os.Getpid())
+	fmt.Printf("  export KUBECONFIG=%s\n  kubectl get nodes\n\n", c.Kubeconfig)
+	for _, n := range c.Nodes {
+		fmt.Printf("  %s: endpointlag at %s/metrics, inspect with: bin/endpointlag inspect --daemon %s\n", n.Name, n.DaemonURL, n.DaemonURL)
+	}
+	fmt.Printf("  logs: %s/logs\n", o.StateDir)
+	<-ctx.Done()
+	fmt.Println("lab: stopping")
+	return nil
+}
+
+func down(o options) error {
+	pidFile := filepath.Join(o.StateDir, "lab.pid")
+	if b, err := os.ReadFile(pidFile); err == nil {
+		var pid int
+		if _, err := fmt.Sscan(string(b), &pid); err == nil && pid > 1 && syscall.Kill(pid, syscall.SIGTERM) == nil {
+			fmt.Printf("lab: stopping the lab (pid %d)\n", pid)
+			deadline := time.Now().Add(60 * time.Second)
+			for syscall.Kill(pid, 0) == nil && time.Now().Before(deadline) {
+				time.Sleep(100 * time.Millisecond)
+			}
+		}
+	}
+	return cluster.Cleanup(o.StateDir, o.Log)
+}
+
+func demo(ctx context.Context, o options, out io.Writer) error {
+	start := time.Now()
+	fmt.Fprintf(out, "lab: starting %d nodes, kube-proxy in %s mode\n", o.Nodes, o.ProxyMode)
+	c, err := cluster.Up(ctx, o.Config)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		fmt.Fprintln(out, "lab: stopping")
+		c.Down()
+	}()
+	app := &scenario.App{Client: c.Client, Namespace: "demo", Name: "web", Replicas: 4}
+	first := scenario.Behaviour{}
+	if err := app.Apply(ctx, first); err != nil {
+		return err
+	}
+	if err := app.WaitSettled(ctx, 2*time.Minute); err != nil {
+		return err
+	}
+	fmt.Fprintf(out, "lab: demo/web has 4 ready replicas behind its Service\n")
+	ls := scenario.LoadSettings{Rate: o.rate, KeepAlive: o.keepAlive}
+	r1, err := scenario.RunRollout(ctx, c, app, "rollout 1", first, ls, out)
+	if err != nil {
+		return err
+	}
+	preStop, stage, p99 := scenario.Recommend(r1.Lags)
+	if preStop == 0 {
+		return errors.New("rollout 1: endpointlag measured no propagation lag to size preStop from")
+	}
+	second := scenario.Behaviour{PreStop: preStop, Drain: 2 * time.Second}
+	fmt.Fprintf(out, "lab: setting preStop %s and drain %s (a rollout without load)\n", second.PreStop, second.Drain)
+	if err := app.Apply(ctx, second); err != nil {
+		return err
+	}
+	if err := app.WaitSettled(ctx, 3*time.Minute); err != nil {
+		return err
+	}
+	r2, err := scenario.RunRollout(ctx, c, app, "rollout 2", second, ls, out)
+	if err != nil {
+		return err
+	}
+	if err := saveLoadLogs(o.StateDir, r1, r2); err != nil {
+		return err
+	}
+	writeReport(out, o, c, []*scenario.Rollout{r1, r2}, preStop, stage, p99)
+	fmt.Fprintf(out, "\ndemo took %s\n", time.Since(start).Round(time.Second))
+	return nil
+}
+
+func saveLoadLogs(dir string, rs ...*scenario.Rollout) error {
+	for i, r := range rs {
+		f, err := os.Create(filepath.Join(dir, fmt.Sprintf("failures-rollout%d.log", i+1)))
+		if err != nil {
+			return err
+		}
+		err = load.WriteLog(f, r.Load)
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}

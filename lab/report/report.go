@@ -1,0 +1,162 @@
+// Package report reads what the lab's endpointlag daemons measured (their /api/v1/records) and
+// summarises it per stage and node.
+package report
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"math"
+	"net/http"
+	"sort"
+	"strings"
+	"text/tabwriter"
+	"time"
+)
+
+// Records mirrors the daemon's /api/v1/records answer, keeping what the report needs.
+type Records struct {
+	Node    string   `json:"node"`
+	Records []Record `json:"records"`
+}
+
+// Record is one terminating endpoint's timeline.
+type Record struct {
+	Pod struct {
+		Namespace string `json:"namespace"`
+		Name      string `json:"name"`
+		UID       string `json:"uid"`
+	} `json:"pod"`
+	Service struct {
+		Namespace string `json:"namespace"`
+		Name      string `json:"name"`
+	} `json:"service"`
+	Endpoint struct {
+		IP       string `json:"ip"`
+		Port     int    `json:"port"`
+		Protocol string `json:"protocol"`
+	} `json:"endpoint"`
+	Local  bool         `json:"local"`
+	T0     *time.Time   `json:"t0"`
+	Stages []StageEntry `json:"stages"`
+}
+
+// StageEntry is one stage of a timeline.
+type StageEntry struct {
+	Stage       string    `json:"stage"`
+	Time        time.Time `json:"time"`
+	Initial     bool      `json:"initial"`
+	Programming *float64  `json:"programming_seconds"`
+	Propagation *float64  `json:"propagation_seconds"`
+}
+
+// Stage returns the entry for stage, or nil.
+func (r *Record) Stage(stage string) *StageEntry {
+	for i := range r.Stages {
+		if r.Stages[i].Stage == stage {
+			return &r.Stages[i]
+		}
+	}
+	return nil
+}
+
+// Fetch reads one daemon's records.
+func Fetch(ctx context.Context, baseURL string) (Records, error) {
+	var out Records
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, baseURL+"/api/v1/records", nil)
+	if err != nil {
+		return out, err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return out, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return out, fmt.Errorf("%s: %s", baseURL, resp.Status)
+	}
+	return out, json.NewDecoder(resp.Body).Decode(&out)
+}
+
+// Stats of a set of lags, in seconds.
+type Stats struct {
+	N             int
+	P50, P99, Max float64
+}
+
+// Compute returns exact order statistics (nearest rank).
+func Compute(vs []float64) Stats {
+	if len(vs) == 0 {
+		return Stats{}
+	}
+	s := append([]float64(nil), vs...)
+	sort.Float64s(s)
+	rank := func(q float64) float64 {
+		i := int(math.Ceil(q*float64(len(s)))) - 1
+		return s[max(i, 0)]
+	}
+	return Stats{N: len(s), P50: rank(0.5), P99: rank(0.99), Max: s[len(s)-1]}
+}
+
+// Row is one line of the lag table.
+type Row struct {
+	Node      string
+	Reference string // propagation or programming
+	Stage     string
+	Stats     Stats
+}
+
+// Lags gathers, per node, reference and stage, the lags of the records selected by keep.
+func Lags(all []Records, keep func(Record) bool) []Row {
+	var rows []Row
+	for _, rs := range all {
+		values := map[[2]string][]float64{}
+		for _, r := range rs.Records {
+			if !keep(r) {
+				continue
+			}
+			for _, s := range r.Stages {
+				if s.Propagation != nil && s.Stage != "deleted" {
+					values[[2]string{"propagation", s.Stage}] = append(values[[2]string{"propagation", s.Stage}], *s.Propagation)
+				}
+				if s.Programming != nil {
+					values[[2]string{"programming", s.Stage}] = append(values[[2]string{"programming", s.Stage}], *s.Programming)
+				}
+			}
+		}
+		for k, v := range values {
+			rows = append(rows, Row{Node: rs.Node, Reference: k[0], Stage: k[1], Stats: Compute(v)})
+		}
+	}
+	order := map[string]int{"endpointslice": 0, "endpointslice_removed": 2, "gone": 9}
+	sort.Slice(rows, func(i, j int) bool {
+		a, b := rows[i], rows[j]
+		if a.Reference != b.Reference {
+			return a.Reference > b.Reference
+		}
+		if a.Stage != b.Stage {
+			return order[a.Stage] < order[b.Stage]
+		}
+		return a.Node < b.Node
+	})
+	return rows
+}
+
+// WriteLags prints the rows as a table.
+func WriteLags(w io.Writer, rows []Row) {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(tw, "reference\tstage\tnode\tendpoints\tp50\tp99\tmax\t")
+	for _, r := range rows {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%s\t%s\t\n", r.Reference, r.Stage, r.Node, r.Stats.N,
+			seconds(r.Stats.P50), seconds(r.Stats.P99), seconds(r.Stats.Max))
+	}
+	tw.Flush()
+}
+
+func seconds(v float64) string {
+	if v < 1 {
+		return fmt.Sprintf("%.0fms", v*1000)
+	}
+	return strings.TrimSuffix(fmt.Sprintf("%.2fs", v), "0")
+}

@@ -1,0 +1,129 @@
+package scenario
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"math"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/types"
+
+	"github.com/endpointlag/endpointlag/lab/cluster"
+	"github.com/endpointlag/endpointlag/lab/load"
+	"github.com/endpointlag/endpointlag/lab/report"
+)
+
+// Rollout is what one rolling restart under load gave.
+type Rollout struct {
+	Name      string
+	Behaviour Behaviour
+	// Deleted are the pods the rollout replaced.
+	Deleted map[types.UID]corev1.Pod
+	Load    []load.Result
+	Summary load.Summary
+	// Records are every daemon's records of the deleted pods.
+	Records []report.Records
+	Lags    []report.Row
+	Took    time.Duration
+}
+
+// LoadSettings are the load generator's knobs for a rollout.
+type LoadSettings struct {
+	Rate      int
+	KeepAlive bool
+}
+
+// RunRollout restarts the app under load and collects what the load generator and the daemons
+// saw. The load starts 2 s before the restart and stops 2 s after the app has settled.
+func RunRollout(ctx context.Context, c *cluster.Cluster, app *App, name string, b Behaviour, ls LoadSettings, progress io.Writer) (*Rollout, error) {
+	r := &Rollout{Name: name, Behaviour: b}
+	var err error
+	if r.Deleted, err = app.Pods(ctx); err != nil {
+		return nil, err
+	}
+	target, err := app.ClusterIP(ctx)
+	if err != nil {
+		return nil, err
+	}
+	loadCtx, stopLoad := context.WithCancel(ctx)
+	defer stopLoad()
+	type loadOut struct {
+		rs  []load.Result
+		err error
+	}
+	done := make(chan loadOut, 1)
+	go func() {
+		rs, err := load.Run(loadCtx, load.Config{NS: c.ClientNS(), Target: target, Rate: ls.Rate, Duration: 5 * time.Minute, KeepAlive: ls.KeepAlive})
+		done <- loadOut{rs, err}
+	}()
+	fmt.Fprintf(progress, "%s: load at %d req/s on %s from the client pod on %s\n", name, ls.Rate, target, c.Nodes[0].Name)
+	sleepCtx(ctx, 2*time.Second)
+	start := time.Now()
+	if err := app.Restart(ctx); err != nil {
+		return nil, err
+	}
+	fmt.Fprintf(progress, "%s: rollout restart of %s/%s (preStop %s, on SIGTERM: %s)\n", name, app.Namespace, app.Name, b.PreStop, b.annotation())
+	if err := app.WaitSettled(ctx, 3*time.Minute); err != nil {
+		return nil, err
+	}
+	r.Took = time.Since(start)
+	fmt.Fprintf(progress, "%s: rolled out in %s\n", name, r.Took.Round(100*time.Millisecond))
+	sleepCtx(ctx, 2*time.Second)
+	stopLoad()
+	out := <-done
+	if out.err != nil {
+		return nil, out.err
+	}
+	r.Load, r.Summary = out.rs, load.Summarize(out.rs)
+	for _, n := range c.Nodes {
+		recs, err := report.Fetch(ctx, n.DaemonURL)
+		if err != nil {
+			return nil, fmt.Errorf("%s's daemon: %w", n.Name, err)
+		}
+		kept := recs.Records[:0]
+		for _, rec := range recs.Records {
+			if _, ok := r.Deleted[types.UID(rec.Pod.UID)]; ok {
+				kept = append(kept, rec)
+			}
+		}
+		recs.Records = kept
+		r.Records = append(r.Records, recs)
+	}
+	r.Lags = report.Lags(r.Records, func(report.Record) bool { return true })
+	return r, nil
+}
+
+// trafficStages are the stages after which no new connection reaches a terminating endpoint,
+// best first: the node's dataplane, or failing that the EndpointSlice change every dataplane
+// reacts to.
+var trafficStages = []string{"nftables", "iptables", "ipvs", "endpointslice"}
+
+// Margin is added to the measured lag when sizing preStop; while only the EndpointSlice stage is
+// measured it also covers kube-proxy's own sync delay (minSyncPeriod, 1 s by default).
+const Margin = time.Second
+
+// Recommend sizes preStop from a rollout: the largest p99 over nodes of the propagation lag at
+// the last traffic-stopping stage measured, plus Margin, rounded up to whole seconds.
+func Recommend(rows []report.Row) (time.Duration, string, float64) {
+	for _, stage := range trafficStages {
+		worst, found := 0.0, false
+		for _, r := range rows {
+			if r.Reference == "propagation" && r.Stage == stage && r.Stats.N > 0 {
+				worst, found = math.Max(worst, r.Stats.P99), true
+			}
+		}
+		if found {
+			return time.Duration(math.Ceil(worst+Margin.Seconds())) * time.Second, stage, worst
+		}
+	}
+	return 0, "", 0
+}
+
+func sleepCtx(ctx context.Context, d time.Duration) {
+	select {
+	case <-ctx.Done():
+	case <-time.After(d):
+	}
+}
