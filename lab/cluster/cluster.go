@@ -321,7 +321,16 @@ func (c *Cluster) startNodes(ctx, runCtx context.Context) error {
 		if err := writeKubeProxyConfig(cfgPath, c.cfg.ProxyMode, n.Name, c.path("node.kubeconfig"), clusterCIDR.String()); err != nil {
 			return err
 		}
-		if _, err := c.procs.start(n.Name+"-kube-proxy", n.NS, c.bin("kube-proxy"), "--config="+cfgPath); err != nil {
+		proxy, err := c.procs.start(n.Name+"-kube-proxy", n.NS, c.bin("kube-proxy"), "--config="+cfgPath)
+		if err != nil {
+			return err
+		}
+		if err := waitFor(ctx, 60*time.Second, n.Name+"'s kube-proxy to sync", func() error {
+			if done, perr := proxy.exited(); done {
+				return &fatal{fmt.Errorf("%s's kube-proxy exited (%v); see %s", n.Name, perr, c.path("logs/"+n.Name+"-kube-proxy.log"))}
+			}
+			return httpOK(ctx, n.NS, "http://127.0.0.1:10256/healthz")
+		}); err != nil {
 			return err
 		}
 		if _, err := c.procs.start(n.Name+"-endpointlag", n.NS, c.cfg.Endpointlag,
@@ -345,7 +354,7 @@ func (c *Cluster) startNodes(ctx, runCtx context.Context) error {
 	}
 	for _, n := range c.Nodes {
 		if err := waitFor(ctx, 60*time.Second, n.Name+"'s endpointlag to be ready", func() error {
-			return httpOK(ctx, n.DaemonURL+"/readyz")
+			return httpOK(ctx, "", n.DaemonURL+"/readyz")
 		}); err != nil {
 			return err
 		}
@@ -432,12 +441,22 @@ func waitFor(ctx context.Context, timeout time.Duration, what string, f func() e
 	}
 }
 
-func httpOK(ctx context.Context, url string) error {
+// httpOK gets url from inside namespace netns ("" for this process's own) and wants a 200.
+func httpOK(ctx context.Context, netns, url string) error {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	if err != nil {
 		return err
 	}
-	resp, err := http.DefaultClient.Do(req)
+	client := http.DefaultClient
+	if netns != "" {
+		client = &http.Client{Transport: &http.Transport{
+			DisableKeepAlives: true,
+			DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+				return ns.Dial(ctx, netns, network, addr)
+			},
+		}}
+	}
+	resp, err := client.Do(req)
 	if err != nil {
 		return err
 	}

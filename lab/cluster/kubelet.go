@@ -226,6 +226,10 @@ func (k *kubelet) reportRunning(ctx context.Context, pod *corev1.Pod, ip netip.A
 		PodIP:      ip.String(),
 		PodIPs:     []corev1.PodIP{{IP: ip.String()}},
 		StartTime:  &now,
+		ContainerStatuses: []corev1.ContainerStatus{{
+			Name: pod.Spec.Containers[0].Name, Image: pod.Spec.Containers[0].Image, Ready: true, Started: ptr.To(true),
+			State: corev1.ContainerState{Running: &corev1.ContainerStateRunning{StartedAt: now}},
+		}},
 	}})
 	if err != nil {
 		return err

@@ -465,7 +465,8 @@ func TestBadInputIsReportedAndSkipped(t *testing.T) {
 
 	unlabelled := slice("orphan", "", ep{a, "terminating"})
 	delete(unlabelled.Labels, discoveryv1.LabelServiceName)
-	noRef := slice("mirror", "ext", ep{a, "terminating"})
+	noRef := slice("broken", "web", ep{a, "terminating"})
+	noRef.Labels[discoveryv1.LabelManagedBy] = "endpointslice-controller.k8s.io"
 	noRef.Endpoints[0].TargetRef = nil
 	badAddr := slice("typo", "web", ep{a, "terminating"})
 	badAddr.Endpoints[0].Addresses = []string{"10.244.2.300"}

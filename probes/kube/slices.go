@@ -17,6 +17,10 @@ const (
 	reasonBadAddress     = "bad_address"
 )
 
+// endpointSliceController is the managed-by label value of the slices Kubernetes derives from a
+// Service's selector.
+const endpointSliceController = "endpointslice-controller.k8s.io"
+
 // condition is an endpoint's state as its Service's consumers see it.
 type condition uint8
 
@@ -97,7 +101,10 @@ func parseSlice(s *discoveryv1.EndpointSlice) (*sliceEntry, []error) {
 		}
 	}
 	var errs []error
-	if len(noRef) > 0 {
+	// Only the endpointslice controller promises a Pod behind every endpoint; slices of the
+	// API server's own Service, mirrored or hand-made ones list addresses without pods, which
+	// have no terminations to measure.
+	if len(noRef) > 0 && s.Labels[discoveryv1.LabelManagedBy] == endpointSliceController {
 		errs = append(errs, &probes.InputError{Reason: reasonNoTargetRef,
 			Err: fmt.Errorf("EndpointSlice %s/%s: %d endpoint(s) without a Pod targetRef skipped (first: %s)", s.Namespace, s.Name, len(noRef), noRef[0])})
 	}

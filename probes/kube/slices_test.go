@@ -80,8 +80,12 @@ func TestParseSlice(t *testing.T) {
 			"shop/peers 10.244.1.20:0/ shop/peers-0@node-a terminating",
 		}},
 		{file: "fqdn.yaml"},
-		{file: "mirrored.yaml", want: nil, reasons: []string{reasonNoTargetRef},
-			errText: "EndpointSlice shop/external-db-abcde: 2 endpoint(s) without a Pod targetRef skipped (first: 10.99.0.10)"},
+		// Mirrored slices list addresses without pods: skipped, and not an error.
+		{file: "mirrored.yaml"},
+		{file: "missing-targetref.yaml", want: []string{
+			"shop/web 10.244.1.31:8080/TCP shop/web-ok@node-a ready",
+		}, reasons: []string{reasonNoTargetRef},
+			errText: "EndpointSlice shop/web-broken: 1 endpoint(s) without a Pod targetRef skipped (first: 10.244.1.30)"},
 		{file: "unlabelled.yaml", reasons: []string{reasonNoServiceLabel},
 			errText: "EndpointSlice shop/orphan has no kubernetes.io/service-name label"},
 		{file: "bad-address.yaml", want: []string{
