@@ -381,7 +381,7 @@ func (c *Cluster) forward(port int, netns, addr string) error {
 			go func() {
 				defer in.Close()
 				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-				out, err := ns.Dial(ctx, netns, "tcp", addr)
+				out, err := ns.Dial(ctx, netns, nil, "tcp", addr)
 				cancel()
 				if err != nil {
 					return
@@ -452,7 +452,7 @@ func httpOK(ctx context.Context, netns, url string) error {
 		client = &http.Client{Transport: &http.Transport{
 			DisableKeepAlives: true,
 			DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-				return ns.Dial(ctx, netns, network, addr)
+				return ns.Dial(ctx, netns, nil, network, addr)
 			},
 		}}
 	}

@@ -14,6 +14,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -34,6 +35,9 @@ type Config struct {
 	KeepAlive bool
 	// Timeout bounds each request.
 	Timeout time.Duration
+	// ConntrackNS, when set, is the namespace whose conntrack table tells which backend a
+	// failed connection was sent to (the client's node, where kube-proxy's DNAT happens).
+	ConntrackNS string
 }
 
 // Failure kinds.
@@ -41,7 +45,9 @@ const (
 	Refused = "refused"
 	Reset   = "reset"
 	Timeout = "timeout"
-	Other   = "other"
+	// Unreachable: an ICMP error came back, typically from a node routing to a pod that is gone.
+	Unreachable = "unreachable"
+	Other       = "other"
 )
 
 // Result is one request.
@@ -50,6 +56,13 @@ type Result struct {
 	Latency time.Duration
 	// Backend is the pod that answered, empty on failure.
 	Backend string
+	// BackendIP is, for a failure, the address the client's node sent the connection to, when
+	// its conntrack table still showed it.
+	BackendIP string
+	// TCPState is the connection's conntrack state when the failure was traced.
+	TCPState string
+	// SrcPort is the client's port.
+	SrcPort int
 	// Failure is one of the kinds above, empty on success.
 	Failure string
 	Err     string
@@ -69,7 +82,11 @@ func Run(ctx context.Context, cfg Config) ([]Result, error) {
 	}
 	tr := &http.Transport{
 		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-			return ns.Dial(ctx, cfg.NS, network, addr)
+			d := &net.Dialer{Control: reuseAddr}
+			if port, ok := ctx.Value(portKey{}).(int); ok {
+				d.LocalAddr = &net.TCPAddr{Port: port}
+			}
+			return ns.Dial(ctx, cfg.NS, d, network, addr)
 		},
 		DisableKeepAlives:   !cfg.KeepAlive,
 		MaxIdleConnsPerHost: 64,
@@ -80,11 +97,13 @@ func Run(ctx context.Context, cfg Config) ([]Result, error) {
 
 	ctx, cancel := context.WithTimeout(ctx, cfg.Duration)
 	defer cancel()
+	res := &resolver{ns: cfg.ConntrackNS, target: cfg.Target}
+	stopResolver := res.start()
 	tick := time.NewTicker(time.Second / time.Duration(cfg.Rate))
 	defer tick.Stop()
 	var (
 		mu      sync.Mutex
-		results []Result
+		results []*Result
 		wg      sync.WaitGroup
 	)
 	limit := int(cfg.Duration.Seconds()*float64(cfg.Rate)) + 1
@@ -95,21 +114,57 @@ func Run(ctx context.Context, cfg Config) ([]Result, error) {
 			continue
 		case <-tick.C:
 		}
+		// Each request gets its own source port (when it opens a connection), so that a failure
+		// can be traced in conntrack.
+		port := firstPort + int(nextPort.Add(1))%portRange
 		wg.Go(func() {
-			r := do(client, url)
+			r := do(client, url, port)
+			if r.Failure != "" {
+				res.add(r)
+			}
 			mu.Lock()
 			results = append(results, r)
 			mu.Unlock()
 		})
 	}
 	wg.Wait()
-	sort.Slice(results, func(i, j int) bool { return results[i].Start.Before(results[j].Start) })
-	return results, nil
+	stopResolver()
+	out := make([]Result, len(results))
+	for i, r := range results {
+		out[i] = *r
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Start.Before(out[j].Start) })
+	return out, nil
 }
 
-func do(client *http.Client, url string) Result {
-	r := Result{Start: time.Now()}
-	resp, err := client.Get(url)
+// Source ports cycle through the whole unprivileged range, shared by every run of this process:
+// the client namespace opens no other connections, and a port (so a conntrack tuple that may
+// still be in TIME_WAIT, pinned to its old backend) comes back only after 64,511 requests.
+const (
+	firstPort = 1024
+	portRange = 65535 - firstPort
+)
+
+var nextPort atomic.Int32
+
+type portKey struct{}
+
+func reuseAddr(_, _ string, c syscall.RawConn) error {
+	var serr error
+	err := c.Control(func(fd uintptr) {
+		serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_REUSEADDR, 1)
+	})
+	return errors.Join(err, serr)
+}
+
+func do(client *http.Client, url string, port int) *Result {
+	r := &Result{Start: time.Now(), SrcPort: port}
+	req, err := http.NewRequestWithContext(context.WithValue(context.Background(), portKey{}, port), http.MethodGet, url, nil)
+	if err != nil {
+		r.Failure, r.Err = Other, err.Error()
+		return r
+	}
+	resp, err := client.Do(req)
 	if err == nil {
 		var body []byte
 		body, err = io.ReadAll(io.LimitReader(resp.Body, 256))
@@ -134,6 +189,8 @@ func classify(err error) string {
 		return Refused
 	case errors.Is(err, syscall.ECONNRESET), errors.Is(err, syscall.EPIPE), errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF):
 		return Reset
+	case errors.Is(err, syscall.ENETUNREACH), errors.Is(err, syscall.EHOSTUNREACH):
+		return Unreachable
 	case errors.Is(err, os.ErrDeadlineExceeded), errors.As(err, &ne) && ne.Timeout():
 		return Timeout
 	}
@@ -164,13 +221,22 @@ func Summarize(rs []Result) Summary {
 	return s
 }
 
-// WriteLog writes one line per failure: time, kind and error.
-func WriteLog(w io.Writer, rs []Result) error {
+// WriteLog writes one line per failure: time, kind, the backend the connection was sent to
+// (named by names, from IP to pod, where known) and the error.
+func WriteLog(w io.Writer, rs []Result, names map[string]string) error {
 	bw := bufio.NewWriter(w)
 	for _, r := range rs {
-		if r.Failure != "" {
-			fmt.Fprintf(bw, "%s %s %s\n", r.Start.Format(time.RFC3339Nano), r.Failure, r.Err)
+		if r.Failure == "" {
+			continue
 		}
+		backend := "?"
+		if r.BackendIP != "" {
+			backend = r.BackendIP
+			if n, ok := names[r.BackendIP]; ok {
+				backend += "(" + n + ")"
+			}
+		}
+		fmt.Fprintf(bw, "%s %s backend=%s conntrack=%s %s\n", r.Start.Format(time.RFC3339Nano), r.Failure, backend, r.TCPState, r.Err)
 	}
 	return bw.Flush()
 }

@@ -26,6 +26,8 @@ type Rollout struct {
 	// Records are every daemon's records of the deleted pods.
 	Records []report.Records
 	Lags    []report.Row
+	// Names maps the pod IPs seen in the rollout, old and new, to pod names.
+	Names map[string]string
 	Took    time.Duration
 }
 
@@ -39,6 +41,9 @@ type LoadSettings struct {
 // saw. The load starts 2 s before the restart and stops 2 s after the app has settled.
 func RunRollout(ctx context.Context, c *cluster.Cluster, app *App, name string, b Behaviour, ls LoadSettings, progress io.Writer) (*Rollout, error) {
 	r := &Rollout{Name: name, Behaviour: b}
+	if err := app.WaitServing(ctx, c.ClientNS(), time.Minute); err != nil {
+		return nil, err
+	}
 	var err error
 	if r.Deleted, err = app.Pods(ctx); err != nil {
 		return nil, err
@@ -55,7 +60,9 @@ func RunRollout(ctx context.Context, c *cluster.Cluster, app *App, name string, 
 	}
 	done := make(chan loadOut, 1)
 	go func() {
-		rs, err := load.Run(loadCtx, load.Config{NS: c.ClientNS(), Target: target, Rate: ls.Rate, Duration: 5 * time.Minute, KeepAlive: ls.KeepAlive})
+		rs, err := load.Run(loadCtx, load.Config{
+			NS: c.ClientNS(), ConntrackNS: c.Nodes[0].NS, Target: target, Rate: ls.Rate, Duration: 5 * time.Minute, KeepAlive: ls.KeepAlive,
+		})
 		done <- loadOut{rs, err}
 	}()
 	fmt.Fprintf(progress, "%s: load at %d req/s on %s from the client pod on %s\n", name, ls.Rate, target, c.Nodes[0].Name)
@@ -69,6 +76,18 @@ func RunRollout(ctx context.Context, c *cluster.Cluster, app *App, name string, 
 		return nil, err
 	}
 	r.Took = time.Since(start)
+	current, err := app.Pods(ctx)
+	if err != nil {
+		return nil, err
+	}
+	r.Names = map[string]string{}
+	for _, set := range []map[types.UID]corev1.Pod{r.Deleted, current} {
+		for _, p := range set {
+			if p.Status.PodIP != "" {
+				r.Names[p.Status.PodIP] = p.Name
+			}
+		}
+	}
 	fmt.Fprintf(progress, "%s: rolled out in %s\n", name, r.Took.Round(100*time.Millisecond))
 	sleepCtx(ctx, 2*time.Second)
 	stopLoad()

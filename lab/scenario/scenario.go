@@ -18,6 +18,7 @@ import (
 	"k8s.io/utils/ptr"
 
 	"github.com/endpointlag/endpointlag/lab/cluster"
+	"github.com/endpointlag/endpointlag/lab/load"
 )
 
 // App is the Deployment and Service of one scenario.
@@ -160,6 +161,44 @@ func (a *App) settled(ctx context.Context) error {
 	}
 	if ready != int(a.Replicas) || len(pods) != int(a.Replicas) {
 		return fmt.Errorf("%d pods, %d ready", len(pods), ready)
+	}
+	return nil
+}
+
+// WaitServing waits until requests from namespace clientNS to the Service reach every current
+// pod and the last 100 in a row succeed: the dataplane of every node on the way has caught up
+// with the app's current pods.
+func (a *App) WaitServing(ctx context.Context, clientNS string, timeout time.Duration) error {
+	target, err := a.ClusterIP(ctx)
+	if err != nil {
+		return err
+	}
+	pods, err := a.Pods(ctx)
+	if err != nil {
+		return err
+	}
+	want := map[string]bool{}
+	for _, p := range pods {
+		want[p.Name] = true
+	}
+	deadline := time.Now().Add(timeout)
+	seen, streak := map[string]bool{}, 0
+	for len(seen) < len(want) || streak < 100 {
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%s/%s: after %s, %d of %d pods answered, last %d requests in a row succeeded", a.Namespace, a.Name, timeout, len(seen), len(want), streak)
+		}
+		rs, err := load.Run(ctx, load.Config{NS: clientNS, Target: target, Rate: 500, Duration: 100 * time.Millisecond, Timeout: 500 * time.Millisecond})
+		if err != nil {
+			return err
+		}
+		for _, r := range rs {
+			if r.Failure != "" || !want[r.Backend] {
+				streak = 0
+				continue
+			}
+			seen[r.Backend] = true
+			streak++
+		}
 	}
 	return nil
 }

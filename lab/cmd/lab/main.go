@@ -188,7 +188,7 @@ func saveLoadLogs(dir string, rs ...*scenario.Rollout) error {
 		if err != nil {
 			return err
 		}
-		err = load.WriteLog(f, r.Load)
+		err = load.WriteLog(f, r.Load, r.Names)
 		if cerr := f.Close(); err == nil {
 			err = cerr
 		}

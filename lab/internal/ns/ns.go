@@ -120,11 +120,13 @@ func Do(name string, fn func() error) error {
 	return <-errc
 }
 
-// Dial connects from inside the named namespace.
-func Dial(ctx context.Context, name, network, addr string) (net.Conn, error) {
+// Dial connects from inside the named namespace, with d (nil for the defaults).
+func Dial(ctx context.Context, name string, d *net.Dialer, network, addr string) (net.Conn, error) {
+	if d == nil {
+		d = &net.Dialer{}
+	}
 	var c net.Conn
 	err := Do(name, func() error {
-		var d net.Dialer
 		var err error
 		c, err = d.DialContext(ctx, network, addr)
 		return err

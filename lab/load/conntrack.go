@@ -1,0 +1,96 @@
+package load
+
+import (
+	"net"
+	"sync"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/endpointlag/endpointlag/lab/internal/ns"
+)
+
+// resolver finds, in the client node's conntrack table, where kube-proxy sent each failed
+// connection. Entries of refused connections live 10 s, so it looks every 250 ms while failures
+// wait.
+type resolver struct {
+	ns, target string
+	mu         sync.Mutex
+	pending    []*Result
+}
+
+func (r *resolver) add(res *Result) {
+	if r.ns == "" {
+		return
+	}
+	r.mu.Lock()
+	r.pending = append(r.pending, res)
+	r.mu.Unlock()
+}
+
+// start resolves in the background; the returned function stops it after a last pass.
+func (r *resolver) start() func() {
+	if r.ns == "" {
+		return func() {}
+	}
+	stop, done := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(done)
+		t := time.NewTicker(250 * time.Millisecond)
+		defer t.Stop()
+		for {
+			select {
+			case <-stop:
+				r.pass()
+				return
+			case <-t.C:
+				r.pass()
+			}
+		}
+	}()
+	return func() {
+		close(stop)
+		<-done
+	}
+}
+
+func (r *resolver) pass() {
+	r.mu.Lock()
+	pending := r.pending
+	r.pending = nil
+	r.mu.Unlock()
+	if len(pending) == 0 {
+		return
+	}
+	host, _, err := net.SplitHostPort(r.target)
+	if err != nil {
+		return
+	}
+	h, err := ns.Handle(r.ns)
+	if err != nil {
+		return
+	}
+	defer h.Close()
+	flows, err := h.ConntrackTableList(netlink.ConntrackTable, unix.AF_INET)
+	if err != nil {
+		return
+	}
+	byPort := map[uint16]*netlink.ConntrackFlow{}
+	for _, f := range flows {
+		if f.Forward.Protocol == unix.IPPROTO_TCP && f.Forward.DstIP.String() == host {
+			byPort[f.Forward.SrcPort] = f
+		}
+	}
+	for _, res := range pending {
+		if f := byPort[uint16(res.SrcPort)]; f != nil {
+			res.BackendIP = f.Reverse.SrcIP.String()
+			if tcp, ok := f.ProtoInfo.(*netlink.ProtoInfoTCP); ok {
+				res.TCPState = tcpStates[tcp.State]
+			}
+		}
+	}
+}
+
+// tcpStates names conntrack's TCP states (include/uapi/linux/netfilter/nf_conntrack_tcp.h).
+var tcpStates = []string{"NONE", "SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT", "CLOSE_WAIT", "LAST_ACK", "TIME_WAIT", "CLOSE", "SYN_SENT2", "", "", "", "", "", ""}
