@@ -7,10 +7,19 @@ VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev
 REVISION ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
 LDFLAGS  := -X main.version=$(VERSION) -X main.revision=$(REVISION)
 
-# Debian packages the build and the tests need: a C toolchain for the race detector.
-DEB_PACKAGES := gcc libc6-dev
+# Debian packages the build and the tests need: a C toolchain for the race detector; the lab's
+# kube-proxy drives nft and iptables, and the lab uses ip (iproute2) for network namespaces.
+DEB_PACKAGES := gcc libc6-dev iproute2 nftables iptables conntrack
 
-.PHONY: all build test unit lint fmt generate deps clean
+# The lab's Kubernetes binaries, built from the Go module proxy at the version pinned in
+# lab/k8s/go.mod, are cached outside the repository, keyed by that go.mod and go.sum.
+K8S_VERSION := $(shell sed -n 's|^\s*k8s.io/kubernetes \(v[^ ]*\).*|\1|p' lab/k8s/go.mod)
+LAB_CACHE   ?= /var/cache/endpointlag
+LAB_BIN_DIR ?= $(LAB_CACHE)/k8s-$(K8S_VERSION)-$(shell cat lab/k8s/go.mod lab/k8s/go.sum | sha256sum | cut -c1-12)
+export LAB_BIN_DIR
+LAB_FLAGS ?=
+
+.PHONY: all build test unit e2e lint fmt generate deps clean lab-bins lab-tool demo lab-up lab-down
 
 all: build
 
@@ -26,13 +35,50 @@ deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 	$(GO) mod download
+	cd lab && $(GO) mod download
 
-## test: unit tests (race detector on); prints how many tests skipped and why.
-test: deps
+## test: unit tests (race detector on), then the lab's end-to-end tests (root); prints how many
+## tests skipped and why.
+test: unit e2e
+
+unit: deps
 	@mkdir -p bin
-	$(GO) tool gotestsum --format testname --format-hide-empty-pkg --jsonfile bin/test.json -- -race -count=1 ./...
-	@n=$$(grep -c '"Action":"skip","Package":"[^"]*","Test":' bin/test.json || true); \
+	$(GO) tool gotestsum --format testname --format-hide-empty-pkg --jsonfile bin/unit.json -- -race -count=1 ./...
+	@$(MAKE) -s skipped JSON=bin/unit.json
+
+e2e: deps build lab-bins lab-tool
+	cd lab && $(GO) tool gotestsum --format testname --format-hide-empty-pkg --jsonfile ../bin/e2e.json -- \
+		-count=1 -timeout 20m ./...
+	@$(MAKE) -s skipped JSON=bin/e2e.json
+
+skipped:
+	@n=$$(grep -c '"Action":"skip","Package":"[^"]*","Test":' $(JSON) || true); \
 	echo "skipped tests: $$n$$( [ "$$n" -gt 0 ] && echo ' (each with its reason under === Skipped above)')"
+
+## lab-bins: build etcd, kube-apiserver, kube-controller-manager, kube-proxy (cached in LAB_BIN_DIR).
+lab-bins:
+	lab/k8s/build.sh $(LAB_BIN_DIR)
+
+## lab-tool: the lab's own command (bin/lab).
+lab-tool:
+	cd lab && $(GO) build -o ../bin/lab ./cmd/lab
+
+## demo: the lab cluster, two rolling restarts under load, the propagation report.
+demo: deps build lab-bins lab-tool
+	bin/lab demo $(LAB_FLAGS)
+
+## lab-up / lab-down: keep a lab running for interactive use.
+lab-up: deps build lab-bins lab-tool
+	@mkdir -p bin
+	@setsid bin/lab up $(LAB_FLAGS) > bin/lab-up.log 2>&1 < /dev/null & \
+	for i in $$(seq 1 600); do \
+		if grep -q "lab is up" bin/lab-up.log; then cat bin/lab-up.log | grep -v level=; exit 0; fi; \
+		if grep -q "^lab up:" bin/lab-up.log; then cat bin/lab-up.log; exit 1; fi; \
+		sleep 0.5; \
+	done; echo "lab did not come up; see bin/lab-up.log"; exit 1
+
+lab-down: lab-tool
+	bin/lab down
 
 ## lint: gofmt, go vet and staticcheck.
 lint: deps
@@ -40,6 +86,7 @@ lint: deps
 	if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 	$(GO) tool staticcheck ./...
+	cd lab && $(GO) vet ./... && $(GO) tool staticcheck ./...
 
 fmt:
 	gofmt -w $$(git ls-files '*.go')

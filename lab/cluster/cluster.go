@@ -7,6 +7,7 @@ package cluster
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -27,6 +28,7 @@ import (
 	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/endpointlag/endpointlag/lab/internal/ns"
+	"github.com/endpointlag/endpointlag/lab/load"
 )
 
 // Config chooses the lab's shape.
@@ -39,6 +41,8 @@ type Config struct {
 	BinDir string
 	// Endpointlag is the endpointlag binary run on every node.
 	Endpointlag string
+	// Tool is the lab binary: pods run `Tool serve`, the load generator `Tool load`.
+	Tool string
 	// StateDir holds keys, kubeconfigs, logs and the PID records.
 	StateDir string
 	// APIPort is the loopback port of the API server's forwarder; node i's daemon is reachable
@@ -85,6 +89,9 @@ func (c *Config) validate() error {
 	}
 	if _, err := os.Stat(c.Endpointlag); err != nil {
 		errs = append(errs, fmt.Errorf("endpointlag binary: %w (build it with `make build`)", err))
+	}
+	if _, err := os.Stat(c.Tool); err != nil {
+		errs = append(errs, fmt.Errorf("lab binary: %w (build it with `make lab-tool`)", err))
 	}
 	if os.Geteuid() != 0 {
 		errs = append(errs, errors.New("the lab needs root (network namespaces, nftables)"))
@@ -343,7 +350,7 @@ func (c *Cluster) startNodes(ctx, runCtx context.Context) error {
 			return err
 		}
 		n.DaemonURL = fmt.Sprintf("http://127.0.0.1:%d", port)
-		n.kubelet = newKubelet(n.Name, i+1, c.Client, c.cfg.Log)
+		n.kubelet = newKubelet(n.Name, i+1, c.Client, c.procs, c.cfg.Tool, c.cfg.Log)
 		c.wg.Go(func() { n.kubelet.run(runCtx) })
 	}
 	b := &binder{client: c.Client, nodes: names, log: c.cfg.Log}
@@ -465,4 +472,53 @@ func httpOK(ctx context.Context, netns, url string) error {
 		return fmt.Errorf("%s: %s", url, resp.Status)
 	}
 	return nil
+}
+
+// LoadRun is a load generator running in the client pod.
+type LoadRun struct {
+	proc *proc
+	out  string
+}
+
+// StartLoad runs `Tool load` in the client pod on the first node, sending cfg.Rate requests per
+// second to cfg.Target for at most cfg.Duration, and tracing failures in the node's conntrack.
+func (c *Cluster) StartLoad(name string, cfg load.Config) (*LoadRun, error) {
+	out := c.path("load-" + name + ".json")
+	args := []string{"load", "--target=" + cfg.Target, fmt.Sprintf("--rate=%d", cfg.Rate), fmt.Sprintf("--first-port=%d", load.Ports.Base()),
+		"--duration=" + cfg.Duration.String(), "--conntrack-ns=" + c.Nodes[0].NS, "--out=" + out}
+	if cfg.KeepAlive {
+		args = append(args, "--keep-alive")
+	}
+	if cfg.Timeout > 0 {
+		args = append(args, "--timeout="+cfg.Timeout.String())
+	}
+	pr, err := c.procs.start("load-"+name, c.client.netns, c.cfg.Tool, args...)
+	if err != nil {
+		return nil, err
+	}
+	return &LoadRun{proc: pr, out: out}, nil
+}
+
+// Stop ends the run and returns every request's result.
+func (l *LoadRun) Stop() ([]load.Result, error) {
+	_ = l.proc.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-l.proc.done:
+	case <-time.After(30 * time.Second):
+		l.proc.kill()
+		return nil, errors.New("the load generator did not stop within 30 s of SIGTERM")
+	}
+	if l.proc.err != nil {
+		return nil, fmt.Errorf("load generator: %w", l.proc.err)
+	}
+	b, err := os.ReadFile(l.out)
+	if err != nil {
+		return nil, err
+	}
+	var rs []load.Result
+	if err := json.Unmarshal(b, &rs); err != nil {
+		return nil, err
+	}
+	load.Ports.Skip(len(rs))
+	return rs, nil
 }

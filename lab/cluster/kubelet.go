@@ -6,11 +6,11 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net/http"
 	"net/netip"
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -42,6 +42,9 @@ type kubelet struct {
 	nodeNS string
 	client kubernetes.Interface
 	log    *slog.Logger
+	procs  *procs
+	// tool is the lab binary; pods run `tool serve`.
+	tool string
 
 	mu     sync.Mutex
 	pods   map[types.UID]*podRun
@@ -56,14 +59,14 @@ type podRun struct {
 	uid             types.UID
 	netns           string
 	ip              netip.Addr
-	srv             *http.Server
+	proc            *proc
 	terminating     bool
 	removed         bool
 }
 
-func newKubelet(node string, idx int, client kubernetes.Interface, log *slog.Logger) *kubelet {
+func newKubelet(node string, idx int, client kubernetes.Interface, p *procs, tool string, log *slog.Logger) *kubelet {
 	return &kubelet{
-		node: node, idx: idx, nodeNS: nodeNS(idx), client: client, log: log.With("kubelet", node),
+		node: node, idx: idx, nodeNS: nodeNS(idx), client: client, log: log.With("kubelet", node), procs: p, tool: tool,
 		pods: map[types.UID]*podRun{}, inUse: map[netip.Addr]bool{}, nextIP: 2,
 	}
 }
@@ -191,20 +194,28 @@ func (k *kubelet) start(ctx context.Context, pod *corev1.Pod) error {
 		k.release(ip, netns)
 		return err
 	}
-	l, err := ns.Listen(netns, "tcp4", fmt.Sprintf(":%d", containerPort(pod)))
+	port := containerPort(pod)
+	pr, err := k.procs.start("pod-"+pod.Name, netns, k.tool, "serve", "--name="+pod.Name,
+		fmt.Sprintf("--port=%d", port), "--on-sigterm="+pod.Annotations[OnSIGTERM])
 	if err != nil {
 		k.release(ip, netns)
 		return err
 	}
-	name := pod.Name
-	srv := &http.Server{
-		Handler: http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
-			fmt.Fprintln(w, name)
-		}),
-		ReadHeaderTimeout: 5 * time.Second,
+	if err := waitFor(ctx, 10*time.Second, pod.Name+" to listen", func() error {
+		if done, perr := pr.exited(); done {
+			return &fatal{fmt.Errorf("pod %s exited: %v", pod.Name, perr)}
+		}
+		c, err := ns.Dial(ctx, k.nodeNS, nil, "tcp", netip.AddrPortFrom(ip, uint16(port)).String())
+		if err == nil {
+			c.Close()
+		}
+		return err
+	}); err != nil {
+		pr.kill()
+		k.release(ip, netns)
+		return err
 	}
-	go func() { _ = srv.Serve(l) }()
-	run := &podRun{namespace: pod.Namespace, name: pod.Name, uid: pod.UID, netns: netns, ip: ip, srv: srv}
+	run := &podRun{namespace: pod.Namespace, name: pod.Name, uid: pod.UID, netns: netns, ip: ip, proc: pr}
 	k.mu.Lock()
 	k.pods[pod.UID] = run
 	k.mu.Unlock()
@@ -261,19 +272,6 @@ func preStopSeconds(pod *corev1.Pod) time.Duration {
 	return 0
 }
 
-// drainFor reads the OnSIGTERM annotation.
-func drainFor(pod *corev1.Pod) time.Duration {
-	v, ok := strings.CutPrefix(pod.Annotations[OnSIGTERM], "drain=")
-	if !ok {
-		return 0
-	}
-	d, err := time.ParseDuration(v)
-	if err != nil {
-		return 0
-	}
-	return d
-}
-
 func sleepUntil(ctx context.Context, d time.Duration, deadline time.Time) {
 	if until := time.Until(deadline); d > until {
 		d = until
@@ -295,16 +293,21 @@ func (k *kubelet) terminate(ctx context.Context, pod *corev1.Pod, run *podRun) {
 		grace = time.Duration(*pod.DeletionGracePeriodSeconds) * time.Second
 	}
 	deadline := time.Now().Add(grace)
-	preStop, drain := preStopSeconds(pod), drainFor(pod)
-	k.log.Info("pod terminating", "pod", pod.Namespace+"/"+pod.Name, "preStop", preStop, "drain", drain, "grace", grace)
+	preStop := preStopSeconds(pod)
+	k.log.Info("pod terminating", "pod", pod.Namespace+"/"+pod.Name, "preStop", preStop, "on-sigterm", pod.Annotations[OnSIGTERM], "grace", grace)
 	sleepUntil(ctx, preStop, deadline)
-	sleepUntil(ctx, drain, deadline)
-	_ = run.srv.Close()
+	_ = run.proc.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-run.proc.done:
+	case <-ctx.Done():
+	case <-time.After(time.Until(deadline)):
+		k.log.Info("grace period over, killing", "pod", pod.Namespace+"/"+pod.Name)
+	}
 	k.remove(pod.UID)
 	k.deleteObject(ctx, pod)
 }
 
-// remove stops a pod's server and removes its namespace; it is safe to call twice.
+// remove kills a pod's process and removes its namespace; it is safe to call twice.
 func (k *kubelet) remove(uid types.UID) {
 	k.mu.Lock()
 	run := k.pods[uid]
@@ -315,7 +318,7 @@ func (k *kubelet) remove(uid types.UID) {
 	run.removed = true
 	delete(k.pods, uid)
 	k.mu.Unlock()
-	_ = run.srv.Close()
+	run.proc.kill()
 	k.release(run.ip, run.netns)
 	k.log.Info("pod removed", "pod", run.namespace+"/"+run.name, "ip", run.ip)
 }

@@ -76,6 +76,15 @@ func (pr *proc) exited() (bool, error) {
 	}
 }
 
+// kill ends the process at once and waits for it.
+func (pr *proc) kill() {
+	if done, _ := pr.exited(); done {
+		return
+	}
+	_ = pr.cmd.Process.Kill()
+	<-pr.done
+}
+
 // stopAll ends the processes, newest first: SIGTERM, then SIGKILL after the grace period.
 func (p *procs) stopAll(grace time.Duration) {
 	p.mu.Lock()

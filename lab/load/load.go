@@ -23,7 +23,7 @@ import (
 
 // Config of one load run. Runs are bounded: Duration, and at most Rate × Duration requests.
 type Config struct {
-	// NS is the network namespace requests are sent from.
+	// NS is the network namespace requests are sent from; empty for this process's own.
 	NS string
 	// Target is host:port, e.g. a Service's ClusterIP and port.
 	Target string
@@ -35,6 +35,9 @@ type Config struct {
 	KeepAlive bool
 	// Timeout bounds each request.
 	Timeout time.Duration
+	// FirstPort, when set, is where this run's source ports start (see Ports); otherwise they
+	// continue this process's sequence.
+	FirstPort int
 	// ConntrackNS, when set, is the namespace whose conntrack table tells which backend a
 	// failed connection was sent to (the client's node, where kube-proxy's DNAT happens).
 	ConntrackNS string
@@ -86,6 +89,9 @@ func Run(ctx context.Context, cfg Config) ([]Result, error) {
 			if port, ok := ctx.Value(portKey{}).(int); ok {
 				d.LocalAddr = &net.TCPAddr{Port: port}
 			}
+			if cfg.NS == "" {
+				return d.DialContext(ctx, network, addr)
+			}
 			return ns.Dial(ctx, cfg.NS, d, network, addr)
 		},
 		DisableKeepAlives:   !cfg.KeepAlive,
@@ -116,7 +122,10 @@ func Run(ctx context.Context, cfg Config) ([]Result, error) {
 		}
 		// Each request gets its own source port (when it opens a connection), so that a failure
 		// can be traced in conntrack.
-		port := firstPort + int(nextPort.Add(1))%portRange
+		port := Ports.next()
+		if cfg.FirstPort != 0 {
+			port = firstPort + (cfg.FirstPort-firstPort+sent)%portRange
+		}
 		wg.Go(func() {
 			r := do(client, url, port)
 			if r.Failure != "" {
@@ -137,15 +146,29 @@ func Run(ctx context.Context, cfg Config) ([]Result, error) {
 	return out, nil
 }
 
-// Source ports cycle through the whole unprivileged range, shared by every run of this process:
-// the client namespace opens no other connections, and a port (so a conntrack tuple that may
-// still be in TIME_WAIT, pinned to its old backend) comes back only after 64,511 requests.
+// Source ports cycle through the whole unprivileged range. A port must not come back while the
+// client node's conntrack still holds an entry for it: a new SYN on an old tuple follows the old
+// entry's DNAT to a backend that may be gone (SYN_SENT entries live 120 s). So every run in the
+// lab continues one sequence: in-process runs share Ports, and a load generator started as
+// another process gets FirstPort = Ports.Base() and is accounted for with Ports.Skip.
 const (
 	firstPort = 1024
 	portRange = 65535 - firstPort
 )
 
-var nextPort atomic.Int32
+// PortSequence hands out source ports.
+type PortSequence struct{ n atomic.Int64 }
+
+// Ports is this process's sequence.
+var Ports PortSequence
+
+func (p *PortSequence) next() int { return firstPort + int((p.n.Add(1)-1)%portRange) }
+
+// Base is the port the next run would start with.
+func (p *PortSequence) Base() int { return firstPort + int(p.n.Load()%portRange) }
+
+// Skip accounts for n ports another process used from Base on.
+func (p *PortSequence) Skip(n int) { p.n.Add(int64(n)) }
 
 type portKey struct{}
 

@@ -28,13 +28,15 @@ type Rollout struct {
 	Lags    []report.Row
 	// Names maps the pod IPs seen in the rollout, old and new, to pod names.
 	Names map[string]string
-	Took    time.Duration
+	Took  time.Duration
 }
 
 // LoadSettings are the load generator's knobs for a rollout.
 type LoadSettings struct {
 	Rate      int
 	KeepAlive bool
+	// Timeout bounds each request (default 1 s).
+	Timeout time.Duration
 }
 
 // RunRollout restarts the app under load and collects what the load generator and the daemons
@@ -52,18 +54,15 @@ func RunRollout(ctx context.Context, c *cluster.Cluster, app *App, name string, 
 	if err != nil {
 		return nil, err
 	}
-	loadCtx, stopLoad := context.WithCancel(ctx)
-	defer stopLoad()
-	type loadOut struct {
-		rs  []load.Result
-		err error
+	lr, err := c.StartLoad(fmt.Sprintf("%s-%d", app.Name, time.Now().UnixNano()), load.Config{Target: target, Rate: ls.Rate, Duration: 5 * time.Minute, KeepAlive: ls.KeepAlive, Timeout: ls.Timeout})
+	if err != nil {
+		return nil, err
 	}
-	done := make(chan loadOut, 1)
-	go func() {
-		rs, err := load.Run(loadCtx, load.Config{
-			NS: c.ClientNS(), ConntrackNS: c.Nodes[0].NS, Target: target, Rate: ls.Rate, Duration: 5 * time.Minute, KeepAlive: ls.KeepAlive,
-		})
-		done <- loadOut{rs, err}
+	stopped := false
+	defer func() {
+		if !stopped {
+			_, _ = lr.Stop()
+		}
 	}()
 	fmt.Fprintf(progress, "%s: load at %d req/s on %s from the client pod on %s\n", name, ls.Rate, target, c.Nodes[0].Name)
 	sleepCtx(ctx, 2*time.Second)
@@ -90,12 +89,11 @@ func RunRollout(ctx context.Context, c *cluster.Cluster, app *App, name string, 
 	}
 	fmt.Fprintf(progress, "%s: rolled out in %s\n", name, r.Took.Round(100*time.Millisecond))
 	sleepCtx(ctx, 2*time.Second)
-	stopLoad()
-	out := <-done
-	if out.err != nil {
-		return nil, out.err
+	stopped = true
+	if r.Load, err = lr.Stop(); err != nil {
+		return nil, err
 	}
-	r.Load, r.Summary = out.rs, load.Summarize(out.rs)
+	r.Summary = load.Summarize(r.Load)
 	for _, n := range c.Nodes {
 		recs, err := report.Fetch(ctx, n.DaemonURL)
 		if err != nil {

@@ -27,6 +27,7 @@ Commands:
   demo   start the lab, roll a Deployment twice under load, print the propagation report, stop
   up     start the lab and keep it running until SIGINT/SIGTERM (or lab down)
   down   stop a running lab and remove what any earlier lab left behind
+  serve, load   what the lab runs inside pod namespaces (a pod's server, the load generator)
 
 The lab is a real control plane (etcd, kube-apiserver, kube-controller-manager) and per node
 kube-proxy and endpointlag, each node a network namespace. It needs root.
@@ -38,6 +39,7 @@ type options struct {
 	cluster.Config
 	rate      int
 	keepAlive bool
+	timeout   time.Duration
 	logLevel  string
 }
 
@@ -51,6 +53,15 @@ func run(args []string) int {
 		return 2
 	}
 	cmd := args[0]
+	switch cmd {
+	case "serve", "load":
+		f := map[string]func([]string) error{"serve": serve, "load": loadCmd}[cmd]
+		if err := f(args[1:]); err != nil {
+			fmt.Fprintf(os.Stderr, "lab %s: %v\n", cmd, err)
+			return 1
+		}
+		return 0
+	}
 	fs := flag.NewFlagSet("lab "+cmd, flag.ContinueOnError)
 	var o options
 	fs.IntVar(&o.Nodes, "nodes", 2, "number of nodes (1 to 9)")
@@ -59,6 +70,7 @@ func run(args []string) int {
 	fs.StringVar(&o.Endpointlag, "endpointlag", "bin/endpointlag", "the endpointlag binary to run on every node")
 	fs.StringVar(&o.StateDir, "state-dir", "/run/endpointlag-lab", "keys, kubeconfigs, logs and PID records of the lab")
 	fs.IntVar(&o.rate, "rate", 200, "demo: load generator requests per second")
+	fs.DurationVar(&o.timeout, "timeout", 3*time.Second, "demo: per-request timeout of the load generator")
 	fs.BoolVar(&o.keepAlive, "keep-alive", false, "demo: reuse connections instead of one new connection per request")
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.Usage = func() {
@@ -72,7 +84,8 @@ func run(args []string) int {
 		return 2
 	}
 	var level slog.Level
-	if err := level.UnmarshalText([]byte(o.logLevel)); err != nil {
+	var err error
+	if err = level.UnmarshalText([]byte(o.logLevel)); err != nil {
 		fmt.Fprintf(os.Stderr, "lab: --log-level %q: %v\n", o.logLevel, err)
 		return 2
 	}
@@ -80,9 +93,12 @@ func run(args []string) int {
 	if abs, err := filepath.Abs(o.Endpointlag); err == nil {
 		o.Endpointlag = abs
 	}
+	if o.Tool, err = os.Executable(); err != nil {
+		fmt.Fprintf(os.Stderr, "lab: %v\n", err)
+		return 1
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	var err error
 	switch cmd {
 	case "up":
 		err = up(ctx, o)
@@ -153,7 +169,7 @@ func demo(ctx context.Context, o options, out io.Writer) error {
 		return err
 	}
 	fmt.Fprintf(out, "lab: demo/web has 4 ready replicas behind its Service\n")
-	ls := scenario.LoadSettings{Rate: o.rate, KeepAlive: o.keepAlive}
+	ls := scenario.LoadSettings{Rate: o.rate, KeepAlive: o.keepAlive, Timeout: o.timeout}
 	r1, err := scenario.RunRollout(ctx, c, app, "rollout 1", first, ls, out)
 	if err != nil {
 		return err

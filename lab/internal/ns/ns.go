@@ -134,17 +134,6 @@ func Dial(ctx context.Context, name string, d *net.Dialer, network, addr string)
 	return c, err
 }
 
-// Listen listens inside the named namespace.
-func Listen(name, network, addr string) (net.Listener, error) {
-	var l net.Listener
-	err := Do(name, func() error {
-		var err error
-		l, err = net.Listen(network, addr)
-		return err
-	})
-	return l, err
-}
-
 // Command returns a command that runs in the named namespace.
 func Command(name string, args ...string) *exec.Cmd {
 	return exec.Command("ip", append([]string{"netns", "exec", name}, args...)...)
