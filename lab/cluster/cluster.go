@@ -128,11 +128,14 @@ type Cluster struct {
 	}
 }
 
+// PIDFile names the running lab's process. There is one lab per machine: the namespace names
+// and loopback ports are fixed.
+const PIDFile = "/run/endpointlag-lab.pid"
+
 // Cleanup removes what an earlier lab left behind in stateDir and in the kernel: its processes (by
-// recorded PID) and every namespace carrying the lab prefix. It refuses while a live lab process
-// holds the state directory.
+// recorded PID) and every namespace carrying the lab prefix. It refuses while another lab runs.
 func Cleanup(stateDir string, log *slog.Logger) error {
-	if pid, alive := labPID(stateDir); alive && pid != os.Getpid() {
+	if pid, alive := RunningPID(); alive && pid != os.Getpid() {
 		return fmt.Errorf("a lab is running (pid %d); stop it with `make lab-down`", pid)
 	}
 	killed, err := killLeftovers(stateDir)
@@ -153,8 +156,9 @@ func Cleanup(stateDir string, log *slog.Logger) error {
 	return errors.Join(errs...)
 }
 
-func labPID(stateDir string) (int, bool) {
-	b, err := os.ReadFile(filepath.Join(stateDir, "lab.pid"))
+// RunningPID returns the PID in PIDFile and whether that process is alive.
+func RunningPID() (int, bool) {
+	b, err := os.ReadFile(PIDFile)
 	if err != nil {
 		return 0, false
 	}
@@ -181,7 +185,7 @@ func Up(ctx context.Context, cfg Config) (c *Cluster, err error) {
 	if err := os.MkdirAll(filepath.Join(cfg.StateDir, "logs"), 0o755); err != nil {
 		return nil, err
 	}
-	if err := os.WriteFile(filepath.Join(cfg.StateDir, "lab.pid"), []byte(strconv.Itoa(os.Getpid())), 0o644); err != nil {
+	if err := os.WriteFile(PIDFile, []byte(strconv.Itoa(os.Getpid())), 0o644); err != nil {
 		return nil, err
 	}
 	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
@@ -420,7 +424,7 @@ func (c *Cluster) Down() {
 			c.cfg.Log.Warn("removing namespace", "netns", n, "err", err)
 		}
 	}
-	_ = os.Remove(filepath.Join(c.cfg.StateDir, "lab.pid"))
+	_ = os.Remove(PIDFile)
 }
 
 // fatal marks an error that waiting will not cure.

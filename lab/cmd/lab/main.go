@@ -135,15 +135,14 @@ func up(ctx context.Context, o options) error {
 }
 
 func down(o options) error {
-	pidFile := filepath.Join(o.StateDir, "lab.pid")
-	if b, err := os.ReadFile(pidFile); err == nil {
-		var pid int
-		if _, err := fmt.Sscan(string(b), &pid); err == nil && pid > 1 && syscall.Kill(pid, syscall.SIGTERM) == nil {
-			fmt.Printf("lab: stopping the lab (pid %d)\n", pid)
-			deadline := time.Now().Add(60 * time.Second)
-			for syscall.Kill(pid, 0) == nil && time.Now().Before(deadline) {
-				time.Sleep(100 * time.Millisecond)
-			}
+	if pid, alive := cluster.RunningPID(); alive {
+		fmt.Printf("lab: stopping the lab (pid %d)\n", pid)
+		if err := syscall.Kill(pid, syscall.SIGTERM); err != nil {
+			return err
+		}
+		deadline := time.Now().Add(60 * time.Second)
+		for syscall.Kill(pid, 0) == nil && time.Now().Before(deadline) {
+			time.Sleep(100 * time.Millisecond)
 		}
 	}
 	return cluster.Cleanup(o.StateDir, o.Log)

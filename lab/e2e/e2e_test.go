@@ -1,0 +1,394 @@
+// Package e2e runs endpointlag on the lab's real control plane and checks what it measures
+// against what the test sees itself. It needs root and the binaries `make e2e` builds.
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"math"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/tools/cache"
+
+	"github.com/endpointlag/endpointlag/lab/cluster"
+	"github.com/endpointlag/endpointlag/lab/internal/ns"
+	"github.com/endpointlag/endpointlag/lab/report"
+	"github.com/endpointlag/endpointlag/lab/scenario"
+)
+
+// config returns the lab's configuration, or why the lab cannot run here.
+func config(t *testing.T) cluster.Config {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("the lab needs root (network namespaces, nftables)")
+	}
+	root, err := filepath.Abs("../..")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := cluster.Config{
+		BinDir:      os.Getenv("LAB_BIN_DIR"),
+		Endpointlag: filepath.Join(root, "bin/endpointlag"),
+		Tool:        filepath.Join(root, "bin/lab"),
+		StateDir:    filepath.Join(os.TempDir(), "endpointlag-e2e"),
+		Log:         slog.New(slog.NewTextHandler(testWriter{t}, nil)),
+	}
+	var missing []string
+	for _, p := range []string{filepath.Join(cfg.BinDir, "kube-apiserver"), cfg.Endpointlag, cfg.Tool} {
+		if _, err := os.Stat(p); err != nil {
+			missing = append(missing, p)
+		}
+	}
+	if cfg.BinDir == "" || len(missing) > 0 {
+		t.Skipf("lab binaries missing (%s; LAB_BIN_DIR=%q): run `make e2e`", strings.Join(missing, ", "), cfg.BinDir)
+	}
+	return cfg
+}
+
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimRight(string(p), "\n"))
+	return len(p), nil
+}
+
+// TestLab runs the scenarios on one lab, in order, then checks the teardown.
+func TestLab(t *testing.T) {
+	cfg := config(t)
+	rootLinks := linkNames(t)
+	ctx := context.Background()
+	c, err := cluster.Up(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	downed := false
+	defer func() {
+		if !downed {
+			c.Down()
+		}
+	}()
+	app := &scenario.App{Client: c.Client, Namespace: "e2e", Name: "web", Replicas: 4}
+	if err := app.Apply(ctx, scenario.Behaviour{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := app.WaitSettled(ctx, 2*time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	ls := scenario.LoadSettings{Rate: 200, Timeout: 3 * time.Second}
+
+	var first *scenario.Rollout
+	t.Run("every daemon records every deleted pod's endpointslice stage", func(t *testing.T) {
+		first, err = scenario.RunRollout(ctx, c, app, "rollout", scenario.Behaviour{}, ls, testWriter{t})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("rollout with no preStop, exit at once: %d requests, %d failed %v", first.Summary.Requests, first.Summary.Failed, first.Summary.ByKind)
+		for _, recs := range first.Records {
+			seen := map[string]bool{}
+			for _, r := range recs.Records {
+				if s := r.Stage("endpointslice"); s != nil && !s.Initial {
+					seen[r.Pod.UID] = true
+				}
+			}
+			for uid, p := range first.Deleted {
+				if !seen[string(uid)] {
+					t.Errorf("%s's daemon has no endpointslice stage for %s", recs.Node, p.Name)
+				}
+			}
+		}
+	})
+
+	t.Run("the slice-stage lag agrees with the test's own ground truth", func(t *testing.T) {
+		groundTruth(t, ctx, c, app)
+	})
+
+	t.Run("with preStop sized from the measurement and drain no request fails", func(t *testing.T) {
+		if first == nil {
+			t.Skip("the first rollout failed")
+		}
+		preStop, stage, p99 := scenario.Recommend(first.Lags)
+		if preStop == 0 {
+			t.Fatal("nothing measured to size preStop from")
+		}
+		b := scenario.Behaviour{PreStop: preStop, Drain: 2 * time.Second}
+		t.Logf("preStop %s (p99 %s propagation %.3fs + %s), drain %s", preStop, stage, p99, scenario.Margin, b.Drain)
+		if err := app.Apply(ctx, b); err != nil {
+			t.Fatal(err)
+		}
+		if err := app.WaitSettled(ctx, 3*time.Minute); err != nil {
+			t.Fatal(err)
+		}
+		r, err := scenario.RunRollout(ctx, c, app, "sized", b, ls, testWriter{t})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("rollout with preStop %s and drain: %d requests, %d failed %v", preStop, r.Summary.Requests, r.Summary.Failed, r.Summary.ByKind)
+		if r.Summary.Requests < 500 || r.Summary.Failed != 0 {
+			t.Errorf("%d of %d requests failed; want 0 of at least 500", r.Summary.Failed, r.Summary.Requests)
+		}
+	})
+
+	t.Run("teardown leaves no namespace, link or process", func(t *testing.T) {
+		c.Down()
+		downed = true
+		assertClean(t, cfg, rootLinks)
+	})
+}
+
+// groundTruth deletes pods itself, noting when it issued each delete and when its own watch saw
+// the endpoint turn terminating, and compares with what the daemons recorded.
+func groundTruth(t *testing.T, ctx context.Context, c *cluster.Cluster, app *scenario.App) {
+	var mu sync.Mutex
+	sawTerminating := map[string]time.Time{} // pod UID → when this test's watch saw it
+	f := informers.NewSharedInformerFactoryWithOptions(c.Client, 0, informers.WithNamespace(app.Namespace))
+	inf := f.Discovery().V1().EndpointSlices().Informer()
+	note := func(obj any) {
+		now := time.Now()
+		s, ok := obj.(*discoveryv1.EndpointSlice)
+		if !ok {
+			return
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		for _, ep := range s.Endpoints {
+			if ep.TargetRef != nil && ep.Conditions.Terminating != nil && *ep.Conditions.Terminating {
+				if _, ok := sawTerminating[string(ep.TargetRef.UID)]; !ok {
+					sawTerminating[string(ep.TargetRef.UID)] = now
+				}
+			}
+		}
+	}
+	_, _ = inf.AddEventHandler(cache.ResourceEventHandlerFuncs{AddFunc: note, UpdateFunc: func(_, o any) { note(o) }})
+	stop := make(chan struct{})
+	defer close(stop)
+	f.Start(stop)
+	cache.WaitForCacheSync(stop, inf.HasSynced)
+
+	issued := map[string]time.Time{}
+	deleted := map[string]corev1.Pod{}
+	const deletions = 8
+	for range deletions {
+		pods, err := app.Pods(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var victim corev1.Pod
+		for _, p := range pods {
+			if p.DeletionTimestamp == nil {
+				victim = p
+				break
+			}
+		}
+		issued[string(victim.UID)] = time.Now()
+		if err := c.Client.CoreV1().Pods(app.Namespace).Delete(ctx, victim.Name, metav1.DeleteOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		deleted[string(victim.UID)] = victim
+		if err := app.WaitSettled(ctx, time.Minute); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	var all []report.Records
+	for _, n := range c.Nodes {
+		recs, err := report.Fetch(ctx, n.DaemonURL)
+		if err != nil {
+			t.Fatal(err)
+		}
+		all = append(all, recs)
+	}
+	var lagDiffs, sliceDiffs []float64
+	mu.Lock()
+	defer mu.Unlock()
+	for uid, p := range deleted {
+		seen, ok := sawTerminating[uid]
+		if !ok {
+			t.Errorf("the test's own watch never saw %s terminating", p.Name)
+			continue
+		}
+		truth := seen.Sub(issued[uid]).Seconds()
+		for _, recs := range all {
+			r := findRecord(recs, uid)
+			if r == nil {
+				t.Errorf("%s's daemon has no record of %s", recs.Node, p.Name)
+				continue
+			}
+			s := r.Stage("endpointslice")
+			if s == nil || s.Initial {
+				t.Errorf("%s's daemon has no live endpointslice stage for %s", recs.Node, p.Name)
+				continue
+			}
+			sliceDiffs = append(sliceDiffs, s.Time.Sub(seen).Seconds())
+			if recs.Node != p.Spec.NodeName {
+				continue
+			}
+			if s.Propagation == nil {
+				t.Errorf("%s's daemon has no propagation value for its own pod %s", recs.Node, p.Name)
+				continue
+			}
+			d := *s.Propagation - truth
+			lagDiffs = append(lagDiffs, d)
+			if math.Abs(d) > 0.020 {
+				t.Errorf("%s: endpointslice propagation %.4fs on %s, ground truth %.4fs: off by %.1f ms (limit 20 ms)",
+					p.Name, *s.Propagation, recs.Node, truth, d*1000)
+			}
+		}
+	}
+	if len(lagDiffs) != deletions {
+		t.Errorf("%d propagation comparisons, want %d", len(lagDiffs), deletions)
+	}
+	t.Logf("endpointslice propagation − ground truth (delete issued → this test's watch saw it), %d pods: %s", len(lagDiffs), distribution(lagDiffs))
+	t.Logf("daemon's endpointslice time − this test's watch time, %d (pod, node) pairs: %s", len(sliceDiffs), distribution(sliceDiffs))
+}
+
+func findRecord(recs report.Records, uid string) *report.Record {
+	for i := range recs.Records {
+		if recs.Records[i].Pod.UID == uid {
+			return &recs.Records[i]
+		}
+	}
+	return nil
+}
+
+func distribution(vs []float64) string {
+	if len(vs) == 0 {
+		return "none"
+	}
+	s := append([]float64(nil), vs...)
+	sort.Float64s(s)
+	q := func(p float64) float64 { return s[int(math.Ceil(p*float64(len(s))))-1] * 1000 }
+	return fmt.Sprintf("min %.1f ms, p50 %.1f ms, p90 %.1f ms, max %.1f ms", s[0]*1000, q(0.5), q(0.9), s[len(s)-1]*1000)
+}
+
+func linkNames(t *testing.T) string {
+	t.Helper()
+	out, err := exec.Command("ip", "-o", "link", "show").Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, line := range strings.Split(string(out), "\n") {
+		if f := strings.Fields(line); len(f) > 1 {
+			names = append(names, strings.TrimSuffix(f[1], ":"))
+		}
+	}
+	sort.Strings(names)
+	return strings.Join(names, " ")
+}
+
+// assertClean checks that no lab namespace, no new root link and no process running one of the
+// lab's binaries remain.
+func assertClean(t *testing.T, cfg cluster.Config, rootLinks string) {
+	t.Helper()
+	left, err := ns.List()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(left) > 0 {
+		t.Errorf("namespaces left: %v", left)
+	}
+	if got := linkNames(t); got != rootLinks {
+		t.Errorf("root namespace links changed:\nbefore %s\nafter  %s", rootLinks, got)
+	}
+	if procs := labProcesses(cfg); len(procs) > 0 {
+		t.Errorf("processes left: %v", procs)
+	}
+}
+
+// labProcesses lists processes other than this one whose executable is one of the lab's.
+func labProcesses(cfg cluster.Config) []string {
+	entries, _ := os.ReadDir("/proc")
+	var out []string
+	for _, e := range entries {
+		pid := e.Name()
+		if pid == fmt.Sprint(os.Getpid()) {
+			continue
+		}
+		exe, err := os.Readlink("/proc/" + pid + "/exe")
+		if err != nil {
+			continue
+		}
+		if strings.HasPrefix(exe, cfg.BinDir+"/") || exe == cfg.Endpointlag || exe == cfg.Tool {
+			out = append(out, pid+" "+exe)
+		}
+	}
+	return out
+}
+
+// A lab killed with SIGKILL leaves namespaces behind (its children die with it); the next start
+// removes them, and its own teardown is clean.
+func TestKilledLabIsCleanedUpByTheNext(t *testing.T) {
+	cfg := config(t)
+	rootLinks := linkNames(t)
+	cmd := exec.Command(cfg.Tool, "up", "--nodes=1", "--bin-dir="+cfg.BinDir, "--endpointlag="+cfg.Endpointlag, "--state-dir="+cfg.StateDir)
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	up := make(chan bool, 1)
+	go func() {
+		buf := make([]byte, 4096)
+		var got string
+		for {
+			n, err := out.Read(buf)
+			got += string(buf[:n])
+			if strings.Contains(got, "lab is up") {
+				up <- true
+				return
+			}
+			if err != nil {
+				up <- false
+				return
+			}
+		}
+	}()
+	select {
+	case ok := <-up:
+		if !ok {
+			t.Fatal("the lab did not come up")
+		}
+	case <-time.After(2 * time.Minute):
+		_ = cmd.Process.Kill()
+		t.Fatal("the lab did not come up within 2 minutes")
+	}
+	if err := cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	_ = cmd.Wait()
+	left, err := ns.List()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(left) == 0 {
+		t.Fatal("the killed lab left no namespaces: nothing to check the cleanup with")
+	}
+	t.Logf("the killed lab left %d namespaces: %v", len(left), left)
+
+	cfg.Nodes = 1
+	c, err := cluster.Up(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Client.CoreV1().Namespaces().Get(context.Background(), "default", metav1.GetOptions{}); err != nil {
+		t.Errorf("the new lab does not work: %v", err)
+	}
+	c.Down()
+	assertClean(t, cfg, rootLinks)
+}
