@@ -219,7 +219,7 @@ func (k *kubelet) start(ctx context.Context, pod *corev1.Pod) error {
 	k.mu.Lock()
 	k.pods[pod.UID] = run
 	k.mu.Unlock()
-	k.log.Info("pod started", "pod", pod.Namespace+"/"+pod.Name, "ip", ip, "netns", netns)
+	k.log.Debug("pod started", "pod", pod.Namespace+"/"+pod.Name, "ip", ip, "netns", netns)
 	return k.reportRunning(ctx, pod, ip)
 }
 
@@ -294,14 +294,14 @@ func (k *kubelet) terminate(ctx context.Context, pod *corev1.Pod, run *podRun) {
 	}
 	deadline := time.Now().Add(grace)
 	preStop := preStopSeconds(pod)
-	k.log.Info("pod terminating", "pod", pod.Namespace+"/"+pod.Name, "preStop", preStop, "on-sigterm", pod.Annotations[OnSIGTERM], "grace", grace)
+	k.log.Debug("pod terminating", "pod", pod.Namespace+"/"+pod.Name, "preStop", preStop, "on-sigterm", pod.Annotations[OnSIGTERM], "grace", grace)
 	sleepUntil(ctx, preStop, deadline)
 	_ = run.proc.cmd.Process.Signal(syscall.SIGTERM)
 	select {
 	case <-run.proc.done:
 	case <-ctx.Done():
 	case <-time.After(time.Until(deadline)):
-		k.log.Info("grace period over, killing", "pod", pod.Namespace+"/"+pod.Name)
+		k.log.Debug("grace period over, killing", "pod", pod.Namespace+"/"+pod.Name)
 	}
 	k.remove(pod.UID)
 	k.deleteObject(ctx, pod)
@@ -320,7 +320,7 @@ func (k *kubelet) remove(uid types.UID) {
 	k.mu.Unlock()
 	run.proc.kill()
 	k.release(run.ip, run.netns)
-	k.log.Info("pod removed", "pod", run.namespace+"/"+run.name, "ip", run.ip)
+	k.log.Debug("pod removed", "pod", run.namespace+"/"+run.name, "ip", run.ip)
 }
 
 // deleteObject deletes the pod object for good, as the kubelet does once the containers are gone.

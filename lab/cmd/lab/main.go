@@ -12,7 +12,6 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
-	"strings"
 	"syscall"
 	"time"
 
@@ -48,11 +47,15 @@ func main() {
 }
 
 func run(args []string) int {
-	if len(args) == 0 || strings.HasPrefix(args[0], "-") {
+	if len(args) == 0 {
 		fmt.Fprint(os.Stderr, usage)
 		return 2
 	}
 	cmd := args[0]
+	if cmd == "help" || cmd == "-h" || cmd == "--help" {
+		// The flags are the same for up, down and demo.
+		cmd, args = "demo", []string{"demo", "--help"}
+	}
 	switch cmd {
 	case "serve", "load":
 		f := map[string]func([]string) error{"serve": serve, "load": loadCmd}[cmd]
