@@ -82,9 +82,13 @@ func (c *Config) validate() error {
 	if c.ProxyMode != "nftables" && c.ProxyMode != "iptables" {
 		errs = append(errs, fmt.Errorf("proxy mode %q is neither nftables nor iptables", c.ProxyMode))
 	}
-	for _, b := range []string{"etcd", "kube-apiserver", "kube-controller-manager", "kube-proxy"} {
-		if _, err := os.Stat(filepath.Join(c.BinDir, b)); err != nil {
-			errs = append(errs, fmt.Errorf("%s: %w (build them with `make lab-bins`)", b, err))
+	if c.BinDir == "" {
+		errs = append(errs, errors.New("no directory of Kubernetes binaries: set --bin-dir or $LAB_BIN_DIR (make demo and make lab-up do; make lab-bins builds them)"))
+	} else {
+		for _, b := range []string{"etcd", "kube-apiserver", "kube-controller-manager", "kube-proxy"} {
+			if _, err := os.Stat(filepath.Join(c.BinDir, b)); err != nil {
+				errs = append(errs, fmt.Errorf("%w (make lab-bins builds it)", err))
+			}
 		}
 	}
 	if _, err := os.Stat(c.Endpointlag); err != nil {

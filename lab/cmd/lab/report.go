@@ -20,6 +20,9 @@ func writeReport(w io.Writer, o options, c *cluster.Cluster, rollouts []*scenari
 		fmt.Fprintf(w, "\n-- %s: preStop %s, on SIGTERM %s; %d pods replaced in %s --\n", r.Name,
 			r.Behaviour.PreStop, describe(r.Behaviour), len(r.Deleted), r.Took.Round(100*time.Millisecond))
 		fmt.Fprintf(w, "requests: %d, failed: %d%s\n", r.Summary.Requests, r.Summary.Failed, kinds(r.Summary.ByKind))
+		if r.Summary.Failed > 0 {
+			fmt.Fprintf(w, "failed requests went to%s, by the client node's conntrack\n", strings.TrimSuffix(strings.Replace(kinds(backendKinds(r)), " (", ": ", 1), ")"))
+		}
 		fmt.Fprintln(w, "lags endpointlag measured (propagation: since the pod's deletion, on the pod's node;")
 		fmt.Fprintln(w, "programming: since this node saw the EndpointSlice change):")
 		report.WriteLags(w, r.Lags)
@@ -52,4 +55,26 @@ func kinds(m map[string]int) string {
 	}
 	sort.Strings(parts)
 	return " (" + strings.Join(parts, ", ") + ")"
+}
+
+// backendKinds counts the failures by where kube-proxy sent them: a pod the rollout replaced, a
+// pod that replaced it, or unknown (the conntrack entry was gone when looked up).
+func backendKinds(r *scenario.Rollout) map[string]int {
+	old := map[string]bool{}
+	for _, p := range r.Deleted {
+		old[p.Status.PodIP] = true
+	}
+	out := map[string]int{}
+	for _, res := range r.Load {
+		switch {
+		case res.Failure == "":
+		case res.BackendIP == "":
+			out["unknown"]++
+		case old[res.BackendIP]:
+			out["replaced pods"]++
+		default:
+			out["new pods"]++
+		}
+	}
+	return out
 }
