@@ -38,7 +38,6 @@ type Record struct {
 		Protocol string `json:"protocol"`
 	} `json:"endpoint"`
 	Local  bool         `json:"local"`
-	T0     *time.Time   `json:"t0"`
 	Stages []StageEntry `json:"stages"`
 }
 
