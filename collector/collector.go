@@ -70,9 +70,31 @@ type Collector struct {
 	queue []queued
 	// peak is the largest size of records since the map was last rebuilt; Go maps never shrink,
 	// so the sweep rebuilds it once it has emptied to a quarter of that.
-	peak   int
-	status map[string]probes.Status
+	peak int
+	// byEndpoint finds the records of a Service's endpoint, for dataplane observations, which do
+	// not know the pod.
+	byEndpoint map[svcEndpoint][]recordKey
+	// orphans are dataplane removals seen before this node saw the endpoint terminate (kube-proxy
+	// can be faster than this daemon's watch); a record created soon after adopts them.
+	orphans []orphan
+	status  map[string]probes.Status
 }
+
+type svcEndpoint struct {
+	service  probes.ServiceRef
+	endpoint probes.Endpoint
+}
+
+type orphan struct {
+	key svcEndpoint
+	obs probes.Observation
+}
+
+// orphanWindow is how long a dataplane removal waits for its record, and maxOrphans how many wait.
+const (
+	orphanWindow = 5 * time.Second
+	maxOrphans   = 10000
+)
 
 type recordKey struct {
 	uid      string
@@ -91,7 +113,9 @@ type record struct {
 	key     recordKey
 	pod     probes.PodRef
 	local   bool
-	created time.Time
+	// notProxied: kube-proxy does not program the Service, so no dataplane stage is awaited.
+	notProxied bool
+	created    time.Time
 	// timeline is the pod's deletion timeline; nil for pods on other nodes.
 	timeline *podTimeline
 	stages   []stageEntry
@@ -130,9 +154,10 @@ func New(opts Options, clk clock.WithTicker, log *slog.Logger, reg prometheus.Re
 		opts:    opts,
 		clock:   clk,
 		log:     log,
-		records: map[recordKey]*record{},
-		pods:    map[string]*podTimeline{},
-		status:  map[string]probes.Status{},
+		records:    map[recordKey]*record{},
+		pods:       map[string]*podTimeline{},
+		byEndpoint: map[svcEndpoint][]recordKey{},
+		status:     map[string]probes.Status{},
 	}
 	c.m = newMetrics(c)
 	if err := c.m.register(reg); err != nil {
@@ -171,6 +196,7 @@ func (c *Collector) Observe(o probes.Observation) {
 	case probes.StageEndpointSlice:
 		if r := c.record(o, true); r != nil {
 			c.addStage(r, o)
+			c.adoptOrphans(r, o.Time)
 		}
 	default:
 		c.endpointRemoved(o)
@@ -232,7 +258,7 @@ func (c *Collector) record(o probes.Observation, create bool) *record {
 		return nil
 	}
 	now := c.clock.Now()
-	r := &record{key: k, pod: o.Pod, local: o.Local, created: now}
+	r := &record{key: k, pod: o.Pod, local: o.Local, notProxied: o.NotProxied, created: now}
 	if o.Local {
 		r.timeline = c.timeline(o.Pod, now)
 		if r.timeline != nil {
@@ -240,6 +266,8 @@ func (c *Collector) record(o probes.Observation, create bool) *record {
 		}
 	}
 	c.records[k] = r
+	se := svcEndpoint{k.service, k.endpoint}
+	c.byEndpoint[se] = append(c.byEndpoint[se], k)
 	c.peak = max(c.peak, len(c.records))
 	c.queue = append(c.queue, queued{created: now, key: k})
 	return r
@@ -297,6 +325,10 @@ func (c *Collector) podGone(o probes.Observation) {
 // removal is also its endpointslice stage. Other removals (a Service deleted, a selector changed)
 // are not terminations.
 func (c *Collector) endpointRemoved(o probes.Observation) {
+	if o.Pod.UID == "" {
+		c.dataplaneRemoved(o)
+		return
+	}
 	r := c.record(o, false)
 	if r == nil {
 		t := c.pods[o.Pod.UID]
@@ -311,6 +343,45 @@ func (c *Collector) endpointRemoved(o probes.Observation) {
 		c.addStage(r, slice)
 	}
 	c.addStage(r, o)
+}
+
+// dataplaneRemoved joins a removal that names a Service's endpoint but not the pod to the
+// terminating records of that endpoint still waiting for the stage, or keeps it as an orphan.
+func (c *Collector) dataplaneRemoved(o probes.Observation) {
+	se := svcEndpoint{o.Service, o.Endpoint}
+	joined := false
+	for _, k := range c.byEndpoint[se] {
+		r := c.records[k]
+		if r == nil || r.stage(probes.StageEndpointSlice) == nil || r.stage(o.Stage) != nil {
+			continue
+		}
+		c.addStage(r, o)
+		joined = true
+	}
+	if joined {
+		return
+	}
+	if len(c.orphans) >= maxOrphans {
+		c.orphans = c.orphans[1:]
+		c.m.dropped.Inc()
+	}
+	c.orphans = append(c.orphans, orphan{key: se, obs: o})
+}
+
+// adoptOrphans gives a record that just turned terminating the dataplane removals of its
+// endpoint seen shortly before.
+func (c *Collector) adoptOrphans(r *record, at time.Time) {
+	se := svcEndpoint{r.key.service, r.key.endpoint}
+	kept := c.orphans[:0]
+	for _, or := range c.orphans {
+		if or.key == se && at.Sub(or.obs.Time) <= orphanWindow && r.stage(or.obs.Stage) == nil {
+			c.addStage(r, or.obs)
+			continue
+		}
+		kept = append(kept, or)
+	}
+	clear(c.orphans[len(kept):])
+	c.orphans = kept
 }
 
 // addStage keeps the first observation of each (stage, source) and samples what can be sampled.
@@ -398,12 +469,17 @@ func (c *Collector) Sweep() {
 			}
 			c.m.expired.WithLabelValues(outcome).Inc()
 			delete(c.records, q.key)
+			c.unindex(q.key)
 		}
 	}
+	c.expireOrphans()
 	if n == 0 {
 		return
 	}
 	c.queue = append([]queued(nil), c.queue[n:]...)
+	if len(c.byEndpoint) == 0 {
+		c.byEndpoint = map[svcEndpoint][]recordKey{}
+	}
 	if len(c.records) <= c.peak/4 {
 		fresh := make(map[recordKey]*record, len(c.records))
 		for k, r := range c.records {
@@ -418,6 +494,33 @@ func (c *Collector) Sweep() {
 	}
 }
 
+func (c *Collector) unindex(k recordKey) {
+	se := svcEndpoint{k.service, k.endpoint}
+	keys := c.byEndpoint[se]
+	for i, x := range keys {
+		if x == k {
+			keys = append(keys[:i], keys[i+1:]...)
+			break
+		}
+	}
+	if len(keys) == 0 {
+		delete(c.byEndpoint, se)
+	} else {
+		c.byEndpoint[se] = keys
+	}
+}
+
+func (c *Collector) expireOrphans() {
+	cutoff := c.clock.Now().Add(-orphanWindow)
+	n := 0
+	for n < len(c.orphans) && c.orphans[n].obs.Time.Before(cutoff) {
+		n++
+	}
+	if n > 0 {
+		c.orphans = append([]orphan(nil), c.orphans[n:]...)
+	}
+}
+
 // pendingStages are the stages r still waits for. Records of endpoints that were never seen
 // terminating wait for nothing.
 func (c *Collector) pendingStages(r *record) []probes.Stage {
@@ -426,6 +529,9 @@ func (c *Collector) pendingStages(r *record) []probes.Stage {
 	}
 	var out []probes.Stage
 	for _, s := range c.opts.Stages {
+		if s.Dataplane() && r.notProxied {
+			continue
+		}
 		if r.stage(s) == nil {
 			out = append(out, s)
 		}

@@ -349,3 +349,62 @@ func TestOptionsValidate(t *testing.T) {
 		}
 	}
 }
+
+func dataplane(i int, at time.Time) probes.Observation {
+	return probes.Observation{Stage: probes.StageNftables, Time: at, Source: "nftables", Service: web, Endpoint: endpoint(i)}
+}
+
+var withDataplane = []probes.Stage{probes.StageEndpointSliceRemoved, probes.StageNftables}
+
+// A dataplane probe names the Service's endpoint, not the pod: the removal joins the terminating
+// record of that endpoint.
+func TestDataplaneRemovalJoinsTheTerminatingRecord(t *testing.T) {
+	f := newFixture(t, Options{Stages: withDataplane})
+	f.c.Observe(obs(probes.StageDeleted, 1, t0, true))
+	f.c.Observe(obs(probes.StageEndpointSlice, 1, t0.Add(10*time.Millisecond), true))
+	if got := f.value("endpointlag_pending_endpoints", "stage", "nftables"); got != 1 {
+		t.Errorf("pending nftables = %g, want 1", got)
+	}
+	f.c.Observe(dataplane(1, t0.Add(40*time.Millisecond)))
+	f.c.Observe(dataplane(1, t0.Add(90*time.Millisecond))) // a repeat is not a second sample
+	if n, sum := f.histogram("endpointlag_programming_seconds", probes.StageNftables); n != 1 || !near(sum, 0.03) {
+		t.Errorf("programming nftables: %d samples, sum %g; want 1, 0.03", n, sum)
+	}
+	if n, sum := f.histogram("endpointlag_propagation_seconds", probes.StageNftables); n != 1 || !near(sum, 0.04) {
+		t.Errorf("propagation nftables: %d samples, sum %g; want 1, 0.04", n, sum)
+	}
+	if got := f.value("endpointlag_pending_endpoints", "stage", "nftables"); got != 0 {
+		t.Errorf("pending nftables after the removal = %g, want 0", got)
+	}
+}
+
+// kube-proxy can drop the endpoint before this daemon's watch delivers the slice change.
+func TestDataplaneRemovalBeforeTheSliceChange(t *testing.T) {
+	f := newFixture(t, Options{Stages: withDataplane})
+	f.c.Observe(dataplane(2, t0))
+	f.c.Observe(dataplane(3, t0)) // an endpoint that never terminates here
+	f.c.Observe(obs(probes.StageEndpointSlice, 2, t0.Add(5*time.Millisecond), false))
+	if n, sum := f.histogram("endpointlag_programming_seconds", probes.StageNftables); n != 1 || sum != 0 {
+		t.Errorf("programming nftables: %d samples, sum %g; want 1, 0 (seen before the reference)", n, sum)
+	}
+	f.clock.Step(time.Minute)
+	f.c.Sweep()
+	f.c.Observe(obs(probes.StageEndpointSlice, 3, f.clock.Now(), false))
+	if n, _ := f.histogram("endpointlag_programming_seconds", probes.StageNftables); n != 1 {
+		t.Errorf("a removal older than the orphan window was adopted: %d samples", n)
+	}
+}
+
+// Endpoints of Services kube-proxy does not program never wait for a dataplane stage.
+func TestNotProxiedServicesAwaitNoDataplaneStage(t *testing.T) {
+	f := newFixture(t, Options{Stages: withDataplane})
+	o := obs(probes.StageEndpointSlice, 1, t0, false)
+	o.NotProxied = true
+	f.c.Observe(o)
+	if got := f.value("endpointlag_pending_endpoints", "stage", "nftables"); got != 0 {
+		t.Errorf("pending nftables = %g for a headless Service's endpoint", got)
+	}
+	if got := f.value("endpointlag_pending_endpoints", "stage", "endpointslice_removed"); got != 1 {
+		t.Errorf("pending endpointslice_removed = %g, want 1", got)
+	}
+}

@@ -30,7 +30,18 @@ const (
 	StageEndpointSliceRemoved Stage = "endpointslice_removed"
 	// StageGone: the pod object was deleted. Reported for pods on this node only.
 	StageGone Stage = "gone"
+	// StageNftables, StageIptables and StageIPVS: this node's kube-proxy rules no longer send new
+	// connections to the endpoint.
+	StageNftables Stage = "nftables"
+	StageIptables Stage = "iptables"
+	StageIPVS     Stage = "ipvs"
 )
+
+// Dataplane reports whether s is a stage of this node's service dataplane (kube-proxy's rules),
+// which Services that kube-proxy does not program never reach.
+func (s Stage) Dataplane() bool {
+	return s == StageNftables || s == StageIptables || s == StageIPVS
+}
 
 // PodRef identifies the pod behind an endpoint. UID is what tells a pod from its successor with
 // the same name or IP.
@@ -68,7 +79,8 @@ func (e Endpoint) String() string {
 }
 
 // Observation says what a probe saw, where and when. Pod-level stages (deleted, gone) leave
-// Endpoint and Service zero.
+// Endpoint and Service zero. Dataplane probes know the Service and endpoint but not the pod:
+// they leave Pod zero, and the collector finds the terminating record of that endpoint.
 type Observation struct {
 	Stage Stage
 	// Time is when this daemon saw the change, on the local clock.
@@ -83,6 +95,9 @@ type Observation struct {
 	Endpoint Endpoint
 	// Local is true when the pod runs on this daemon's node.
 	Local bool
+	// NotProxied is true when kube-proxy does not program the Service (headless, or handled by
+	// another proxy): its endpoints never reach a dataplane stage.
+	NotProxied bool
 	// Initial is true when the source was already in this state when the probe started (its first
 	// list): Time is when the probe first saw it, not when it happened.
 	Initial bool

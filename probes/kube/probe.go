@@ -179,14 +179,15 @@ func (h *sliceHandler) apply(obj any, deleted, initial bool) {
 	}
 	for _, c := range h.tracker.apply(key, entry) {
 		h.sink.Observe(probes.Observation{
-			Stage:    c.stage,
-			Time:     now,
-			Source:   Name,
-			Pod:      c.info.pod,
-			Service:  c.service,
-			Endpoint: c.key.endpoint,
-			Local:    c.info.node == h.probe.node,
-			Initial:  initial,
+			Stage:      c.stage,
+			Time:       now,
+			Source:     Name,
+			Pod:        c.info.pod,
+			Service:    c.service,
+			Endpoint:   c.key.endpoint,
+			Local:      c.info.node == h.probe.node,
+			NotProxied: c.notProxied,
+			Initial:    initial,
 		})
 	}
 }

@@ -46,7 +46,9 @@ type epInfo struct {
 // sliceEntry is what one EndpointSlice says about its Service's endpoints.
 type sliceEntry struct {
 	service probes.ServiceRef
-	eps     map[epKey]epInfo
+	// notProxied: kube-proxy does not program the Service (headless, or another proxy's).
+	notProxied bool
+	eps        map[epKey]epInfo
 }
 
 // parseSlice turns an EndpointSlice into the endpoints it lists. FQDN slices have no addresses to
@@ -61,9 +63,12 @@ func parseSlice(s *discoveryv1.EndpointSlice) (*sliceEntry, []error) {
 		return nil, []error{&probes.InputError{Reason: reasonNoServiceLabel,
 			Err: fmt.Errorf("EndpointSlice %s/%s has no %s label; skipped", s.Namespace, s.Name, discoveryv1.LabelServiceName)}}
 	}
+	_, headless := s.Labels[corev1.IsHeadlessService]
+	_, otherProxy := s.Labels["service.kubernetes.io/service-proxy-name"]
 	e := &sliceEntry{
-		service: probes.ServiceRef{Namespace: s.Namespace, Name: svc},
-		eps:     make(map[epKey]epInfo, len(s.Endpoints)*max(len(s.Ports), 1)),
+		service:    probes.ServiceRef{Namespace: s.Namespace, Name: svc},
+		notProxied: headless || otherProxy,
+		eps:        make(map[epKey]epInfo, len(s.Endpoints)*max(len(s.Ports), 1)),
 	}
 	ports := slicePorts(s.Ports)
 	var noRef, badAddr []string
@@ -150,10 +155,11 @@ func endpointCondition(c discoveryv1.EndpointConditions) condition {
 
 // change is an endpoint transition worth an observation.
 type change struct {
-	stage   probes.Stage
-	service probes.ServiceRef
-	key     epKey
-	info    epInfo
+	stage      probes.Stage
+	service    probes.ServiceRef
+	notProxied bool
+	key        epKey
+	info       epInfo
 }
 
 // sliceTracker merges the slices of each Service, as its consumers do, and turns slice events into
@@ -206,7 +212,7 @@ func (t *sliceTracker) apply(name string, next *sliceEntry) []change {
 		case b.present && !a.present:
 			out = append(out, change{stage: probes.StageEndpointSliceRemoved, service: c.service, key: c.key, info: b.info})
 		case a.present && a.info.cond == terminating && (!b.present || b.info.cond != terminating):
-			out = append(out, change{stage: probes.StageEndpointSlice, service: c.service, key: c.key, info: a.info})
+			out = append(out, change{stage: probes.StageEndpointSlice, service: c.service, notProxied: next != nil && next.notProxied, key: c.key, info: a.info})
 		}
 	}
 	return out
