@@ -17,6 +17,7 @@ import (
 
 	// Probes register themselves.
 	_ "github.com/endpointlag/endpointlag/probes/kube"
+	_ "github.com/endpointlag/endpointlag/probes/nftables"
 )
 
 // Set with -ldflags "-X main.version=... -X main.revision=...".

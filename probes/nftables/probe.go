@@ -1,0 +1,312 @@
+// Package nftables observes this node's kube-proxy in nftables mode: it reads table kube-proxy
+// (ip and ip6) over netlink, works out which endpoints each Service's chains can still DNAT new
+// connections to, and follows kube-proxy's changes through the nftables netlink monitor. An
+// endpoint is removed (stage nftables) once no live service chain reaches it; chains no longer
+// reachable from kube-proxy's service maps are stale and reach nothing.
+package nftables
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/google/nftables"
+	"k8s.io/utils/clock"
+
+	"github.com/endpointlag/endpointlag/probes"
+)
+
+// Name is the probe's registry name and the source of its observations.
+const Name = "nftables"
+
+// tableName is the table kube-proxy's nftables mode owns, in families ip and ip6.
+const tableName = "kube-proxy"
+
+var families = []nftables.TableFamily{nftables.TableFamilyIPv4, nftables.TableFamilyIPv6}
+
+func init() {
+	probes.Register(probes.Factory{
+		Name:   Name,
+		Help:   "this node's kube-proxy rules in nftables mode (table kube-proxy), followed through the netlink monitor",
+		Stages: []probes.Stage{probes.StageNftables},
+		New: func(env probes.Env) (probes.Probe, error) {
+			return New(env.Clock, env.Logger), nil
+		},
+	})
+}
+
+// Probe follows kube-proxy's nftables rules in the network namespace it runs in.
+type Probe struct {
+	clock clock.PassiveClock
+	log   *slog.Logger
+	// newConn opens a netlink connection; tests point it at a namespace.
+	newConn func() (*nftables.Conn, error)
+
+	mu sync.Mutex
+	// state is what the rules do now; read by Snapshot.
+	state map[probes.ServiceRef]map[probes.Endpoint]bool
+}
+
+// New returns the probe for the current network namespace.
+func New(clk clock.PassiveClock, log *slog.Logger) *Probe {
+	return &Probe{clock: clk, log: log.With("probe", Name), newConn: func() (*nftables.Conn, error) { return nftables.New() }}
+}
+
+// NewInNamespace returns the probe for the network namespace open as fd.
+func NewInNamespace(fd int, clk clock.PassiveClock, log *slog.Logger) *Probe {
+	p := New(clk, log)
+	p.newConn = func() (*nftables.Conn, error) { return nftables.New(nftables.WithNetNSFd(fd)) }
+	return p
+}
+
+// Name implements probes.Probe.
+func (p *Probe) Name() string { return Name }
+
+// reader is the probe's view of the tables: every chain's parsed rules and the roots.
+type reader struct {
+	conn   *nftables.Conn
+	chains map[chainKey]*chainInfo
+	roots  map[nftables.TableFamily][]string
+}
+
+// Run implements probes.Probe.
+func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
+	sink.SetStatus(Name, probes.Status{})
+	mon := nftables.NewMonitor(nftables.WithMonitorEventBuffer(4096))
+	monConn, err := p.newConn()
+	if err != nil {
+		return fmt.Errorf("nftables: %w", err)
+	}
+	events, err := monConn.AddGenerationalMonitor(mon)
+	if err != nil {
+		return fmt.Errorf("nftables monitor: %w", err)
+	}
+	defer mon.Close()
+	conn, err := p.newConn()
+	if err != nil {
+		return fmt.Errorf("nftables: %w", err)
+	}
+	rd := &reader{conn: conn}
+	// The monitor runs before the first read, so no change falls between them.
+	if err := rd.resync(); err != nil {
+		sink.Error(Name, err)
+	}
+	p.publish(rd, sink, time.Time{})
+	sink.SetStatus(Name, probes.Status{Up: true, Synced: true})
+	p.log.Info("synced", "services", len(p.Snapshot()))
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case gen, ok := <-events:
+			if !ok {
+				return errors.New("nftables monitor closed")
+			}
+			now := p.clock.Now()
+			if err := rd.apply(gen); err != nil {
+				sink.Error(Name, err)
+				if err := rd.resync(); err != nil {
+					sink.Error(Name, err)
+					continue
+				}
+			}
+			sink.SetStatus(Name, probes.Status{Up: true})
+			p.publish(rd, sink, now)
+		}
+	}
+}
+
+// publish recomputes the endpoints and reports those no longer reachable; with a zero time it
+// only records the state.
+func (p *Probe) publish(rd *reader, sink probes.Sink, now time.Time) {
+	next := rd.endpoints()
+	p.mu.Lock()
+	prev := p.state
+	p.state = next
+	p.mu.Unlock()
+	if now.IsZero() {
+		return
+	}
+	for svc, eps := range prev {
+		for ep := range eps {
+			if !next[svc][ep] {
+				sink.Observe(probes.Observation{Stage: probes.StageNftables, Time: now, Source: Name, Service: svc, Endpoint: ep})
+			}
+		}
+	}
+}
+
+// Snapshot returns what the rules do now: per Service, the endpoints new connections can reach.
+func (p *Probe) Snapshot() map[probes.ServiceRef][]probes.Endpoint {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	out := make(map[probes.ServiceRef][]probes.Endpoint, len(p.state))
+	for svc, eps := range p.state {
+		list := make([]probes.Endpoint, 0, len(eps))
+		for ep := range eps {
+			list = append(list, ep)
+		}
+		sort.Slice(list, func(i, j int) bool { return list[i].String() < list[j].String() })
+		out[svc] = list
+	}
+	return out
+}
+
+func (rd *reader) endpoints() map[probes.ServiceRef]map[probes.Endpoint]bool {
+	out := map[probes.ServiceRef]map[probes.Endpoint]bool{}
+	for _, fam := range families {
+		chains := map[string]*chainInfo{}
+		for k, ci := range rd.chains {
+			if k.family == fam {
+				chains[k.name] = ci
+			}
+		}
+		for svc, eps := range serviceEndpoints(rd.roots[fam], chains) {
+			if out[svc] == nil {
+				out[svc] = map[probes.Endpoint]bool{}
+			}
+			for ep := range eps {
+				out[svc][ep] = true
+			}
+		}
+	}
+	return out
+}
+
+// resync reads both families' tables whole.
+func (rd *reader) resync() error {
+	rd.chains = map[chainKey]*chainInfo{}
+	rd.roots = map[nftables.TableFamily][]string{}
+	var errs []error
+	for _, fam := range families {
+		chains, err := rd.conn.ListChainsOfTableFamily(fam)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("listing %s chains: %w", familyName(fam), err))
+			continue
+		}
+		found := false
+		for _, c := range chains {
+			if c.Table.Name != tableName {
+				continue
+			}
+			found = true
+			if err := rd.readChain(fam, c.Name); err != nil {
+				errs = append(errs, err)
+			}
+		}
+		if found {
+			if err := rd.readRoots(fam); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func table(fam nftables.TableFamily) *nftables.Table {
+	return &nftables.Table{Name: tableName, Family: fam}
+}
+
+// readChain reads one chain's rules; a chain that is gone is dropped.
+func (rd *reader) readChain(fam nftables.TableFamily, name string) error {
+	t := table(fam)
+	rules, err := rd.conn.GetRules(t, &nftables.Chain{Name: name, Table: t})
+	if err != nil {
+		if isNotFound(err) {
+			delete(rd.chains, chainKey{fam, name})
+			return nil
+		}
+		return fmt.Errorf("reading %s chain %s: %w", familyName(fam), name, err)
+	}
+	ci := &chainInfo{}
+	sets := func(set string) ([]nftables.SetElement, error) { return rd.elements(t, set) }
+	for _, r := range rules {
+		if err := evalRule(r, sets, ci); err != nil {
+			if isNotFound(err) {
+				// The rule's anonymous map went with a newer rewrite of the chain; the next
+				// generation event brings the chain again.
+				continue
+			}
+			return fmt.Errorf("%s chain %s: %w", familyName(fam), name, err)
+		}
+	}
+	rd.chains[chainKey{fam, name}] = ci
+	return nil
+}
+
+func (rd *reader) elements(t *nftables.Table, name string) ([]nftables.SetElement, error) {
+	s, err := rd.conn.GetSetByName(t, name)
+	if err != nil {
+		return nil, err
+	}
+	return rd.conn.GetSetElements(s)
+}
+
+// readRoots reads the service maps' targets.
+func (rd *reader) readRoots(fam nftables.TableFamily) error {
+	var roots []string
+	for _, m := range rootMaps {
+		elems, err := rd.elements(table(fam), m)
+		if err != nil {
+			if isNotFound(err) {
+				continue
+			}
+			return fmt.Errorf("reading %s map %s: %w", familyName(fam), m, err)
+		}
+		for _, el := range elems {
+			if chain, ok := elementTarget(el); ok {
+				roots = append(roots, chain)
+			}
+		}
+	}
+	rd.roots[fam] = roots
+	return nil
+}
+
+// apply re-reads what one generation of changes touched in the kube-proxy tables.
+func (rd *reader) apply(gen *nftables.MonitorEvents) error {
+	dirty := map[chainKey]bool{}
+	rootsDirty := false
+	for _, ev := range gen.Changes {
+		if ev.Error != nil {
+			return fmt.Errorf("nftables monitor: %w", ev.Error)
+		}
+		switch ev.Type {
+		case nftables.MonitorEventTypeOOB:
+			return errors.New("nftables monitor: out-of-band event (lost messages)")
+		case nftables.MonitorEventTypeNewRule, nftables.MonitorEventTypeDelRule:
+			if r, ok := ev.Data.(*nftables.Rule); ok && r.Table != nil && r.Table.Name == tableName && r.Chain != nil {
+				dirty[chainKey{r.Table.Family, r.Chain.Name}] = true
+			}
+		case nftables.MonitorEventTypeNewChain, nftables.MonitorEventTypeDelChain:
+			if c, ok := ev.Data.(*nftables.Chain); ok && c.Table != nil && c.Table.Name == tableName {
+				if ev.Type == nftables.MonitorEventTypeDelChain {
+					delete(rd.chains, chainKey{c.Table.Family, c.Name})
+				} else {
+					dirty[chainKey{c.Table.Family, c.Name}] = true
+				}
+			}
+		case nftables.MonitorEventTypeNewSetElem, nftables.MonitorEventTypeDelSetElem:
+			// Element messages do not say their table: the root maps are read again.
+			rootsDirty = true
+		case nftables.MonitorEventTypeNewTable, nftables.MonitorEventTypeDelTable:
+			if t, ok := ev.Data.(*nftables.Table); ok && t.Name == tableName {
+				return rd.resync()
+			}
+		}
+	}
+	var errs []error
+	for k := range dirty {
+		errs = append(errs, rd.readChain(k.family, k.name))
+	}
+	if rootsDirty {
+		for _, fam := range families {
+			errs = append(errs, rd.readRoots(fam))
+		}
+	}
+	return errors.Join(errs...)
+}
