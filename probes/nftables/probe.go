@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/nftables"
@@ -49,6 +50,8 @@ type Probe struct {
 	mu sync.Mutex
 	// state is what the rules do now; read by Snapshot.
 	state map[probes.ServiceRef]map[probes.Endpoint]bool
+	// generations counts the change batches handled.
+	generations atomic.Int64
 }
 
 // New returns the probe for the current network namespace.
@@ -116,6 +119,7 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 			}
 			sink.SetStatus(Name, probes.Status{Up: true})
 			p.publish(rd, sink, now)
+			p.generations.Add(1)
 		}
 	}
 }
