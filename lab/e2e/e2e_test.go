@@ -29,6 +29,9 @@ import (
 	"github.com/endpointlag/endpointlag/lab/scenario"
 )
 
+// dataplaneStage is the stage of the lab's kube-proxy mode.
+const dataplaneStage = "nftables"
+
 // config returns the lab's configuration, or why the lab cannot run here.
 func config(t *testing.T) cluster.Config {
 	t.Helper()
@@ -90,28 +93,30 @@ func TestLab(t *testing.T) {
 	ls := scenario.LoadSettings{Rate: 200, Timeout: 3 * time.Second}
 
 	var first *scenario.Rollout
-	t.Run("every daemon records every deleted pod's endpointslice stage", func(t *testing.T) {
+	t.Run("every daemon records every deleted pod's endpointslice and nftables stages", func(t *testing.T) {
 		first, err = scenario.RunRollout(ctx, c, app, "rollout", scenario.Behaviour{}, ls, testWriter{t})
 		if err != nil {
 			t.Fatal(err)
 		}
 		t.Logf("rollout with no preStop, exit at once: %d requests, %d failed %v", first.Summary.Requests, first.Summary.Failed, first.Summary.ByKind)
 		for _, recs := range first.Records {
-			seen := map[string]bool{}
-			for _, r := range recs.Records {
-				if s := r.Stage("endpointslice"); s != nil && !s.Initial {
-					seen[r.Pod.UID] = true
+			for _, stage := range []string{"endpointslice", dataplaneStage} {
+				seen := map[string]bool{}
+				for _, r := range recs.Records {
+					if s := r.Stage(stage); s != nil && !s.Initial {
+						seen[r.Pod.UID] = true
+					}
 				}
-			}
-			for uid, p := range first.Deleted {
-				if !seen[string(uid)] {
-					t.Errorf("%s's daemon has no endpointslice stage for %s", recs.Node, p.Name)
+				for uid, p := range first.Deleted {
+					if !seen[string(uid)] {
+						t.Errorf("%s's daemon has no %s stage for %s", recs.Node, stage, p.Name)
+					}
 				}
 			}
 		}
 	})
 
-	t.Run("the slice-stage lag agrees with the test's own ground truth", func(t *testing.T) {
+	t.Run("the slice and dataplane stages agree with the test's own ground truth", func(t *testing.T) {
 		groundTruth(t, ctx, c, app)
 	})
 
@@ -177,6 +182,16 @@ func groundTruth(t *testing.T, ctx context.Context, c *cluster.Cluster, app *sce
 	f.Start(stop)
 	cache.WaitForCacheSync(stop, inf.HasSynced)
 
+	monitors := map[string]*ruleMonitor{}
+	for _, n := range c.Nodes {
+		m, err := startRuleMonitor(n.NS)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer m.stop()
+		monitors[n.Name] = m
+	}
+
 	issued := map[string]time.Time{}
 	deleted := map[string]corev1.Pod{}
 	const deletions = 8
@@ -192,6 +207,17 @@ func groundTruth(t *testing.T, ctx context.Context, c *cluster.Cluster, app *sce
 				break
 			}
 		}
+		// A pod is only removed from rules it was in: wait until every node's kube-proxy sends
+		// to the victim (it syncs at most once a second).
+		deadline := time.Now().Add(15 * time.Second)
+		for _, n := range c.Nodes {
+			for !monitors[n.Name].programmed(app.Namespace+"/"+app.Name, victim.Status.PodIP, 8080) {
+				if time.Now().After(deadline) {
+					t.Fatalf("%s's kube-proxy never sent to %s (%s)", n.Name, victim.Name, victim.Status.PodIP)
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
+		}
 		issued[string(victim.UID)] = time.Now()
 		if err := c.Client.CoreV1().Pods(app.Namespace).Delete(ctx, victim.Name, metav1.DeleteOptions{}); err != nil {
 			t.Fatal(err)
@@ -202,15 +228,31 @@ func groundTruth(t *testing.T, ctx context.Context, c *cluster.Cluster, app *sce
 		}
 	}
 
+	// kube-proxy syncs at most once a second (minSyncPeriod): wait until every daemon has seen
+	// every deleted pod's endpoint leave its node's rules.
 	var all []report.Records
-	for _, n := range c.Nodes {
-		recs, err := report.Fetch(ctx, n.DaemonURL)
-		if err != nil {
-			t.Fatal(err)
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		all = all[:0]
+		complete := true
+		for _, n := range c.Nodes {
+			recs, err := report.Fetch(ctx, n.DaemonURL)
+			if err != nil {
+				t.Fatal(err)
+			}
+			all = append(all, recs)
+			for uid := range deleted {
+				if r := findRecord(recs, uid); r == nil || r.Stage(dataplaneStage) == nil {
+					complete = false
+				}
+			}
 		}
-		all = append(all, recs)
+		if complete || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
 	}
-	var lagDiffs, sliceDiffs []float64
+	var lagDiffs, sliceDiffs, ruleDiffs []float64
 	mu.Lock()
 	defer mu.Unlock()
 	for uid, p := range deleted {
@@ -232,6 +274,18 @@ func groundTruth(t *testing.T, ctx context.Context, c *cluster.Cluster, app *sce
 				continue
 			}
 			sliceDiffs = append(sliceDiffs, s.Time.Sub(seen).Seconds())
+			if d := r.Stage(dataplaneStage); d == nil || d.Initial {
+				t.Errorf("%s's daemon has no %s stage for %s", recs.Node, dataplaneStage, p.Name)
+			} else if changed, ok := monitors[recs.Node].removedAt(app.Namespace+"/"+app.Name, p.Status.PodIP, 8080, issued[uid]); !ok {
+				t.Errorf("the test's nft monitor on %s never saw %s's endpoint leave the rules", recs.Node, p.Name)
+			} else {
+				diff := d.Time.Sub(changed).Seconds()
+				ruleDiffs = append(ruleDiffs, diff)
+				if math.Abs(diff) > 0.020 {
+					t.Errorf("%s on %s: %s stage at %s, nft monitor saw the rule change at %s: off by %.1f ms (limit 20 ms)",
+						p.Name, recs.Node, dataplaneStage, d.Time.Format("15:04:05.000"), changed.Format("15:04:05.000"), diff*1000)
+				}
+			}
 			if recs.Node != p.Spec.NodeName {
 				continue
 			}
@@ -252,6 +306,7 @@ func groundTruth(t *testing.T, ctx context.Context, c *cluster.Cluster, app *sce
 	}
 	t.Logf("endpointslice propagation − ground truth (delete issued → this test's watch saw it), %d pods: %s", len(lagDiffs), distribution(lagDiffs))
 	t.Logf("daemon's endpointslice time − this test's watch time, %d (pod, node) pairs: %s", len(sliceDiffs), distribution(sliceDiffs))
+	t.Logf("daemon's %s time − the rule change seen by nft monitor, %d (pod, node) pairs: %s", dataplaneStage, len(ruleDiffs), distribution(ruleDiffs))
 }
 
 func findRecord(recs report.Records, uid string) *report.Record {
