@@ -110,9 +110,9 @@ type queued struct {
 
 // record is one terminating endpoint's timeline.
 type record struct {
-	key     recordKey
-	pod     probes.PodRef
-	local   bool
+	key   recordKey
+	pod   probes.PodRef
+	local bool
 	// notProxied: kube-proxy does not program the Service, so no dataplane stage is awaited.
 	notProxied bool
 	created    time.Time
@@ -151,9 +151,9 @@ func New(opts Options, clk clock.WithTicker, log *slog.Logger, reg prometheus.Re
 		return nil, err
 	}
 	c := &Collector{
-		opts:    opts,
-		clock:   clk,
-		log:     log,
+		opts:       opts,
+		clock:      clk,
+		log:        log,
 		records:    map[recordKey]*record{},
 		pods:       map[string]*podTimeline{},
 		byEndpoint: map[svcEndpoint][]recordKey{},
