@@ -71,23 +71,13 @@ type Collector struct {
 	// peak is the largest size of records since the map was last rebuilt; Go maps never shrink,
 	// so the sweep rebuilds it once it has emptied to a quarter of that.
 	peak int
-	// byEndpoint finds the records of a Service's endpoint, for dataplane observations, which do
-	// not know the pod.
-	byEndpoint map[svcEndpoint][]recordKey
+	// byEndpoint finds the records of an endpoint, for dataplane observations, which do not
+	// know the pod (and, for iptables rules without comments, not the Service either).
+	byEndpoint map[probes.Endpoint][]recordKey
 	// orphans are dataplane removals seen before this node saw the endpoint terminate (kube-proxy
 	// can be faster than this daemon's watch); a record created soon after adopts them.
-	orphans []orphan
+	orphans []probes.Observation
 	status  map[string]probes.Status
-}
-
-type svcEndpoint struct {
-	service  probes.ServiceRef
-	endpoint probes.Endpoint
-}
-
-type orphan struct {
-	key svcEndpoint
-	obs probes.Observation
 }
 
 // orphanWindow is how long a dataplane removal waits for its record, and maxOrphans how many wait.
@@ -156,7 +146,7 @@ func New(opts Options, clk clock.WithTicker, log *slog.Logger, reg prometheus.Re
 		log:        log,
 		records:    map[recordKey]*record{},
 		pods:       map[string]*podTimeline{},
-		byEndpoint: map[svcEndpoint][]recordKey{},
+		byEndpoint: map[probes.Endpoint][]recordKey{},
 		status:     map[string]probes.Status{},
 	}
 	c.m = newMetrics(c)
@@ -266,8 +256,7 @@ func (c *Collector) record(o probes.Observation, create bool) *record {
 		}
 	}
 	c.records[k] = r
-	se := svcEndpoint{k.service, k.endpoint}
-	c.byEndpoint[se] = append(c.byEndpoint[se], k)
+	c.byEndpoint[k.endpoint] = append(c.byEndpoint[k.endpoint], k)
 	c.peak = max(c.peak, len(c.records))
 	c.queue = append(c.queue, queued{created: now, key: k})
 	return r
@@ -345,14 +334,14 @@ func (c *Collector) endpointRemoved(o probes.Observation) {
 	c.addStage(r, o)
 }
 
-// dataplaneRemoved joins a removal that names a Service's endpoint but not the pod to the
-// terminating records of that endpoint still waiting for the stage, or keeps it as an orphan.
+// dataplaneRemoved joins a removal that names an endpoint, and its Service when the rules say,
+// but not the pod, to the terminating records of that endpoint still waiting for the stage, or
+// keeps it as an orphan.
 func (c *Collector) dataplaneRemoved(o probes.Observation) {
-	se := svcEndpoint{o.Service, o.Endpoint}
 	joined := false
-	for _, k := range c.byEndpoint[se] {
+	for _, k := range c.byEndpoint[o.Endpoint] {
 		r := c.records[k]
-		if r == nil || r.stage(probes.StageEndpointSlice) == nil || r.stage(o.Stage) != nil {
+		if r == nil || !sameService(o.Service, k.service) || r.stage(probes.StageEndpointSlice) == nil || r.stage(o.Stage) != nil {
 			continue
 		}
 		c.addStage(r, o)
@@ -365,20 +354,25 @@ func (c *Collector) dataplaneRemoved(o probes.Observation) {
 		c.orphans = c.orphans[1:]
 		c.m.dropped.Inc()
 	}
-	c.orphans = append(c.orphans, orphan{key: se, obs: o})
+	c.orphans = append(c.orphans, o)
+}
+
+// sameService matches a dataplane observation's Service to a record's; an observation that
+// names none matches every Service.
+func sameService(observed, record probes.ServiceRef) bool {
+	return observed.Name == "" || observed == record
 }
 
 // adoptOrphans gives a record that just turned terminating the dataplane removals of its
 // endpoint seen shortly before.
 func (c *Collector) adoptOrphans(r *record, at time.Time) {
-	se := svcEndpoint{r.key.service, r.key.endpoint}
 	kept := c.orphans[:0]
-	for _, or := range c.orphans {
-		if or.key == se && at.Sub(or.obs.Time) <= orphanWindow && r.stage(or.obs.Stage) == nil {
-			c.addStage(r, or.obs)
+	for _, o := range c.orphans {
+		if o.Endpoint == r.key.endpoint && sameService(o.Service, r.key.service) && at.Sub(o.Time) <= orphanWindow && r.stage(o.Stage) == nil {
+			c.addStage(r, o)
 			continue
 		}
-		kept = append(kept, or)
+		kept = append(kept, o)
 	}
 	clear(c.orphans[len(kept):])
 	c.orphans = kept
@@ -478,7 +472,7 @@ func (c *Collector) Sweep() {
 	}
 	c.queue = append([]queued(nil), c.queue[n:]...)
 	if len(c.byEndpoint) == 0 {
-		c.byEndpoint = map[svcEndpoint][]recordKey{}
+		c.byEndpoint = map[probes.Endpoint][]recordKey{}
 	}
 	if len(c.records) <= c.peak/4 {
 		fresh := make(map[recordKey]*record, len(c.records))
@@ -495,8 +489,7 @@ func (c *Collector) Sweep() {
 }
 
 func (c *Collector) unindex(k recordKey) {
-	se := svcEndpoint{k.service, k.endpoint}
-	keys := c.byEndpoint[se]
+	keys := c.byEndpoint[k.endpoint]
 	for i, x := range keys {
 		if x == k {
 			keys = append(keys[:i], keys[i+1:]...)
@@ -504,20 +497,20 @@ func (c *Collector) unindex(k recordKey) {
 		}
 	}
 	if len(keys) == 0 {
-		delete(c.byEndpoint, se)
+		delete(c.byEndpoint, k.endpoint)
 	} else {
-		c.byEndpoint[se] = keys
+		c.byEndpoint[k.endpoint] = keys
 	}
 }
 
 func (c *Collector) expireOrphans() {
 	cutoff := c.clock.Now().Add(-orphanWindow)
 	n := 0
-	for n < len(c.orphans) && c.orphans[n].obs.Time.Before(cutoff) {
+	for n < len(c.orphans) && c.orphans[n].Time.Before(cutoff) {
 		n++
 	}
 	if n > 0 {
-		c.orphans = append([]orphan(nil), c.orphans[n:]...)
+		c.orphans = append([]probes.Observation(nil), c.orphans[n:]...)
 	}
 }
 

@@ -408,3 +408,17 @@ func TestNotProxiedServicesAwaitNoDataplaneStage(t *testing.T) {
 		t.Errorf("pending endpointslice_removed = %g, want 1", got)
 	}
 }
+
+// iptables rules without comments (kube-proxy drops them above 1000 endpoints) do not name the
+// Service: the removal joins the endpoint's terminating records of any Service.
+func TestDataplaneRemovalWithoutService(t *testing.T) {
+	f := newFixture(t, Options{Stages: []probes.Stage{probes.StageIptables}})
+	f.c.Observe(obs(probes.StageEndpointSlice, 1, t0, false))
+	other := obs(probes.StageEndpointSlice, 1, t0, false)
+	other.Service = probes.ServiceRef{Namespace: "default", Name: "web-canary"}
+	f.c.Observe(other)
+	f.c.Observe(probes.Observation{Stage: probes.StageIptables, Time: t0.Add(time.Second), Source: "iptables", Endpoint: endpoint(1)})
+	if n, _ := f.histogram("endpointlag_programming_seconds", probes.StageIptables); n != 2 {
+		t.Errorf("programming iptables: %d samples, want 2 (one per Service of the endpoint)", n)
+	}
+}

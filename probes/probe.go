@@ -142,9 +142,20 @@ type Probe interface {
 	Run(ctx context.Context, sink Sink) error
 }
 
+// ServiceEndpoints is what a dataplane sends one Service's new connections to.
+type ServiceEndpoints struct {
+	Service ServiceRef `json:"service"`
+	// Chain names the rules when they do not name the Service (iptables mode above 1000
+	// endpoints, where kube-proxy writes no comments).
+	Chain     string     `json:"chain,omitempty"`
+	Endpoints []Endpoint `json:"endpoints"`
+}
+
 // Env is what the daemon hands every probe constructor.
 type Env struct {
 	NodeName string
+	// PollInterval is how often probes read sources that have no change events.
+	PollInterval time.Duration
 	// Client is nil when no API server is configured.
 	Client kubernetes.Interface
 	Clock  clock.Clock
@@ -185,4 +196,28 @@ func Registered() []Factory {
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
 	return out
+}
+
+// SortEndpoints orders endpoints by address, port and protocol.
+func SortEndpoints(eps []Endpoint) {
+	sort.Slice(eps, func(i, j int) bool {
+		a, b := eps[i], eps[j]
+		if c := a.Addr.Compare(b.Addr); c != 0 {
+			return c < 0
+		}
+		if a.Port != b.Port {
+			return a.Port < b.Port
+		}
+		return a.Protocol < b.Protocol
+	})
+}
+
+// SortServiceEndpoints orders by Service, then chain.
+func SortServiceEndpoints(s []ServiceEndpoints) {
+	sort.Slice(s, func(i, j int) bool {
+		if a, b := s[i].Service.String(), s[j].Service.String(); a != b {
+			return a < b
+		}
+		return s[i].Chain < s[j].Chain
+	})
 }

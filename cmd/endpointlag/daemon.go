@@ -66,7 +66,7 @@ func newDaemon(opts Options, log *slog.Logger, clk clock.WithTicker, client kube
 		return nil, err
 	}
 	d := &daemon{opts: opts, log: log, coll: coll}
-	env := probes.Env{NodeName: opts.NodeName, Client: client, Clock: clk, Logger: log}
+	env := probes.Env{NodeName: opts.NodeName, PollInterval: opts.PollInterval, Client: client, Clock: clk, Logger: log}
 	for _, f := range enabled {
 		p, err := f.New(env)
 		if err != nil {

@@ -49,7 +49,7 @@ func testOptions() Options {
 	on := true
 	return Options{
 		NodeName: "node-a", ListenAddress: "127.0.0.1:0", LogLevel: "debug", LogFormat: "text",
-		Horizon: time.Hour, MaxRecords: 100, SweepInterval: time.Minute, ShutdownTimeout: 5 * time.Second,
+		Horizon: time.Hour, MaxRecords: 100, SweepInterval: time.Minute, ShutdownTimeout: 5 * time.Second, PollInterval: time.Second,
 		Probes: map[string]*bool{"kube": &on},
 	}
 }

@@ -16,6 +16,7 @@ import (
 	"github.com/spf13/pflag"
 
 	// Probes register themselves.
+	_ "github.com/endpointlag/endpointlag/probes/iptables"
 	_ "github.com/endpointlag/endpointlag/probes/kube"
 	_ "github.com/endpointlag/endpointlag/probes/nftables"
 )

@@ -26,6 +26,7 @@ type Options struct {
 	MaxRecords      int
 	SweepInterval   time.Duration
 	ShutdownTimeout time.Duration
+	PollInterval    time.Duration
 	// Probes maps every registered probe to whether it runs.
 	Probes map[string]*bool
 }
@@ -44,6 +45,8 @@ func bindFlags(fs *pflag.FlagSet, o *Options) {
 	fs.IntVar(&o.MaxRecords, "record.max", 50000,
 		"most endpoint records (and, separately, deleting pods) held at once; more are dropped and counted")
 	fs.DurationVar(&o.SweepInterval, "record.sweep-interval", 10*time.Second, "how often expired records are removed")
+	fs.DurationVar(&o.PollInterval, "dataplane.poll-interval", time.Second,
+		"how often sources without change events are read (iptables legacy backend); also their precision")
 	fs.DurationVar(&o.ShutdownTimeout, "shutdown-timeout", 10*time.Second,
 		"how long SIGTERM/SIGINT waits for probes and in-flight requests before exiting")
 	o.Probes = map[string]*bool{}
@@ -66,6 +69,7 @@ func (o *Options) Validate() error {
 	}
 	for name, d := range map[string]time.Duration{
 		"--record.horizon": o.Horizon, "--record.sweep-interval": o.SweepInterval, "--shutdown-timeout": o.ShutdownTimeout,
+		"--dataplane.poll-interval": o.PollInterval,
 	} {
 		if d <= 0 {
 			errs = append(errs, fmt.Errorf("%s must be positive, got %s", name, d))

@@ -10,7 +10,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"sort"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -100,7 +99,7 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 	}
 	p.publish(rd, sink, time.Time{})
 	sink.SetStatus(Name, probes.Status{Up: true, Synced: true})
-	p.log.Info("synced", "services", len(p.Snapshot()))
+	p.log.Info("synced", "services", len(p.state))
 	for {
 		select {
 		case <-ctx.Done():
@@ -145,19 +144,32 @@ func (p *Probe) publish(rd *reader, sink probes.Sink, now time.Time) {
 }
 
 // Snapshot returns what the rules do now: per Service, the endpoints new connections can reach.
-func (p *Probe) Snapshot() map[probes.ServiceRef][]probes.Endpoint {
+// Before Run has read the rules, it reads them once.
+func (p *Probe) Snapshot() ([]probes.ServiceEndpoints, error) {
 	p.mu.Lock()
-	defer p.mu.Unlock()
-	out := make(map[probes.ServiceRef][]probes.Endpoint, len(p.state))
-	for svc, eps := range p.state {
-		list := make([]probes.Endpoint, 0, len(eps))
-		for ep := range eps {
-			list = append(list, ep)
+	state := p.state
+	p.mu.Unlock()
+	var err error
+	if state == nil {
+		conn, cerr := p.newConn()
+		if cerr != nil {
+			return nil, cerr
 		}
-		sort.Slice(list, func(i, j int) bool { return list[i].String() < list[j].String() })
-		out[svc] = list
+		rd := &reader{conn: conn}
+		err = rd.resync()
+		state = rd.endpoints()
 	}
-	return out
+	out := make([]probes.ServiceEndpoints, 0, len(state))
+	for svc, eps := range state {
+		se := probes.ServiceEndpoints{Service: svc}
+		for ep := range eps {
+			se.Endpoints = append(se.Endpoints, ep)
+		}
+		probes.SortEndpoints(se.Endpoints)
+		out = append(out, se)
+	}
+	probes.SortServiceEndpoints(out)
+	return out, err
 }
 
 func (rd *reader) endpoints() map[probes.ServiceRef]map[probes.Endpoint]bool {

@@ -111,11 +111,16 @@ func (r *recorder) waitFor(t *testing.T, what string, cond func() bool) {
 	}
 }
 
-func snapshot(p *Probe) []string {
+func snapshot(t *testing.T, p *Probe) []string {
+	t.Helper()
+	all, err := p.Snapshot()
+	if err != nil {
+		t.Fatal(err)
+	}
 	var out []string
-	for svc, eps := range p.Snapshot() {
-		for _, ep := range eps {
-			out = append(out, svc.String()+" "+ep.String())
+	for _, se := range all {
+		for _, ep := range se.Endpoints {
+			out = append(out, se.Service.String()+" "+ep.String())
 		}
 	}
 	sort.Strings(out)
@@ -150,7 +155,7 @@ func TestProbeFollowsKubeProxyRules(t *testing.T) {
 		"shop/web [fd00:10:244:1::5]:8080/TCP",
 		"shop/web [fd00:10:244:2::6]:8080/TCP",
 	}
-	if got := snapshot(p); !slices.Equal(got, want) {
+	if got := snapshot(t, p); !slices.Equal(got, want) {
 		t.Fatalf("initial endpoints:\n got %q\nwant %q", got, want)
 	}
 	if len(rec.removed()) != 0 || len(rec.errs) != 0 {

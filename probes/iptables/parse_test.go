@@ -1,0 +1,117 @@
+package iptables
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"sort"
+	"strings"
+	"testing"
+)
+
+func readFixture(t testing.TB, name string) []rule {
+	t.Helper()
+	f, err := os.Open(filepath.Join("testdata", name))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	rules, err := parseSave(f)
+	if err != nil {
+		t.Fatalf("%s: %v", name, err)
+	}
+	return rules
+}
+
+func describe(groups map[string]*group) []string {
+	var out []string
+	for key, g := range groups {
+		for ep := range g.endpoints {
+			out = append(out, fmt.Sprintf("%s %s %s", key, g.service, ep))
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
+func TestEndpoints(t *testing.T) {
+	for _, tc := range []struct {
+		file string
+		want []string
+	}{
+		{"kube-proxy.iptables", []string{
+			"default/kubernetes default/kubernetes 10.99.0.1:6443/TCP",
+			"default/web default/web 10.244.1.3:8080/TCP",
+			"default/web default/web 10.244.1.4:8080/TCP",
+			"default/web default/web 10.244.2.2:8080/TCP",
+		}},
+		// Above 1000 endpoints kube-proxy writes no comments: the chains still tell the endpoints,
+		// grouped by service chain, the Service unnamed.
+		{"kube-proxy-nocomments.iptables", []string{
+			"KUBE-SVC-LOLE4ISW44XBNF3G  10.244.1.3:8080/TCP",
+			"KUBE-SVC-LOLE4ISW44XBNF3G  10.244.1.4:8080/TCP",
+			"KUBE-SVC-LOLE4ISW44XBNF3G  10.244.2.2:8080/TCP",
+			"KUBE-SVC-NPX46M4PTMTKRN6Y  10.99.0.1:6443/TCP",
+		}},
+		{"kube-proxy-ipv6.iptables", []string{
+			"shop/web shop/web [fd00:10:244:1::5]:8080/TCP",
+		}},
+	} {
+		if got := describe(endpoints(readFixture(t, tc.file))); !slices.Equal(got, tc.want) {
+			t.Errorf("%s:\n got %q\nwant %q", tc.file, got, tc.want)
+		}
+	}
+}
+
+func TestParseErrors(t *testing.T) {
+	for _, tc := range []struct{ text, want string }{
+		{"*nat\n-A KUBE-SEP-X -p tcp -j DNAT --to-destination 10.0.0.300:80\nCOMMIT\n", `line 2: --to-destination "10.0.0.300:80"`},
+		{"*nat\n-A KUBE-SVC-X -m comment --comment \"open\nCOMMIT\n", "line 2: unterminated quote"},
+		{"*nat\n-A KUBE-SVC-X -j\nCOMMIT\n", "line 2: -j without a value"},
+	} {
+		_, err := parseSave(strings.NewReader(tc.text))
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%q: error %v, want %q", tc.text, err, tc.want)
+		}
+	}
+	// Other tables are not read.
+	rules, err := parseSave(strings.NewReader("*filter\n-A X -j DNAT --to-destination nonsense\nCOMMIT\n"))
+	if err != nil || len(rules) != 0 {
+		t.Errorf("filter table: %v %v", rules, err)
+	}
+}
+
+func TestSplit(t *testing.T) {
+	got, err := split(`-A X -m comment --comment "a \"b\" c" -j Y`)
+	want := []string{"-A", "X", "-m", "comment", "--comment", `a "b" c`, "-j", "Y"}
+	if err != nil || !slices.Equal(got, want) {
+		t.Errorf("split = %q, %v; want %q", got, err, want)
+	}
+}
+
+func FuzzParseSave(f *testing.F) {
+	for _, name := range []string{"kube-proxy.iptables", "kube-proxy-nocomments.iptables", "kube-proxy-ipv6.iptables"} {
+		b, err := os.ReadFile(filepath.Join("testdata", name))
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(string(b))
+	}
+	f.Fuzz(func(t *testing.T, text string) {
+		rules, err := parseSave(strings.NewReader(text))
+		if err != nil {
+			return
+		}
+		for key, g := range endpoints(rules) {
+			if key == "" {
+				t.Error("a group without a key")
+			}
+			for ep := range g.endpoints {
+				if !ep.Addr.IsValid() || ep.Protocol == "" {
+					t.Errorf("invalid endpoint %+v", ep)
+				}
+			}
+		}
+	})
+}
