@@ -29,9 +29,6 @@ import (
 	"github.com/endpointlag/endpointlag/lab/scenario"
 )
 
-// dataplaneStage is the stage of the lab's kube-proxy mode.
-const dataplaneStage = "nftables"
-
 // config returns the lab's configuration, or why the lab cannot run here.
 func config(t *testing.T) cluster.Config {
 	t.Helper()
@@ -68,9 +65,17 @@ func (w testWriter) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-// TestLab runs the scenarios on one lab, in order, then checks the teardown.
+// TestLab runs the scenarios on one lab per kube-proxy mode, in order, then checks the teardown.
 func TestLab(t *testing.T) {
+	for _, mode := range []string{"nftables", "iptables"} {
+		t.Run(mode, func(t *testing.T) { testLab(t, mode) })
+	}
+}
+
+func testLab(t *testing.T, mode string) {
 	cfg := config(t)
+	cfg.ProxyMode = mode
+	dataplaneStage := mode
 	rootLinks := linkNames(t)
 	ctx := context.Background()
 	c, err := cluster.Up(ctx, cfg)
@@ -93,7 +98,7 @@ func TestLab(t *testing.T) {
 	ls := scenario.LoadSettings{Rate: 200, Timeout: 3 * time.Second}
 
 	var first *scenario.Rollout
-	t.Run("every daemon records every deleted pod's endpointslice and nftables stages", func(t *testing.T) {
+	t.Run("every daemon records every deleted pod's endpointslice and dataplane stages", func(t *testing.T) {
 		first, err = scenario.RunRollout(ctx, c, app, "rollout", scenario.Behaviour{}, ls, testWriter{t})
 		if err != nil {
 			t.Fatal(err)
@@ -117,7 +122,7 @@ func TestLab(t *testing.T) {
 	})
 
 	t.Run("the slice and dataplane stages agree with the test's own ground truth", func(t *testing.T) {
-		groundTruth(t, ctx, c, app)
+		groundTruth(t, ctx, c, app, dataplaneStage)
 	})
 
 	t.Run("with preStop sized from the measurement and drain no request fails", func(t *testing.T) {
@@ -155,7 +160,7 @@ func TestLab(t *testing.T) {
 
 // groundTruth deletes pods itself, noting when it issued each delete and when its own watch saw
 // the endpoint turn terminating, and compares with what the daemons recorded.
-func groundTruth(t *testing.T, ctx context.Context, c *cluster.Cluster, app *scenario.App) {
+func groundTruth(t *testing.T, ctx context.Context, c *cluster.Cluster, app *scenario.App, dataplaneStage string) {
 	var mu sync.Mutex
 	sawTerminating := map[string]time.Time{} // pod UID → when this test's watch saw it
 	f := informers.NewSharedInformerFactoryWithOptions(c.Client, 0, informers.WithNamespace(app.Namespace))
@@ -184,7 +189,7 @@ func groundTruth(t *testing.T, ctx context.Context, c *cluster.Cluster, app *sce
 
 	monitors := map[string]*ruleMonitor{}
 	for _, n := range c.Nodes {
-		m, err := startRuleMonitor(n.NS)
+		m, err := startRuleMonitor(n.NS, dataplaneStage)
 		if err != nil {
 			t.Fatal(err)
 		}

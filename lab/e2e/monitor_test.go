@@ -13,12 +13,14 @@ import (
 )
 
 // ruleMonitor runs `nft monitor rules` in a node's namespace and timestamps every line as it
-// arrives: the test's own record of when kube-proxy rewrote a service chain.
+// arrives: the test's own record of when kube-proxy rewrote its rules. It starts with the
+// table's current rules, written the way the monitor prints added rules.
 type ruleMonitor struct {
-	cmd  *exec.Cmd
-	mu   sync.Mutex
-	seen []ruleLine
-	done chan struct{}
+	cmd   *exec.Cmd
+	table string // "kube-proxy" (nftables mode) or "nat" (iptables mode, nf_tables backend)
+	mu    sync.Mutex
+	seen  []ruleLine
+	done  chan struct{}
 }
 
 type ruleLine struct {
@@ -26,7 +28,11 @@ type ruleLine struct {
 	line string
 }
 
-func startRuleMonitor(netns string) (*ruleMonitor, error) {
+func startRuleMonitor(netns, mode string) (*ruleMonitor, error) {
+	table := "kube-proxy"
+	if mode == "iptables" {
+		table = "nat"
+	}
 	cmd := ns.Command(netns, "nft", "monitor", "rules")
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	out, err := cmd.StdoutPipe()
@@ -36,12 +42,10 @@ func startRuleMonitor(netns string) (*ruleMonitor, error) {
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("nft monitor in %s: %w", netns, err)
 	}
-	m := &ruleMonitor{cmd: cmd, done: make(chan struct{})}
-	// What the chains hold already, in the form the monitor prints changes.
-	listing, err := ns.Command(netns, "nft", "list", "table", "ip", "kube-proxy").Output()
+	m := &ruleMonitor{cmd: cmd, table: table, done: make(chan struct{})}
+	listing, err := ns.Command(netns, "nft", "list", "table", "ip", table).Output()
 	if err != nil {
-		_ = cmd.Process.Kill()
-		_ = cmd.Wait()
+		m.stop()
 		return nil, fmt.Errorf("nft list in %s: %w", netns, err)
 	}
 	now, chain := time.Now(), ""
@@ -53,7 +57,7 @@ func startRuleMonitor(netns string) (*ruleMonitor, error) {
 		case line == "}":
 			chain = ""
 		case chain != "" && line != "":
-			m.seen = append(m.seen, ruleLine{now, "add rule ip kube-proxy " + chain + " " + line})
+			m.seen = append(m.seen, ruleLine{now, "add rule ip " + table + " " + chain + " " + line})
 		}
 	}
 	go func() {
@@ -76,34 +80,91 @@ func (m *ruleMonitor) stop() {
 	_ = m.cmd.Wait()
 }
 
-// removedAt returns when, after since, a rule of service's chains was first added that no
-// longer sends to ip:port: kube-proxy rewrites a service chain whole in one transaction.
+func sendsTo(line, ip string, port int) bool {
+	return strings.Contains(line, fmt.Sprintf("%s . %d", ip, port)) || strings.Contains(line, fmt.Sprintf("%s:%d", ip, port))
+}
+
+// chainOf returns the chain an "add rule ip TABLE CHAIN ..." or "delete rule ..." line is about.
+func (m *ruleMonitor) chainOf(line string) string {
+	for _, p := range []string{"add rule ip " + m.table + " ", "delete rule ip " + m.table + " "} {
+		if rest, ok := strings.CutPrefix(line, p); ok {
+			chain, _, _ := strings.Cut(rest, " ")
+			return chain
+		}
+	}
+	return ""
+}
+
+// sepChains returns iptables mode's endpoint chains that DNAT to ip:port.
+func (m *ruleMonitor) sepChains(ip string, port int) map[string]bool {
+	out := map[string]bool{}
+	for _, l := range m.seen {
+		if c := m.chainOf(l.line); strings.HasPrefix(c, "KUBE-SEP-") && strings.HasPrefix(l.line, "add rule") && sendsTo(l.line, ip, port) {
+			out[c] = true
+		}
+	}
+	return out
+}
+
+// removedAt returns when, after since, the service's rules were first rewritten without ip:port:
+// in nftables mode a service chain's new rule that no longer sends there; in iptables mode the
+// first rule deleted from a service chain that jumped to the endpoint's KUBE-SEP chain.
 func (m *ruleMonitor) removedAt(service, ip string, port int, since time.Time) (time.Time, bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	chain := "-" + service + "/"
-	target := []string{fmt.Sprintf("%s . %d", ip, port), fmt.Sprintf("%s:%d", ip, port)}
+	if m.table == "kube-proxy" {
+		for _, l := range m.seen {
+			c := m.chainOf(l.line)
+			if l.at.Before(since) || !strings.HasPrefix(l.line, "add rule") || !strings.HasPrefix(c, "service-") || !strings.Contains(c, "-"+service+"/") {
+				continue
+			}
+			if !sendsTo(l.line, ip, port) {
+				return l.at, true
+			}
+		}
+		return time.Time{}, false
+	}
+	seps := m.sepChains(ip, port)
+	svcChains := map[string]bool{}
 	for _, l := range m.seen {
-		if l.at.Before(since) || !strings.HasPrefix(l.line, "add rule ip kube-proxy service-") || !strings.Contains(l.line, chain) {
+		c := m.chainOf(l.line)
+		if !strings.HasPrefix(c, "KUBE-SVC-") && !strings.HasPrefix(c, "KUBE-SVL-") {
 			continue
 		}
-		if !strings.Contains(l.line, target[0]) && !strings.Contains(l.line, target[1]) {
+		for sep := range seps {
+			if strings.HasPrefix(l.line, "add rule") && strings.HasSuffix(l.line, "jump "+sep) {
+				svcChains[c] = true
+			}
+		}
+	}
+	for _, l := range m.seen {
+		if !l.at.Before(since) && strings.HasPrefix(l.line, "delete rule") && svcChains[m.chainOf(l.line)] {
 			return l.at, true
 		}
 	}
 	return time.Time{}, false
 }
 
-// programmed reports whether the service chain's latest rule, as this monitor saw it, sends to
-// ip:port.
+// programmed reports whether the node's rules send the service's traffic to ip:port now.
 func (m *ruleMonitor) programmed(service, ip string, port int) bool {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	chain := "-" + service + "/"
+	if m.table == "kube-proxy" {
+		for i := len(m.seen) - 1; i >= 0; i-- {
+			l := m.seen[i].line
+			if c := m.chainOf(l); strings.HasPrefix(l, "add rule") && strings.HasPrefix(c, "service-") && strings.Contains(c, "-"+service+"/") {
+				return sendsTo(l, ip, port)
+			}
+		}
+		return false
+	}
+	seps := m.sepChains(ip, port)
 	for i := len(m.seen) - 1; i >= 0; i-- {
 		l := m.seen[i].line
-		if strings.HasPrefix(l, "add rule ip kube-proxy service-") && strings.Contains(l, chain) {
-			return strings.Contains(l, fmt.Sprintf("%s . %d", ip, port)) || strings.Contains(l, fmt.Sprintf("%s:%d", ip, port))
+		for sep := range seps {
+			if strings.HasPrefix(l, "add rule") && strings.HasSuffix(l, "jump "+sep) && strings.HasPrefix(m.chainOf(l), "KUBE-SVC-") {
+				return true
+			}
 		}
 	}
 	return false
