@@ -41,6 +41,9 @@ type Options struct {
 	Stages []probes.Stage
 	// Probes are the enabled probes; the collector is ready once each has synced.
 	Probes []string
+	// StageProbe names the probe that reports each stage of Stages; a stage is not awaited
+	// while its probe reports itself inactive.
+	StageProbe map[probes.Stage]string
 }
 
 // Validate reports the first option that is out of range.
@@ -522,7 +525,7 @@ func (c *Collector) pendingStages(r *record) []probes.Stage {
 	}
 	var out []probes.Stage
 	for _, s := range c.opts.Stages {
-		if s.Dataplane() && r.notProxied {
+		if s.Dataplane() && r.notProxied || c.status[c.opts.StageProbe[s]].Inactive {
 			continue
 		}
 		if r.stage(s) == nil {

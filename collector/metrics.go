@@ -118,9 +118,15 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 		}
 	}
 	records, pods := len(c.records), len(c.pods)
+	var awaited []probes.Stage
+	for _, s := range c.opts.Stages {
+		if !c.status[c.opts.StageProbe[s]].Inactive {
+			awaited = append(awaited, s)
+		}
+	}
 	c.mu.Unlock()
 
-	for _, s := range c.opts.Stages {
+	for _, s := range awaited {
 		ch <- prometheus.MustNewConstMetric(m.pendingDesc, prometheus.GaugeValue, float64(pending[s]), string(s))
 		ch <- prometheus.MustNewConstMetric(m.oldestDesc, prometheus.GaugeValue, oldest[s], string(s))
 	}

@@ -112,6 +112,9 @@ type Status struct {
 	Up bool
 	// Synced is true once the probe has read its source's full state at least once.
 	Synced bool
+	// Inactive is true while the probe's source does not exist on this node (a kube-proxy mode
+	// the node does not run): its stages are not awaited.
+	Inactive bool
 }
 
 // InputError is a piece of source data a probe had to skip. Reason is a short, fixed word (it

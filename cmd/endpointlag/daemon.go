@@ -51,10 +51,13 @@ type daemon struct {
 
 func newDaemon(opts Options, log *slog.Logger, clk clock.WithTicker, client kubernetes.Interface) (*daemon, error) {
 	enabled := opts.enabled()
-	copts := collector.Options{Horizon: opts.Horizon, MaxRecords: opts.MaxRecords, SweepInterval: opts.SweepInterval}
+	copts := collector.Options{Horizon: opts.Horizon, MaxRecords: opts.MaxRecords, SweepInterval: opts.SweepInterval, StageProbe: map[probes.Stage]string{}}
 	for _, f := range enabled {
 		copts.Probes = append(copts.Probes, f.Name)
 		copts.Stages = append(copts.Stages, f.Stages...)
+		for _, s := range f.Stages {
+			copts.StageProbe[s] = f.Name
+		}
 	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))

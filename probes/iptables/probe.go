@@ -44,9 +44,10 @@ type Options struct {
 
 func init() {
 	probes.Register(probes.Factory{
-		Name:   Name,
-		Help:   "this node's kube-proxy rules in iptables mode (nat table), nf_tables backend followed through the netlink monitor, legacy backend polled",
-		Stages: []probes.Stage{probes.StageIptables},
+		Name:           Name,
+		Help:           "this node's kube-proxy rules in iptables mode (nat table), nf_tables backend followed through the netlink monitor, legacy backend polled; inactive until KUBE-SERVICES exists",
+		DefaultEnabled: true,
+		Stages:         []probes.Stage{probes.StageIptables},
 		New: func(env probes.Env) (probes.Probe, error) {
 			return New(Options{PollInterval: env.PollInterval}, env.Clock, env.Logger), nil
 		},
@@ -154,7 +155,8 @@ func (p *Probe) readRules(ctx context.Context, b Backend) (map[string]*group, er
 
 // Run implements probes.Probe.
 func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
-	sink.SetStatus(Name, probes.Status{})
+	// Until kube-proxy's chains show up, the probe has nothing to read and nothing is awaited.
+	sink.SetStatus(Name, probes.Status{Up: true, Synced: true, Inactive: true})
 	var backend Backend
 	for backend = p.Detect(ctx); backend == ""; backend = p.Detect(ctx) {
 		select {

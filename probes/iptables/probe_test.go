@@ -77,13 +77,21 @@ type recorder struct {
 	synced bool
 }
 
-func (r *recorder) Observe(o probes.Observation) { r.mu.Lock(); r.obs = append(r.obs, o); r.mu.Unlock() }
+func (r *recorder) Observe(o probes.Observation) {
+	r.mu.Lock()
+	r.obs = append(r.obs, o)
+	r.mu.Unlock()
+}
 func (r *recorder) SetStatus(_ string, s probes.Status) {
 	r.mu.Lock()
 	r.synced = r.synced || s.Synced
 	r.mu.Unlock()
 }
-func (r *recorder) Error(_ string, err error) { r.mu.Lock(); r.errs = append(r.errs, err); r.mu.Unlock() }
+func (r *recorder) Error(_ string, err error) {
+	r.mu.Lock()
+	r.errs = append(r.errs, err)
+	r.mu.Unlock()
+}
 
 func (r *recorder) removed() []string {
 	r.mu.Lock()
@@ -96,12 +104,14 @@ func (r *recorder) removed() []string {
 	return out
 }
 
-func wait(t *testing.T, what string, cond func() bool) {
+func wait(t *testing.T, what string, cond func() bool, rec *recorder) {
 	t.Helper()
 	deadline := time.Now().Add(5 * time.Second)
 	for !cond() {
 		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
+			rec.mu.Lock()
+			defer rec.mu.Unlock()
+			t.Fatalf("timed out waiting for %s; errors: %v", what, rec.errs)
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
@@ -133,7 +143,7 @@ func TestProbeFollowsKubeProxyRules(t *testing.T) {
 					t.Errorf("Run: %v", err)
 				}
 			}()
-			wait(t, "sync", func() bool { rec.mu.Lock(); defer rec.mu.Unlock(); return rec.synced })
+			wait(t, "the first read", func() bool { p.mu.Lock(); defer p.mu.Unlock(); return p.reads > 0 }, rec)
 
 			precision := "0s"
 			if backend == BackendLegacy {
@@ -148,13 +158,13 @@ func TestProbeFollowsKubeProxyRules(t *testing.T) {
 			}
 			for _, s := range steps {
 				restore(t, ns, backend, s.file)
-				wait(t, s.file, func() bool { return len(rec.removed()) >= len(s.want) })
+				wait(t, s.file, func() bool { return len(rec.removed()) >= len(s.want) }, rec)
 				// One more read shows nothing else is reported.
 				p.mu.Lock()
 				reads := p.reads
 				p.mu.Unlock()
 				if backend == BackendLegacy {
-					wait(t, "another poll", func() bool { p.mu.Lock(); defer p.mu.Unlock(); return p.reads > reads+1 })
+					wait(t, "another poll", func() bool { p.mu.Lock(); defer p.mu.Unlock(); return p.reads > reads+1 }, rec)
 				}
 				if got := rec.removed(); !slices.Equal(got, s.want) {
 					t.Errorf("after %s, removals:\n got %q\nwant %q", s.file, got, s.want)

@@ -30,9 +30,10 @@ var families = []nftables.TableFamily{nftables.TableFamilyIPv4, nftables.TableFa
 
 func init() {
 	probes.Register(probes.Factory{
-		Name:   Name,
-		Help:   "this node's kube-proxy rules in nftables mode (table kube-proxy), followed through the netlink monitor",
-		Stages: []probes.Stage{probes.StageNftables},
+		Name:           Name,
+		Help:           "this node's kube-proxy rules in nftables mode (table kube-proxy), followed through the netlink monitor; inactive while the table is absent",
+		DefaultEnabled: true,
+		Stages:         []probes.Stage{probes.StageNftables},
 		New: func(env probes.Env) (probes.Probe, error) {
 			return New(env.Clock, env.Logger), nil
 		},
@@ -73,6 +74,8 @@ type reader struct {
 	conn   *nftables.Conn
 	chains map[chainKey]*chainInfo
 	roots  map[nftables.TableFamily][]string
+	// found is true while a kube-proxy table exists in some family.
+	found bool
 }
 
 // Run implements probes.Probe.
@@ -98,8 +101,9 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 		sink.Error(Name, err)
 	}
 	p.publish(rd, sink, time.Time{})
-	sink.SetStatus(Name, probes.Status{Up: true, Synced: true})
-	p.log.Info("synced", "services", len(p.state))
+	active := rd.found
+	sink.SetStatus(Name, probes.Status{Up: true, Synced: true, Inactive: !active})
+	p.log.Info("synced", "services", len(p.state), "kube-proxy table", active)
 	for {
 		select {
 		case <-ctx.Done():
@@ -116,7 +120,11 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 					continue
 				}
 			}
-			sink.SetStatus(Name, probes.Status{Up: true})
+			if rd.found != active {
+				active = rd.found
+				p.log.Info("kube-proxy table", "present", active)
+			}
+			sink.SetStatus(Name, probes.Status{Up: true, Inactive: !active})
 			p.publish(rd, sink, now)
 			p.generations.Add(1)
 		}
@@ -197,6 +205,7 @@ func (rd *reader) endpoints() map[probes.ServiceRef]map[probes.Endpoint]bool {
 func (rd *reader) resync() error {
 	rd.chains = map[chainKey]*chainInfo{}
 	rd.roots = map[nftables.TableFamily][]string{}
+	rd.found = false
 	var errs []error
 	for _, fam := range families {
 		chains, err := rd.conn.ListChainsOfTableFamily(fam)
@@ -215,6 +224,7 @@ func (rd *reader) resync() error {
 			}
 		}
 		if found {
+			rd.found = true
 			if err := rd.readRoots(fam); err != nil {
 				errs = append(errs, err)
 			}
