@@ -5,8 +5,10 @@ package e2e
 import (
 	"context"
 	"fmt"
+	"io"
 	"log/slog"
 	"math"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -148,6 +150,24 @@ func testLab(t *testing.T, mode string) {
 		t.Logf("rollout with preStop %s and drain: %d requests, %d failed %v", preStop, r.Summary.Requests, r.Summary.Failed, r.Summary.ByKind)
 		if r.Summary.Requests < 500 || r.Summary.Failed != 0 {
 			t.Errorf("%d of %d requests failed; want 0 of at least 500", r.Summary.Failed, r.Summary.Requests)
+		}
+	})
+
+	t.Run("each daemon chose the dataplane probe of the node's kube-proxy mode", func(t *testing.T) {
+		other := map[string]string{"nftables": "iptables", "iptables": "nftables"}[mode]
+		for _, n := range c.Nodes {
+			m := metricsText(t, n.DaemonURL)
+			for _, want := range []string{
+				fmt.Sprintf(`endpointlag_pending_endpoints{stage=%q} 0`, mode),
+				fmt.Sprintf(`endpointlag_probe_up{probe=%q} 1`, mode),
+			} {
+				if !strings.Contains(m, want) {
+					t.Errorf("%s: /metrics lacks %s", n.Name, want)
+				}
+			}
+			if strings.Contains(m, fmt.Sprintf(`endpointlag_pending_endpoints{stage=%q}`, other)) {
+				t.Errorf("%s awaits the %s stage of a mode the node does not run", n.Name, other)
+			}
 		}
 	})
 
@@ -451,4 +471,18 @@ func TestKilledLabIsCleanedUpByTheNext(t *testing.T) {
 	}
 	c.Down()
 	assertClean(t, cfg, rootLinks)
+}
+
+func metricsText(t *testing.T, base string) string {
+	t.Helper()
+	resp, err := http.Get(base + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
 }
