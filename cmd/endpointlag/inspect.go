@@ -26,6 +26,7 @@ import (
 )
 
 const inspectUsage = `Usage: endpointlag inspect [flags]
+       endpointlag inspect rules [flags]   (see endpointlag inspect rules --help)
 
 Prints the terminating endpoints and each one's timeline so far, as a table or as JSON.
 
@@ -47,6 +48,9 @@ type inspectOptions struct {
 }
 
 func runInspect(args []string, stdout, stderr io.Writer) int {
+	if len(args) > 0 && args[0] == "rules" {
+		return runInspectRules(args[1:], stdout, stderr)
+	}
 	fs := pflag.NewFlagSet("endpointlag inspect", pflag.ContinueOnError)
 	fs.SetOutput(stderr)
 	var o inspectOptions

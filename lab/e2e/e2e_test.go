@@ -4,6 +4,7 @@ package e2e
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
@@ -12,6 +13,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -167,6 +170,16 @@ func testLab(t *testing.T, mode string) {
 			}
 			if strings.Contains(m, fmt.Sprintf(`endpointlag_pending_endpoints{stage=%q}`, other)) {
 				t.Errorf("%s awaits the %s stage of a mode the node does not run", n.Name, other)
+			}
+		}
+	})
+
+	t.Run("inspect rules agrees with nft list and iptables-save", func(t *testing.T) {
+		for _, n := range c.Nodes {
+			got := inspectRules(t, cfg.Endpointlag, n.NS, mode, app.Namespace+"/"+app.Name)
+			want := listedEndpoints(t, n.NS, mode, app.Namespace+"/"+app.Name)
+			if len(want) != int(app.Replicas) || !slices.Equal(got, want) {
+				t.Errorf("%s: inspect rules says %q, the rules list %q (%d replicas)", n.Name, got, want, app.Replicas)
 			}
 		}
 	})
@@ -485,4 +498,72 @@ func metricsText(t *testing.T, base string) string {
 		t.Fatal(err)
 	}
 	return string(b)
+}
+
+// inspectRules runs `endpointlag inspect rules -o json` in a node's namespace and returns the
+// endpoints the mode's probe reports for service, as sorted "ip:port".
+func inspectRules(t *testing.T, bin, netns, mode, service string) []string {
+	t.Helper()
+	out, err := ns.Command(netns, bin, "inspect", "rules", "-o", "json").Output()
+	if err != nil {
+		t.Fatalf("inspect rules in %s: %v", netns, err)
+	}
+	var resp map[string][]struct {
+		Service   struct{ Namespace, Name string }
+		Endpoints []struct {
+			IP   string `json:"ip"`
+			Port int    `json:"port"`
+		}
+	}
+	if err := json.Unmarshal(out, &resp); err != nil {
+		t.Fatalf("inspect rules output: %v\n%s", err, out)
+	}
+	var eps []string
+	for _, se := range resp[mode] {
+		if se.Service.Namespace+"/"+se.Service.Name == service {
+			for _, ep := range se.Endpoints {
+				eps = append(eps, fmt.Sprintf("%s:%d", ep.IP, ep.Port))
+			}
+		}
+	}
+	sort.Strings(eps)
+	return eps
+}
+
+var addrPort = regexp.MustCompile(`(\d+\.\d+\.\d+\.\d+)(?::| \. )(\d+)`)
+
+// listedEndpoints reads the node's rules with the tools a person would use: the endpoints of
+// service's chain in `nft list table ip kube-proxy`, or its DNAT rules in `iptables-save -t nat`.
+func listedEndpoints(t *testing.T, netns, mode, service string) []string {
+	t.Helper()
+	args := []string{"nft", "list", "table", "ip", "kube-proxy"}
+	if mode == "iptables" {
+		args = []string{"iptables-save", "-t", "nat"}
+	}
+	out, err := ns.Command(netns, args...).Output()
+	if err != nil {
+		t.Fatalf("%v in %s: %v", args, netns, err)
+	}
+	var eps []string
+	inChain := false
+	for _, line := range strings.Split(string(out), "\n") {
+		line = strings.TrimSpace(line)
+		var relevant bool
+		if mode == "nftables" {
+			if strings.HasPrefix(line, "chain ") {
+				inChain = strings.HasPrefix(line, "chain service-") && strings.Contains(line, "-"+service+"/")
+			}
+			relevant = inChain && strings.Contains(line, "dnat")
+		} else {
+			relevant = strings.HasPrefix(line, "-A KUBE-SEP-") && (strings.Contains(line, `"`+service+`"`) || strings.Contains(line, `"`+service+`:`)) && strings.Contains(line, "DNAT")
+		}
+		if !relevant {
+			continue
+		}
+		for _, m := range addrPort.FindAllStringSubmatch(line, -1) {
+			eps = append(eps, m[1]+":"+m[2])
+		}
+	}
+	sort.Strings(eps)
+	return eps
 }

@@ -106,7 +106,7 @@ func (p *Probe) Detect(ctx context.Context) Backend {
 func (p *Probe) Snapshot(ctx context.Context) ([]probes.ServiceEndpoints, error) {
 	b := p.Detect(ctx)
 	if b == "" {
-		return nil, nil
+		return []probes.ServiceEndpoints{}, nil
 	}
 	groups, err := p.readRules(ctx, b)
 	out := make([]probes.ServiceEndpoints, 0, len(groups))
