@@ -1,4 +1,4 @@
-# A static binary on an empty base: the daemon needs no files but its service-account token.
+# The daemon, and iptables' save commands for the iptables probe (nftables is read over netlink).
 FROM golang:1.26 AS build
 WORKDIR /src
 COPY go.mod go.sum ./
@@ -9,7 +9,7 @@ ARG REVISION=unknown
 RUN CGO_ENABLED=0 go build -trimpath -ldflags "-s -w -X main.version=${VERSION} -X main.revision=${REVISION}" \
     -o /endpointlag ./cmd/endpointlag
 
-FROM scratch
+FROM debian:bookworm-slim
+RUN apt-get update && apt-get install -y --no-install-recommends iptables && rm -rf /var/lib/apt/lists/*
 COPY --from=build /endpointlag /endpointlag
-USER 65534:65534
 ENTRYPOINT ["/endpointlag"]
