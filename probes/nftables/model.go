@@ -191,42 +191,6 @@ func decodeVerdict(b []byte) (code int32, chain string, ok bool) {
 // not reachable from them is stale.
 var rootMaps = []string{"service-ips", "service-nodeports"}
 
-// serviceEndpoints walks from the roots through the chains and returns, per Service, the
-// endpoints its reachable service and external chains can DNAT to.
-func serviceEndpoints(roots []string, chains map[string]*chainInfo) map[probes.ServiceRef]map[probes.Endpoint]bool {
-	out := map[probes.ServiceRef]map[probes.Endpoint]bool{}
-	for _, root := range roots {
-		kind, sp, ok := parseChainName(root)
-		if !ok || kind == "endpoint" {
-			continue
-		}
-		seen := map[string]bool{}
-		stack := []string{root}
-		for len(stack) > 0 {
-			name := stack[len(stack)-1]
-			stack = stack[:len(stack)-1]
-			if seen[name] {
-				continue
-			}
-			seen[name] = true
-			ci := chains[name]
-			if ci == nil {
-				continue
-			}
-			for _, d := range ci.dnats {
-				eps := out[sp.service]
-				if eps == nil {
-					eps = map[probes.Endpoint]bool{}
-					out[sp.service] = eps
-				}
-				eps[probes.Endpoint{Addr: d.Addr().Unmap(), Port: d.Port(), Protocol: sp.protocol}] = true
-			}
-			stack = append(stack, ci.jumps...)
-		}
-	}
-	return out
-}
-
 // chainKey names a chain in one address family's kube-proxy table.
 type chainKey struct {
 	family nftables.TableFamily
@@ -244,4 +208,149 @@ func familyName(f nftables.TableFamily) string {
 // formats the netlink error with %v, so only its text is left to look at.
 func isNotFound(err error) bool {
 	return err != nil && strings.Contains(err.Error(), unix.ENOENT.Error())
+}
+
+// graph keeps, for every root (a chain kube-proxy's service maps point at), the chains its walk
+// passed and the endpoints they DNAT to, so that a change re-walks only the roots that reach a
+// changed chain: a sync that touches one Service costs that Service, not the table.
+type graph struct {
+	chains map[chainKey]*chainInfo
+	roots  map[chainKey]*rootWalk
+	// reachers maps a chain to the roots whose walk passed it.
+	reachers map[chainKey]map[chainKey]bool
+	// byService maps a Service to its roots (service and external chains, both families).
+	byService map[probes.ServiceRef]map[chainKey]bool
+	// dirty roots are walked again at the next update; changed Services are reported by it.
+	dirty   map[chainKey]bool
+	changed map[probes.ServiceRef]bool
+}
+
+type rootWalk struct {
+	service probes.ServiceRef
+	reached []chainKey
+	eps     map[probes.Endpoint]bool
+}
+
+func newGraph() *graph {
+	return &graph{
+		chains: map[chainKey]*chainInfo{}, roots: map[chainKey]*rootWalk{},
+		reachers: map[chainKey]map[chainKey]bool{}, byService: map[probes.ServiceRef]map[chainKey]bool{},
+		dirty: map[chainKey]bool{}, changed: map[probes.ServiceRef]bool{},
+	}
+}
+
+func addTo(m map[chainKey]bool, k chainKey) map[chainKey]bool {
+	if m == nil {
+		m = map[chainKey]bool{}
+	}
+	m[k] = true
+	return m
+}
+
+// setChain records what a chain does now (nil: it is gone) and marks the roots reaching it.
+func (g *graph) setChain(k chainKey, ci *chainInfo) {
+	if ci == nil {
+		delete(g.chains, k)
+	} else {
+		g.chains[k] = ci
+	}
+	for r := range g.reachers[k] {
+		g.dirty[r] = true
+	}
+	if _, ok := g.roots[k]; ok {
+		g.dirty[k] = true
+	}
+}
+
+// setRoots replaces one family's roots with the chains the service maps point at now.
+func (g *graph) setRoots(fam nftables.TableFamily, names []string) {
+	next := map[chainKey]bool{}
+	for _, n := range names {
+		if kind, _, ok := parseChainName(n); ok && kind != "endpoint" {
+			next[chainKey{fam, n}] = true
+		}
+	}
+	for k, w := range g.roots {
+		if k.family == fam && !next[k] {
+			g.unreach(k, w)
+			delete(g.roots, k)
+			delete(g.byService[w.service], k)
+			if len(g.byService[w.service]) == 0 {
+				delete(g.byService, w.service)
+			}
+			delete(g.dirty, k)
+			g.changed[w.service] = true
+		}
+	}
+	for k := range next {
+		if _, ok := g.roots[k]; !ok {
+			_, sp, _ := parseChainName(k.name)
+			g.roots[k] = &rootWalk{service: sp.service}
+			g.byService[sp.service] = addTo(g.byService[sp.service], k)
+			g.dirty[k] = true
+		}
+	}
+}
+
+func (g *graph) unreach(root chainKey, w *rootWalk) {
+	for _, c := range w.reached {
+		delete(g.reachers[c], root)
+		if len(g.reachers[c]) == 0 {
+			delete(g.reachers, c)
+		}
+	}
+	w.reached = w.reached[:0]
+}
+
+// update re-walks the marked roots and returns the Services whose endpoints may have changed
+// since the last update.
+func (g *graph) update() map[probes.ServiceRef]bool {
+	for r := range g.dirty {
+		if w := g.roots[r]; w != nil {
+			g.unreach(r, w)
+			g.walk(r, w)
+			g.changed[w.service] = true
+		}
+	}
+	clear(g.dirty)
+	out := g.changed
+	g.changed = map[probes.ServiceRef]bool{}
+	return out
+}
+
+func (g *graph) walk(root chainKey, w *rootWalk) {
+	_, sp, _ := parseChainName(root.name)
+	w.eps = map[probes.Endpoint]bool{}
+	seen := map[string]bool{}
+	stack := []string{root.name}
+	for len(stack) > 0 {
+		name := stack[len(stack)-1]
+		stack = stack[:len(stack)-1]
+		if seen[name] {
+			continue
+		}
+		seen[name] = true
+		k := chainKey{root.family, name}
+		w.reached = append(w.reached, k)
+		g.reachers[k] = addTo(g.reachers[k], root)
+		ci := g.chains[k]
+		if ci == nil {
+			continue
+		}
+		for _, d := range ci.dnats {
+			w.eps[probes.Endpoint{Addr: d.Addr().Unmap(), Port: d.Port(), Protocol: sp.protocol}] = true
+		}
+		stack = append(stack, ci.jumps...)
+	}
+}
+
+// service returns the endpoints a Service's roots reach now.
+func (g *graph) service(svc probes.ServiceRef) map[probes.Endpoint]bool {
+	out := map[probes.Endpoint]bool{}
+	for r := range g.byService[svc] {
+		for ep := range g.roots[r].eps {
+			out[ep] = true
+		}
+	}
+	return out
 }

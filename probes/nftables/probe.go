@@ -56,13 +56,13 @@ type Probe struct {
 
 // New returns the probe for the current network namespace.
 func New(clk clock.PassiveClock, log *slog.Logger) *Probe {
-	return &Probe{clock: clk, log: log.With("probe", Name), newConn: func() (*nftables.Conn, error) { return nftables.New() }}
+	return &Probe{clock: clk, log: log.With("probe", Name), newConn: func() (*nftables.Conn, error) { return nftables.New(nftables.AsLasting()) }}
 }
 
 // NewInNamespace returns the probe for the network namespace open as fd.
 func NewInNamespace(fd int, clk clock.PassiveClock, log *slog.Logger) *Probe {
 	p := New(clk, log)
-	p.newConn = func() (*nftables.Conn, error) { return nftables.New(nftables.WithNetNSFd(fd)) }
+	p.newConn = func() (*nftables.Conn, error) { return nftables.New(nftables.AsLasting(), nftables.WithNetNSFd(fd)) }
 	return p
 }
 
@@ -71,9 +71,8 @@ func (p *Probe) Name() string { return Name }
 
 // reader is the probe's view of the tables: every chain's parsed rules and the roots.
 type reader struct {
-	conn   *nftables.Conn
-	chains map[chainKey]*chainInfo
-	roots  map[nftables.TableFamily][]string
+	conn *nftables.Conn
+	g    *graph
 	// found is true while a kube-proxy table exists in some family.
 	found bool
 }
@@ -131,23 +130,34 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 	}
 }
 
-// publish recomputes the endpoints and reports those no longer reachable; with a zero time it
-// only records the state.
+// publish updates the endpoints of the Services the last changes touched and reports those no
+// longer reachable; with a zero time it only records the state.
 func (p *Probe) publish(rd *reader, sink probes.Sink, now time.Time) {
-	next := rd.endpoints()
+	changed := rd.g.update()
 	p.mu.Lock()
-	prev := p.state
-	p.state = next
+	if p.state == nil {
+		p.state = map[probes.ServiceRef]map[probes.Endpoint]bool{}
+	}
+	var removed []probes.Observation
+	for svc := range changed {
+		next := rd.g.service(svc)
+		for ep := range p.state[svc] {
+			if !next[ep] {
+				removed = append(removed, probes.Observation{Stage: probes.StageNftables, Time: now, Source: Name, Service: svc, Endpoint: ep})
+			}
+		}
+		if len(next) == 0 {
+			delete(p.state, svc)
+		} else {
+			p.state[svc] = next
+		}
+	}
 	p.mu.Unlock()
 	if now.IsZero() {
 		return
 	}
-	for svc, eps := range prev {
-		for ep := range eps {
-			if !next[svc][ep] {
-				sink.Observe(probes.Observation{Stage: probes.StageNftables, Time: now, Source: Name, Service: svc, Endpoint: ep})
-			}
-		}
+	for _, o := range removed {
+		sink.Observe(o)
 	}
 }
 
@@ -165,7 +175,12 @@ func (p *Probe) Snapshot() ([]probes.ServiceEndpoints, error) {
 		}
 		rd := &reader{conn: conn}
 		err = rd.resync()
-		state = rd.endpoints()
+		state = map[probes.ServiceRef]map[probes.Endpoint]bool{}
+		for svc := range rd.g.update() {
+			if eps := rd.g.service(svc); len(eps) > 0 {
+				state[svc] = eps
+			}
+		}
 	}
 	out := make([]probes.ServiceEndpoints, 0, len(state))
 	for svc, eps := range state {
@@ -180,31 +195,17 @@ func (p *Probe) Snapshot() ([]probes.ServiceEndpoints, error) {
 	return out, err
 }
 
-func (rd *reader) endpoints() map[probes.ServiceRef]map[probes.Endpoint]bool {
-	out := map[probes.ServiceRef]map[probes.Endpoint]bool{}
-	for _, fam := range families {
-		chains := map[string]*chainInfo{}
-		for k, ci := range rd.chains {
-			if k.family == fam {
-				chains[k.name] = ci
-			}
-		}
-		for svc, eps := range serviceEndpoints(rd.roots[fam], chains) {
-			if out[svc] == nil {
-				out[svc] = map[probes.Endpoint]bool{}
-			}
-			for ep := range eps {
-				out[svc][ep] = true
-			}
-		}
-	}
-	return out
-}
-
 // resync reads both families' tables whole.
 func (rd *reader) resync() error {
-	rd.chains = map[chainKey]*chainInfo{}
-	rd.roots = map[nftables.TableFamily][]string{}
+	// A new graph: every Service it holds is compared with the last state at the next publish,
+	// and those the old graph had are marked changed too.
+	old := rd.g
+	rd.g = newGraph()
+	if old != nil {
+		for svc := range old.byService {
+			rd.g.changed[svc] = true
+		}
+	}
 	rd.found = false
 	var errs []error
 	for _, fam := range families {
@@ -243,7 +244,7 @@ func (rd *reader) readChain(fam nftables.TableFamily, name string) error {
 	rules, err := rd.conn.GetRules(t, &nftables.Chain{Name: name, Table: t})
 	if err != nil {
 		if isNotFound(err) {
-			delete(rd.chains, chainKey{fam, name})
+			rd.g.setChain(chainKey{fam, name}, nil)
 			return nil
 		}
 		return fmt.Errorf("reading %s chain %s: %w", familyName(fam), name, err)
@@ -260,7 +261,7 @@ func (rd *reader) readChain(fam nftables.TableFamily, name string) error {
 			return fmt.Errorf("%s chain %s: %w", familyName(fam), name, err)
 		}
 	}
-	rd.chains[chainKey{fam, name}] = ci
+	rd.g.setChain(chainKey{fam, name}, ci)
 	return nil
 }
 
@@ -289,7 +290,7 @@ func (rd *reader) readRoots(fam nftables.TableFamily) error {
 			}
 		}
 	}
-	rd.roots[fam] = roots
+	rd.g.setRoots(fam, roots)
 	return nil
 }
 
@@ -311,7 +312,7 @@ func (rd *reader) apply(gen *nftables.MonitorEvents) error {
 		case nftables.MonitorEventTypeNewChain, nftables.MonitorEventTypeDelChain:
 			if c, ok := ev.Data.(*nftables.Chain); ok && c.Table != nil && c.Table.Name == tableName {
 				if ev.Type == nftables.MonitorEventTypeDelChain {
-					delete(rd.chains, chainKey{c.Table.Family, c.Name})
+					rd.g.setChain(chainKey{c.Table.Family, c.Name}, nil)
 				} else {
 					dirty[chainKey{c.Table.Family, c.Name}] = true
 				}

@@ -1,0 +1,376 @@
+package nftables
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"math"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/google/nftables"
+	"k8s.io/utils/clock"
+
+	"github.com/endpointlag/endpointlag/probes"
+)
+
+// BenchmarkLargeRuleset loads kube-proxy-shaped rules for many Services into a throwaway
+// namespace and measures, side by side in one run:
+//   - initial sync: from starting the probe to its first full read;
+//   - for each of the changes (one service chain rewritten without one endpoint, as kube-proxy
+//     does), the time from the kernel's change notification (seen by a separate monitor in this
+//     process) to the probe's observation, and the time to the first once-a-second
+//     `nft list table` poll that shows the change;
+//   - the probe's CPU time and the process's RSS while endpoints change at a fixed rate.
+//
+// Run: sudo go test ./probes/nftables -run '^$' -bench LargeRuleset -benchtime 1x
+// Scale with BENCH_SERVICES (default 10000); each Service has 10 endpoints.
+func BenchmarkLargeRuleset(b *testing.B) {
+	services, perService := envInt("BENCH_SERVICES", 10000), benchPerService
+	ns, fd := benchNetns(b)
+	dir := b.TempDir()
+	load := time.Now()
+	nftFile(b, ns, writeRuleset(b, dir, services, perService))
+	b.Logf("loaded %d services × %d endpoints in %s", services, perService, time.Since(load).Round(time.Millisecond))
+
+	ref := startReferenceMonitor(b, fd)
+	p := NewInNamespace(int(fd.Fd()), clock.RealClock{}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	sink := &benchSink{seen: map[string]time.Time{}, delivered: map[string]time.Time{}}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	start := time.Now()
+	go func() { _ = p.Run(ctx, sink) }()
+	for !sink.isSynced() {
+		time.Sleep(time.Millisecond)
+	}
+	syncTime := time.Since(start)
+
+	poller := startPoller(b, ns, time.Second)
+	const changes = 50
+	var stampErr, delivery, pollLag []float64
+	for i := range changes {
+		// Changes at random moments, as kube-proxy's syncs are to a poller.
+		time.Sleep(time.Duration(rand.Int64N(int64(time.Second))))
+		svc := i * (services / changes)
+		gone := endpointAddr(svc, 0) + " . 8080"
+		key := fmt.Sprintf("bench/svc-%d %s:8080/TCP", svc, endpointAddr(svc, 0))
+		before := ref.count()
+		changed := time.Now()
+		nftFile(b, ns, writeChange(b, dir, 0, svc))
+		at, delivered := sink.waitFor(b, key)
+		refAt := ref.after(before)
+		stampErr = append(stampErr, at.Sub(refAt).Seconds())
+		delivery = append(delivery, delivered.Sub(refAt).Seconds())
+		pollLag = append(pollLag, poller.waitGone(b, gone, changed).Sub(refAt).Seconds())
+	}
+	poller.stop()
+
+	// Churn: 100 endpoints a second leave their Services, two per kube-proxy-like transaction
+	// every 20 ms. The probe's CPU time is this process's minus an idle baseline of the same
+	// length (the nft commands run as children and are not counted).
+	const perSecond, churnFor = 100, 10 * time.Second
+	idle0 := cpuTime()
+	time.Sleep(churnFor)
+	idle := cpuTime() - idle0
+	cpu0, rss0 := cpuTime(), rssKB()
+	tick := time.NewTicker(2 * time.Second / perSecond)
+	deadline := time.Now().Add(churnFor)
+	n := 0
+	for time.Now().Before(deadline) {
+		<-tick.C
+		svc := changes + (n*2)%(services-changes-1)
+		nftFile(b, ns, writeChange(b, dir, 0, svc, svc+1))
+		n++
+	}
+	tick.Stop()
+	cpu1, rss1 := cpuTime(), rssKB()
+	busy := cpu1 - cpu0 - idle
+
+	b.ReportMetric(syncTime.Seconds()*1000, "sync-ms")
+	b.ReportMetric(quantile(stampErr, 0.99)*1000, "stamp-p99-ms")
+	b.ReportMetric(quantile(delivery, 0.5)*1000, "probe-p50-ms")
+	b.ReportMetric(quantile(delivery, 0.99)*1000, "probe-p99-ms")
+	b.ReportMetric(quantile(pollLag, 0.5)*1000, "poll1s-p50-ms")
+	b.ReportMetric(quantile(pollLag, 0.99)*1000, "poll1s-p99-ms")
+	b.ReportMetric(busy.Seconds()/churnFor.Seconds()*100, "churn-cpu-%")
+	b.ReportMetric(float64(rss1)/1024, "churn-rss-MiB")
+	b.Logf("initial sync %s, RSS %d KiB", syncTime.Round(time.Millisecond), rss0)
+	b.Logf("change → observation delivered: p50 %.2f ms, p99 %.2f ms (timestamp − kernel notification p99 %.3f ms); once-a-second nft list: p50 %.0f ms, p99 %.0f ms",
+		quantile(delivery, 0.5)*1000, quantile(delivery, 0.99)*1000, quantile(stampErr, 0.99)*1000, quantile(pollLag, 0.5)*1000, quantile(pollLag, 0.99)*1000)
+	b.Logf("churn: %d transactions (%d endpoints) in %s: probe CPU %s (%.1f %% of one core; idle baseline %s), RSS %d → %d KiB",
+		n, 2*n, churnFor, busy.Round(time.Millisecond), busy.Seconds()/churnFor.Seconds()*100, idle.Round(time.Millisecond), rss0, rss1)
+}
+
+const benchPerService = 10
+
+func envInt(name string, def int) int {
+	if v, err := strconv.Atoi(os.Getenv(name)); err == nil && v > 0 {
+		return v
+	}
+	return def
+}
+
+func benchNetns(b *testing.B) (string, *os.File) {
+	b.Helper()
+	if os.Geteuid() != 0 {
+		b.Skip("needs root")
+	}
+	name := fmt.Sprintf("%sbench-%d", nsPrefix, os.Getpid())
+	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
+		b.Fatalf("ip netns add: %v: %s", err, out)
+	}
+	f, err := os.Open("/run/netns/" + name)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() {
+		f.Close()
+		_ = exec.Command("ip", "netns", "delete", name).Run()
+	})
+	return name, f
+}
+
+func nftFile(b *testing.B, ns, path string) {
+	b.Helper()
+	if out, err := exec.Command("ip", "netns", "exec", ns, "nft", "-f", path).CombinedOutput(); err != nil {
+		b.Fatalf("nft -f %s: %v: %s", path, err, out)
+	}
+}
+
+func chainName(svc int) string { return fmt.Sprintf("service-H%07d-bench/svc-%d/tcp/http", svc, svc) }
+
+// endpointAddr numbers endpoints so that endpoint 0 of Service s is 10.64+s/65536.(s/256).(s%256).
+func endpointAddr(svc, i int) string {
+	n := svc + i*200000
+	return fmt.Sprintf("10.%d.%d.%d", 64+n/65536, (n/256)%256, n%256)
+}
+
+func dnatRule(svc, from, perService int) string {
+	var elems []string
+	for i := from; i < perService; i++ {
+		elems = append(elems, fmt.Sprintf("%d : %s . 8080", i-from, endpointAddr(svc, i)))
+	}
+	return fmt.Sprintf("meta l4proto tcp dnat ip to numgen random mod %d map { %s }", len(elems), strings.Join(elems, ", "))
+}
+
+func writeRuleset(b *testing.B, dir string, services, perService int) string {
+	b.Helper()
+	path := filepath.Join(dir, "ruleset.nft")
+	f, err := os.Create(path)
+	if err != nil {
+		b.Fatal(err)
+	}
+	w := bufio.NewWriter(f)
+	fmt.Fprintln(w, "table ip kube-proxy {")
+	fmt.Fprintln(w, "\tmap service-ips {\n\t\ttype ipv4_addr . inet_proto . inet_service : verdict")
+	var elems []string
+	for s := range services {
+		elems = append(elems, fmt.Sprintf("10.96.%d.%d . tcp . 80 : goto %s", s/256, s%256, chainName(s)))
+	}
+	fmt.Fprintf(w, "\t\telements = { %s }\n\t}\n", strings.Join(elems, ",\n"))
+	for s := range services {
+		fmt.Fprintf(w, "\tchain %s {\n\t\t%s\n\t}\n", chainName(s), dnatRule(s, 0, perService))
+	}
+	fmt.Fprintln(w, "}")
+	if err := w.Flush(); err != nil {
+		b.Fatal(err)
+	}
+	f.Close()
+	return path
+}
+
+// writeChange rewrites Services' chains without their endpoint 0 (endpoints 1 to perService-1
+// stay), in one transaction, as a kube-proxy sync does.
+func writeChange(b *testing.B, dir string, _ int, svcs ...int) string {
+	b.Helper()
+	path := filepath.Join(dir, "change.nft")
+	var text strings.Builder
+	for _, svc := range svcs {
+		fmt.Fprintf(&text, "flush chain ip kube-proxy %s\nadd rule ip kube-proxy %s %s\n", chainName(svc), chainName(svc), dnatRule(svc, 1, benchPerService))
+	}
+	if err := os.WriteFile(path, []byte(text.String()), 0o644); err != nil {
+		b.Fatal(err)
+	}
+	return path
+}
+
+// benchSink records when each removal was delivered, and the time the probe gave it.
+type benchSink struct {
+	mu        sync.Mutex
+	seen      map[string]time.Time
+	delivered map[string]time.Time
+	synced    bool
+}
+
+func (s *benchSink) Observe(o probes.Observation) {
+	now := time.Now()
+	s.mu.Lock()
+	key := o.Service.String() + " " + o.Endpoint.String()
+	s.seen[key] = o.Time
+	s.delivered[key] = now
+	s.mu.Unlock()
+}
+
+func (s *benchSink) SetStatus(_ string, st probes.Status) {
+	s.mu.Lock()
+	s.synced = s.synced || st.Synced
+	s.mu.Unlock()
+}
+
+func (s *benchSink) Error(string, error) {}
+
+func (s *benchSink) isSynced() bool { s.mu.Lock(); defer s.mu.Unlock(); return s.synced }
+
+// waitFor returns the observation's time and when it was delivered.
+func (s *benchSink) waitFor(b *testing.B, key string) (time.Time, time.Time) {
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		s.mu.Lock()
+		at, ok := s.seen[key]
+		delivered := s.delivered[key]
+		s.mu.Unlock()
+		if ok {
+			return at, delivered
+		}
+		time.Sleep(100 * time.Microsecond)
+	}
+	b.Fatalf("no observation of %s", key)
+	return time.Time{}, time.Time{}
+}
+
+// referenceMonitor timestamps every generation the kernel announces.
+type referenceMonitor struct {
+	mu    sync.Mutex
+	times []time.Time
+}
+
+func startReferenceMonitor(b *testing.B, fd *os.File) *referenceMonitor {
+	conn, err := nftables.New(nftables.WithNetNSFd(int(fd.Fd())))
+	if err != nil {
+		b.Fatal(err)
+	}
+	mon := nftables.NewMonitor(nftables.WithMonitorEventBuffer(4096))
+	events, err := conn.AddGenerationalMonitor(mon)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { mon.Close() })
+	r := &referenceMonitor{}
+	go func() {
+		for range events {
+			now := time.Now()
+			r.mu.Lock()
+			r.times = append(r.times, now)
+			r.mu.Unlock()
+		}
+	}()
+	return r
+}
+
+func (r *referenceMonitor) count() int { r.mu.Lock(); defer r.mu.Unlock(); return len(r.times) }
+
+// after returns the first generation seen after the first n.
+func (r *referenceMonitor) after(n int) time.Time {
+	for {
+		r.mu.Lock()
+		if len(r.times) > n {
+			t := r.times[n]
+			r.mu.Unlock()
+			return t
+		}
+		r.mu.Unlock()
+		time.Sleep(100 * time.Microsecond)
+	}
+}
+
+// poller lists the table at a fixed interval, as a probe without events would.
+type poller struct {
+	mu    sync.Mutex
+	polls []poll
+	done  chan struct{}
+}
+
+type poll struct {
+	at   time.Time
+	text string
+}
+
+func startPoller(b *testing.B, ns string, every time.Duration) *poller {
+	p := &poller{done: make(chan struct{})}
+	go func() {
+		t := time.NewTicker(every)
+		defer t.Stop()
+		for {
+			select {
+			case <-p.done:
+				return
+			case <-t.C:
+			}
+			out, err := exec.Command("ip", "netns", "exec", ns, "nft", "list", "table", "ip", "kube-proxy").Output()
+			if err != nil {
+				continue
+			}
+			p.mu.Lock()
+			p.polls = append(p.polls, poll{time.Now(), string(out)})
+			p.mu.Unlock()
+		}
+	}()
+	return p
+}
+
+func (p *poller) stop() { close(p.done) }
+
+// waitGone returns when the first poll started after since no longer listed the endpoint.
+func (p *poller) waitGone(b *testing.B, endpoint string, since time.Time) time.Time {
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		p.mu.Lock()
+		for _, pl := range p.polls {
+			if pl.at.After(since) && !strings.Contains(pl.text, endpoint) {
+				at := pl.at
+				p.mu.Unlock()
+				return at
+			}
+		}
+		p.mu.Unlock()
+		time.Sleep(10 * time.Millisecond)
+	}
+	b.Fatalf("no poll showed %s gone", endpoint)
+	return time.Time{}
+}
+
+func quantile(vs []float64, q float64) float64 {
+	s := append([]float64(nil), vs...)
+	sort.Float64s(s)
+	return s[max(int(math.Ceil(q*float64(len(s))))-1, 0)]
+}
+
+func cpuTime() time.Duration {
+	var ru syscall.Rusage
+	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+func rssKB() int {
+	runtime.GC()
+	b, _ := os.ReadFile("/proc/self/status")
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			n, _ := strconv.Atoi(strings.Fields(v)[0])
+			return n
+		}
+	}
+	return 0
+}
