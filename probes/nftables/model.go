@@ -270,26 +270,41 @@ func (g *graph) setRoots(fam nftables.TableFamily, names []string) {
 			next[chainKey{fam, n}] = true
 		}
 	}
-	for k, w := range g.roots {
+	for k := range g.roots {
 		if k.family == fam && !next[k] {
-			g.unreach(k, w)
-			delete(g.roots, k)
-			delete(g.byService[w.service], k)
-			if len(g.byService[w.service]) == 0 {
-				delete(g.byService, w.service)
-			}
-			delete(g.dirty, k)
-			g.changed[w.service] = true
+			g.removeRoot(k)
 		}
 	}
 	for k := range next {
-		if _, ok := g.roots[k]; !ok {
-			_, sp, _ := parseChainName(k.name)
-			g.roots[k] = &rootWalk{service: sp.service}
-			g.byService[sp.service] = addTo(g.byService[sp.service], k)
-			g.dirty[k] = true
-		}
+		g.addRoot(k)
 	}
+}
+
+// addRoot makes a service or external chain a root.
+func (g *graph) addRoot(k chainKey) {
+	if _, ok := g.roots[k]; ok {
+		return
+	}
+	_, sp, _ := parseChainName(k.name)
+	g.roots[k] = &rootWalk{service: sp.service}
+	g.byService[sp.service] = addTo(g.byService[sp.service], k)
+	g.dirty[k] = true
+}
+
+// removeRoot drops a root whose map element is gone.
+func (g *graph) removeRoot(k chainKey) {
+	w := g.roots[k]
+	if w == nil {
+		return
+	}
+	g.unreach(k, w)
+	delete(g.roots, k)
+	delete(g.byService[w.service], k)
+	if len(g.byService[w.service]) == 0 {
+		delete(g.byService, w.service)
+	}
+	delete(g.dirty, k)
+	g.changed[w.service] = true
 }
 
 func (g *graph) unreach(root chainKey, w *rootWalk) {

@@ -294,9 +294,16 @@ func (rd *reader) readRoots(fam nftables.TableFamily) error {
 	return nil
 }
 
+// rootEvent is a service map element added or deleted.
+type rootEvent struct {
+	chain string
+	add   bool
+}
+
 // apply re-reads what one generation of changes touched in the kube-proxy tables.
 func (rd *reader) apply(gen *nftables.MonitorEvents) error {
 	dirty := map[chainKey]bool{}
+	var rootEvents []rootEvent
 	rootsDirty := false
 	for _, ev := range gen.Changes {
 		if ev.Error != nil {
@@ -318,12 +325,42 @@ func (rd *reader) apply(gen *nftables.MonitorEvents) error {
 				}
 			}
 		case nftables.MonitorEventTypeNewSetElem, nftables.MonitorEventTypeDelSetElem:
-			// Element messages do not say their table: the root maps are read again.
-			rootsDirty = true
+			elems, _ := ev.Data.([]nftables.SetElement)
+			for _, el := range elems {
+				if len(el.Val) == 0 && el.VerdictData == nil {
+					// No data to tell a map element from a set's: read the root maps.
+					rootsDirty = true
+					continue
+				}
+				chain, ok := elementTarget(el)
+				if kind, _, svc := parseChainName(chain); ok && svc && kind != "endpoint" {
+					rootEvents = append(rootEvents, rootEvent{chain, ev.Type == nftables.MonitorEventTypeNewSetElem})
+				}
+			}
 		case nftables.MonitorEventTypeNewTable, nftables.MonitorEventTypeDelTable:
 			if t, ok := ev.Data.(*nftables.Table); ok && t.Name == tableName {
 				return rd.resync()
 			}
+		}
+	}
+	// Element messages do not say their table or family: an element pointing at a service or
+	// external chain is a root of the family that has (or now gets) that chain. When both
+	// families have it, the root maps are read again.
+	for _, re := range rootEvents {
+		var fams []nftables.TableFamily
+		for _, fam := range families {
+			k := chainKey{fam, re.chain}
+			if _, ok := rd.g.chains[k]; ok || dirty[k] {
+				fams = append(fams, fam)
+			}
+		}
+		switch {
+		case len(fams) != 1:
+			rootsDirty = true
+		case re.add:
+			rd.g.addRoot(chainKey{fams[0], re.chain})
+		default:
+			rd.g.removeRoot(chainKey{fams[0], re.chain})
 		}
 	}
 	var errs []error
