@@ -128,7 +128,7 @@ func Lags(all []Records, keep func(Record) bool) []Row {
 			rows = append(rows, Row{Node: rs.Node, Reference: k[0], Stage: k[1], Stats: Compute(v)})
 		}
 	}
-	order := map[string]int{"endpointslice": 0, "endpointslice_removed": 2, "gone": 9}
+	order := map[string]int{"endpointslice": 0, "nftables": 1, "iptables": 1, "ipvs": 1, "endpointslice_removed": 2, "gone": 9}
 	sort.Slice(rows, func(i, j int) bool {
 		a, b := rows[i], rows[j]
 		if a.Reference != b.Reference {
