@@ -254,7 +254,7 @@ func TestFlagErrors(t *testing.T) {
 			"--web.listen-address: address nowhere: missing port in address",
 			"--node-name (or NODE_NAME) is required by --probe.kube",
 		}},
-		{[]string{"--probe.kube=false", "--probe.nftables=false", "--probe.iptables=false", "--node-name=n"}, []string{"no probe enabled"}},
+		{[]string{"--probe.kube=false", "--probe.nftables=false", "--probe.iptables=false", "--probe.ipvs=false", "--node-name=n"}, []string{"no probe enabled"}},
 		{[]string{"--node-name=n", "extra"}, []string{`unknown command "extra"`}},
 		{[]string{"inspect", "-o", "yaml"}, []string{`-o "yaml": use table or json`}},
 	} {

@@ -17,6 +17,7 @@ import (
 
 	// Probes register themselves.
 	_ "github.com/endpointlag/endpointlag/probes/iptables"
+	_ "github.com/endpointlag/endpointlag/probes/ipvs"
 	_ "github.com/endpointlag/endpointlag/probes/kube"
 	_ "github.com/endpointlag/endpointlag/probes/nftables"
 )

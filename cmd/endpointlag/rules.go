@@ -16,6 +16,7 @@ import (
 
 	"github.com/endpointlag/endpointlag/probes"
 	"github.com/endpointlag/endpointlag/probes/iptables"
+	"github.com/endpointlag/endpointlag/probes/ipvs"
 	"github.com/endpointlag/endpointlag/probes/nftables"
 )
 
@@ -23,7 +24,8 @@ const rulesUsage = `Usage: endpointlag inspect rules [flags]
 
 Prints, for the network namespace it runs in (a node's, with hostNetwork), what each dataplane
 probe reads from kube-proxy's rules: per Service, the endpoints new connections can still reach.
-Compare with "nft list table ip kube-proxy" or "iptables-save -t nat". Needs CAP_NET_ADMIN.
+Compare with "nft list table ip kube-proxy", "iptables-save -t nat" or "ipvsadm -Ln" (IPVS names
+no Services: its rows are virtual servers). Needs CAP_NET_ADMIN.
 
 Flags:
 `
@@ -65,6 +67,11 @@ func runInspectRules(args []string, stdout, stderr io.Writer) int {
 		failed = append(failed, fmt.Sprintf("iptables: %v", err))
 	}
 	resp[iptables.Name] = ipt
+	vs, err := ipvs.Snapshot()
+	if err != nil {
+		failed = append(failed, fmt.Sprintf("ipvs: %v", err))
+	}
+	resp[ipvs.Name] = vs
 	for _, f := range failed {
 		fmt.Fprintf(stderr, "warning: %s\n", f)
 	}
@@ -80,7 +87,7 @@ func runInspectRules(args []string, stdout, stderr io.Writer) int {
 	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "PROBE\tSERVICE\tENDPOINTS")
 	rows := 0
-	for _, probe := range []string{nftables.Name, iptables.Name} {
+	for _, probe := range []string{nftables.Name, iptables.Name, ipvs.Name} {
 		for _, se := range resp[probe] {
 			svc := se.Service.String()
 			if svc == "" {
@@ -96,7 +103,7 @@ func runInspectRules(args []string, stdout, stderr io.Writer) int {
 	}
 	tw.Flush()
 	if rows == 0 {
-		fmt.Fprintln(stdout, "no kube-proxy rules in this network namespace (neither table kube-proxy nor KUBE-SERVICES in the nat table)")
+		fmt.Fprintln(stdout, "no kube-proxy rules in this network namespace (no table kube-proxy, no KUBE-SERVICES in the nat table, no IPVS virtual server)")
 	}
 	if len(failed) > 0 {
 		return 1

@@ -1,0 +1,202 @@
+package ipvs
+
+import (
+	"context"
+	"encoding/binary"
+	"io"
+	"log/slog"
+	"net/netip"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"k8s.io/utils/clock"
+
+	"github.com/endpointlag/endpointlag/probes"
+
+	"github.com/mdlayher/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// The attributes below are laid out as the kernel's ip_vs_genl_fill_service and
+// ip_vs_genl_fill_dest write them: family and protocol u16 and weight u32 in host order, ports
+// big-endian, addresses as a 16-byte union nf_inet_addr.
+
+func u16(v uint16) []byte { b := make([]byte, 2); binary.NativeEndian.PutUint16(b, v); return b }
+func u32(v uint32) []byte { b := make([]byte, 4); binary.NativeEndian.PutUint32(b, v); return b }
+func be16(v uint16) []byte {
+	b := make([]byte, 2)
+	binary.BigEndian.PutUint16(b, v)
+	return b
+}
+
+func inet(a netip.Addr) []byte {
+	b := make([]byte, 16)
+	copy(b, a.AsSlice())
+	return b
+}
+
+func attrs(t testing.TB, as ...netlink.Attribute) []byte {
+	b, err := netlink.MarshalAttributes(as)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func serviceAttrs(t testing.TB, af uint16, addr string, port uint16, proto uint16) []byte {
+	return attrs(t,
+		netlink.Attribute{Type: svcAttrAF, Data: u16(af)},
+		netlink.Attribute{Type: svcAttrProtocol, Data: u16(proto)},
+		netlink.Attribute{Type: svcAttrAddr, Data: inet(netip.MustParseAddr(addr))},
+		netlink.Attribute{Type: svcAttrPort, Data: be16(port)},
+		netlink.Attribute{Type: 6, Data: []byte("rr\x00")}, // IPVS_SVC_ATTR_SCHED_NAME
+	)
+}
+
+func destAttrs(t testing.TB, addr string, port uint16, weight uint32, withFamily bool) []byte {
+	as := []netlink.Attribute{
+		{Type: destAttrAddr, Data: inet(netip.MustParseAddr(addr))},
+		{Type: destAttrPort, Data: be16(port)},
+		{Type: 3, Data: u32(0)}, // IPVS_DEST_ATTR_FWD_METHOD: masquerade
+		{Type: destAttrWeight, Data: u32(weight)},
+	}
+	if withFamily {
+		af := uint16(unix.AF_INET)
+		if netip.MustParseAddr(addr).Is6() {
+			af = unix.AF_INET6
+		}
+		as = append(as, netlink.Attribute{Type: destAttrAddrFamily, Data: u16(af)})
+	}
+	return attrs(t, as...)
+}
+
+func TestDecode(t *testing.T) {
+	vs, err := decodeService(serviceAttrs(t, unix.AF_INET, "10.96.0.10", 53, unix.IPPROTO_UDP))
+	if err != nil || virtualKey(vs) != "10.96.0.10:53/UDP" {
+		t.Errorf("service: %q %v", virtualKey(vs), err)
+	}
+	vs6, err := decodeService(serviceAttrs(t, unix.AF_INET6, "fd00:10:96::a", 80, unix.IPPROTO_TCP))
+	if err != nil || virtualKey(vs6) != "[fd00:10:96::a]:80/TCP" {
+		t.Errorf("IPv6 service: %q %v", virtualKey(vs6), err)
+	}
+	for _, withFamily := range []bool{true, false} {
+		rs, err := decodeDest(destAttrs(t, "10.244.1.5", 8080, 1, withFamily), unix.AF_INET)
+		if err != nil || rs.addr.String() != "10.244.1.5" || rs.port != 8080 || rs.weight != 1 {
+			t.Errorf("dest (family attribute %v): %+v %v", withFamily, rs, err)
+		}
+	}
+	if _, err := decodeDest(attrs(t, netlink.Attribute{Type: destAttrAddr, Data: []byte{1, 2}}), unix.AF_INET); err == nil {
+		t.Error("a 2-byte address decoded")
+	}
+}
+
+// kube-proxy takes a real server out of rotation by setting its weight to 0 and deletes it
+// later: the removal counts at the weight change, once.
+func TestRemovedAtWeightZero(t *testing.T) {
+	vs, _ := decodeService(serviceAttrs(t, unix.AF_INET, "10.96.0.20", 80, unix.IPPROTO_TCP))
+	dest := func(addr string, weight uint32) realServer {
+		rs, err := decodeDest(destAttrs(t, addr, 8080, weight, true), unix.AF_INET)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return rs
+	}
+	build := func(dests ...realServer) table {
+		tb := table{}
+		for _, d := range dests {
+			tb.add(vs, d)
+		}
+		return tb
+	}
+	steps := []struct {
+		t    table
+		want []string
+	}{
+		{build(dest("10.244.1.5", 1), dest("10.244.2.6", 1)), nil},
+		{build(dest("10.244.1.5", 0), dest("10.244.2.6", 1)), []string{"10.244.1.5:8080/TCP"}},
+		{build(dest("10.244.2.6", 1)), nil}, // deleted later: nothing new
+		{table{}, []string{"10.244.2.6:8080/TCP"}},
+	}
+	var prev table
+	for i, s := range steps {
+		var got []string
+		if prev != nil {
+			for _, ep := range removed(prev, s.t) {
+				got = append(got, ep.String())
+			}
+		}
+		if !slices.Equal(got, s.want) {
+			t.Errorf("step %d: removed %q, want %q", i, got, s.want)
+		}
+		prev = s.t
+	}
+}
+
+func FuzzDecode(f *testing.F) {
+	f.Add(serviceAttrs(f, unix.AF_INET, "10.96.0.10", 53, unix.IPPROTO_UDP), destAttrs(f, "10.244.1.5", 8080, 1, true))
+	f.Add(serviceAttrs(f, unix.AF_INET6, "fd00::1", 443, unix.IPPROTO_TCP), destAttrs(f, "fd00::5", 8443, 0, false))
+	f.Fuzz(func(t *testing.T, svc, dest []byte) {
+		vs, err := decodeService(svc)
+		if err != nil {
+			return
+		}
+		if vs.addr.IsValid() && vs.addr.Is4() != (vs.af == unix.AF_INET) {
+			t.Errorf("family %d with address %s", vs.af, vs.addr)
+		}
+		rs, err := decodeDest(dest, vs.af)
+		if err == nil && rs.weight > 0 && !rs.addr.IsValid() && len(dest) == 0 {
+			t.Errorf("weight without a destination: %+v", rs)
+		}
+	})
+}
+
+type statusSink struct {
+	mu       sync.Mutex
+	statuses []probes.Status
+	errs     []error
+}
+
+func (s *statusSink) Observe(probes.Observation) {}
+func (s *statusSink) SetStatus(_ string, st probes.Status) {
+	s.mu.Lock()
+	s.statuses = append(s.statuses, st)
+	s.mu.Unlock()
+}
+func (s *statusSink) Error(_ string, err error) {
+	s.mu.Lock()
+	s.errs = append(s.errs, err)
+	s.mu.Unlock()
+}
+
+// Without IPVS in the kernel (as on this project's machines) or without a virtual server, the
+// probe is inactive: synced, up, and its stage not awaited.
+func TestInactiveWithoutVirtualServers(t *testing.T) {
+	if _, err := read(); err == nil {
+		if tb, _ := read(); len(tb) > 0 {
+			t.Skip("this kernel has IPVS virtual servers; the test wants none")
+		}
+	}
+	sink := &statusSink{}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		done <- New(10*time.Millisecond, clock.RealClock{}, slog.New(slog.NewTextHandler(io.Discard, nil))).Run(ctx, sink)
+	}()
+	time.Sleep(50 * time.Millisecond)
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	sink.mu.Lock()
+	defer sink.mu.Unlock()
+	if len(sink.statuses) < 2 || len(sink.errs) > 0 {
+		t.Fatalf("statuses %+v, errors %v", sink.statuses, sink.errs)
+	}
+	for _, st := range sink.statuses {
+		if !st.Inactive || !st.Synced || !st.Up {
+			t.Errorf("status %+v, want up, synced and inactive", st)
+		}
+	}
+}
