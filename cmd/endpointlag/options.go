@@ -46,7 +46,7 @@ func bindFlags(fs *pflag.FlagSet, o *Options) {
 		"most endpoint records (and, separately, deleting pods) held at once; more are dropped and counted")
 	fs.DurationVar(&o.SweepInterval, "record.sweep-interval", 10*time.Second, "how often expired records are removed")
 	fs.DurationVar(&o.PollInterval, "dataplane.poll-interval", time.Second,
-		"how often sources without change events are read (iptables legacy backend); also their precision")
+		"how often sources without change events are read (IPVS, iptables legacy backend); also their precision")
 	fs.DurationVar(&o.ShutdownTimeout, "shutdown-timeout", 10*time.Second,
 		"how long SIGTERM/SIGINT waits for probes and in-flight requests before exiting")
 	o.Probes = map[string]*bool{}
