@@ -10,51 +10,16 @@ import (
 	"path/filepath"
 	"slices"
 	"sort"
-	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/google/nftables"
 	"k8s.io/utils/clock"
 
-	"github.com/endpointlag/endpointlag/probes"
+	"github.com/endpointlag/endpointlag/probes/internal/probetest"
 )
 
 const nsPrefix = "eltest-ipt-"
-
-func netns(t *testing.T, backend Backend) (string, *os.File) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: creates a network namespace and loads iptables rules")
-	}
-	for _, cmd := range []string{"iptables-" + string(backend) + "-restore", "iptables-" + string(backend) + "-save"} {
-		if _, err := exec.LookPath(cmd); err != nil {
-			t.Skipf("needs %s (Debian package iptables)", cmd)
-		}
-	}
-	entries, _ := os.ReadDir("/run/netns")
-	for _, e := range entries {
-		if strings.HasPrefix(e.Name(), nsPrefix) {
-			_ = exec.Command("ip", "netns", "delete", e.Name()).Run()
-		}
-	}
-	name := fmt.Sprintf("%s%s-%d", nsPrefix, backend, os.Getpid())
-	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
-		t.Fatalf("ip netns add: %v: %s", err, out)
-	}
-	f, err := os.Open("/run/netns/" + name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		f.Close()
-		if out, err := exec.Command("ip", "netns", "delete", name).CombinedOutput(); err != nil {
-			t.Errorf("ip netns delete: %v: %s", err, out)
-		}
-	})
-	return name, f
-}
 
 func restore(t *testing.T, ns string, backend Backend, file string) {
 	t.Helper()
@@ -70,51 +35,14 @@ func restore(t *testing.T, ns string, backend Backend, file string) {
 	}
 }
 
-type recorder struct {
-	mu     sync.Mutex
-	obs    []probes.Observation
-	errs   []error
-	synced bool
-}
-
-func (r *recorder) Observe(o probes.Observation) {
-	r.mu.Lock()
-	r.obs = append(r.obs, o)
-	r.mu.Unlock()
-}
-func (r *recorder) SetStatus(_ string, s probes.Status) {
-	r.mu.Lock()
-	r.synced = r.synced || s.Synced
-	r.mu.Unlock()
-}
-func (r *recorder) Error(_ string, err error) {
-	r.mu.Lock()
-	r.errs = append(r.errs, err)
-	r.mu.Unlock()
-}
-
-func (r *recorder) removed() []string {
-	r.mu.Lock()
-	defer r.mu.Unlock()
+// removed returns the removals recorded, with their precision, sorted.
+func removed(r *probetest.Recorder) []string {
 	var out []string
-	for _, o := range r.obs {
+	for _, o := range r.Observations() {
 		out = append(out, fmt.Sprintf("%s %s %s", o.Service, o.Endpoint, o.Precision))
 	}
 	sort.Strings(out)
 	return out
-}
-
-func wait(t *testing.T, what string, cond func() bool, rec *recorder) {
-	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			rec.mu.Lock()
-			defer rec.mu.Unlock()
-			t.Fatalf("timed out waiting for %s; errors: %v", what, rec.errs)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
 }
 
 // kube-proxy-shaped rules in a throwaway namespace, both backends: the probe finds the backend,
@@ -123,7 +51,7 @@ func wait(t *testing.T, what string, cond func() bool, rec *recorder) {
 func TestProbeFollowsKubeProxyRules(t *testing.T) {
 	for _, backend := range []Backend{BackendNFT, BackendLegacy} {
 		t.Run(string(backend), func(t *testing.T) {
-			ns, fd := netns(t, backend)
+			ns, fd := probetest.Netns(t, nsPrefix+string(backend)+"-", "iptables-"+string(backend)+"-restore", "iptables-"+string(backend)+"-save")
 			restore(t, ns, backend, "kube-proxy.iptables")
 			p := New(Options{PollInterval: 50 * time.Millisecond}, clock.RealClock{}, slog.New(slog.NewTextHandler(io.Discard, nil)))
 			p.run = func(ctx context.Context, name string, args ...string) ([]byte, error) {
@@ -133,7 +61,7 @@ func TestProbeFollowsKubeProxyRules(t *testing.T) {
 			if got := p.Detect(context.Background()); got != backend {
 				t.Fatalf("Detect = %q, want %q", got, backend)
 			}
-			rec := &recorder{}
+			rec := &probetest.Recorder{}
 			ctx, cancel := context.WithCancel(context.Background())
 			done := make(chan error, 1)
 			go func() { done <- p.Run(ctx, rec) }()
@@ -143,7 +71,7 @@ func TestProbeFollowsKubeProxyRules(t *testing.T) {
 					t.Errorf("Run: %v", err)
 				}
 			}()
-			wait(t, "the first read", func() bool { p.mu.Lock(); defer p.mu.Unlock(); return p.reads > 0 }, rec)
+			rec.Wait(t, "the first read", func() bool { p.mu.Lock(); defer p.mu.Unlock(); return p.reads > 0 })
 
 			precision := "0s"
 			if backend == BackendLegacy {
@@ -158,15 +86,15 @@ func TestProbeFollowsKubeProxyRules(t *testing.T) {
 			}
 			for _, s := range steps {
 				restore(t, ns, backend, s.file)
-				wait(t, s.file, func() bool { return len(rec.removed()) >= len(s.want) }, rec)
+				rec.Wait(t, s.file, func() bool { return len(removed(rec)) >= len(s.want) })
 				// One more read shows nothing else is reported.
 				p.mu.Lock()
 				reads := p.reads
 				p.mu.Unlock()
 				if backend == BackendLegacy {
-					wait(t, "another poll", func() bool { p.mu.Lock(); defer p.mu.Unlock(); return p.reads > reads+1 }, rec)
+					rec.Wait(t, "another poll", func() bool { p.mu.Lock(); defer p.mu.Unlock(); return p.reads > reads+1 })
 				}
-				if got := rec.removed(); !slices.Equal(got, s.want) {
+				if got := removed(rec); !slices.Equal(got, s.want) {
 					t.Errorf("after %s, removals:\n got %q\nwant %q", s.file, got, s.want)
 				}
 			}
@@ -184,8 +112,8 @@ func TestProbeFollowsKubeProxyRules(t *testing.T) {
 			if !slices.Equal(got, want) {
 				t.Errorf("Snapshot = %q, want %q", got, want)
 			}
-			if len(rec.errs) > 0 {
-				t.Errorf("errors: %v", rec.errs)
+			if errs := rec.Errors(); len(errs) > 0 {
+				t.Errorf("errors: %v", errs)
 			}
 		})
 	}

@@ -24,6 +24,7 @@ import (
 	"k8s.io/utils/clock"
 
 	"github.com/endpointlag/endpointlag/probes"
+	"github.com/endpointlag/endpointlag/probes/internal/probetest"
 )
 
 // BenchmarkLargeRuleset loads kube-proxy-shaped rules for many Services into a throwaway
@@ -39,7 +40,7 @@ import (
 // Scale with BENCH_SERVICES (default 10000); each Service has 10 endpoints.
 func BenchmarkLargeRuleset(b *testing.B) {
 	services, perService := envInt("BENCH_SERVICES", 10000), benchPerService
-	ns, fd := benchNetns(b)
+	ns, fd := probetest.Netns(b, nsPrefix+"bench-", "nft")
 	dir := b.TempDir()
 	load := time.Now()
 	nftFile(b, ns, writeRuleset(b, dir, services, perService))
@@ -124,26 +125,6 @@ func envInt(name string, def int) int {
 		return v
 	}
 	return def
-}
-
-func benchNetns(b *testing.B) (string, *os.File) {
-	b.Helper()
-	if os.Geteuid() != 0 {
-		b.Skip("needs root")
-	}
-	name := fmt.Sprintf("%sbench-%d", nsPrefix, os.Getpid())
-	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
-		b.Fatalf("ip netns add: %v: %s", err, out)
-	}
-	f, err := os.Open("/run/netns/" + name)
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() {
-		f.Close()
-		_ = exec.Command("ip", "netns", "delete", name).Run()
-	})
-	return name, f
 }
 
 func nftFile(b *testing.B, ns, path string) {

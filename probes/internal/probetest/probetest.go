@@ -1,0 +1,113 @@
+// Package probetest holds what the probes' privileged tests share: throwaway network namespaces
+// and a sink that records what a probe reports.
+package probetest
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/endpointlag/endpointlag/probes"
+)
+
+// Netns creates a network namespace named prefix+PID and returns its name and an open handle;
+// both go when the test ends. It skips, saying why, without root or without the commands the
+// test needs, and first removes namespaces a crashed run of the same prefix left.
+func Netns(t testing.TB, prefix string, commands ...string) (string, *os.File) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: creates a network namespace")
+	}
+	for _, c := range commands {
+		if _, err := exec.LookPath(c); err != nil {
+			t.Skipf("needs the %s command", c)
+		}
+	}
+	entries, _ := os.ReadDir("/run/netns")
+	for _, e := range entries {
+		if strings.HasPrefix(e.Name(), prefix) {
+			_ = exec.Command("ip", "netns", "delete", e.Name()).Run()
+		}
+	}
+	name := fmt.Sprintf("%s%d", prefix, os.Getpid())
+	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
+		t.Fatalf("ip netns add: %v: %s", err, out)
+	}
+	f, err := os.Open("/run/netns/" + name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		f.Close()
+		if out, err := exec.Command("ip", "netns", "delete", name).CombinedOutput(); err != nil {
+			t.Errorf("ip netns delete: %v: %s", err, out)
+		}
+	})
+	return name, f
+}
+
+// Recorder is a probes.Sink that keeps what it is told.
+type Recorder struct {
+	mu     sync.Mutex
+	obs    []probes.Observation
+	errs   []error
+	synced bool
+}
+
+// Observe implements probes.Sink.
+func (r *Recorder) Observe(o probes.Observation) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.obs = append(r.obs, o)
+}
+
+// SetStatus implements probes.Sink.
+func (r *Recorder) SetStatus(_ string, s probes.Status) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.synced = r.synced || s.Synced
+}
+
+// Error implements probes.Sink.
+func (r *Recorder) Error(_ string, err error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.errs = append(r.errs, err)
+}
+
+// Observations returns a copy of what was observed.
+func (r *Recorder) Observations() []probes.Observation {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]probes.Observation(nil), r.obs...)
+}
+
+// Errors returns a copy of the errors reported.
+func (r *Recorder) Errors() []error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]error(nil), r.errs...)
+}
+
+// Synced reports whether the probe said it had synced.
+func (r *Recorder) Synced() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.synced
+}
+
+// Wait polls cond for up to 5 s and fails the test with what was recorded when it stays false.
+func (r *Recorder) Wait(t testing.TB, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s; observations %d, errors %v", what, len(r.Observations()), r.Errors())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
