@@ -96,12 +96,14 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 	}
 	rd := &reader{conn: conn}
 	// The monitor runs before the first read, so no change falls between them.
-	if err := rd.resync(); err != nil {
-		sink.Error(Name, err)
+	readErr := rd.resync()
+	if readErr != nil {
+		sink.Error(Name, readErr)
 	}
 	p.publish(rd, sink, time.Time{})
 	active := rd.found
-	sink.SetStatus(Name, probes.Status{Up: true, Synced: true, Inactive: !active})
+	// A failed first read (no CAP_NET_ADMIN, say) leaves the probe down; the next change retries.
+	sink.SetStatus(Name, probes.Status{Up: readErr == nil, Synced: true, Inactive: !active})
 	p.log.Info("synced", "services", len(p.state), "kube-proxy table", active)
 	for {
 		select {
