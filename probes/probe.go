@@ -201,10 +201,14 @@ func Registered() []Factory {
 	return out
 }
 
-// SortEndpoints orders endpoints by address, port and protocol.
-func SortEndpoints(eps []Endpoint) {
-	sort.Slice(eps, func(i, j int) bool {
-		a, b := eps[i], eps[j]
+// EndpointList returns a set of endpoints as a list ordered by address, port and protocol.
+func EndpointList(set map[Endpoint]bool) []Endpoint {
+	out := make([]Endpoint, 0, len(set))
+	for ep := range set {
+		out = append(out, ep)
+	}
+	sort.Slice(out, func(i, j int) bool {
+		a, b := out[i], out[j]
 		if c := a.Addr.Compare(b.Addr); c != 0 {
 			return c < 0
 		}
@@ -213,6 +217,7 @@ func SortEndpoints(eps []Endpoint) {
 		}
 		return a.Protocol < b.Protocol
 	})
+	return out
 }
 
 // SortServiceEndpoints orders by Service, then chain.

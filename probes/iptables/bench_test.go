@@ -6,12 +6,10 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"math"
 	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -45,19 +43,7 @@ func BenchmarkLargeRuleset(b *testing.B) {
 	restoreFile(b, ns, writeRules(b, dir, services, perService))
 	b.Logf("loaded %d services × %d endpoints in %s", services, perService, time.Since(load).Round(time.Millisecond))
 
-	ref := &generations{}
-	conn, err := nftables.New(nftables.WithNetNSFd(int(fd.Fd())))
-	if err != nil {
-		b.Fatal(err)
-	}
-	mon := nftables.NewMonitor(nftables.WithMonitorEventBuffer(4096))
-	events, err := conn.AddGenerationalMonitor(mon)
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer mon.Close()
-	go ref.record(events)
-
+	ref := probetest.WatchGenerations(b, fd)
 	p := New(Options{PollInterval: time.Second}, clock.RealClock{}, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	p.run = func(ctx context.Context, name string, args ...string) ([]byte, error) {
 		return exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", ns, name}, args...)...).Output()
@@ -85,20 +71,16 @@ func BenchmarkLargeRuleset(b *testing.B) {
 		time.Sleep(time.Duration(rand.Int64N(int64(time.Second))))
 		svc := i * (services / changes)
 		key := fmt.Sprintf("bench/svc-%d %s:8080/TCP", svc, benchAddr(svc, 0))
-		before := ref.count()
+		before := ref.Count()
 		changed := time.Now()
 		restoreFile(b, ns, writeChange(b, dir, svc, perService))
 		delivered := sink.wait(b, key)
-		refAt := ref.after(before)
+		refAt := ref.After(before)
 		delivery = append(delivery, delivered.Sub(refAt).Seconds())
 		polled := pollOnce(b, ns, changed, benchAddr(svc, 0)+":8080")
 		pollLag = append(pollLag, polled.Sub(refAt).Seconds())
 	}
-	q := func(vs []float64, p float64) float64 {
-		s := append([]float64(nil), vs...)
-		sort.Float64s(s)
-		return s[max(int(math.Ceil(p*float64(len(s))))-1, 0)]
-	}
+	q := probetest.Quantile
 	b.ReportMetric(syncTime.Seconds()*1000, "sync-ms")
 	b.ReportMetric(q(delivery, 0.5)*1000, "probe-p50-ms")
 	b.ReportMetric(q(delivery, 0.99)*1000, "probe-p99-ms")
@@ -221,33 +203,4 @@ func (d *deliveries) wait(b *testing.B, key string) time.Time {
 	}
 	b.Fatalf("no observation of %s", key)
 	return time.Time{}
-}
-
-type generations struct {
-	mu    sync.Mutex
-	times []time.Time
-}
-
-func (g *generations) record(events chan *nftables.MonitorEvents) {
-	for range events {
-		now := time.Now()
-		g.mu.Lock()
-		g.times = append(g.times, now)
-		g.mu.Unlock()
-	}
-}
-
-func (g *generations) count() int { g.mu.Lock(); defer g.mu.Unlock(); return len(g.times) }
-
-func (g *generations) after(n int) time.Time {
-	for {
-		g.mu.Lock()
-		if len(g.times) > n {
-			t := g.times[n]
-			g.mu.Unlock()
-			return t
-		}
-		g.mu.Unlock()
-		time.Sleep(100 * time.Microsecond)
-	}
 }

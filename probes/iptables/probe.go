@@ -111,14 +111,10 @@ func (p *Probe) Snapshot(ctx context.Context) ([]probes.ServiceEndpoints, error)
 	groups, err := p.readRules(ctx, b)
 	out := make([]probes.ServiceEndpoints, 0, len(groups))
 	for key, g := range groups {
-		se := probes.ServiceEndpoints{Service: g.service}
+		se := probes.ServiceEndpoints{Service: g.service, Endpoints: probes.EndpointList(g.endpoints)}
 		if g.service.Name == "" {
 			se.Chain = key
 		}
-		for ep := range g.endpoints {
-			se.Endpoints = append(se.Endpoints, ep)
-		}
-		probes.SortEndpoints(se.Endpoints)
 		out = append(out, se)
 	}
 	probes.SortServiceEndpoints(out)

@@ -16,7 +16,6 @@ import (
 	"math/rand/v2"
 	"net/netip"
 	"os"
-	"sort"
 	"time"
 
 	"github.com/mdlayher/genetlink"
@@ -192,16 +191,15 @@ func (t table) add(vs virtualServer, rs realServer) {
 // removed lists the endpoints that some virtual server of prev sent to and the same virtual
 // server of next does not.
 func removed(prev, next table) []probes.Endpoint {
-	var out []probes.Endpoint
+	out := map[probes.Endpoint]bool{}
 	for k, eps := range prev {
 		for ep := range eps {
 			if !next[k][ep] {
-				out = append(out, ep)
+				out[ep] = true
 			}
 		}
 	}
-	probes.SortEndpoints(out)
-	return out
+	return probes.EndpointList(out)
 }
 
 // Probe polls IPVS in the network namespace it runs in.
@@ -339,13 +337,8 @@ func Snapshot() ([]probes.ServiceEndpoints, error) {
 	}
 	out := make([]probes.ServiceEndpoints, 0, len(t))
 	for k, eps := range t {
-		se := probes.ServiceEndpoints{Chain: k}
-		for ep := range eps {
-			se.Endpoints = append(se.Endpoints, ep)
-		}
-		probes.SortEndpoints(se.Endpoints)
-		out = append(out, se)
+		out = append(out, probes.ServiceEndpoints{Chain: k, Endpoints: probes.EndpointList(eps)})
 	}
-	sort.Slice(out, func(i, j int) bool { return out[i].Chain < out[j].Chain })
+	probes.SortServiceEndpoints(out)
 	return out, nil
 }

@@ -139,15 +139,21 @@ func FuzzDecode(f *testing.F) {
 	f.Add(serviceAttrs(f, unix.AF_INET6, "fd00::1", 443, unix.IPPROTO_TCP), destAttrs(f, "fd00::5", 8443, 0, false))
 	f.Fuzz(func(t *testing.T, svc, dest []byte) {
 		vs, err := decodeService(svc)
-		if err != nil {
+		if err != nil || !vs.addr.IsValid() {
 			return
 		}
-		if vs.addr.IsValid() && vs.addr.Is4() != (vs.af == unix.AF_INET) {
-			t.Errorf("family %d with address %s", vs.af, vs.addr)
+		// What decodes encodes back, as the kernel lays it out, to the same virtual server.
+		again, err := decodeService(serviceAttrs(t, vs.af, vs.addr.String(), vs.port, vs.protocol))
+		if err != nil || virtualKey(again) != virtualKey(vs) {
+			t.Errorf("service %q does not round-trip: %q, %v", virtualKey(vs), virtualKey(again), err)
 		}
 		rs, err := decodeDest(dest, vs.af)
-		if err == nil && rs.weight > 0 && !rs.addr.IsValid() && len(dest) == 0 {
-			t.Errorf("weight without a destination: %+v", rs)
+		if err != nil || !rs.addr.IsValid() {
+			return
+		}
+		back, err := decodeDest(destAttrs(t, rs.addr.String(), rs.port, rs.weight, true), vs.af)
+		if err != nil || back != rs {
+			t.Errorf("real server %+v does not round-trip: %+v, %v", rs, back, err)
 		}
 	})
 }

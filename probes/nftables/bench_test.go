@@ -6,13 +6,11 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"math"
 	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
-	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -20,7 +18,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/google/nftables"
 	"k8s.io/utils/clock"
 
 	"github.com/endpointlag/endpointlag/probes"
@@ -46,7 +43,7 @@ func BenchmarkLargeRuleset(b *testing.B) {
 	nftFile(b, ns, writeRuleset(b, dir, services, perService))
 	b.Logf("loaded %d services × %d endpoints in %s", services, perService, time.Since(load).Round(time.Millisecond))
 
-	ref := startReferenceMonitor(b, fd)
+	ref := probetest.WatchGenerations(b, fd)
 	p := NewInNamespace(int(fd.Fd()), clock.RealClock{}, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	sink := &benchSink{seen: map[string]time.Time{}, delivered: map[string]time.Time{}}
 	ctx, cancel := context.WithCancel(context.Background())
@@ -67,11 +64,11 @@ func BenchmarkLargeRuleset(b *testing.B) {
 		svc := i * (services / changes)
 		gone := endpointAddr(svc, 0) + " . 8080"
 		key := fmt.Sprintf("bench/svc-%d %s:8080/TCP", svc, endpointAddr(svc, 0))
-		before := ref.count()
+		before := ref.Count()
 		changed := time.Now()
 		nftFile(b, ns, writeChange(b, dir, 0, svc))
 		at, delivered := sink.waitFor(b, key)
-		refAt := ref.after(before)
+		refAt := ref.After(before)
 		stampErr = append(stampErr, at.Sub(refAt).Seconds())
 		delivery = append(delivery, delivered.Sub(refAt).Seconds())
 		pollLag = append(pollLag, poller.waitGone(b, gone, changed).Sub(refAt).Seconds())
@@ -104,16 +101,16 @@ func BenchmarkLargeRuleset(b *testing.B) {
 	busy := cpu1 - cpu0 - idle
 
 	b.ReportMetric(syncTime.Seconds()*1000, "sync-ms")
-	b.ReportMetric(quantile(stampErr, 0.99)*1000, "stamp-p99-ms")
-	b.ReportMetric(quantile(delivery, 0.5)*1000, "probe-p50-ms")
-	b.ReportMetric(quantile(delivery, 0.99)*1000, "probe-p99-ms")
-	b.ReportMetric(quantile(pollLag, 0.5)*1000, "poll1s-p50-ms")
-	b.ReportMetric(quantile(pollLag, 0.99)*1000, "poll1s-p99-ms")
+	b.ReportMetric(probetest.Quantile(stampErr, 0.99)*1000, "stamp-p99-ms")
+	b.ReportMetric(probetest.Quantile(delivery, 0.5)*1000, "probe-p50-ms")
+	b.ReportMetric(probetest.Quantile(delivery, 0.99)*1000, "probe-p99-ms")
+	b.ReportMetric(probetest.Quantile(pollLag, 0.5)*1000, "poll1s-p50-ms")
+	b.ReportMetric(probetest.Quantile(pollLag, 0.99)*1000, "poll1s-p99-ms")
 	b.ReportMetric(busy.Seconds()/churnFor.Seconds()*100, "churn-cpu-%")
 	b.ReportMetric(float64(rss1)/1024, "churn-rss-MiB")
 	b.Logf("initial sync %s, RSS %d KiB", syncTime.Round(time.Millisecond), rss0)
 	b.Logf("change → observation delivered: p50 %.2f ms, p99 %.2f ms (timestamp − kernel notification p99 %.3f ms); once-a-second nft list: p50 %.0f ms, p99 %.0f ms",
-		quantile(delivery, 0.5)*1000, quantile(delivery, 0.99)*1000, quantile(stampErr, 0.99)*1000, quantile(pollLag, 0.5)*1000, quantile(pollLag, 0.99)*1000)
+		probetest.Quantile(delivery, 0.5)*1000, probetest.Quantile(delivery, 0.99)*1000, probetest.Quantile(stampErr, 0.99)*1000, probetest.Quantile(pollLag, 0.5)*1000, probetest.Quantile(pollLag, 0.99)*1000)
 	b.Logf("churn: %d transactions (%d endpoints) in %s: probe CPU %s (%.1f %% of one core; idle baseline %s), RSS %d → %d KiB",
 		n, perTx*n, churnFor, busy.Round(time.Millisecond), busy.Seconds()/churnFor.Seconds()*100, idle.Round(time.Millisecond), rss0, rss1)
 }
@@ -235,51 +232,6 @@ func (s *benchSink) waitFor(b *testing.B, key string) (time.Time, time.Time) {
 	return time.Time{}, time.Time{}
 }
 
-// referenceMonitor timestamps every generation the kernel announces.
-type referenceMonitor struct {
-	mu    sync.Mutex
-	times []time.Time
-}
-
-func startReferenceMonitor(b *testing.B, fd *os.File) *referenceMonitor {
-	conn, err := nftables.New(nftables.WithNetNSFd(int(fd.Fd())))
-	if err != nil {
-		b.Fatal(err)
-	}
-	mon := nftables.NewMonitor(nftables.WithMonitorEventBuffer(4096))
-	events, err := conn.AddGenerationalMonitor(mon)
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { mon.Close() })
-	r := &referenceMonitor{}
-	go func() {
-		for range events {
-			now := time.Now()
-			r.mu.Lock()
-			r.times = append(r.times, now)
-			r.mu.Unlock()
-		}
-	}()
-	return r
-}
-
-func (r *referenceMonitor) count() int { r.mu.Lock(); defer r.mu.Unlock(); return len(r.times) }
-
-// after returns the first generation seen after the first n.
-func (r *referenceMonitor) after(n int) time.Time {
-	for {
-		r.mu.Lock()
-		if len(r.times) > n {
-			t := r.times[n]
-			r.mu.Unlock()
-			return t
-		}
-		r.mu.Unlock()
-		time.Sleep(100 * time.Microsecond)
-	}
-}
-
 // poller lists the table at a fixed interval, as a probe without events would.
 type poller struct {
 	mu    sync.Mutex
@@ -334,12 +286,6 @@ func (p *poller) waitGone(b *testing.B, endpoint string, since time.Time) time.T
 	}
 	b.Fatalf("no poll showed %s gone", endpoint)
 	return time.Time{}
-}
-
-func quantile(vs []float64, q float64) float64 {
-	s := append([]float64(nil), vs...)
-	sort.Float64s(s)
-	return s[max(int(math.Ceil(q*float64(len(s))))-1, 0)]
 }
 
 func cpuTime() time.Duration {

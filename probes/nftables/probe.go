@@ -186,12 +186,7 @@ func (p *Probe) Snapshot() ([]probes.ServiceEndpoints, error) {
 	}
 	out := make([]probes.ServiceEndpoints, 0, len(state))
 	for svc, eps := range state {
-		se := probes.ServiceEndpoints{Service: svc}
-		for ep := range eps {
-			se.Endpoints = append(se.Endpoints, ep)
-		}
-		probes.SortEndpoints(se.Endpoints)
-		out = append(out, se)
+		out = append(out, probes.ServiceEndpoints{Service: svc, Endpoints: probes.EndpointList(eps)})
 	}
 	probes.SortServiceEndpoints(out)
 	return out, err

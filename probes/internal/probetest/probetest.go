@@ -1,15 +1,20 @@
-// Package probetest holds what the probes' privileged tests share: throwaway network namespaces
-// and a sink that records what a probe reports.
+// Package probetest holds what the probes' privileged tests and benchmarks share: throwaway
+// network namespaces, a sink that records what a probe reports, and the kernel's own change
+// notifications as a timing reference.
 package probetest
 
 import (
 	"fmt"
+	"math"
 	"os"
 	"os/exec"
+	"sort"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/google/nftables"
 
 	"github.com/endpointlag/endpointlag/probes"
 )
@@ -110,4 +115,60 @@ func (r *Recorder) Wait(t testing.TB, what string, cond func() bool) {
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
+}
+
+// Generations timestamps every batch of nftables changes the kernel announces in a namespace:
+// the reference the benchmarks measure probes against.
+type Generations struct {
+	mu    sync.Mutex
+	times []time.Time
+}
+
+// WatchGenerations starts recording in the network namespace open as fd, until the test ends.
+func WatchGenerations(t testing.TB, fd *os.File) *Generations {
+	t.Helper()
+	conn, err := nftables.New(nftables.WithNetNSFd(int(fd.Fd())))
+	if err != nil {
+		t.Fatal(err)
+	}
+	mon := nftables.NewMonitor(nftables.WithMonitorEventBuffer(4096))
+	events, err := conn.AddGenerationalMonitor(mon)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { mon.Close() })
+	g := &Generations{}
+	go func() {
+		for range events {
+			now := time.Now()
+			g.mu.Lock()
+			g.times = append(g.times, now)
+			g.mu.Unlock()
+		}
+	}()
+	return g
+}
+
+// Count is how many generations were seen so far.
+func (g *Generations) Count() int { g.mu.Lock(); defer g.mu.Unlock(); return len(g.times) }
+
+// After waits for, and returns the time of, the first generation after the first n.
+func (g *Generations) After(n int) time.Time {
+	for {
+		g.mu.Lock()
+		if len(g.times) > n {
+			t := g.times[n]
+			g.mu.Unlock()
+			return t
+		}
+		g.mu.Unlock()
+		time.Sleep(100 * time.Microsecond)
+	}
+}
+
+// Quantile is the nearest-rank q-quantile of vs.
+func Quantile(vs []float64, q float64) float64 {
+	s := append([]float64(nil), vs...)
+	sort.Float64s(s)
+	return s[max(int(math.Ceil(q*float64(len(s))))-1, 0)]
 }
