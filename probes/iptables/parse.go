@@ -8,21 +8,24 @@ import (
 	"strings"
 
 	"github.com/endpointlag/endpointlag/probes"
+	"github.com/endpointlag/endpointlag/probes/internal/rulegraph"
 )
 
-// rule is the part of one `-A` line of iptables-save that decides where a packet goes.
+// rule is the part of one rule that decides where a packet goes.
 type rule struct {
 	chain   string
-	target  string // -j or -g
+	target  string // -j or -g: a chain (jump) or a target extension
+	jump    bool   // target is a chain
 	proto   string // -p, upper case
 	dnat    netip.AddrPort
 	comment string
 }
 
-// parseSave reads the nat table of `iptables-save` output. Lines it does not need (chain
-// declarations, other tables, COMMIT) are skipped; a malformed -A line is an error naming it.
-func parseSave(r io.Reader) ([]rule, error) {
-	var out []rule
+// parseSave reads the nat table of `iptables-save` output into its chains' rules; every declared
+// chain has an entry. Lines it does not need (other tables, COMMIT) are skipped; a malformed line
+// is an error naming it.
+func parseSave(r io.Reader) (map[string][]rule, error) {
+	out := map[string][]rule{}
 	sc := bufio.NewScanner(r)
 	sc.Buffer(make([]byte, 64*1024), 16*1024*1024)
 	inNat := false
@@ -31,12 +34,26 @@ func parseSave(r io.Reader) ([]rule, error) {
 		switch {
 		case strings.HasPrefix(line, "*"):
 			inNat = line == "*nat"
+		case inNat && strings.HasPrefix(line, ":"):
+			name, _, _ := strings.Cut(line[1:], " ")
+			if name == "" {
+				return nil, fmt.Errorf("line %d: chain without a name", n)
+			}
+			if _, ok := out[name]; !ok {
+				out[name] = nil
+			}
 		case inNat && strings.HasPrefix(line, "-A "):
 			ru, err := parseRule(line)
 			if err != nil {
 				return nil, fmt.Errorf("line %d: %w", n, err)
 			}
-			out = append(out, ru)
+			out[ru.chain] = append(out[ru.chain], ru)
+		}
+	}
+	// A target is a jump when it names a chain of the table.
+	for _, rules := range out {
+		for i := range rules {
+			_, rules[i].jump = out[rules[i].target]
 		}
 	}
 	return out, sc.Err()
@@ -154,64 +171,43 @@ func serviceFromComment(c string) (probes.ServiceRef, bool) {
 	return probes.ServiceRef{Namespace: ns, Name: name}, true
 }
 
-// group is what one Service (or, when the rules name none, one service chain) sends to.
-type group struct {
-	service   probes.ServiceRef
-	endpoints map[probes.Endpoint]bool
+// chainOf is what a chain's rules do for the graph: the chains they jump to and where they DNAT.
+// A DNAT rule without -p is TCP, iptables' default for a port.
+func chainOf(rules []rule) *rulegraph.Chain {
+	c := &rulegraph.Chain{}
+	for _, r := range rules {
+		switch {
+		case r.jump:
+			c.Jumps = append(c.Jumps, r.target)
+		case r.target == "DNAT" && r.dnat.IsValid():
+			proto := r.proto
+			if proto == "" {
+				proto = "TCP"
+			}
+			c.DNATs = append(c.DNATs, rulegraph.Target{Dest: r.dnat, Protocol: proto})
+		}
+	}
+	return c
 }
 
-// endpoints works out, from the nat table's rules, the endpoints each Service's chains reachable
-// from the entry chains can DNAT to. Services are named from the entry rules' comments; without
-// comments each entry target is a group of its own, keyed by the chain's name.
-func endpoints(rules []rule) map[string]*group {
-	byChain := map[string][]rule{}
-	for _, r := range rules {
-		byChain[r.chain] = append(byChain[r.chain], r)
-	}
-	out := map[string]*group{}
-	for _, root := range rootChains {
-		for _, entry := range byChain[root] {
-			if !serviceChain(entry.target) {
+// rootsOf reads the entry chains' rules: each service chain they jump to is a root, grouped by
+// the Service the rule's comment names or, without comments, by the chain itself.
+func rootsOf(chains map[string][]rule) map[string]rulegraph.Root {
+	out := map[string]rulegraph.Root{}
+	for _, entry := range rootChains {
+		for _, r := range chains[entry] {
+			if !r.jump || !serviceChain(r.target) {
 				continue
 			}
-			svc, named := serviceFromComment(entry.comment)
-			key := entry.target
-			if named {
-				key = svc.String()
+			if have, ok := out[r.target]; ok && have.Service.Name != "" {
+				continue
 			}
-			g := out[key]
-			if g == nil {
-				g = &group{service: svc, endpoints: map[probes.Endpoint]bool{}}
-				out[key] = g
+			root := rulegraph.Root{Group: r.target}
+			if svc, named := serviceFromComment(r.comment); named {
+				root = rulegraph.Root{Group: svc.String(), Service: svc}
 			}
-			walk(byChain, entry.target, g.endpoints)
+			out[r.target] = root
 		}
 	}
 	return out
-}
-
-func walk(byChain map[string][]rule, start string, into map[probes.Endpoint]bool) {
-	seen := map[string]bool{}
-	stack := []string{start}
-	for len(stack) > 0 {
-		c := stack[len(stack)-1]
-		stack = stack[:len(stack)-1]
-		if seen[c] {
-			continue
-		}
-		seen[c] = true
-		for _, r := range byChain[c] {
-			if r.target == "DNAT" && r.dnat.IsValid() {
-				proto := r.proto
-				if proto == "" {
-					proto = "TCP"
-				}
-				into[probes.Endpoint{Addr: r.dnat.Addr().Unmap(), Port: r.dnat.Port(), Protocol: proto}] = true
-				continue
-			}
-			if _, ok := byChain[r.target]; ok {
-				stack = append(stack, r.target)
-			}
-		}
-	}
 }

@@ -8,27 +8,40 @@ import (
 	"sort"
 	"strings"
 	"testing"
+
+	"github.com/google/nftables"
+
+	"github.com/endpointlag/endpointlag/probes/internal/rulegraph"
 )
 
-func readFixture(t testing.TB, name string) []rule {
+func readFixture(t testing.TB, name string) map[string][]rule {
 	t.Helper()
 	f, err := os.Open(filepath.Join("testdata", name))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	rules, err := parseSave(f)
+	chains, err := parseSave(f)
 	if err != nil {
 		t.Fatalf("%s: %v", name, err)
 	}
-	return rules
+	return chains
 }
 
-func describe(groups map[string]*group) []string {
+// reached runs parsed chains through the graph as the legacy backend's poll does.
+func reached(chains map[string][]rule) map[string]rulegraph.Reached {
+	rd := newReader()
+	rd.replace(uint8(nftables.TableFamilyIPv4), numbered(chains))
+	state := map[string]rulegraph.Reached{}
+	rd.g.Publish(state)
+	return state
+}
+
+func describe(state map[string]rulegraph.Reached) []string {
 	var out []string
-	for key, g := range groups {
-		for ep := range g.endpoints {
-			out = append(out, fmt.Sprintf("%s %s %s", key, g.service, ep))
+	for key, r := range state {
+		for ep := range r.Endpoints {
+			out = append(out, fmt.Sprintf("%s %s %s", key, r.Service, ep))
 		}
 	}
 	sort.Strings(out)
@@ -58,7 +71,7 @@ func TestEndpoints(t *testing.T) {
 			"shop/web shop/web [fd00:10:244:1::5]:8080/TCP",
 		}},
 	} {
-		if got := describe(endpoints(readFixture(t, tc.file))); !slices.Equal(got, tc.want) {
+		if got := describe(reached(readFixture(t, tc.file))); !slices.Equal(got, tc.want) {
 			t.Errorf("%s:\n got %q\nwant %q", tc.file, got, tc.want)
 		}
 	}
@@ -99,15 +112,15 @@ func FuzzParseSave(f *testing.F) {
 		f.Add(string(b))
 	}
 	f.Fuzz(func(t *testing.T, text string) {
-		rules, err := parseSave(strings.NewReader(text))
+		chains, err := parseSave(strings.NewReader(text))
 		if err != nil {
 			return
 		}
-		for key, g := range endpoints(rules) {
+		for key, r := range reached(chains) {
 			if key == "" {
 				t.Error("a group without a key")
 			}
-			for ep := range g.endpoints {
+			for ep := range r.Endpoints {
 				if !ep.Addr.IsValid() || ep.Protocol == "" {
 					t.Errorf("invalid endpoint %+v", ep)
 				}

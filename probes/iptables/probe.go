@@ -1,10 +1,11 @@
-// Package iptables observes this node's kube-proxy in iptables mode. It reads the nat table with
-// iptables-save (KUBE-SERVICES / KUBE-NODEPORTS → KUBE-SVC-, SVL-, EXT- → KUBE-SEP- → DNAT) and
-// works out which endpoints each Service's chains can still send new connections to. With the
-// nf_tables backend (iptables-nft) it reads again on every change the nftables netlink monitor
-// reports for the nat tables; the legacy backend has no events and is polled with jitter, the
-// interval being the precision. An endpoint is removed (stage iptables) once no chain reachable
-// from the entry chains sends to it.
+// Package iptables observes this node's kube-proxy in iptables mode and works out, from the nat
+// table (KUBE-SERVICES / KUBE-NODEPORTS → KUBE-SVC-, SVL-, EXT- → KUBE-SEP- → DNAT), which
+// endpoints each Service's chains can still send new connections to. With the nf_tables backend
+// (iptables-nft) it reads the nat tables over netlink once and then follows every rule the
+// nftables netlink monitor reports added or deleted, re-walking only the Services a change
+// touches. The legacy backend has no events: it is read with iptables-legacy-save, polled with
+// jitter, the interval being the precision. An endpoint is removed (stage iptables) once no chain
+// reachable from the entry chains sends to it.
 package iptables
 
 import (
@@ -13,8 +14,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"math/rand/v2"
 	"os/exec"
+	"slices"
 	"sync"
 	"time"
 
@@ -22,6 +25,8 @@ import (
 	"k8s.io/utils/clock"
 
 	"github.com/endpointlag/endpointlag/probes"
+	"github.com/endpointlag/endpointlag/probes/internal/nfmon"
+	"github.com/endpointlag/endpointlag/probes/internal/rulegraph"
 )
 
 // Name is the probe's registry name and the source of its observations.
@@ -45,7 +50,7 @@ type Options struct {
 func init() {
 	probes.Register(probes.Factory{
 		Name:           Name,
-		Help:           "this node's kube-proxy rules in iptables mode (nat table), nf_tables backend followed through the netlink monitor, legacy backend polled; inactive until KUBE-SERVICES exists",
+		Help:           "this node's kube-proxy rules in iptables mode (nat table): nf_tables backend read over netlink and followed through the monitor, legacy backend polled with iptables-legacy-save; inactive until KUBE-SERVICES exists",
 		DefaultEnabled: true,
 		Stages:         []probes.Stage{probes.StageIptables},
 		New: func(env probes.Env) (probes.Probe, error) {
@@ -59,13 +64,14 @@ type Probe struct {
 	opts  Options
 	clock clock.PassiveClock
 	log   *slog.Logger
-	// run executes a save command; tests replace it to run in another namespace.
+	// run executes a legacy save command; tests replace it to run in another namespace.
 	run func(ctx context.Context, name string, args ...string) ([]byte, error)
-	// newConn opens a netlink connection for the monitor.
-	newConn func() (*nftables.Conn, error)
+	// netns names the network namespace (none: the current one).
+	netns []nftables.ConnOption
 
-	mu    sync.Mutex
-	state map[string]*group
+	mu sync.Mutex
+	// state is what the rules do now, per Service (or service chain); read by Snapshot.
+	state map[string]rulegraph.Reached
 	reads int
 }
 
@@ -79,74 +85,68 @@ func New(opts Options, clk clock.PassiveClock, log *slog.Logger) *Probe {
 		run: func(ctx context.Context, name string, args ...string) ([]byte, error) {
 			return exec.CommandContext(ctx, name, args...).Output()
 		},
-		newConn: func() (*nftables.Conn, error) { return nftables.New() },
 	}
+}
+
+// conn opens a netlink connection for reading, kept open across requests.
+func (p *Probe) conn() (*nftables.Conn, error) {
+	return nftables.New(append([]nftables.ConnOption{nftables.AsLasting()}, p.netns...)...)
 }
 
 // Name implements probes.Probe.
 func (p *Probe) Name() string { return Name }
 
-func saveCommands(b Backend) []string {
-	return []string{"iptables-" + string(b) + "-save", "ip6tables-" + string(b) + "-save"}
-}
+var legacySave = []string{"iptables-legacy-save", "ip6tables-legacy-save"}
 
 // Detect tells which backend holds kube-proxy's rules (a KUBE-SERVICES chain in the nat table),
 // or "" when neither does yet.
 func (p *Probe) Detect(ctx context.Context) Backend {
-	for _, b := range []Backend{BackendNFT, BackendLegacy} {
-		out, err := p.run(ctx, saveCommands(b)[0], "-t", "nat")
-		if err == nil && bytes.Contains(out, []byte("\n:KUBE-SERVICES ")) {
-			return b
+	if conn, err := p.conn(); err == nil {
+		defer func() { _ = conn.CloseLasting() }()
+		for _, fam := range families {
+			chains, err := conn.ListChainsOfTableFamily(fam)
+			if err != nil {
+				continue
+			}
+			for _, c := range chains {
+				if c.Table.Name == natTable && c.Name == rootChains[0] {
+					return BackendNFT
+				}
+			}
 		}
+	}
+	out, err := p.run(ctx, legacySave[0], "-t", "nat")
+	if err == nil && bytes.Contains(out, []byte("\n:"+rootChains[0]+" ")) {
+		return BackendLegacy
 	}
 	return ""
 }
 
-// Snapshot reads the rules once and returns what each Service's chains send to.
+// Snapshot returns what the rules do now: per Service, the endpoints new connections can reach.
+// Before Run has read the rules, it reads them once.
 func (p *Probe) Snapshot(ctx context.Context) ([]probes.ServiceEndpoints, error) {
-	b := p.Detect(ctx)
-	if b == "" {
-		return []probes.ServiceEndpoints{}, nil
+	p.mu.Lock()
+	if p.state != nil {
+		defer p.mu.Unlock()
+		return rulegraph.Snapshot(p.state), nil
 	}
-	groups, err := p.readRules(ctx, b)
-	out := make([]probes.ServiceEndpoints, 0, len(groups))
-	for key, g := range groups {
-		se := probes.ServiceEndpoints{Service: g.service, Endpoints: probes.EndpointList(g.endpoints)}
-		if g.service.Name == "" {
-			se.Chain = key
+	p.mu.Unlock()
+	rd := newReader()
+	var err error
+	switch p.Detect(ctx) {
+	case BackendNFT:
+		var conn *nftables.Conn
+		if conn, err = p.conn(); err != nil {
+			return nil, err
 		}
-		out = append(out, se)
+		defer func() { _ = conn.CloseLasting() }()
+		err = rd.resync(conn)
+	case BackendLegacy:
+		err = rd.poll(ctx, p.run)
 	}
-	probes.SortServiceEndpoints(out)
-	return out, err
-}
-
-// readRules runs the save commands of backend b and returns what the rules do.
-func (p *Probe) readRules(ctx context.Context, b Backend) (map[string]*group, error) {
-	out := map[string]*group{}
-	var errs []error
-	for _, cmd := range saveCommands(b) {
-		text, err := p.run(ctx, cmd, "-t", "nat")
-		if err != nil {
-			errs = append(errs, fmt.Errorf("%s -t nat: %w", cmd, err))
-			continue
-		}
-		rules, err := parseSave(bytes.NewReader(text))
-		if err != nil {
-			errs = append(errs, fmt.Errorf("%s output: %w", cmd, err))
-			continue
-		}
-		for k, g := range endpoints(rules) {
-			if have := out[k]; have != nil {
-				for ep := range g.endpoints {
-					have.endpoints[ep] = true
-				}
-				continue
-			}
-			out[k] = g
-		}
-	}
-	return out, errors.Join(errs...)
+	state := map[string]rulegraph.Reached{}
+	rd.g.Publish(state)
+	return rulegraph.Snapshot(state), err
 }
 
 // Run implements probes.Probe.
@@ -162,69 +162,84 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 		}
 	}
 	p.log.Info("kube-proxy's iptables rules found", "backend", backend)
-	var (
-		trigger   <-chan time.Time
-		events    chan *nftables.MonitorEvents
-		precision time.Duration
-	)
-	if backend == BackendNFT {
-		mon := nftables.NewMonitor(nftables.WithMonitorEventBuffer(4096))
-		conn, err := p.newConn()
-		if err != nil {
-			return fmt.Errorf("iptables: %w", err)
-		}
-		if events, err = conn.AddGenerationalMonitor(mon); err != nil {
-			return fmt.Errorf("iptables: nftables monitor: %w", err)
-		}
-		defer mon.Close()
-	} else {
-		precision = p.opts.PollInterval
+	if backend == BackendLegacy {
+		return p.runLegacy(ctx, sink)
 	}
-	p.read(ctx, sink, backend, time.Time{}, 0)
+	return p.runNFT(ctx, sink)
+}
+
+func (p *Probe) runNFT(ctx context.Context, sink probes.Sink) error {
+	mon, err := nfmon.Open(p.netns...)
+	if err != nil {
+		return fmt.Errorf("iptables: %w", err)
+	}
+	defer func() { mon.Close() }()
+	conn, err := p.conn()
+	if err != nil {
+		return fmt.Errorf("iptables: %w", err)
+	}
+	defer func() { _ = conn.CloseLasting() }()
+	rd := newReader()
+	// The monitor runs before the first read, so no change falls between them.
+	if err := rd.resync(conn); err != nil {
+		sink.Error(Name, err)
+	}
+	p.publish(rd, sink, time.Time{}, 0)
 	sink.SetStatus(Name, probes.Status{Up: true, Synced: true})
 	for {
-		if backend == BackendLegacy {
-			trigger = time.After(jitter(p.opts.PollInterval))
-		}
 		select {
 		case <-ctx.Done():
 			return nil
-		case <-trigger:
-			p.read(ctx, sink, backend, p.clock.Now(), precision)
-		case gen, ok := <-events:
-			if !ok {
-				return errors.New("iptables: nftables monitor closed")
+		case gen, ok := <-mon.Events:
+			now := p.clock.Now()
+			switch {
+			case !ok:
+				// The monitor closed after an error (lost messages), which apply reported: open
+				// another and read the tables whole.
+				mon.Close()
+				if mon = nfmon.Reopen(ctx, func(err error) { sink.Error(Name, err) }, p.netns...); mon == nil {
+					return nil
+				}
+				if err := rd.resync(conn); err != nil {
+					sink.Error(Name, err)
+				}
+			case !rd.apply(gen):
+				continue
+			case rd.err != nil:
+				// Unreadable messages: read the tables whole again, unless the monitor is
+				// closing and the read follows its reopening.
+				sink.Error(Name, rd.err)
+				if nfmon.Closing(gen) {
+					continue
+				}
+				if err := rd.resync(conn); err != nil {
+					sink.Error(Name, err)
+				}
 			}
-			if touchesNat(gen) {
-				p.read(ctx, sink, backend, p.clock.Now(), 0)
-			}
+			p.publish(rd, sink, now, 0)
 		}
 	}
 }
 
-// touchesNat reports whether a batch of nftables changes concerns a nat table (iptables-nft
-// keeps iptables' tables as nftables tables of the same name); errors and lost messages count.
-func touchesNat(gen *nftables.MonitorEvents) bool {
-	for _, ev := range gen.Changes {
-		if ev.Error != nil || ev.Type == nftables.MonitorEventTypeOOB {
-			return true
-		}
-		switch d := ev.Data.(type) {
-		case *nftables.Rule:
-			if d.Table != nil && d.Table.Name == "nat" {
-				return true
+func (p *Probe) runLegacy(ctx context.Context, sink probes.Sink) error {
+	rd := newReader()
+	if err := rd.poll(ctx, p.run); err != nil {
+		sink.Error(Name, err)
+	}
+	p.publish(rd, sink, time.Time{}, 0)
+	sink.SetStatus(Name, probes.Status{Up: true, Synced: true})
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(jitter(p.opts.PollInterval)):
+			now := p.clock.Now()
+			if err := rd.poll(ctx, p.run); err != nil {
+				sink.Error(Name, err)
 			}
-		case *nftables.Chain:
-			if d.Table != nil && d.Table.Name == "nat" {
-				return true
-			}
-		case *nftables.Table:
-			if d.Name == "nat" {
-				return true
-			}
+			p.publish(rd, sink, now, p.opts.PollInterval)
 		}
 	}
-	return false
 }
 
 // jitter spreads polls of many nodes: ±10 %.
@@ -232,29 +247,226 @@ func jitter(d time.Duration) time.Duration {
 	return d - d/10 + rand.N(d/5+1)
 }
 
-// read reads the rules and reports the endpoints no longer reachable; with a zero time it only
-// records the state.
-func (p *Probe) read(ctx context.Context, sink probes.Sink, b Backend, now time.Time, precision time.Duration) {
-	next, err := p.readRules(ctx, b)
-	if err != nil {
-		sink.Error(Name, err)
-		if len(next) == 0 {
-			return // keep the last good state rather than report everything removed
-		}
-	}
+// publish brings the state up to date and reports the endpoints no longer reachable; with a zero
+// time it only records the state.
+func (p *Probe) publish(rd *reader, sink probes.Sink, now time.Time, precision time.Duration) {
 	p.mu.Lock()
-	prev := p.state
-	p.state = next
+	if p.state == nil {
+		p.state = map[string]rulegraph.Reached{}
+	}
+	removed := rd.g.Publish(p.state)
 	p.reads++
 	p.mu.Unlock()
 	if now.IsZero() {
 		return
 	}
-	for key, g := range prev {
-		for ep := range g.endpoints {
-			if n := next[key]; n == nil || !n.endpoints[ep] {
-				sink.Observe(probes.Observation{Stage: probes.StageIptables, Time: now, Precision: precision, Source: Name, Service: g.service, Endpoint: ep})
+	for _, r := range removed {
+		sink.Observe(probes.Observation{Stage: probes.StageIptables, Time: now, Precision: precision, Source: Name, Service: r.Service, Endpoint: r.Endpoint})
+	}
+}
+
+// reader is the probe's copy of the nat tables, per family: each chain's rules (by rule handle
+// for the nf_tables backend) and the graph built from them.
+type reader struct {
+	g      *rulegraph.Graph
+	chains map[uint8]map[string]map[uint64]rule
+	// err is set by apply when the changes could not be followed.
+	err error
+}
+
+func newReader() *reader {
+	return &reader{g: rulegraph.New(), chains: map[uint8]map[string]map[uint64]rule{}}
+}
+
+// setChains hands the chains changed in one family to the graph, and the entry chains' jumps as
+// its roots when an entry chain is among them.
+func (rd *reader) setChains(fam uint8, changed map[string]bool) {
+	tab := rd.chains[fam]
+	entry := false
+	for name := range changed {
+		k := rulegraph.Key{Family: fam, Chain: name}
+		rules, ok := tab[name]
+		if !ok {
+			rd.g.SetChain(k, nil)
+		} else {
+			rd.g.SetChain(k, chainOf(ordered(rules)))
+		}
+		entry = entry || slices.Contains(rootChains, name)
+	}
+	if entry {
+		rootRules := map[string][]rule{}
+		for _, name := range rootChains {
+			rootRules[name] = ordered(tab[name])
+		}
+		rd.g.SetRoots(fam, rootsOf(rootRules))
+	}
+}
+
+// ordered lists a chain's rules in handle order, which is the order they were added.
+func ordered(rules map[uint64]rule) []rule {
+	handles := slices.Sorted(maps.Keys(rules))
+	out := make([]rule, len(handles))
+	for i, h := range handles {
+		out[i] = rules[h]
+	}
+	return out
+}
+
+// numbered keys each chain's rules by their position, as handles do for the nf_tables backend.
+func numbered(chains map[string][]rule) map[string]map[uint64]rule {
+	out := make(map[string]map[uint64]rule, len(chains))
+	for name, rules := range chains {
+		byIndex := make(map[uint64]rule, len(rules))
+		for i, r := range rules {
+			byIndex[uint64(i)] = r
+		}
+		out[name] = byIndex
+	}
+	return out
+}
+
+// replace makes one family's tables what was read; only chains that differ reach the graph.
+func (rd *reader) replace(fam uint8, next map[string]map[uint64]rule) {
+	changed := map[string]bool{}
+	for name := range rd.chains[fam] {
+		changed[name] = true
+	}
+	for name := range next {
+		changed[name] = true
+	}
+	rd.chains[fam] = next
+	rd.setChains(fam, changed)
+}
+
+// resync reads both families' nat tables whole over netlink.
+func (rd *reader) resync(conn *nftables.Conn) error {
+	rd.err = nil
+	var errs []error
+	for _, fam := range families {
+		next := map[string]map[uint64]rule{}
+		chains, err := conn.ListChainsOfTableFamily(fam)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("listing %s chains: %w", familyName(fam), err))
+			continue
+		}
+		for _, c := range chains {
+			if c.Table.Name != natTable {
+				continue
 			}
+			rules, err := conn.GetRules(c.Table, c)
+			if err != nil {
+				errs = append(errs, fmt.Errorf("reading %s nat chain %s: %w", familyName(fam), c.Name, err))
+				continue
+			}
+			byHandle := make(map[uint64]rule, len(rules))
+			for _, r := range rules {
+				byHandle[r.Handle] = ruleFromExprs(c.Name, r.Exprs)
+			}
+			next[c.Name] = byHandle
+		}
+		rd.replace(uint8(fam), next)
+	}
+	return errors.Join(errs...)
+}
+
+// poll reads both families with iptables-legacy-save.
+func (rd *reader) poll(ctx context.Context, run func(ctx context.Context, name string, args ...string) ([]byte, error)) error {
+	var errs []error
+	for i, fam := range families {
+		text, err := run(ctx, legacySave[i], "-t", "nat")
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s -t nat: %w", legacySave[i], err))
+			continue // keep the last good state rather than report everything removed
+		}
+		chains, err := parseSave(bytes.NewReader(text))
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s output: %w", legacySave[i], err))
+			continue
+		}
+		rd.replace(uint8(fam), numbered(chains))
+	}
+	return errors.Join(errs...)
+}
+
+// apply follows one generation of nftables changes in the nat tables: rules added and deleted by
+// handle, chains and tables created and deleted. It reports whether the generation touched them;
+// lost messages or errors set rd.err.
+func (rd *reader) apply(gen *nftables.MonitorEvents) bool {
+	changed := map[uint8]map[string]bool{}
+	mark := func(fam nftables.TableFamily, chain string) map[string]map[uint64]rule {
+		f := uint8(fam)
+		if changed[f] == nil {
+			changed[f] = map[string]bool{}
+		}
+		changed[f][chain] = true
+		if rd.chains[f] == nil {
+			rd.chains[f] = map[string]map[uint64]rule{}
+		}
+		return rd.chains[f]
+	}
+	touched := false
+	for _, ev := range gen.Changes {
+		if ev.Error != nil {
+			rd.err = fmt.Errorf("nftables monitor: %w", ev.Error)
+			return true
+		}
+		switch ev.Type {
+		case nftables.MonitorEventTypeOOB:
+			rd.err = errors.New("nftables monitor: out-of-band event (lost messages)")
+			return true
+		case nftables.MonitorEventTypeNewRule, nftables.MonitorEventTypeDelRule:
+			r, ok := ev.Data.(*nftables.Rule)
+			if !ok || !isNat(r.Table) || r.Chain == nil {
+				continue
+			}
+			touched = true
+			tab := mark(r.Table.Family, r.Chain.Name)
+			if ev.Type == nftables.MonitorEventTypeDelRule {
+				delete(tab[r.Chain.Name], r.Handle)
+				continue
+			}
+			if tab[r.Chain.Name] == nil {
+				tab[r.Chain.Name] = map[uint64]rule{}
+			}
+			tab[r.Chain.Name][r.Handle] = ruleFromExprs(r.Chain.Name, r.Exprs)
+		case nftables.MonitorEventTypeNewChain, nftables.MonitorEventTypeDelChain:
+			c, ok := ev.Data.(*nftables.Chain)
+			if !ok || !isNat(c.Table) {
+				continue
+			}
+			touched = true
+			tab := mark(c.Table.Family, c.Name)
+			if ev.Type == nftables.MonitorEventTypeDelChain {
+				delete(tab, c.Name)
+			} else if tab[c.Name] == nil {
+				tab[c.Name] = map[uint64]rule{}
+			}
+		case nftables.MonitorEventTypeDelTable:
+			t, ok := ev.Data.(*nftables.Table)
+			if !ok || !isNat(t) {
+				continue
+			}
+			touched = true
+			for name := range rd.chains[uint8(t.Family)] {
+				mark(t.Family, name)
+			}
+			rd.chains[uint8(t.Family)] = map[string]map[uint64]rule{}
 		}
 	}
+	for fam, names := range changed {
+		rd.setChains(fam, names)
+	}
+	return touched
+}
+
+// isNat tells iptables-nft's nat tables (families ip and ip6) from every other table.
+func isNat(t *nftables.Table) bool {
+	return t != nil && t.Name == natTable && (t.Family == nftables.TableFamilyIPv4 || t.Family == nftables.TableFamilyIPv6)
+}
+
+func familyName(f nftables.TableFamily) string {
+	if f == nftables.TableFamilyIPv6 {
+		return "ip6"
+	}
+	return "ip"
 }

@@ -2,6 +2,7 @@ package iptables
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -10,12 +11,14 @@ import (
 	"path/filepath"
 	"slices"
 	"sort"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/google/nftables"
 	"k8s.io/utils/clock"
 
+	"github.com/endpointlag/endpointlag/probes/internal/nfmon"
 	"github.com/endpointlag/endpointlag/probes/internal/probetest"
 )
 
@@ -57,7 +60,7 @@ func TestProbeFollowsKubeProxyRules(t *testing.T) {
 			p.run = func(ctx context.Context, name string, args ...string) ([]byte, error) {
 				return exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", ns, name}, args...)...).Output()
 			}
-			p.newConn = func() (*nftables.Conn, error) { return nftables.New(nftables.WithNetNSFd(int(fd.Fd()))) }
+			p.netns = []nftables.ConnOption{nftables.WithNetNSFd(int(fd.Fd()))}
 			if got := p.Detect(context.Background()); got != backend {
 				t.Fatalf("Detect = %q, want %q", got, backend)
 			}
@@ -116,5 +119,108 @@ func TestProbeFollowsKubeProxyRules(t *testing.T) {
 				t.Errorf("errors: %v", errs)
 			}
 		})
+	}
+}
+
+// Each fixture loaded with iptables-nft-restore (ip6tables-nft-restore for IPv6) reads the same
+// over netlink as its iptables-save text does through the parser: comments, no comments, IPv6.
+func TestNetlinkReadMatchesSaveText(t *testing.T) {
+	for _, tc := range []struct{ file, restore string }{
+		{"kube-proxy.iptables", "iptables-nft-restore"},
+		{"kube-proxy-nocomments.iptables", "iptables-nft-restore"},
+		{"kube-proxy-ipv6.iptables", "ip6tables-nft-restore"},
+	} {
+		t.Run(tc.file, func(t *testing.T) {
+			ns, fd := probetest.Netns(t, nsPrefix+"read-", tc.restore)
+			in, err := os.Open(filepath.Join("testdata", tc.file))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer in.Close()
+			cmd := exec.Command("ip", "netns", "exec", ns, tc.restore)
+			cmd.Stdin = in
+			if out, err := cmd.CombinedOutput(); err != nil {
+				t.Fatalf("%s: %v: %s", tc.restore, err, out)
+			}
+			p := New(Options{}, clock.RealClock{}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+			p.netns = []nftables.ConnOption{nftables.WithNetNSFd(int(fd.Fd()))}
+			p.run = func(context.Context, string, ...string) ([]byte, error) {
+				return nil, errors.New("the legacy backend is not expected here")
+			}
+			snap, err := p.Snapshot(context.Background())
+			if err != nil {
+				t.Fatal(err)
+			}
+			var got []string
+			for _, se := range snap {
+				key := se.Service.String()
+				if se.Chain != "" {
+					key = se.Chain
+				}
+				for _, ep := range se.Endpoints {
+					got = append(got, fmt.Sprintf("%s %s %s", key, se.Service, ep))
+				}
+			}
+			sort.Strings(got)
+			want := describe(reached(readFixture(t, tc.file)))
+			if len(want) == 0 || !slices.Equal(got, want) {
+				t.Errorf("netlink read:\n got %q\nwant %q", got, want)
+			}
+		})
+	}
+}
+
+// When the kernel drops monitor messages (a change larger than the socket's receive buffer), the
+// probe says so, opens a new monitor, reads the tables whole and still reports the removal.
+func TestLostMessagesAreRecovered(t *testing.T) {
+	ns, fd := probetest.Netns(t, nsPrefix+"lost-", "iptables-nft-restore")
+	restore(t, ns, BackendNFT, "kube-proxy.iptables")
+	defer func(n int) { nfmon.ReceiveBuffer = n }(nfmon.ReceiveBuffer)
+	nfmon.ReceiveBuffer = 4096
+	p := New(Options{}, clock.RealClock{}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	p.netns = []nftables.ConnOption{nftables.WithNetNSFd(int(fd.Fd()))}
+	rec := &probetest.Recorder{}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- p.Run(ctx, rec) }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	}()
+	rec.Wait(t, "the first read", func() bool { p.mu.Lock(); defer p.mu.Unlock(); return p.reads > 0 })
+
+	// One transaction: 500 unrelated chains of 4 commented rules each, and the web endpoint gone.
+	web, err := os.ReadFile(filepath.Join("testdata", "remove-web-endpoint.iptables"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, body, _ := strings.Cut(string(web), "*nat\n")
+	body, _, _ = strings.Cut(body, "COMMIT\n")
+	var s strings.Builder
+	s.WriteString("*nat\n")
+	for i := range 500 {
+		fmt.Fprintf(&s, ":FILLER-%d - [0:0]\n", i)
+	}
+	s.WriteString(body)
+	for i := range 500 {
+		for range 4 {
+			fmt.Fprintf(&s, "-A FILLER-%d -m comment --comment \"filler rule to overflow the monitor's receive buffer\" -j RETURN\n", i)
+		}
+	}
+	s.WriteString("COMMIT\n")
+	cmd := exec.Command("ip", "netns", "exec", ns, "iptables-nft-restore", "--noflush")
+	cmd.Stdin = strings.NewReader(s.String())
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("restore: %v: %s", err, out)
+	}
+	want := []string{"default/web 10.244.1.4:8080/TCP 0s"}
+	rec.Wait(t, "the removal", func() bool { return len(removed(rec)) >= len(want) })
+	if got := removed(rec); !slices.Equal(got, want) {
+		t.Errorf("removals:\n got %q\nwant %q", got, want)
+	}
+	if errs := rec.Errors(); len(errs) == 0 || !strings.Contains(errors.Join(errs...).Error(), "no buffer space") {
+		t.Errorf("errors %v, want the kernel's lost-message error", errs)
 	}
 }

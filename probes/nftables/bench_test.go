@@ -10,11 +10,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -79,10 +77,11 @@ func BenchmarkLargeRuleset(b *testing.B) {
 	// every 80 ms (an nft command on a table this size takes tens of milliseconds). The probe's CPU time is this process's minus an idle baseline of the same
 	// length (the nft commands run as children and are not counted).
 	const perSecond, churnFor = 100, 10 * time.Second
-	idle0 := cpuTime()
+	ref.Stop()
+	idle0 := probetest.CPUTime()
 	time.Sleep(churnFor)
-	idle := cpuTime() - idle0
-	cpu0, rss0 := cpuTime(), rssKB()
+	idle := probetest.CPUTime() - idle0
+	cpu0, rss0 := probetest.CPUTime(), probetest.RSSKiB()
 	const perTx = 8
 	tick := time.NewTicker(perTx * time.Second / perSecond)
 	deadline := time.Now().Add(churnFor)
@@ -97,7 +96,7 @@ func BenchmarkLargeRuleset(b *testing.B) {
 		n++
 	}
 	tick.Stop()
-	cpu1, rss1 := cpuTime(), rssKB()
+	cpu1, rss1 := probetest.CPUTime(), probetest.RSSKiB()
 	busy := cpu1 - cpu0 - idle
 
 	b.ReportMetric(syncTime.Seconds()*1000, "sync-ms")
@@ -286,22 +285,4 @@ func (p *poller) waitGone(b *testing.B, endpoint string, since time.Time) time.T
 	}
 	b.Fatalf("no poll showed %s gone", endpoint)
 	return time.Time{}
-}
-
-func cpuTime() time.Duration {
-	var ru syscall.Rusage
-	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
-}
-
-func rssKB() int {
-	runtime.GC()
-	b, _ := os.ReadFile("/proc/self/status")
-	for _, line := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
-			n, _ := strconv.Atoi(strings.Fields(v)[0])
-			return n
-		}
-	}
-	return 0
 }

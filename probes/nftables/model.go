@@ -11,6 +11,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/endpointlag/endpointlag/probes"
+	"github.com/endpointlag/endpointlag/probes/internal/rulegraph"
 )
 
 // servicePort is what kube-proxy's service and endpoint chain names carry after the hash:
@@ -45,13 +46,6 @@ func parseChainName(name string) (kind string, sp servicePort, ok bool) {
 		return "", sp, false
 	}
 	return kind, servicePort{service: probes.ServiceRef{Namespace: parts[0], Name: parts[1]}, protocol: proto, portName: parts[3]}, true
-}
-
-// chainInfo is what one chain's rules do, as far as endpoints go: where they DNAT to, and which
-// chains they jump or go to (directly or through verdict maps).
-type chainInfo struct {
-	dnats []netip.AddrPort
-	jumps []string
 }
 
 // setLookup returns the elements of a set of the chain's table by name.
@@ -91,7 +85,7 @@ const maxFanout = 1 << 16
 // evalRule follows a rule's expressions as far as they decide a destination: immediates and map
 // lookups load registers, a dnat reads them, verdicts and verdict maps name other chains. Matches
 // are taken as possibly true, so the result is every destination the rule can produce.
-func evalRule(r *nftables.Rule, sets setLookup, out *chainInfo) error {
+func evalRule(r *nftables.Rule, sets setLookup, out *rulegraph.Chain) error {
 	states := []regs{{}}
 	for _, e := range r.Exprs {
 		switch e := e.(type) {
@@ -101,7 +95,7 @@ func evalRule(r *nftables.Rule, sets setLookup, out *chainInfo) error {
 			}
 		case *expr.Verdict:
 			if e.Kind == expr.VerdictJump || e.Kind == expr.VerdictGoto {
-				out.jumps = append(out.jumps, e.Chain)
+				out.Jumps = append(out.Jumps, e.Chain)
 			}
 		case *expr.Lookup:
 			if !e.IsDestRegSet || e.Invert {
@@ -114,7 +108,7 @@ func evalRule(r *nftables.Rule, sets setLookup, out *chainInfo) error {
 			if e.DestRegister == unix.NFT_REG_VERDICT {
 				for _, el := range elems {
 					if chain, ok := elementTarget(el); ok {
-						out.jumps = append(out.jumps, chain)
+						out.Jumps = append(out.Jumps, chain)
 					}
 				}
 				continue
@@ -148,7 +142,7 @@ func evalRule(r *nftables.Rule, sets setLookup, out *chainInfo) error {
 				if p := states[i].read(e.RegProtoMin, 2); e.RegProtoMin != 0 && p != nil {
 					port = binary.BigEndian.Uint16(p)
 				}
-				out.dnats = append(out.dnats, netip.AddrPortFrom(addr, port))
+				out.DNATs = append(out.DNATs, rulegraph.Target{Dest: netip.AddrPortFrom(addr, port)})
 			}
 		}
 	}
@@ -191,12 +185,6 @@ func decodeVerdict(b []byte) (code int32, chain string, ok bool) {
 // not reachable from them is stale.
 var rootMaps = []string{"service-ips", "service-nodeports"}
 
-// chainKey names a chain in one address family's kube-proxy table.
-type chainKey struct {
-	family nftables.TableFamily
-	name   string
-}
-
 func familyName(f nftables.TableFamily) string {
 	if f == nftables.TableFamilyIPv6 {
 		return "ip6"
@@ -210,161 +198,13 @@ func isNotFound(err error) bool {
 	return err != nil && strings.Contains(err.Error(), unix.ENOENT.Error())
 }
 
-// graph keeps, for every root (a chain kube-proxy's service maps point at), the chains its walk
-// passed and the endpoints they DNAT to, so that a change re-walks only the roots that reach a
-// changed chain: a sync that touches one Service costs that Service, not the table.
-type graph struct {
-	chains map[chainKey]*chainInfo
-	roots  map[chainKey]*rootWalk
-	// reachers maps a chain to the roots whose walk passed it.
-	reachers map[chainKey]map[chainKey]bool
-	// byService maps a Service to its roots (service and external chains, both families).
-	byService map[probes.ServiceRef]map[chainKey]bool
-	// dirty roots are walked again at the next update; changed Services are reported by it.
-	dirty   map[chainKey]bool
-	changed map[probes.ServiceRef]bool
-}
-
-type rootWalk struct {
-	service probes.ServiceRef
-	reached []chainKey
-	eps     map[probes.Endpoint]bool
-}
-
-func newGraph() *graph {
-	return &graph{
-		chains: map[chainKey]*chainInfo{}, roots: map[chainKey]*rootWalk{},
-		reachers: map[chainKey]map[chainKey]bool{}, byService: map[probes.ServiceRef]map[chainKey]bool{},
-		dirty: map[chainKey]bool{}, changed: map[probes.ServiceRef]bool{},
-	}
-}
-
-func addTo(m map[chainKey]bool, k chainKey) map[chainKey]bool {
-	if m == nil {
-		m = map[chainKey]bool{}
-	}
-	m[k] = true
-	return m
-}
-
-// setChain records what a chain does now (nil: it is gone) and marks the roots reaching it.
-func (g *graph) setChain(k chainKey, ci *chainInfo) {
-	if ci == nil {
-		delete(g.chains, k)
-	} else {
-		g.chains[k] = ci
-	}
-	for r := range g.reachers[k] {
-		g.dirty[r] = true
-	}
-	if _, ok := g.roots[k]; ok {
-		g.dirty[k] = true
-	}
-}
-
-// setRoots replaces one family's roots with the chains the service maps point at now.
-func (g *graph) setRoots(fam nftables.TableFamily, names []string) {
-	next := map[chainKey]bool{}
+// roots makes the service maps' targets roots, grouped by Service; endpoint chains and names
+// that are not kube-proxy's are not roots.
+func roots(names []string) map[string]rulegraph.Root {
+	out := map[string]rulegraph.Root{}
 	for _, n := range names {
-		if kind, _, ok := parseChainName(n); ok && kind != "endpoint" {
-			next[chainKey{fam, n}] = true
-		}
-	}
-	for k := range g.roots {
-		if k.family == fam && !next[k] {
-			g.removeRoot(k)
-		}
-	}
-	for k := range next {
-		g.addRoot(k)
-	}
-}
-
-// addRoot makes a service or external chain a root.
-func (g *graph) addRoot(k chainKey) {
-	if _, ok := g.roots[k]; ok {
-		return
-	}
-	_, sp, _ := parseChainName(k.name)
-	g.roots[k] = &rootWalk{service: sp.service}
-	g.byService[sp.service] = addTo(g.byService[sp.service], k)
-	g.dirty[k] = true
-}
-
-// removeRoot drops a root whose map element is gone.
-func (g *graph) removeRoot(k chainKey) {
-	w := g.roots[k]
-	if w == nil {
-		return
-	}
-	g.unreach(k, w)
-	delete(g.roots, k)
-	delete(g.byService[w.service], k)
-	if len(g.byService[w.service]) == 0 {
-		delete(g.byService, w.service)
-	}
-	delete(g.dirty, k)
-	g.changed[w.service] = true
-}
-
-func (g *graph) unreach(root chainKey, w *rootWalk) {
-	for _, c := range w.reached {
-		delete(g.reachers[c], root)
-		if len(g.reachers[c]) == 0 {
-			delete(g.reachers, c)
-		}
-	}
-	w.reached = w.reached[:0]
-}
-
-// update re-walks the marked roots and returns the Services whose endpoints may have changed
-// since the last update.
-func (g *graph) update() map[probes.ServiceRef]bool {
-	for r := range g.dirty {
-		if w := g.roots[r]; w != nil {
-			g.unreach(r, w)
-			g.walk(r, w)
-			g.changed[w.service] = true
-		}
-	}
-	clear(g.dirty)
-	out := g.changed
-	g.changed = map[probes.ServiceRef]bool{}
-	return out
-}
-
-func (g *graph) walk(root chainKey, w *rootWalk) {
-	_, sp, _ := parseChainName(root.name)
-	w.eps = map[probes.Endpoint]bool{}
-	seen := map[string]bool{}
-	stack := []string{root.name}
-	for len(stack) > 0 {
-		name := stack[len(stack)-1]
-		stack = stack[:len(stack)-1]
-		if seen[name] {
-			continue
-		}
-		seen[name] = true
-		k := chainKey{root.family, name}
-		w.reached = append(w.reached, k)
-		g.reachers[k] = addTo(g.reachers[k], root)
-		ci := g.chains[k]
-		if ci == nil {
-			continue
-		}
-		for _, d := range ci.dnats {
-			w.eps[probes.Endpoint{Addr: d.Addr().Unmap(), Port: d.Port(), Protocol: sp.protocol}] = true
-		}
-		stack = append(stack, ci.jumps...)
-	}
-}
-
-// service returns the endpoints a Service's roots reach now.
-func (g *graph) service(svc probes.ServiceRef) map[probes.Endpoint]bool {
-	out := map[probes.Endpoint]bool{}
-	for r := range g.byService[svc] {
-		for ep := range g.roots[r].eps {
-			out[ep] = true
+		if kind, sp, ok := parseChainName(n); ok && kind != "endpoint" {
+			out[n] = rulegraph.Root{Group: sp.service.String(), Service: sp.service, Protocol: sp.protocol}
 		}
 	}
 	return out

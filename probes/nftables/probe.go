@@ -18,6 +18,8 @@ import (
 	"k8s.io/utils/clock"
 
 	"github.com/endpointlag/endpointlag/probes"
+	"github.com/endpointlag/endpointlag/probes/internal/nfmon"
+	"github.com/endpointlag/endpointlag/probes/internal/rulegraph"
 )
 
 // Name is the probe's registry name and the source of its observations.
@@ -44,26 +46,31 @@ func init() {
 type Probe struct {
 	clock clock.PassiveClock
 	log   *slog.Logger
-	// newConn opens a netlink connection; tests point it at a namespace.
-	newConn func() (*nftables.Conn, error)
+	// netns names the network namespace (none: the current one).
+	netns []nftables.ConnOption
 
 	mu sync.Mutex
-	// state is what the rules do now; read by Snapshot.
-	state map[probes.ServiceRef]map[probes.Endpoint]bool
+	// state is what the rules do now, per Service; read by Snapshot.
+	state map[string]rulegraph.Reached
 	// generations counts the change batches handled.
 	generations atomic.Int64
 }
 
 // New returns the probe for the current network namespace.
 func New(clk clock.PassiveClock, log *slog.Logger) *Probe {
-	return &Probe{clock: clk, log: log.With("probe", Name), newConn: func() (*nftables.Conn, error) { return nftables.New(nftables.AsLasting()) }}
+	return &Probe{clock: clk, log: log.With("probe", Name)}
 }
 
 // NewInNamespace returns the probe for the network namespace open as fd.
 func NewInNamespace(fd int, clk clock.PassiveClock, log *slog.Logger) *Probe {
 	p := New(clk, log)
-	p.newConn = func() (*nftables.Conn, error) { return nftables.New(nftables.AsLasting(), nftables.WithNetNSFd(fd)) }
+	p.netns = []nftables.ConnOption{nftables.WithNetNSFd(fd)}
 	return p
+}
+
+// conn opens a netlink connection for reading, kept open across requests.
+func (p *Probe) conn() (*nftables.Conn, error) {
+	return nftables.New(append([]nftables.ConnOption{nftables.AsLasting()}, p.netns...)...)
 }
 
 // Name implements probes.Probe.
@@ -72,7 +79,7 @@ func (p *Probe) Name() string { return Name }
 // reader is the probe's view of the tables: every chain's parsed rules and the roots.
 type reader struct {
 	conn *nftables.Conn
-	g    *graph
+	g    *rulegraph.Graph
 	// found is true while a kube-proxy table exists in some family.
 	found bool
 }
@@ -80,20 +87,16 @@ type reader struct {
 // Run implements probes.Probe.
 func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 	sink.SetStatus(Name, probes.Status{})
-	mon := nftables.NewMonitor(nftables.WithMonitorEventBuffer(4096))
-	monConn, err := p.newConn()
+	mon, err := nfmon.Open(p.netns...)
 	if err != nil {
 		return fmt.Errorf("nftables: %w", err)
 	}
-	events, err := monConn.AddGenerationalMonitor(mon)
-	if err != nil {
-		return fmt.Errorf("nftables monitor: %w", err)
-	}
-	defer mon.Close()
-	conn, err := p.newConn()
+	defer func() { mon.Close() }()
+	conn, err := p.conn()
 	if err != nil {
 		return fmt.Errorf("nftables: %w", err)
 	}
+	defer func() { _ = conn.CloseLasting() }()
 	rd := &reader{conn: conn}
 	// The monitor runs before the first read, so no change falls between them.
 	readErr := rd.resync()
@@ -109,13 +112,24 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 		select {
 		case <-ctx.Done():
 			return nil
-		case gen, ok := <-events:
-			if !ok {
-				return errors.New("nftables monitor closed")
-			}
+		case gen, ok := <-mon.Events:
 			now := p.clock.Now()
-			if err := rd.apply(gen); err != nil {
+			if !ok {
+				// The monitor closed after an error (lost messages), which apply reported: open
+				// another and read the tables whole.
+				mon.Close()
+				if mon = nfmon.Reopen(ctx, func(err error) { sink.Error(Name, err) }, p.netns...); mon == nil {
+					return nil
+				}
+				if err := rd.resync(); err != nil {
+					sink.Error(Name, err)
+					continue
+				}
+			} else if err := rd.apply(gen); err != nil {
 				sink.Error(Name, err)
+				if nfmon.Closing(gen) {
+					continue
+				}
 				if err := rd.resync(); err != nil {
 					sink.Error(Name, err)
 					continue
@@ -135,31 +149,17 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 // publish updates the endpoints of the Services the last changes touched and reports those no
 // longer reachable; with a zero time it only records the state.
 func (p *Probe) publish(rd *reader, sink probes.Sink, now time.Time) {
-	changed := rd.g.update()
 	p.mu.Lock()
 	if p.state == nil {
-		p.state = map[probes.ServiceRef]map[probes.Endpoint]bool{}
+		p.state = map[string]rulegraph.Reached{}
 	}
-	var removed []probes.Observation
-	for svc := range changed {
-		next := rd.g.service(svc)
-		for ep := range p.state[svc] {
-			if !next[ep] {
-				removed = append(removed, probes.Observation{Stage: probes.StageNftables, Time: now, Source: Name, Service: svc, Endpoint: ep})
-			}
-		}
-		if len(next) == 0 {
-			delete(p.state, svc)
-		} else {
-			p.state[svc] = next
-		}
-	}
+	removed := rd.g.Publish(p.state)
 	p.mu.Unlock()
 	if now.IsZero() {
 		return
 	}
-	for _, o := range removed {
-		sink.Observe(o)
+	for _, r := range removed {
+		sink.Observe(probes.Observation{Stage: probes.StageNftables, Time: now, Source: Name, Service: r.Service, Endpoint: r.Endpoint})
 	}
 }
 
@@ -167,42 +167,31 @@ func (p *Probe) publish(rd *reader, sink probes.Sink, now time.Time) {
 // Before Run has read the rules, it reads them once.
 func (p *Probe) Snapshot() ([]probes.ServiceEndpoints, error) {
 	p.mu.Lock()
-	state := p.state
+	if p.state != nil {
+		defer p.mu.Unlock()
+		return rulegraph.Snapshot(p.state), nil
+	}
 	p.mu.Unlock()
-	var err error
-	if state == nil {
-		conn, cerr := p.newConn()
-		if cerr != nil {
-			return nil, cerr
-		}
-		rd := &reader{conn: conn}
-		err = rd.resync()
-		state = map[probes.ServiceRef]map[probes.Endpoint]bool{}
-		for svc := range rd.g.update() {
-			if eps := rd.g.service(svc); len(eps) > 0 {
-				state[svc] = eps
-			}
-		}
+	conn, err := p.conn()
+	if err != nil {
+		return nil, err
 	}
-	out := make([]probes.ServiceEndpoints, 0, len(state))
-	for svc, eps := range state {
-		out = append(out, probes.ServiceEndpoints{Service: svc, Endpoints: probes.EndpointList(eps)})
-	}
-	probes.SortServiceEndpoints(out)
-	return out, err
+	defer func() { _ = conn.CloseLasting() }()
+	rd := &reader{conn: conn}
+	err = rd.resync()
+	state := map[string]rulegraph.Reached{}
+	rd.g.Publish(state)
+	return rulegraph.Snapshot(state), err
 }
 
 // resync reads both families' tables whole.
 func (rd *reader) resync() error {
-	// A new graph: every Service it holds is compared with the last state at the next publish,
-	// and those the old graph had are marked changed too.
-	old := rd.g
-	rd.g = newGraph()
-	if old != nil {
-		for svc := range old.byService {
-			rd.g.changed[svc] = true
-		}
+	// Every Service the graph held and every Service it holds after the read is compared with
+	// the last state at the next publish.
+	if rd.g == nil {
+		rd.g = rulegraph.New()
 	}
+	rd.g.Reset()
 	rd.found = false
 	var errs []error
 	for _, fam := range families {
@@ -231,6 +220,10 @@ func (rd *reader) resync() error {
 	return errors.Join(errs...)
 }
 
+func key(fam nftables.TableFamily, chain string) rulegraph.Key {
+	return rulegraph.Key{Family: uint8(fam), Chain: chain}
+}
+
 func table(fam nftables.TableFamily) *nftables.Table {
 	return &nftables.Table{Name: tableName, Family: fam}
 }
@@ -241,12 +234,12 @@ func (rd *reader) readChain(fam nftables.TableFamily, name string) error {
 	rules, err := rd.conn.GetRules(t, &nftables.Chain{Name: name, Table: t})
 	if err != nil {
 		if isNotFound(err) {
-			rd.g.setChain(chainKey{fam, name}, nil)
+			rd.g.SetChain(key(fam, name), nil)
 			return nil
 		}
 		return fmt.Errorf("reading %s chain %s: %w", familyName(fam), name, err)
 	}
-	ci := &chainInfo{}
+	ci := &rulegraph.Chain{}
 	sets := func(set string) ([]nftables.SetElement, error) { return rd.elements(t, set) }
 	for _, r := range rules {
 		if err := evalRule(r, sets, ci); err != nil {
@@ -258,7 +251,7 @@ func (rd *reader) readChain(fam nftables.TableFamily, name string) error {
 			return fmt.Errorf("%s chain %s: %w", familyName(fam), name, err)
 		}
 	}
-	rd.g.setChain(chainKey{fam, name}, ci)
+	rd.g.SetChain(key(fam, name), ci)
 	return nil
 }
 
@@ -272,7 +265,7 @@ func (rd *reader) elements(t *nftables.Table, name string) ([]nftables.SetElemen
 
 // readRoots reads the service maps' targets.
 func (rd *reader) readRoots(fam nftables.TableFamily) error {
-	var roots []string
+	var names []string
 	for _, m := range rootMaps {
 		elems, err := rd.elements(table(fam), m)
 		if err != nil {
@@ -283,11 +276,11 @@ func (rd *reader) readRoots(fam nftables.TableFamily) error {
 		}
 		for _, el := range elems {
 			if chain, ok := elementTarget(el); ok {
-				roots = append(roots, chain)
+				names = append(names, chain)
 			}
 		}
 	}
-	rd.g.setRoots(fam, roots)
+	rd.g.SetRoots(uint8(fam), roots(names))
 	return nil
 }
 
@@ -299,7 +292,7 @@ type rootEvent struct {
 
 // apply re-reads what one generation of changes touched in the kube-proxy tables.
 func (rd *reader) apply(gen *nftables.MonitorEvents) error {
-	dirty := map[chainKey]bool{}
+	dirty := map[rulegraph.Key]bool{}
 	var rootEvents []rootEvent
 	rootsDirty := false
 	for _, ev := range gen.Changes {
@@ -311,14 +304,14 @@ func (rd *reader) apply(gen *nftables.MonitorEvents) error {
 			return errors.New("nftables monitor: out-of-band event (lost messages)")
 		case nftables.MonitorEventTypeNewRule, nftables.MonitorEventTypeDelRule:
 			if r, ok := ev.Data.(*nftables.Rule); ok && r.Table != nil && r.Table.Name == tableName && r.Chain != nil {
-				dirty[chainKey{r.Table.Family, r.Chain.Name}] = true
+				dirty[key(r.Table.Family, r.Chain.Name)] = true
 			}
 		case nftables.MonitorEventTypeNewChain, nftables.MonitorEventTypeDelChain:
 			if c, ok := ev.Data.(*nftables.Chain); ok && c.Table != nil && c.Table.Name == tableName {
 				if ev.Type == nftables.MonitorEventTypeDelChain {
-					rd.g.setChain(chainKey{c.Table.Family, c.Name}, nil)
+					rd.g.SetChain(key(c.Table.Family, c.Name), nil)
 				} else {
-					dirty[chainKey{c.Table.Family, c.Name}] = true
+					dirty[key(c.Table.Family, c.Name)] = true
 				}
 			}
 		case nftables.MonitorEventTypeNewSetElem, nftables.MonitorEventTypeDelSetElem:
@@ -346,8 +339,8 @@ func (rd *reader) apply(gen *nftables.MonitorEvents) error {
 	for _, re := range rootEvents {
 		var fams []nftables.TableFamily
 		for _, fam := range families {
-			k := chainKey{fam, re.chain}
-			if _, ok := rd.g.chains[k]; ok || dirty[k] {
+			k := key(fam, re.chain)
+			if rd.g.HasChain(k) || dirty[k] {
 				fams = append(fams, fam)
 			}
 		}
@@ -355,14 +348,16 @@ func (rd *reader) apply(gen *nftables.MonitorEvents) error {
 		case len(fams) != 1:
 			rootsDirty = true
 		case re.add:
-			rd.g.addRoot(chainKey{fams[0], re.chain})
+			for chain, r := range roots([]string{re.chain}) {
+				rd.g.SetRoot(key(fams[0], chain), r)
+			}
 		default:
-			rd.g.removeRoot(chainKey{fams[0], re.chain})
+			rd.g.RemoveRoot(key(fams[0], re.chain))
 		}
 	}
 	var errs []error
 	for k := range dirty {
-		errs = append(errs, rd.readChain(k.family, k.name))
+		errs = append(errs, rd.readChain(nftables.TableFamily(k.Family), k.Chain))
 	}
 	if rootsDirty {
 		for _, fam := range families {

@@ -8,15 +8,19 @@ import (
 	"math"
 	"os"
 	"os/exec"
+	"runtime"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/google/nftables"
 
 	"github.com/endpointlag/endpointlag/probes"
+	"github.com/endpointlag/endpointlag/probes/internal/nfmon"
 )
 
 // Netns creates a network namespace named prefix+PID and returns its name and an open handle;
@@ -120,42 +124,53 @@ func (r *Recorder) Wait(t testing.TB, what string, cond func() bool) {
 // Generations timestamps every batch of nftables changes the kernel announces in a namespace:
 // the reference the benchmarks measure probes against.
 type Generations struct {
+	t     testing.TB
+	mon   *nfmon.Monitor
 	mu    sync.Mutex
 	times []time.Time
+	err   error
 }
 
-// WatchGenerations starts recording in the network namespace open as fd, until the test ends.
+// WatchGenerations starts recording in the network namespace open as fd, until the test ends,
+// with the probes' own monitor socket settings.
 func WatchGenerations(t testing.TB, fd *os.File) *Generations {
 	t.Helper()
-	conn, err := nftables.New(nftables.WithNetNSFd(int(fd.Fd())))
+	mon, err := nfmon.Open(nftables.WithNetNSFd(int(fd.Fd())))
 	if err != nil {
 		t.Fatal(err)
 	}
-	mon := nftables.NewMonitor(nftables.WithMonitorEventBuffer(4096))
-	events, err := conn.AddGenerationalMonitor(mon)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { mon.Close() })
-	g := &Generations{}
+	t.Cleanup(mon.Close)
+	g := &Generations{t: t, mon: mon}
 	go func() {
-		for range events {
+		for gen := range mon.Events {
 			now := time.Now()
 			g.mu.Lock()
 			g.times = append(g.times, now)
+			if nfmon.Closing(gen) {
+				g.err = gen.GeneratedBy.Error
+			}
 			g.mu.Unlock()
 		}
 	}()
 	return g
 }
 
+// Stop ends the recording, so that the reference's own decoding stops costing CPU time.
+func (g *Generations) Stop() { g.mon.Close() }
+
 // Count is how many generations were seen so far.
 func (g *Generations) Count() int { g.mu.Lock(); defer g.mu.Unlock(); return len(g.times) }
 
-// After waits for, and returns the time of, the first generation after the first n.
+// After waits for, and returns the time of, the first generation after the first n. It fails the
+// test when the reference monitor lost messages or saw nothing for a minute.
 func (g *Generations) After(n int) time.Time {
-	for {
+	deadline := time.Now().Add(time.Minute)
+	for time.Now().Before(deadline) {
 		g.mu.Lock()
+		if g.err != nil {
+			g.mu.Unlock()
+			g.t.Fatalf("reference monitor: %v", g.err)
+		}
 		if len(g.times) > n {
 			t := g.times[n]
 			g.mu.Unlock()
@@ -164,6 +179,8 @@ func (g *Generations) After(n int) time.Time {
 		g.mu.Unlock()
 		time.Sleep(100 * time.Microsecond)
 	}
+	g.t.Fatalf("reference monitor: no generation after %d in a minute", n)
+	return time.Time{}
 }
 
 // Quantile is the nearest-rank q-quantile of vs.
@@ -171,4 +188,24 @@ func Quantile(vs []float64, q float64) float64 {
 	s := append([]float64(nil), vs...)
 	sort.Float64s(s)
 	return s[max(int(math.Ceil(q*float64(len(s))))-1, 0)]
+}
+
+// CPUTime is the user and system CPU time this process has used.
+func CPUTime() time.Duration {
+	var ru syscall.Rusage
+	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// RSSKiB is this process's resident set size after a garbage collection.
+func RSSKiB() int {
+	runtime.GC()
+	b, _ := os.ReadFile("/proc/self/status")
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			n, _ := strconv.Atoi(strings.Fields(v)[0])
+			return n
+		}
+	}
+	return 0
 }

@@ -1,0 +1,106 @@
+package rulegraph
+
+import (
+	"fmt"
+	"net/netip"
+	"slices"
+	"sort"
+	"testing"
+
+	"github.com/endpointlag/endpointlag/probes"
+)
+
+func dnat(s string) Target { return Target{Dest: netip.MustParseAddrPort(s)} }
+
+func removals(rs []Removal) []string {
+	var out []string
+	for _, r := range rs {
+		out = append(out, fmt.Sprintf("%s %s", r.Service, r.Endpoint))
+	}
+	sort.Strings(out)
+	return out
+}
+
+var web = probes.ServiceRef{Namespace: "default", Name: "web"}
+
+// A Service's root reaches endpoints through jumps; a change to an endpoint chain re-walks the
+// root and reports what it no longer reaches; a chain no root reaches counts for nothing.
+func TestPublishFollowsChanges(t *testing.T) {
+	g := New()
+	g.SetChain(Key{2, "svc"}, &Chain{Jumps: []string{"ep1", "ep2"}})
+	g.SetChain(Key{2, "ep1"}, &Chain{DNATs: []Target{dnat("10.0.0.1:80")}})
+	g.SetChain(Key{2, "ep2"}, &Chain{DNATs: []Target{dnat("10.0.0.2:80")}})
+	g.SetChain(Key{2, "stale"}, &Chain{Jumps: []string{"ep3"}})
+	g.SetChain(Key{2, "ep3"}, &Chain{DNATs: []Target{dnat("10.0.0.3:80")}})
+	g.SetRoots(2, map[string]Root{"svc": {Group: web.String(), Service: web, Protocol: "TCP"}})
+	state := map[string]Reached{}
+	if rs := g.Publish(state); len(rs) != 0 {
+		t.Fatalf("first publish removed %v", rs)
+	}
+	if got := Snapshot(state); len(got) != 1 || len(got[0].Endpoints) != 2 || got[0].Endpoints[0].String() != "10.0.0.1:80/TCP" {
+		t.Fatalf("snapshot %+v", got)
+	}
+
+	// The stale chain changes: no root reaches it, nothing to re-walk.
+	g.SetChain(Key{2, "ep3"}, nil)
+	if rs := g.Publish(state); len(rs) != 0 {
+		t.Errorf("stale chain change removed %v", rs)
+	}
+	// The same content written again (a rewrite with new handles) changes nothing.
+	g.SetChain(Key{2, "svc"}, &Chain{Jumps: []string{"ep1", "ep2"}})
+	if len(g.dirty) != 0 {
+		t.Errorf("an equal chain marked %v dirty", g.dirty)
+	}
+	g.SetChain(Key{2, "svc"}, &Chain{Jumps: []string{"ep2"}})
+	if got, want := removals(g.Publish(state)), []string{"default/web 10.0.0.1:80/TCP"}; !slices.Equal(got, want) {
+		t.Errorf("removed %q, want %q", got, want)
+	}
+	// The root goes: everything it reached is removed, the group is gone.
+	g.SetRoots(2, nil)
+	if got, want := removals(g.Publish(state)), []string{"default/web 10.0.0.2:80/TCP"}; !slices.Equal(got, want) {
+		t.Errorf("removed %q, want %q", got, want)
+	}
+	if len(state) != 0 || len(g.reachers) != 0 {
+		t.Errorf("left state %v, reachers %v", state, g.reachers)
+	}
+}
+
+// Two roots (cluster IP and external chains, or two families) of one group are reported as a
+// union: an endpoint one root still reaches is not removed.
+func TestGroupUnion(t *testing.T) {
+	g := New()
+	g.SetChain(Key{2, "svc"}, &Chain{DNATs: []Target{dnat("10.0.0.1:80"), {Dest: netip.MustParseAddrPort("10.0.0.2:53"), Protocol: "UDP"}}})
+	g.SetChain(Key{2, "ext"}, &Chain{DNATs: []Target{dnat("10.0.0.1:80")}})
+	g.SetRoots(2, map[string]Root{
+		"svc": {Group: "g", Service: web, Protocol: "TCP"},
+		"ext": {Group: "g", Service: web, Protocol: "TCP"},
+	})
+	state := map[string]Reached{}
+	g.Publish(state)
+	g.SetChain(Key{2, "svc"}, &Chain{})
+	if got, want := removals(g.Publish(state)), []string{"default/web 10.0.0.2:53/UDP"}; !slices.Equal(got, want) {
+		t.Errorf("removed %q, want %q", got, want)
+	}
+}
+
+// Reset before a full re-read: what the new read no longer has is reported removed, what it
+// still has is not.
+func TestResetComparesWithTheLastState(t *testing.T) {
+	g := New()
+	load := func(eps ...Target) {
+		g.SetChain(Key{10, "svc"}, &Chain{DNATs: eps})
+		g.SetRoots(10, map[string]Root{"svc": {Group: "g", Service: web, Protocol: "TCP"}})
+	}
+	load(dnat("[fd00::1]:80"), dnat("[fd00::2]:80"))
+	state := map[string]Reached{}
+	g.Publish(state)
+	g.Reset()
+	load(dnat("[fd00::2]:80"))
+	if got, want := removals(g.Publish(state)), []string{"default/web [fd00::1]:80/TCP"}; !slices.Equal(got, want) {
+		t.Errorf("removed %q, want %q", got, want)
+	}
+	g.Reset()
+	if got, want := removals(g.Publish(state)), []string{"default/web [fd00::2]:80/TCP"}; !slices.Equal(got, want) {
+		t.Errorf("after an empty read, removed %q, want %q", got, want)
+	}
+}
