@@ -18,6 +18,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"sort"
 	"sync"
 	"time"
@@ -81,6 +82,9 @@ type Collector struct {
 	// can be faster than this daemon's watch); a record created soon after adopts them.
 	orphans []probes.Observation
 	status  map[string]probes.Status
+	// byAddr finds a local deleting pod by address, for connection observations.
+	byAddr        map[netip.Addr]string
+	localWatchers []chan<- struct{}
 }
 
 // orphanWindow is how long a dataplane removal waits for its record, and maxOrphans how many wait.
@@ -136,6 +140,13 @@ type podTimeline struct {
 	t0API     time.Time
 	gone      time.Time
 	records   []recordKey
+	// addrs are the pod's IPs; the connection counts are what the packets probe reported.
+	addrs       []netip.Addr
+	lateConns   int
+	deadConns   int
+	lastConn    time.Time
+	lastPeer    netip.AddrPort
+	connSampled bool
 }
 
 // New returns a collector registering its metrics with reg.
@@ -151,6 +162,7 @@ func New(opts Options, clk clock.WithTicker, log *slog.Logger, reg prometheus.Re
 		pods:       map[string]*podTimeline{},
 		byEndpoint: map[probes.Endpoint][]recordKey{},
 		status:     map[string]probes.Status{},
+		byAddr:     map[netip.Addr]string{},
 	}
 	c.m = newMetrics(c)
 	if err := c.m.register(reg); err != nil {
@@ -186,6 +198,8 @@ func (c *Collector) Observe(o probes.Observation) {
 		c.podDeleted(o)
 	case probes.StageGone:
 		c.podGone(o)
+	case probes.StageLateConnection, probes.StageDeadConnection:
+		c.connection(o)
 	case probes.StageEndpointSlice:
 		if r := c.record(o, true); r != nil {
 			c.addStage(r, o)
@@ -286,6 +300,8 @@ func (c *Collector) podDeleted(o probes.Observation) {
 		return
 	}
 	t.t0, t.t0Source, t.t0Initial, t.t0API = o.Time, o.Source, o.Initial, o.APITime
+	c.setAddrs(t, o.Addrs)
+	c.localChanged()
 	// A stage seen before the pod's own event means that event was late: T0 is no later than the
 	// earliest stage.
 	for _, k := range t.records {
@@ -308,6 +324,9 @@ func (c *Collector) podDeleted(o probes.Observation) {
 func (c *Collector) podGone(o probes.Observation) {
 	if t := c.pods[o.Pod.UID]; t != nil && t.gone.IsZero() {
 		t.gone = o.Time
+		c.setAddrs(t, o.Addrs)
+		c.sampleLastConnection(t)
+		c.localChanged()
 		c.log.Debug("pod gone", "pod", o.Pod, "uid", o.Pod.UID)
 	}
 }
@@ -456,6 +475,11 @@ func (c *Collector) Sweep() {
 		q := c.queue[n]
 		n++
 		if q.pod {
+			if t := c.pods[q.key.uid]; t != nil {
+				c.sampleLastConnection(t)
+				c.dropAddrs(t)
+				c.localChanged()
+			}
 			delete(c.pods, q.key.uid)
 			continue
 		}

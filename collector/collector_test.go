@@ -422,3 +422,46 @@ func TestDataplaneRemovalWithoutService(t *testing.T) {
 		t.Errorf("programming iptables: %d samples, want 2 (one per Service of the endpoint)", n)
 	}
 }
+
+// The packets probe's view: a deleting pod of this node is listed with its addresses (and the
+// watchers told), late connections join it by address, and when it is gone the time from T0 to
+// its last new connection is observed once; a pod without late connections observes 0.
+func TestLocalPodsAndLastConnection(t *testing.T) {
+	f := newFixture(t, Options{Probes: []string{"kube", "packets"}, StageProbe: map[probes.Stage]string{probes.StageLateConnection: "packets"}})
+	f.c.SetStatus("packets", probes.Status{Up: true, Synced: true})
+	notify := make(chan struct{}, 1)
+	f.c.NotifyLocalPods(notify)
+	addr := netip.MustParseAddr("10.244.1.5")
+	pod := probes.PodRef{Namespace: "default", Name: "web-1", UID: "uid-1"}
+	f.c.Observe(probes.Observation{Stage: probes.StageDeleted, Time: t0, Source: "kube", Pod: pod, Local: true, Addrs: []netip.Addr{addr}})
+	select {
+	case <-notify:
+	default:
+		t.Error("no notification for the deleting pod")
+	}
+	if got := f.c.LocalPods(); len(got) != 1 || got[0].Pod != pod || got[0].Addrs[0] != addr || got[0].Gone {
+		t.Fatalf("LocalPods = %+v", got)
+	}
+	for _, d := range []time.Duration{1500 * time.Millisecond, 3 * time.Second, 2 * time.Second} {
+		f.c.Observe(probes.Observation{Stage: probes.StageLateConnection, Time: t0.Add(d), Source: "packets",
+			Endpoint: probes.Endpoint{Addr: addr, Port: 8080, Protocol: "TCP"}, Peer: netip.MustParseAddrPort("10.244.2.7:40000")})
+	}
+	other := probes.PodRef{Namespace: "default", Name: "web-2", UID: "uid-2"}
+	f.c.Observe(probes.Observation{Stage: probes.StageDeleted, Time: t0, Source: "kube", Pod: other, Local: true, Addrs: []netip.Addr{netip.MustParseAddr("10.244.1.6")}})
+	for _, p := range []probes.PodRef{pod, other} {
+		f.c.Observe(probes.Observation{Stage: probes.StageGone, Time: t0.Add(10 * time.Second), Source: "kube", Pod: p, Local: true})
+		f.c.Observe(probes.Observation{Stage: probes.StageGone, Time: t0.Add(11 * time.Second), Source: "kube", Pod: p, Local: true})
+	}
+	m := f.family("endpointlag_last_connection_seconds").GetMetric()[0].GetHistogram()
+	if m.GetSampleCount() != 2 || m.GetSampleSum() != 3 {
+		t.Errorf("last_connection: %d samples, sum %v; want 2 samples (3 s and 0 s)", m.GetSampleCount(), m.GetSampleSum())
+	}
+	if got := f.c.LocalPods(); len(got) != 2 || !got[0].Gone || !got[1].Gone {
+		t.Errorf("after gone: %+v", got)
+	}
+	f.clock.Step(time.Hour)
+	f.c.Sweep()
+	if got := f.c.LocalPods(); len(got) != 0 || len(f.c.byAddr) != 0 {
+		t.Errorf("after the horizon: %+v, %d addresses indexed", got, len(f.c.byAddr))
+	}
+}

@@ -22,10 +22,12 @@ type metrics struct {
 	c           *Collector
 	propagation *prometheus.HistogramVec
 	programming *prometheus.HistogramVec
-	dropped     prometheus.Counter
-	expired     *prometheus.CounterVec
-	probeUp     *prometheus.GaugeVec
-	probeErrors *prometheus.CounterVec
+	// lastConnection is T0 → the last new connection that reached a pod of this node.
+	lastConnection prometheus.Histogram
+	dropped        prometheus.Counter
+	expired        *prometheus.CounterVec
+	probeUp        *prometheus.GaugeVec
+	probeErrors    *prometheus.CounterVec
 
 	pendingDesc *prometheus.Desc
 	oldestDesc  *prometheus.Desc
@@ -48,6 +50,12 @@ func newMetrics(c *Collector) *metrics {
 			Help:      "Time from this node seeing an endpoint turn terminating in its EndpointSlice to its removal at each stage.",
 			Buckets:   LagBuckets,
 		}, []string{"stage"}),
+		lastConnection: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Namespace: namespace,
+			Name:      "last_connection_seconds",
+			Help:      "Time from a pod's deletion (T0) to the last new connection (TCP SYN, new UDP flow) that still reached it, observed when the pod is gone; 0 when none did. Pods on this node, while the packets probe runs.",
+			Buckets:   LagBuckets,
+		}),
 		dropped: prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: namespace,
 			Name:      "records_dropped_total",
@@ -83,6 +91,7 @@ func (m *metrics) register(reg prometheus.Registerer) error {
 	return errors.Join(
 		reg.Register(m.propagation),
 		reg.Register(m.programming),
+		reg.Register(m.lastConnection),
 		reg.Register(m.dropped),
 		reg.Register(m.expired),
 		reg.Register(m.probeUp),

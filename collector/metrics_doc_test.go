@@ -3,6 +3,7 @@ package collector
 import (
 	"bufio"
 	"errors"
+	"log/slog"
 	"os"
 	"regexp"
 	"slices"
@@ -11,6 +12,7 @@ import (
 	"time"
 
 	"github.com/endpointlag/endpointlag/probes"
+	"github.com/endpointlag/endpointlag/probes/packets"
 )
 
 // docRow is one metric as docs/metrics.md lists it.
@@ -50,13 +52,16 @@ func readMetricsDoc(t *testing.T) map[string]docRow {
 	return rows
 }
 
-// TestMetricsDoc drives the collector until every metric it has exports a series, then checks
+// TestMetricsDoc drives the collector until every metric it has exports a series (the packets
+// probe's metrics come with their zero values), then checks
 // that docs/metrics.md lists exactly those metrics with their types and labels.
 func TestMetricsDoc(t *testing.T) {
 	f := newFixture(t, Options{Horizon: time.Minute, MaxRecords: 2, Probes: []string{"kube"}})
 	if err := RegisterBuildInfo(f.reg, "v0", "abc"); err != nil {
 		t.Fatal(err)
 	}
+	// The packets probe exports its counters itself, into the same registry in the daemon.
+	f.reg.MustRegister(packets.New(packets.DefaultOptions(), nil, f.clock, slog.New(slog.DiscardHandler)).Collector())
 	f.c.SetStatus("kube", probes.Status{Up: true, Synced: true})
 	f.c.Error("kube", errors.New("x"))
 	f.c.Observe(obs(probes.StageDeleted, 1, t0, true))

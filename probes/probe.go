@@ -13,6 +13,8 @@ import (
 	"sort"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/spf13/pflag"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/utils/clock"
 )
@@ -35,12 +37,24 @@ const (
 	StageNftables Stage = "nftables"
 	StageIptables Stage = "iptables"
 	StageIPVS     Stage = "ipvs"
+	// StageLateConnection: a new connection (TCP SYN, new UDP flow) reached a pod of this node
+	// after its deletion began. Reported by the packets probe, possibly many times per pod.
+	StageLateConnection Stage = "late_connection"
+	// StageDeadConnection: a new connection arrived for the address of a pod of this node that
+	// is already gone.
+	StageDeadConnection Stage = "dead_connection"
 )
 
 // Dataplane reports whether s is a stage of this node's service dataplane (kube-proxy's rules),
 // which Services that kube-proxy does not program never reach.
 func (s Stage) Dataplane() bool {
 	return s == StageNftables || s == StageIptables || s == StageIPVS
+}
+
+// Connection reports whether s is a stage of traffic still reaching a pod rather than a removal:
+// it is never pending, any number of them may come.
+func (s Stage) Connection() bool {
+	return s == StageLateConnection || s == StageDeadConnection
 }
 
 // PodRef identifies the pod behind an endpoint. UID is what tells a pod from its successor with
@@ -104,6 +118,28 @@ type Observation struct {
 	// APITime is, for StageDeleted, the deletion time as the API server recorded it
 	// (deletionTimestamp − deletionGracePeriodSeconds, 1 s precision).
 	APITime time.Time
+	// Addrs are, for StageDeleted and StageGone, the pod's IP addresses.
+	Addrs []netip.Addr
+	// Peer is, for the connection stages, the client's address and port.
+	Peer netip.AddrPort
+}
+
+// LocalPod is a pod of this node whose deletion began, as the collector tracks it until the
+// record horizon.
+type LocalPod struct {
+	Pod   PodRef
+	Addrs []netip.Addr
+	T0    time.Time
+	// Gone is true once the pod object was deleted.
+	Gone bool
+}
+
+// LocalPods is the collector's list of this node's deleting and deleted pods, for probes that
+// watch the traffic still reaching them.
+type LocalPods interface {
+	LocalPods() []LocalPod
+	// NotifyLocalPods makes the list's changes send on ch, without blocking.
+	NotifyLocalPods(ch chan<- struct{})
 }
 
 // Status is a probe's health as it reports it to the sink.
@@ -163,6 +199,10 @@ type Env struct {
 	Client kubernetes.Interface
 	Clock  clock.Clock
 	Logger *slog.Logger
+	// LocalPods lists this node's deleting pods (the collector).
+	LocalPods LocalPods
+	// Registerer takes the metrics a probe exports itself.
+	Registerer prometheus.Registerer
 }
 
 // Factory describes a registered probe.
@@ -177,6 +217,10 @@ type Factory struct {
 	Stages []Stage
 	// NeedsAPI is true for probes that cannot run without a Kubernetes client.
 	NeedsAPI bool
+	// Flags, when set, binds the probe's own settings as flags named <probe>.<setting>, and
+	// Validate checks them, naming the flag.
+	Flags    func(*pflag.FlagSet)
+	Validate func() error
 	New      func(Env) (Probe, error)
 }
 

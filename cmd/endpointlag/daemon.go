@@ -54,9 +54,11 @@ func newDaemon(opts Options, log *slog.Logger, clk clock.WithTicker, client kube
 	copts := collector.Options{Horizon: opts.Horizon, MaxRecords: opts.MaxRecords, SweepInterval: opts.SweepInterval, StageProbe: map[probes.Stage]string{}}
 	for _, f := range enabled {
 		copts.Probes = append(copts.Probes, f.Name)
-		copts.Stages = append(copts.Stages, f.Stages...)
 		for _, s := range f.Stages {
 			copts.StageProbe[s] = f.Name
+			if !s.Connection() {
+				copts.Stages = append(copts.Stages, s)
+			}
 		}
 	}
 	reg := prometheus.NewRegistry()
@@ -69,7 +71,7 @@ func newDaemon(opts Options, log *slog.Logger, clk clock.WithTicker, client kube
 		return nil, err
 	}
 	d := &daemon{opts: opts, log: log, coll: coll}
-	env := probes.Env{NodeName: opts.NodeName, PollInterval: opts.PollInterval, Client: client, Clock: clk, Logger: log}
+	env := probes.Env{NodeName: opts.NodeName, PollInterval: opts.PollInterval, Client: client, Clock: clk, Logger: log, LocalPods: coll, Registerer: reg}
 	for _, f := range enabled {
 		p, err := f.New(env)
 		if err != nil {

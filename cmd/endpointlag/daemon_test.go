@@ -254,8 +254,10 @@ func TestFlagErrors(t *testing.T) {
 			"--web.listen-address: address nowhere: missing port in address",
 			"--node-name (or NODE_NAME) is required by --probe.kube",
 		}},
-		{[]string{"--probe.kube=false", "--probe.nftables=false", "--probe.iptables=false", "--probe.ipvs=false", "--node-name=n"}, []string{"no probe enabled"}},
+		{[]string{"--probe.kube=false", "--probe.nftables=false", "--probe.iptables=false", "--probe.ipvs=false", "--probe.packets=false", "--node-name=n"}, []string{"no probe enabled"}},
+		{[]string{"--node-name=n", "--packets.attach=xdp"}, []string{`--packets.attach must be auto, tcx or tc, got "xdp"`}},
 		{[]string{"--node-name=n", "extra"}, []string{`unknown command "extra"`}},
+		{[]string{"--bogus"}, []string{"unknown flag: --bogus; see --help"}},
 		{[]string{"inspect", "-o", "yaml"}, []string{`-o "yaml": use table or json`}},
 	} {
 		var out, errOut bytes.Buffer
@@ -326,7 +328,8 @@ func TestSIGTERM(t *testing.T) {
 	stderr := &syncBuffer{}
 	code := make(chan int, 1)
 	go func() {
-		code <- run([]string{"--node-name=node-a", "--kubeconfig", kubeconfig, "--web.listen-address=127.0.0.1:0", "--shutdown-timeout=3s"}, io.Discard, stderr)
+		// The packets probe would attach to this machine's veths: not in a unit test.
+		code <- run([]string{"--node-name=node-a", "--kubeconfig", kubeconfig, "--web.listen-address=127.0.0.1:0", "--shutdown-timeout=3s", "--probe.packets=false"}, io.Discard, stderr)
 	}()
 	waitFor(t, "the daemon to start", func() bool { return strings.Contains(stderr.String(), "waiting for informers to sync") })
 	if err := syscall.Kill(os.Getpid(), syscall.SIGTERM); err != nil {

@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -64,11 +63,8 @@ func runInspect(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprint(stderr, inspectUsage)
 		fs.PrintDefaults()
 	}
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, pflag.ErrHelp) {
-			return 0
-		}
-		return 2
+	if code, ok := parseFlags(fs, args, stderr); !ok {
+		return code
 	}
 	if o.output != "table" && o.output != "json" {
 		fmt.Fprintf(stderr, "endpointlag inspect: -o %q: use table or json\n", o.output)

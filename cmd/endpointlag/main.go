@@ -20,6 +20,7 @@ import (
 	_ "github.com/endpointlag/endpointlag/probes/ipvs"
 	_ "github.com/endpointlag/endpointlag/probes/kube"
 	_ "github.com/endpointlag/endpointlag/probes/nftables"
+	_ "github.com/endpointlag/endpointlag/probes/packets"
 )
 
 // Set with -ldflags "-X main.version=... -X main.revision=...".
@@ -63,11 +64,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprint(stderr, usageHeader)
 		fs.PrintDefaults()
 	}
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, pflag.ErrHelp) {
-			return 0
-		}
-		return 2
+	if code, ok := parseFlags(fs, args, stderr); !ok {
+		return code
 	}
 	if fs.NArg() > 0 {
 		fmt.Fprintf(stderr, "endpointlag: unknown command %q; see --help\n", fs.Arg(0))
@@ -85,4 +83,18 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	return 0
+}
+
+// parseFlags parses args; when it fails it returns the exit code: 0 for --help, 2 for a bad flag,
+// which it reports.
+func parseFlags(fs *pflag.FlagSet, args []string, stderr io.Writer) (int, bool) {
+	err := fs.Parse(args)
+	switch {
+	case err == nil:
+		return 0, true
+	case errors.Is(err, pflag.ErrHelp):
+		return 0, false
+	}
+	fmt.Fprintf(stderr, "%s: %v; see --help\n", fs.Name(), err)
+	return 2, false
 }

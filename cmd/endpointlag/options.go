@@ -52,6 +52,9 @@ func bindFlags(fs *pflag.FlagSet, o *Options) {
 	o.Probes = map[string]*bool{}
 	for _, f := range probes.Registered() {
 		o.Probes[f.Name] = fs.Bool("probe."+f.Name, f.DefaultEnabled, "run the "+f.Name+" probe: "+f.Help)
+		if f.Flags != nil {
+			f.Flags(fs)
+		}
 	}
 }
 
@@ -85,6 +88,9 @@ func (o *Options) Validate() error {
 	for _, f := range enabled {
 		if f.NeedsAPI && o.NodeName == "" {
 			errs = append(errs, fmt.Errorf("--node-name (or NODE_NAME) is required by --probe.%s", f.Name))
+		}
+		if f.Validate != nil {
+			errs = append(errs, f.Validate())
 		}
 	}
 	return errors.Join(errs...)

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -243,7 +244,7 @@ func (h *podHandler) delete(obj any) {
 		h.sink.Observe(deletedObservation(pod, now, false))
 	}
 	delete(h.deleted, string(pod.UID))
-	h.sink.Observe(probes.Observation{Stage: probes.StageGone, Time: now, Source: Name, Pod: podRef(pod), Local: true})
+	h.sink.Observe(probes.Observation{Stage: probes.StageGone, Time: now, Source: Name, Pod: podRef(pod), Local: true, Addrs: podAddrs(pod)})
 }
 
 // pod unpacks an informer object and keeps only pods of this node; the field selector already
@@ -267,7 +268,22 @@ func deletedObservation(pod *corev1.Pod, now time.Time, initial bool) probes.Obs
 		Local:   true,
 		Initial: initial,
 		APITime: APIDeletionTime(pod),
+		Addrs:   podAddrs(pod),
 	}
+}
+
+// podAddrs are the pod's IPs (status.podIPs), without host-network pods' node addresses.
+func podAddrs(pod *corev1.Pod) []netip.Addr {
+	if pod.Spec.HostNetwork {
+		return nil
+	}
+	var out []netip.Addr
+	for _, ip := range pod.Status.PodIPs {
+		if a, err := netip.ParseAddr(ip.IP); err == nil {
+			out = append(out, a.Unmap())
+		}
+	}
+	return out
 }
 
 // APIDeletionTime is when the API server accepted the delete: it sets deletionTimestamp to that

@@ -1,0 +1,374 @@
+//go:build ignore
+
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+//
+// TC classifiers that count traffic still reaching this node's pods after their deletion began,
+// and traffic to pods already gone. They never drop or change a packet: every program returns
+// TC_ACT_UNSPEC (TCX_NEXT), so the packet goes on as if the program were not there.
+//
+//   to_pod     host side of a pod's veth, egress (towards the pod): packets, bytes, new TCP
+//              connections (SYN without ACK) and new UDP flows to terminating pods.
+//   from_pod   host side of a pod's veth, ingress (from the pod): TCP resets and ICMP
+//              unreachables a terminating pod sends back.
+//   uplink_in  the node's uplinks, ingress: packets and new connections to deleted pods.
+//   uplink_out the node's uplinks, egress: resets and ICMP unreachables sent for deleted pods.
+//
+// Addresses are keys of 16 bytes, IPv4 mapped into IPv6 (::ffff:a.b.c.d).
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+// icmp_hdr is the common start of ICMP and ICMPv6 messages (linux/icmp.h pulls in libc headers).
+struct icmp_hdr {
+	__u8 type;
+	__u8 code;
+	__u16 checksum;
+	__u32 rest;
+};
+
+#define ICMP_DEST_UNREACH 3
+#define ICMPV6_DEST_UNREACH 1
+
+struct addr {
+	__u8 b[16];
+};
+
+// counters are kept per pod address; the fields are added to atomically, last_* stored.
+struct counters {
+	__u64 packets;
+	__u64 bytes;
+	__u64 tcp_conns;
+	__u64 udp_flows;
+	__u64 resets;
+	__u64 unreachables;
+	__u64 last_packet_ns;
+	__u64 last_conn_ns;
+};
+
+struct flow {
+	struct addr saddr;
+	struct addr daddr;
+	__u16 sport;
+	__u16 dport;
+	__u32 pad;
+};
+
+enum event_kind {
+	EVENT_TERMINATING = 1,
+	EVENT_DELETED = 2,
+};
+
+// event is one new connection (TCP SYN or new UDP flow) to a terminating or deleted pod.
+struct event {
+	struct addr saddr;
+	struct addr daddr;
+	__u64 time_ns;
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;
+	__u8 kind;
+	__u8 pad[2];
+};
+
+// The event type is kept in the object's BTF for bpf2go to generate its Go twin.
+const struct event *unused_event __attribute__((unused));
+
+// ratelimit is one CPU's event budget in the current second, and the events it refused.
+struct ratelimit {
+	__u64 window_ns;
+	__u64 sent;
+	__u64 dropped;
+};
+
+// Sizes are set by the loader before the programs load.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct addr);
+	__type(value, struct counters);
+	__uint(max_entries, 4096);
+} terminating SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct addr);
+	__type(value, struct counters);
+	__uint(max_entries, 4096);
+} deleted SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct flow);
+	__type(value, __u8);
+	__uint(max_entries, 16384);
+} udp_flows SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+} events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct ratelimit);
+	__uint(max_entries, 1);
+} limits SEC(".maps");
+
+// events_per_second is each CPU's budget of ring buffer events; set by the loader.
+volatile const __u64 events_per_second = 1000;
+
+// pkt is what the programs need of a packet.
+struct pkt {
+	struct addr saddr;
+	struct addr daddr;
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;
+	__u8 tcp_flags;
+	__u8 icmp_unreach;
+	// inner is the destination of the packet an ICMP error quotes.
+	struct addr inner;
+};
+
+#define TCP_FLAG_RST 0x04
+#define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_ACK 0x10
+
+static __always_inline void map4(struct addr *a, __be32 v4)
+{
+	__builtin_memset(a, 0, sizeof(*a));
+	a->b[10] = 0xff;
+	a->b[11] = 0xff;
+	__builtin_memcpy(&a->b[12], &v4, 4);
+}
+
+// parse_l3 reads the addresses and protocol with direct packet access and returns the offset of
+// the transport header: 0 for packets that are neither IPv4 nor IPv6 (or too short), -1 for a
+// later fragment, which has none.
+static __always_inline int parse_l3(struct __sk_buff *skb, struct pkt *p)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = data + sizeof(struct ethhdr);
+		if ((void *)(ip + 1) > end)
+			return 0;
+		map4(&p->saddr, ip->saddr);
+		map4(&p->daddr, ip->daddr);
+		p->proto = ip->protocol;
+		if (ip->frag_off & bpf_htons(0x1fff))
+			return -1;
+		return sizeof(struct ethhdr) + ip->ihl * 4;
+	}
+	if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = data + sizeof(struct ethhdr);
+		if ((void *)(ip6 + 1) > end)
+			return 0;
+		__builtin_memcpy(&p->saddr, &ip6->saddr, 16);
+		__builtin_memcpy(&p->daddr, &ip6->daddr, 16);
+		p->proto = ip6->nexthdr; // extension headers are not followed
+		return sizeof(struct ethhdr) + sizeof(struct ipv6hdr);
+	}
+	return 0;
+}
+
+// parse_l4 reads ports and TCP flags, and for an ICMP destination unreachable the destination of
+// the packet it quotes. Only packets of tracked addresses get this far.
+static __always_inline void parse_l4(struct __sk_buff *skb, struct pkt *p, int l4)
+{
+	if (l4 <= 0)
+		return;
+	switch (p->proto) {
+	case IPPROTO_TCP: {
+		struct tcphdr th;
+		if (bpf_skb_load_bytes(skb, l4, &th, sizeof(th)) == 0) {
+			p->sport = bpf_ntohs(th.source);
+			p->dport = bpf_ntohs(th.dest);
+			p->tcp_flags = ((__u8 *)&th)[13];
+		}
+		break;
+	}
+	case IPPROTO_UDP: {
+		struct udphdr uh;
+		if (bpf_skb_load_bytes(skb, l4, &uh, sizeof(uh)) == 0) {
+			p->sport = bpf_ntohs(uh.source);
+			p->dport = bpf_ntohs(uh.dest);
+		}
+		break;
+	}
+	case IPPROTO_ICMP: {
+		struct icmp_hdr ih;
+		struct iphdr inner;
+		if (bpf_skb_load_bytes(skb, l4, &ih, sizeof(ih)) == 0 && ih.type == ICMP_DEST_UNREACH &&
+		    bpf_skb_load_bytes(skb, l4 + sizeof(ih), &inner, sizeof(inner)) == 0) {
+			p->icmp_unreach = 1;
+			map4(&p->inner, inner.daddr);
+		}
+		break;
+	}
+	case IPPROTO_ICMPV6: {
+		struct icmp_hdr ih;
+		struct ipv6hdr inner;
+		if (bpf_skb_load_bytes(skb, l4, &ih, sizeof(ih)) == 0 && ih.type == ICMPV6_DEST_UNREACH &&
+		    bpf_skb_load_bytes(skb, l4 + sizeof(ih), &inner, sizeof(inner)) == 0) {
+			p->icmp_unreach = 1;
+			__builtin_memcpy(&p->inner, &inner.daddr, 16);
+		}
+		break;
+	}
+	}
+}
+
+// allow spends one event of this CPU's budget for the current second.
+static __always_inline int allow(__u64 now)
+{
+	__u32 zero = 0;
+	struct ratelimit *rl = bpf_map_lookup_elem(&limits, &zero);
+	if (!rl)
+		return 0;
+	if (now - rl->window_ns >= 1000000000ULL) {
+		rl->window_ns = now;
+		rl->sent = 0;
+	}
+	if (rl->sent >= events_per_second) {
+		rl->dropped++;
+		return 0;
+	}
+	rl->sent++;
+	return 1;
+}
+
+static __always_inline void emit(struct pkt *p, __u64 now, __u8 kind)
+{
+	if (!allow(now))
+		return;
+	struct event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		__u32 zero = 0;
+		struct ratelimit *rl = bpf_map_lookup_elem(&limits, &zero);
+		if (rl)
+			rl->dropped++;
+		return;
+	}
+	e->saddr = p->saddr;
+	e->daddr = p->daddr;
+	e->time_ns = now;
+	e->sport = p->sport;
+	e->dport = p->dport;
+	e->proto = p->proto;
+	e->kind = kind;
+	e->pad[0] = 0;
+	e->pad[1] = 0;
+	bpf_ringbuf_submit(e, 0);
+}
+
+// arrive counts a packet to a tracked pod: packets, bytes, new connections.
+static __always_inline void arrive(struct __sk_buff *skb, struct pkt *p, struct counters *c, __u8 kind)
+{
+	__u64 now = bpf_ktime_get_ns();
+	__sync_fetch_and_add(&c->packets, 1);
+	__sync_fetch_and_add(&c->bytes, skb->len);
+	c->last_packet_ns = now;
+
+	int conn = 0;
+	if (p->proto == IPPROTO_TCP && (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN) {
+		__sync_fetch_and_add(&c->tcp_conns, 1);
+		conn = 1;
+	} else if (p->proto == IPPROTO_UDP) {
+		struct flow f = {.saddr = p->saddr, .daddr = p->daddr, .sport = p->sport, .dport = p->dport};
+		__u8 one = 1;
+		if (bpf_map_update_elem(&udp_flows, &f, &one, BPF_NOEXIST) == 0) {
+			__sync_fetch_and_add(&c->udp_flows, 1);
+			conn = 1;
+		}
+	}
+	if (conn) {
+		c->last_conn_ns = now;
+		emit(p, now, kind);
+	}
+}
+
+SEC("tc")
+int to_pod(struct __sk_buff *skb)
+{
+	struct pkt p = {};
+	int l4 = parse_l3(skb, &p);
+	if (!l4)
+		return TC_ACT_UNSPEC;
+	struct counters *c = bpf_map_lookup_elem(&terminating, &p.daddr);
+	if (c) {
+		parse_l4(skb, &p, l4);
+		arrive(skb, &p, c, EVENT_TERMINATING);
+	}
+	return TC_ACT_UNSPEC;
+}
+
+SEC("tc")
+int from_pod(struct __sk_buff *skb)
+{
+	struct pkt p = {};
+	int l4 = parse_l3(skb, &p);
+	if (!l4)
+		return TC_ACT_UNSPEC;
+	struct counters *c = bpf_map_lookup_elem(&terminating, &p.saddr);
+	if (!c)
+		return TC_ACT_UNSPEC;
+	parse_l4(skb, &p, l4);
+	if (p.proto == IPPROTO_TCP && (p.tcp_flags & TCP_FLAG_RST))
+		__sync_fetch_and_add(&c->resets, 1);
+	else if (p.icmp_unreach)
+		__sync_fetch_and_add(&c->unreachables, 1);
+	return TC_ACT_UNSPEC;
+}
+
+SEC("tc")
+int uplink_in(struct __sk_buff *skb)
+{
+	struct pkt p = {};
+	int l4 = parse_l3(skb, &p);
+	if (!l4)
+		return TC_ACT_UNSPEC;
+	struct counters *c = bpf_map_lookup_elem(&deleted, &p.daddr);
+	if (c) {
+		parse_l4(skb, &p, l4);
+		arrive(skb, &p, c, EVENT_DELETED);
+	}
+	return TC_ACT_UNSPEC;
+}
+
+SEC("tc")
+int uplink_out(struct __sk_buff *skb)
+{
+	struct pkt p = {};
+	int l4 = parse_l3(skb, &p);
+	if (!l4)
+		return TC_ACT_UNSPEC;
+	struct counters *c;
+	if (p.proto == IPPROTO_TCP) {
+		c = bpf_map_lookup_elem(&deleted, &p.saddr);
+		if (c) {
+			parse_l4(skb, &p, l4);
+			if (p.tcp_flags & TCP_FLAG_RST)
+				__sync_fetch_and_add(&c->resets, 1);
+		}
+	} else if (p.proto == IPPROTO_ICMP || p.proto == IPPROTO_ICMPV6) {
+		parse_l4(skb, &p, l4);
+		if (p.icmp_unreach) {
+			c = bpf_map_lookup_elem(&deleted, &p.inner);
+			if (c)
+				__sync_fetch_and_add(&c->unreachables, 1);
+		}
+	}
+	return TC_ACT_UNSPEC;
+}

@@ -1,0 +1,101 @@
+package packets
+
+import (
+	"github.com/cilium/ebpf"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/endpointlag/endpointlag/bpf"
+)
+
+// metrics exports the programs' counters, read at scrape time.
+type metrics Probe
+
+func desc(name, help string, labels ...string) *prometheus.Desc {
+	return prometheus.NewDesc("endpointlag_"+name, help, labels, nil)
+}
+
+var (
+	lateConnsDesc = desc("late_connections_total",
+		"New connections (TCP SYN without ACK, new UDP flows) that reached a pod of this node after its deletion began.", "protocol")
+	termPacketsDesc = desc("terminating_packets_total",
+		"Packets that reached a pod of this node after its deletion began.")
+	termBytesDesc = desc("terminating_bytes_total",
+		"Bytes of the packets that reached a pod of this node after its deletion began.")
+	termErrorsDesc = desc("terminating_errors_total",
+		"TCP resets and ICMP destination-unreachable messages that pods of this node sent after their deletion began (kind=reset|unreachable).", "kind")
+	deadPacketsDesc = desc("dead_endpoint_packets_total",
+		"Packets that arrived on the uplinks for the address of a pod of this node that is already gone.")
+	deadConnsDesc = desc("dead_endpoint_connections_total",
+		"New connections that arrived on the uplinks for the address of a pod of this node that is already gone.", "protocol")
+	deadErrorsDesc = desc("dead_endpoint_errors_total",
+		"TCP resets and ICMP destination-unreachable messages sent out of the uplinks about pods of this node that are already gone (kind=reset|unreachable).", "kind")
+	eventsDroppedDesc = desc("packet_events_dropped_total",
+		"New-connection events not sent to user space (per-CPU rate limit or full ring buffer); the counters still count them.")
+	evictionsDesc = desc("packet_map_evictions_total",
+		"Pod addresses dropped from a full terminating or deleted map to make room for newer ones (map=terminating|deleted).", "map")
+	attachedDesc = desc("packet_attachments",
+		"Interfaces the programs are attached to (role=pod|uplink).", "role")
+)
+
+// Describe implements prometheus.Collector.
+func (m *metrics) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{lateConnsDesc, termPacketsDesc, termBytesDesc, termErrorsDesc,
+		deadPacketsDesc, deadConnsDesc, deadErrorsDesc, eventsDroppedDesc, evictionsDesc, attachedDesc} {
+		ch <- d
+	}
+}
+
+// Collect implements prometheus.Collector: the retired totals plus what the maps hold now.
+func (m *metrics) Collect(ch chan<- prometheus.Metric) {
+	p := (*Probe)(m)
+	p.mu.Lock()
+	totals := p.retired
+	evictions := p.evictions
+	var dropped uint64
+	roles := map[string]int{"pod": 0, "uplink": 0}
+	for _, as := range p.attachments {
+		if len(as) > 0 {
+			roles[as[0].role]++
+		}
+	}
+	if p.objs != nil {
+		for i, mp := range []*ebpf.Map{p.objs.Terminating, p.objs.Deleted} {
+			var (
+				k bpf.EndpointlagAddr
+				v bpf.EndpointlagCounters
+			)
+			it := mp.Iterate()
+			for it.Next(&k, &v) {
+				addCounters(&totals[i], v)
+			}
+		}
+		var limits []bpf.EndpointlagRatelimit
+		if err := p.objs.Limits.Lookup(uint32(0), &limits); err == nil {
+			for _, l := range limits {
+				dropped += l.Dropped
+			}
+		}
+	}
+	p.mu.Unlock()
+	counter := func(d *prometheus.Desc, v uint64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), labels...)
+	}
+	t, d := totals[0], totals[1]
+	counter(lateConnsDesc, t.TcpConns, "tcp")
+	counter(lateConnsDesc, t.UdpFlows, "udp")
+	counter(termPacketsDesc, t.Packets)
+	counter(termBytesDesc, t.Bytes)
+	counter(termErrorsDesc, t.Resets, "reset")
+	counter(termErrorsDesc, t.Unreachables, "unreachable")
+	counter(deadPacketsDesc, d.Packets)
+	counter(deadConnsDesc, d.TcpConns, "tcp")
+	counter(deadConnsDesc, d.UdpFlows, "udp")
+	counter(deadErrorsDesc, d.Resets, "reset")
+	counter(deadErrorsDesc, d.Unreachables, "unreachable")
+	counter(eventsDroppedDesc, dropped)
+	ch <- prometheus.MustNewConstMetric(evictionsDesc, prometheus.CounterValue, evictions[0], "terminating")
+	ch <- prometheus.MustNewConstMetric(evictionsDesc, prometheus.CounterValue, evictions[1], "deleted")
+	for role, n := range roles {
+		ch <- prometheus.MustNewConstMetric(attachedDesc, prometheus.GaugeValue, float64(n), role)
+	}
+}

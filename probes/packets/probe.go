@@ -1,0 +1,529 @@
+// Package packets loads endpointlag's TC programs (package bpf) and counts the traffic that
+// still reaches this node's pods after their deletion began, and the traffic sent to pods already
+// gone. It attaches to the host side of every pod veth (followed through netlink link events) and,
+// when named, to the node's uplinks; keeps the programs' maps of terminating and deleted pod
+// addresses in step with the collector's list of this node's deleting pods; turns the programs'
+// events about new connections into late_connection / dead_connection observations; and exports
+// the counters at scrape time. The programs never drop or change a packet.
+package packets
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/ringbuf"
+	"github.com/cilium/ebpf/rlimit"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/spf13/pflag"
+	"github.com/vishvananda/netlink"
+	vnetns "github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+	"k8s.io/utils/clock"
+
+	"github.com/endpointlag/endpointlag/bpf"
+	"github.com/endpointlag/endpointlag/probes"
+)
+
+// Name is the probe's registry name and the source of its observations.
+const Name = "packets"
+
+// Options configure the probe.
+type Options struct {
+	// Uplinks are the node's interfaces towards other nodes, where packets to deleted pods
+	// arrive; none by default.
+	Uplinks []string
+	// Attach is auto (TCX where the kernel has it, classic TC otherwise), tcx or tc.
+	Attach string
+	// MaxPods bounds each of the terminating and deleted address maps.
+	MaxPods int
+	// EventsPerSecond bounds, per CPU, the new-connection events sent to user space.
+	EventsPerSecond int
+	// ReconcileInterval is how often the maps are compared with the collector's list even
+	// without a change notification.
+	ReconcileInterval time.Duration
+}
+
+// Validate names the first setting out of range.
+func (o Options) Validate() error {
+	switch {
+	case o.Attach != AttachAuto && o.Attach != AttachTCX && o.Attach != AttachTC:
+		return fmt.Errorf("--packets.attach must be auto, tcx or tc, got %q", o.Attach)
+	case o.MaxPods <= 0:
+		return fmt.Errorf("--packets.max-pods must be positive, got %d", o.MaxPods)
+	case o.EventsPerSecond <= 0:
+		return fmt.Errorf("--packets.events-per-second must be positive, got %d", o.EventsPerSecond)
+	case o.ReconcileInterval <= 0:
+		return fmt.Errorf("reconcile interval must be positive, got %s", o.ReconcileInterval)
+	}
+	return nil
+}
+
+// DefaultOptions are the flags' defaults.
+func DefaultOptions() Options {
+	return Options{Attach: AttachAuto, MaxPods: 4096, EventsPerSecond: 1000, ReconcileInterval: 5 * time.Second}
+}
+
+var flagOpts = DefaultOptions()
+
+func init() {
+	probes.Register(probes.Factory{
+		Name:           Name,
+		Help:           "eBPF TC programs on pod veths (and --packets.uplinks) count packets and new connections that reach this node's pods after their deletion began, and packets to pods already gone",
+		DefaultEnabled: true,
+		Stages:         []probes.Stage{probes.StageLateConnection, probes.StageDeadConnection},
+		Flags: func(fs *pflag.FlagSet) {
+			flagOpts = DefaultOptions()
+			fs.StringSliceVar(&flagOpts.Uplinks, "packets.uplinks", flagOpts.Uplinks,
+				"the node's interfaces towards other nodes (comma-separated), where packets to deleted pods arrive; none by default")
+			fs.StringVar(&flagOpts.Attach, "packets.attach", flagOpts.Attach,
+				"how the programs attach: auto (TCX where the kernel has it, else a clsact filter), tcx or tc")
+			fs.IntVar(&flagOpts.MaxPods, "packets.max-pods", flagOpts.MaxPods,
+				"most terminating, and separately deleted, pod addresses the programs watch; more evict the oldest, counted")
+			fs.IntVar(&flagOpts.EventsPerSecond, "packets.events-per-second", flagOpts.EventsPerSecond,
+				"most new-connection events per CPU per second sent to user space (counters are exact regardless)")
+		},
+		Validate: func() error { return flagOpts.Validate() },
+		New: func(env probes.Env) (probes.Probe, error) {
+			p := New(flagOpts, env.LocalPods, env.Clock, env.Logger)
+			if env.Registerer != nil {
+				if err := env.Registerer.Register(p.Collector()); err != nil {
+					return nil, err
+				}
+			}
+			return p, nil
+		},
+	})
+}
+
+// tracked is a pod address in one of the programs' maps.
+type tracked struct {
+	pod     probes.PodRef
+	t0      time.Time
+	deleted bool
+}
+
+// Probe runs the programs in the network namespace it starts in (or the one NewInNamespace names).
+type Probe struct {
+	opts  Options
+	pods  probes.LocalPods
+	clock clock.PassiveClock
+	log   *slog.Logger
+	ns    netns
+	nl    *netlink.Handle
+
+	mu      sync.Mutex
+	objs    *bpf.EndpointlagObjects
+	tracked map[netip.Addr]tracked
+	// retired holds the counters of addresses already removed from the maps, so that the
+	// exported totals never go down.
+	retired     [2]bpf.EndpointlagCounters
+	evictions   [2]float64
+	attachments map[int][]*attachment
+	// monoOffset turns the programs' CLOCK_MONOTONIC nanoseconds into wall time.
+	monoOffset time.Duration
+}
+
+// New returns the probe for the current network namespace.
+func New(opts Options, pods probes.LocalPods, clk clock.PassiveClock, log *slog.Logger) *Probe {
+	return &Probe{opts: opts, pods: pods, clock: clk, log: log.With("probe", Name), ns: netns{fd: -1},
+		tracked: map[netip.Addr]tracked{}, attachments: map[int][]*attachment{}}
+}
+
+// NewInNamespace returns the probe for the network namespace open as fd.
+func NewInNamespace(fd int, opts Options, pods probes.LocalPods, clk clock.PassiveClock, log *slog.Logger) *Probe {
+	p := New(opts, pods, clk, log)
+	p.ns = netns{fd: fd}
+	return p
+}
+
+// Name implements probes.Probe.
+func (p *Probe) Name() string { return Name }
+
+// load loads the programs and maps, sized from the options.
+func (p *Probe) load() (*bpf.EndpointlagObjects, error) {
+	spec, err := bpf.LoadEndpointlag()
+	if err != nil {
+		return nil, err
+	}
+	spec.Maps[bpf.EndpointlagMapTerminating].MaxEntries = uint32(p.opts.MaxPods)
+	spec.Maps[bpf.EndpointlagMapDeleted].MaxEntries = uint32(p.opts.MaxPods)
+	if err := spec.Variables[bpf.EndpointlagVarEventsPerSecond].Set(uint64(p.opts.EventsPerSecond)); err != nil {
+		return nil, err
+	}
+	objs := &bpf.EndpointlagObjects{}
+	if err := spec.LoadAndAssign(objs, nil); err != nil {
+		var ve *ebpf.VerifierError
+		if errors.As(err, &ve) {
+			return nil, fmt.Errorf("loading the eBPF programs: %+v", ve)
+		}
+		return nil, fmt.Errorf("loading the eBPF programs: %w", err)
+	}
+	return objs, nil
+}
+
+// Run implements probes.Probe.
+func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
+	sink.SetStatus(Name, probes.Status{})
+	var err error
+	if p.ns.fd < 0 {
+		p.nl, err = netlink.NewHandle()
+	} else {
+		p.nl, err = netlink.NewHandleAt(vnetns.NsHandle(p.ns.fd))
+	}
+	if err != nil {
+		return fmt.Errorf("packets: netlink: %w", err)
+	}
+	defer p.nl.Close()
+	if n, err := p.removeLeftovers(); err != nil {
+		sink.Error(Name, err)
+	} else if n > 0 {
+		p.log.Info("removed TC filters a previous instance left", "filters", n)
+	}
+	// Kernels before 5.11 charge eBPF maps to RLIMIT_MEMLOCK; later ones need nothing here.
+	if err := rlimit.RemoveMemlock(); err != nil {
+		return fmt.Errorf("packets: %w", err)
+	}
+	objs, err := p.load()
+	if err != nil {
+		return fmt.Errorf("packets: %w", err)
+	}
+	p.mu.Lock()
+	p.objs = objs
+	p.mu.Unlock()
+	defer p.close()
+
+	events, err := ringbuf.NewReader(objs.Events)
+	if err != nil {
+		return fmt.Errorf("packets: ring buffer: %w", err)
+	}
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer events.Close()
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		p.readEvents(events, sink)
+	}()
+
+	links := make(chan netlink.LinkUpdate, 256)
+	done := make(chan struct{})
+	defer close(done)
+	subErr := make(chan error, 1)
+	opts := netlink.LinkSubscribeOptions{ListExisting: true, ErrorCallback: func(err error) {
+		select {
+		case subErr <- err:
+		default:
+		}
+	}}
+	if p.ns.fd >= 0 {
+		h := vnetns.NsHandle(p.ns.fd)
+		opts.Namespace = &h
+	}
+	if err := netlink.LinkSubscribeWithOptions(links, done, opts); err != nil {
+		return fmt.Errorf("packets: link events: %w", err)
+	}
+	notify := make(chan struct{}, 1)
+	if p.pods != nil {
+		p.pods.NotifyLocalPods(notify)
+	}
+	p.reconcile(sink)
+	sink.SetStatus(Name, probes.Status{Up: true, Synced: true})
+	tick := time.NewTicker(p.opts.ReconcileInterval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case u, ok := <-links:
+			if !ok {
+				return errors.New("packets: link events closed")
+			}
+			p.linkChanged(u, sink)
+		case err := <-subErr:
+			sink.Error(Name, fmt.Errorf("link events: %w", err))
+		case <-notify:
+			p.reconcile(sink)
+		case <-tick.C:
+			p.reconcile(sink)
+		}
+	}
+}
+
+// close detaches everything and frees the programs and maps.
+func (p *Probe) close() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for idx, as := range p.attachments {
+		for _, a := range as {
+			if err := p.detach(a); err != nil {
+				p.log.Warn("detaching", "err", err)
+			}
+		}
+		delete(p.attachments, idx)
+	}
+	_ = p.objs.Close()
+	p.objs = nil
+}
+
+// role tells which programs an interface gets: pod veths (the host side, peer in another
+// namespace) and the named uplinks.
+func (p *Probe) role(l netlink.Link) string {
+	name := l.Attrs().Name
+	if slices.Contains(p.opts.Uplinks, name) {
+		return "uplink"
+	}
+	if _, ok := l.(*netlink.Veth); ok && l.Attrs().NetNsID >= 0 {
+		return "pod"
+	}
+	return ""
+}
+
+// hook is a program and the direction it attaches to.
+type hook struct {
+	name    string
+	prog    *ebpf.Program
+	ingress bool
+}
+
+func (p *Probe) linkChanged(u netlink.LinkUpdate, sink probes.Sink) {
+	idx := int(u.Index)
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if u.Header.Type == unix.RTM_DELLINK {
+		// The kernel removed the programs with the interface; release the links.
+		for _, a := range p.attachments[idx] {
+			if a.link != nil {
+				_ = a.link.Close()
+			}
+		}
+		delete(p.attachments, idx)
+		return
+	}
+	if _, done := p.attachments[idx]; done || p.objs == nil {
+		return
+	}
+	role := p.role(u.Link)
+	if role == "" {
+		return
+	}
+	hooks := []hook{{"to_pod", p.objs.ToPod, false}, {"from_pod", p.objs.FromPod, true}}
+	if role == "uplink" {
+		hooks = []hook{{"uplink_in", p.objs.UplinkIn, true}, {"uplink_out", p.objs.UplinkOut, false}}
+	}
+	var as []*attachment
+	for _, pr := range hooks {
+		a, err := p.attach(idx, u.Attrs().Name, pr.name, pr.prog, pr.ingress)
+		if err == nil {
+			a.role = role
+		}
+		if err != nil {
+			if errors.Is(err, unix.ENODEV) {
+				return // gone already
+			}
+			sink.Error(Name, fmt.Errorf("attaching %s to %s: %w", pr.name, u.Attrs().Name, err))
+			continue
+		}
+		as = append(as, a)
+	}
+	p.attachments[idx] = as
+	p.log.Debug("attached", "interface", u.Attrs().Name, "role", role)
+}
+
+// Attached lists what is attached where, for tests and inspection.
+func (p *Probe) Attached() []string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	var out []string
+	for _, as := range p.attachments {
+		for _, a := range as {
+			out = append(out, a.String())
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+func addrKey(a netip.Addr) bpf.EndpointlagAddr {
+	return bpf.EndpointlagAddr{B: netip.AddrFrom16(a.As16()).As16()}
+}
+
+func keyAddr(k bpf.EndpointlagAddr) netip.Addr {
+	return netip.AddrFrom16(k.B).Unmap()
+}
+
+// reconcile makes the maps hold the addresses of the collector's deleting pods: terminating
+// until the pod is gone, deleted after that, until the collector forgets the pod.
+func (p *Probe) reconcile(sink probes.Sink) {
+	if p.pods == nil {
+		return
+	}
+	want := map[netip.Addr]tracked{}
+	for _, lp := range p.pods.LocalPods() {
+		for _, a := range lp.Addrs {
+			want[a.Unmap()] = tracked{pod: lp.Pod, t0: lp.T0, deleted: lp.Gone}
+		}
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.objs == nil {
+		return
+	}
+	p.monoOffset = monoOffset()
+	for a, have := range p.tracked {
+		if w, ok := want[a]; !ok || w.deleted != have.deleted || w.pod.UID != have.pod.UID {
+			p.untrack(a, have)
+		}
+	}
+	// Oldest first, so that when a map is full the newest are the ones kept.
+	order := make([]netip.Addr, 0, len(want))
+	for a := range want {
+		order = append(order, a)
+	}
+	slices.SortFunc(order, func(x, y netip.Addr) int { return want[x].t0.Compare(want[y].t0) })
+	var errs []error
+	for _, a := range order {
+		w := want[a]
+		if _, ok := p.tracked[a]; ok {
+			continue
+		}
+		m := p.mapOf(w.deleted)
+		err := m.Update(addrKey(a), bpf.EndpointlagCounters{}, ebpf.UpdateNoExist)
+		if errors.Is(err, unix.E2BIG) { // the map is full
+			if p.evictOldest(w.deleted) {
+				err = m.Update(addrKey(a), bpf.EndpointlagCounters{}, ebpf.UpdateNoExist)
+			}
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("adding %s to the %s map: %w", a, mapName(w.deleted), err))
+			continue
+		}
+		p.tracked[a] = w
+	}
+	if err := errors.Join(errs...); err != nil {
+		sink.Error(Name, err)
+	}
+}
+
+func mapName(deleted bool) string {
+	if deleted {
+		return "deleted"
+	}
+	return "terminating"
+}
+
+func mapIndex(deleted bool) int {
+	if deleted {
+		return 1
+	}
+	return 0
+}
+
+func (p *Probe) mapOf(deleted bool) *ebpf.Map {
+	if deleted {
+		return p.objs.Deleted
+	}
+	return p.objs.Terminating
+}
+
+// untrack removes an address from its map, keeping its counts in the retired totals.
+func (p *Probe) untrack(a netip.Addr, t tracked) {
+	var c bpf.EndpointlagCounters
+	m := p.mapOf(t.deleted)
+	if err := m.LookupAndDelete(addrKey(a), &c); err == nil {
+		addCounters(&p.retired[mapIndex(t.deleted)], c)
+	} else if err := m.Lookup(addrKey(a), &c); err == nil {
+		// Hash maps have no atomic lookup-and-delete before Linux 5.14.
+		addCounters(&p.retired[mapIndex(t.deleted)], c)
+		_ = m.Delete(addrKey(a))
+	}
+	delete(p.tracked, a)
+}
+
+// evictOldest makes room in a full map by dropping its oldest pod address.
+func (p *Probe) evictOldest(deleted bool) bool {
+	var (
+		oldest netip.Addr
+		at     time.Time
+	)
+	for a, t := range p.tracked {
+		if t.deleted == deleted && (!oldest.IsValid() || t.t0.Before(at)) {
+			oldest, at = a, t.t0
+		}
+	}
+	if !oldest.IsValid() {
+		return false
+	}
+	p.untrack(oldest, p.tracked[oldest])
+	p.evictions[mapIndex(deleted)]++
+	return true
+}
+
+func addCounters(into *bpf.EndpointlagCounters, c bpf.EndpointlagCounters) {
+	into.Packets += c.Packets
+	into.Bytes += c.Bytes
+	into.TcpConns += c.TcpConns
+	into.UdpFlows += c.UdpFlows
+	into.Resets += c.Resets
+	into.Unreachables += c.Unreachables
+}
+
+// monoOffset is wall time minus CLOCK_MONOTONIC, which bpf_ktime_get_ns reads.
+func monoOffset() time.Duration {
+	var ts unix.Timespec
+	_ = unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
+	return time.Duration(time.Now().UnixNano() - ts.Nano())
+}
+
+// readEvents turns the programs' new-connection events into observations until the reader is
+// closed.
+func (p *Probe) readEvents(r *ringbuf.Reader, sink probes.Sink) {
+	var e bpf.EndpointlagEvent
+	for {
+		rec, err := r.Read()
+		if err != nil {
+			if !errors.Is(err, ringbuf.ErrClosed) {
+				sink.Error(Name, fmt.Errorf("reading events: %w", err))
+			}
+			return
+		}
+		if err := binary.Read(bytes.NewReader(rec.RawSample), binary.NativeEndian, &e); err != nil {
+			sink.Error(Name, &probes.InputError{Reason: "event", Err: err})
+			continue
+		}
+		sink.Observe(p.observation(e))
+	}
+}
+
+// observation describes one event: a new connection to a terminating or deleted pod.
+func (p *Probe) observation(e bpf.EndpointlagEvent) probes.Observation {
+	daddr, saddr := keyAddr(e.Daddr), keyAddr(e.Saddr)
+	stage := probes.StageLateConnection
+	if e.Kind == 2 {
+		stage = probes.StageDeadConnection
+	}
+	proto := "TCP"
+	if e.Proto == unix.IPPROTO_UDP {
+		proto = "UDP"
+	}
+	p.mu.Lock()
+	t := p.tracked[daddr]
+	at := time.Unix(0, 0).Add(p.monoOffset + time.Duration(e.TimeNs))
+	p.mu.Unlock()
+	return probes.Observation{
+		Stage: stage, Time: at, Source: Name, Pod: t.pod, Local: true,
+		Endpoint: probes.Endpoint{Addr: daddr, Port: e.Dport, Protocol: proto},
+		Peer:     netip.AddrPortFrom(saddr, e.Sport),
+	}
+}
+
+// Collector returns the metrics read from the programs' maps at scrape time.
+func (p *Probe) Collector() prometheus.Collector { return (*metrics)(p) }

@@ -1,0 +1,319 @@
+package packets
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"github.com/prometheus/client_golang/prometheus"
+	"k8s.io/utils/clock"
+
+	"github.com/endpointlag/endpointlag/probes"
+	"github.com/endpointlag/endpointlag/probes/internal/probetest"
+)
+
+// fakePods is the collector's list of deleting pods, set by the test.
+type fakePods struct {
+	mu   sync.Mutex
+	pods []probes.LocalPod
+	chs  []chan<- struct{}
+}
+
+func (f *fakePods) LocalPods() []probes.LocalPod {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]probes.LocalPod(nil), f.pods...)
+}
+
+func (f *fakePods) NotifyLocalPods(ch chan<- struct{}) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.chs = append(f.chs, ch)
+}
+
+func (f *fakePods) set(pods ...probes.LocalPod) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.pods = pods
+	for _, ch := range f.chs {
+		select {
+		case ch <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// inNS runs f on a thread in the network namespace open as fd: sockets it opens stay there.
+func inNS(t *testing.T, fd *os.File, f func() error) {
+	t.Helper()
+	if err := (netns{fd: int(fd.Fd())}).do(f); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func run(t *testing.T, args ...string) {
+	t.Helper()
+	if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
+		t.Fatalf("%s: %v: %s", strings.Join(args, " "), err, out)
+	}
+}
+
+// lab is a node namespace with one pod namespace behind a veth: the node's side is "vpod", the
+// node 10.77.0.1, the pod 10.77.0.2, serving TCP on 8080 and UDP on 53 (echo).
+type lab struct {
+	node, pod     string
+	nodeFD, podFD *os.File
+	podAddr       netip.Addr
+}
+
+func newLab(t *testing.T) *lab {
+	l := &lab{podAddr: netip.MustParseAddr("10.77.0.2")}
+	l.node, l.nodeFD = probetest.Netns(t, "eltest-pkt-node-", "ip")
+	l.pod, l.podFD = probetest.Netns(t, "eltest-pkt-pod-", "ip")
+	run(t, "ip", "-n", l.node, "link", "add", "vpod", "type", "veth", "peer", "name", "eth0", "netns", l.pod)
+	run(t, "ip", "-n", l.node, "addr", "add", "10.77.0.1/24", "dev", "vpod")
+	run(t, "ip", "-n", l.pod, "addr", "add", "10.77.0.2/24", "dev", "eth0")
+	run(t, "ip", "-n", l.node, "link", "set", "vpod", "up")
+	run(t, "ip", "-n", l.pod, "link", "set", "eth0", "up")
+	run(t, "ip", "-n", l.pod, "link", "set", "lo", "up")
+	inNS(t, l.podFD, func() error {
+		ln, err := net.Listen("tcp", "10.77.0.2:8080")
+		if err != nil {
+			return err
+		}
+		t.Cleanup(func() { ln.Close() })
+		go func() {
+			for {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				_, _ = io.Copy(c, c)
+				c.Close()
+			}
+		}()
+		pc, err := net.ListenPacket("udp", "10.77.0.2:53")
+		if err != nil {
+			return err
+		}
+		t.Cleanup(func() { pc.Close() })
+		return nil
+	})
+	return l
+}
+
+// connect opens n TCP connections from the node to the pod, each exchanging a byte.
+func (l *lab) connect(t *testing.T, port, n int) (refused int) {
+	t.Helper()
+	inNS(t, l.nodeFD, func() error {
+		for range n {
+			c, err := net.DialTimeout("tcp", fmt.Sprintf("10.77.0.2:%d", port), 2*time.Second)
+			if err != nil {
+				refused++
+				continue
+			}
+			if _, err := c.Write([]byte("x")); err != nil {
+				return err
+			}
+			if _, err := c.Read(make([]byte, 1)); err != nil {
+				return err
+			}
+			c.Close()
+		}
+		return nil
+	})
+	return refused
+}
+
+// datagrams sends count UDP datagrams from each of flows sockets of the node.
+func (l *lab) datagrams(t *testing.T, flows, count int) {
+	t.Helper()
+	inNS(t, l.nodeFD, func() error {
+		for range flows {
+			c, err := net.Dial("udp", "10.77.0.2:53")
+			if err != nil {
+				return err
+			}
+			for range count {
+				if _, err := c.Write([]byte("q")); err != nil {
+					return err
+				}
+			}
+			c.Close()
+		}
+		return nil
+	})
+}
+
+func startProbe(t *testing.T, l *lab, opts Options, pods probes.LocalPods) (*Probe, *probetest.Recorder, func()) {
+	t.Helper()
+	p := NewInNamespace(int(l.nodeFD.Fd()), opts, pods, clock.RealClock{}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	rec := &probetest.Recorder{}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- p.Run(ctx, rec) }()
+	stop := func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	}
+	rec.Wait(t, "the programs attached", func() bool { return len(p.Attached()) == 2 })
+	return p, rec, stop
+}
+
+// tcxPrograms counts the TCX programs attached to an interface of the node namespace.
+func tcxPrograms(t *testing.T, l *lab, dev string) int {
+	n := 0
+	inNS(t, l.nodeFD, func() error {
+		ifc, err := net.InterfaceByName(dev)
+		if err != nil {
+			return err
+		}
+		for _, typ := range []ebpf.AttachType{ebpf.AttachTCXIngress, ebpf.AttachTCXEgress} {
+			res, err := link.QueryPrograms(link.QueryOptions{Target: ifc.Index, Attach: typ})
+			if err != nil {
+				return err
+			}
+			n += len(res.Programs)
+		}
+		return nil
+	})
+	return n
+}
+
+// tcFilters counts endpointlag's classic TC filters on an interface of the node namespace.
+func tcFilters(t *testing.T, l *lab, dev string) int {
+	n := 0
+	for _, dir := range []string{"ingress", "egress"} {
+		out, _ := exec.Command("ip", "netns", "exec", l.node, "tc", "filter", "show", "dev", dev, dir).CombinedOutput()
+		n += strings.Count(string(out), filterPrefix)
+	}
+	return n
+}
+
+func gather(t *testing.T, p *Probe) map[string]float64 {
+	t.Helper()
+	reg := prometheus.NewPedanticRegistry()
+	reg.MustRegister(p.Collector())
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]float64{}
+	for _, mf := range mfs {
+		for _, m := range mf.GetMetric() {
+			key := mf.GetName()
+			for _, lp := range m.GetLabel() {
+				key += "," + lp.GetName() + "=" + lp.GetValue()
+			}
+			out[key] = m.GetCounter().GetValue() + m.GetGauge().GetValue()
+		}
+	}
+	return out
+}
+
+// Real veth, real TCP and UDP: connections made before the deletion do not count; after it every
+// new connection and flow counts exactly once, with an event naming the client; the pod's reset
+// for a closed port counts; after the pod is gone its counts stay in the totals; on exit nothing
+// stays attached. Both attach modes.
+func TestVethCountsExactly(t *testing.T) {
+	for _, mode := range []string{AttachTCX, AttachTC} {
+		t.Run(mode, func(t *testing.T) {
+			l := newLab(t)
+			pods := &fakePods{}
+			opts := DefaultOptions()
+			opts.Attach = mode
+			opts.ReconcileInterval = time.Hour // only notifications
+			p, rec, stop := startProbe(t, l, opts, pods)
+			stopped := false
+			defer func() {
+				if !stopped {
+					stop()
+				}
+			}()
+			want := []string{"from_pod ingress on vpod", "to_pod egress on vpod"}
+			if got := p.Attached(); fmt.Sprint(got) != fmt.Sprint(want) {
+				t.Fatalf("attached %q, want %q", got, want)
+			}
+			tcx, tc := tcxPrograms(t, l, "vpod"), tcFilters(t, l, "vpod")
+			if mode == AttachTCX && (tcx != 2 || tc != 0) || mode == AttachTC && (tcx != 0 || tc != 2) {
+				t.Fatalf("mode %s: %d TCX programs, %d TC filters", mode, tcx, tc)
+			}
+
+			l.connect(t, 8080, 2)
+			l.datagrams(t, 1, 2)
+			pod := probes.PodRef{Namespace: "default", Name: "web-1", UID: "uid-1"}
+			pods.set(probes.LocalPod{Pod: pod, Addrs: []netip.Addr{l.podAddr}, T0: time.Now()})
+			rec.Wait(t, "the pod's address in the map", func() bool {
+				p.mu.Lock()
+				defer p.mu.Unlock()
+				_, ok := p.tracked[l.podAddr]
+				return ok
+			})
+			if refused := l.connect(t, 8080, 5); refused != 0 {
+				t.Fatalf("%d connections refused", refused)
+			}
+			if refused := l.connect(t, 8081, 1); refused != 1 {
+				t.Fatalf("the closed port accepted a connection")
+			}
+			l.datagrams(t, 2, 3)
+
+			rec.Wait(t, "8 connection events", func() bool { return len(rec.Observations()) >= 8 })
+			for _, o := range rec.Observations() {
+				if o.Stage != probes.StageLateConnection || o.Pod != pod || o.Endpoint.Addr != l.podAddr || o.Peer.Addr() != netip.MustParseAddr("10.77.0.1") {
+					t.Errorf("observation %+v", o)
+				}
+				if d := time.Since(o.Time); d < 0 || d > time.Minute {
+					t.Errorf("event time %s is %s away from now", o.Time, d)
+				}
+			}
+			m := gather(t, p)
+			for key, v := range map[string]float64{
+				"endpointlag_late_connections_total,protocol=tcp":       6, // 5 served + 1 refused
+				"endpointlag_late_connections_total,protocol=udp":       2,
+				"endpointlag_terminating_errors_total,kind=reset":       1,
+				"endpointlag_terminating_errors_total,kind=unreachable": 0,
+				"endpointlag_packet_attachments,role=pod":               1,
+			} {
+				if m[key] != v {
+					t.Errorf("%s = %v, want %v", key, m[key], v)
+				}
+			}
+			if m["endpointlag_terminating_packets_total"] < 6+2+6 {
+				t.Errorf("terminating packets %v, want at least a SYN per connection plus data", m["endpointlag_terminating_packets_total"])
+			}
+
+			// Gone: the address moves to the deleted map; the totals keep what was counted.
+			pods.set(probes.LocalPod{Pod: pod, Addrs: []netip.Addr{l.podAddr}, T0: time.Now(), Gone: true})
+			rec.Wait(t, "the address in the deleted map", func() bool {
+				p.mu.Lock()
+				defer p.mu.Unlock()
+				return p.tracked[l.podAddr].deleted
+			})
+			if after := gather(t, p); after["endpointlag_late_connections_total,protocol=tcp"] != 6 {
+				t.Errorf("late TCP connections after the pod is gone: %v, want 6", after["endpointlag_late_connections_total,protocol=tcp"])
+			}
+
+			stop()
+			stopped = true
+			if n := tcxPrograms(t, l, "vpod") + tcFilters(t, l, "vpod"); n != 0 {
+				t.Errorf("%d programs still attached after exit", n)
+			}
+			if errs := rec.Errors(); len(errs) > 0 {
+				t.Errorf("errors: %v", errs)
+			}
+		})
+	}
+}

@@ -1,0 +1,239 @@
+package packets
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"log/slog"
+	"net/netip"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/ringbuf"
+	"github.com/cilium/ebpf/rlimit"
+	"k8s.io/utils/clock"
+
+	"github.com/endpointlag/endpointlag/bpf"
+)
+
+// loadObjects loads the programs for BPF_PROG_TEST_RUN, or skips saying why.
+func loadObjects(t testing.TB, opts Options) *bpf.EndpointlagObjects {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: loads eBPF programs")
+	}
+	if err := rlimit.RemoveMemlock(); err != nil {
+		t.Fatal(err)
+	}
+	p := New(opts, nil, clock.RealClock{}, slog.New(slog.DiscardHandler))
+	objs, err := p.load()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = objs.Close() })
+	return objs
+}
+
+const (
+	protoTCP   = 6
+	protoUDP   = 17
+	protoICMP  = 1
+	protoICMP6 = 58
+	flagSYN    = 0x02
+	flagRST    = 0x04
+	flagACK    = 0x10
+)
+
+// packet builds an Ethernet frame: IPv4 or IPv6 (by the addresses) with a TCP, UDP or ICMP
+// header. For ICMP, inner is the destination of the quoted packet of a destination unreachable.
+func packet(src, dst netip.AddrPort, proto byte, tcpFlags byte, inner netip.Addr) []byte {
+	var l4 []byte
+	switch proto {
+	case protoTCP:
+		l4 = make([]byte, 20)
+		binary.BigEndian.PutUint16(l4[0:], src.Port())
+		binary.BigEndian.PutUint16(l4[2:], dst.Port())
+		l4[12] = 5 << 4
+		l4[13] = tcpFlags
+	case protoUDP:
+		l4 = make([]byte, 8)
+		binary.BigEndian.PutUint16(l4[0:], src.Port())
+		binary.BigEndian.PutUint16(l4[2:], dst.Port())
+		binary.BigEndian.PutUint16(l4[4:], 8)
+	case protoICMP, protoICMP6:
+		// Destination unreachable (type 3, or 1 for ICMPv6), quoting the packet sent to inner.
+		l4 = make([]byte, 8)
+		l4[0] = 3
+		if proto == protoICMP6 {
+			l4[0] = 1
+		}
+		q := ipHeader(dst.Addr(), inner, protoUDP, 8)
+		l4 = append(l4, q...)
+		l4 = append(l4, make([]byte, 8)...)
+	}
+	frame := make([]byte, 14)
+	if src.Addr().Is4() {
+		binary.BigEndian.PutUint16(frame[12:], 0x0800)
+	} else {
+		binary.BigEndian.PutUint16(frame[12:], 0x86dd)
+	}
+	frame = append(frame, ipHeader(src.Addr(), dst.Addr(), proto, len(l4))...)
+	return append(frame, l4...)
+}
+
+func ipHeader(src, dst netip.Addr, proto byte, payload int) []byte {
+	if src.Is4() {
+		h := make([]byte, 20)
+		h[0] = 0x45
+		binary.BigEndian.PutUint16(h[2:], uint16(20+payload))
+		h[8] = 64
+		h[9] = proto
+		s, d := src.As4(), dst.As4()
+		copy(h[12:], s[:])
+		copy(h[16:], d[:])
+		return h
+	}
+	h := make([]byte, 40)
+	h[0] = 0x60
+	binary.BigEndian.PutUint16(h[4:], uint16(payload))
+	h[6] = proto
+	h[7] = 64
+	s, d := src.As16(), dst.As16()
+	copy(h[8:], s[:])
+	copy(h[24:], d[:])
+	return h
+}
+
+// tcUnspec is TC_ACT_UNSPEC (TCX_NEXT) as the program's return value: the packet goes on.
+const tcUnspec = 0xffffffff
+
+func TestProgramsCount(t *testing.T) {
+	objs := loadObjects(t, DefaultOptions())
+	pod4, pod6 := netip.MustParseAddr("10.244.1.5"), netip.MustParseAddr("fd00:10:244:1::5")
+	dead4, dead6 := netip.MustParseAddr("10.244.1.9"), netip.MustParseAddr("fd00:10:244:1::9")
+	client4, client6 := netip.MustParseAddr("10.244.2.7"), netip.MustParseAddr("fd00:10:244:2::7")
+	node4, node6 := netip.MustParseAddr("10.99.0.11"), netip.MustParseAddr("fd00:99::11")
+	for _, a := range []netip.Addr{pod4, pod6} {
+		if err := objs.Terminating.Put(addrKey(a), bpf.EndpointlagCounters{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, a := range []netip.Addr{dead4, dead6} {
+		if err := objs.Deleted.Put(addrKey(a), bpf.EndpointlagCounters{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ap := netip.AddrPortFrom
+	var none netip.Addr
+	for _, tc := range []struct {
+		name string
+		prog *ebpf.Program
+		pkt  []byte
+	}{
+		// To terminating pods: two SYNs, one ACK, two datagrams of one UDP flow and one of another,
+		// each family; a packet to another pod; an ARP frame.
+		{"v4 syn", objs.ToPod, packet(ap(client4, 40000), ap(pod4, 8080), protoTCP, flagSYN, none)},
+		{"v4 syn again", objs.ToPod, packet(ap(client4, 40001), ap(pod4, 8080), protoTCP, flagSYN, none)},
+		{"v4 ack", objs.ToPod, packet(ap(client4, 40000), ap(pod4, 8080), protoTCP, flagACK, none)},
+		{"v4 udp", objs.ToPod, packet(ap(client4, 5000), ap(pod4, 53), protoUDP, 0, none)},
+		{"v4 udp same flow", objs.ToPod, packet(ap(client4, 5000), ap(pod4, 53), protoUDP, 0, none)},
+		{"v4 udp new flow", objs.ToPod, packet(ap(client4, 5001), ap(pod4, 53), protoUDP, 0, none)},
+		{"v4 other pod", objs.ToPod, packet(ap(client4, 40000), ap(netip.MustParseAddr("10.244.1.6"), 8080), protoTCP, flagSYN, none)},
+		{"v6 syn", objs.ToPod, packet(ap(client6, 40000), ap(pod6, 8080), protoTCP, flagSYN, none)},
+		{"v6 syn-ack is no new connection", objs.ToPod, packet(ap(client6, 40000), ap(pod6, 8080), protoTCP, flagSYN|flagACK, none)},
+		{"v6 udp", objs.ToPod, packet(ap(client6, 5000), ap(pod6, 53), protoUDP, 0, none)},
+		{"arp", objs.ToPod, append(make([]byte, 12), 0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 1)},
+		// From terminating pods: a reset, an ICMP port unreachable, and a normal ACK.
+		{"v4 rst from pod", objs.FromPod, packet(ap(pod4, 8080), ap(client4, 40000), protoTCP, flagRST|flagACK, none)},
+		{"v4 unreachable from pod", objs.FromPod, packet(ap(pod4, 0), ap(client4, 0), protoICMP, 0, client4)},
+		{"v4 ack from pod", objs.FromPod, packet(ap(pod4, 8080), ap(client4, 40000), protoTCP, flagACK, none)},
+		{"v6 rst from pod", objs.FromPod, packet(ap(pod6, 8080), ap(client6, 40000), protoTCP, flagRST, none)},
+		// To deleted pods, on the uplink: a SYN each family; the node's unreachables about them.
+		{"v4 syn to deleted", objs.UplinkIn, packet(ap(client4, 40002), ap(dead4, 8080), protoTCP, flagSYN, none)},
+		{"v6 syn to deleted", objs.UplinkIn, packet(ap(client6, 40002), ap(dead6, 8080), protoTCP, flagSYN, none)},
+		{"v4 udp to live pod on uplink", objs.UplinkIn, packet(ap(client4, 40002), ap(pod4, 8080), protoUDP, 0, none)},
+		{"v4 unreachable for deleted", objs.UplinkOut, packet(ap(node4, 0), ap(client4, 0), protoICMP, 0, dead4)},
+		{"v6 unreachable for deleted", objs.UplinkOut, packet(ap(node6, 0), ap(client6, 0), protoICMP6, 0, dead6)},
+		{"v4 unreachable for another", objs.UplinkOut, packet(ap(node4, 0), ap(client4, 0), protoICMP, 0, pod4)},
+	} {
+		out := make([]byte, len(tc.pkt))
+		ret, err := tc.prog.Run(&ebpf.RunOptions{Data: tc.pkt, DataOut: out})
+		if err != nil {
+			t.Fatalf("%s: %v", tc.name, err)
+		}
+		if ret != tcUnspec {
+			t.Errorf("%s: returned %#x, want TC_ACT_UNSPEC: the program must let every packet go on", tc.name, ret)
+		}
+		if string(out) != string(tc.pkt) {
+			t.Errorf("%s: the packet was changed", tc.name)
+		}
+	}
+	want := map[netip.Addr]bpf.EndpointlagCounters{
+		pod4:  {Packets: 6, TcpConns: 2, UdpFlows: 2, Resets: 1, Unreachables: 1},
+		pod6:  {Packets: 3, TcpConns: 1, UdpFlows: 1, Resets: 1},
+		dead4: {Packets: 1, TcpConns: 1, Unreachables: 1},
+		dead6: {Packets: 1, TcpConns: 1, Unreachables: 1},
+	}
+	for a, w := range want {
+		m := objs.Terminating
+		if a == dead4 || a == dead6 {
+			m = objs.Deleted
+		}
+		var got bpf.EndpointlagCounters
+		if err := m.Lookup(addrKey(a), &got); err != nil {
+			t.Fatal(err)
+		}
+		if got.Bytes == 0 || got.LastPacketNs == 0 || (w.TcpConns+w.UdpFlows > 0) != (got.LastConnNs > 0) {
+			t.Errorf("%s: bytes %d, last packet %d, last connection %d", a, got.Bytes, got.LastPacketNs, got.LastConnNs)
+		}
+		got.Bytes, got.LastPacketNs, got.LastConnNs = 0, 0, 0
+		if got != w {
+			t.Errorf("%s: counters\n got %+v\nwant %+v", a, got, w)
+		}
+	}
+	// One event per new connection: 6 to terminating pods (3 TCP, 3 UDP), 2 to deleted ones.
+	kinds := map[uint8]int{}
+	var ev bpf.EndpointlagEvent
+	r := newEventReader(t, objs)
+	for r.next(&ev) {
+		kinds[ev.Kind]++
+		if ev.TimeNs == 0 || ev.Dport == 0 || ev.Sport == 0 {
+			t.Errorf("event without time or ports: %+v", ev)
+		}
+	}
+	if kinds[1] != 6 || kinds[2] != 2 || len(kinds) != 2 {
+		t.Errorf("events by kind %v, want 6 of kind 1 (terminating) and 2 of kind 2 (deleted)", kinds)
+	}
+}
+
+type eventReader struct {
+	t *testing.T
+	r *ringbuf.Reader
+}
+
+// newEventReader reads the events already in the ring buffer, without waiting.
+func newEventReader(t *testing.T, objs *bpf.EndpointlagObjects) *eventReader {
+	r, err := ringbuf.NewReader(objs.Events)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = r.Close() })
+	r.SetDeadline(time.Now())
+	return &eventReader{t: t, r: r}
+}
+
+func (e *eventReader) next(ev *bpf.EndpointlagEvent) bool {
+	rec, err := e.r.Read()
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		return false
+	}
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	if err := binary.Read(bytes.NewReader(rec.RawSample), binary.NativeEndian, ev); err != nil {
+		e.t.Fatal(err)
+	}
+	return true
+}
