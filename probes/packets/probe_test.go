@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -313,6 +314,89 @@ func TestVethCountsExactly(t *testing.T) {
 			}
 			if errs := rec.Errors(); len(errs) > 0 {
 				t.Errorf("errors: %v", errs)
+			}
+		})
+	}
+}
+
+// TestMain makes the test binary, run with ELTEST_PACKETS_CHILD naming a namespace, the probe
+// process TestKilledInstanceLeavesNothing kills: it attaches, says so and waits.
+func TestMain(m *testing.M) {
+	ns, mode := os.Getenv("ELTEST_PACKETS_CHILD"), os.Getenv("ELTEST_PACKETS_MODE")
+	if ns == "" {
+		os.Exit(m.Run())
+	}
+	fd, err := os.Open("/run/netns/" + ns)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	opts := DefaultOptions()
+	opts.Attach = mode
+	p := NewInNamespace(int(fd.Fd()), opts, &fakePods{}, clock.RealClock{}, slog.New(slog.NewTextHandler(os.Stderr, nil)))
+	go func() {
+		if err := p.Run(context.Background(), &probetest.Recorder{}); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+	}()
+	for len(p.Attached()) < 2 {
+		time.Sleep(10 * time.Millisecond)
+	}
+	fmt.Println("attached")
+	time.Sleep(time.Minute) // until killed
+	runtime.KeepAlive(fd)   // the namespace stays open as long as the probe uses it
+	os.Exit(1)
+}
+
+// After kill -9 of a running instance, the next start removes what it left (classic TC filters;
+// TCX links end with the process), and after that instance exits nothing of either remains.
+func TestKilledInstanceLeavesNothing(t *testing.T) {
+	for _, mode := range []string{AttachTCX, AttachTC} {
+		t.Run(mode, func(t *testing.T) {
+			l := newLab(t)
+			cmd := exec.Command(os.Args[0])
+			cmd.Env = append(os.Environ(), "ELTEST_PACKETS_CHILD="+l.node, "ELTEST_PACKETS_MODE="+mode)
+			var stderr strings.Builder
+			cmd.Stderr = &stderr
+			out, err := cmd.StdoutPipe()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			// A child that never attaches is killed, which ends the read below.
+			timer := time.AfterFunc(30*time.Second, func() { _ = cmd.Process.Kill() })
+			defer timer.Stop()
+			buf := make([]byte, 4096)
+			var seen strings.Builder
+			for !strings.Contains(seen.String(), "attached\n") {
+				n, err := out.Read(buf)
+				if err != nil {
+					_ = cmd.Wait()
+					t.Fatalf("child: %v; output:\n%s%s", err, seen.String(), stderr.String())
+				}
+				seen.Write(buf[:n])
+			}
+			if err := cmd.Process.Kill(); err != nil { // SIGKILL: no cleanup runs
+				t.Fatal(err)
+			}
+			_ = cmd.Wait()
+			left := tcFilters(t, l, "vpod")
+			if mode == AttachTC && left != 2 || mode == AttachTCX && left != 0 {
+				t.Fatalf("after kill -9: %d TC filters left", left)
+			}
+			if n := tcxPrograms(t, l, "vpod"); n != 0 {
+				t.Fatalf("after kill -9: %d TCX programs still attached", n)
+			}
+			_, _, stop := startProbe(t, l, DefaultOptions(), &fakePods{})
+			if n := tcFilters(t, l, "vpod"); n != 0 {
+				t.Errorf("the next instance (TCX) left %d TC filters of the killed one", n)
+			}
+			stop()
+			if n := tcxPrograms(t, l, "vpod") + tcFilters(t, l, "vpod"); n != 0 {
+				t.Errorf("%d programs attached after the second instance exited", n)
 			}
 		})
 	}
