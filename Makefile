@@ -7,9 +7,10 @@ VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev
 REVISION ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
 LDFLAGS  := -X main.version=$(VERSION) -X main.revision=$(REVISION)
 
-# Debian packages the build and the tests need: a C toolchain for the race detector; the lab's
-# kube-proxy drives nft and iptables, and the lab uses ip (iproute2) for network namespaces.
-DEB_PACKAGES := gcc libc6-dev iproute2 nftables iptables conntrack
+# Debian packages the build and the tests need: a C toolchain for the race detector; clang, llvm
+# and libbpf's headers for the eBPF programs (make generate, and the staleness check in lint); the
+# lab's kube-proxy drives nft and iptables, and the lab uses ip (iproute2) for network namespaces.
+DEB_PACKAGES := gcc libc6-dev clang llvm libbpf-dev iproute2 nftables iptables conntrack
 
 # The lab's Kubernetes binaries, built from the Go module proxy at the version pinned in
 # lab/k8s/go.mod, are cached outside the repository, keyed by that go.mod and go.sum.
@@ -19,7 +20,7 @@ LAB_BIN_DIR ?= $(LAB_CACHE)/k8s-$(K8S_VERSION)-$(shell cat lab/k8s/go.mod lab/k8
 export LAB_BIN_DIR
 LAB_FLAGS ?=
 
-.PHONY: all build test unit e2e lint fmt generate deps clean lab-bins lab-tool demo lab-up lab-down
+.PHONY: all build test unit e2e lint fmt generate check-generate deps clean lab-bins lab-tool demo lab-up lab-down
 
 all: build
 
@@ -80,8 +81,8 @@ lab-up: deps build lab-bins lab-tool
 lab-down: lab-tool
 	bin/lab down
 
-## lint: gofmt, go vet and staticcheck.
-lint: deps
+## lint: gofmt, go vet, staticcheck, and generated eBPF objects up to date.
+lint: deps check-generate
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
@@ -91,9 +92,16 @@ lint: deps
 fmt:
 	gofmt -w $$(git ls-files '*.go')
 
-## generate: regenerate generated code.
+## generate: regenerate generated code (bpf/: the eBPF object and its Go bindings, with bpf2go
+## and Debian's clang).
 generate:
 	$(GO) generate ./...
+
+## check-generate: fail when bpf/'s committed object or bindings differ from what endpointlag.c
+## compiles to (they are regenerated in place, ready to commit).
+check-generate: deps
+	$(GO) generate ./bpf
+	@git diff --exit-code --stat -- bpf/ || { echo "bpf/: the committed generated files were stale; regenerated, commit them"; exit 1; }
 
 clean:
 	rm -rf bin

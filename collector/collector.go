@@ -140,13 +140,12 @@ type podTimeline struct {
 	t0API     time.Time
 	gone      time.Time
 	records   []recordKey
-	// addrs are the pod's IPs; the connection counts are what the packets probe reported.
+	// addrs are the pod's IPs; lastConn is the last new connection that reached the pod and
+	// conns the first connections the packets probe reported.
 	addrs       []netip.Addr
-	lateConns   int
-	deadConns   int
 	lastConn    time.Time
-	lastPeer    netip.AddrPort
 	connSampled bool
+	conns       []conn
 }
 
 // New returns a collector registering its metrics with reg.

@@ -446,6 +446,11 @@ func TestLocalPodsAndLastConnection(t *testing.T) {
 		f.c.Observe(probes.Observation{Stage: probes.StageLateConnection, Time: t0.Add(d), Source: "packets",
 			Endpoint: probes.Endpoint{Addr: addr, Port: 8080, Protocol: "TCP"}, Peer: netip.MustParseAddrPort("10.244.2.7:40000")})
 	}
+	ep := probes.Endpoint{Addr: addr, Port: 8080, Protocol: "TCP"}
+	f.c.Observe(probes.Observation{Stage: probes.StageEndpointSlice, Time: t0, Source: "kube", Pod: pod, Service: probes.ServiceRef{Namespace: "default", Name: "web"}, Endpoint: ep, Local: true})
+	if recs := f.c.Records(); len(recs) != 1 || len(recs[0].Connections) != 3 || recs[0].Connections[0].Client.String() != "10.244.2.7:40000" || recs[0].Connections[0].Kind != "late" {
+		t.Errorf("records: %+v", recs)
+	}
 	other := probes.PodRef{Namespace: "default", Name: "web-2", UID: "uid-2"}
 	f.c.Observe(probes.Observation{Stage: probes.StageDeleted, Time: t0, Source: "kube", Pod: other, Local: true, Addrs: []netip.Addr{netip.MustParseAddr("10.244.1.6")}})
 	for _, p := range []probes.PodRef{pod, other} {

@@ -3,12 +3,24 @@ package collector
 import (
 	"net/netip"
 	"slices"
+	"time"
 
 	"github.com/endpointlag/endpointlag/probes"
 )
 
 // This file keeps what the packets probe needs and reports: the addresses of this node's deleting
 // pods, and the new connections that still reached them.
+
+// maxConnsPerPod bounds the connections a pod's records list; the counts go on beyond it.
+const maxConnsPerPod = 1000
+
+// conn is one connection a pod's records list.
+type conn struct {
+	at       time.Time
+	peer     netip.AddrPort
+	endpoint probes.Endpoint
+	kind     string
+}
 
 // LocalPods implements probes.LocalPods: this node's pods whose deletion began, with their
 // addresses, until the horizon.
@@ -70,15 +82,15 @@ func (c *Collector) connection(o probes.Observation) {
 	if t == nil {
 		return
 	}
-	c.log.Debug("connection to a "+map[bool]string{true: "terminating", false: "deleted"}[o.Stage == probes.StageLateConnection]+" pod",
-		"pod", t.pod, "endpoint", o.Endpoint, "client", o.Peer, "at", o.Time)
+	kind, what := "late", "new connection to a terminating pod"
 	if o.Stage == probes.StageDeadConnection {
-		t.deadConns++
-		return
+		kind, what = "dead", "new connection to a deleted pod's address"
 	}
-	t.lateConns++
-	t.lastPeer = o.Peer
-	if o.Time.After(t.lastConn) {
+	c.log.Debug(what, "pod", t.pod, "endpoint", o.Endpoint, "client", o.Peer, "at", o.Time)
+	if len(t.conns) < maxConnsPerPod {
+		t.conns = append(t.conns, conn{at: o.Time, peer: o.Peer, endpoint: o.Endpoint, kind: kind})
+	}
+	if o.Stage == probes.StageLateConnection && o.Time.After(t.lastConn) {
 		t.lastConn = o.Time
 	}
 }

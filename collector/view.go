@@ -1,6 +1,7 @@
 package collector
 
 import (
+	"net/netip"
 	"sort"
 	"time"
 
@@ -21,6 +22,17 @@ type RecordView struct {
 	T0API   *time.Time  `json:"t0_api,omitempty"`
 	Stages  []StageView `json:"stages"`
 	Pending []string    `json:"pending,omitempty"`
+	// Connections are the new connections to this endpoint after T0 that the packets probe
+	// reported (the first ones, up to a limit per pod), for local pods.
+	Connections []ConnectionView `json:"connections,omitempty"`
+}
+
+// ConnectionView is one new connection that reached a terminating pod (late) or was sent to the
+// address of a pod already gone (dead).
+type ConnectionView struct {
+	Time   time.Time      `json:"time"`
+	Client netip.AddrPort `json:"client"`
+	Kind   string         `json:"kind"`
 }
 
 // StageView is one stage of a timeline. The lags are absent where the reference is unknown.
@@ -90,6 +102,13 @@ func (c *Collector) view(r *record) RecordView {
 		v.Stages = append(v.Stages, s)
 	}
 	sort.SliceStable(v.Stages, func(i, j int) bool { return v.Stages[i].Time.Before(v.Stages[j].Time) })
+	if t := r.timeline; t != nil {
+		for _, cn := range t.conns {
+			if cn.endpoint == r.key.endpoint {
+				v.Connections = append(v.Connections, ConnectionView{Time: cn.at, Client: cn.peer, Kind: cn.kind})
+			}
+		}
+	}
 	for _, s := range c.pendingStages(r) {
 		v.Pending = append(v.Pending, string(s))
 	}

@@ -180,8 +180,8 @@ endpointlag_propagation_seconds_bucket{stage="endpointslice",le="0.05"} 1
 	lines := strings.Split(out.String(), "\n")
 	header := strings.Fields(lines[0])
 	row := strings.Fields(lines[1])
-	wantHeader := []string{"POD", "SERVICE", "ENDPOINT", "LOCAL", "DELETED", "ENDPOINTSLICE", "ENDPOINTSLICE_REMOVED", "GONE", "PENDING"}
-	wantRow := []string{"shop/web-1", "shop/web", "10.244.1.5:8080/TCP", "yes", "+0.000s", "+0.040s", "-", "-", "endpointslice_removed"}
+	wantHeader := []string{"POD", "SERVICE", "ENDPOINT", "LOCAL", "DELETED", "ENDPOINTSLICE", "ENDPOINTSLICE_REMOVED", "GONE", "PENDING", "CONNECTIONS"}
+	wantRow := []string{"shop/web-1", "shop/web", "10.244.1.5:8080/TCP", "yes", "+0.000s", "+0.040s", "-", "-", "endpointslice_removed", "-"}
 	if strings.Join(header, " ") != strings.Join(wantHeader, " ") || strings.Join(row, " ") != strings.Join(wantRow, " ") {
 		t.Errorf("inspect table:\n%s\nwant header %q\nwant row %q", out.String(), wantHeader, wantRow)
 	}

@@ -216,7 +216,7 @@ func writeTable(w io.Writer, resp RecordsResponse, now time.Time) {
 	for _, c := range cols {
 		header = append(header, strings.ToUpper(c))
 	}
-	header = append(header, "PENDING")
+	header = append(header, "PENDING", "CONNECTIONS")
 	fmt.Fprintln(tw, strings.Join(header, "\t"))
 	for _, r := range resp.Records {
 		row := []string{r.Pod.String(), r.Service.String(), r.Endpoint.String(), yesNo(r.Local)}
@@ -227,12 +227,14 @@ func writeTable(w io.Writer, resp RecordsResponse, now time.Time) {
 		if len(r.Pending) > 0 {
 			pending = strings.Join(r.Pending, ",")
 		}
-		row = append(row, pending)
+		row = append(row, pending, connectionsCell(r))
 		fmt.Fprintln(tw, strings.Join(row, "\t"))
 	}
 	tw.Flush()
 	fmt.Fprintf(w, "\n%d endpoint(s) on %s at %s. +N: seconds since the pod's deletion; ~N: seconds since this\n"+
-		"node saw the slice change; a clock time: seen, no reference; *: already so when first looked.\n",
+		"node saw the slice change; a clock time: seen, no reference; *: already so when first looked.\n"+
+		"CONNECTIONS: new connections that still reached the pod after T0 (late) or its address after it\n"+
+		"was gone (dead), with the last one; -o json lists each with its client.\n",
 		len(resp.Records), resp.Node, now.Format(time.TimeOnly))
 }
 
@@ -252,6 +254,32 @@ func stageCell(r collector.RecordView, stage string) string {
 		return s.Time.Local().Format("15:04:05.000")
 	}
 	return "-"
+}
+
+// connectionsCell counts a record's late and dead connections and says when the last came.
+func connectionsCell(r collector.RecordView) string {
+	if len(r.Connections) == 0 {
+		return "-"
+	}
+	n := map[string]int{}
+	last := r.Connections[0]
+	for _, c := range r.Connections {
+		n[c.Kind]++
+		if c.Time.After(last.Time) {
+			last = c
+		}
+	}
+	var parts []string
+	for _, k := range []string{"late", "dead"} {
+		if n[k] > 0 {
+			parts = append(parts, fmt.Sprintf("%d %s", n[k], k))
+		}
+	}
+	at := last.Time.Local().Format("15:04:05.000")
+	if r.T0 != nil {
+		at = fmt.Sprintf("+%.3fs", last.Time.Sub(*r.T0).Seconds())
+	}
+	return fmt.Sprintf("%s, last %s from %s", strings.Join(parts, " "), at, last.Client)
 }
 
 func yesNo(b bool) string {

@@ -56,14 +56,14 @@ func (f *fakePods) set(pods ...probes.LocalPod) {
 }
 
 // inNS runs f on a thread in the network namespace open as fd: sockets it opens stay there.
-func inNS(t *testing.T, fd *os.File, f func() error) {
+func inNS(t testing.TB, fd *os.File, f func() error) {
 	t.Helper()
 	if err := (netns{fd: int(fd.Fd())}).do(f); err != nil {
 		t.Fatal(err)
 	}
 }
 
-func run(t *testing.T, args ...string) {
+func run(t testing.TB, args ...string) {
 	t.Helper()
 	if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
 		t.Fatalf("%s: %v: %s", strings.Join(args, " "), err, out)
@@ -71,14 +71,14 @@ func run(t *testing.T, args ...string) {
 }
 
 // lab is a node namespace with one pod namespace behind a veth: the node's side is "vpod", the
-// node 10.77.0.1, the pod 10.77.0.2, serving TCP on 8080 and UDP on 53 (echo).
+// node 10.77.0.1, the pod 10.77.0.2, serving TCP on 8080 (echo) and 9000 (discard) and UDP on 53.
 type lab struct {
 	node, pod     string
 	nodeFD, podFD *os.File
 	podAddr       netip.Addr
 }
 
-func newLab(t *testing.T) *lab {
+func newLab(t testing.TB) *lab {
 	l := &lab{podAddr: netip.MustParseAddr("10.77.0.2")}
 	l.node, l.nodeFD = probetest.Netns(t, "eltest-pkt-node-", "ip")
 	l.pod, l.podFD = probetest.Netns(t, "eltest-pkt-pod-", "ip")
@@ -104,6 +104,20 @@ func newLab(t *testing.T) *lab {
 				c.Close()
 			}
 		}()
+		sink, err := net.Listen("tcp", "10.77.0.2:9000")
+		if err != nil {
+			return err
+		}
+		t.Cleanup(func() { sink.Close() })
+		go func() {
+			for {
+				c, err := sink.Accept()
+				if err != nil {
+					return
+				}
+				go func() { _, _ = io.Copy(io.Discard, c); c.Close() }()
+			}
+		}()
 		pc, err := net.ListenPacket("udp", "10.77.0.2:53")
 		if err != nil {
 			return err
@@ -115,7 +129,7 @@ func newLab(t *testing.T) *lab {
 }
 
 // connect opens n TCP connections from the node to the pod, each exchanging a byte.
-func (l *lab) connect(t *testing.T, port, n int) (refused int) {
+func (l *lab) connect(t testing.TB, port, n int) (refused int) {
 	t.Helper()
 	inNS(t, l.nodeFD, func() error {
 		for range n {
@@ -138,7 +152,7 @@ func (l *lab) connect(t *testing.T, port, n int) (refused int) {
 }
 
 // datagrams sends count UDP datagrams from each of flows sockets of the node.
-func (l *lab) datagrams(t *testing.T, flows, count int) {
+func (l *lab) datagrams(t testing.TB, flows, count int) {
 	t.Helper()
 	inNS(t, l.nodeFD, func() error {
 		for range flows {
@@ -157,7 +171,7 @@ func (l *lab) datagrams(t *testing.T, flows, count int) {
 	})
 }
 
-func startProbe(t *testing.T, l *lab, opts Options, pods probes.LocalPods) (*Probe, *probetest.Recorder, func()) {
+func startProbe(t testing.TB, l *lab, opts Options, pods probes.LocalPods) (*Probe, *probetest.Recorder, func()) {
 	t.Helper()
 	p := NewInNamespace(int(l.nodeFD.Fd()), opts, pods, clock.RealClock{}, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	rec := &probetest.Recorder{}
@@ -175,7 +189,7 @@ func startProbe(t *testing.T, l *lab, opts Options, pods probes.LocalPods) (*Pro
 }
 
 // tcxPrograms counts the TCX programs attached to an interface of the node namespace.
-func tcxPrograms(t *testing.T, l *lab, dev string) int {
+func tcxPrograms(t testing.TB, l *lab, dev string) int {
 	n := 0
 	inNS(t, l.nodeFD, func() error {
 		ifc, err := net.InterfaceByName(dev)
@@ -195,7 +209,7 @@ func tcxPrograms(t *testing.T, l *lab, dev string) int {
 }
 
 // tcFilters counts endpointlag's classic TC filters on an interface of the node namespace.
-func tcFilters(t *testing.T, l *lab, dev string) int {
+func tcFilters(t testing.TB, l *lab, dev string) int {
 	n := 0
 	for _, dir := range []string{"ingress", "egress"} {
 		out, _ := exec.Command("ip", "netns", "exec", l.node, "tc", "filter", "show", "dev", dev, dir).CombinedOutput()
@@ -204,7 +218,7 @@ func tcFilters(t *testing.T, l *lab, dev string) int {
 	return n
 }
 
-func gather(t *testing.T, p *Probe) map[string]float64 {
+func gather(t testing.TB, p *Probe) map[string]float64 {
 	t.Helper()
 	reg := prometheus.NewPedanticRegistry()
 	reg.MustRegister(p.Collector())

@@ -1,0 +1,120 @@
+package packets
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/endpointlag/endpointlag/bpf"
+	"github.com/endpointlag/endpointlag/probes"
+)
+
+// BenchmarkProgram measures the to_pod program per packet with BPF_PROG_TEST_RUN and repeat, the
+// terminating map holding 65,536 addresses: a miss (the usual packet, to a pod not terminating)
+// and a hit (a packet to a terminating pod: counters updated, no new connection).
+//
+// Run: sudo go test ./probes/packets -run '^$' -bench Program
+func BenchmarkProgram(b *testing.B) {
+	opts := DefaultOptions()
+	opts.MaxPods = 1 << 16
+	objs := loadObjects(b, opts)
+	base := netip.MustParseAddr("10.128.0.0").As4()
+	for i := range opts.MaxPods {
+		a := base
+		a[2], a[3] = byte(i>>8), byte(i)
+		if err := objs.Terminating.Put(addrKey(netip.AddrFrom4(a)), bpf.EndpointlagCounters{}); err != nil {
+			b.Fatal(err)
+		}
+	}
+	client := netip.MustParseAddrPort("10.244.2.7:40000")
+	for _, tc := range []struct {
+		name string
+		dst  netip.Addr
+	}{{"miss", netip.MustParseAddr("10.244.1.5")}, {"hit", netip.MustParseAddr("10.128.17.42")}} {
+		b.Run(tc.name, func(b *testing.B) {
+			pkt := packet(client, netip.AddrPortFrom(tc.dst, 8080), protoTCP, flagACK, netip.Addr{})
+			const repeat = 1_000_000
+			var total time.Duration
+			for b.Loop() {
+				_, d, err := objs.ToPod.Benchmark(pkt, repeat, nil)
+				if err != nil {
+					b.Fatal(err)
+				}
+				total += d
+			}
+			b.ReportMetric(float64(total.Nanoseconds())/float64(b.N), "ns/packet")
+		})
+	}
+}
+
+// BenchmarkVethThroughput sends TCP over a veth pair for 2 s at a time, alternating: no program,
+// the programs attached (the pod not terminating: every packet a miss), and attached with the pod
+// terminating (every packet a hit); three rounds each, side by side in one run.
+//
+// Run: sudo go test ./probes/packets -run '^$' -bench VethThroughput -benchtime 1x
+func BenchmarkVethThroughput(b *testing.B) {
+	for b.Loop() {
+		l := newLab(b)
+		rates := map[string][]float64{}
+		for range 3 {
+			rates["none"] = append(rates["none"], l.stream(b, 2*time.Second))
+			pods := &fakePods{}
+			opts := DefaultOptions()
+			opts.ReconcileInterval = 50 * time.Millisecond
+			_, _, stop := startProbe(b, l, opts, pods)
+			rates["miss"] = append(rates["miss"], l.stream(b, 2*time.Second))
+			pods.set(probes.LocalPod{Pod: probes.PodRef{Namespace: "b", Name: "p", UID: "u"}, Addrs: []netip.Addr{l.podAddr}, T0: time.Now()})
+			time.Sleep(200 * time.Millisecond)
+			rates["hit"] = append(rates["hit"], l.stream(b, 2*time.Second))
+			stop()
+		}
+		mean := func(vs []float64) float64 {
+			s := 0.0
+			for _, v := range vs {
+				s += v
+			}
+			return s / float64(len(vs))
+		}
+		none, miss, hit := mean(rates["none"]), mean(rates["miss"]), mean(rates["hit"])
+		b.ReportMetric(none, "none-Gbit/s")
+		b.ReportMetric(miss, "miss-Gbit/s")
+		b.ReportMetric(hit, "hit-Gbit/s")
+		b.Logf("TCP over veth, 3 × 2 s each: none %.2f Gbit/s %v; attached, misses %.2f (%.1f %% loss) %v; attached, hits %.2f (%.1f %% loss) %v",
+			none, fmtRates(rates["none"]), miss, (1-miss/none)*100, fmtRates(rates["miss"]), hit, (1-hit/none)*100, fmtRates(rates["hit"]))
+	}
+}
+
+func fmtRates(vs []float64) string {
+	s := ""
+	for _, v := range vs {
+		s += fmt.Sprintf(" %.2f", v)
+	}
+	return "[" + s[1:] + "]"
+}
+
+// stream sends TCP from the node to the pod's echo-less sink for d and returns Gbit/s.
+func (l *lab) stream(tb testing.TB, d time.Duration) float64 {
+	var n int64
+	inNS(tb, l.nodeFD, func() error {
+		c, err := net.Dial("tcp", "10.77.0.2:9000")
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		buf := make([]byte, 64<<10)
+		deadline := time.Now().Add(d)
+		start := time.Now()
+		for time.Now().Before(deadline) {
+			m, err := c.Write(buf)
+			n += int64(m)
+			if err != nil {
+				return err
+			}
+		}
+		d = time.Since(start)
+		return nil
+	})
+	return float64(n) * 8 / d.Seconds() / 1e9
+}
