@@ -9,7 +9,8 @@
 //   to_pod     host side of a pod's veth, egress (towards the pod): packets, bytes, new TCP
 //              connections (SYN without ACK) and new UDP flows to terminating pods.
 //   from_pod   host side of a pod's veth, ingress (from the pod): TCP resets and ICMP
-//              unreachables a terminating pod sends back.
+//              unreachables a terminating pod sends back; packets and new connections a pod
+//              sends to the address of a deleted pod of the same node.
 //   uplink_in  the node's uplinks, ingress: packets and new connections to deleted pods.
 //   uplink_out the node's uplinks, egress: resets and ICMP unreachables sent for deleted pods.
 //
@@ -322,13 +323,21 @@ int from_pod(struct __sk_buff *skb)
 	if (!l4)
 		return TC_ACT_UNSPEC;
 	struct counters *c = bpf_map_lookup_elem(&terminating, &p.saddr);
-	if (!c)
+	if (c) {
+		parse_l4(skb, &p, l4);
+		if (p.proto == IPPROTO_TCP && (p.tcp_flags & TCP_FLAG_RST))
+			__sync_fetch_and_add(&c->resets, 1);
+		else if (p.icmp_unreach)
+			__sync_fetch_and_add(&c->unreachables, 1);
 		return TC_ACT_UNSPEC;
-	parse_l4(skb, &p, l4);
-	if (p.proto == IPPROTO_TCP && (p.tcp_flags & TCP_FLAG_RST))
-		__sync_fetch_and_add(&c->resets, 1);
-	else if (p.icmp_unreach)
-		__sync_fetch_and_add(&c->unreachables, 1);
+	}
+	// A pod of this node sending to the address of another pod of this node that is gone: the
+	// packet never crosses an uplink.
+	c = bpf_map_lookup_elem(&deleted, &p.daddr);
+	if (c) {
+		parse_l4(skb, &p, l4);
+		arrive(skb, &p, c, EVENT_DELETED);
+	}
 	return TC_ACT_UNSPEC;
 }
 

@@ -350,7 +350,7 @@ func (c *Cluster) startNodes(ctx, runCtx context.Context) error {
 		}
 		if _, err := c.procs.start(n.Name+"-endpointlag", n.NS, c.cfg.Endpointlag,
 			"--kubeconfig="+c.path("node.kubeconfig"), "--node-name="+n.Name,
-			"--web.listen-address=127.0.0.1:9860", "--log.level=debug"); err != nil {
+			"--web.listen-address=127.0.0.1:9860", "--log.level=debug", "--packets.uplinks=eth0"); err != nil {
 			return err
 		}
 		port := c.cfg.DaemonPortBase + i + 1

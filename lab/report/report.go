@@ -38,7 +38,18 @@ type Record struct {
 		Protocol string `json:"protocol"`
 	} `json:"endpoint"`
 	Local  bool         `json:"local"`
+	T0     *time.Time   `json:"t0"`
 	Stages []StageEntry `json:"stages"`
+	// Connections are the new connections the packets probe saw reach the pod after T0 (late)
+	// or its address after it was gone (dead).
+	Connections []Connection `json:"connections"`
+}
+
+// Connection is one late or dead connection.
+type Connection struct {
+	Time   time.Time `json:"time"`
+	Client string    `json:"client"`
+	Kind   string    `json:"kind"`
 }
 
 // StageEntry is one stage of a timeline.

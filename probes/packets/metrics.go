@@ -24,9 +24,9 @@ var (
 	termErrorsDesc = desc("terminating_errors_total",
 		"TCP resets and ICMP destination-unreachable messages that pods of this node sent after their deletion began (kind=reset|unreachable).", "kind")
 	deadPacketsDesc = desc("dead_endpoint_packets_total",
-		"Packets that arrived on the uplinks for the address of a pod of this node that is already gone.")
+		"Packets sent to the address of a pod of this node that is already gone (arriving on the uplinks, or from another pod of this node).")
 	deadConnsDesc = desc("dead_endpoint_connections_total",
-		"New connections that arrived on the uplinks for the address of a pod of this node that is already gone.", "protocol")
+		"New connections among them.", "protocol")
 	deadErrorsDesc = desc("dead_endpoint_errors_total",
 		"TCP resets and ICMP destination-unreachable messages sent out of the uplinks about pods of this node that are already gone (kind=reset|unreachable).", "kind")
 	eventsDroppedDesc = desc("packet_events_dropped_total",

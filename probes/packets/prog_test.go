@@ -151,6 +151,7 @@ func TestProgramsCount(t *testing.T) {
 		{"v4 ack from pod", objs.FromPod, packet(ap(pod4, 8080), ap(client4, 40000), protoTCP, flagACK, none)},
 		{"v6 rst from pod", objs.FromPod, packet(ap(pod6, 8080), ap(client6, 40000), protoTCP, flagRST, none)},
 		// To deleted pods, on the uplink: a SYN each family; the node's unreachables about them.
+		{"v4 syn from a local pod to deleted", objs.FromPod, packet(ap(client4, 40003), ap(dead4, 8080), protoTCP, flagSYN, none)},
 		{"v4 syn to deleted", objs.UplinkIn, packet(ap(client4, 40002), ap(dead4, 8080), protoTCP, flagSYN, none)},
 		{"v6 syn to deleted", objs.UplinkIn, packet(ap(client6, 40002), ap(dead6, 8080), protoTCP, flagSYN, none)},
 		{"v4 udp to live pod on uplink", objs.UplinkIn, packet(ap(client4, 40002), ap(pod4, 8080), protoUDP, 0, none)},
@@ -173,7 +174,7 @@ func TestProgramsCount(t *testing.T) {
 	want := map[netip.Addr]bpf.EndpointlagCounters{
 		pod4:  {Packets: 6, TcpConns: 2, UdpFlows: 2, Resets: 1, Unreachables: 1},
 		pod6:  {Packets: 3, TcpConns: 1, UdpFlows: 1, Resets: 1},
-		dead4: {Packets: 1, TcpConns: 1, Unreachables: 1},
+		dead4: {Packets: 2, TcpConns: 2, Unreachables: 1},
 		dead6: {Packets: 1, TcpConns: 1, Unreachables: 1},
 	}
 	for a, w := range want {
@@ -193,7 +194,7 @@ func TestProgramsCount(t *testing.T) {
 			t.Errorf("%s: counters\n got %+v\nwant %+v", a, got, w)
 		}
 	}
-	// One event per new connection: 6 to terminating pods (3 TCP, 3 UDP), 2 to deleted ones.
+	// One event per new connection: 6 to terminating pods (3 TCP, 3 UDP), 3 to deleted ones.
 	kinds := map[uint8]int{}
 	var ev bpf.EndpointlagEvent
 	r := newEventReader(t, objs)
@@ -203,8 +204,8 @@ func TestProgramsCount(t *testing.T) {
 			t.Errorf("event without time or ports: %+v", ev)
 		}
 	}
-	if kinds[1] != 6 || kinds[2] != 2 || len(kinds) != 2 {
-		t.Errorf("events by kind %v, want 6 of kind 1 (terminating) and 2 of kind 2 (deleted)", kinds)
+	if kinds[1] != 6 || kinds[2] != 3 || len(kinds) != 2 {
+		t.Errorf("events by kind %v, want 6 of kind 1 (terminating) and 3 of kind 2 (deleted)", kinds)
 	}
 }
 
