@@ -130,9 +130,9 @@ func testLab(t *testing.T, mode string) {
 		if first == nil {
 			t.Skip("the first rollout failed")
 		}
-		traced, seen, missed := matchFailures(first)
+		traced, seen, missed := first.MatchFailures()
 		t.Logf("failed requests traced to replaced pods: %d, seen by endpointlag: %d; late/dead connections recorded: %s",
-			traced, seen, connectionCounts(first.Records))
+			traced, seen, first.Connections())
 		if traced == 0 {
 			t.Error("no failed request was traced to a replaced pod: nothing to compare")
 		}
@@ -379,54 +379,6 @@ func groundTruth(t *testing.T, ctx context.Context, c *cluster.Cluster, app *sce
 	t.Logf("endpointslice propagation − ground truth (delete issued → this test's watch saw it), %d pods: %s", len(lagDiffs), distribution(lagDiffs))
 	t.Logf("daemon's endpointslice time − this test's watch time, %d (pod, node) pairs: %s", len(sliceDiffs), distribution(sliceDiffs))
 	t.Logf("daemon's %s time − the rule change seen by nft monitor, %d (pod, node) pairs: %s", dataplaneStage, len(ruleDiffs), distribution(ruleDiffs))
-}
-
-// matchFailures pairs each failed request the load generator traced to a replaced pod with a
-// late or dead connection a daemon recorded for that pod's address, by the client's port (the
-// lab never reuses one). It returns how many were traced and seen, and the unseen ones.
-func matchFailures(r *scenario.Rollout) (traced, seen int, missed []string) {
-	replaced := map[string]string{}
-	for _, p := range r.Deleted {
-		for _, ip := range p.Status.PodIPs {
-			replaced[ip.IP] = p.Name
-		}
-	}
-	conns := map[string]bool{}
-	for _, recs := range r.Records {
-		for _, rec := range recs.Records {
-			for _, cn := range rec.Connections {
-				if i := strings.LastIndex(cn.Client, ":"); i > 0 {
-					conns[rec.Endpoint.IP+" "+cn.Client[i+1:]] = true
-				}
-			}
-		}
-	}
-	for _, res := range r.Load {
-		name, ok := replaced[res.BackendIP]
-		if res.Failure == "" || !ok {
-			continue
-		}
-		traced++
-		if conns[fmt.Sprintf("%s %d", res.BackendIP, res.SrcPort)] {
-			seen++
-			continue
-		}
-		missed = append(missed, fmt.Sprintf("%s at %s from port %d to %s (%s, %s)",
-			res.Failure, res.Start.Format("15:04:05.000"), res.SrcPort, name, res.BackendIP, res.TCPState))
-	}
-	return traced, seen, missed
-}
-
-func connectionCounts(all []report.Records) string {
-	n := map[string]int{}
-	for _, recs := range all {
-		for _, rec := range recs.Records {
-			for _, cn := range rec.Connections {
-				n[recs.Node+" "+cn.Kind]++
-			}
-		}
-	}
-	return fmt.Sprint(n)
 }
 
 func findRecord(recs report.Records, uid string) *report.Record {

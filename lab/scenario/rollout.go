@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"strings"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -143,4 +144,73 @@ func sleepCtx(ctx context.Context, d time.Duration) {
 	case <-ctx.Done():
 	case <-time.After(d):
 	}
+}
+
+// MatchFailures pairs each failed request the load generator traced to a replaced pod with a late
+// or dead connection a daemon recorded for that pod's address, by the client's port (the lab never
+// reuses one). It returns how many were traced and seen, and a line for each unseen one.
+func (r *Rollout) MatchFailures() (traced, seen int, missed []string) {
+	replaced := map[string]string{}
+	for _, p := range r.Deleted {
+		for _, ip := range p.Status.PodIPs {
+			replaced[ip.IP] = p.Name
+		}
+	}
+	conns := map[string]bool{}
+	for _, recs := range r.Records {
+		for _, rec := range recs.Records {
+			for _, cn := range rec.Connections {
+				if i := strings.LastIndex(cn.Client, ":"); i > 0 {
+					conns[rec.Endpoint.IP+" "+cn.Client[i+1:]] = true
+				}
+			}
+		}
+	}
+	for _, res := range r.Load {
+		name, ok := replaced[res.BackendIP]
+		if res.Failure == "" || !ok {
+			continue
+		}
+		traced++
+		if conns[fmt.Sprintf("%s %d", res.BackendIP, res.SrcPort)] {
+			seen++
+			continue
+		}
+		missed = append(missed, fmt.Sprintf("%s at %s from port %d to %s (%s, %s)",
+			res.Failure, res.Start.Format("15:04:05.000"), res.SrcPort, name, res.BackendIP, res.TCPState))
+	}
+	return traced, seen, missed
+}
+
+// ConnectionSummary is what the daemons' packets probes saw of the replaced pods.
+type ConnectionSummary struct {
+	// Late are new connections that reached a pod after its deletion began, Dead those sent to
+	// its address after it was gone (each SYN retransmission counts).
+	Late, Dead int
+	// LastLate is the latest late connection after its pod's T0.
+	LastLate time.Duration
+}
+
+func (s ConnectionSummary) String() string {
+	return fmt.Sprintf("%d late (the last %.3fs after its pod's deletion), %d to pods already gone", s.Late, s.LastLate.Seconds(), s.Dead)
+}
+
+// Connections sums up the late and dead connections the daemons recorded.
+func (r *Rollout) Connections() ConnectionSummary {
+	var s ConnectionSummary
+	for _, recs := range r.Records {
+		for _, rec := range recs.Records {
+			for _, cn := range rec.Connections {
+				if cn.Kind == "dead" {
+					s.Dead++
+					continue
+				}
+				s.Late++
+				if rec.T0 != nil {
+					s.LastLate = max(s.LastLate, cn.Time.Sub(*rec.T0))
+				}
+			}
+		}
+	}
+	return s
 }

@@ -1,9 +1,15 @@
 package scenario
 
 import (
+	"strings"
 	"testing"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+
+	"github.com/endpointlag/endpointlag/lab/load"
 	"github.com/endpointlag/endpointlag/lab/report"
 )
 
@@ -33,5 +39,38 @@ func TestRecommend(t *testing.T) {
 		if got != tc.want || stage != tc.stage {
 			t.Errorf("%s: Recommend = %s at %q, want %s at %q", tc.name, got, stage, tc.want, tc.stage)
 		}
+	}
+}
+
+func TestMatchFailuresAndConnections(t *testing.T) {
+	t0 := time.Date(2026, 11, 27, 1, 0, 0, 0, time.UTC)
+	var rec report.Record
+	rec.Endpoint.IP = "10.244.1.5"
+	rec.T0 = &t0
+	rec.Connections = []report.Connection{
+		{Time: t0.Add(300 * time.Millisecond), Client: "10.244.2.7:40001", Kind: "late"},
+		{Time: t0.Add(900 * time.Millisecond), Client: "10.244.2.7:40002", Kind: "late"},
+		{Time: t0.Add(2 * time.Second), Client: "10.244.2.7:40003", Kind: "dead"},
+	}
+	r := &Rollout{
+		Deleted: map[types.UID]corev1.Pod{"u1": {
+			ObjectMeta: metav1.ObjectMeta{Name: "web-1"},
+			Status:     corev1.PodStatus{PodIPs: []corev1.PodIP{{IP: "10.244.1.5"}}},
+		}},
+		Records: []report.Records{{Node: "node1", Records: []report.Record{rec}}},
+		Load: []load.Result{
+			{Failure: "refused", BackendIP: "10.244.1.5", SrcPort: 40001},
+			{Failure: "timeout", BackendIP: "10.244.1.5", SrcPort: 40003},
+			{Failure: "timeout", BackendIP: "10.244.1.5", SrcPort: 40009},
+			{Failure: "timeout", BackendIP: "10.244.9.9", SrcPort: 40004}, // not a replaced pod
+			{Backend: "web-2", SrcPort: 40005},
+		},
+	}
+	traced, seen, missed := r.MatchFailures()
+	if traced != 3 || seen != 2 || len(missed) != 1 || !strings.Contains(missed[0], "port 40009 to web-1") {
+		t.Errorf("MatchFailures = %d, %d, %q", traced, seen, missed)
+	}
+	if got := r.Connections(); got.Late != 2 || got.Dead != 1 || got.LastLate != 900*time.Millisecond {
+		t.Errorf("Connections = %+v", got)
 	}
 }

@@ -23,6 +23,10 @@ func writeReport(w io.Writer, o options, c *cluster.Cluster, rollouts []*scenari
 		if r.Summary.Failed > 0 {
 			fmt.Fprintf(w, "failed requests went to%s, by the client node's conntrack\n", strings.TrimSuffix(strings.Replace(kinds(backendKinds(r)), " (", ": ", 1), ")"))
 		}
+		fmt.Fprintf(w, "new connections endpointlag saw reach replaced pods (eBPF, pods' nodes): %s\n", r.Connections())
+		if traced, seen, _ := r.MatchFailures(); traced > 0 {
+			fmt.Fprintf(w, "failed requests traced to replaced pods: %d, of which endpointlag saw %d (matched by client port)\n", traced, seen)
+		}
 		fmt.Fprintln(w, "lags endpointlag measured (propagation: since the pod's deletion, on the pod's node;")
 		fmt.Fprintln(w, "programming: since this node saw the EndpointSlice change):")
 		report.WriteLags(w, r.Lags)
