@@ -102,25 +102,13 @@ func BenchmarkLargeRuleset(b *testing.B) {
 	// and is not counted.
 	const perSecond, churnFor, perTx = 100, 10 * time.Second, 100
 	ref.Stop()
-	idle0 := probetest.CPUTime()
-	time.Sleep(churnFor)
-	idle := probetest.CPUTime() - idle0
-	cpu0, rss0 := probetest.CPUTime(), probetest.RSSKiB()
-	tick := time.NewTicker(perTx * time.Second / perSecond)
-	deadline := time.Now().Add(churnFor)
-	n := 0
-	for time.Now().Before(deadline) {
-		<-tick.C
+	churn := probetest.Churn(churnFor, perTx*time.Second/perSecond, func(n int) {
 		svcs := make([]int, perTx)
 		for i := range svcs {
 			svcs[i] = changes + (n*perTx+i)%(services-changes)
 		}
 		restoreFile(b, ns, writeChange(b, dir, services, perService, false, svcs...))
-		n++
-	}
-	tick.Stop()
-	cpu1, rss1 := probetest.CPUTime(), probetest.RSSKiB()
-	busy := cpu1 - cpu0 - idle
+	})
 
 	b.ReportMetric(syncTime.Seconds()*1000, "sync-ms")
 	b.ReportMetric(q(saves, 0.5)*1000, "save-p50-ms")
@@ -128,13 +116,14 @@ func BenchmarkLargeRuleset(b *testing.B) {
 	b.ReportMetric(q(delivery, 0.99)*1000, "probe-p99-ms")
 	b.ReportMetric(q(pollLag, 0.5)*1000, "poll1s-p50-ms")
 	b.ReportMetric(q(pollLag, 0.99)*1000, "poll1s-p99-ms")
-	b.ReportMetric(busy.Seconds()/churnFor.Seconds()*100, "churn-cpu-%")
-	b.ReportMetric(float64(rss1)/1024, "churn-rss-MiB")
-	b.Logf("initial sync %s, RSS %d KiB", syncTime.Round(time.Millisecond), rss0)
+	b.ReportMetric(churn.Busy.Seconds()/churnFor.Seconds()*100, "churn-cpu-%")
+	b.ReportMetric(float64(churn.RSS1)/1024, "churn-rss-MiB")
+	b.Logf("initial sync %s, RSS %d KiB", syncTime.Round(time.Millisecond), churn.RSS0)
 	b.Logf("change → observation p50 %.2f ms, p99 %.2f ms; once-a-second iptables-save p50 %.0f ms, p99 %.0f ms (%d changes; one save takes %.0f ms)",
 		q(delivery, 0.5)*1000, q(delivery, 0.99)*1000, q(pollLag, 0.5)*1000, q(pollLag, 0.99)*1000, len(pollLag), q(saves, 0.5)*1000)
 	b.Logf("churn: %d transactions (%d endpoints) in %s: probe CPU %s (%.1f %% of one core; idle baseline %s), RSS %d → %d KiB",
-		n, perTx*n, churnFor, busy.Round(time.Millisecond), busy.Seconds()/churnFor.Seconds()*100, idle.Round(time.Millisecond), rss0, rss1)
+		churn.Transactions, perTx*churn.Transactions, churnFor, churn.Busy.Round(time.Millisecond), churn.Busy.Seconds()/churnFor.Seconds()*100,
+		churn.Idle.Round(time.Millisecond), churn.RSS0, churn.RSS1)
 }
 
 func benchAddr(svc, i int) string {

@@ -64,16 +64,7 @@ func TestProbeFollowsKubeProxyRules(t *testing.T) {
 			if got := p.Detect(context.Background()); got != backend {
 				t.Fatalf("Detect = %q, want %q", got, backend)
 			}
-			rec := &probetest.Recorder{}
-			ctx, cancel := context.WithCancel(context.Background())
-			done := make(chan error, 1)
-			go func() { done <- p.Run(ctx, rec) }()
-			defer func() {
-				cancel()
-				if err := <-done; err != nil {
-					t.Errorf("Run: %v", err)
-				}
-			}()
+			rec, _ := probetest.Run(t, p)
 			rec.Wait(t, "the first read", func() bool { p.mu.Lock(); defer p.mu.Unlock(); return p.reads > 0 })
 
 			precision := "0s"
@@ -179,16 +170,7 @@ func TestLostMessagesAreRecovered(t *testing.T) {
 	nfmon.ReceiveBuffer = 4096
 	p := New(Options{}, clock.RealClock{}, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	p.netns = []nftables.ConnOption{nftables.WithNetNSFd(int(fd.Fd()))}
-	rec := &probetest.Recorder{}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- p.Run(ctx, rec) }()
-	defer func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Run: %v", err)
-		}
-	}()
+	rec, _ := probetest.Run(t, p)
 	rec.Wait(t, "the first read", func() bool { p.mu.Lock(); defer p.mu.Unlock(); return p.reads > 0 })
 
 	// One transaction: 500 unrelated chains of 4 commented rules each, and the web endpoint gone.

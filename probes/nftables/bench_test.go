@@ -74,30 +74,18 @@ func BenchmarkLargeRuleset(b *testing.B) {
 	poller.stop()
 
 	// Churn: 100 endpoints a second leave their Services, eight per kube-proxy-like transaction
-	// every 80 ms (an nft command on a table this size takes tens of milliseconds). The probe's CPU time is this process's minus an idle baseline of the same
-	// length (the nft commands run as children and are not counted).
-	const perSecond, churnFor = 100, 10 * time.Second
+	// every 80 ms (an nft command on a table this size takes tens of milliseconds). The probe's
+	// CPU time is this process's minus an idle baseline of the same length (the nft commands run
+	// as children and are not counted).
+	const perSecond, churnFor, perTx = 100, 10 * time.Second, 8
 	ref.Stop()
-	idle0 := probetest.CPUTime()
-	time.Sleep(churnFor)
-	idle := probetest.CPUTime() - idle0
-	cpu0, rss0 := probetest.CPUTime(), probetest.RSSKiB()
-	const perTx = 8
-	tick := time.NewTicker(perTx * time.Second / perSecond)
-	deadline := time.Now().Add(churnFor)
-	n := 0
-	for time.Now().Before(deadline) {
-		<-tick.C
+	churn := probetest.Churn(churnFor, perTx*time.Second/perSecond, func(n int) {
 		svcs := make([]int, perTx)
 		for i := range svcs {
 			svcs[i] = changes + (n*perTx+i)%(services-changes)
 		}
 		nftFile(b, ns, writeChange(b, dir, 0, svcs...))
-		n++
-	}
-	tick.Stop()
-	cpu1, rss1 := probetest.CPUTime(), probetest.RSSKiB()
-	busy := cpu1 - cpu0 - idle
+	})
 
 	b.ReportMetric(syncTime.Seconds()*1000, "sync-ms")
 	b.ReportMetric(probetest.Quantile(stampErr, 0.99)*1000, "stamp-p99-ms")
@@ -105,13 +93,14 @@ func BenchmarkLargeRuleset(b *testing.B) {
 	b.ReportMetric(probetest.Quantile(delivery, 0.99)*1000, "probe-p99-ms")
 	b.ReportMetric(probetest.Quantile(pollLag, 0.5)*1000, "poll1s-p50-ms")
 	b.ReportMetric(probetest.Quantile(pollLag, 0.99)*1000, "poll1s-p99-ms")
-	b.ReportMetric(busy.Seconds()/churnFor.Seconds()*100, "churn-cpu-%")
-	b.ReportMetric(float64(rss1)/1024, "churn-rss-MiB")
-	b.Logf("initial sync %s, RSS %d KiB", syncTime.Round(time.Millisecond), rss0)
+	b.ReportMetric(churn.Busy.Seconds()/churnFor.Seconds()*100, "churn-cpu-%")
+	b.ReportMetric(float64(churn.RSS1)/1024, "churn-rss-MiB")
+	b.Logf("initial sync %s, RSS %d KiB", syncTime.Round(time.Millisecond), churn.RSS0)
 	b.Logf("change → observation delivered: p50 %.2f ms, p99 %.2f ms (timestamp − kernel notification p99 %.3f ms); once-a-second nft list: p50 %.0f ms, p99 %.0f ms",
 		probetest.Quantile(delivery, 0.5)*1000, probetest.Quantile(delivery, 0.99)*1000, probetest.Quantile(stampErr, 0.99)*1000, probetest.Quantile(pollLag, 0.5)*1000, probetest.Quantile(pollLag, 0.99)*1000)
 	b.Logf("churn: %d transactions (%d endpoints) in %s: probe CPU %s (%.1f %% of one core; idle baseline %s), RSS %d → %d KiB",
-		n, perTx*n, churnFor, busy.Round(time.Millisecond), busy.Seconds()/churnFor.Seconds()*100, idle.Round(time.Millisecond), rss0, rss1)
+		churn.Transactions, perTx*churn.Transactions, churnFor, churn.Busy.Round(time.Millisecond), churn.Busy.Seconds()/churnFor.Seconds()*100,
+		churn.Idle.Round(time.Millisecond), churn.RSS0, churn.RSS1)
 }
 
 const benchPerService = 10

@@ -1,7 +1,6 @@
 package nftables
 
 import (
-	"context"
 	"io"
 	"log/slog"
 	"os/exec"
@@ -58,16 +57,7 @@ func TestProbeFollowsKubeProxyRules(t *testing.T) {
 	ns, fd := probetest.Netns(t, nsPrefix, "nft")
 	nft(t, ns, "kube-proxy.nft")
 	p := NewInNamespace(int(fd.Fd()), clock.RealClock{}, slog.New(slog.NewTextHandler(io.Discard, nil)))
-	rec := &probetest.Recorder{}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- p.Run(ctx, rec) }()
-	defer func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Run: %v", err)
-		}
-	}()
+	rec, _ := probetest.Run(t, p)
 	rec.Wait(t, "sync", rec.Synced)
 
 	want := []string{

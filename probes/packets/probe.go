@@ -338,8 +338,8 @@ func (p *Probe) linkChanged(u netlink.LinkUpdate, sink probes.Sink) {
 	p.log.Debug("attached", "interface", u.Attrs().Name, "role", role)
 }
 
-// Attached lists what is attached where, for tests and inspection.
-func (p *Probe) Attached() []string {
+// attached lists what is attached where.
+func (p *Probe) attached() []string {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	var out []string

@@ -174,17 +174,8 @@ func (l *lab) datagrams(t testing.TB, flows, count int) {
 func startProbe(t testing.TB, l *lab, opts Options, pods probes.LocalPods) (*Probe, *probetest.Recorder, func()) {
 	t.Helper()
 	p := NewInNamespace(int(l.nodeFD.Fd()), opts, pods, clock.RealClock{}, slog.New(slog.NewTextHandler(io.Discard, nil)))
-	rec := &probetest.Recorder{}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- p.Run(ctx, rec) }()
-	stop := func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Run: %v", err)
-		}
-	}
-	rec.Wait(t, "the programs attached", func() bool { return len(p.Attached()) == 2 })
+	rec, stop := probetest.Run(t, p)
+	rec.Wait(t, "the programs attached", func() bool { return len(p.attached()) == 2 })
 	return p, rec, stop
 }
 
@@ -259,7 +250,7 @@ func TestVethCountsExactly(t *testing.T) {
 				}
 			}()
 			want := []string{"from_pod ingress on vpod", "to_pod egress on vpod"}
-			if got := p.Attached(); fmt.Sprint(got) != fmt.Sprint(want) {
+			if got := p.attached(); fmt.Sprint(got) != fmt.Sprint(want) {
 				t.Fatalf("attached %q, want %q", got, want)
 			}
 			tcx, tc := tcxPrograms(t, l, "vpod"), tcFilters(t, l, "vpod")
@@ -354,7 +345,7 @@ func TestMain(m *testing.M) {
 			os.Exit(1)
 		}
 	}()
-	for len(p.Attached()) < 2 {
+	for len(p.attached()) < 2 {
 		time.Sleep(10 * time.Millisecond)
 	}
 	fmt.Println("attached")

@@ -4,6 +4,7 @@
 package probetest
 
 import (
+	"context"
 	"fmt"
 	"math"
 	"os"
@@ -121,6 +122,28 @@ func (r *Recorder) Wait(t testing.TB, what string, cond func() bool) {
 	}
 }
 
+// Run starts p with a Recorder and returns it with a stop function, which ends the run and fails
+// the test if Run returned an error; stop also runs when the test ends, and a second call does
+// nothing.
+func Run(t testing.TB, p probes.Probe) (*Recorder, func()) {
+	t.Helper()
+	rec := &Recorder{}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- p.Run(ctx, rec) }()
+	var once sync.Once
+	stop := func() {
+		once.Do(func() {
+			cancel()
+			if err := <-done; err != nil {
+				t.Errorf("%s: Run: %v", p.Name(), err)
+			}
+		})
+	}
+	t.Cleanup(stop)
+	return rec, stop
+}
+
 // Generations timestamps every batch of nftables changes the kernel announces in a namespace:
 // the reference the benchmarks measure probes against.
 type Generations struct {
@@ -208,4 +231,31 @@ func RSSKiB() int {
 		}
 	}
 	return 0
+}
+
+// ChurnResult is what Churn measured: the transactions made, this process's CPU time while they
+// were made less an idle baseline of the same length, and its RSS before and after.
+type ChurnResult struct {
+	Transactions int
+	Busy, Idle   time.Duration
+	RSS0, RSS1   int
+}
+
+// Churn measures the process's idle CPU time for d, then calls change(n) for n = 0, 1, … every
+// interval for d. Commands change runs as children are not counted.
+func Churn(d, interval time.Duration, change func(n int)) ChurnResult {
+	idle0 := CPUTime()
+	time.Sleep(d)
+	r := ChurnResult{Idle: CPUTime() - idle0}
+	cpu0 := CPUTime()
+	r.RSS0 = RSSKiB()
+	tick := time.NewTicker(interval)
+	defer tick.Stop()
+	for deadline := time.Now().Add(d); time.Now().Before(deadline); r.Transactions++ {
+		<-tick.C
+		change(r.Transactions)
+	}
+	r.Busy = CPUTime() - cpu0 - r.Idle
+	r.RSS1 = RSSKiB()
+	return r
 }
