@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
+	"slices"
 	"strings"
 
 	"github.com/endpointlag/endpointlag/probes"
@@ -19,6 +20,17 @@ type rule struct {
 	proto   string // -p, upper case
 	dnat    netip.AddrPort
 	comment string
+}
+
+// stored is what the probe keeps of a rule, in a map under its chain's name: comments only matter
+// on the entry chains, where they name the Service (a large table has hundreds of thousands of
+// rules).
+func (r rule) stored() rule {
+	if !slices.Contains(rootChains, r.chain) {
+		r.comment = ""
+	}
+	r.chain = ""
+	return r
 }
 
 // parseSave reads the nat table of `iptables-save` output into its chains' rules; every declared

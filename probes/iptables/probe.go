@@ -360,7 +360,7 @@ func (rd *reader) resync(conn *nftables.Conn) error {
 			}
 			byHandle := make(map[uint64]rule, len(rules))
 			for _, r := range rules {
-				byHandle[r.Handle] = ruleFromExprs(c.Name, r.Exprs)
+				byHandle[r.Handle] = ruleFromExprs(c.Name, r.Exprs).stored()
 			}
 			next[c.Name] = byHandle
 		}
@@ -428,7 +428,7 @@ func (rd *reader) apply(gen *nftables.MonitorEvents) bool {
 			if tab[r.Chain.Name] == nil {
 				tab[r.Chain.Name] = map[uint64]rule{}
 			}
-			tab[r.Chain.Name][r.Handle] = ruleFromExprs(r.Chain.Name, r.Exprs)
+			tab[r.Chain.Name][r.Handle] = ruleFromExprs(r.Chain.Name, r.Exprs).stored()
 		case nftables.MonitorEventTypeNewChain, nftables.MonitorEventTypeDelChain:
 			c, ok := ev.Data.(*nftables.Chain)
 			if !ok || !isNat(c.Table) {

@@ -9,7 +9,7 @@ import (
 	"math"
 	"os"
 	"os/exec"
-	"runtime"
+	"runtime/debug"
 	"sort"
 	"strconv"
 	"strings"
@@ -220,9 +220,10 @@ func CPUTime() time.Duration {
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
-// RSSKiB is this process's resident set size after a garbage collection.
+// RSSKiB is this process's resident set size after a garbage collection that returns free memory
+// to the operating system, so that it counts what is live.
 func RSSKiB() int {
-	runtime.GC()
+	debug.FreeOSMemory()
 	b, _ := os.ReadFile("/proc/self/status")
 	for _, line := range strings.Split(string(b), "\n") {
 		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
