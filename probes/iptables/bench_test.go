@@ -10,6 +10,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 	"sync"
@@ -34,7 +36,8 @@ import (
 //     Services.
 //
 // Run: sudo go test ./probes/iptables -run '^$' -bench LargeRuleset -benchtime 1x -timeout 30m
-// Scale with BENCH_SERVICES (default 10000); each Service has 10 endpoints.
+// Scale with BENCH_SERVICES (default 10000); each Service has 10 endpoints. BENCH_HEAPPROFILE
+// names a file for a heap profile taken right after the churn.
 func BenchmarkLargeRuleset(b *testing.B) {
 	services := 10000
 	if v, err := strconv.Atoi(os.Getenv("BENCH_SERVICES")); err == nil && v > 0 {
@@ -110,6 +113,18 @@ func BenchmarkLargeRuleset(b *testing.B) {
 		restoreFile(b, ns, writeChange(b, dir, services, perService, false, svcs...))
 	})
 
+	if path := os.Getenv("BENCH_HEAPPROFILE"); path != "" {
+		// What is live right after the churn, for `go tool pprof -sample_index=inuse_space`.
+		f, err := os.Create(path)
+		if err != nil {
+			b.Fatal(err)
+		}
+		runtime.GC()
+		if err := pprof.WriteHeapProfile(f); err != nil {
+			b.Fatal(err)
+		}
+		f.Close()
+	}
 	b.ReportMetric(syncTime.Seconds()*1000, "sync-ms")
 	b.ReportMetric(q(saves, 0.5)*1000, "save-p50-ms")
 	b.ReportMetric(q(delivery, 0.5)*1000, "probe-p50-ms")
