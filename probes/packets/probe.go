@@ -125,8 +125,10 @@ type Probe struct {
 	tracked map[netip.Addr]tracked
 	// retired holds the counters of addresses already removed from the maps, so that the
 	// exported totals never go down.
-	retired     [2]bpf.EndpointlagCounters
-	evictions   [2]float64
+	retired   [2]bpf.EndpointlagCounters
+	evictions [2]float64
+	// overLimit are addresses wanted but left out of a full map, each counted once.
+	overLimit   map[netip.Addr]bool
 	attachments map[int][]*attachment
 	// monoOffset turns the programs' CLOCK_MONOTONIC nanoseconds into wall time.
 	monoOffset time.Duration
@@ -135,7 +137,7 @@ type Probe struct {
 // New returns the probe for the current network namespace.
 func New(opts Options, pods probes.LocalPods, clk clock.PassiveClock, log *slog.Logger) *Probe {
 	return &Probe{opts: opts, pods: pods, clock: clk, log: log.With("probe", Name), ns: netns{fd: -1},
-		tracked: map[netip.Addr]tracked{}, attachments: map[int][]*attachment{}}
+		tracked: map[netip.Addr]tracked{}, overLimit: map[netip.Addr]bool{}, attachments: map[int][]*attachment{}}
 }
 
 // NewInNamespace returns the probe for the network namespace open as fd.
@@ -378,35 +380,48 @@ func (p *Probe) reconcile(sink probes.Sink) {
 		return
 	}
 	p.monoOffset = monoOffset()
+	// Each map keeps the newest addresses it has room for; older ones wanted beyond that are
+	// evicted (or never added), and counted once.
+	var byAge [2][]netip.Addr
+	for a, w := range want {
+		byAge[mapIndex(w.deleted)] = append(byAge[mapIndex(w.deleted)], a)
+	}
+	for i := range byAge {
+		slices.SortFunc(byAge[i], func(x, y netip.Addr) int { return want[y].t0.Compare(want[x].t0) })
+		if len(byAge[i]) > p.opts.MaxPods {
+			for _, a := range byAge[i][p.opts.MaxPods:] {
+				if !p.overLimit[a] {
+					p.overLimit[a] = true
+					p.evictions[i]++
+				}
+				delete(want, a)
+			}
+			byAge[i] = byAge[i][:p.opts.MaxPods]
+		}
+	}
+	for a := range p.overLimit {
+		if _, ok := want[a]; ok {
+			delete(p.overLimit, a) // admitted again
+		}
+	}
 	for a, have := range p.tracked {
 		if w, ok := want[a]; !ok || w.deleted != have.deleted || w.pod.UID != have.pod.UID {
 			p.untrack(a, have)
 		}
 	}
-	// Oldest first, so that when a map is full the newest are the ones kept.
-	order := make([]netip.Addr, 0, len(want))
-	for a := range want {
-		order = append(order, a)
-	}
-	slices.SortFunc(order, func(x, y netip.Addr) int { return want[x].t0.Compare(want[y].t0) })
 	var errs []error
-	for _, a := range order {
-		w := want[a]
-		if _, ok := p.tracked[a]; ok {
-			continue
-		}
-		m := p.mapOf(w.deleted)
-		err := m.Update(addrKey(a), bpf.EndpointlagCounters{}, ebpf.UpdateNoExist)
-		if errors.Is(err, unix.E2BIG) { // the map is full
-			if p.evictOldest(w.deleted) {
-				err = m.Update(addrKey(a), bpf.EndpointlagCounters{}, ebpf.UpdateNoExist)
+	for _, addrs := range byAge {
+		for _, a := range addrs {
+			w := want[a]
+			if _, ok := p.tracked[a]; ok {
+				continue
 			}
+			if err := p.mapOf(w.deleted).Update(addrKey(a), bpf.EndpointlagCounters{}, ebpf.UpdateNoExist); err != nil {
+				errs = append(errs, fmt.Errorf("adding %s to the %s map: %w", a, mapName(w.deleted), err))
+				continue
+			}
+			p.tracked[a] = w
 		}
-		if err != nil {
-			errs = append(errs, fmt.Errorf("adding %s to the %s map: %w", a, mapName(w.deleted), err))
-			continue
-		}
-		p.tracked[a] = w
 	}
 	if err := errors.Join(errs...); err != nil {
 		sink.Error(Name, err)
@@ -446,25 +461,6 @@ func (p *Probe) untrack(a netip.Addr, t tracked) {
 		_ = m.Delete(addrKey(a))
 	}
 	delete(p.tracked, a)
-}
-
-// evictOldest makes room in a full map by dropping its oldest pod address.
-func (p *Probe) evictOldest(deleted bool) bool {
-	var (
-		oldest netip.Addr
-		at     time.Time
-	)
-	for a, t := range p.tracked {
-		if t.deleted == deleted && (!oldest.IsValid() || t.t0.Before(at)) {
-			oldest, at = a, t.t0
-		}
-	}
-	if !oldest.IsValid() {
-		return false
-	}
-	p.untrack(oldest, p.tracked[oldest])
-	p.evictions[mapIndex(deleted)]++
-	return true
 }
 
 func addCounters(into *bpf.EndpointlagCounters, c bpf.EndpointlagCounters) {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net/netip"
 	"os"
@@ -16,6 +17,8 @@ import (
 	"k8s.io/utils/clock"
 
 	"github.com/endpointlag/endpointlag/bpf"
+	"github.com/endpointlag/endpointlag/probes"
+	"github.com/endpointlag/endpointlag/probes/internal/probetest"
 )
 
 // loadObjects loads the programs for BPF_PROG_TEST_RUN, or skips saying why.
@@ -237,4 +240,57 @@ func (e *eventReader) next(ev *bpf.EndpointlagEvent) bool {
 		e.t.Fatal(err)
 	}
 	return true
+}
+
+// The maps are bounded: with room for two addresses, a third terminating pod evicts the oldest,
+// counted; counts of an address that leaves a map stay in the exported totals.
+func TestMapsAreBoundedAndTotalsKept(t *testing.T) {
+	opts := DefaultOptions()
+	opts.MaxPods = 2
+	objs := loadObjects(t, opts)
+	pods := &fakePods{}
+	p := New(opts, pods, clock.RealClock{}, slog.New(slog.DiscardHandler))
+	p.objs = objs
+	rec := &probetest.Recorder{}
+	t0 := time.Now()
+	addr := func(i int) netip.Addr { return netip.AddrFrom4([4]byte{10, 244, 1, byte(i)}) }
+	pod := func(i int, gone bool) probes.LocalPod {
+		return probes.LocalPod{Pod: probes.PodRef{Namespace: "ns", Name: fmt.Sprint("p", i), UID: fmt.Sprint("u", i)},
+			Addrs: []netip.Addr{addr(i)}, T0: t0.Add(time.Duration(i) * time.Second), Gone: gone}
+	}
+	pods.set(pod(1, false), pod(2, false))
+	p.reconcile(rec)
+	// Traffic to pod 1 while it terminates.
+	if _, err := objs.ToPod.Run(&ebpf.RunOptions{Data: packet(netip.MustParseAddrPort("10.244.2.7:40000"), netip.AddrPortFrom(addr(1), 80), protoTCP, flagSYN, netip.Addr{})}); err != nil {
+		t.Fatal(err)
+	}
+	pods.set(pod(1, false), pod(2, false), pod(3, false))
+	p.reconcile(rec)
+	if _, ok := p.tracked[addr(1)]; ok || len(p.tracked) != 2 {
+		t.Errorf("tracked %v: want pods 2 and 3, the oldest evicted", p.tracked)
+	}
+	p.reconcile(rec) // the same list again: nothing moves, nothing more is counted
+	if _, ok := p.tracked[addr(1)]; ok || len(p.tracked) != 2 {
+		t.Errorf("after another reconciliation, tracked %v", p.tracked)
+	}
+	m := gather(t, p)
+	if m["endpointlag_packet_map_evictions_total,map=terminating"] != 1 || m["endpointlag_late_connections_total,protocol=tcp"] != 1 {
+		t.Errorf("evictions %v, late TCP connections %v; want 1 and 1 (kept after the eviction)",
+			m["endpointlag_packet_map_evictions_total,map=terminating"], m["endpointlag_late_connections_total,protocol=tcp"])
+	}
+	// Pod 3 is gone: it moves to the deleted map; forgotten, it leaves it.
+	pods.set(pod(2, false), pod(3, true))
+	p.reconcile(rec)
+	var c bpf.EndpointlagCounters
+	if err := objs.Deleted.Lookup(addrKey(addr(3)), &c); err != nil {
+		t.Errorf("pod 3 not in the deleted map: %v", err)
+	}
+	pods.set(pod(2, false))
+	p.reconcile(rec)
+	if err := objs.Deleted.Lookup(addrKey(addr(3)), &c); err == nil {
+		t.Error("pod 3 still in the deleted map after the collector forgot it")
+	}
+	if errs := rec.Errors(); len(errs) > 0 {
+		t.Errorf("errors: %v", errs)
+	}
 }
