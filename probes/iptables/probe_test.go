@@ -166,7 +166,9 @@ func TestNetlinkReadMatchesSaveText(t *testing.T) {
 func TestLostMessagesAreRecovered(t *testing.T) {
 	ns, fd := probetest.Netns(t, nsPrefix+"lost-", "iptables-nft-restore")
 	restore(t, ns, BackendNFT, "kube-proxy.iptables")
-	defer func(n int) { nfmon.ReceiveBuffer = n }(nfmon.ReceiveBuffer)
+	// Restored after the probe stops: cleanups run last-registered first.
+	saved := nfmon.ReceiveBuffer
+	t.Cleanup(func() { nfmon.ReceiveBuffer = saved })
 	nfmon.ReceiveBuffer = 4096
 	p := New(Options{}, clock.RealClock{}, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	p.netns = []nftables.ConnOption{nftables.WithNetNSFd(int(fd.Fd()))}
