@@ -406,3 +406,22 @@ func TestKilledInstanceLeavesNothing(t *testing.T) {
 		})
 	}
 }
+
+// Pod veths that appear after the start are followed through link events: attached when created,
+// forgotten when deleted; an uplink gets the uplink programs.
+func TestFollowsLinks(t *testing.T) {
+	l := newLab(t)
+	opts := DefaultOptions()
+	opts.Uplinks = []string{"vup"}
+	p, rec, _ := startProbe(t, l, opts, &fakePods{})
+	run(t, "ip", "-n", l.node, "link", "add", "vpod2", "type", "veth", "peer", "name", "eth1", "netns", l.pod)
+	run(t, "ip", "-n", l.node, "link", "add", "vup", "type", "veth", "peer", "name", "vup-peer", "netns", l.pod)
+	want := "[from_pod ingress on vpod from_pod ingress on vpod2 to_pod egress on vpod to_pod egress on vpod2 uplink_in ingress on vup uplink_out egress on vup]"
+	rec.Wait(t, "the new links attached", func() bool { return fmt.Sprint(p.attached()) == want })
+	run(t, "ip", "-n", l.node, "link", "del", "vpod2")
+	rec.Wait(t, "the deleted link forgotten", func() bool { return len(p.attached()) == 4 })
+	m := gather(t, p)
+	if m["endpointlag_packet_attachments,role=pod"] != 1 || m["endpointlag_packet_attachments,role=uplink"] != 1 {
+		t.Errorf("attachments: pod %v, uplink %v", m["endpointlag_packet_attachments,role=pod"], m["endpointlag_packet_attachments,role=uplink"])
+	}
+}
