@@ -132,12 +132,15 @@ type Probe struct {
 	attachments map[int][]*attachment
 	// monoOffset turns the programs' CLOCK_MONOTONIC nanoseconds into wall time.
 	monoOffset time.Duration
+	// subscribe starts link events (netlink.LinkSubscribeWithOptions; tests replace it).
+	subscribe func(chan<- netlink.LinkUpdate, <-chan struct{}, netlink.LinkSubscribeOptions) error
 }
 
 // New returns the probe for the current network namespace.
 func New(opts Options, pods probes.LocalPods, clk clock.PassiveClock, log *slog.Logger) *Probe {
 	return &Probe{opts: opts, pods: pods, clock: clk, log: log.With("probe", Name), ns: netns{fd: -1},
-		tracked: map[netip.Addr]tracked{}, overLimit: map[netip.Addr]bool{}, attachments: map[int][]*attachment{}}
+		tracked: map[netip.Addr]tracked{}, overLimit: map[netip.Addr]bool{}, attachments: map[int][]*attachment{},
+		subscribe: netlink.LinkSubscribeWithOptions}
 }
 
 // NewInNamespace returns the probe for the network namespace open as fd.
@@ -216,23 +219,12 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 		p.readEvents(events, sink)
 	}()
 
-	links := make(chan netlink.LinkUpdate, 256)
-	done := make(chan struct{})
-	defer close(done)
 	subErr := make(chan error, 1)
-	opts := netlink.LinkSubscribeOptions{ListExisting: true, ErrorCallback: func(err error) {
-		select {
-		case subErr <- err:
-		default:
-		}
-	}}
-	if p.ns.fd >= 0 {
-		h := vnetns.NsHandle(p.ns.fd)
-		opts.Namespace = &h
-	}
-	if err := netlink.LinkSubscribeWithOptions(links, done, opts); err != nil {
+	links, stopLinks, err := p.subscribeLinks(subErr)
+	if err != nil {
 		return fmt.Errorf("packets: link events: %w", err)
 	}
+	defer func() { stopLinks() }()
 	notify := make(chan struct{}, 1)
 	if p.pods != nil {
 		p.pods.NotifyLocalPods(notify)
@@ -246,10 +238,25 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 		case <-ctx.Done():
 			return nil
 		case u, ok := <-links:
-			if !ok {
-				return errors.New("packets: link events closed")
+			if ok {
+				p.linkChanged(u, sink)
+				continue
 			}
-			p.linkChanged(u, sink)
+			// The subscription ended after an error (reported through subErr): subscribe again,
+			// listing the links anew; those already attached stay as they are.
+			stopLinks()
+			for {
+				select {
+				case <-ctx.Done():
+					return nil
+				case <-time.After(time.Second):
+				}
+				if links, stopLinks, err = p.subscribeLinks(subErr); err == nil {
+					break
+				}
+				stopLinks = func() {}
+				sink.Error(Name, fmt.Errorf("link events: %w", err))
+			}
 		case err := <-subErr:
 			sink.Error(Name, fmt.Errorf("link events: %w", err))
 		case <-notify:
@@ -258,6 +265,28 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 			p.reconcile(sink)
 		}
 	}
+}
+
+// subscribeLinks starts following link events, the existing links first; errors go to errs.
+// stop ends the subscription.
+func (p *Probe) subscribeLinks(errs chan<- error) (links chan netlink.LinkUpdate, stop func(), err error) {
+	links = make(chan netlink.LinkUpdate, 256)
+	done := make(chan struct{})
+	opts := netlink.LinkSubscribeOptions{ListExisting: true, ErrorCallback: func(err error) {
+		select {
+		case errs <- err:
+		default:
+		}
+	}}
+	if p.ns.fd >= 0 {
+		h := vnetns.NsHandle(p.ns.fd)
+		opts.Namespace = &h
+	}
+	if err := p.subscribe(links, done, opts); err != nil {
+		return nil, nil, err
+	}
+	var once sync.Once
+	return links, func() { once.Do(func() { close(done) }) }, nil
 }
 
 // close detaches everything and frees the programs and maps.

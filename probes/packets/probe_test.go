@@ -2,6 +2,7 @@ package packets
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -18,6 +19,7 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/vishvananda/netlink"
 	"k8s.io/utils/clock"
 
 	"github.com/endpointlag/endpointlag/probes"
@@ -424,4 +426,48 @@ func TestFollowsLinks(t *testing.T) {
 	if m["endpointlag_packet_attachments,role=pod"] != 1 || m["endpointlag_packet_attachments,role=uplink"] != 1 {
 		t.Errorf("attachments: pod %v, uplink %v", m["endpointlag_packet_attachments,role=pod"], m["endpointlag_packet_attachments,role=uplink"])
 	}
+}
+
+// When the link subscription ends with an error, the probe reports it and subscribes again,
+// listing the links anew; what is attached stays attached, once.
+func TestLinkEventsResubscribe(t *testing.T) {
+	l := newLab(t)
+	p := NewInNamespace(int(l.nodeFD.Fd()), DefaultOptions(), &fakePods{}, clock.RealClock{}, slog.New(slog.DiscardHandler))
+	var (
+		mu    sync.Mutex
+		calls int
+	)
+	p.subscribe = func(ch chan<- netlink.LinkUpdate, done <-chan struct{}, opts netlink.LinkSubscribeOptions) error {
+		mu.Lock()
+		calls++
+		first := calls == 1
+		mu.Unlock()
+		if !first {
+			return netlink.LinkSubscribeWithOptions(ch, done, opts)
+		}
+		// The first subscription lists the links, then fails as a broken socket would.
+		inner := make(chan netlink.LinkUpdate)
+		innerDone := make(chan struct{})
+		if err := netlink.LinkSubscribeWithOptions(inner, innerDone, opts); err != nil {
+			return err
+		}
+		go func() {
+			defer close(ch)
+			defer close(innerDone)
+			for u := range inner {
+				ch <- u
+				if u.Attrs().Name == "vpod" {
+					opts.ErrorCallback(errors.New("receive: no buffer space available"))
+					return
+				}
+			}
+		}()
+		return nil
+	}
+	rec, _ := probetest.Run(t, p)
+	rec.Wait(t, "a second subscription", func() bool { mu.Lock(); defer mu.Unlock(); return calls >= 2 })
+	rec.Wait(t, "the error reported", func() bool { return len(rec.Errors()) > 0 })
+	run(t, "ip", "-n", l.node, "link", "add", "vpod2", "type", "veth", "peer", "name", "eth1", "netns", l.pod)
+	want := "[from_pod ingress on vpod from_pod ingress on vpod2 to_pod egress on vpod to_pod egress on vpod2]"
+	rec.Wait(t, "links attached through the new subscription", func() bool { return fmt.Sprint(p.attached()) == want })
 }
