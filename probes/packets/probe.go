@@ -353,16 +353,17 @@ func (p *Probe) linkChanged(u netlink.LinkUpdate, sink probes.Sink) {
 	var as []*attachment
 	for _, pr := range hooks {
 		a, err := p.attach(idx, u.Attrs().Name, pr.name, pr.prog, pr.ingress)
-		if err == nil {
-			a.role = role
-		}
-		if err != nil {
-			if errors.Is(err, unix.ENODEV) {
-				return // gone already
+		switch {
+		case errors.Is(err, unix.ENODEV): // gone already, with what was attached
+			for _, a := range as {
+				_ = p.detach(a)
 			}
+			return
+		case err != nil:
 			sink.Error(Name, fmt.Errorf("attaching %s to %s: %w", pr.name, u.Attrs().Name, err))
 			continue
 		}
+		a.role = role
 		as = append(as, a)
 	}
 	p.attachments[idx] = as
@@ -528,11 +529,14 @@ func (p *Probe) readEvents(r *ringbuf.Reader, sink probes.Sink) {
 	}
 }
 
+// eventDeleted is the C program's EVENT_DELETED: a new connection to a deleted pod's address.
+const eventDeleted = 2
+
 // observation describes one event: a new connection to a terminating or deleted pod.
 func (p *Probe) observation(e bpf.EndpointlagEvent) probes.Observation {
 	daddr, saddr := keyAddr(e.Daddr), keyAddr(e.Saddr)
 	stage := probes.StageLateConnection
-	if e.Kind == 2 {
+	if e.Kind == eventDeleted {
 		stage = probes.StageDeadConnection
 	}
 	proto := "TCP"
