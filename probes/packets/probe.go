@@ -401,7 +401,10 @@ func (p *Probe) reconcile(sink probes.Sink) {
 	want := map[netip.Addr]tracked{}
 	for _, lp := range p.pods.LocalPods() {
 		for _, a := range lp.Addrs {
-			want[a.Unmap()] = tracked{pod: lp.Pod, t0: lp.T0, deleted: lp.Gone}
+			// An address a newer pod took over belongs to the newer pod.
+			if have, ok := want[a.Unmap()]; !ok || lp.T0.After(have.t0) {
+				want[a.Unmap()] = tracked{pod: lp.Pod, t0: lp.T0, deleted: lp.Gone}
+			}
 		}
 	}
 	p.mu.Lock()

@@ -290,6 +290,15 @@ func TestMapsAreBoundedAndTotalsKept(t *testing.T) {
 	if err := objs.Deleted.Lookup(addrKey(addr(3)), &c); err == nil {
 		t.Error("pod 3 still in the deleted map after the collector forgot it")
 	}
+	// A newer pod took pod 2's address: the address is the newer pod's, whatever the order.
+	successor := pod(2, false)
+	successor.Pod.UID, successor.T0 = "u2-new", t0.Add(time.Hour)
+	gone := pod(2, true)
+	pods.set(successor, gone)
+	p.reconcile(rec)
+	if got := p.tracked[addr(2)]; got.pod.UID != "u2-new" || got.deleted {
+		t.Errorf("address 2 tracked as %+v, want the successor's, terminating", got)
+	}
 	if errs := rec.Errors(); len(errs) > 0 {
 		t.Errorf("errors: %v", errs)
 	}
