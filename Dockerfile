@@ -1,4 +1,5 @@
-# The daemon, and iptables' save commands for the iptables probe (nftables is read over netlink).
+# The daemon, and iptables-legacy-save for the iptables probe's legacy backend (nftables and
+# iptables-nft are read over netlink; the eBPF object is built into the binary).
 FROM golang:1.26 AS build
 WORKDIR /src
 COPY go.mod go.sum ./
