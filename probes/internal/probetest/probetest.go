@@ -18,8 +18,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/google/nftables"
-
 	"github.com/endpointlag/endpointlag/probes"
 	"github.com/endpointlag/endpointlag/probes/internal/nfmon"
 )
@@ -145,10 +143,12 @@ func Run(t testing.TB, p probes.Probe) (*Recorder, func()) {
 }
 
 // Generations timestamps every batch of nftables changes the kernel announces in a namespace:
-// the reference the benchmarks measure probes against.
+// the reference the benchmarks measure probes against. It reads the notifications with the raw
+// monitor, which decodes no expression, so that the reference is not itself late by the decoding
+// of a large transaction.
 type Generations struct {
 	t     testing.TB
-	mon   *nfmon.Monitor
+	mon   *nfmon.RawMonitor
 	mu    sync.Mutex
 	times []time.Time
 	err   error
@@ -158,19 +158,19 @@ type Generations struct {
 // with the probes' own monitor socket settings.
 func WatchGenerations(t testing.TB, fd *os.File) *Generations {
 	t.Helper()
-	mon, err := nfmon.Open(nftables.WithNetNSFd(int(fd.Fd())))
+	mon, err := nfmon.OpenRaw(int(fd.Fd()))
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(mon.Close)
 	g := &Generations{t: t, mon: mon}
 	go func() {
-		for gen := range mon.Events {
+		for gen := range mon.Generations {
 			now := time.Now()
 			g.mu.Lock()
 			g.times = append(g.times, now)
-			if nfmon.Closing(gen) {
-				g.err = gen.GeneratedBy.Error
+			if gen.Err != nil {
+				g.err = gen.Err
 			}
 			g.mu.Unlock()
 		}
