@@ -477,11 +477,6 @@ func (rd *reader) decode(c nfmon.RawChange, seen map[string]map[string]rule) (ru
 	return ru, nil
 }
 
-// isNat tells iptables-nft's nat tables (families ip and ip6) from every other table.
-func isNat(t *nftables.Table) bool {
-	return t != nil && t.Name == natTable && (t.Family == nftables.TableFamilyIPv4 || t.Family == nftables.TableFamilyIPv6)
-}
-
 func familyName(f nftables.TableFamily) string {
 	if f == nftables.TableFamilyIPv6 {
 		return "ip6"
