@@ -18,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/nftables"
 	"k8s.io/utils/clock"
 
 	"github.com/endpointlag/endpointlag/probes"
@@ -54,7 +55,7 @@ func BenchmarkLargeRuleset(b *testing.B) {
 	p.run = func(ctx context.Context, name string, args ...string) ([]byte, error) {
 		return exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", ns, name}, args...)...).Output()
 	}
-	inNamespace(p, fd)
+	p.netns = []nftables.ConnOption{nftables.WithNetNSFd(int(fd.Fd()))}
 	sink := &deliveries{at: map[string]time.Time{}}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
