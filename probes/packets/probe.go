@@ -109,6 +109,8 @@ type tracked struct {
 	pod     probes.PodRef
 	t0      time.Time
 	deleted bool
+	// ifindex is the pod veth the address is routed to while the pod terminates (0: unknown).
+	ifindex int
 }
 
 // Probe runs the programs in the network namespace it starts in (or the one NewInNamespace names).
@@ -128,7 +130,10 @@ type Probe struct {
 	retired   [2]bpf.EndpointlagCounters
 	evictions [2]float64
 	// overLimit are addresses wanted but left out of a full map, each counted once.
-	overLimit   map[netip.Addr]bool
+	overLimit map[netip.Addr]bool
+	// vethGone are terminating pods' addresses whose veth is deleted: the pod's network is gone
+	// before the API says the pod is, and traffic to them counts as to a deleted pod.
+	vethGone    map[netip.Addr]string // address → pod UID
 	attachments map[int][]*attachment
 	// monoOffset turns the programs' CLOCK_MONOTONIC nanoseconds into wall time.
 	monoOffset time.Duration
@@ -139,7 +144,7 @@ type Probe struct {
 // New returns the probe for the current network namespace.
 func New(opts Options, pods probes.LocalPods, clk clock.PassiveClock, log *slog.Logger) *Probe {
 	return &Probe{opts: opts, pods: pods, clock: clk, log: log.With("probe", Name), ns: netns{fd: -1},
-		tracked: map[netip.Addr]tracked{}, overLimit: map[netip.Addr]bool{}, attachments: map[int][]*attachment{},
+		tracked: map[netip.Addr]tracked{}, overLimit: map[netip.Addr]bool{}, vethGone: map[netip.Addr]string{}, attachments: map[int][]*attachment{},
 		subscribe: netlink.LinkSubscribeWithOptions}
 }
 
@@ -318,6 +323,37 @@ func (p *Probe) role(l netlink.Link) string {
 	return ""
 }
 
+// routedTo returns the interface this node routes a pod address to (0 when unknown).
+func (p *Probe) routedTo(a netip.Addr) int {
+	if p.nl == nil {
+		return 0
+	}
+	routes, err := p.nl.RouteGet(a.AsSlice())
+	if err != nil || len(routes) == 0 {
+		return 0
+	}
+	return routes[0].LinkIndex
+}
+
+// vethDeleted moves the addresses of terminating pods behind a deleted veth to the deleted map at
+// once: their network is gone, and new connections to them go nowhere (the API's word that the
+// pod is gone comes later). Called with p.mu held.
+func (p *Probe) vethDeleted(idx int, sink probes.Sink) {
+	for a, t := range p.tracked {
+		if t.deleted || t.ifindex != idx {
+			continue
+		}
+		p.untrack(a, t)
+		p.vethGone[a] = t.pod.UID
+		t.deleted, t.ifindex = true, 0
+		if err := p.objs.Deleted.Update(addrKey(a), bpf.EndpointlagCounters{}, ebpf.UpdateNoExist); err != nil {
+			sink.Error(Name, fmt.Errorf("adding %s to the deleted map: %w", a, err))
+			continue
+		}
+		p.tracked[a] = t
+	}
+}
+
 // hook is a program and the direction it attaches to.
 type hook struct {
 	name    string
@@ -337,6 +373,7 @@ func (p *Probe) linkChanged(u netlink.LinkUpdate, sink probes.Sink) {
 			}
 		}
 		delete(p.attachments, idx)
+		p.vethDeleted(idx, sink)
 		return
 	}
 	if _, done := p.attachments[idx]; done || p.objs == nil {
@@ -398,21 +435,27 @@ func (p *Probe) reconcile(sink probes.Sink) {
 	if p.pods == nil {
 		return
 	}
+	pods := p.pods.LocalPods()
+	p.mu.Lock()
+	defer p.mu.Unlock()
 	want := map[netip.Addr]tracked{}
-	for _, lp := range p.pods.LocalPods() {
+	for _, lp := range pods {
 		for _, a := range lp.Addrs {
 			// An address a newer pod took over belongs to the newer pod.
 			if have, ok := want[a.Unmap()]; !ok || lp.T0.After(have.t0) {
-				want[a.Unmap()] = tracked{pod: lp.Pod, t0: lp.T0, deleted: lp.Gone}
+				want[a.Unmap()] = tracked{pod: lp.Pod, t0: lp.T0, deleted: lp.Gone || p.vethGone[a.Unmap()] == lp.Pod.UID}
 			}
 		}
 	}
-	p.mu.Lock()
-	defer p.mu.Unlock()
 	if p.objs == nil {
 		return
 	}
 	p.monoOffset = monoOffset()
+	for a := range p.vethGone {
+		if _, ok := want[a]; !ok {
+			delete(p.vethGone, a)
+		}
+	}
 	// Each map keeps the newest addresses it has room for; older ones wanted beyond that are
 	// evicted (or never added), and counted once.
 	var byAge [2][]netip.Addr
@@ -452,6 +495,9 @@ func (p *Probe) reconcile(sink probes.Sink) {
 			if err := p.mapOf(w.deleted).Update(addrKey(a), bpf.EndpointlagCounters{}, ebpf.UpdateNoExist); err != nil {
 				errs = append(errs, fmt.Errorf("adding %s to the %s map: %w", a, mapName(w.deleted), err))
 				continue
+			}
+			if !w.deleted {
+				w.ifindex = p.routedTo(a)
 			}
 			p.tracked[a] = w
 		}

@@ -471,3 +471,26 @@ func TestLinkEventsResubscribe(t *testing.T) {
 	want := "[from_pod ingress on vpod from_pod ingress on vpod2 to_pod egress on vpod to_pod egress on vpod2]"
 	rec.Wait(t, "links attached through the new subscription", func() bool { return fmt.Sprint(p.attached()) == want })
 }
+
+// A terminating pod whose veth is deleted is, for the programs, gone: its address moves to the
+// deleted map at once, before the API reports the pod gone, and stays there.
+func TestDeletedVethMovesAddressToDeleted(t *testing.T) {
+	l := newLab(t)
+	pods := &fakePods{}
+	opts := DefaultOptions()
+	opts.ReconcileInterval = 50 * time.Millisecond
+	p, rec, _ := startProbe(t, l, opts, pods)
+	pod := probes.PodRef{Namespace: "default", Name: "web-1", UID: "uid-1"}
+	pods.set(probes.LocalPod{Pod: pod, Addrs: []netip.Addr{l.podAddr}, T0: time.Now()})
+	tracked := func() tracked { p.mu.Lock(); defer p.mu.Unlock(); return p.tracked[l.podAddr] }
+	rec.Wait(t, "the address terminating, routed to vpod", func() bool { t := tracked(); return t.pod == pod && !t.deleted && t.ifindex != 0 })
+	run(t, "ip", "-n", l.node, "link", "del", "vpod")
+	rec.Wait(t, "the address in the deleted map", func() bool { return tracked().deleted })
+	time.Sleep(3 * opts.ReconcileInterval) // reconciliations with the pod still terminating in the API
+	if !tracked().deleted {
+		t.Error("a reconciliation moved the address back to the terminating map")
+	}
+	if errs := rec.Errors(); len(errs) > 0 {
+		t.Errorf("errors: %v", errs)
+	}
+}
