@@ -202,6 +202,9 @@ func testLab(t *testing.T, mode string) {
 					t.Errorf("%s: /metrics lacks %s", n.Name, want)
 				}
 			}
+			if t.Failed() {
+				logPending(t, n.DaemonURL, mode)
+			}
 			if strings.Contains(m, fmt.Sprintf(`endpointlag_pending_endpoints{stage=%q}`, other)) {
 				t.Errorf("%s awaits the %s stage of a mode the node does not run", n.Name, other)
 			}
@@ -379,6 +382,37 @@ func groundTruth(t *testing.T, ctx context.Context, c *cluster.Cluster, app *sce
 	t.Logf("endpointslice propagation − ground truth (delete issued → this test's watch saw it), %d pods: %s", len(lagDiffs), distribution(lagDiffs))
 	t.Logf("daemon's endpointslice time − this test's watch time, %d (pod, node) pairs: %s", len(sliceDiffs), distribution(sliceDiffs))
 	t.Logf("daemon's %s time − the rule change seen by nft monitor, %d (pod, node) pairs: %s", dataplaneStage, len(ruleDiffs), distribution(ruleDiffs))
+}
+
+// logPending logs the records a daemon still holds as pending at stage, with their stages.
+func logPending(t *testing.T, base, stage string) {
+	resp, err := http.Get(base + "/api/v1/records")
+	if err != nil {
+		t.Log(err)
+		return
+	}
+	defer resp.Body.Close()
+	var recs struct {
+		Records []struct {
+			Pod      struct{ Name string } `json:"pod"`
+			Endpoint struct{ IP string }   `json:"endpoint"`
+			Stages   []report.StageEntry   `json:"stages"`
+			Pending  []string              `json:"pending"`
+		} `json:"records"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&recs); err != nil {
+		t.Log(err)
+		return
+	}
+	for _, r := range recs.Records {
+		if slices.Contains(r.Pending, stage) {
+			var stages []string
+			for _, s := range r.Stages {
+				stages = append(stages, s.Stage+"@"+s.Time.Format("15:04:05.000"))
+			}
+			t.Logf("pending %s: %s (%s), stages %v", stage, r.Pod.Name, r.Endpoint.IP, stages)
+		}
+	}
 }
 
 func findRecord(recs report.Records, uid string) *report.Record {
