@@ -108,7 +108,8 @@ func (m *ruleMonitor) sepChains(ip string, port int) map[string]bool {
 
 // removedAt returns when, after since, the service's rules were first rewritten without ip:port:
 // in nftables mode a service chain's new rule that no longer sends there; in iptables mode the
-// first rule deleted from a service chain that jumped to the endpoint's KUBE-SEP chain.
+// start of the first rewrite of a service chain that jumped to the endpoint's KUBE-SEP chain and
+// no longer does.
 func (m *ruleMonitor) removedAt(service, ip string, port int, since time.Time) (time.Time, bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -137,12 +138,51 @@ func (m *ruleMonitor) removedAt(service, ip string, port int, since time.Time) (
 			}
 		}
 	}
-	for _, l := range m.seen {
-		if !l.at.Before(since) && strings.HasPrefix(l.line, "delete rule") && svcChains[m.chainOf(l.line)] {
-			return l.at, true
+	// A sync rewrites a service chain as its rules deleted, then its rules added. The endpoint is
+	// removed by the first rewrite after since whose added rules no longer jump to its chain: a
+	// rewrite that still does (say, for a new endpoint added first) removes nothing.
+	type rewrite struct {
+		start   time.Time
+		jumps   bool
+		adding  bool
+		started bool
+	}
+	rewrites := map[string]*rewrite{}
+	var first time.Time
+	closeRewrite := func(rw *rewrite) {
+		if rw.started && !rw.jumps && (first.IsZero() || rw.start.Before(first)) {
+			first = rw.start
 		}
 	}
-	return time.Time{}, false
+	for _, l := range m.seen {
+		c := m.chainOf(l.line)
+		if l.at.Before(since) || !svcChains[c] {
+			continue
+		}
+		rw := rewrites[c]
+		if rw == nil {
+			rw = &rewrite{}
+			rewrites[c] = rw
+		}
+		switch {
+		case strings.HasPrefix(l.line, "delete rule"):
+			if !rw.started || rw.adding {
+				closeRewrite(rw)
+				*rw = rewrite{start: l.at, started: true}
+			}
+		case strings.HasPrefix(l.line, "add rule") && rw.started:
+			rw.adding = true
+			for sep := range seps {
+				if strings.HasSuffix(l.line, "jump "+sep) {
+					rw.jumps = true
+				}
+			}
+		}
+	}
+	for _, rw := range rewrites {
+		closeRewrite(rw)
+	}
+	return first, !first.IsZero()
 }
 
 // programmed reports whether the node's rules send the service's traffic to ip:port now.
