@@ -33,7 +33,8 @@ func startRuleMonitor(netns, mode string) (*ruleMonitor, error) {
 	if mode == "iptables" {
 		table = "nat"
 	}
-	cmd := ns.Command(netns, "nft", "monitor", "rules")
+	// Line-buffered: piped, nft would hold lines in its stdio buffer and the times would come late.
+	cmd := ns.Command(netns, "stdbuf", "-oL", "nft", "monitor", "rules")
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	out, err := cmd.StdoutPipe()
 	if err != nil {

@@ -18,7 +18,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/google/nftables"
 	"k8s.io/utils/clock"
 
 	"github.com/endpointlag/endpointlag/probes"
@@ -55,7 +54,7 @@ func BenchmarkLargeRuleset(b *testing.B) {
 	p.run = func(ctx context.Context, name string, args ...string) ([]byte, error) {
 		return exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", ns, name}, args...)...).Output()
 	}
-	p.netns = []nftables.ConnOption{nftables.WithNetNSFd(int(fd.Fd()))}
+	inNamespace(p, fd)
 	sink := &deliveries{at: map[string]time.Time{}}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()

@@ -22,6 +22,7 @@ import (
 	"time"
 
 	"github.com/google/nftables"
+	"golang.org/x/sys/unix"
 	"k8s.io/utils/clock"
 
 	"github.com/endpointlag/endpointlag/probes"
@@ -66,8 +67,9 @@ type Probe struct {
 	log   *slog.Logger
 	// run executes a legacy save command; tests replace it to run in another namespace.
 	run func(ctx context.Context, name string, args ...string) ([]byte, error)
-	// netns names the network namespace (none: the current one).
+	// netns names the network namespace (none: the current one), nsfd too (-1: the current one).
 	netns []nftables.ConnOption
+	nsfd  int
 
 	mu sync.Mutex
 	// state is what the rules do now, per Service (or service chain); read by Snapshot.
@@ -81,7 +83,7 @@ func New(opts Options, clk clock.PassiveClock, log *slog.Logger) *Probe {
 		opts.PollInterval = time.Second
 	}
 	return &Probe{
-		opts: opts, clock: clk, log: log.With("probe", Name),
+		opts: opts, clock: clk, log: log.With("probe", Name), nsfd: -1,
 		run: func(ctx context.Context, name string, args ...string) ([]byte, error) {
 			return exec.CommandContext(ctx, name, args...).Output()
 		},
@@ -169,7 +171,7 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 }
 
 func (p *Probe) runNFT(ctx context.Context, sink probes.Sink) error {
-	mon, err := nfmon.Open(p.netns...)
+	mon, err := nfmon.OpenRaw(p.nsfd)
 	if err != nil {
 		return fmt.Errorf("iptables: %w", err)
 	}
@@ -190,28 +192,27 @@ func (p *Probe) runNFT(ctx context.Context, sink probes.Sink) error {
 		select {
 		case <-ctx.Done():
 			return nil
-		case gen, ok := <-mon.Events:
+		case gen, ok := <-mon.Generations:
 			now := p.clock.Now()
 			switch {
 			case !ok:
-				// The monitor closed after an error (lost messages), which apply reported: open
-				// another and read the tables whole.
+				// The monitor closed after an error (lost messages): open another and read the
+				// tables whole.
 				mon.Close()
-				if mon = nfmon.Reopen(ctx, func(err error) { sink.Error(Name, err) }, p.netns...); mon == nil {
+				if mon = nfmon.ReopenRaw(ctx, func(err error) { sink.Error(Name, err) }, p.nsfd); mon == nil {
 					return nil
 				}
 				if err := rd.resync(conn); err != nil {
 					sink.Error(Name, err)
 				}
+			case gen.Err != nil:
+				sink.Error(Name, gen.Err) // the monitor closes next
+				continue
 			case !rd.apply(gen):
 				continue
 			case rd.err != nil:
-				// Unreadable messages: read the tables whole again, unless the monitor is
-				// closing and the read follows its reopening.
+				// A rule that did not decode: read the tables whole again.
 				sink.Error(Name, rd.err)
-				if nfmon.Closing(gen) {
-					continue
-				}
 				if err := rd.resync(conn); err != nil {
 					sink.Error(Name, err)
 				}
@@ -270,12 +271,14 @@ func (p *Probe) publish(rd *reader, sink probes.Sink, now time.Time, precision t
 type reader struct {
 	g      *rulegraph.Graph
 	chains map[uint8]map[string]map[uint64]rule
+	// entryRules are, per entry chain, its rules by raw expressions as last written.
+	entryRules map[string]map[string]rule
 	// err is set by apply when the changes could not be followed.
 	err error
 }
 
 func newReader() *reader {
-	return &reader{g: rulegraph.New(), chains: map[uint8]map[string]map[uint64]rule{}}
+	return &reader{g: rulegraph.New(), chains: map[uint8]map[string]map[uint64]rule{}, entryRules: map[string]map[string]rule{}}
 }
 
 // setChains hands the chains changed in one family to the graph, and the entry chains' jumps as
@@ -390,11 +393,10 @@ func (rd *reader) poll(ctx context.Context, run func(ctx context.Context, name s
 
 // apply follows one generation of nftables changes in the nat tables: rules added and deleted by
 // handle, chains and tables created and deleted. It reports whether the generation touched them;
-// lost messages or errors set rd.err.
-func (rd *reader) apply(gen *nftables.MonitorEvents) bool {
+// a rule that does not decode sets rd.err.
+func (rd *reader) apply(gen nfmon.RawGeneration) bool {
 	changed := map[uint8]map[string]bool{}
-	mark := func(fam nftables.TableFamily, chain string) map[string]map[uint64]rule {
-		f := uint8(fam)
+	mark := func(f uint8, chain string) map[string]map[uint64]rule {
 		if changed[f] == nil {
 			changed[f] = map[string]bool{}
 		}
@@ -405,53 +407,44 @@ func (rd *reader) apply(gen *nftables.MonitorEvents) bool {
 		return rd.chains[f]
 	}
 	touched := false
-	for _, ev := range gen.Changes {
-		if ev.Error != nil {
-			rd.err = fmt.Errorf("nftables monitor: %w", ev.Error)
-			return true
+	seen := map[string]map[string]rule{}
+	for _, c := range gen.Changes {
+		if c.Table != natTable || (c.Family != uint8(nftables.TableFamilyIPv4) && c.Family != uint8(nftables.TableFamilyIPv6)) {
+			continue
 		}
-		switch ev.Type {
-		case nftables.MonitorEventTypeOOB:
-			rd.err = errors.New("nftables monitor: out-of-band event (lost messages)")
-			return true
-		case nftables.MonitorEventTypeNewRule, nftables.MonitorEventTypeDelRule:
-			r, ok := ev.Data.(*nftables.Rule)
-			if !ok || !isNat(r.Table) || r.Chain == nil {
+		touched = true
+		switch c.Type {
+		case unix.NFT_MSG_NEWRULE, unix.NFT_MSG_DELRULE:
+			tab := mark(c.Family, c.Chain)
+			if c.Type == unix.NFT_MSG_DELRULE {
+				delete(tab[c.Chain], c.Handle)
 				continue
 			}
-			touched = true
-			tab := mark(r.Table.Family, r.Chain.Name)
-			if ev.Type == nftables.MonitorEventTypeDelRule {
-				delete(tab[r.Chain.Name], r.Handle)
-				continue
+			ru, err := rd.decode(c, seen)
+			if err != nil {
+				rd.err = fmt.Errorf("%s nat chain %s, rule %d: %w", familyName(nftables.TableFamily(c.Family)), c.Chain, c.Handle, err)
+				return true
 			}
-			if tab[r.Chain.Name] == nil {
-				tab[r.Chain.Name] = map[uint64]rule{}
+			if tab[c.Chain] == nil {
+				tab[c.Chain] = map[uint64]rule{}
 			}
-			tab[r.Chain.Name][r.Handle] = ruleFromExprs(r.Chain.Name, r.Exprs).stored()
-		case nftables.MonitorEventTypeNewChain, nftables.MonitorEventTypeDelChain:
-			c, ok := ev.Data.(*nftables.Chain)
-			if !ok || !isNat(c.Table) {
-				continue
+			tab[c.Chain][c.Handle] = ru
+		case unix.NFT_MSG_NEWCHAIN, unix.NFT_MSG_DELCHAIN:
+			tab := mark(c.Family, c.Chain)
+			if c.Type == unix.NFT_MSG_DELCHAIN {
+				delete(tab, c.Chain)
+			} else if tab[c.Chain] == nil {
+				tab[c.Chain] = map[uint64]rule{}
 			}
-			touched = true
-			tab := mark(c.Table.Family, c.Name)
-			if ev.Type == nftables.MonitorEventTypeDelChain {
-				delete(tab, c.Name)
-			} else if tab[c.Name] == nil {
-				tab[c.Name] = map[uint64]rule{}
+		case unix.NFT_MSG_DELTABLE:
+			for name := range rd.chains[c.Family] {
+				mark(c.Family, name)
 			}
-		case nftables.MonitorEventTypeDelTable:
-			t, ok := ev.Data.(*nftables.Table)
-			if !ok || !isNat(t) {
-				continue
-			}
-			touched = true
-			for name := range rd.chains[uint8(t.Family)] {
-				mark(t.Family, name)
-			}
-			rd.chains[uint8(t.Family)] = map[string]map[uint64]rule{}
+			rd.chains[c.Family] = map[string]map[uint64]rule{}
 		}
+	}
+	for chain, rules := range seen {
+		rd.entryRules[chain] = rules
 	}
 	for fam, names := range changed {
 		rd.setChains(fam, names)
@@ -459,9 +452,29 @@ func (rd *reader) apply(gen *nftables.MonitorEvents) bool {
 	return touched
 }
 
-// isNat tells iptables-nft's nat tables (families ip and ip6) from every other table.
-func isNat(t *nftables.Table) bool {
-	return t != nil && t.Name == natTable && (t.Family == nftables.TableFamilyIPv4 || t.Family == nftables.TableFamilyIPv6)
+// decode reads a new rule. kube-proxy rewrites the entry chains whole on every sync, mostly with
+// the rules they had: an entry rule whose expressions are byte for byte those of one the chain had
+// when last written is not decoded again. seen collects this generation's entry rules per chain.
+func (rd *reader) decode(c nfmon.RawChange, seen map[string]map[string]rule) (rule, error) {
+	entry := slices.Contains(rootChains, c.Chain)
+	if entry {
+		if seen[c.Chain] == nil {
+			seen[c.Chain] = map[string]rule{}
+		}
+		if ru, ok := rd.entryRules[c.Chain][string(c.Exprs)]; ok {
+			seen[c.Chain][string(c.Exprs)] = ru
+			return ru, nil
+		}
+	}
+	exprs, err := nfmon.DecodeExprs(c.Family, c.Exprs)
+	if err != nil {
+		return rule{}, err
+	}
+	ru := ruleFromExprs(c.Chain, exprs).stored()
+	if entry {
+		seen[c.Chain][string(c.Exprs)] = ru
+	}
+	return ru, nil
 }
 
 func familyName(f nftables.TableFamily) string {

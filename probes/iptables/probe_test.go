@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/google/nftables"
+	"golang.org/x/sys/unix"
 	"k8s.io/utils/clock"
 
 	"github.com/endpointlag/endpointlag/probes/internal/nfmon"
@@ -36,6 +37,11 @@ func restore(t *testing.T, ns string, backend Backend, file string) {
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("restore %s: %v: %s", file, err, out)
 	}
+}
+
+// inNamespace points the probe at the network namespace open as fd.
+func inNamespace(p *Probe, fd *os.File) {
+	p.netns, p.nsfd = []nftables.ConnOption{nftables.WithNetNSFd(int(fd.Fd()))}, int(fd.Fd())
 }
 
 // removed returns the removals recorded, with their precision, sorted.
@@ -60,7 +66,7 @@ func TestProbeFollowsKubeProxyRules(t *testing.T) {
 			p.run = func(ctx context.Context, name string, args ...string) ([]byte, error) {
 				return exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", ns, name}, args...)...).Output()
 			}
-			p.netns = []nftables.ConnOption{nftables.WithNetNSFd(int(fd.Fd()))}
+			inNamespace(p, fd)
 			if got := p.Detect(context.Background()); got != backend {
 				t.Fatalf("Detect = %q, want %q", got, backend)
 			}
@@ -134,7 +140,7 @@ func TestNetlinkReadMatchesSaveText(t *testing.T) {
 				t.Fatalf("%s: %v: %s", tc.restore, err, out)
 			}
 			p := New(Options{}, clock.RealClock{}, slog.New(slog.NewTextHandler(io.Discard, nil)))
-			p.netns = []nftables.ConnOption{nftables.WithNetNSFd(int(fd.Fd()))}
+			inNamespace(p, fd)
 			p.run = func(context.Context, string, ...string) ([]byte, error) {
 				return nil, errors.New("the legacy backend is not expected here")
 			}
@@ -171,7 +177,7 @@ func TestLostMessagesAreRecovered(t *testing.T) {
 	t.Cleanup(func() { nfmon.ReceiveBuffer = saved })
 	nfmon.ReceiveBuffer = 4096
 	p := New(Options{}, clock.RealClock{}, slog.New(slog.NewTextHandler(io.Discard, nil)))
-	p.netns = []nftables.ConnOption{nftables.WithNetNSFd(int(fd.Fd()))}
+	inNamespace(p, fd)
 	rec, _ := probetest.Run(t, p)
 	rec.Wait(t, "the first read", func() bool { p.mu.Lock(); defer p.mu.Unlock(); return p.reads > 0 })
 
@@ -206,5 +212,82 @@ func TestLostMessagesAreRecovered(t *testing.T) {
 	}
 	if errs := rec.Errors(); len(errs) == 0 || !strings.Contains(errors.Join(errs...).Error(), "no buffer space") {
 		t.Errorf("errors %v, want the kernel's lost-message error", errs)
+	}
+}
+
+// The raw monitor's rules decode to what google/nftables reads back for the same handles, for
+// every rule of a kube-proxy restore (comments, statistic, DNAT targets, jumps, IPv4 and IPv6).
+func TestRawMonitorDecodesAsReadBack(t *testing.T) {
+	for _, tc := range []struct{ file, restore string }{
+		{"kube-proxy.iptables", "iptables-nft-restore"},
+		{"kube-proxy-ipv6.iptables", "ip6tables-nft-restore"},
+	} {
+		t.Run(tc.file, func(t *testing.T) {
+			ns, fd := probetest.Netns(t, nsPrefix+"raw-", tc.restore)
+			mon, err := nfmon.OpenRaw(int(fd.Fd()))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer mon.Close()
+			in, err := os.Open(filepath.Join("testdata", tc.file))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer in.Close()
+			cmd := exec.Command("ip", "netns", "exec", ns, tc.restore)
+			cmd.Stdin = in
+			if out, err := cmd.CombinedOutput(); err != nil {
+				t.Fatalf("%s: %v: %s", tc.restore, err, out)
+			}
+			conn, err := nftables.New(nftables.WithNetNSFd(int(fd.Fd())))
+			if err != nil {
+				t.Fatal(err)
+			}
+			readBack := map[string]rule{}
+			total := 0
+			chains, err := conn.ListChains()
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, c := range chains {
+				rules, err := conn.GetRules(c.Table, c)
+				if err != nil {
+					t.Fatal(err)
+				}
+				for _, r := range rules {
+					readBack[fmt.Sprint(c.Name, r.Handle)] = ruleFromExprs(c.Name, r.Exprs)
+					total++
+				}
+			}
+			n := 0
+			deadline := time.After(5 * time.Second)
+			for n < total {
+				select {
+				case gen := <-mon.Generations:
+					if gen.Err != nil {
+						t.Fatal(gen.Err)
+					}
+					for _, c := range gen.Changes {
+						if c.Type != unix.NFT_MSG_NEWRULE {
+							continue
+						}
+						exprs, err := nfmon.DecodeExprs(c.Family, c.Exprs)
+						if err != nil {
+							t.Fatal(err)
+						}
+						got, want := ruleFromExprs(c.Chain, exprs), readBack[fmt.Sprint(c.Chain, c.Handle)]
+						if got != want {
+							t.Errorf("%s rule %d: raw %+v, read back %+v", c.Chain, c.Handle, got, want)
+						}
+						n++
+					}
+				case <-deadline:
+					t.Fatalf("%d of %d rules seen", n, total)
+				}
+			}
+			if total < 5 {
+				t.Errorf("only %d rules: the fixture did not load", total)
+			}
+		})
 	}
 }

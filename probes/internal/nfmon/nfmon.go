@@ -66,15 +66,27 @@ func (m *Monitor) Close() { _ = m.mon.Close() }
 // Reopen opens a new monitor after the last one closed, trying once a second until it succeeds
 // or ctx is done (nil). Each failure goes to report.
 func Reopen(ctx context.Context, report func(error), opts ...nftables.ConnOption) *Monitor {
+	m, _ := retry(ctx, report, func() (*Monitor, error) { return Open(opts...) })
+	return m
+}
+
+// ReopenRaw is Reopen for a raw monitor.
+func ReopenRaw(ctx context.Context, report func(error), nsfd int) *RawMonitor {
+	m, _ := retry(ctx, report, func() (*RawMonitor, error) { return OpenRaw(nsfd) })
+	return m
+}
+
+func retry[M any](ctx context.Context, report func(error), open func() (M, error)) (M, bool) {
 	for {
-		m, err := Open(opts...)
+		m, err := open()
 		if err == nil {
-			return m
+			return m, true
 		}
 		report(err)
 		select {
 		case <-ctx.Done():
-			return nil
+			var zero M
+			return zero, false
 		case <-time.After(time.Second):
 		}
 	}

@@ -144,8 +144,8 @@ func Run(t testing.TB, p probes.Probe) (*Recorder, func()) {
 
 // Generations timestamps every batch of nftables changes the kernel announces in a namespace:
 // the reference the benchmarks measure probes against. It reads the notifications with the raw
-// monitor, which decodes nothing, so that the reference is not itself late by the decoding of a
-// large transaction.
+// monitor, which decodes no expression, so that the reference is not itself late by the decoding
+// of a large transaction.
 type Generations struct {
 	t     testing.TB
 	mon   *nfmon.RawMonitor
@@ -165,13 +165,12 @@ func WatchGenerations(t testing.TB, fd *os.File) *Generations {
 	t.Cleanup(mon.Close)
 	g := &Generations{t: t, mon: mon}
 	go func() {
-		for err := range mon.Generations {
+		for gen := range mon.Generations {
 			now := time.Now()
 			g.mu.Lock()
-			if err != nil {
-				g.err = err
-			} else {
-				g.times = append(g.times, now)
+			g.times = append(g.times, now)
+			if gen.Err != nil {
+				g.err = gen.Err
 			}
 			g.mu.Unlock()
 		}
