@@ -27,15 +27,21 @@ const nsPrefix = "eltest-ipt-"
 
 func restore(t *testing.T, ns string, backend Backend, file string) {
 	t.Helper()
+	restoreWith(t, ns, file, "iptables-"+string(backend)+"-restore", "--noflush")
+}
+
+// restoreWith loads a testdata file into the namespace with a restore command and its flags.
+func restoreWith(t *testing.T, ns, file string, command ...string) {
+	t.Helper()
 	in, err := os.Open(filepath.Join("testdata", file))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer in.Close()
-	cmd := exec.Command("ip", "netns", "exec", ns, "iptables-"+string(backend)+"-restore", "--noflush")
+	cmd := exec.Command("ip", append([]string{"netns", "exec", ns}, command...)...)
 	cmd.Stdin = in
 	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("restore %s: %v: %s", file, err, out)
+		t.Fatalf("%s %s: %v: %s", command[0], file, err, out)
 	}
 }
 
@@ -129,16 +135,7 @@ func TestNetlinkReadMatchesSaveText(t *testing.T) {
 	} {
 		t.Run(tc.file, func(t *testing.T) {
 			ns, fd := probetest.Netns(t, nsPrefix+"read-", tc.restore)
-			in, err := os.Open(filepath.Join("testdata", tc.file))
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer in.Close()
-			cmd := exec.Command("ip", "netns", "exec", ns, tc.restore)
-			cmd.Stdin = in
-			if out, err := cmd.CombinedOutput(); err != nil {
-				t.Fatalf("%s: %v: %s", tc.restore, err, out)
-			}
+			restoreWith(t, ns, tc.file, tc.restore)
 			p := New(Options{}, clock.RealClock{}, slog.New(slog.NewTextHandler(io.Discard, nil)))
 			inNamespace(p, fd)
 			p.run = func(context.Context, string, ...string) ([]byte, error) {
@@ -229,16 +226,7 @@ func TestRawMonitorDecodesAsReadBack(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer mon.Close()
-			in, err := os.Open(filepath.Join("testdata", tc.file))
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer in.Close()
-			cmd := exec.Command("ip", "netns", "exec", ns, tc.restore)
-			cmd.Stdin = in
-			if out, err := cmd.CombinedOutput(); err != nil {
-				t.Fatalf("%s: %v: %s", tc.restore, err, out)
-			}
+			restoreWith(t, ns, tc.file, tc.restore)
 			conn, err := nftables.New(nftables.WithNetNSFd(int(fd.Fd())))
 			if err != nil {
 				t.Fatal(err)
