@@ -36,7 +36,8 @@ import (
 //
 // Run: sudo go test ./probes/iptables -run '^$' -bench LargeRuleset -benchtime 1x -timeout 30m
 // Scale with BENCH_SERVICES (default 10000); each Service has 10 endpoints. BENCH_HEAPPROFILE
-// names a file for a heap profile taken right after the churn.
+// names a file for a heap profile taken right after the churn, BENCH_CPUPROFILE one for a CPU
+// profile of the churn.
 func BenchmarkLargeRuleset(b *testing.B) {
 	services := 10000
 	if v, err := strconv.Atoi(os.Getenv("BENCH_SERVICES")); err == nil && v > 0 {
@@ -104,6 +105,16 @@ func BenchmarkLargeRuleset(b *testing.B) {
 	// and is not counted.
 	const perSecond, churnFor, perTx = 100, 10 * time.Second, 100
 	ref.Stop()
+	if path := os.Getenv("BENCH_CPUPROFILE"); path != "" {
+		f, err := os.Create(path)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := pprof.StartCPUProfile(f); err != nil {
+			b.Fatal(err)
+		}
+		defer f.Close()
+	}
 	churn := probetest.Churn(churnFor, perTx*time.Second/perSecond, func(n int) {
 		svcs := make([]int, perTx)
 		for i := range svcs {
@@ -112,6 +123,7 @@ func BenchmarkLargeRuleset(b *testing.B) {
 		restoreFile(b, ns, writeChange(b, dir, services, perService, false, svcs...))
 	})
 
+	pprof.StopCPUProfile()
 	if path := os.Getenv("BENCH_HEAPPROFILE"); path != "" {
 		// What is live right after the churn, for `go tool pprof -sample_index=inuse_space`.
 		f, err := os.Create(path)

@@ -201,25 +201,3 @@ func chainOf(rules []rule) *rulegraph.Chain {
 	}
 	return c
 }
-
-// rootsOf reads the entry chains' rules: each service chain they jump to is a root, grouped by
-// the Service the rule's comment names or, without comments, by the chain itself.
-func rootsOf(chains map[string][]rule) map[string]rulegraph.Root {
-	out := map[string]rulegraph.Root{}
-	for _, entry := range rootChains {
-		for _, r := range chains[entry] {
-			if !r.jump || !serviceChain(r.target) {
-				continue
-			}
-			if have, ok := out[r.target]; ok && have.Service.Name != "" {
-				continue
-			}
-			root := rulegraph.Root{Group: r.target}
-			if svc, named := serviceFromComment(r.comment); named {
-				root = rulegraph.Root{Group: svc.String(), Service: svc}
-			}
-			out[r.target] = root
-		}
-	}
-	return out
-}

@@ -2,6 +2,7 @@ package iptables
 
 import (
 	"fmt"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
@@ -32,6 +33,7 @@ func readFixture(t testing.TB, name string) map[string][]rule {
 func reached(chains map[string][]rule) map[string]rulegraph.Reached {
 	rd := newReader()
 	rd.replace(uint8(nftables.TableFamilyIPv4), numbered(chains))
+	rd.flush()
 	state := map[string]rulegraph.Reached{}
 	rd.g.Publish(state)
 	return state
@@ -74,6 +76,54 @@ func TestEndpoints(t *testing.T) {
 		if got := describe(reached(readFixture(t, tc.file))); !slices.Equal(got, tc.want) {
 			t.Errorf("%s:\n got %q\nwant %q", tc.file, got, tc.want)
 		}
+	}
+}
+
+// The entry chains are counted, not rebuilt: a service chain stays a root while any entry rule
+// jumps to it, named by a rule that names its Service whatever the rules' order, and stops being
+// one with the last rule; only then are its endpoints reported removed.
+func TestEntryRulesAreCounted(t *testing.T) {
+	const fam = uint8(nftables.TableFamilyIPv4)
+	named := rule{target: "KUBE-SVC-A", jump: true, comment: "ns/a:http cluster IP"}
+	bare := rule{target: "KUBE-SVC-A", jump: true}
+	other := rule{target: "KUBE-SVC-B", jump: true, comment: "ns/b cluster IP"}
+	ep := func(last byte) rule {
+		return rule{target: "DNAT", proto: "TCP", dnat: netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 0, 0, last}), 80)}
+	}
+	tables := func(entry ...rule) map[string]map[uint64]rule {
+		return map[string]map[uint64]rule{
+			"KUBE-SERVICES": numbered(map[string][]rule{"": entry})[""],
+			"KUBE-SVC-A":    {0: {target: "KUBE-SEP-A", jump: true}},
+			"KUBE-SEP-A":    {0: ep(1)},
+			"KUBE-SVC-B":    {0: ep(2)},
+		}
+	}
+	rd := newReader()
+	state := map[string]rulegraph.Reached{}
+	for _, step := range []struct {
+		entry   []rule
+		state   []string
+		removed []string
+	}{
+		{[]rule{bare, named, other}, []string{"ns/a ns/a 10.0.0.1:80/TCP", "ns/b ns/b 10.0.0.2:80/TCP"}, nil},
+		{[]rule{other, named, bare}, []string{"ns/a ns/a 10.0.0.1:80/TCP", "ns/b ns/b 10.0.0.2:80/TCP"}, nil},
+		{[]rule{bare, other}, []string{"KUBE-SVC-A  10.0.0.1:80/TCP", "ns/b ns/b 10.0.0.2:80/TCP"}, []string{"ns/a 10.0.0.1:80/TCP"}},
+		{[]rule{other}, []string{"ns/b ns/b 10.0.0.2:80/TCP"}, []string{" 10.0.0.1:80/TCP"}},
+		{nil, nil, []string{"ns/b 10.0.0.2:80/TCP"}},
+	} {
+		rd.replace(fam, tables(step.entry...))
+		rd.flush()
+		var removed []string
+		for _, r := range rd.g.Publish(state) {
+			removed = append(removed, r.Service.String()+" "+r.Endpoint.String())
+		}
+		sort.Strings(removed)
+		if got := describe(state); !slices.Equal(got, step.state) || !slices.Equal(removed, step.removed) {
+			t.Errorf("entry rules %v: state %q, removed %q; want %q, %q", step.entry, got, removed, step.state, step.removed)
+		}
+	}
+	if len(rd.entry[fam]) != 0 {
+		t.Errorf("counts left after the last entry rule went: %v", rd.entry[fam])
 	}
 }
 

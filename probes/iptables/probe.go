@@ -267,42 +267,135 @@ func (p *Probe) publish(rd *reader, sink probes.Sink, now time.Time, precision t
 }
 
 // reader is the probe's copy of the nat tables, per family: each chain's rules (by rule handle
-// for the nf_tables backend) and the graph built from them.
+// for the nf_tables backend), the roots the entry chains point at and the graph built from them.
+//
+// kube-proxy rewrites KUBE-SERVICES whole on every sync: at 10,000 Services, 10,000 rules deleted
+// and 10,000 added, mostly the same. The entry chains are therefore kept as counts, per service
+// chain, of the rules that jump to it, and only service chains whose counts changed reach the
+// graph; an entry rule written again with the same expressions is not decoded again.
 type reader struct {
 	g      *rulegraph.Graph
 	chains map[uint8]map[string]map[uint64]rule
-	// entryRules are, per entry chain, its rules by raw expressions as last written.
-	entryRules map[string]map[string]rule
+	// entry counts, per family and service chain, the entry rules jumping to it under each root.
+	entry map[uint8]map[string]map[rulegraph.Root]int
+	// cache holds, per family, the entry rules by raw expressions, and handles the key of each
+	// entry rule read from the monitor.
+	cache   map[uint8]map[string]*cachedRule
+	handles map[uint8]map[uint64]string
+	// Changed since the last flush: chains, service chains whose entry counts moved, and cache
+	// entries that may have lost their last rule.
+	changed map[rulegraph.Key]bool
+	touched map[rulegraph.Key]bool
+	unused  []cacheKey
 	// err is set by apply when the changes could not be followed.
 	err error
 }
 
-func newReader() *reader {
-	return &reader{g: rulegraph.New(), chains: map[uint8]map[string]map[uint64]rule{}, entryRules: map[string]map[string]rule{}}
+type cachedRule struct {
+	rule rule
+	key  string
+	refs int
 }
 
-// setChains hands the chains changed in one family to the graph, and the entry chains' jumps as
-// its roots when an entry chain is among them.
-func (rd *reader) setChains(fam uint8, changed map[string]bool) {
-	tab := rd.chains[fam]
-	entry := false
-	for name := range changed {
-		k := rulegraph.Key{Family: fam, Chain: name}
-		rules, ok := tab[name]
-		if !ok {
-			rd.g.SetChain(k, nil)
-		} else {
+type cacheKey struct {
+	family uint8
+	exprs  string
+}
+
+func newReader() *reader {
+	return &reader{
+		g: rulegraph.New(), chains: map[uint8]map[string]map[uint64]rule{}, entry: map[uint8]map[string]map[rulegraph.Root]int{},
+		cache: map[uint8]map[string]*cachedRule{}, handles: map[uint8]map[uint64]string{},
+		changed: map[rulegraph.Key]bool{}, touched: map[rulegraph.Key]bool{},
+	}
+}
+
+// rootOf is the root an entry rule points at, if it jumps to a service chain: grouped by the
+// Service its comment names or, without comments, by the chain itself.
+func rootOf(r rule) (string, rulegraph.Root, bool) {
+	if !r.jump || !serviceChain(r.target) {
+		return "", rulegraph.Root{}, false
+	}
+	if svc, named := serviceFromComment(r.comment); named {
+		return r.target, rulegraph.Root{Group: svc.String(), Service: svc}, true
+	}
+	return r.target, rulegraph.Root{Group: r.target}, true
+}
+
+// count adds (delta 1) or removes (-1) a rule of chain in family fam.
+func (rd *reader) count(fam uint8, chain string, r rule, delta int) {
+	if !slices.Contains(rootChains, chain) {
+		rd.changed[rulegraph.Key{Family: fam, Chain: chain}] = true
+		return
+	}
+	target, root, ok := rootOf(r)
+	if !ok {
+		return
+	}
+	if rd.entry[fam] == nil {
+		rd.entry[fam] = map[string]map[rulegraph.Root]int{}
+	}
+	counts := rd.entry[fam][target]
+	if counts == nil {
+		counts = map[rulegraph.Root]int{}
+		rd.entry[fam][target] = counts
+	}
+	if counts[root] += delta; counts[root] <= 0 {
+		delete(counts, root)
+		if len(counts) == 0 {
+			delete(rd.entry[fam], target)
+		}
+	}
+	rd.touched[rulegraph.Key{Family: fam, Chain: target}] = true
+}
+
+// preferred tells whether root a names the service chain's Service better than b: a root the
+// rules name a Service for over one they do not, then the first Service by name, so that the
+// choice does not depend on rule order.
+func preferred(a, b rulegraph.Root) bool {
+	if an, bn := a.Service.Name != "", b.Service.Name != ""; an != bn {
+		return an
+	}
+	return a.Group < b.Group
+}
+
+// flush hands what changed since the last flush to the graph: the rules of changed chains, and
+// for each service chain whose entry counts moved, its root (a named Service first) or none.
+func (rd *reader) flush() {
+	for k := range rd.changed {
+		if slices.Contains(rootChains, k.Chain) {
+			continue // not walked: its jumps are the roots
+		}
+		if rules, ok := rd.chains[k.Family][k.Chain]; ok {
 			rd.g.SetChain(k, chainOf(ordered(rules)))
+		} else {
+			rd.g.SetChain(k, nil)
 		}
-		entry = entry || slices.Contains(rootChains, name)
 	}
-	if entry {
-		rootRules := map[string][]rule{}
-		for _, name := range rootChains {
-			rootRules[name] = ordered(tab[name])
+	clear(rd.changed)
+	for k := range rd.touched {
+		var (
+			best  rulegraph.Root
+			found bool
+		)
+		for root := range rd.entry[k.Family][k.Chain] {
+			if !found || preferred(root, best) {
+				best, found = root, true
+			}
 		}
-		rd.g.SetRoots(fam, rootsOf(rootRules))
+		if found {
+			rd.g.SetRoot(k, best)
+		} else {
+			rd.g.RemoveRoot(k)
+		}
 	}
+	clear(rd.touched)
+	for _, u := range rd.unused {
+		if c := rd.cache[u.family][u.exprs]; c != nil && c.refs <= 0 {
+			delete(rd.cache[u.family], u.exprs)
+		}
+	}
+	rd.unused = rd.unused[:0]
 }
 
 // ordered lists a chain's rules in handle order, which is the order they were added.
@@ -330,20 +423,34 @@ func numbered(chains map[string][]rule) map[string]map[uint64]rule {
 
 // replace makes one family's tables what was read; only chains that differ reach the graph.
 func (rd *reader) replace(fam uint8, next map[string]map[uint64]rule) {
-	changed := map[string]bool{}
-	for name := range rd.chains[fam] {
-		changed[name] = true
+	for name, rules := range rd.chains[fam] {
+		if _, ok := next[name]; !ok {
+			rd.changed[rulegraph.Key{Family: fam, Chain: name}] = true
+		}
+		for _, r := range rules {
+			rd.count(fam, name, r, -1)
+		}
 	}
-	for name := range next {
-		changed[name] = true
+	for name, rules := range next {
+		rd.changed[rulegraph.Key{Family: fam, Chain: name}] = true
+		for _, r := range rules {
+			rd.count(fam, name, r, 1)
+		}
 	}
-	rd.chains[fam] = next
-	rd.setChains(fam, changed)
+	if next == nil {
+		delete(rd.chains, fam)
+	} else {
+		rd.chains[fam] = next
+	}
 }
 
 // resync reads both families' nat tables whole over netlink.
 func (rd *reader) resync(conn *nftables.Conn) error {
 	rd.err = nil
+	// Rules are read by handle again: cached expressions would be matched to no handle.
+	rd.cache = map[uint8]map[string]*cachedRule{}
+	rd.handles = map[uint8]map[uint64]string{}
+	rd.unused = nil
 	var errs []error
 	for _, fam := range families {
 		next := map[string]map[uint64]rule{}
@@ -369,6 +476,7 @@ func (rd *reader) resync(conn *nftables.Conn) error {
 		}
 		rd.replace(uint8(fam), next)
 	}
+	rd.flush()
 	return errors.Join(errs...)
 }
 
@@ -388,6 +496,7 @@ func (rd *reader) poll(ctx context.Context, run func(ctx context.Context, name s
 		}
 		rd.replace(uint8(fam), numbered(chains))
 	}
+	rd.flush()
 	return errors.Join(errs...)
 }
 
@@ -395,32 +504,20 @@ func (rd *reader) poll(ctx context.Context, run func(ctx context.Context, name s
 // handle, chains and tables created and deleted. It reports whether the generation touched them;
 // a rule that does not decode sets rd.err.
 func (rd *reader) apply(gen nfmon.RawGeneration) bool {
-	changed := map[uint8]map[string]bool{}
-	mark := func(f uint8, chain string) map[string]map[uint64]rule {
-		if changed[f] == nil {
-			changed[f] = map[string]bool{}
-		}
-		changed[f][chain] = true
-		if rd.chains[f] == nil {
-			rd.chains[f] = map[string]map[uint64]rule{}
-		}
-		return rd.chains[f]
-	}
 	touched := false
-	seen := map[string]map[string]rule{}
+	defer rd.flush()
 	for _, c := range gen.Changes {
 		if c.Table != natTable || (c.Family != uint8(nftables.TableFamilyIPv4) && c.Family != uint8(nftables.TableFamilyIPv6)) {
 			continue
 		}
 		touched = true
+		if rd.chains[c.Family] == nil {
+			rd.chains[c.Family] = map[string]map[uint64]rule{}
+		}
+		tab := rd.chains[c.Family]
 		switch c.Type {
-		case unix.NFT_MSG_NEWRULE, unix.NFT_MSG_DELRULE:
-			tab := mark(c.Family, c.Chain)
-			if c.Type == unix.NFT_MSG_DELRULE {
-				delete(tab[c.Chain], c.Handle)
-				continue
-			}
-			ru, err := rd.decode(c, seen)
+		case unix.NFT_MSG_NEWRULE:
+			ru, err := rd.decode(c)
 			if err != nil {
 				rd.err = fmt.Errorf("%s nat chain %s, rule %d: %w", familyName(nftables.TableFamily(c.Family)), c.Chain, c.Handle, err)
 				return true
@@ -428,42 +525,66 @@ func (rd *reader) apply(gen nfmon.RawGeneration) bool {
 			if tab[c.Chain] == nil {
 				tab[c.Chain] = map[uint64]rule{}
 			}
+			if old, ok := tab[c.Chain][c.Handle]; ok {
+				rd.count(c.Family, c.Chain, old, -1)
+			}
 			tab[c.Chain][c.Handle] = ru
-		case unix.NFT_MSG_NEWCHAIN, unix.NFT_MSG_DELCHAIN:
-			tab := mark(c.Family, c.Chain)
-			if c.Type == unix.NFT_MSG_DELCHAIN {
-				delete(tab, c.Chain)
-			} else if tab[c.Chain] == nil {
+			rd.count(c.Family, c.Chain, ru, 1)
+		case unix.NFT_MSG_DELRULE:
+			if old, ok := tab[c.Chain][c.Handle]; ok {
+				delete(tab[c.Chain], c.Handle)
+				rd.count(c.Family, c.Chain, old, -1)
+				rd.release(c.Family, c.Handle)
+			}
+		case unix.NFT_MSG_NEWCHAIN:
+			if tab[c.Chain] == nil {
 				tab[c.Chain] = map[uint64]rule{}
+				rd.changed[rulegraph.Key{Family: c.Family, Chain: c.Chain}] = true
 			}
+		case unix.NFT_MSG_DELCHAIN:
+			rd.dropChain(c.Family, c.Chain)
 		case unix.NFT_MSG_DELTABLE:
-			for name := range rd.chains[c.Family] {
-				mark(c.Family, name)
+			for name := range tab {
+				rd.dropChain(c.Family, name)
 			}
-			rd.chains[c.Family] = map[string]map[uint64]rule{}
 		}
-	}
-	for chain, rules := range seen {
-		rd.entryRules[chain] = rules
-	}
-	for fam, names := range changed {
-		rd.setChains(fam, names)
 	}
 	return touched
 }
 
+// dropChain forgets a deleted chain and its rules.
+func (rd *reader) dropChain(fam uint8, name string) {
+	for h, r := range rd.chains[fam][name] {
+		rd.count(fam, name, r, -1)
+		rd.release(fam, h)
+	}
+	delete(rd.chains[fam], name)
+	rd.changed[rulegraph.Key{Family: fam, Chain: name}] = true
+}
+
+// release drops a deleted entry rule's hold on its cached expressions.
+func (rd *reader) release(fam uint8, handle uint64) {
+	key, ok := rd.handles[fam][handle]
+	if !ok {
+		return
+	}
+	delete(rd.handles[fam], handle)
+	if c := rd.cache[fam][key]; c != nil {
+		if c.refs--; c.refs <= 0 {
+			rd.unused = append(rd.unused, cacheKey{fam, key})
+		}
+	}
+}
+
 // decode reads a new rule. kube-proxy rewrites the entry chains whole on every sync, mostly with
-// the rules they had: an entry rule whose expressions are byte for byte those of one the chain had
-// when last written is not decoded again. seen collects this generation's entry rules per chain.
-func (rd *reader) decode(c nfmon.RawChange, seen map[string]map[string]rule) (rule, error) {
+// the rules they had: an entry rule whose expressions are byte for byte those of one the tables
+// have, or had earlier in this generation, is not decoded again.
+func (rd *reader) decode(c nfmon.RawChange) (rule, error) {
 	entry := slices.Contains(rootChains, c.Chain)
 	if entry {
-		if seen[c.Chain] == nil {
-			seen[c.Chain] = map[string]rule{}
-		}
-		if ru, ok := rd.entryRules[c.Chain][string(c.Exprs)]; ok {
-			seen[c.Chain][string(c.Exprs)] = ru
-			return ru, nil
+		if cached, ok := rd.cache[c.Family][string(c.Exprs)]; ok {
+			rd.hold(c, cached)
+			return cached.rule, nil
 		}
 	}
 	exprs, err := nfmon.DecodeExprs(c.Family, c.Exprs)
@@ -472,9 +593,22 @@ func (rd *reader) decode(c nfmon.RawChange, seen map[string]map[string]rule) (ru
 	}
 	ru := ruleFromExprs(c.Chain, exprs).stored()
 	if entry {
-		seen[c.Chain][string(c.Exprs)] = ru
+		if rd.cache[c.Family] == nil {
+			rd.cache[c.Family] = map[string]*cachedRule{}
+			rd.handles[c.Family] = map[uint64]string{}
+		}
+		cached := &cachedRule{rule: ru, key: string(c.Exprs)}
+		rd.cache[c.Family][cached.key] = cached
+		rd.hold(c, cached)
 	}
 	return ru, nil
+}
+
+// hold records that an entry rule's handle has cached expressions.
+func (rd *reader) hold(c nfmon.RawChange, cached *cachedRule) {
+	rd.release(c.Family, c.Handle)
+	rd.handles[c.Family][c.Handle] = cached.key
+	cached.refs++
 }
 
 func familyName(f nftables.TableFamily) string {

@@ -10,11 +10,13 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/google/nftables"
+	"golang.org/x/sys/unix"
 	"k8s.io/utils/clock"
 
 	"github.com/endpointlag/endpointlag/probes"
@@ -46,8 +48,9 @@ func init() {
 type Probe struct {
 	clock clock.PassiveClock
 	log   *slog.Logger
-	// netns names the network namespace (none: the current one).
+	// netns names the network namespace (none: the current one), nsfd too (-1: the current one).
 	netns []nftables.ConnOption
+	nsfd  int
 
 	mu sync.Mutex
 	// state is what the rules do now, per Service; read by Snapshot.
@@ -58,13 +61,14 @@ type Probe struct {
 
 // New returns the probe for the current network namespace.
 func New(clk clock.PassiveClock, log *slog.Logger) *Probe {
-	return &Probe{clock: clk, log: log.With("probe", Name)}
+	return &Probe{clock: clk, log: log.With("probe", Name), nsfd: -1}
 }
 
 // NewInNamespace returns the probe for the network namespace open as fd.
 func NewInNamespace(fd int, clk clock.PassiveClock, log *slog.Logger) *Probe {
 	p := New(clk, log)
 	p.netns = []nftables.ConnOption{nftables.WithNetNSFd(fd)}
+	p.nsfd = fd
 	return p
 }
 
@@ -87,7 +91,7 @@ type reader struct {
 // Run implements probes.Probe.
 func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 	sink.SetStatus(Name, probes.Status{})
-	mon, err := nfmon.Open(p.netns...)
+	mon, err := nfmon.OpenRaw(p.nsfd)
 	if err != nil {
 		return fmt.Errorf("nftables: %w", err)
 	}
@@ -112,24 +116,24 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 		select {
 		case <-ctx.Done():
 			return nil
-		case gen, ok := <-mon.Events:
+		case gen, ok := <-mon.Generations:
 			now := p.clock.Now()
 			if !ok {
-				// The monitor closed after an error (lost messages), which apply reported: open
+				// The monitor closed after an error (lost messages), which was reported: open
 				// another and read the tables whole.
 				mon.Close()
-				if mon = nfmon.Reopen(ctx, func(err error) { sink.Error(Name, err) }, p.netns...); mon == nil {
+				if mon = nfmon.ReopenRaw(ctx, func(err error) { sink.Error(Name, err) }, p.nsfd); mon == nil {
 					return nil
 				}
 				if err := rd.resync(); err != nil {
 					sink.Error(Name, err)
 					continue
 				}
+			} else if gen.Err != nil {
+				sink.Error(Name, gen.Err) // the monitor closes next
+				continue
 			} else if err := rd.apply(gen); err != nil {
 				sink.Error(Name, err)
-				if nfmon.Closing(gen) {
-					continue
-				}
 				if err := rd.resync(); err != nil {
 					sink.Error(Name, err)
 					continue
@@ -284,85 +288,55 @@ func (rd *reader) readRoots(fam nftables.TableFamily) error {
 	return nil
 }
 
-// rootEvent is a service map element added or deleted.
-type rootEvent struct {
-	chain string
-	add   bool
-}
-
-// apply re-reads what one generation of changes touched in the kube-proxy tables.
-func (rd *reader) apply(gen *nftables.MonitorEvents) error {
+// apply re-reads what one generation of changes touched in the kube-proxy tables: the chains
+// whose rules changed, and the service maps' elements as roots.
+func (rd *reader) apply(gen nfmon.RawGeneration) error {
 	dirty := map[rulegraph.Key]bool{}
-	var rootEvents []rootEvent
-	rootsDirty := false
-	for _, ev := range gen.Changes {
-		if ev.Error != nil {
-			return fmt.Errorf("nftables monitor: %w", ev.Error)
+	rootsDirty := map[uint8]bool{}
+	for _, c := range gen.Changes {
+		if c.Table != tableName {
+			continue
 		}
-		switch ev.Type {
-		case nftables.MonitorEventTypeOOB:
-			return errors.New("nftables monitor: out-of-band event (lost messages)")
-		case nftables.MonitorEventTypeNewRule, nftables.MonitorEventTypeDelRule:
-			if r, ok := ev.Data.(*nftables.Rule); ok && r.Table != nil && r.Table.Name == tableName && r.Chain != nil {
-				dirty[key(r.Table.Family, r.Chain.Name)] = true
+		k := rulegraph.Key{Family: c.Family, Chain: c.Chain}
+		switch c.Type {
+		case unix.NFT_MSG_NEWRULE, unix.NFT_MSG_DELRULE, unix.NFT_MSG_NEWCHAIN:
+			dirty[k] = true
+		case unix.NFT_MSG_DELCHAIN:
+			delete(dirty, k)
+			rd.g.SetChain(k, nil)
+		case unix.NFT_MSG_NEWSETELEM, unix.NFT_MSG_DELSETELEM:
+			if !slices.Contains(rootMaps, c.Set) {
+				continue
 			}
-		case nftables.MonitorEventTypeNewChain, nftables.MonitorEventTypeDelChain:
-			if c, ok := ev.Data.(*nftables.Chain); ok && c.Table != nil && c.Table.Name == tableName {
-				if ev.Type == nftables.MonitorEventTypeDelChain {
-					rd.g.SetChain(key(c.Table.Family, c.Name), nil)
-				} else {
-					dirty[key(c.Table.Family, c.Name)] = true
-				}
-			}
-		case nftables.MonitorEventTypeNewSetElem, nftables.MonitorEventTypeDelSetElem:
-			elems, _ := ev.Data.([]nftables.SetElement)
-			for _, el := range elems {
-				if len(el.Val) == 0 && el.VerdictData == nil {
-					// No data to tell a map element from a set's: read the root maps.
-					rootsDirty = true
+			for _, el := range c.Elements {
+				if !el.Verdict {
+					// No data to tell where the element pointed: read the root maps.
+					rootsDirty[c.Family] = true
 					continue
 				}
-				chain, ok := elementTarget(el)
-				if kind, _, svc := parseChainName(chain); ok && svc && kind != "endpoint" {
-					rootEvents = append(rootEvents, rootEvent{chain, ev.Type == nftables.MonitorEventTypeNewSetElem})
+				kind, _, svc := parseChainName(el.Chain)
+				if !el.Jump || !svc || kind == "endpoint" {
+					continue
+				}
+				rk := rulegraph.Key{Family: c.Family, Chain: el.Chain}
+				if c.Type == unix.NFT_MSG_DELSETELEM {
+					rd.g.RemoveRoot(rk)
+					continue
+				}
+				for chain, r := range roots([]string{el.Chain}) {
+					rd.g.SetRoot(rulegraph.Key{Family: c.Family, Chain: chain}, r)
 				}
 			}
-		case nftables.MonitorEventTypeNewTable, nftables.MonitorEventTypeDelTable:
-			if t, ok := ev.Data.(*nftables.Table); ok && t.Name == tableName {
-				return rd.resync()
-			}
-		}
-	}
-	// Element messages do not say their table or family: an element pointing at a service or
-	// external chain is a root of the family that has (or now gets) that chain. When both
-	// families have it, the root maps are read again.
-	for _, re := range rootEvents {
-		var fams []nftables.TableFamily
-		for _, fam := range families {
-			k := key(fam, re.chain)
-			if rd.g.HasChain(k) || dirty[k] {
-				fams = append(fams, fam)
-			}
-		}
-		switch {
-		case len(fams) != 1:
-			rootsDirty = true
-		case re.add:
-			for chain, r := range roots([]string{re.chain}) {
-				rd.g.SetRoot(key(fams[0], chain), r)
-			}
-		default:
-			rd.g.RemoveRoot(key(fams[0], re.chain))
+		case unix.NFT_MSG_NEWTABLE, unix.NFT_MSG_DELTABLE:
+			return rd.resync()
 		}
 	}
 	var errs []error
 	for k := range dirty {
 		errs = append(errs, rd.readChain(nftables.TableFamily(k.Family), k.Chain))
 	}
-	if rootsDirty {
-		for _, fam := range families {
-			errs = append(errs, rd.readRoots(fam))
-		}
+	for fam := range rootsDirty {
+		errs = append(errs, rd.readRoots(nftables.TableFamily(fam)))
 	}
 	return errors.Join(errs...)
 }

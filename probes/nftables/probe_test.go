@@ -1,17 +1,21 @@
 package nftables
 
 import (
+	"errors"
 	"io"
 	"log/slog"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
 	"sort"
+	"strings"
 	"testing"
 
 	"k8s.io/utils/clock"
 
 	"github.com/endpointlag/endpointlag/probes"
+	"github.com/endpointlag/endpointlag/probes/internal/nfmon"
 	"github.com/endpointlag/endpointlag/probes/internal/probetest"
 )
 
@@ -102,5 +106,44 @@ func TestProbeFollowsKubeProxyRules(t *testing.T) {
 	}
 	if errs := rec.Errors(); len(errs) != 0 {
 		t.Errorf("errors: %v", errs)
+	}
+}
+
+// When the kernel drops monitor messages (a change larger than the socket's receive buffer), the
+// probe says so, opens a new monitor, reads the tables whole and still reports the removal.
+func TestLostMessagesAreRecovered(t *testing.T) {
+	ns, fd := probetest.Netns(t, nsPrefix+"lost-", "nft")
+	nft(t, ns, "kube-proxy.nft")
+	// Restored after the probe stops: cleanups run last-registered first.
+	saved := nfmon.ReceiveBuffer
+	t.Cleanup(func() { nfmon.ReceiveBuffer = saved })
+	nfmon.ReceiveBuffer = 4096
+	p := NewInNamespace(int(fd.Fd()), clock.RealClock{}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	rec, _ := probetest.Run(t, p)
+	rec.Wait(t, "sync", rec.Synced)
+
+	// One transaction: a chain of 2,000 commented rules, and the web endpoint gone.
+	change, err := os.ReadFile(filepath.Join("testdata", "remove-web-endpoint.nft"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var s strings.Builder
+	s.WriteString("add chain ip kube-proxy filler\n")
+	for range 2000 {
+		s.WriteString("add rule ip kube-proxy filler counter return comment \"filler rule to overflow the monitor's receive buffer\"\n")
+	}
+	s.Write(change)
+	cmd := exec.Command("ip", "netns", "exec", ns, "nft", "-f", "-")
+	cmd.Stdin = strings.NewReader(s.String())
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("nft: %v: %s", err, out)
+	}
+	want := []string{"shop/web 10.244.1.4:8080/TCP"}
+	rec.Wait(t, "the removal", func() bool { return len(removed(rec)) >= len(want) })
+	if got := removed(rec); !slices.Equal(got, want) {
+		t.Errorf("removals:\n got %q\nwant %q", got, want)
+	}
+	if errs := rec.Errors(); len(errs) == 0 || !strings.Contains(errors.Join(errs...).Error(), "no buffer space") {
+		t.Errorf("errors %v, want the kernel's lost-message error", errs)
 	}
 }

@@ -1,13 +1,12 @@
 // Package nfmon opens the nftables netlink monitor through which the nftables and iptables probes
-// follow rule changes, sized for large nodes and reopened when the kernel drops messages.
+// follow rule changes, sized for large nodes and reopened when the kernel drops messages. It reads
+// the notifications itself and decodes only what the probes look at.
 package nfmon
 
 import (
 	"context"
-	"fmt"
 	"time"
 
-	"github.com/google/nftables"
 	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 )
@@ -18,28 +17,6 @@ import (
 // kernel drops them. Memory is only used while messages wait to be read. Tests shrink it to make
 // the kernel drop messages.
 var ReceiveBuffer = 64 << 20
-
-// Monitor is an open generational monitor: Events delivers the changes of each committed
-// transaction; it is closed after an error (such as lost messages), which is delivered first.
-type Monitor struct {
-	Events <-chan *nftables.MonitorEvents
-	mon    *nftables.Monitor
-}
-
-// Open starts a monitor on its own netlink socket (opts may name a network namespace).
-func Open(opts ...nftables.ConnOption) (*Monitor, error) {
-	opts = append(opts[:len(opts):len(opts)], nftables.WithSockOptions(setReceiveBuffer))
-	conn, err := nftables.New(opts...)
-	if err != nil {
-		return nil, err
-	}
-	mon := nftables.NewMonitor(nftables.WithMonitorEventBuffer(4096))
-	events, err := conn.AddGenerationalMonitor(mon)
-	if err != nil {
-		return nil, fmt.Errorf("nftables monitor: %w", err)
-	}
-	return &Monitor{Events: events, mon: mon}, nil
-}
 
 // setReceiveBuffer forces the buffer size (CAP_NET_ADMIN), or asks for it within
 // net.core.rmem_max without the capability.
@@ -60,17 +37,8 @@ func setReceiveBuffer(c *netlink.Conn) error {
 	return nil
 }
 
-// Close stops the monitor.
-func (m *Monitor) Close() { _ = m.mon.Close() }
-
-// Reopen opens a new monitor after the last one closed, trying once a second until it succeeds
-// or ctx is done (nil). Each failure goes to report.
-func Reopen(ctx context.Context, report func(error), opts ...nftables.ConnOption) *Monitor {
-	m, _ := retry(ctx, report, func() (*Monitor, error) { return Open(opts...) })
-	return m
-}
-
-// ReopenRaw is Reopen for a raw monitor.
+// ReopenRaw opens a new raw monitor after the last one closed, trying once a second until it
+// succeeds or ctx is done (nil). Each failure goes to report.
 func ReopenRaw(ctx context.Context, report func(error), nsfd int) *RawMonitor {
 	m, _ := retry(ctx, report, func() (*RawMonitor, error) { return OpenRaw(nsfd) })
 	return m
@@ -90,10 +58,4 @@ func retry[M any](ctx context.Context, report func(error), open func() (M, error
 		case <-time.After(time.Second):
 		}
 	}
-}
-
-// Closing reports whether a generation carries the receive error after which the monitor closes;
-// the read after reopening covers what was lost.
-func Closing(gen *nftables.MonitorEvents) bool {
-	return gen.GeneratedBy != nil && gen.GeneratedBy.Type == nftables.MonitorEventTypeOOB && gen.GeneratedBy.Error != nil
 }

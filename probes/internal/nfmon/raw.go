@@ -1,18 +1,24 @@
 package nfmon
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
+	"os"
+	"sync/atomic"
+	"syscall"
+	"time"
 
 	"github.com/google/nftables/expr"
 	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 )
 
-// RawChange is one table, chain or rule message of a generation, decoded no further than its
-// names and handle: a rule's expressions stay raw until the reader needs them. google/nftables'
+// RawChange is one table, chain, rule or set element message of a generation, decoded no further
+// than its names, handle and, for elements, verdicts: a rule's expressions stay raw until the
+// reader needs them. google/nftables'
 // monitor decodes every expression of every message, which for an iptables-mode sync at 10,000
 // Services (KUBE-SERVICES rewritten whole: 20,000 rule messages) is most of the cost.
 type RawChange struct {
@@ -21,8 +27,20 @@ type RawChange struct {
 	Table  string
 	Chain  string // the chain's name for chain messages; the rule's chain for rule messages
 	Handle uint64
-	// Exprs is a new rule's NFTA_RULE_EXPRESSIONS (nil for deletions).
+	// Exprs is a new rule's NFTA_RULE_EXPRESSIONS (nil for deletions), in the received datagram's
+	// memory, which is never reused.
 	Exprs []byte
+	// Set and Elements name a set element message's set and list its elements.
+	Set      string
+	Elements []RawElement
+}
+
+// RawElement is one element of a set element message: whether it carries a verdict and, for a
+// jump or goto, the chain.
+type RawElement struct {
+	Verdict bool
+	Jump    bool
+	Chain   string
 }
 
 // RawGeneration is the changes of one committed transaction, or Err after which the monitor
@@ -38,104 +56,294 @@ type RawMonitor struct {
 	conn        *netlink.Conn
 }
 
-// OpenRaw starts a raw monitor in the network namespace open as nsfd (-1: the current one).
-func OpenRaw(nsfd int) (*RawMonitor, error) {
+// dial opens a netlink socket in the nftables multicast group of the network namespace open as
+// nsfd (-1: the current one), with the monitor's receive buffer.
+func dial(nsfd int) (*netlink.Conn, *receiver, error) {
 	cfg := &netlink.Config{}
 	if nsfd >= 0 {
 		cfg.NetNS = nsfd
 	}
 	conn, err := netlink.Dial(unix.NETLINK_NETFILTER, cfg)
 	if err != nil {
-		return nil, fmt.Errorf("nftables monitor: %w", err)
+		return nil, nil, fmt.Errorf("nftables monitor: %w", err)
 	}
-	if err := setReceiveBuffer(conn); err != nil {
-		conn.Close()
-		return nil, fmt.Errorf("nftables monitor: %w", err)
+	rc, err := conn.SyscallConn()
+	if err == nil {
+		err = setReceiveBuffer(conn)
 	}
-	if err := conn.JoinGroup(unix.NFNLGRP_NFTABLES); err != nil {
+	if err == nil {
+		err = conn.JoinGroup(unix.NFNLGRP_NFTABLES)
+	}
+	if err != nil {
 		conn.Close()
-		return nil, fmt.Errorf("nftables monitor: %w", err)
+		return nil, nil, fmt.Errorf("nftables monitor: %w", err)
+	}
+	return conn, &receiver{raw: rc}, nil
+}
+
+// OpenRaw starts a raw monitor in the network namespace open as nsfd (-1: the current one).
+func OpenRaw(nsfd int) (*RawMonitor, error) {
+	conn, rcv, err := dial(nsfd)
+	if err != nil {
+		return nil, err
 	}
 	ch := make(chan RawGeneration, 64)
 	m := &RawMonitor{Generations: ch, conn: conn}
-	go m.run(ch)
+	go m.run(rcv, ch)
 	return m, nil
 }
 
 // Close stops the monitor.
 func (m *RawMonitor) Close() { _ = m.conn.Close() }
 
-func (m *RawMonitor) run(ch chan<- RawGeneration) {
+func (m *RawMonitor) run(rcv *receiver, ch chan<- RawGeneration) {
 	defer close(ch)
 	var gen []RawChange
 	for {
-		msgs, err := m.conn.Receive()
+		b, err := rcv.next()
+		if err == nil {
+			err = messages(b, func(typ uint16, data []byte) error {
+				switch typ {
+				case unix.NFT_MSG_NEWGEN:
+					ch <- RawGeneration{Changes: gen}
+					gen = nil
+				case unix.NFT_MSG_NEWTABLE, unix.NFT_MSG_DELTABLE, unix.NFT_MSG_NEWCHAIN, unix.NFT_MSG_DELCHAIN,
+					unix.NFT_MSG_NEWRULE, unix.NFT_MSG_DELRULE, unix.NFT_MSG_NEWSETELEM, unix.NFT_MSG_DELSETELEM:
+					c, err := decodeRaw(typ, data)
+					if err != nil {
+						return err
+					}
+					gen = append(gen, c)
+				}
+				return nil
+			})
+		}
 		if err != nil {
-			if !errors.Is(err, net.ErrClosed) {
+			if !errors.Is(err, net.ErrClosed) && !errors.Is(err, os.ErrClosed) {
 				ch <- RawGeneration{Changes: gen, Err: fmt.Errorf("nftables monitor: %w", err)}
 			}
 			return
 		}
-		for _, msg := range msgs {
-			if uint16(msg.Header.Type)>>8 != unix.NFNL_SUBSYS_NFTABLES || len(msg.Data) < 4 {
-				continue
-			}
-			typ := uint16(msg.Header.Type) & 0xff
-			switch typ {
-			case unix.NFT_MSG_NEWGEN:
-				ch <- RawGeneration{Changes: gen}
-				gen = nil
-			case unix.NFT_MSG_NEWTABLE, unix.NFT_MSG_DELTABLE, unix.NFT_MSG_NEWCHAIN, unix.NFT_MSG_DELCHAIN,
-				unix.NFT_MSG_NEWRULE, unix.NFT_MSG_DELRULE:
-				c, err := decodeRaw(typ, msg.Data)
-				if err != nil {
-					ch <- RawGeneration{Changes: gen, Err: fmt.Errorf("nftables monitor: %w", err)}
-					return
-				}
-				gen = append(gen, c)
-			}
-		}
 	}
 }
 
-// decodeRaw reads a table, chain or rule message: the nfgenmsg header (family first), then its
-// attributes.
+// Notifications timestamps every committed generation when its end message is read, decoding
+// nothing else: the reference against which the benchmarks time the probes.
+type Notifications struct {
+	// Times delivers one time per generation; it is closed after an error, which Err returns.
+	Times <-chan time.Time
+	conn  *netlink.Conn
+	err   atomic.Pointer[error]
+}
+
+// OpenNotifications starts timestamping generations in the network namespace open as nsfd.
+func OpenNotifications(nsfd int) (*Notifications, error) {
+	conn, rcv, err := dial(nsfd)
+	if err != nil {
+		return nil, err
+	}
+	ch := make(chan time.Time, 4096)
+	n := &Notifications{Times: ch, conn: conn}
+	go func() {
+		defer close(ch)
+		for {
+			b, err := rcv.next()
+			if err == nil {
+				err = messages(b, func(typ uint16, _ []byte) error {
+					if typ == unix.NFT_MSG_NEWGEN {
+						ch <- time.Now()
+					}
+					return nil
+				})
+			}
+			if err != nil {
+				if !errors.Is(err, net.ErrClosed) && !errors.Is(err, os.ErrClosed) {
+					n.err.Store(&err)
+				}
+				return
+			}
+		}
+	}()
+	return n, nil
+}
+
+// Err is the error that ended the notifications, if any.
+func (n *Notifications) Err() error {
+	if e := n.err.Load(); e != nil {
+		return *e
+	}
+	return nil
+}
+
+// Close stops the notifications.
+func (n *Notifications) Close() { _ = n.conn.Close() }
+
+// slabSize is how much a receiver allocates at a time; maxDatagram is the room it keeps for one
+// datagram. The kernel coalesces nftables notifications into datagrams of at most a page or
+// 8 KiB (NLMSG_GOODSIZE).
+const slabSize, maxDatagram = 1 << 20, 64 << 10
+
+// receiver reads datagrams into slabs that it never reuses, so that a change's bytes stay valid
+// for as long as something refers to them, without a copy per message; a slab is freed by the
+// garbage collector once nothing does. One read per datagram, where netlink.Conn.Receive peeks
+// first and allocates a buffer per datagram.
+type receiver struct {
+	raw  syscall.RawConn
+	slab []byte
+}
+
+// next returns the next datagram's bytes.
+func (r *receiver) next() ([]byte, error) {
+	if len(r.slab) < maxDatagram {
+		r.slab = make([]byte, slabSize)
+	}
+	var (
+		n    int
+		rerr error
+	)
+	err := r.raw.Read(func(fd uintptr) bool {
+		n, _, rerr = unix.Recvfrom(int(fd), r.slab[:maxDatagram], unix.MSG_TRUNC|unix.MSG_DONTWAIT)
+		return rerr != unix.EAGAIN && rerr != unix.EWOULDBLOCK
+	})
+	switch {
+	case err != nil:
+		return nil, err
+	case rerr != nil:
+		return nil, os.NewSyscallError("recvfrom", rerr)
+	case n > maxDatagram:
+		return nil, fmt.Errorf("a datagram of %d bytes, over the %d read", n, maxDatagram)
+	}
+	b := r.slab[:n:n]
+	r.slab = r.slab[(n+3)&^3:]
+	return b, nil
+}
+
+// messages calls fn with the type and payload of each nftables message in a datagram.
+func messages(b []byte, fn func(typ uint16, data []byte) error) error {
+	for len(b) >= unix.NLMSG_HDRLEN {
+		l := int(binary.NativeEndian.Uint32(b))
+		if l < unix.NLMSG_HDRLEN || l > len(b) {
+			return fmt.Errorf("netlink message of length %d in %d bytes", l, len(b))
+		}
+		typ := binary.NativeEndian.Uint16(b[4:])
+		if typ>>8 == unix.NFNL_SUBSYS_NFTABLES && l >= unix.NLMSG_HDRLEN+4 {
+			if err := fn(typ&0xff, b[unix.NLMSG_HDRLEN:l]); err != nil {
+				return err
+			}
+		}
+		b = b[min((l+3)&^3, len(b)):]
+	}
+	return nil
+}
+
+// attrs calls fn with the type (flags masked off) and payload of each netlink attribute in b,
+// without allocating; it reports an attribute that overruns b.
+func attrs(b []byte, fn func(typ uint16, data []byte)) error {
+	for len(b) >= unix.SizeofNlAttr {
+		l := int(binary.NativeEndian.Uint16(b))
+		if l < unix.SizeofNlAttr || l > len(b) {
+			return fmt.Errorf("netlink attribute of length %d in %d bytes", l, len(b))
+		}
+		fn(binary.NativeEndian.Uint16(b[2:])&^(unix.NLA_F_NESTED|unix.NLA_F_NET_BYTEORDER), b[unix.SizeofNlAttr:l])
+		b = b[min((l+3)&^3, len(b)):]
+	}
+	return nil
+}
+
+// str reads a NUL-terminated string attribute.
+func str(b []byte) string {
+	if i := bytes.IndexByte(b, 0); i >= 0 {
+		b = b[:i]
+	}
+	return string(b)
+}
+
+// decodeRaw reads a table, chain, rule or set element message: the nfgenmsg header (family
+// first), then its attributes.
 func decodeRaw(typ uint16, data []byte) (RawChange, error) {
 	c := RawChange{Type: typ, Family: data[0]}
-	ad, err := netlink.NewAttributeDecoder(data[4:])
-	if err != nil {
-		return c, err
-	}
-	ad.ByteOrder = binary.BigEndian
-	for ad.Next() {
+	var nested error
+	err := attrs(data[4:], func(at uint16, b []byte) {
 		switch typ {
 		case unix.NFT_MSG_NEWTABLE, unix.NFT_MSG_DELTABLE:
-			if ad.Type() == unix.NFTA_TABLE_NAME {
-				c.Table = ad.String()
+			if at == unix.NFTA_TABLE_NAME {
+				c.Table = str(b)
 			}
 		case unix.NFT_MSG_NEWCHAIN, unix.NFT_MSG_DELCHAIN:
-			switch ad.Type() {
+			switch at {
 			case unix.NFTA_CHAIN_TABLE:
-				c.Table = ad.String()
+				c.Table = str(b)
 			case unix.NFTA_CHAIN_NAME:
-				c.Chain = ad.String()
+				c.Chain = str(b)
+			}
+		case unix.NFT_MSG_NEWSETELEM, unix.NFT_MSG_DELSETELEM:
+			switch at {
+			case unix.NFTA_SET_ELEM_LIST_TABLE:
+				c.Table = str(b)
+			case unix.NFTA_SET_ELEM_LIST_SET:
+				c.Set = str(b)
+			case unix.NFTA_SET_ELEM_LIST_ELEMENTS:
+				c.Elements, nested = decodeElements(b)
 			}
 		default: // rules
-			switch ad.Type() {
+			switch at {
 			case unix.NFTA_RULE_TABLE:
-				c.Table = ad.String()
+				c.Table = str(b)
 			case unix.NFTA_RULE_CHAIN:
-				c.Chain = ad.String()
+				c.Chain = str(b)
 			case unix.NFTA_RULE_HANDLE:
-				c.Handle = ad.Uint64()
+				if len(b) == 8 {
+					c.Handle = binary.BigEndian.Uint64(b)
+				} else {
+					nested = fmt.Errorf("rule handle of %d bytes", len(b))
+				}
 			case unix.NFTA_RULE_EXPRESSIONS:
 				if typ == unix.NFT_MSG_NEWRULE {
-					c.Exprs = append([]byte(nil), ad.Bytes()...)
+					c.Exprs = b
 				}
 			}
 		}
-	}
-	return c, ad.Err()
+	})
+	return c, errors.Join(err, nested)
+}
+
+// decodeElements reads a set element list: for each element, the chain its verdict data jumps
+// or goes to.
+func decodeElements(b []byte) ([]RawElement, error) {
+	var (
+		out  []RawElement
+		errs []error
+	)
+	errs = append(errs, attrs(b, func(at uint16, elem []byte) {
+		if at != unix.NFTA_LIST_ELEM {
+			return
+		}
+		var el RawElement
+		errs = append(errs, attrs(elem, func(at uint16, data []byte) {
+			if at != unix.NFTA_SET_ELEM_DATA {
+				return
+			}
+			errs = append(errs, attrs(data, func(at uint16, verdict []byte) {
+				if at != unix.NFTA_DATA_VERDICT {
+					return
+				}
+				el.Verdict = true
+				errs = append(errs, attrs(verdict, func(at uint16, v []byte) {
+					switch at {
+					case unix.NFTA_VERDICT_CODE:
+						if len(v) == 4 {
+							code := int32(binary.BigEndian.Uint32(v))
+							el.Jump = code == unix.NFT_JUMP || code == unix.NFT_GOTO
+						}
+					case unix.NFTA_VERDICT_CHAIN:
+						el.Chain = str(v)
+					}
+				}))
+			}))
+		}))
+		out = append(out, el)
+	}))
+	return out, errors.Join(errs...)
 }
 
 // DecodeExprs reads a rule's raw expressions, keeping the kinds that decide where a packet goes

@@ -143,12 +143,12 @@ func Run(t testing.TB, p probes.Probe) (*Recorder, func()) {
 }
 
 // Generations timestamps every batch of nftables changes the kernel announces in a namespace:
-// the reference the benchmarks measure probes against. It reads the notifications with the raw
-// monitor, which decodes no expression, so that the reference is not itself late by the decoding
-// of a large transaction.
+// the reference the benchmarks measure probes against. It reads the notifications with
+// nfmon.OpenNotifications, which decodes nothing but each message's type, so that the reference
+// is not itself late by the decoding of a large transaction.
 type Generations struct {
 	t     testing.TB
-	mon   *nfmon.RawMonitor
+	mon   *nfmon.Notifications
 	mu    sync.Mutex
 	times []time.Time
 	err   error
@@ -158,27 +158,26 @@ type Generations struct {
 // with the probes' own monitor socket settings.
 func WatchGenerations(t testing.TB, fd *os.File) *Generations {
 	t.Helper()
-	mon, err := nfmon.OpenRaw(int(fd.Fd()))
+	mon, err := nfmon.OpenNotifications(int(fd.Fd()))
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(mon.Close)
 	g := &Generations{t: t, mon: mon}
 	go func() {
-		for gen := range mon.Generations {
-			now := time.Now()
+		for at := range mon.Times {
 			g.mu.Lock()
-			g.times = append(g.times, now)
-			if gen.Err != nil {
-				g.err = gen.Err
-			}
+			g.times = append(g.times, at)
 			g.mu.Unlock()
 		}
+		g.mu.Lock()
+		g.err = mon.Err()
+		g.mu.Unlock()
 	}()
 	return g
 }
 
-// Stop ends the recording, so that the reference's own decoding stops costing CPU time.
+// Stop ends the recording, so that the reference's own reading stops costing CPU time.
 func (g *Generations) Stop() { g.mon.Close() }
 
 // Count is how many generations were seen so far.

@@ -108,12 +108,6 @@ func (g *Graph) SetChain(k Key, c *Chain) {
 	}
 }
 
-// HasChain reports whether the chain is known.
-func (g *Graph) HasChain(k Key) bool {
-	_, ok := g.chains[k]
-	return ok
-}
-
 // SetRoot makes a chain a root, or moves it to another group.
 func (g *Graph) SetRoot(k Key, r Root) {
 	if w := g.roots[k]; w != nil {
