@@ -122,8 +122,8 @@ func TestEntryRulesAreCounted(t *testing.T) {
 			t.Errorf("entry rules %v: state %q, removed %q; want %q, %q", step.entry, got, removed, step.state, step.removed)
 		}
 	}
-	if len(rd.entry[fam]) != 0 {
-		t.Errorf("counts left after the last entry rule went: %v", rd.entry[fam])
+	if len(rd.targets[fam]) != 0 {
+		t.Errorf("service chains left counted after the last entry rule went: %v", rd.targets[fam])
 	}
 }
 

@@ -99,6 +99,7 @@ func (m *RawMonitor) Close() { _ = m.conn.Close() }
 func (m *RawMonitor) run(rcv *receiver, ch chan<- RawGeneration) {
 	defer close(ch)
 	var gen []RawChange
+	n := names{}
 	for {
 		b, err := rcv.next()
 		if err == nil {
@@ -109,7 +110,7 @@ func (m *RawMonitor) run(rcv *receiver, ch chan<- RawGeneration) {
 					gen = nil
 				case unix.NFT_MSG_NEWTABLE, unix.NFT_MSG_DELTABLE, unix.NFT_MSG_NEWCHAIN, unix.NFT_MSG_DELCHAIN,
 					unix.NFT_MSG_NEWRULE, unix.NFT_MSG_DELRULE, unix.NFT_MSG_NEWSETELEM, unix.NFT_MSG_DELSETELEM:
-					c, err := decodeRaw(typ, data)
+					c, err := decodeRaw(typ, data, n)
 					if err != nil {
 						return err
 					}
@@ -250,47 +251,62 @@ func attrs(b []byte, fn func(typ uint16, data []byte)) error {
 	return nil
 }
 
+// names interns the table, chain and set names of a monitor's messages (a sync at 10,000
+// Services names KUBE-SERVICES 20,000 times). It starts over past maxNames, so that names of
+// chains long deleted are not kept.
+type names map[string]string
+
+const maxNames = 4096
+
 // str reads a NUL-terminated string attribute.
-func str(b []byte) string {
+func (n names) str(b []byte) string {
 	if i := bytes.IndexByte(b, 0); i >= 0 {
 		b = b[:i]
 	}
-	return string(b)
+	if s, ok := n[string(b)]; ok {
+		return s
+	}
+	s := string(b)
+	if len(n) >= maxNames {
+		clear(n)
+	}
+	n[s] = s
+	return s
 }
 
 // decodeRaw reads a table, chain, rule or set element message: the nfgenmsg header (family
 // first), then its attributes.
-func decodeRaw(typ uint16, data []byte) (RawChange, error) {
+func decodeRaw(typ uint16, data []byte, n names) (RawChange, error) {
 	c := RawChange{Type: typ, Family: data[0]}
 	var nested error
 	err := attrs(data[4:], func(at uint16, b []byte) {
 		switch typ {
 		case unix.NFT_MSG_NEWTABLE, unix.NFT_MSG_DELTABLE:
 			if at == unix.NFTA_TABLE_NAME {
-				c.Table = str(b)
+				c.Table = n.str(b)
 			}
 		case unix.NFT_MSG_NEWCHAIN, unix.NFT_MSG_DELCHAIN:
 			switch at {
 			case unix.NFTA_CHAIN_TABLE:
-				c.Table = str(b)
+				c.Table = n.str(b)
 			case unix.NFTA_CHAIN_NAME:
-				c.Chain = str(b)
+				c.Chain = n.str(b)
 			}
 		case unix.NFT_MSG_NEWSETELEM, unix.NFT_MSG_DELSETELEM:
 			switch at {
 			case unix.NFTA_SET_ELEM_LIST_TABLE:
-				c.Table = str(b)
+				c.Table = n.str(b)
 			case unix.NFTA_SET_ELEM_LIST_SET:
-				c.Set = str(b)
+				c.Set = n.str(b)
 			case unix.NFTA_SET_ELEM_LIST_ELEMENTS:
-				c.Elements, nested = decodeElements(b)
+				c.Elements, nested = decodeElements(b, n)
 			}
 		default: // rules
 			switch at {
 			case unix.NFTA_RULE_TABLE:
-				c.Table = str(b)
+				c.Table = n.str(b)
 			case unix.NFTA_RULE_CHAIN:
-				c.Chain = str(b)
+				c.Chain = n.str(b)
 			case unix.NFTA_RULE_HANDLE:
 				if len(b) == 8 {
 					c.Handle = binary.BigEndian.Uint64(b)
@@ -309,7 +325,7 @@ func decodeRaw(typ uint16, data []byte) (RawChange, error) {
 
 // decodeElements reads a set element list: for each element, the chain its verdict data jumps
 // or goes to.
-func decodeElements(b []byte) ([]RawElement, error) {
+func decodeElements(b []byte, n names) ([]RawElement, error) {
 	var (
 		out  []RawElement
 		errs []error
@@ -336,7 +352,7 @@ func decodeElements(b []byte) ([]RawElement, error) {
 							el.Jump = code == unix.NFT_JUMP || code == unix.NFT_GOTO
 						}
 					case unix.NFTA_VERDICT_CHAIN:
-						el.Chain = str(v)
+						el.Chain = n.str(v)
 					}
 				}))
 			}))

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"reflect"
 	"testing"
+	"unsafe"
 
 	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
@@ -134,13 +135,14 @@ func collect(b []byte) ([]RawChange, int, error) {
 	var (
 		out  []RawChange
 		gens int
+		n    = names{}
 	)
 	err := messages(b, func(typ uint16, data []byte) error {
 		if typ == unix.NFT_MSG_NEWGEN {
 			gens++
 			return nil
 		}
-		c, err := decodeRaw(typ, data)
+		c, err := decodeRaw(typ, data, n)
 		out = append(out, c)
 		return err
 	})
@@ -190,4 +192,19 @@ func FuzzDecodeRaw(f *testing.F) {
 			_, _ = DecodeExprs(c.Family, c.Exprs)
 		}
 	})
+}
+
+// Names are interned, and the table starts over rather than grow without bound.
+func TestNamesStayBounded(t *testing.T) {
+	n := names{}
+	a, b := n.str([]byte("KUBE-SERVICES\x00")), n.str([]byte("KUBE-SERVICES"))
+	if a != "KUBE-SERVICES" || unsafe.StringData(a) != unsafe.StringData(b) {
+		t.Errorf("str gave %q and %q, not one interned string", a, b)
+	}
+	for i := range maxNames + 10 {
+		n.str(binary.BigEndian.AppendUint32(nil, uint32(i)))
+	}
+	if len(n) > maxNames {
+		t.Errorf("%d names kept, over %d", len(n), maxNames)
+	}
 }
