@@ -85,7 +85,7 @@ func BenchmarkLargeRuleset(b *testing.B) {
 		key := fmt.Sprintf("bench/svc-%d %s:8080/TCP", svc, benchAddr(svc, 0))
 		before := ref.Count()
 		changed := time.Now()
-		restoreFile(b, ns, writeChange(b, dir, services, perService, true, svc))
+		restoreFile(b, ns, writeChange(b, dir, "change", services, perService, true, svc))
 		delivered := sink.wait(b, key)
 		refAt := ref.After(before)
 		delivery = append(delivery, delivered.Sub(refAt).Seconds())
@@ -115,12 +115,18 @@ func BenchmarkLargeRuleset(b *testing.B) {
 		}
 		defer f.Close()
 	}
-	churn := probetest.Churn(churnFor, perTx*time.Second/perSecond, func(n int) {
+	// The restores are written beforehand, so that writing them is not counted as the probe's.
+	interval := perTx * time.Second / perSecond
+	var churnFiles []string
+	for n := range int(churnFor/interval) + 1 {
 		svcs := make([]int, perTx)
 		for i := range svcs {
 			svcs[i] = changes + (n*perTx+i)%(services-changes)
 		}
-		restoreFile(b, ns, writeChange(b, dir, services, perService, false, svcs...))
+		churnFiles = append(churnFiles, writeChange(b, dir, fmt.Sprintf("churn-%d", n), services, perService, false, svcs...))
+	}
+	churn := probetest.Churn(churnFor, interval, func(n int) {
+		restoreFile(b, ns, churnFiles[n%len(churnFiles)])
 	})
 
 	pprof.StopCPUProfile()
@@ -202,10 +208,10 @@ func writeRules(b *testing.B, dir string, services, perService int) string {
 	return path
 }
 
-// writeChange writes one kube-proxy sync: KUBE-SERVICES whole, and each given Service's chain
+// writeChange writes, to a file of dir, one kube-proxy sync: KUBE-SERVICES whole, and each given Service's chain
 // without its first endpoint, whose chain is deleted (or, with deleteSEP false, emptied).
-func writeChange(b *testing.B, dir string, services, perService int, deleteSEP bool, svcs ...int) string {
-	path := filepath.Join(dir, "change")
+func writeChange(b *testing.B, dir, name string, services, perService int, deleteSEP bool, svcs ...int) string {
+	path := filepath.Join(dir, name)
 	var s strings.Builder
 	s.WriteString("*nat\n:KUBE-SERVICES - [0:0]\n")
 	for _, svc := range svcs {

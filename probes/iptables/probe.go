@@ -184,12 +184,13 @@ func (p *Probe) runNFT(ctx context.Context, sink probes.Sink) error {
 	}
 	p.publish(rd, sink, time.Time{}, 0)
 	sink.SetStatus(Name, probes.Status{Up: true, Synced: true})
+	// touched tells whether the parts of the generation applied so far changed the nat tables.
+	touched := false
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
 		case gen, ok := <-mon.Generations:
-			now := p.clock.Now()
 			switch {
 			case !ok:
 				// The monitor closed after an error (lost messages): open another and read the
@@ -201,18 +202,32 @@ func (p *Probe) runNFT(ctx context.Context, sink probes.Sink) error {
 				if err := rd.resync(conn); err != nil {
 					sink.Error(Name, err)
 				}
+				touched = false
+				p.publish(rd, sink, p.clock.Now(), 0)
+				continue
 			case gen.Err != nil:
 				sink.Error(Name, gen.Err) // the monitor closes next
 				continue
-			case !rd.apply(gen):
+			}
+			// A large generation is applied part by part as the kernel sends it; what it changed
+			// is handed on, and timestamped, when its last part arrives.
+			touched = rd.apply(gen.Changes) || touched
+			if gen.Partial {
 				continue
-			case rd.err != nil:
+			}
+			now := p.clock.Now()
+			if !touched {
+				continue
+			}
+			touched = false
+			if rd.err != nil {
 				// A rule that did not decode: read the tables whole again.
 				sink.Error(Name, rd.err)
 				if err := rd.resync(conn); err != nil {
 					sink.Error(Name, err)
 				}
 			}
+			rd.flush()
 			p.publish(rd, sink, now, 0)
 		}
 	}

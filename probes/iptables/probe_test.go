@@ -164,21 +164,10 @@ func TestNetlinkReadMatchesSaveText(t *testing.T) {
 	}
 }
 
-// When the kernel drops monitor messages (a change larger than the socket's receive buffer), the
-// probe says so, opens a new monitor, reads the tables whole and still reports the removal.
-func TestLostMessagesAreRecovered(t *testing.T) {
-	ns, fd := probetest.Netns(t, nsPrefix+"lost-", "iptables-nft-restore")
-	restore(t, ns, BackendNFT, "kube-proxy.iptables")
-	// Restored after the probe stops: cleanups run last-registered first.
-	saved := nfmon.ReceiveBuffer
-	t.Cleanup(func() { nfmon.ReceiveBuffer = saved })
-	nfmon.ReceiveBuffer = 4096
-	p := New(Options{}, clock.RealClock{}, slog.New(slog.NewTextHandler(io.Discard, nil)))
-	inNamespace(p, fd)
-	rec, _ := probetest.Run(t, p)
-	rec.Wait(t, "the first read", func() bool { p.mu.Lock(); defer p.mu.Unlock(); return p.reads > 0 })
-
-	// One transaction: 500 unrelated chains of 4 commented rules each, and the web endpoint gone.
+// largeChange is one restore that removes the web endpoint among 2,000 rules in 500 unrelated
+// chains: more changes than the monitor hands over at once, more bytes than a 4 KiB buffer holds.
+func largeChange(t *testing.T, ns string) {
+	t.Helper()
 	web, err := os.ReadFile(filepath.Join("testdata", "remove-web-endpoint.iptables"))
 	if err != nil {
 		t.Fatal(err)
@@ -202,6 +191,47 @@ func TestLostMessagesAreRecovered(t *testing.T) {
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("restore: %v: %s", err, out)
 	}
+}
+
+// A generation of more changes than nfmon.Chunk comes in parts, which the probe applies as they
+// arrive; what it removed is reported once, after the last part.
+func TestLargeGenerationIsAppliedInParts(t *testing.T) {
+	ns, fd := probetest.Netns(t, nsPrefix+"parts-", "iptables-nft-restore")
+	restore(t, ns, BackendNFT, "kube-proxy.iptables")
+	p := New(Options{}, clock.RealClock{}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	inNamespace(p, fd)
+	rec, _ := probetest.Run(t, p)
+	reads := func() int { p.mu.Lock(); defer p.mu.Unlock(); return p.reads }
+	rec.Wait(t, "the first read", func() bool { return reads() > 0 })
+	before := reads()
+	largeChange(t, ns)
+	want := []string{"default/web 10.244.1.4:8080/TCP 0s"}
+	rec.Wait(t, "the removal", func() bool { return len(removed(rec)) >= len(want) })
+	if got := removed(rec); !slices.Equal(got, want) {
+		t.Errorf("removals:\n got %q\nwant %q", got, want)
+	}
+	if n := reads() - before; n != 1 {
+		t.Errorf("the generation was published %d times, want once", n)
+	}
+	if errs := rec.Errors(); len(errs) != 0 {
+		t.Errorf("errors: %v", errs)
+	}
+}
+
+// When the kernel drops monitor messages (a change larger than the socket's receive buffer), the
+// probe says so, opens a new monitor, reads the tables whole and still reports the removal.
+func TestLostMessagesAreRecovered(t *testing.T) {
+	ns, fd := probetest.Netns(t, nsPrefix+"lost-", "iptables-nft-restore")
+	restore(t, ns, BackendNFT, "kube-proxy.iptables")
+	// Restored after the probe stops: cleanups run last-registered first.
+	saved := nfmon.ReceiveBuffer
+	t.Cleanup(func() { nfmon.ReceiveBuffer = saved })
+	nfmon.ReceiveBuffer = 4096
+	p := New(Options{}, clock.RealClock{}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	inNamespace(p, fd)
+	rec, _ := probetest.Run(t, p)
+	rec.Wait(t, "the first read", func() bool { p.mu.Lock(); defer p.mu.Unlock(); return p.reads > 0 })
+	largeChange(t, ns)
 	want := []string{"default/web 10.244.1.4:8080/TCP 0s"}
 	rec.Wait(t, "the removal", func() bool { return len(removed(rec)) >= len(want) })
 	if got := removed(rec); !slices.Equal(got, want) {

@@ -284,17 +284,19 @@ func (rd *reader) poll(ctx context.Context, run func(ctx context.Context, name s
 	return errors.Join(errs...)
 }
 
-// apply follows one generation of nftables changes in the nat tables: rules added and deleted by
-// handle, chains and tables created and deleted. It reports whether the generation touched them;
-// a rule that does not decode sets rd.err.
-func (rd *reader) apply(gen nfmon.RawGeneration) bool {
+// apply follows nftables changes in the nat tables, up to the next flush: rules added and deleted
+// by handle, chains and tables created and deleted. It reports whether they touched the nat
+// tables; a rule that does not decode sets rd.err, after which changes are skipped until a resync.
+func (rd *reader) apply(changes []nfmon.RawChange) bool {
 	touched := false
-	defer rd.flush()
-	for _, c := range gen.Changes {
+	for _, c := range changes {
 		if c.Table != natTable || (c.Family != uint8(nftables.TableFamilyIPv4) && c.Family != uint8(nftables.TableFamilyIPv6)) {
 			continue
 		}
 		touched = true
+		if rd.err != nil {
+			continue
+		}
 		if err := rd.applyOne(c); err != nil {
 			rd.err = fmt.Errorf("%s nat chain %s, rule %d: %w", familyName(nftables.TableFamily(c.Family)), c.Chain, c.Handle, err)
 			return true

@@ -112,12 +112,21 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 	// A failed first read (no CAP_NET_ADMIN, say) leaves the probe down; the next change retries.
 	sink.SetStatus(Name, probes.Status{Up: readErr == nil, Synced: true, Inactive: !active})
 	p.log.Info("synced", "services", len(p.state), "kube-proxy table", active)
+	// pending are the parts of a large generation received so far.
+	var pending []nfmon.RawChange
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
 		case gen, ok := <-mon.Generations:
+			if ok && gen.Err == nil && gen.Partial {
+				pending = append(pending, gen.Changes...)
+				continue
+			}
 			now := p.clock.Now()
+			if pending != nil {
+				gen.Changes, pending = append(pending, gen.Changes...), nil
+			}
 			if !ok {
 				// The monitor closed after an error (lost messages), which was reported: open
 				// another and read the tables whole.
@@ -132,7 +141,7 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 			} else if gen.Err != nil {
 				sink.Error(Name, gen.Err) // the monitor closes next
 				continue
-			} else if err := rd.apply(gen); err != nil {
+			} else if err := rd.apply(gen.Changes); err != nil {
 				sink.Error(Name, err)
 				if err := rd.resync(); err != nil {
 					sink.Error(Name, err)
@@ -290,10 +299,10 @@ func (rd *reader) readRoots(fam nftables.TableFamily) error {
 
 // apply re-reads what one generation of changes touched in the kube-proxy tables: the chains
 // whose rules changed, and the service maps' elements as roots.
-func (rd *reader) apply(gen nfmon.RawGeneration) error {
+func (rd *reader) apply(changes []nfmon.RawChange) error {
 	dirty := map[rulegraph.Key]bool{}
 	rootsDirty := map[uint8]bool{}
-	for _, c := range gen.Changes {
+	for _, c := range changes {
 		if c.Table != tableName {
 			continue
 		}
