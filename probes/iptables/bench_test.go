@@ -103,7 +103,7 @@ func BenchmarkLargeRuleset(b *testing.B) {
 	// rewrites KUBE-SERVICES whole); the endpoint chains stay, emptied. The probe's CPU time is
 	// this process's minus an idle baseline of the same length; iptables-restore runs as a child
 	// and is not counted.
-	const perSecond, churnFor, perTx = 100, 10 * time.Second, 100
+	const perSecond, churnFor, perTx = 100, 20 * time.Second, 100
 	ref.Stop()
 	if path := os.Getenv("BENCH_CPUPROFILE"); path != "" {
 		f, err := os.Create(path)
@@ -153,9 +153,9 @@ func BenchmarkLargeRuleset(b *testing.B) {
 	b.Logf("initial sync %s, RSS %d KiB", syncTime.Round(time.Millisecond), churn.RSS0)
 	b.Logf("change → observation p50 %.2f ms, p99 %.2f ms; once-a-second iptables-save p50 %.0f ms, p99 %.0f ms (%d changes; one save takes %.0f ms)",
 		q(delivery, 0.5)*1000, q(delivery, 0.99)*1000, q(pollLag, 0.5)*1000, q(pollLag, 0.99)*1000, len(pollLag), q(saves, 0.5)*1000)
-	b.Logf("churn: %d transactions (%d endpoints) in %s: probe CPU %s (%.1f %% of one core; idle baseline %s), RSS %d → %d KiB",
+	b.Logf("churn: %d transactions (%d endpoints) in %s: probe CPU %s (%.1f %% of one core; idle baseline %s), RSS %d → %d (halfway) → %d KiB",
 		churn.Transactions, perTx*churn.Transactions, churnFor, churn.Busy.Round(time.Millisecond), churn.Busy.Seconds()/churnFor.Seconds()*100,
-		churn.Idle.Round(time.Millisecond), churn.RSS0, churn.RSS1)
+		churn.Idle.Round(time.Millisecond), churn.RSS0, churn.RSSMid, churn.RSS1)
 }
 
 func benchAddr(svc, i int) string {

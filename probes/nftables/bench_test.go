@@ -77,7 +77,7 @@ func BenchmarkLargeRuleset(b *testing.B) {
 	// every 80 ms (an nft command on a table this size takes tens of milliseconds). The probe's
 	// CPU time is this process's minus an idle baseline of the same length (the nft commands run
 	// as children and are not counted).
-	const perSecond, churnFor, perTx = 100, 10 * time.Second, 8
+	const perSecond, churnFor, perTx = 100, 20 * time.Second, 8
 	ref.Stop()
 	churn := probetest.Churn(churnFor, perTx*time.Second/perSecond, func(n int) {
 		svcs := make([]int, perTx)
@@ -98,9 +98,9 @@ func BenchmarkLargeRuleset(b *testing.B) {
 	b.Logf("initial sync %s, RSS %d KiB", syncTime.Round(time.Millisecond), churn.RSS0)
 	b.Logf("change → observation delivered: p50 %.2f ms, p99 %.2f ms (timestamp − kernel notification p99 %.3f ms); once-a-second nft list: p50 %.0f ms, p99 %.0f ms",
 		probetest.Quantile(delivery, 0.5)*1000, probetest.Quantile(delivery, 0.99)*1000, probetest.Quantile(stampErr, 0.99)*1000, probetest.Quantile(pollLag, 0.5)*1000, probetest.Quantile(pollLag, 0.99)*1000)
-	b.Logf("churn: %d transactions (%d endpoints) in %s: probe CPU %s (%.1f %% of one core; idle baseline %s), RSS %d → %d KiB",
+	b.Logf("churn: %d transactions (%d endpoints) in %s: probe CPU %s (%.1f %% of one core; idle baseline %s), RSS %d → %d (halfway) → %d KiB",
 		churn.Transactions, perTx*churn.Transactions, churnFor, churn.Busy.Round(time.Millisecond), churn.Busy.Seconds()/churnFor.Seconds()*100,
-		churn.Idle.Round(time.Millisecond), churn.RSS0, churn.RSS1)
+		churn.Idle.Round(time.Millisecond), churn.RSS0, churn.RSSMid, churn.RSS1)
 }
 
 const benchPerService = 10

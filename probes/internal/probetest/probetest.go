@@ -234,11 +234,12 @@ func RSSKiB() int {
 }
 
 // ChurnResult is what Churn measured: the transactions made, this process's CPU time while they
-// were made less an idle baseline of the same length, and its RSS before and after.
+// were made less an idle baseline of the same length, and its RSS before, halfway and after:
+// memory that stays flat under churn has RSSMid ≈ RSS1.
 type ChurnResult struct {
-	Transactions int
-	Busy, Idle   time.Duration
-	RSS0, RSS1   int
+	Transactions       int
+	Busy, Idle         time.Duration
+	RSS0, RSSMid, RSS1 int
 }
 
 // Churn measures the process's idle CPU time for d, then calls change(n) for n = 0, 1, … every
@@ -252,11 +253,18 @@ func Churn(d, interval time.Duration, change func(n int)) ChurnResult {
 	cpu0 := CPUTime()
 	tick := time.NewTicker(interval)
 	defer tick.Stop()
-	for deadline := time.Now().Add(d); time.Now().Before(deadline); r.Transactions++ {
+	var measuring time.Duration
+	start := time.Now()
+	for deadline := start.Add(d); time.Now().Before(deadline); r.Transactions++ {
 		<-tick.C
+		if r.RSSMid == 0 && time.Since(start) >= d/2 {
+			m0 := CPUTime()
+			r.RSSMid = RSSKiB()
+			measuring = CPUTime() - m0
+		}
 		change(r.Transactions)
 	}
-	r.Busy = CPUTime() - cpu0 - r.Idle
+	r.Busy = CPUTime() - cpu0 - r.Idle - measuring
 	r.RSS1 = RSSKiB()
 	return r
 }
