@@ -12,8 +12,8 @@ import (
 	"time"
 
 	"github.com/google/nftables/expr"
-	"golang.org/x/net/bpf"
 	"github.com/mdlayher/netlink"
+	"golang.org/x/net/bpf"
 	"golang.org/x/sys/unix"
 )
 
