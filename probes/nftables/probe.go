@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/google/nftables"
+	"github.com/google/nftables/expr"
 	"golang.org/x/sys/unix"
 	"k8s.io/utils/clock"
 
@@ -55,8 +56,9 @@ type Probe struct {
 	mu sync.Mutex
 	// state is what the rules do now, per Service; read by Snapshot.
 	state map[string]rulegraph.Reached
-	// generations counts the change batches handled.
+	// generations counts the change batches handled, setReads the sets read back over netlink.
 	generations atomic.Int64
+	setReads    atomic.Int64
 }
 
 // New returns the probe for the current network namespace.
@@ -83,6 +85,8 @@ func (p *Probe) Name() string { return Name }
 // reader is the probe's view of the tables: every chain's parsed rules and the roots.
 type reader struct {
 	conn *nftables.Conn
+	// setReads, when set, counts the sets read over netlink.
+	setReads *atomic.Int64
 	g    *rulegraph.Graph
 	// found is true while a kube-proxy table exists in some family.
 	found bool
@@ -101,7 +105,7 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 		return fmt.Errorf("nftables: %w", err)
 	}
 	defer func() { _ = conn.CloseLasting() }()
-	rd := &reader{conn: conn}
+	rd := &reader{conn: conn, setReads: &p.setReads}
 	// The monitor runs before the first read, so no change falls between them.
 	readErr := rd.resync()
 	if readErr != nil {
@@ -219,7 +223,7 @@ func (rd *reader) resync() error {
 				continue
 			}
 			found = true
-			if err := rd.readChain(fam, c.Name); err != nil {
+			if err := rd.readChain(fam, c.Name, nil); err != nil {
 				errs = append(errs, err)
 			}
 		}
@@ -241,8 +245,19 @@ func table(fam nftables.TableFamily) *nftables.Table {
 	return &nftables.Table{Name: tableName, Family: fam}
 }
 
-// readChain reads one chain's rules; a chain that is gone is dropped.
-func (rd *reader) readChain(fam nftables.TableFamily, name string) error {
+// freshSets are the sets a generation created, by family and name, with the elements it added:
+// kube-proxy writes a service chain's DNAT map as an anonymous set in the same transaction as the
+// rule, so the probe need not read it back.
+type freshSets map[setKey][]nftables.SetElement
+
+type setKey struct {
+	family uint8
+	name   string
+}
+
+// readChain reads one chain's rules (their sets from fresh when there, else over netlink); a chain
+// that is gone is dropped.
+func (rd *reader) readChain(fam nftables.TableFamily, name string, fresh freshSets) error {
 	t := table(fam)
 	rules, err := rd.conn.GetRules(t, &nftables.Chain{Name: name, Table: t})
 	if err != nil {
@@ -253,7 +268,12 @@ func (rd *reader) readChain(fam nftables.TableFamily, name string) error {
 		return fmt.Errorf("reading %s chain %s: %w", familyName(fam), name, err)
 	}
 	ci := &rulegraph.Chain{}
-	sets := func(set string) ([]nftables.SetElement, error) { return rd.elements(t, set) }
+	sets := func(set string) ([]nftables.SetElement, error) {
+		if elems, ok := fresh[setKey{uint8(fam), set}]; ok {
+			return elems, nil
+		}
+		return rd.elements(t, set)
+	}
 	for _, r := range rules {
 		if err := evalRule(r, sets, ci); err != nil {
 			if isNotFound(err) {
@@ -269,6 +289,9 @@ func (rd *reader) readChain(fam nftables.TableFamily, name string) error {
 }
 
 func (rd *reader) elements(t *nftables.Table, name string) ([]nftables.SetElement, error) {
+	if rd.setReads != nil {
+		rd.setReads.Add(1)
+	}
 	s, err := rd.conn.GetSetByName(t, name)
 	if err != nil {
 		return nil, err
@@ -297,23 +320,52 @@ func (rd *reader) readRoots(fam nftables.TableFamily) error {
 	return nil
 }
 
+// setElement is an element as google/nftables reads it back.
+func setElement(el nfmon.RawElement) nftables.SetElement {
+	out := nftables.SetElement{Key: el.Key, Val: el.Value}
+	if el.Verdict {
+		out.VerdictData = &expr.Verdict{Kind: expr.VerdictAccept}
+		if el.Jump {
+			out.VerdictData = &expr.Verdict{Kind: expr.VerdictJump, Chain: el.Chain}
+		}
+	}
+	return out
+}
+
 // apply re-reads what one generation of changes touched in the kube-proxy tables: the chains
 // whose rules changed, and the service maps' elements as roots.
 func (rd *reader) apply(changes []nfmon.RawChange) error {
 	dirty := map[rulegraph.Key]bool{}
 	rootsDirty := map[uint8]bool{}
+	fresh := freshSets{}
 	for _, c := range changes {
 		if c.Table != tableName {
 			continue
 		}
 		k := rulegraph.Key{Family: c.Family, Chain: c.Chain}
 		switch c.Type {
+		case unix.NFT_MSG_NEWSET:
+			fresh[setKey{c.Family, c.Set}] = []nftables.SetElement{}
+		case unix.NFT_MSG_DELSET:
+			delete(fresh, setKey{c.Family, c.Set})
 		case unix.NFT_MSG_NEWRULE, unix.NFT_MSG_DELRULE, unix.NFT_MSG_NEWCHAIN:
 			dirty[k] = true
 		case unix.NFT_MSG_DELCHAIN:
 			delete(dirty, k)
 			rd.g.SetChain(k, nil)
 		case unix.NFT_MSG_NEWSETELEM, unix.NFT_MSG_DELSETELEM:
+			sk := setKey{c.Family, c.Set}
+			if elems, ok := fresh[sk]; ok {
+				if c.Type == unix.NFT_MSG_DELSETELEM {
+					delete(fresh, sk) // not as created: read it back
+					continue
+				}
+				for _, el := range c.Elements {
+					elems = append(elems, setElement(el))
+				}
+				fresh[sk] = elems
+				continue
+			}
 			if !slices.Contains(rootMaps, c.Set) {
 				continue
 			}
@@ -342,7 +394,7 @@ func (rd *reader) apply(changes []nfmon.RawChange) error {
 	}
 	var errs []error
 	for k := range dirty {
-		errs = append(errs, rd.readChain(nftables.TableFamily(k.Family), k.Chain))
+		errs = append(errs, rd.readChain(nftables.TableFamily(k.Family), k.Chain, fresh))
 	}
 	for fam := range rootsDirty {
 		errs = append(errs, rd.readRoots(nftables.TableFamily(fam)))

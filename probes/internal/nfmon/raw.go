@@ -31,17 +31,19 @@ type RawChange struct {
 	// Exprs is a new rule's NFTA_RULE_EXPRESSIONS (nil for deletions), in the received datagram's
 	// memory, which is never reused.
 	Exprs []byte
-	// Set and Elements name a set element message's set and list its elements.
+	// Set names a set message's set, or an element message's set, whose Elements it lists.
 	Set      string
 	Elements []RawElement
 }
 
-// RawElement is one element of a set element message: whether it carries a verdict and, for a
-// jump or goto, the chain.
+// RawElement is one element of a set element message: its key, its data (Value bytes, or a
+// verdict and, for a jump or goto, the chain). Key and Value are in the received datagram's
+// memory, which is never reused.
 type RawElement struct {
-	Verdict bool
-	Jump    bool
-	Chain   string
+	Key, Value []byte
+	Verdict    bool
+	Jump       bool
+	Chain      string
 }
 
 // RawGeneration is the changes of one committed transaction, or Err after which the monitor
@@ -116,7 +118,8 @@ func (m *RawMonitor) run(rcv *receiver, ch chan<- RawGeneration) {
 					ch <- RawGeneration{Changes: gen}
 					gen = nil
 				case unix.NFT_MSG_NEWTABLE, unix.NFT_MSG_DELTABLE, unix.NFT_MSG_NEWCHAIN, unix.NFT_MSG_DELCHAIN,
-					unix.NFT_MSG_NEWRULE, unix.NFT_MSG_DELRULE, unix.NFT_MSG_NEWSETELEM, unix.NFT_MSG_DELSETELEM:
+					unix.NFT_MSG_NEWRULE, unix.NFT_MSG_DELRULE, unix.NFT_MSG_NEWSET, unix.NFT_MSG_DELSET,
+					unix.NFT_MSG_NEWSETELEM, unix.NFT_MSG_DELSETELEM:
 					c, err := decodeRaw(typ, data, n)
 					if err != nil {
 						return err
@@ -322,6 +325,13 @@ func decodeRaw(typ uint16, data []byte, n names) (RawChange, error) {
 			case unix.NFTA_CHAIN_NAME:
 				c.Chain = n.str(b)
 			}
+		case unix.NFT_MSG_NEWSET, unix.NFT_MSG_DELSET:
+			switch at {
+			case unix.NFTA_SET_TABLE:
+				c.Table = n.str(b)
+			case unix.NFTA_SET_NAME:
+				c.Set = n.str(b)
+			}
 		case unix.NFT_MSG_NEWSETELEM, unix.NFT_MSG_DELSETELEM:
 			switch at {
 			case unix.NFTA_SET_ELEM_LIST_TABLE:
@@ -360,32 +370,42 @@ func decodeElements(b []byte, n names) ([]RawElement, error) {
 		out  []RawElement
 		errs []error
 	)
+	// value reads a nested data attribute: NFTA_DATA_VALUE bytes or an NFTA_DATA_VERDICT.
+	value := func(data []byte, el *RawElement, key bool) {
+		errs = append(errs, attrs(data, func(at uint16, v []byte) {
+			switch {
+			case at == unix.NFTA_DATA_VALUE && key:
+				el.Key = v
+			case at == unix.NFTA_DATA_VALUE:
+				el.Value = v
+			case at == unix.NFTA_DATA_VERDICT && !key:
+				el.Verdict = true
+				errs = append(errs, attrs(v, func(at uint16, vv []byte) {
+					switch at {
+					case unix.NFTA_VERDICT_CODE:
+						if len(vv) == 4 {
+							code := int32(binary.BigEndian.Uint32(vv))
+							el.Jump = code == unix.NFT_JUMP || code == unix.NFT_GOTO
+						}
+					case unix.NFTA_VERDICT_CHAIN:
+						el.Chain = n.str(vv)
+					}
+				}))
+			}
+		}))
+	}
 	errs = append(errs, attrs(b, func(at uint16, elem []byte) {
 		if at != unix.NFTA_LIST_ELEM {
 			return
 		}
 		var el RawElement
 		errs = append(errs, attrs(elem, func(at uint16, data []byte) {
-			if at != unix.NFTA_SET_ELEM_DATA {
-				return
+			switch at {
+			case unix.NFTA_SET_ELEM_KEY:
+				value(data, &el, true)
+			case unix.NFTA_SET_ELEM_DATA:
+				value(data, &el, false)
 			}
-			errs = append(errs, attrs(data, func(at uint16, verdict []byte) {
-				if at != unix.NFTA_DATA_VERDICT {
-					return
-				}
-				el.Verdict = true
-				errs = append(errs, attrs(verdict, func(at uint16, v []byte) {
-					switch at {
-					case unix.NFTA_VERDICT_CODE:
-						if len(v) == 4 {
-							code := int32(binary.BigEndian.Uint32(v))
-							el.Jump = code == unix.NFT_JUMP || code == unix.NFT_GOTO
-						}
-					case unix.NFTA_VERDICT_CHAIN:
-						el.Chain = n.str(v)
-					}
-				}))
-			}))
 		}))
 		out = append(out, el)
 	}))

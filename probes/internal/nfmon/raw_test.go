@@ -87,26 +87,37 @@ func sample(t testing.TB) ([]message, []RawChange) {
 			return nil
 		})
 	}
+	data := func(ae *netlink.AttributeEncoder, typ uint16, v []byte) {
+		ae.Nested(typ, func(d *netlink.AttributeEncoder) error {
+			d.Bytes(unix.NFTA_DATA_VALUE, v)
+			return nil
+		})
+	}
 	elems := encode(t, func(ae *netlink.AttributeEncoder) {
 		ae.String(unix.NFTA_SET_ELEM_LIST_TABLE, "kube-proxy")
 		ae.String(unix.NFTA_SET_ELEM_LIST_SET, "service-ips")
 		ae.Nested(unix.NFTA_SET_ELEM_LIST_ELEMENTS, func(l *netlink.AttributeEncoder) error {
 			l.Nested(unix.NFTA_LIST_ELEM, func(e *netlink.AttributeEncoder) error {
-				e.Bytes(unix.NFTA_SET_ELEM_KEY, []byte{10, 96, 0, 1})
+				data(e, unix.NFTA_SET_ELEM_KEY, []byte{10, 96, 0, 1})
 				verdict(e, unix.NFT_GOTO, "service-ABC-ns/svc/tcp/http")
 				return nil
 			})
 			l.Nested(unix.NFTA_LIST_ELEM, func(e *netlink.AttributeEncoder) error {
-				e.Bytes(unix.NFTA_SET_ELEM_KEY, []byte{10, 96, 0, 2})
+				data(e, unix.NFTA_SET_ELEM_KEY, []byte{10, 96, 0, 2})
 				verdict(e, accept, "")
 				return nil
 			})
 			l.Nested(unix.NFTA_LIST_ELEM, func(e *netlink.AttributeEncoder) error {
-				e.Bytes(unix.NFTA_SET_ELEM_KEY, []byte{10, 96, 0, 3})
+				data(e, unix.NFTA_SET_ELEM_KEY, []byte{10, 96, 0, 3})
+				data(e, unix.NFTA_SET_ELEM_DATA, []byte{10, 244, 1, 3, 0x1f, 0x90, 0, 0})
 				return nil
 			})
 			return nil
 		})
+	})
+	set := encode(t, func(ae *netlink.AttributeEncoder) {
+		ae.String(unix.NFTA_SET_TABLE, "kube-proxy")
+		ae.String(unix.NFTA_SET_NAME, "__map3")
 	})
 	chain := encode(t, func(ae *netlink.AttributeEncoder) {
 		ae.String(unix.NFTA_CHAIN_TABLE, "nat")
@@ -114,16 +125,18 @@ func sample(t testing.TB) ([]message, []RawChange) {
 	})
 	msgs := []message{
 		{unix.NFT_MSG_NEWRULE, unix.NFPROTO_IPV4, rule},
+		{unix.NFT_MSG_NEWSET, unix.NFPROTO_IPV6, set},
 		{unix.NFT_MSG_DELSETELEM, unix.NFPROTO_IPV6, elems},
 		{unix.NFT_MSG_DELCHAIN, unix.NFPROTO_IPV4, chain},
 		{unix.NFT_MSG_NEWGEN, unix.NFPROTO_UNSPEC, nil},
 	}
 	want := []RawChange{
 		{Type: unix.NFT_MSG_NEWRULE, Family: unix.NFPROTO_IPV4, Table: "nat", Chain: "KUBE-SERVICES", Handle: 42, Exprs: exprs},
+		{Type: unix.NFT_MSG_NEWSET, Family: unix.NFPROTO_IPV6, Table: "kube-proxy", Set: "__map3"},
 		{Type: unix.NFT_MSG_DELSETELEM, Family: unix.NFPROTO_IPV6, Table: "kube-proxy", Set: "service-ips", Elements: []RawElement{
-			{Verdict: true, Jump: true, Chain: "service-ABC-ns/svc/tcp/http"},
-			{Verdict: true},
-			{},
+			{Key: []byte{10, 96, 0, 1}, Verdict: true, Jump: true, Chain: "service-ABC-ns/svc/tcp/http"},
+			{Key: []byte{10, 96, 0, 2}, Verdict: true},
+			{Key: []byte{10, 96, 0, 3}, Value: []byte{10, 244, 1, 3, 0x1f, 0x90, 0, 0}},
 		}},
 		{Type: unix.NFT_MSG_DELCHAIN, Family: unix.NFPROTO_IPV4, Table: "nat", Chain: "KUBE-SEP-Y"},
 	}
