@@ -87,7 +87,7 @@ type reader struct {
 	conn *nftables.Conn
 	// setReads, when set, counts the sets read over netlink.
 	setReads *atomic.Int64
-	g    *rulegraph.Graph
+	g        *rulegraph.Graph
 	// found is true while a kube-proxy table exists in some family.
 	found bool
 }
