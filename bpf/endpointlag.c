@@ -12,7 +12,9 @@
 //              unreachables a terminating pod sends back; packets and new connections a pod
 //              sends to the address of a deleted pod of the same node.
 //   uplink_in  the node's uplinks, ingress: packets and new connections to deleted pods.
-//   uplink_out the node's uplinks, egress: resets and ICMP unreachables sent for deleted pods.
+//   uplink_out the node's uplinks, egress: resets and ICMP unreachables sent for deleted pods;
+//              an unreachable about a terminating pod (its network already gone) is a new
+//              connection to a dead pod.
 //
 // Addresses are keys of 16 bytes, IPv4 mapped into IPv6 (::ffff:a.b.c.d).
 
@@ -137,8 +139,16 @@ struct pkt {
 	__u8 proto;
 	__u8 tcp_flags;
 	__u8 icmp_unreach;
-	// inner is the destination of the packet an ICMP error quotes.
+	// inner is the destination of the packet an ICMP error quotes; quoted its source, ports,
+	// protocol and TCP flags.
 	struct addr inner;
+	struct pkt_quoted {
+		struct addr saddr;
+		__u16 sport;
+		__u16 dport;
+		__u8 proto;
+		__u8 tcp_flags;
+	} quoted;
 };
 
 #define TCP_FLAG_RST 0x04
@@ -184,8 +194,23 @@ static __always_inline int parse_l3(struct __sk_buff *skb, struct pkt *p)
 	return 0;
 }
 
-// parse_l4 reads ports and TCP flags, and for an ICMP destination unreachable the destination of
-// the packet it quotes. Only packets of tracked addresses get this far.
+// parse_quoted reads the ports and TCP flags of the packet an ICMP error quotes, from its
+// transport header at off (an ICMP error quotes as much of the packet as fits, 576 bytes in all
+// for ICMPv4, so a whole TCP header).
+static __always_inline void parse_quoted(struct __sk_buff *skb, struct pkt *p, int off)
+{
+	__u8 th[14];
+	if (p->quoted.proto == IPPROTO_TCP && bpf_skb_load_bytes(skb, off, th, sizeof(th)) == 0) {
+		p->quoted.tcp_flags = th[13];
+	} else if (p->quoted.proto != IPPROTO_UDP || bpf_skb_load_bytes(skb, off, th, 4) != 0) {
+		return;
+	}
+	p->quoted.sport = ((__u16)th[0] << 8) | th[1];
+	p->quoted.dport = ((__u16)th[2] << 8) | th[3];
+}
+
+// parse_l4 reads ports and TCP flags, and for an ICMP destination unreachable the packet it
+// quotes. Only packets of tracked addresses get this far.
 static __always_inline void parse_l4(struct __sk_buff *skb, struct pkt *p, int l4)
 {
 	if (l4 <= 0)
@@ -215,6 +240,9 @@ static __always_inline void parse_l4(struct __sk_buff *skb, struct pkt *p, int l
 		    bpf_skb_load_bytes(skb, l4 + sizeof(ih), &inner, sizeof(inner)) == 0) {
 			p->icmp_unreach = 1;
 			map4(&p->inner, inner.daddr);
+			map4(&p->quoted.saddr, inner.saddr);
+			p->quoted.proto = inner.protocol;
+			parse_quoted(skb, p, l4 + sizeof(ih) + inner.ihl * 4);
 		}
 		break;
 	}
@@ -225,6 +253,9 @@ static __always_inline void parse_l4(struct __sk_buff *skb, struct pkt *p, int l
 		    bpf_skb_load_bytes(skb, l4 + sizeof(ih), &inner, sizeof(inner)) == 0) {
 			p->icmp_unreach = 1;
 			__builtin_memcpy(&p->inner, &inner.daddr, 16);
+			__builtin_memcpy(&p->quoted.saddr, &inner.saddr, 16);
+			p->quoted.proto = inner.nexthdr;
+			parse_quoted(skb, p, l4 + sizeof(ih) + sizeof(inner));
 		}
 		break;
 	}
@@ -373,10 +404,22 @@ int uplink_out(struct __sk_buff *skb)
 		}
 	} else if (p.proto == IPPROTO_ICMP || p.proto == IPPROTO_ICMPV6) {
 		parse_l4(skb, &p, l4);
-		if (p.icmp_unreach) {
-			c = bpf_map_lookup_elem(&deleted, &p.inner);
-			if (c)
-				__sync_fetch_and_add(&c->unreachables, 1);
+		if (!p.icmp_unreach)
+			return TC_ACT_UNSPEC;
+		c = bpf_map_lookup_elem(&deleted, &p.inner);
+		if (c) {
+			__sync_fetch_and_add(&c->unreachables, 1);
+			return TC_ACT_UNSPEC;
+		}
+		// The node answers that a terminating pod's address is unreachable: the pod's network
+		// went (its veth deleted) before the API said the pod is gone, and the quoted packet,
+		// which no veth program saw, is a new connection to a dead pod (TCP SYN; UDP each time).
+		if (bpf_map_lookup_elem(&terminating, &p.inner) &&
+		    (p.quoted.proto == IPPROTO_UDP ||
+		     (p.quoted.proto == IPPROTO_TCP && (p.quoted.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN))) {
+			struct pkt q = {.saddr = p.quoted.saddr, .daddr = p.inner, .sport = p.quoted.sport,
+					.dport = p.quoted.dport, .proto = p.quoted.proto};
+			emit(&q, bpf_ktime_get_ns(), EVENT_DELETED);
 		}
 	}
 	return TC_ACT_UNSPEC;

@@ -86,6 +86,29 @@ func packet(src, dst netip.AddrPort, proto byte, tcpFlags byte, inner netip.Addr
 	return append(frame, l4...)
 }
 
+// unreachable builds the ICMP destination unreachable a node sends to from about the packet
+// quoted (from → to, TCP with flags or UDP).
+func unreachable(node netip.Addr, from, to netip.AddrPort, proto, tcpFlags byte) []byte {
+	icmp := byte(protoICMP)
+	if node.Is6() {
+		icmp = protoICMP6
+	}
+	quoted := packet(from, to, proto, tcpFlags, netip.Addr{})[14:]
+	l4 := make([]byte, 8)
+	l4[0] = 3
+	if icmp == protoICMP6 {
+		l4[0] = 1
+	}
+	l4 = append(l4, quoted...)
+	frame := make([]byte, 14)
+	binary.BigEndian.PutUint16(frame[12:], 0x0800)
+	if node.Is6() {
+		binary.BigEndian.PutUint16(frame[12:], 0x86dd)
+	}
+	frame = append(frame, ipHeader(node, from.Addr(), icmp, len(l4))...)
+	return append(frame, l4...)
+}
+
 func ipHeader(src, dst netip.Addr, proto byte, payload int) []byte {
 	if src.Is4() {
 		h := make([]byte, 20)
@@ -160,7 +183,13 @@ func TestProgramsCount(t *testing.T) {
 		{"v4 udp to live pod on uplink", objs.UplinkIn, packet(ap(client4, 40002), ap(pod4, 8080), protoUDP, 0, none)},
 		{"v4 unreachable for deleted", objs.UplinkOut, packet(ap(node4, 0), ap(client4, 0), protoICMP, 0, dead4)},
 		{"v6 unreachable for deleted", objs.UplinkOut, packet(ap(node6, 0), ap(client6, 0), protoICMP6, 0, dead6)},
-		{"v4 unreachable for another", objs.UplinkOut, packet(ap(node4, 0), ap(client4, 0), protoICMP, 0, pod4)},
+		{"v4 unreachable for another", objs.UplinkOut, packet(ap(node4, 0), ap(client4, 0), protoICMP, 0, netip.MustParseAddr("10.244.1.6"))},
+		// The node's unreachables about terminating pods whose network is gone: a quoted SYN and
+		// a quoted datagram are new connections to a dead pod (no counter of the terminating
+		// pod moves); a quoted ACK is not.
+		{"v4 unreachable for a terminating pod's SYN", objs.UplinkOut, unreachable(node4, ap(client4, 40004), ap(pod4, 8080), protoTCP, flagSYN)},
+		{"v6 unreachable for a terminating pod's datagram", objs.UplinkOut, unreachable(node6, ap(client6, 5002), ap(pod6, 53), protoUDP, 0)},
+		{"v4 unreachable for a terminating pod's ACK", objs.UplinkOut, unreachable(node4, ap(client4, 40005), ap(pod4, 8080), protoTCP, flagACK)},
 	} {
 		out := make([]byte, len(tc.pkt))
 		ret, err := tc.prog.Run(&ebpf.RunOptions{Data: tc.pkt, DataOut: out})
@@ -197,18 +226,28 @@ func TestProgramsCount(t *testing.T) {
 			t.Errorf("%s: counters\n got %+v\nwant %+v", a, got, w)
 		}
 	}
-	// One event per new connection: 6 to terminating pods (3 TCP, 3 UDP), 3 to deleted ones.
+	// One event per new connection: 6 to terminating pods (3 TCP, 3 UDP), 5 to deleted ones (3
+	// seen on their way, 2 from the node's unreachables, with the quoted packet's addresses).
 	kinds := map[uint8]int{}
 	var ev bpf.EndpointlagEvent
+	fromUnreachables := map[string]bool{}
 	r := newEventReader(t, objs)
 	for r.next(&ev) {
 		kinds[ev.Kind]++
 		if ev.TimeNs == 0 || ev.Dport == 0 || ev.Sport == 0 {
 			t.Errorf("event without time or ports: %+v", ev)
 		}
+		if ev.Sport == 40004 || ev.Sport == 5002 {
+			fromUnreachables[fmt.Sprintf("%s:%d→%s:%d/%d", keyAddr(ev.Saddr), ev.Sport, keyAddr(ev.Daddr), ev.Dport, ev.Proto)] = true
+		}
 	}
-	if kinds[1] != 6 || kinds[2] != 3 || len(kinds) != 2 {
-		t.Errorf("events by kind %v, want 6 of kind 1 (terminating) and 3 of kind 2 (deleted)", kinds)
+	if kinds[1] != 6 || kinds[2] != 5 || len(kinds) != 2 {
+		t.Errorf("events by kind %v, want 6 of kind 1 (terminating) and 5 of kind 2 (deleted)", kinds)
+	}
+	for _, want := range []string{"10.244.2.7:40004→10.244.1.5:8080/6", "fd00:10:244:2::7:5002→fd00:10:244:1::5:53/17"} {
+		if !fromUnreachables[want] {
+			t.Errorf("no event %s from the node's unreachable; got %v", want, fromUnreachables)
+		}
 	}
 }
 
