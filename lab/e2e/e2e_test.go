@@ -126,13 +126,13 @@ func testLab(t *testing.T, mode string) {
 		}
 	})
 
-	t.Run("every request that failed at a replaced pod is among the daemons' late or dead connections", func(t *testing.T) {
+	t.Run("every request that failed at a replaced pod after its deletion began is among the daemons' late or dead connections", func(t *testing.T) {
 		if first == nil {
 			t.Skip("the first rollout failed")
 		}
-		traced, seen, missed := first.MatchFailures()
-		t.Logf("failed requests traced to replaced pods: %d, seen by endpointlag: %d; late/dead connections recorded: %s",
-			traced, seen, first.Connections())
+		traced, inFlight, seen, missed := first.MatchFailures()
+		t.Logf("failed requests traced to replaced pods: %d, in flight before the pod's T0: %d, seen by endpointlag: %d; late/dead connections recorded: %s",
+			traced, inFlight, seen, first.Connections())
 		if traced == 0 {
 			t.Error("no failed request was traced to a replaced pod: nothing to compare")
 		}

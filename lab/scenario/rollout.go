@@ -148,8 +148,11 @@ func sleepCtx(ctx context.Context, d time.Duration) {
 
 // MatchFailures pairs each failed request the load generator traced to a replaced pod with a late
 // or dead connection a daemon recorded for that pod's address, by the client's port (the lab never
-// reuses one). It returns how many were traced and seen, and a line for each unseen one.
-func (r *Rollout) MatchFailures() (traced, seen int, missed []string) {
+// reuses one). A request that started before the pod's T0 (the earliest any daemon recorded) was
+// in flight when the deletion began: not a new connection after it, so not one the daemons must
+// have seen; those are counted apart. It returns how many were traced (in flight or not), in
+// flight and seen, and a line for each unseen one.
+func (r *Rollout) MatchFailures() (traced, inFlight, seen int, missed []string) {
 	replaced := map[string]string{}
 	for _, p := range r.Deleted {
 		for _, ip := range p.Status.PodIPs {
@@ -157,8 +160,14 @@ func (r *Rollout) MatchFailures() (traced, seen int, missed []string) {
 		}
 	}
 	conns := map[string]bool{}
+	t0 := map[string]time.Time{}
 	for _, recs := range r.Records {
 		for _, rec := range recs.Records {
+			if _, ok := replaced[rec.Endpoint.IP]; ok && rec.T0 != nil {
+				if have, ok := t0[rec.Endpoint.IP]; !ok || rec.T0.Before(have) {
+					t0[rec.Endpoint.IP] = *rec.T0
+				}
+			}
 			for _, cn := range rec.Connections {
 				if i := strings.LastIndex(cn.Client, ":"); i > 0 {
 					conns[rec.Endpoint.IP+" "+cn.Client[i+1:]] = true
@@ -172,14 +181,21 @@ func (r *Rollout) MatchFailures() (traced, seen int, missed []string) {
 			continue
 		}
 		traced++
-		if conns[fmt.Sprintf("%s %d", res.BackendIP, res.SrcPort)] {
+		switch at, known := t0[res.BackendIP]; {
+		case conns[fmt.Sprintf("%s %d", res.BackendIP, res.SrcPort)]:
 			seen++
-			continue
+		case known && res.Start.Before(at):
+			inFlight++
+		default:
+			since := "no T0 recorded"
+			if known {
+				since = fmt.Sprintf("started %s after T0", res.Start.Sub(at).Round(time.Microsecond))
+			}
+			missed = append(missed, fmt.Sprintf("%s at %s from port %d to %s (%s, %s; %s)",
+				res.Failure, res.Start.Format("15:04:05.000"), res.SrcPort, name, res.BackendIP, res.TCPState, since))
 		}
-		missed = append(missed, fmt.Sprintf("%s at %s from port %d to %s (%s, %s)",
-			res.Failure, res.Start.Format("15:04:05.000"), res.SrcPort, name, res.BackendIP, res.TCPState))
 	}
-	return traced, seen, missed
+	return traced, inFlight, seen, missed
 }
 
 // ConnectionSummary is what the daemons' packets probes saw of the replaced pods.

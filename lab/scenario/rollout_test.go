@@ -61,14 +61,16 @@ func TestMatchFailuresAndConnections(t *testing.T) {
 		Load: []load.Result{
 			{Failure: "refused", BackendIP: "10.244.1.5", SrcPort: 40001},
 			{Failure: "timeout", BackendIP: "10.244.1.5", SrcPort: 40003},
-			{Failure: "timeout", BackendIP: "10.244.1.5", SrcPort: 40009},
+			{Failure: "timeout", BackendIP: "10.244.1.5", SrcPort: 40009, Start: t0.Add(time.Millisecond)},
+			{Failure: "reset", BackendIP: "10.244.1.5", SrcPort: 40010, Start: t0.Add(-time.Millisecond)}, // in flight at T0
 			{Failure: "timeout", BackendIP: "10.244.9.9", SrcPort: 40004}, // not a replaced pod
 			{Backend: "web-2", SrcPort: 40005},
 		},
 	}
-	traced, seen, missed := r.MatchFailures()
-	if traced != 3 || seen != 2 || len(missed) != 1 || !strings.Contains(missed[0], "port 40009 to web-1") {
-		t.Errorf("MatchFailures = %d, %d, %q", traced, seen, missed)
+	traced, inFlight, seen, missed := r.MatchFailures()
+	if traced != 4 || inFlight != 1 || seen != 2 || len(missed) != 1 || !strings.Contains(missed[0], "port 40009 to web-1") ||
+		!strings.Contains(missed[0], "started 1ms after T0") {
+		t.Errorf("MatchFailures = %d, %d, %d, %q", traced, inFlight, seen, missed)
 	}
 	if got := r.Connections(); got.Late != 2 || got.Dead != 1 || got.LastLate != 900*time.Millisecond {
 		t.Errorf("Connections = %+v", got)

@@ -24,8 +24,9 @@ func writeReport(w io.Writer, o options, c *cluster.Cluster, rollouts []*scenari
 			fmt.Fprintf(w, "failed requests went to%s, by the client node's conntrack\n", strings.TrimSuffix(strings.Replace(kinds(backendKinds(r)), " (", ": ", 1), ")"))
 		}
 		fmt.Fprintf(w, "new connections endpointlag saw reach replaced pods (eBPF, pods' nodes): %s\n", r.Connections())
-		if traced, seen, _ := r.MatchFailures(); traced > 0 {
-			fmt.Fprintf(w, "failed requests traced to replaced pods: %d, of which endpointlag saw %d (matched by client port)\n", traced, seen)
+		if traced, inFlight, seen, _ := r.MatchFailures(); traced > 0 {
+			fmt.Fprintf(w, "failed requests traced to replaced pods: %d, of which endpointlag saw %d (matched by client port); %d were in flight before the deletion\n",
+				traced, seen, inFlight)
 		}
 		fmt.Fprintln(w, "lags endpointlag measured (propagation: since the pod's deletion, on the pod's node;")
 		fmt.Fprintln(w, "programming: since this node saw the EndpointSlice change):")
