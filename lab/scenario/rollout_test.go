@@ -63,7 +63,7 @@ func TestMatchFailuresAndConnections(t *testing.T) {
 			{Failure: "timeout", BackendIP: "10.244.1.5", SrcPort: 40003},
 			{Failure: "timeout", BackendIP: "10.244.1.5", SrcPort: 40009, Start: t0.Add(time.Millisecond)},
 			{Failure: "reset", BackendIP: "10.244.1.5", SrcPort: 40010, Start: t0.Add(-time.Millisecond)}, // in flight at T0
-			{Failure: "timeout", BackendIP: "10.244.9.9", SrcPort: 40004}, // not a replaced pod
+			{Failure: "timeout", BackendIP: "10.244.9.9", SrcPort: 40004},                                 // not a replaced pod
 			{Backend: "web-2", SrcPort: 40005},
 		},
 	}
