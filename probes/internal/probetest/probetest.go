@@ -245,11 +245,12 @@ type ChurnResult struct {
 // Churn measures the process's idle CPU time for d, then calls change(n) for n = 0, 1, … every
 // interval for d. Commands change runs as children are not counted.
 func Churn(d, interval time.Duration, change func(n int)) ChurnResult {
+	// RSSKiB collects garbage and returns free memory first, so that neither the idle baseline
+	// nor the churn's CPU time includes the runtime handing back what the initial sync left.
+	r := ChurnResult{RSS0: RSSKiB()}
 	idle0 := CPUTime()
 	time.Sleep(d)
-	r := ChurnResult{Idle: CPUTime() - idle0}
-	// RSSKiB collects garbage first: outside the CPU time measured.
-	r.RSS0 = RSSKiB()
+	r.Idle = CPUTime() - idle0
 	cpu0 := CPUTime()
 	tick := time.NewTicker(interval)
 	defer tick.Stop()
