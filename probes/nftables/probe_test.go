@@ -127,14 +127,15 @@ func TestLostMessagesAreRecovered(t *testing.T) {
 	rec, _ := probetest.Run(t, p)
 	rec.Wait(t, "sync", rec.Synced)
 
-	// One transaction: a chain of 2,000 commented rules, and the web endpoint gone.
+	// One transaction: a chain of 20,000 commented rules (megabytes of notifications, where the
+	// buffer holds 8 KiB), and the web endpoint gone.
 	change, err := os.ReadFile(filepath.Join("testdata", "remove-web-endpoint.nft"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	var s strings.Builder
 	s.WriteString("add chain ip kube-proxy filler\n")
-	for range 2000 {
+	for range 20000 {
 		s.WriteString("add rule ip kube-proxy filler counter return comment \"filler rule to overflow the monitor's receive buffer\"\n")
 	}
 	s.Write(change)

@@ -307,57 +307,48 @@ func (n names) str(b []byte) string {
 	return s
 }
 
-// decodeRaw reads a table, chain, rule or set element message: the nfgenmsg header (family
+// nameAttrs are, per message type, the attributes that name the table and the chain or set (0:
+// none; attribute types start at 1).
+var nameAttrs = map[uint16]struct{ table, chain, set uint16 }{
+	unix.NFT_MSG_NEWTABLE:   {table: unix.NFTA_TABLE_NAME},
+	unix.NFT_MSG_DELTABLE:   {table: unix.NFTA_TABLE_NAME},
+	unix.NFT_MSG_NEWCHAIN:   {table: unix.NFTA_CHAIN_TABLE, chain: unix.NFTA_CHAIN_NAME},
+	unix.NFT_MSG_DELCHAIN:   {table: unix.NFTA_CHAIN_TABLE, chain: unix.NFTA_CHAIN_NAME},
+	unix.NFT_MSG_NEWRULE:    {table: unix.NFTA_RULE_TABLE, chain: unix.NFTA_RULE_CHAIN},
+	unix.NFT_MSG_DELRULE:    {table: unix.NFTA_RULE_TABLE, chain: unix.NFTA_RULE_CHAIN},
+	unix.NFT_MSG_NEWSET:     {table: unix.NFTA_SET_TABLE, set: unix.NFTA_SET_NAME},
+	unix.NFT_MSG_DELSET:     {table: unix.NFTA_SET_TABLE, set: unix.NFTA_SET_NAME},
+	unix.NFT_MSG_NEWSETELEM: {table: unix.NFTA_SET_ELEM_LIST_TABLE, set: unix.NFTA_SET_ELEM_LIST_SET},
+	unix.NFT_MSG_DELSETELEM: {table: unix.NFTA_SET_ELEM_LIST_TABLE, set: unix.NFTA_SET_ELEM_LIST_SET},
+}
+
+// decodeRaw reads a table, chain, rule, set or set element message: the nfgenmsg header (family
 // first), then its attributes.
 func decodeRaw(typ uint16, data []byte, n names) (RawChange, error) {
 	c := RawChange{Type: typ, Family: data[0]}
+	na := nameAttrs[typ]
+	rule := typ == unix.NFT_MSG_NEWRULE || typ == unix.NFT_MSG_DELRULE
+	elems := typ == unix.NFT_MSG_NEWSETELEM || typ == unix.NFT_MSG_DELSETELEM
 	var nested error
 	err := attrs(data[4:], func(at uint16, b []byte) {
-		switch typ {
-		case unix.NFT_MSG_NEWTABLE, unix.NFT_MSG_DELTABLE:
-			if at == unix.NFTA_TABLE_NAME {
-				c.Table = n.str(b)
+		switch {
+		case at == 0: // NFTA_*_UNSPEC, never sent; 0 in nameAttrs means none
+		case at == na.table:
+			c.Table = n.str(b)
+		case at == na.chain:
+			c.Chain = n.str(b)
+		case at == na.set:
+			c.Set = n.str(b)
+		case elems && at == unix.NFTA_SET_ELEM_LIST_ELEMENTS:
+			c.Elements, nested = decodeElements(b, n)
+		case rule && at == unix.NFTA_RULE_HANDLE:
+			if len(b) == 8 {
+				c.Handle = binary.BigEndian.Uint64(b)
+			} else {
+				nested = fmt.Errorf("rule handle of %d bytes", len(b))
 			}
-		case unix.NFT_MSG_NEWCHAIN, unix.NFT_MSG_DELCHAIN:
-			switch at {
-			case unix.NFTA_CHAIN_TABLE:
-				c.Table = n.str(b)
-			case unix.NFTA_CHAIN_NAME:
-				c.Chain = n.str(b)
-			}
-		case unix.NFT_MSG_NEWSET, unix.NFT_MSG_DELSET:
-			switch at {
-			case unix.NFTA_SET_TABLE:
-				c.Table = n.str(b)
-			case unix.NFTA_SET_NAME:
-				c.Set = n.str(b)
-			}
-		case unix.NFT_MSG_NEWSETELEM, unix.NFT_MSG_DELSETELEM:
-			switch at {
-			case unix.NFTA_SET_ELEM_LIST_TABLE:
-				c.Table = n.str(b)
-			case unix.NFTA_SET_ELEM_LIST_SET:
-				c.Set = n.str(b)
-			case unix.NFTA_SET_ELEM_LIST_ELEMENTS:
-				c.Elements, nested = decodeElements(b, n)
-			}
-		default: // rules
-			switch at {
-			case unix.NFTA_RULE_TABLE:
-				c.Table = n.str(b)
-			case unix.NFTA_RULE_CHAIN:
-				c.Chain = n.str(b)
-			case unix.NFTA_RULE_HANDLE:
-				if len(b) == 8 {
-					c.Handle = binary.BigEndian.Uint64(b)
-				} else {
-					nested = fmt.Errorf("rule handle of %d bytes", len(b))
-				}
-			case unix.NFTA_RULE_EXPRESSIONS:
-				if typ == unix.NFT_MSG_NEWRULE {
-					c.Exprs = b
-				}
-			}
+		case typ == unix.NFT_MSG_NEWRULE && at == unix.NFTA_RULE_EXPRESSIONS:
+			c.Exprs = b
 		}
 	})
 	return c, errors.Join(err, nested)

@@ -123,7 +123,12 @@ func sample(t testing.TB) ([]message, []RawChange) {
 		ae.String(unix.NFTA_CHAIN_TABLE, "nat")
 		ae.String(unix.NFTA_CHAIN_NAME, "KUBE-SEP-Y")
 	})
+	table := encode(t, func(ae *netlink.AttributeEncoder) {
+		ae.String(unix.NFTA_TABLE_NAME, "kube-proxy")
+		ae.Uint32(unix.NFTA_TABLE_FLAGS, 0)
+	})
 	msgs := []message{
+		{unix.NFT_MSG_NEWTABLE, unix.NFPROTO_IPV6, table},
 		{unix.NFT_MSG_NEWRULE, unix.NFPROTO_IPV4, rule},
 		{unix.NFT_MSG_NEWSET, unix.NFPROTO_IPV6, set},
 		{unix.NFT_MSG_DELSETELEM, unix.NFPROTO_IPV6, elems},
@@ -131,6 +136,7 @@ func sample(t testing.TB) ([]message, []RawChange) {
 		{unix.NFT_MSG_NEWGEN, unix.NFPROTO_UNSPEC, nil},
 	}
 	want := []RawChange{
+		{Type: unix.NFT_MSG_NEWTABLE, Family: unix.NFPROTO_IPV6, Table: "kube-proxy"},
 		{Type: unix.NFT_MSG_NEWRULE, Family: unix.NFPROTO_IPV4, Table: "nat", Chain: "KUBE-SERVICES", Handle: 42, Exprs: exprs},
 		{Type: unix.NFT_MSG_NEWSET, Family: unix.NFPROTO_IPV6, Table: "kube-proxy", Set: "__map3"},
 		{Type: unix.NFT_MSG_DELSETELEM, Family: unix.NFPROTO_IPV6, Table: "kube-proxy", Set: "service-ips", Elements: []RawElement{
@@ -171,7 +177,7 @@ func TestDecodeRaw(t *testing.T) {
 	if gens != 1 || !reflect.DeepEqual(got, want) {
 		t.Errorf("decoded %d generations, changes\n%+v\nwant 1 and\n%+v", gens, got, want)
 	}
-	exprs, err := DecodeExprs(unix.NFPROTO_IPV4, got[0].Exprs)
+	exprs, err := DecodeExprs(unix.NFPROTO_IPV4, got[1].Exprs)
 	if err != nil || len(exprs) != 1 {
 		t.Fatalf("expressions: %v, %v", exprs, err)
 	}
