@@ -109,35 +109,27 @@ func (m *RawMonitor) run(rcv *receiver, ch chan<- RawGeneration) {
 	defer close(ch)
 	var gen []RawChange
 	n := names{}
-	for {
-		b, err := rcv.next()
-		if err == nil {
-			err = messages(b, func(typ uint16, data []byte) error {
-				switch typ {
-				case unix.NFT_MSG_NEWGEN:
-					ch <- RawGeneration{Changes: gen}
-					gen = nil
-				case unix.NFT_MSG_NEWTABLE, unix.NFT_MSG_DELTABLE, unix.NFT_MSG_NEWCHAIN, unix.NFT_MSG_DELCHAIN,
-					unix.NFT_MSG_NEWRULE, unix.NFT_MSG_DELRULE, unix.NFT_MSG_NEWSET, unix.NFT_MSG_DELSET,
-					unix.NFT_MSG_NEWSETELEM, unix.NFT_MSG_DELSETELEM:
-					c, err := decodeRaw(typ, data, n)
-					if err != nil {
-						return err
-					}
-					if gen = append(gen, c); len(gen) >= Chunk {
-						ch <- RawGeneration{Changes: gen, Partial: true}
-						gen = nil
-					}
-				}
-				return nil
-			})
-		}
-		if err != nil {
-			if !errors.Is(err, net.ErrClosed) && !errors.Is(err, os.ErrClosed) {
-				ch <- RawGeneration{Changes: gen, Err: fmt.Errorf("nftables monitor: %w", err)}
+	err := rcv.each(func(typ uint16, data []byte) error {
+		switch typ {
+		case unix.NFT_MSG_NEWGEN:
+			ch <- RawGeneration{Changes: gen}
+			gen = nil
+		case unix.NFT_MSG_NEWTABLE, unix.NFT_MSG_DELTABLE, unix.NFT_MSG_NEWCHAIN, unix.NFT_MSG_DELCHAIN,
+			unix.NFT_MSG_NEWRULE, unix.NFT_MSG_DELRULE, unix.NFT_MSG_NEWSET, unix.NFT_MSG_DELSET,
+			unix.NFT_MSG_NEWSETELEM, unix.NFT_MSG_DELSETELEM:
+			c, err := decodeRaw(typ, data, n)
+			if err != nil {
+				return err
 			}
-			return
+			if gen = append(gen, c); len(gen) >= Chunk {
+				ch <- RawGeneration{Changes: gen, Partial: true}
+				gen = nil
+			}
 		}
+		return nil
+	})
+	if err != nil {
+		ch <- RawGeneration{Changes: gen, Err: fmt.Errorf("nftables monitor: %w", err)}
 	}
 }
 
@@ -180,22 +172,14 @@ func OpenNotifications(nsfd int) (*Notifications, error) {
 	n := &Notifications{Times: ch, conn: conn}
 	go func() {
 		defer close(ch)
-		for {
-			b, err := rcv.next()
-			if err == nil {
-				err = messages(b, func(typ uint16, _ []byte) error {
-					if typ == unix.NFT_MSG_NEWGEN {
-						ch <- time.Now()
-					}
-					return nil
-				})
+		err := rcv.each(func(typ uint16, _ []byte) error {
+			if typ == unix.NFT_MSG_NEWGEN {
+				ch <- time.Now()
 			}
-			if err != nil {
-				if !errors.Is(err, net.ErrClosed) && !errors.Is(err, os.ErrClosed) {
-					n.err.Store(&err)
-				}
-				return
-			}
+			return nil
+		})
+		if err != nil {
+			n.err.Store(&err)
 		}
 	}()
 	return n, nil
@@ -250,6 +234,23 @@ func (r *receiver) next() ([]byte, error) {
 	b := r.slab[:n:n]
 	r.slab = r.slab[(n+3)&^3:]
 	return b, nil
+}
+
+// each calls fn with the type and payload of every nftables message received, until the socket
+// is closed (nil) or reading or fn fails (the error).
+func (r *receiver) each(fn func(typ uint16, data []byte) error) error {
+	for {
+		b, err := r.next()
+		if err == nil {
+			err = messages(b, fn)
+		}
+		if errors.Is(err, net.ErrClosed) || errors.Is(err, os.ErrClosed) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+	}
 }
 
 // messages calls fn with the type and payload of each nftables message in a datagram.
