@@ -145,8 +145,8 @@ type Notifications struct {
 // OpenNotifications starts timestamping generations in the network namespace open as nsfd. A
 // socket filter drops, in the kernel, every datagram that does not start with a generation's end
 // message (which the kernel sends in a datagram of its own), so that the reference does not read
-// the ~15 MB an iptables-mode sync at 10,000 Services notifies: its timestamp is when the
-// transaction's notifications were all queued.
+// the 20,000 notifications an iptables-mode sync at 10,000 Services causes: its timestamp is when
+// the transaction's notifications were all queued.
 func OpenNotifications(nsfd int) (*Notifications, error) {
 	conn, rcv, err := dial(nsfd)
 	if err != nil {
