@@ -91,35 +91,15 @@ func newLab(t testing.TB) *lab {
 	run(t, "ip", "-n", l.pod, "link", "set", "eth0", "up")
 	run(t, "ip", "-n", l.pod, "link", "set", "lo", "up")
 	inNS(t, l.podFD, func() error {
-		ln, err := net.Listen("tcp", "10.77.0.2:8080")
-		if err != nil {
+		// An echo server, one connection at a time, and a sink that reads every connection.
+		if err := serve(t, "10.77.0.2:8080", func(c net.Conn) { _, _ = io.Copy(c, c); c.Close() }); err != nil {
 			return err
 		}
-		t.Cleanup(func() { ln.Close() })
-		go func() {
-			for {
-				c, err := ln.Accept()
-				if err != nil {
-					return
-				}
-				_, _ = io.Copy(c, c)
-				c.Close()
-			}
-		}()
-		sink, err := net.Listen("tcp", "10.77.0.2:9000")
-		if err != nil {
+		if err := serve(t, "10.77.0.2:9000", func(c net.Conn) {
+			go func() { _, _ = io.Copy(io.Discard, c); c.Close() }()
+		}); err != nil {
 			return err
 		}
-		t.Cleanup(func() { sink.Close() })
-		go func() {
-			for {
-				c, err := sink.Accept()
-				if err != nil {
-					return
-				}
-				go func() { _, _ = io.Copy(io.Discard, c); c.Close() }()
-			}
-		}()
 		pc, err := net.ListenPacket("udp", "10.77.0.2:53")
 		if err != nil {
 			return err
@@ -493,4 +473,23 @@ func TestDeletedVethMovesAddressToDeleted(t *testing.T) {
 	if errs := rec.Errors(); len(errs) > 0 {
 		t.Errorf("errors: %v", errs)
 	}
+}
+
+// serve listens on addr until the test ends and hands each accepted connection to handle.
+func serve(t testing.TB, addr string, handle func(net.Conn)) error {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return err
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			handle(c)
+		}
+	}()
+	return nil
 }

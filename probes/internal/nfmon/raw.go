@@ -285,6 +285,14 @@ func attrs(b []byte, fn func(typ uint16, data []byte)) error {
 	return nil
 }
 
+// cstring cuts a NUL-terminated string attribute at its NUL.
+func cstring(b []byte) []byte {
+	if i := bytes.IndexByte(b, 0); i >= 0 {
+		return b[:i]
+	}
+	return b
+}
+
 // names interns the table, chain and set names of a monitor's messages (a sync at 10,000
 // Services names KUBE-SERVICES 20,000 times). It starts over past maxNames, so that names of
 // chains long deleted are not kept.
@@ -294,9 +302,7 @@ const maxNames = 4096
 
 // str reads a NUL-terminated string attribute.
 func (n names) str(b []byte) string {
-	if i := bytes.IndexByte(b, 0); i >= 0 {
-		b = b[:i]
-	}
+	b = cstring(b)
 	if s, ok := n[string(b)]; ok {
 		return s
 	}
@@ -404,62 +410,55 @@ func decodeElements(b []byte, n names) ([]RawElement, error) {
 	return out, errors.Join(errs...)
 }
 
+// exprKinds are the expressions DecodeExprs keeps, by name: those that decide where a packet goes.
+var exprKinds = map[string]func() expr.Any{
+	"meta":      func() expr.Any { return &expr.Meta{} },
+	"cmp":       func() expr.Any { return &expr.Cmp{} },
+	"payload":   func() expr.Any { return &expr.Payload{} },
+	"immediate": func() expr.Any { return &expr.Immediate{} },
+	"match":     func() expr.Any { return &expr.Match{} },
+	"target":    func() expr.Any { return &expr.Target{} },
+}
+
 // DecodeExprs reads a rule's raw expressions, keeping the kinds that decide where a packet goes
 // (meta, cmp, payload, immediate and verdicts, xtables match and target); others are skipped.
+// It walks the attributes as the monitor does; only the expressions kept are unmarshalled.
 func DecodeExprs(family uint8, raw []byte) ([]expr.Any, error) {
-	ad, err := netlink.NewAttributeDecoder(raw)
-	if err != nil {
-		return nil, err
-	}
-	ad.ByteOrder = binary.BigEndian
-	var out []expr.Any
-	for ad.Next() {
-		if ad.Type() != unix.NFTA_LIST_ELEM {
-			continue
+	var (
+		out  []expr.Any
+		errs []error
+	)
+	errs = append(errs, attrs(raw, func(at uint16, elem []byte) {
+		if at != unix.NFTA_LIST_ELEM {
+			return
 		}
-		ad.Nested(func(nd *netlink.AttributeDecoder) error {
-			var (
-				name string
-				data []byte
-			)
-			for nd.Next() {
-				switch nd.Type() {
-				case unix.NFTA_EXPR_NAME:
-					name = nd.String()
-				case unix.NFTA_EXPR_DATA:
-					data = nd.Bytes()
-				}
+		var name, data []byte
+		errs = append(errs, attrs(elem, func(at uint16, v []byte) {
+			switch at {
+			case unix.NFTA_EXPR_NAME:
+				name = cstring(v)
+			case unix.NFTA_EXPR_DATA:
+				data = v
 			}
-			var e expr.Any
-			switch name {
-			case "meta":
-				e = &expr.Meta{}
-			case "cmp":
-				e = &expr.Cmp{}
-			case "payload":
-				e = &expr.Payload{}
-			case "immediate":
-				e = &expr.Immediate{}
-			case "match":
-				e = &expr.Match{}
-			case "target":
-				e = &expr.Target{}
-			default:
-				return nil
-			}
+		}))
+		kind, ok := exprKinds[string(name)]
+		if !ok {
+			return
+		}
+		e := kind()
+		if err := expr.Unmarshal(family, data, e); err != nil {
+			errs = append(errs, fmt.Errorf("%s expression: %w", name, err))
+			return
+		}
+		// A verdict is an immediate into the verdict register.
+		if imm, ok := e.(*expr.Immediate); ok && imm.Register == unix.NFT_REG_VERDICT && len(imm.Data) == 0 {
+			e = &expr.Verdict{}
 			if err := expr.Unmarshal(family, data, e); err != nil {
-				return fmt.Errorf("%s expression: %w", name, err)
+				errs = append(errs, fmt.Errorf("verdict: %w", err))
+				return
 			}
-			// A verdict is an immediate into the verdict register.
-			if imm, ok := e.(*expr.Immediate); ok && imm.Register == unix.NFT_REG_VERDICT && len(imm.Data) == 0 {
-				e = &expr.Verdict{}
-				if err := expr.Unmarshal(family, data, e); err != nil {
-					return fmt.Errorf("verdict: %w", err)
-				}
-			}
-			out = append(out, e)
-			return nil
-		})
-	}
-	return out, ad.Err()
+		}
+		out = append(out, e)
+	}))
+	return out, errors.Join(errs...)
 }
