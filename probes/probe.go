@@ -43,6 +43,16 @@ const (
 	// StageDeadConnection: a new connection arrived for the address of a pod of this node that
 	// is already gone.
 	StageDeadConnection Stage = "dead_connection"
+	// StageLastConnection: the packets probe's exact time of the last new client connection
+	// (not from the node's own addresses) that reached a pod of this node while it terminated,
+	// read from its map when the pod's addresses leave the terminating map; a zero Time means
+	// none came. Reported once per pod.
+	StageLastConnection Stage = "last_connection"
+	// StageFallbackEnded: kube-proxy's reason to keep routing to a serving, terminating endpoint
+	// (no ready endpoint left, KEP-1669) ended: the endpoint stopped serving, or a ready endpoint
+	// came back. Observation.Fallback names the fallbacks that ended. A dataplane removal after it
+	// is owed to it, not to sync lag.
+	StageFallbackEnded Stage = "fallback_ended"
 )
 
 // Dataplane reports whether s is a stage of this node's service dataplane (kube-proxy's rules),
@@ -54,8 +64,60 @@ func (s Stage) Dataplane() bool {
 // Connection reports whether s is a stage of traffic still reaching a pod rather than a removal:
 // it is never pending, any number of them may come.
 func (s Stage) Connection() bool {
-	return s == StageLateConnection || s == StageDeadConnection
+	return s == StageLateConnection || s == StageDeadConnection || s == StageLastConnection
 }
+
+// Awaited reports whether a record waits for s: the removal stages, not the connection stages
+// nor the fallback's end, which may never come.
+func (s Stage) Awaited() bool {
+	return !s.Connection() && s != StageFallbackEnded
+}
+
+// Path is the way new connections reach a Service's endpoints through this node's rules. kube-proxy
+// routes each apart (its external chains may keep endpoints its ClusterIP chains dropped), so each
+// is judged apart.
+type Path string
+
+// The paths.
+const (
+	// PathCluster: traffic to the ClusterIP (kube-proxy's service- / local- chains, KUBE-SVC- /
+	// KUBE-SVL-).
+	PathCluster Path = "cluster"
+	// PathExternal: NodePort, external IP and load-balancer IP traffic (external- chains,
+	// KUBE-EXT- / KUBE-FW-).
+	PathExternal Path = "external"
+)
+
+// Policy is which of kube-proxy's endpoint sets a path reaches an endpoint through: the Service's
+// cluster-wide endpoints (traffic policy Cluster) or this node's own (traffic policy Local).
+type Policy struct {
+	Cluster bool `json:"cluster,omitempty"`
+	Local   bool `json:"local,omitempty"`
+}
+
+// Any reports whether p names a policy.
+func (p Policy) Any() bool { return p.Cluster || p.Local }
+
+// Reach is one path on which this node's rules send new connections to an endpoint.
+type Reach struct {
+	Path   Path
+	Policy Policy
+}
+
+// Dataplane is implemented by the probes of a dataplane stage: what this node's rules reach now.
+// The collector asks it when an endpoint starts terminating, to know whether the stage can come
+// at all on this node (a node-local Service's remote endpoints, topology-filtered endpoints and
+// never-ready pods were never in the rules). It must not block on I/O.
+type Dataplane interface {
+	// Reaches returns the paths on which the rules send new connections to ep for svc (an empty
+	// svc: for any Service); ok is false until the probe has read its rules once.
+	Reaches(svc ServiceRef, ep Endpoint) (paths []Reach, ok bool)
+}
+
+// Fallback says where kube-proxy keeps routing to a serving, terminating endpoint because no
+// ready endpoint is left (KEP-1669): among all of its Service's endpoints (Cluster), among those
+// of this node (Local, for node-local traffic policies).
+type Fallback = Policy
 
 // PodRef identifies the pod behind an endpoint. UID is what tells a pod from its successor with
 // the same name or IP.
@@ -122,6 +184,20 @@ type Observation struct {
 	Addrs []netip.Addr
 	// Peer is, for the connection stages, the client's address and port.
 	Peer netip.AddrPort
+	// FromNode is, for the connection stages, true when the client is one of this node's own
+	// addresses (the kubelet's probes, host processes): counted apart from clients.
+	FromNode bool
+	// Path is, for dataplane stages, the path on which the rules stopped sending to the endpoint.
+	Path Path
+	// Relist is true when the change was first seen on a re-read after a gap (a watch that broke
+	// and relisted, a dataplane resync after lost kernel messages): it happened within Precision
+	// before Time, and is not sampled as live lag.
+	Relist bool
+	// Serving is, for StageEndpointSlice, the endpoint's serving condition.
+	Serving bool
+	// Fallback is, for StageEndpointSlice, where kube-proxy keeps routing to the endpoint for want
+	// of a ready one; for StageFallbackEnded, the fallbacks that ended.
+	Fallback Fallback
 }
 
 // LocalPod is a pod of this node whose deletion began, as the collector tracks it until the
@@ -129,7 +205,10 @@ type Observation struct {
 type LocalPod struct {
 	Pod   PodRef
 	Addrs []netip.Addr
-	T0    time.Time
+	// Endpoints are the pod's endpoints as its Services list them: the ports it serves (a port of
+	// 0 stands for all ports). Empty until the slices are seen.
+	Endpoints []Endpoint
+	T0        time.Time
 	// Gone is true once the pod object was deleted.
 	Gone bool
 }
@@ -184,6 +263,7 @@ type Probe interface {
 // ServiceEndpoints is what a dataplane sends one Service's new connections to.
 type ServiceEndpoints struct {
 	Service ServiceRef `json:"service"`
+	Path    Path       `json:"path,omitempty"`
 	// Chain names the rules when they do not name the Service (iptables mode above 1000
 	// endpoints, where kube-proxy writes no comments).
 	Chain     string     `json:"chain,omitempty"`
@@ -264,11 +344,14 @@ func EndpointList(set map[Endpoint]bool) []Endpoint {
 	return out
 }
 
-// SortServiceEndpoints orders by Service, then chain.
+// SortServiceEndpoints orders by Service, then path, then chain.
 func SortServiceEndpoints(s []ServiceEndpoints) {
 	sort.Slice(s, func(i, j int) bool {
 		if a, b := s[i].Service.String(), s[j].Service.String(); a != b {
 			return a < b
+		}
+		if s[i].Path != s[j].Path {
+			return s[i].Path < s[j].Path
 		}
 		return s[i].Chain < s[j].Chain
 	})

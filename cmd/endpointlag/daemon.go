@@ -56,7 +56,7 @@ func newDaemon(opts Options, log *slog.Logger, clk clock.WithTicker, client kube
 		copts.Probes = append(copts.Probes, f.Name)
 		for _, s := range f.Stages {
 			copts.StageProbe[s] = f.Name
-			if !s.Connection() {
+			if s.Awaited() {
 				copts.Stages = append(copts.Stages, s)
 			}
 		}
