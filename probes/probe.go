@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"runtime/debug"
 	"sort"
 	"time"
 
@@ -242,6 +243,19 @@ type InputError struct {
 func (e *InputError) Error() string { return e.Reason + ": " + e.Err.Error() }
 func (e *InputError) Unwrap() error { return e.Err }
 
+// ReasonPanic is the InputError reason of a panic recovered while decoding source data.
+const ReasonPanic = "panic"
+
+// Recover turns a panic of the calling function into an *InputError with reason "panic" in *err,
+// with the panicking stack. Decoders of outside data (kernel messages, rules any privileged process
+// may write) run under `defer probes.Recover(&err)`, so that data of a shape they do not expect
+// costs the probe a re-read of its source, not the daemon.
+func Recover(err *error) {
+	if v := recover(); v != nil {
+		*err = &InputError{Reason: ReasonPanic, Err: fmt.Errorf("%v\n%s", v, debug.Stack())}
+	}
+}
+
 // Sink receives what probes report. Its methods are safe for concurrent use and do not block on
 // I/O.
 type Sink interface {
@@ -283,6 +297,9 @@ type Env struct {
 	LocalPods LocalPods
 	// Registerer takes the metrics a probe exports itself.
 	Registerer prometheus.Registerer
+	// KubeProxyURL is kube-proxy's metrics address, whose /proxyMode the dataplane probes ask
+	// (empty: never ask).
+	KubeProxyURL string
 }
 
 // Factory describes a registered probe.

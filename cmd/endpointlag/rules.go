@@ -22,9 +22,12 @@ import (
 const rulesUsage = `Usage: endpointlag inspect rules [flags]
 
 Prints, for the network namespace it runs in (a node's, with hostNetwork), what each dataplane
-probe reads from kube-proxy's rules: per Service, the endpoints new connections can still reach.
-Compare with "nft list table ip kube-proxy", "iptables-save -t nat" or "ipvsadm -Ln" (IPVS names
-no Services: its rows are virtual servers). Needs CAP_NET_ADMIN.
+probe reads from kube-proxy's rules: per Service and path, the endpoints new connections can
+still reach. PATH "cluster" is traffic to the ClusterIP (kube-proxy's service-/local- chains,
+KUBE-SVC-/KUBE-SVL-), "external" is NodePort, external-IP and load-balancer traffic (external-
+chains, KUBE-EXT-/KUBE-FW-): with externalTrafficPolicy Local the two can differ. Compare with
+"nft list table ip kube-proxy", "iptables-save -t nat" or "ipvsadm -Ln" (IPVS names no Services:
+its rows are virtual servers). Needs CAP_NET_ADMIN.
 
 Flags:
 `
@@ -81,7 +84,7 @@ func runInspectRules(args []string, stdout, stderr io.Writer) int {
 		return 0
 	}
 	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "PROBE\tSERVICE\tENDPOINTS")
+	fmt.Fprintln(tw, "PROBE\tSERVICE\tPATH\tENDPOINTS")
 	rows := 0
 	for _, probe := range []string{nftables.Name, iptables.Name, ipvs.Name} {
 		for _, se := range resp[probe] {
@@ -93,7 +96,11 @@ func runInspectRules(args []string, stdout, stderr io.Writer) int {
 			for i, ep := range se.Endpoints {
 				eps[i] = ep.String()
 			}
-			fmt.Fprintf(tw, "%s\t%s\t%s\n", probe, svc, strings.Join(eps, " "))
+			path := string(se.Path)
+			if path == "" {
+				path = "-"
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", probe, svc, path, strings.Join(eps, " "))
 			rows++
 		}
 	}

@@ -157,22 +157,48 @@ func split(line string) ([]string, error) {
 	return words, nil
 }
 
-// rootChains are kube-proxy's entry chains; a KUBE-SVC-/SVL-/EXT- chain they no longer jump to
-// is stale.
+// rootChains are kube-proxy's entry chains; a KUBE-SVC-/SVL-/EXT-/FW- chain they no longer jump
+// to is stale.
 var rootChains = []string{"KUBE-SERVICES", "KUBE-NODEPORTS"}
 
-// serviceChain reports whether a chain is one of kube-proxy's per-service-port chains.
-func serviceChain(name string) bool {
-	for _, p := range []string{"KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-"} {
-		if strings.HasPrefix(name, p) {
-			return true
-		}
+// The prefixes of kube-proxy's per-service-port chains: a Service port's cluster-wide endpoints
+// (KUBE-SVC-), its endpoints on this node for traffic policy Local (KUBE-SVL-), the entry of
+// external traffic (KUBE-EXT-: NodePort, external and load-balancer IPs; it goes on to SVC- or
+// SVL-) and the loadBalancerSourceRanges check in front of it (KUBE-FW-).
+const (
+	prefixCluster  = "KUBE-SVC-"
+	prefixLocal    = "KUBE-SVL-"
+	prefixExternal = "KUBE-EXT-"
+	prefixFirewall = "KUBE-FW-"
+)
+
+// servicePath tells whether a chain is one of kube-proxy's per-service-port chains, and the path
+// of the traffic an entry rule jumping to it carries: ClusterIP traffic goes to SVC- or SVL-,
+// external traffic to EXT- or FW-.
+func servicePath(name string) (probes.Path, bool) {
+	switch {
+	case strings.HasPrefix(name, prefixCluster), strings.HasPrefix(name, prefixLocal):
+		return probes.PathCluster, true
+	case strings.HasPrefix(name, prefixExternal), strings.HasPrefix(name, prefixFirewall):
+		return probes.PathExternal, true
 	}
-	return false
+	return "", false
 }
 
-// serviceFromComment reads kube-proxy's comment on a KUBE-SERVICES rule: "ns/svc:port cluster
-// IP" or "ns/svc cluster IP" (unnamed port). Above 1000 endpoints kube-proxy writes no comments.
+// policy classifies kube-proxy's policy chains for the graph.
+func policy(chain string) probes.Policy {
+	switch {
+	case strings.HasPrefix(chain, prefixCluster):
+		return probes.Policy{Cluster: true}
+	case strings.HasPrefix(chain, prefixLocal):
+		return probes.Policy{Local: true}
+	}
+	return probes.Policy{}
+}
+
+// serviceFromComment reads kube-proxy's comment on an entry rule: "ns/svc:port cluster IP",
+// "ns/svc:port external IP", "ns/svc:port loadbalancer IP", "ns/svc:port" on KUBE-NODEPORTS, or
+// the same without ":port" for an unnamed port.
 func serviceFromComment(c string) (probes.ServiceRef, bool) {
 	word, _, _ := strings.Cut(c, " ")
 	word, _, _ = strings.Cut(word, ":")

@@ -12,6 +12,7 @@ import (
 
 	"github.com/google/nftables"
 
+	"github.com/endpointlag/endpointlag/probes"
 	"github.com/endpointlag/endpointlag/probes/internal/rulegraph"
 )
 
@@ -30,20 +31,29 @@ func readFixture(t testing.TB, name string) map[string][]rule {
 }
 
 // reached runs parsed chains through the graph as the legacy backend's poll does.
-func reached(chains map[string][]rule) map[string]rulegraph.Reached {
+func reached(chains map[string][]rule) *rulegraph.State {
 	rd := newReader()
 	rd.replace(uint8(nftables.TableFamilyIPv4), numbered(chains))
 	rd.flush()
-	state := map[string]rulegraph.Reached{}
+	state := rulegraph.NewState()
 	rd.g.Publish(state)
 	return state
 }
 
-func describe(state map[string]rulegraph.Reached) []string {
+// describe lists a state as "Service (or chain) path endpoint", sorted.
+func describe(state *rulegraph.State) []string {
+	return describeSnapshot(state.Snapshot())
+}
+
+func describeSnapshot(snap []probes.ServiceEndpoints) []string {
 	var out []string
-	for key, r := range state {
-		for ep := range r.Endpoints {
-			out = append(out, fmt.Sprintf("%s %s %s", key, r.Service, ep))
+	for _, se := range snap {
+		key := se.Service.String()
+		if key == "" {
+			key = se.Chain
+		}
+		for _, ep := range se.Endpoints {
+			out = append(out, fmt.Sprintf("%s %s %s", key, se.Path, ep))
 		}
 	}
 	sort.Strings(out)
@@ -56,21 +66,32 @@ func TestEndpoints(t *testing.T) {
 		want []string
 	}{
 		{"kube-proxy.iptables", []string{
-			"default/kubernetes default/kubernetes 10.99.0.1:6443/TCP",
-			"default/web default/web 10.244.1.3:8080/TCP",
-			"default/web default/web 10.244.1.4:8080/TCP",
-			"default/web default/web 10.244.2.2:8080/TCP",
+			"default/kubernetes cluster 10.99.0.1:6443/TCP",
+			"default/web cluster 10.244.1.3:8080/TCP",
+			"default/web cluster 10.244.1.4:8080/TCP",
+			"default/web cluster 10.244.2.2:8080/TCP",
 		}},
 		// Above 1000 endpoints kube-proxy writes no comments: the chains still tell the endpoints,
 		// grouped by service chain, the Service unnamed.
 		{"kube-proxy-nocomments.iptables", []string{
-			"KUBE-SVC-LOLE4ISW44XBNF3G  10.244.1.3:8080/TCP",
-			"KUBE-SVC-LOLE4ISW44XBNF3G  10.244.1.4:8080/TCP",
-			"KUBE-SVC-LOLE4ISW44XBNF3G  10.244.2.2:8080/TCP",
-			"KUBE-SVC-NPX46M4PTMTKRN6Y  10.99.0.1:6443/TCP",
+			"KUBE-SVC-LOLE4ISW44XBNF3G cluster 10.244.1.3:8080/TCP",
+			"KUBE-SVC-LOLE4ISW44XBNF3G cluster 10.244.1.4:8080/TCP",
+			"KUBE-SVC-LOLE4ISW44XBNF3G cluster 10.244.2.2:8080/TCP",
+			"KUBE-SVC-NPX46M4PTMTKRN6Y cluster 10.99.0.1:6443/TCP",
 		}},
 		{"kube-proxy-ipv6.iptables", []string{
-			"shop/web shop/web [fd00:10:244:1::5]:8080/TCP",
+			"shop/web cluster [fd00:10:244:1::5]:8080/TCP",
+		}},
+		// Traffic policies: default/local's ClusterIP goes to its node-local chain; default/etp's
+		// external traffic (NodePort, and the load-balancer IP through its firewall chain) goes to
+		// the node-local chain, pod and host sources short-circuited to the cluster-wide one.
+		{"kube-proxy-policies.iptables", []string{
+			"default/etp cluster 10.244.1.11:8080/TCP",
+			"default/etp cluster 10.244.2.11:8080/TCP",
+			"default/etp external 10.244.1.11:8080/TCP",
+			"default/etp external 10.244.2.11:8080/TCP",
+			"default/kubernetes cluster 10.99.0.1:6443/TCP",
+			"default/local cluster 10.244.1.9:8080/TCP",
 		}},
 	} {
 		if got := describe(reached(readFixture(t, tc.file))); !slices.Equal(got, tc.want) {
@@ -99,16 +120,16 @@ func TestEntryRulesAreCounted(t *testing.T) {
 		}
 	}
 	rd := newReader()
-	state := map[string]rulegraph.Reached{}
+	state := rulegraph.NewState()
 	for _, step := range []struct {
 		entry   []rule
 		state   []string
 		removed []string
 	}{
-		{[]rule{bare, named, other}, []string{"ns/a ns/a 10.0.0.1:80/TCP", "ns/b ns/b 10.0.0.2:80/TCP"}, nil},
-		{[]rule{other, named, bare}, []string{"ns/a ns/a 10.0.0.1:80/TCP", "ns/b ns/b 10.0.0.2:80/TCP"}, nil},
-		{[]rule{bare, other}, []string{"KUBE-SVC-A  10.0.0.1:80/TCP", "ns/b ns/b 10.0.0.2:80/TCP"}, []string{"ns/a 10.0.0.1:80/TCP"}},
-		{[]rule{other}, []string{"ns/b ns/b 10.0.0.2:80/TCP"}, []string{" 10.0.0.1:80/TCP"}},
+		{[]rule{bare, named, other}, []string{"ns/a cluster 10.0.0.1:80/TCP", "ns/b cluster 10.0.0.2:80/TCP"}, nil},
+		{[]rule{other, named, bare}, []string{"ns/a cluster 10.0.0.1:80/TCP", "ns/b cluster 10.0.0.2:80/TCP"}, nil},
+		{[]rule{bare, other}, []string{"KUBE-SVC-A cluster 10.0.0.1:80/TCP", "ns/b cluster 10.0.0.2:80/TCP"}, []string{"ns/a 10.0.0.1:80/TCP"}},
+		{[]rule{other}, []string{"ns/b cluster 10.0.0.2:80/TCP"}, []string{" 10.0.0.1:80/TCP"}},
 		{nil, nil, []string{"ns/b 10.0.0.2:80/TCP"}},
 	} {
 		rd.replace(fam, tables(step.entry...))
@@ -166,11 +187,11 @@ func FuzzParseSave(f *testing.F) {
 		if err != nil {
 			return
 		}
-		for key, r := range reached(chains) {
-			if key == "" {
-				t.Error("a group without a key")
+		for _, se := range reached(chains).Snapshot() {
+			if se.Service.Name == "" && se.Chain == "" {
+				t.Error("a group without a Service or chain")
 			}
-			for ep := range r.Endpoints {
+			for _, ep := range se.Endpoints {
 				if !ep.Addr.IsValid() || ep.Protocol == "" {
 					t.Errorf("invalid endpoint %+v", ep)
 				}

@@ -11,6 +11,7 @@ package iptables
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
@@ -23,6 +24,7 @@ import (
 
 	"github.com/endpointlag/endpointlag/probes"
 	"github.com/endpointlag/endpointlag/probes/internal/nfmon"
+	"github.com/endpointlag/endpointlag/probes/internal/proxymode"
 	"github.com/endpointlag/endpointlag/probes/internal/rulegraph"
 )
 
@@ -47,11 +49,13 @@ type Options struct {
 func init() {
 	probes.Register(probes.Factory{
 		Name:           Name,
-		Help:           "this node's kube-proxy rules in iptables mode (nat table): nf_tables backend read over netlink and followed through the monitor, legacy backend polled with iptables-legacy-save; inactive until KUBE-SERVICES exists",
+		Help:           "this node's kube-proxy rules in iptables mode (nat table): nf_tables backend read over netlink and followed through the monitor, legacy backend polled with iptables-legacy-save; inactive until KUBE-SERVICES jumps to a service chain (IPVS mode makes KUBE-SERVICES too, but no service chain) and while kube-proxy's /proxyMode names another mode",
 		DefaultEnabled: true,
 		Stages:         []probes.Stage{probes.StageIptables},
 		New: func(env probes.Env) (probes.Probe, error) {
-			return New(Options{PollInterval: env.PollInterval}, env.Clock, env.Logger), nil
+			p := New(Options{PollInterval: env.PollInterval}, env.Clock, env.Logger)
+			p.KubeProxy = proxymode.Asker{URL: env.KubeProxyURL}
+			return p, nil
 		},
 	})
 }
@@ -61,6 +65,8 @@ type Probe struct {
 	opts  Options
 	clock clock.PassiveClock
 	log   *slog.Logger
+	// KubeProxy is asked for kube-proxy's mode when service chains appear.
+	KubeProxy proxymode.Asker
 	// run executes a legacy save command; tests replace it to run in another namespace.
 	run func(ctx context.Context, name string, args ...string) ([]byte, error)
 	// netns names the network namespace (none: the current one), nsfd too (-1: the current one).
@@ -68,8 +74,9 @@ type Probe struct {
 	nsfd  int
 
 	mu sync.Mutex
-	// state is what the rules do now, per Service (or service chain); read by Snapshot.
-	state map[string]rulegraph.Reached
+	// state is what the rules do now, per Service (or service chain) and path; nil until the rules
+	// were read. Read by Snapshot and Reaches.
+	state *rulegraph.State
 	reads int
 }
 
@@ -96,42 +103,51 @@ func (p *Probe) Name() string { return Name }
 
 var legacySave = []string{"iptables-legacy-save", "ip6tables-legacy-save"}
 
-// Detect tells which backend holds kube-proxy's rules (a KUBE-SERVICES chain in the nat table),
-// or "" when neither does yet.
-func (p *Probe) Detect(ctx context.Context) Backend {
-	if conn, err := p.conn(); err == nil {
+// Detect tells which backend holds a KUBE-SERVICES chain in the nat table, or "" when neither
+// does yet. An error says a backend could not be read (no CAP_NET_ADMIN, say): that is not the
+// same as kube-proxy being absent.
+func (p *Probe) Detect(ctx context.Context) (Backend, error) {
+	var errs []error
+	conn, err := p.conn()
+	if err != nil {
+		errs = append(errs, fmt.Errorf("netlink: %w", err))
+	} else {
 		defer func() { _ = conn.CloseLasting() }()
 		for _, fam := range families {
 			chains, err := conn.ListChainsOfTableFamily(fam)
 			if err != nil {
+				errs = append(errs, fmt.Errorf("listing %s chains: %w", familyName(fam), err))
 				continue
 			}
 			for _, c := range chains {
 				if c.Table.Name == natTable && c.Name == rootChains[0] {
-					return BackendNFT
+					return BackendNFT, nil
 				}
 			}
 		}
 	}
 	out, err := p.run(ctx, legacySave[0], "-t", "nat")
-	if err == nil && bytes.Contains(out, []byte("\n:"+rootChains[0]+" ")) {
-		return BackendLegacy
+	switch {
+	case err == nil && bytes.Contains(out, []byte("\n:"+rootChains[0]+" ")):
+		return BackendLegacy, nil
+	case err != nil && !errors.Is(err, exec.ErrNotFound):
+		errs = append(errs, fmt.Errorf("%s -t nat: %w", legacySave[0], err))
 	}
-	return ""
+	return "", errors.Join(errs...)
 }
 
-// Snapshot returns what the rules do now: per Service, the endpoints new connections can reach.
-// Before Run has read the rules, it reads them once.
+// Snapshot returns what the rules do now: per Service and path, the endpoints new connections can
+// reach. Before Run has read the rules, it reads them once.
 func (p *Probe) Snapshot(ctx context.Context) ([]probes.ServiceEndpoints, error) {
 	p.mu.Lock()
 	if p.state != nil {
 		defer p.mu.Unlock()
-		return rulegraph.Snapshot(p.state), nil
+		return p.state.Snapshot(), nil
 	}
 	p.mu.Unlock()
 	rd := newReader()
-	var err error
-	switch p.Detect(ctx) {
+	backend, err := p.Detect(ctx)
+	switch backend {
 	case BackendNFT:
 		var conn *nftables.Conn
 		if conn, err = p.conn(); err != nil {
@@ -142,17 +158,43 @@ func (p *Probe) Snapshot(ctx context.Context) ([]probes.ServiceEndpoints, error)
 	case BackendLegacy:
 		err = rd.poll(ctx, p.run)
 	}
-	state := map[string]rulegraph.Reached{}
+	state := rulegraph.NewState()
 	rd.g.Publish(state)
-	return rulegraph.Snapshot(state), err
+	return state.Snapshot(), err
+}
+
+// Reaches implements probes.Dataplane.
+func (p *Probe) Reaches(svc probes.ServiceRef, ep probes.Endpoint) ([]probes.Reach, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.state == nil {
+		return nil, false
+	}
+	return p.state.Reaches(svc, ep), true
 }
 
 // Run implements probes.Probe.
 func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 	// Until kube-proxy's chains show up, the probe has nothing to read and nothing is awaited.
 	sink.SetStatus(Name, probes.Status{Up: true, Synced: true, Inactive: true})
-	var backend Backend
-	for backend = p.Detect(ctx); backend == ""; backend = p.Detect(ctx) {
+	var (
+		backend  Backend
+		reported string
+	)
+	for {
+		b, err := p.Detect(ctx)
+		if b != "" {
+			backend = b
+			break
+		}
+		// A failure to read is reported when it starts or changes, not at every poll.
+		if msg := fmt.Sprint(err); err != nil && msg != reported {
+			sink.Error(Name, err)
+			reported = msg
+		} else if err == nil && reported != "" {
+			sink.SetStatus(Name, probes.Status{Up: true, Synced: true, Inactive: true})
+			reported = ""
+		}
 		select {
 		case <-ctx.Done():
 			return nil
@@ -160,13 +202,46 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 		}
 	}
 	p.log.Info("kube-proxy's iptables rules found", "backend", backend)
+	a := &activity{probe: p, sink: sink}
 	if backend == BackendLegacy {
-		return p.runLegacy(ctx, sink)
+		return p.runLegacy(ctx, a)
 	}
-	return p.runNFT(ctx, sink)
+	return p.runNFT(ctx, a)
 }
 
-func (p *Probe) runNFT(ctx context.Context, sink probes.Sink) error {
+// activity decides whether the node runs kube-proxy in iptables mode, after every read: only
+// that mode makes the entry chains jump to service chains, and kube-proxy, where it can be asked,
+// must not name another mode. It reports the probe's status with the answer.
+type activity struct {
+	probe    *Probe
+	sink     probes.Sink
+	evidence bool
+	active   bool
+}
+
+func (a *activity) report(ctx context.Context, rd *reader) {
+	if evidence := rd.roots() > 0; evidence != a.evidence {
+		a.evidence = evidence
+		a.active = evidence
+		if other := a.probe.KubeProxy.Disagrees(ctx, Name); evidence && other != "" {
+			a.active = false
+			a.probe.log.Info("kube-proxy's service chains exist, but kube-proxy runs in another mode: inactive", "mode", other)
+		}
+		a.probe.log.Info("kube-proxy's service chains", "present", evidence, "active", a.active)
+	}
+	a.sink.SetStatus(Name, probes.Status{Up: true, Synced: true, Inactive: !a.active})
+}
+
+// seen is when the changes being published happened, as well as the probe knows.
+type seen struct {
+	time      time.Time
+	precision time.Duration
+	// relist: they were found by reading the tables whole after messages were lost.
+	relist bool
+}
+
+func (p *Probe) runNFT(ctx context.Context, a *activity) error {
+	sink := a.sink
 	mon, err := nfmon.OpenRaw(p.nsfd)
 	if err != nil {
 		return fmt.Errorf("iptables: %w", err)
@@ -182,8 +257,10 @@ func (p *Probe) runNFT(ctx context.Context, sink probes.Sink) error {
 	if err := rd.resync(conn); err != nil {
 		sink.Error(Name, err)
 	}
-	p.publish(rd, sink, time.Time{}, 0)
-	sink.SetStatus(Name, probes.Status{Up: true, Synced: true})
+	p.publish(rd, sink, seen{})
+	a.report(ctx, rd)
+	// last is when the last generation was read: messages lost after it make a gap that long.
+	last := p.clock.Now()
 	// touched tells whether the parts of the generation applied so far changed the nat tables.
 	touched := false
 	for {
@@ -194,52 +271,61 @@ func (p *Probe) runNFT(ctx context.Context, sink probes.Sink) error {
 			switch {
 			case !ok:
 				// The monitor closed after an error (lost messages): open another and read the
-				// tables whole.
+				// tables whole. What changed meanwhile happened since the last generation read.
 				mon.Close()
 				if mon = nfmon.ReopenRaw(ctx, func(err error) { sink.Error(Name, err) }, p.nsfd); mon == nil {
 					return nil
 				}
 				if err := rd.resync(conn); err != nil {
 					sink.Error(Name, err)
+					continue
 				}
 				touched = false
-				p.publish(rd, sink, p.clock.Now(), 0)
+				now := p.clock.Now()
+				p.publish(rd, sink, seen{time: now, precision: now.Sub(last), relist: true})
+				last = now
+				a.report(ctx, rd)
 				continue
 			case gen.Err != nil:
 				sink.Error(Name, gen.Err) // the monitor closes next
 				continue
 			}
 			// A large generation is applied part by part as the kernel sends it; what it changed
-			// is handed on, and timestamped, when its last part arrives.
+			// is handed on when its last part arrives, timestamped when that was read.
 			touched = rd.apply(gen.Changes) || touched
 			if gen.Partial {
 				continue
 			}
-			now := p.clock.Now()
+			last = gen.Time
 			if !touched {
 				continue
 			}
 			touched = false
+			at := seen{time: gen.Time}
 			if rd.err != nil {
-				// A rule that did not decode: read the tables whole again.
+				// A rule that did not decode: the generation is known, its content not. Read
+				// the tables whole again.
 				sink.Error(Name, rd.err)
 				if err := rd.resync(conn); err != nil {
 					sink.Error(Name, err)
 				}
+				at.precision = p.clock.Now().Sub(gen.Time)
 			}
 			rd.flush()
-			p.publish(rd, sink, now, 0)
+			p.publish(rd, sink, at)
+			a.report(ctx, rd)
 		}
 	}
 }
 
-func (p *Probe) runLegacy(ctx context.Context, sink probes.Sink) error {
+func (p *Probe) runLegacy(ctx context.Context, a *activity) error {
+	sink := a.sink
 	rd := newReader()
 	if err := rd.poll(ctx, p.run); err != nil {
 		sink.Error(Name, err)
 	}
-	p.publish(rd, sink, time.Time{}, 0)
-	sink.SetStatus(Name, probes.Status{Up: true, Synced: true})
+	p.publish(rd, sink, seen{})
+	a.report(ctx, rd)
 	for {
 		select {
 		case <-ctx.Done():
@@ -248,8 +334,10 @@ func (p *Probe) runLegacy(ctx context.Context, sink probes.Sink) error {
 			now := p.clock.Now()
 			if err := rd.poll(ctx, p.run); err != nil {
 				sink.Error(Name, err)
+				continue
 			}
-			p.publish(rd, sink, now, p.opts.PollInterval)
+			p.publish(rd, sink, seen{time: now, precision: p.opts.PollInterval})
+			a.report(ctx, rd)
 		}
 	}
 }
@@ -261,19 +349,20 @@ func jitter(d time.Duration) time.Duration {
 
 // publish brings the state up to date and reports the endpoints no longer reachable; with a zero
 // time it only records the state.
-func (p *Probe) publish(rd *reader, sink probes.Sink, now time.Time, precision time.Duration) {
+func (p *Probe) publish(rd *reader, sink probes.Sink, at seen) {
 	p.mu.Lock()
 	if p.state == nil {
-		p.state = map[string]rulegraph.Reached{}
+		p.state = rulegraph.NewState()
 	}
 	removed := rd.g.Publish(p.state)
 	p.reads++
 	p.mu.Unlock()
-	if now.IsZero() {
+	if at.time.IsZero() {
 		return
 	}
 	for _, r := range removed {
-		sink.Observe(probes.Observation{Stage: probes.StageIptables, Time: now, Precision: precision, Source: Name, Service: r.Service, Endpoint: r.Endpoint})
+		sink.Observe(probes.Observation{Stage: probes.StageIptables, Time: at.time, Precision: at.precision, Relist: at.relist,
+			Source: Name, Service: r.Service, Path: r.Path, Endpoint: r.Endpoint})
 	}
 }
 

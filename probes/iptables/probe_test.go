@@ -6,12 +6,16 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
 	"sort"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -19,8 +23,10 @@ import (
 	"golang.org/x/sys/unix"
 	"k8s.io/utils/clock"
 
+	"github.com/endpointlag/endpointlag/probes"
 	"github.com/endpointlag/endpointlag/probes/internal/nfmon"
 	"github.com/endpointlag/endpointlag/probes/internal/probetest"
+	"github.com/endpointlag/endpointlag/probes/internal/proxymode"
 )
 
 const nsPrefix = "eltest-ipt-"
@@ -54,7 +60,7 @@ func inNamespace(p *Probe, fd *os.File) {
 func removed(r *probetest.Recorder) []string {
 	var out []string
 	for _, o := range r.Observations() {
-		out = append(out, fmt.Sprintf("%s %s %s", o.Service, o.Endpoint, o.Precision))
+		out = append(out, fmt.Sprintf("%s %s %s %s", o.Service, o.Path, o.Endpoint, o.Precision))
 	}
 	sort.Strings(out)
 	return out
@@ -73,8 +79,8 @@ func TestProbeFollowsKubeProxyRules(t *testing.T) {
 				return exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", ns, name}, args...)...).Output()
 			}
 			inNamespace(p, fd)
-			if got := p.Detect(context.Background()); got != backend {
-				t.Fatalf("Detect = %q, want %q", got, backend)
+			if got, err := p.Detect(context.Background()); got != backend || err != nil {
+				t.Fatalf("Detect = %q, %v; want %q", got, err, backend)
 			}
 			rec, _ := probetest.Run(t, p)
 			rec.Wait(t, "the first read", func() bool { p.mu.Lock(); defer p.mu.Unlock(); return p.reads > 0 })
@@ -87,8 +93,8 @@ func TestProbeFollowsKubeProxyRules(t *testing.T) {
 				file string
 				want []string
 			}{
-				{"remove-web-endpoint.iptables", []string{"default/web 10.244.1.4:8080/TCP " + precision}},
-				{"remove-kubernetes-service.iptables", []string{"default/kubernetes 10.99.0.1:6443/TCP " + precision, "default/web 10.244.1.4:8080/TCP " + precision}},
+				{"remove-web-endpoint.iptables", []string{"default/web cluster 10.244.1.4:8080/TCP " + precision}},
+				{"remove-kubernetes-service.iptables", []string{"default/kubernetes cluster 10.99.0.1:6443/TCP " + precision, "default/web cluster 10.244.1.4:8080/TCP " + precision}},
 			}
 			for _, s := range steps {
 				restore(t, ns, backend, s.file)
@@ -132,6 +138,7 @@ func TestNetlinkReadMatchesSaveText(t *testing.T) {
 		{"kube-proxy.iptables", "iptables-nft-restore"},
 		{"kube-proxy-nocomments.iptables", "iptables-nft-restore"},
 		{"kube-proxy-ipv6.iptables", "ip6tables-nft-restore"},
+		{"kube-proxy-policies.iptables", "iptables-nft-restore"},
 	} {
 		t.Run(tc.file, func(t *testing.T) {
 			ns, fd := probetest.Netns(t, nsPrefix+"read-", tc.restore)
@@ -145,17 +152,7 @@ func TestNetlinkReadMatchesSaveText(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			var got []string
-			for _, se := range snap {
-				key := se.Service.String()
-				if se.Chain != "" {
-					key = se.Chain
-				}
-				for _, ep := range se.Endpoints {
-					got = append(got, fmt.Sprintf("%s %s %s", key, se.Service, ep))
-				}
-			}
-			sort.Strings(got)
+			got := describeSnapshot(snap)
 			want := describe(reached(readFixture(t, tc.file)))
 			if len(want) == 0 || !slices.Equal(got, want) {
 				t.Errorf("netlink read:\n got %q\nwant %q", got, want)
@@ -205,7 +202,7 @@ func TestLargeGenerationIsAppliedInParts(t *testing.T) {
 	rec.Wait(t, "the first read", func() bool { return reads() > 0 })
 	before := reads()
 	largeChange(t, ns)
-	want := []string{"default/web 10.244.1.4:8080/TCP 0s"}
+	want := []string{"default/web cluster 10.244.1.4:8080/TCP 0s"}
 	rec.Wait(t, "the removal", func() bool { return len(removed(rec)) >= len(want) })
 	if got := removed(rec); !slices.Equal(got, want) {
 		t.Errorf("removals:\n got %q\nwant %q", got, want)
@@ -232,13 +229,126 @@ func TestLostMessagesAreRecovered(t *testing.T) {
 	rec, _ := probetest.Run(t, p)
 	rec.Wait(t, "the first read", func() bool { p.mu.Lock(); defer p.mu.Unlock(); return p.reads > 0 })
 	largeChange(t, ns)
-	want := []string{"default/web 10.244.1.4:8080/TCP 0s"}
-	rec.Wait(t, "the removal", func() bool { return len(removed(rec)) >= len(want) })
-	if got := removed(rec); !slices.Equal(got, want) {
-		t.Errorf("removals:\n got %q\nwant %q", got, want)
+	rec.Wait(t, "the removal", func() bool { return len(rec.Observations()) > 0 })
+	obs := rec.Observations()
+	if len(obs) != 1 || obs[0].Endpoint.String() != "10.244.1.4:8080/TCP" || obs[0].Service.String() != "default/web" {
+		t.Errorf("removals %+v, want default/web's 10.244.1.4:8080/TCP", obs)
+	}
+	// Found by reading the tables whole after the gap: flagged, with the gap as precision.
+	if len(obs) == 1 && (!obs[0].Relist || obs[0].Precision <= 0) {
+		t.Errorf("a removal found after lost messages is not flagged as such: %+v", obs[0])
 	}
 	if errs := rec.Errors(); len(errs) == 0 || !strings.Contains(errors.Join(errs...).Error(), "no buffer space") {
 		t.Errorf("errors %v, want the kernel's lost-message error", errs)
+	}
+}
+
+// Both backends: a terminating endpoint that the node-local chain keeps (externalTrafficPolicy
+// Local, no ready endpoint left on this node) but the cluster-wide chain drops is removed from
+// the ClusterIP path only, and Reaches says which paths and policies still reach it.
+func TestPathsAreJudgedApart(t *testing.T) {
+	for _, backend := range []Backend{BackendNFT, BackendLegacy} {
+		t.Run(string(backend), func(t *testing.T) {
+			ns, fd := probetest.Netns(t, nsPrefix+"paths-"+string(backend)+"-", "iptables-"+string(backend)+"-restore", "iptables-"+string(backend)+"-save")
+			restore(t, ns, backend, "kube-proxy-policies.iptables")
+			p := New(Options{PollInterval: 50 * time.Millisecond}, clock.RealClock{}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+			p.run = func(ctx context.Context, name string, args ...string) ([]byte, error) {
+				return exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", ns, name}, args...)...).Output()
+			}
+			inNamespace(p, fd)
+			rec, _ := probetest.Run(t, p)
+			rec.Wait(t, "the first read", func() bool { p.mu.Lock(); defer p.mu.Unlock(); return p.reads > 0 })
+			etp := probes.ServiceRef{Namespace: "default", Name: "etp"}
+			local := probes.Endpoint{Addr: netip.MustParseAddr("10.244.1.11"), Port: 8080, Protocol: "TCP"}
+			reach, ok := p.Reaches(etp, local)
+			slices.SortFunc(reach, func(a, b probes.Reach) int { return strings.Compare(string(a.Path), string(b.Path)) })
+			if want := []probes.Reach{
+				{Path: probes.PathCluster, Policy: probes.Policy{Cluster: true}},
+				{Path: probes.PathExternal, Policy: probes.Policy{Cluster: true, Local: true}},
+			}; !ok || !slices.Equal(reach, want) {
+				t.Errorf("Reaches(default/etp, %s) = %+v, %v; want %+v", local, reach, ok, want)
+			}
+			if reach, _ := p.Reaches(probes.ServiceRef{Namespace: "default", Name: "local"}, probes.Endpoint{Addr: netip.MustParseAddr("10.244.2.9"), Port: 8080, Protocol: "TCP"}); len(reach) != 0 {
+				t.Errorf("default/local's remote endpoint is reached: %+v", reach)
+			}
+			restore(t, ns, backend, "terminate-etp-endpoint.iptables")
+			rec.Wait(t, "the removal", func() bool { return len(rec.Observations()) > 0 })
+			if backend == BackendLegacy {
+				p.mu.Lock()
+				reads := p.reads
+				p.mu.Unlock()
+				rec.Wait(t, "another poll", func() bool { p.mu.Lock(); defer p.mu.Unlock(); return p.reads > reads+1 })
+			}
+			obs := rec.Observations()
+			if len(obs) != 1 || obs[0].Path != probes.PathCluster || obs[0].Endpoint != local || obs[0].Service != etp {
+				t.Errorf("removals %+v, want default/etp's %s on the cluster path only", obs, local)
+			}
+			if st := rec.Status(); st.Inactive || !st.Up {
+				t.Errorf("status %+v, want active and up", st)
+			}
+		})
+	}
+}
+
+// kube-proxy's IPVS mode makes KUBE-SERVICES too, but no service chain: the probe reads the
+// table and stays inactive (nothing awaited) until service chains appear; and when kube-proxy
+// answers that it runs another mode, it stays inactive even then.
+func TestIPVSModeTableIsNotIptablesMode(t *testing.T) {
+	for _, backend := range []Backend{BackendNFT, BackendLegacy} {
+		t.Run(string(backend), func(t *testing.T) {
+			ns, fd := probetest.Netns(t, nsPrefix+"ipvs-"+string(backend)+"-", "iptables-"+string(backend)+"-restore", "iptables-"+string(backend)+"-save")
+			restore(t, ns, backend, "kube-proxy-ipvs.iptables")
+			mode := "ipvs"
+			var modeMu sync.Mutex
+			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+				modeMu.Lock()
+				defer modeMu.Unlock()
+				fmt.Fprint(w, mode)
+			}))
+			defer srv.Close()
+			p := New(Options{PollInterval: 50 * time.Millisecond}, clock.RealClock{}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+			p.KubeProxy = proxymode.Asker{URL: srv.URL}
+			p.run = func(ctx context.Context, name string, args ...string) ([]byte, error) {
+				return exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", ns, name}, args...)...).Output()
+			}
+			inNamespace(p, fd)
+			rec, _ := probetest.Run(t, p)
+			rec.Wait(t, "the first read", func() bool { p.mu.Lock(); defer p.mu.Unlock(); return p.reads > 0 })
+			if st := rec.Status(); !st.Inactive || !st.Synced {
+				t.Errorf("IPVS mode's nat table: status %+v, want synced and inactive", st)
+			}
+			// Service chains appear (left by an earlier iptables mode, say) while kube-proxy says
+			// it runs IPVS: still inactive.
+			restore(t, ns, backend, "kube-proxy.iptables")
+			rec.Wait(t, "the service chains", func() bool { s, _ := p.Snapshot(context.Background()); return len(s) > 0 })
+			if backend == BackendLegacy {
+				p.mu.Lock()
+				reads := p.reads
+				p.mu.Unlock()
+				rec.Wait(t, "another poll", func() bool { p.mu.Lock(); defer p.mu.Unlock(); return p.reads > reads+1 })
+			}
+			if st := rec.Status(); !st.Inactive {
+				t.Errorf("kube-proxy says ipvs, yet the probe is active: %+v", st)
+			}
+		})
+	}
+}
+
+// Without the privilege to read the nat table the probe says so (an error, counted) instead of
+// looking healthy and inactive.
+func TestDetectReportsWhatItCannotRead(t *testing.T) {
+	p := New(Options{}, clock.RealClock{}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	p.run = func(context.Context, string, ...string) ([]byte, error) {
+		return nil, errors.New("iptables-legacy-save: Permission denied (you must be root)")
+	}
+	if _, err := p.Detect(context.Background()); err == nil || !strings.Contains(err.Error(), "Permission denied") {
+		t.Errorf("Detect error %v, want the save command's failure", err)
+	}
+	p.run = func(context.Context, string, ...string) ([]byte, error) { return nil, exec.ErrNotFound }
+	if os.Geteuid() == 0 {
+		if _, err := p.Detect(context.Background()); err != nil {
+			t.Errorf("no legacy iptables installed is not an error: %v", err)
+		}
 	}
 }
 

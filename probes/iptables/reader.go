@@ -11,6 +11,7 @@ import (
 	"github.com/google/nftables"
 	"golang.org/x/sys/unix"
 
+	"github.com/endpointlag/endpointlag/probes"
 	"github.com/endpointlag/endpointlag/probes/internal/nfmon"
 	"github.com/endpointlag/endpointlag/probes/internal/rulegraph"
 )
@@ -74,7 +75,7 @@ type rootCount struct {
 
 func newReader() *reader {
 	return &reader{
-		g: rulegraph.New(), chains: map[uint8]map[string]map[uint64]rule{}, entries: map[uint8]map[string]map[uint64]*entryRule{},
+		g: rulegraph.New(policy), chains: map[uint8]map[string]map[uint64]rule{}, entries: map[uint8]map[string]map[uint64]*entryRule{},
 		targets: map[uint8]map[string]*target{}, cache: map[uint8]map[string]*entryRule{}, changed: map[rulegraph.Key]bool{},
 	}
 }
@@ -82,18 +83,33 @@ func newReader() *reader {
 func isEntry(chain string) bool { return slices.Contains(rootChains, chain) }
 
 // newEntryRule reads what an entry rule points at: a service chain, as a root grouped by the
-// Service its comment names or, without comments, by the chain itself.
+// Service its comment names (or, without a comment, by the chain itself) and the path its traffic
+// takes.
 func newEntryRule(fam uint8, r rule) *entryRule {
 	er := &entryRule{family: fam}
-	if !r.jump || !serviceChain(r.target) {
+	path, ok := servicePath(r.target)
+	if !r.jump || !ok {
 		return er
 	}
+	svc, _ := serviceFromComment(r.comment)
 	er.target, er.ok = r.target, true
-	er.root = rulegraph.Root{Group: r.target}
-	if svc, named := serviceFromComment(r.comment); named {
-		er.root = rulegraph.Root{Group: svc.String(), Service: svc}
-	}
+	er.root = rulegraph.Root{Group: rulegraph.GroupKey(svc, r.target, path), Service: svc, Path: path}
 	return er
+}
+
+// roots counts the service chains the entry chains jump to: kube-proxy's iptables mode writes
+// one for every Service port with endpoints (the API server's own Service always has one); its
+// IPVS mode, which also makes KUBE-SERVICES, writes none.
+func (rd *reader) roots() int {
+	n := 0
+	for _, ts := range rd.targets {
+		for _, t := range ts {
+			if t.isRoot {
+				n++
+			}
+		}
+	}
+	return n
 }
 
 // count adds (delta 1) or removes (-1) one rule's jump to its service chain.
@@ -231,7 +247,8 @@ func (rd *reader) replace(fam uint8, next map[string]map[uint64]rule) {
 }
 
 // resync reads both families' nat tables whole over netlink.
-func (rd *reader) resync(conn *nftables.Conn) error {
+func (rd *reader) resync(conn *nftables.Conn) (err error) {
+	defer probes.Recover(&err)
 	rd.err = nil
 	// Rules are read by handle again, decoded by google/nftables.
 	rd.cache = map[uint8]map[string]*entryRule{}
@@ -265,7 +282,8 @@ func (rd *reader) resync(conn *nftables.Conn) error {
 }
 
 // poll reads both families with iptables-legacy-save.
-func (rd *reader) poll(ctx context.Context, run func(ctx context.Context, name string, args ...string) ([]byte, error)) error {
+func (rd *reader) poll(ctx context.Context, run func(ctx context.Context, name string, args ...string) ([]byte, error)) (err error) {
+	defer probes.Recover(&err)
 	var errs []error
 	for i, fam := range families {
 		text, err := run(ctx, legacySave[i], "-t", "nat")
@@ -286,9 +304,19 @@ func (rd *reader) poll(ctx context.Context, run func(ctx context.Context, name s
 
 // apply follows nftables changes in the nat tables, up to the next flush: rules added and deleted
 // by handle, chains and tables created and deleted. It reports whether they touched the nat
-// tables; a rule that does not decode sets rd.err, after which changes are skipped until a resync.
+// tables; a rule that does not decode (or a decoder's panic) sets rd.err, after which changes are
+// skipped until a resync.
 func (rd *reader) apply(changes []nfmon.RawChange) bool {
-	touched := false
+	touched, err := rd.follow(changes)
+	if err != nil {
+		rd.err = err
+		return true
+	}
+	return touched
+}
+
+func (rd *reader) follow(changes []nfmon.RawChange) (touched bool, err error) {
+	defer probes.Recover(&err)
 	for _, c := range changes {
 		if c.Table != natTable || (c.Family != uint8(nftables.TableFamilyIPv4) && c.Family != uint8(nftables.TableFamilyIPv6)) {
 			continue
@@ -298,11 +326,10 @@ func (rd *reader) apply(changes []nfmon.RawChange) bool {
 			continue
 		}
 		if err := rd.applyOne(c); err != nil {
-			rd.err = fmt.Errorf("%s nat chain %s, rule %d: %w", familyName(nftables.TableFamily(c.Family)), c.Chain, c.Handle, err)
-			return true
+			return true, fmt.Errorf("%s nat chain %s, rule %d: %w", familyName(nftables.TableFamily(c.Family)), c.Chain, c.Handle, err)
 		}
 	}
-	return touched
+	return touched, nil
 }
 
 func (rd *reader) applyOne(c nfmon.RawChange) error {

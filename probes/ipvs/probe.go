@@ -14,8 +14,10 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"net"
 	"net/netip"
 	"os"
+	"sync"
 	"time"
 
 	"github.com/mdlayher/genetlink"
@@ -24,6 +26,7 @@ import (
 	"k8s.io/utils/clock"
 
 	"github.com/endpointlag/endpointlag/probes"
+	"github.com/endpointlag/endpointlag/probes/internal/proxymode"
 )
 
 // Name is the probe's registry name and the source of its observations.
@@ -32,11 +35,13 @@ const Name = "ipvs"
 func init() {
 	probes.Register(probes.Factory{
 		Name:           Name,
-		Help:           "this node's kube-proxy rules in IPVS mode, polled over generic netlink; inactive while the kernel has no IPVS or no virtual server",
+		Help:           "this node's kube-proxy rules in IPVS mode, polled over generic netlink (experimental: decoded and unit-tested, not yet run against a kernel with IPVS); inactive while the node has no kube-ipvs0 interface (kube-proxy's IPVS mode makes it; keepalived and kube-vip do not) or kube-proxy's /proxyMode names another mode",
 		DefaultEnabled: true,
 		Stages:         []probes.Stage{probes.StageIPVS},
 		New: func(env probes.Env) (probes.Probe, error) {
-			return New(env.PollInterval, env.Clock, env.Logger), nil
+			p := New(env.PollInterval, env.Clock, env.Logger)
+			p.KubeProxy = proxymode.Asker{URL: env.KubeProxyURL}
+			return p, nil
 		},
 	})
 }
@@ -207,6 +212,25 @@ type Probe struct {
 	interval time.Duration
 	clock    clock.PassiveClock
 	log      *slog.Logger
+	// KubeProxy is asked for kube-proxy's mode when its IPVS interface appears.
+	KubeProxy proxymode.Asker
+	// read and dummy read the virtual servers and tell whether kube-proxy's IPVS interface exists
+	// (tests replace them: this project's machines have no IPVS).
+	read  func() (table, error)
+	dummy func() bool
+
+	mu sync.Mutex
+	// reached are the endpoints some virtual server sends to, at the last read; nil before it.
+	reached map[probes.Endpoint]bool
+}
+
+// dummyInterface is the interface kube-proxy's IPVS mode binds every Service address to. Other
+// users of IPVS (keepalived, kube-vip, ipvsadm by hand) make virtual servers but not this.
+const dummyInterface = "kube-ipvs0"
+
+func hasDummyInterface() bool {
+	_, err := net.InterfaceByName(dummyInterface)
+	return err == nil
 }
 
 // New returns the probe; it reads every interval, with ±10 % jitter.
@@ -214,7 +238,33 @@ func New(interval time.Duration, clk clock.PassiveClock, log *slog.Logger) *Prob
 	if interval <= 0 {
 		interval = time.Second
 	}
-	return &Probe{interval: interval, clock: clk, log: log.With("probe", Name)}
+	return &Probe{interval: interval, clock: clk, log: log.With("probe", Name), read: read, dummy: hasDummyInterface}
+}
+
+// Reaches implements probes.Dataplane. IPVS names no Services: an endpoint is reached when any
+// virtual server sends to it.
+func (p *Probe) Reaches(_ probes.ServiceRef, ep probes.Endpoint) ([]probes.Reach, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.reached == nil {
+		return nil, false
+	}
+	if !p.reached[ep] {
+		return nil, true
+	}
+	return []probes.Reach{{Path: probes.PathCluster, Policy: probes.Policy{Cluster: true}}}, true
+}
+
+func (p *Probe) setReached(t table) {
+	eps := map[probes.Endpoint]bool{}
+	for _, vs := range t {
+		for ep := range vs {
+			eps[ep] = true
+		}
+	}
+	p.mu.Lock()
+	p.reached = eps
+	p.mu.Unlock()
 }
 
 // Name implements probes.Probe.
@@ -296,27 +346,40 @@ func nested(b []byte, typ uint16) ([]byte, error) {
 	return nil, fmt.Errorf("IPVS message without attribute %d", typ)
 }
 
-// Run implements probes.Probe. It stays inactive while the kernel has no IPVS or no virtual
-// server, checking again at every poll.
+// Run implements probes.Probe. It stays inactive while the kernel has no IPVS or the node has no
+// kube-ipvs0 interface, checking again at every poll, and while kube-proxy names another mode.
 func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 	sink.SetStatus(Name, probes.Status{Up: true, Synced: true, Inactive: true})
-	var prev table
+	var (
+		prev     table
+		evidence bool
+		active   bool
+	)
 	for {
 		now := p.clock.Now()
-		next, err := read()
+		next, err := p.read()
 		switch {
 		case errors.Is(err, errNoIPVS):
 			sink.SetStatus(Name, probes.Status{Up: true, Synced: true, Inactive: true})
 		case err != nil:
 			sink.Error(Name, err)
 		default:
-			sink.SetStatus(Name, probes.Status{Up: true, Synced: true, Inactive: len(next) == 0})
+			if e := p.dummy(); e != evidence {
+				evidence, active = e, e
+				if other := p.KubeProxy.Disagrees(ctx, Name); e && other != "" {
+					active = false
+					p.log.Info("kube-ipvs0 exists, but kube-proxy runs in another mode: inactive", "mode", other)
+				}
+				p.log.Info("kube-proxy's IPVS interface", "present", e, "active", active)
+			}
+			sink.SetStatus(Name, probes.Status{Up: true, Synced: true, Inactive: !active})
 			if prev != nil {
 				for _, ep := range removed(prev, next) {
-					sink.Observe(probes.Observation{Stage: probes.StageIPVS, Time: now, Precision: p.interval, Source: Name, Endpoint: ep})
+					sink.Observe(probes.Observation{Stage: probes.StageIPVS, Time: now, Precision: p.interval, Source: Name, Path: probes.PathCluster, Endpoint: ep})
 				}
 			}
 			prev = next
+			p.setReached(next)
 		}
 		select {
 		case <-ctx.Done():

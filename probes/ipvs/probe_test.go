@@ -3,20 +3,24 @@ package ipvs
 import (
 	"context"
 	"encoding/binary"
+	"fmt"
 	"io"
 	"log/slog"
+	"net/http"
+	"net/http/httptest"
 	"net/netip"
 	"slices"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/mdlayher/netlink"
+	"golang.org/x/sys/unix"
 	"k8s.io/utils/clock"
 
 	"github.com/endpointlag/endpointlag/probes"
-
-	"github.com/mdlayher/netlink"
-	"golang.org/x/sys/unix"
+	"github.com/endpointlag/endpointlag/probes/internal/probetest"
+	"github.com/endpointlag/endpointlag/probes/internal/proxymode"
 )
 
 // The attributes below are laid out as the kernel's ip_vs_genl_fill_service and
@@ -204,5 +208,42 @@ func TestInactiveWithoutVirtualServers(t *testing.T) {
 		if !st.Inactive || !st.Synced || !st.Up {
 			t.Errorf("status %+v, want up, synced and inactive", st)
 		}
+	}
+}
+
+// Only kube-proxy's IPVS mode makes kube-ipvs0: virtual servers keepalived or kube-vip made leave
+// the probe inactive, and so does kube-proxy naming another mode.
+func TestActiveOnlyInKubeProxysIPVSMode(t *testing.T) {
+	vs := virtualServer{af: unix.AF_INET, protocol: unix.IPPROTO_TCP, addr: netip.MustParseAddr("10.0.0.100"), port: 80}
+	servers := table{}
+	servers.add(vs, realServer{addr: netip.MustParseAddr("10.0.1.1"), port: 80, weight: 1})
+	for _, tc := range []struct {
+		name   string
+		dummy  bool
+		mode   string
+		active bool
+	}{
+		{"keepalived's virtual server", false, "", false},
+		{"kube-proxy IPVS mode", true, "ipvs", true},
+		{"kube-proxy unreachable, kube-ipvs0 present", true, "", true},
+		{"kube-ipvs0 left behind, kube-proxy in nftables mode", true, "nftables", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := New(time.Millisecond, clock.RealClock{}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+			p.read = func() (table, error) { return servers, nil }
+			p.dummy = func() bool { return tc.dummy }
+			if tc.mode != "" {
+				srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { fmt.Fprint(w, tc.mode) }))
+				defer srv.Close()
+				p.KubeProxy = proxymode.Asker{URL: srv.URL}
+			}
+			rec, _ := probetest.Run(t, p)
+			rec.Wait(t, "a read", func() bool { _, ok := p.Reaches(probes.ServiceRef{}, probes.Endpoint{}); return ok })
+			rec.Wait(t, "the status", func() bool { return rec.Status().Inactive != tc.active })
+			reach, _ := p.Reaches(probes.ServiceRef{}, probes.Endpoint{Addr: netip.MustParseAddr("10.0.1.1"), Port: 80, Protocol: "TCP"})
+			if len(reach) != 1 || reach[0].Path != probes.PathCluster {
+				t.Errorf("the real server is not reached: %+v", reach)
+			}
+		})
 	}
 }

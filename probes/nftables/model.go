@@ -22,19 +22,31 @@ type servicePort struct {
 	portName string
 }
 
+// The kinds of kube-proxy's per-service-port chains, by name prefix: a Service port's
+// cluster-wide endpoints (service-), its endpoints on this node for traffic policy Local (local-),
+// the entry of external traffic (external-: NodePort, external and load-balancer IPs; it goes on to
+// service- or local-), one endpoint (endpoint-, with session affinity). firewall- chains only drop
+// (loadBalancerSourceRanges, in the filter hooks): they lead to no endpoint.
+const (
+	kindService  = "service"
+	kindLocal    = "local"
+	kindExternal = "external"
+	kindEndpoint = "endpoint"
+)
+
 // parseChainName reads kube-proxy's per-service chain names: service-HASH-ns/svc/proto/port,
-// external-HASH-ns/svc/proto/port and endpoint-HASH-ns/svc/proto/port__ip/port. Other chains give
+// local-HASH-…, external-HASH-… and endpoint-HASH-ns/svc/proto/port__ip/port. Other chains give
 // ok=false.
 func parseChainName(name string) (kind string, sp servicePort, ok bool) {
 	kind, rest, found := strings.Cut(name, "-")
-	if !found || (kind != "service" && kind != "external" && kind != "endpoint") {
+	if !found || (kind != kindService && kind != kindLocal && kind != kindExternal && kind != kindEndpoint) {
 		return "", sp, false
 	}
 	_, rest, found = strings.Cut(rest, "-") // the hash
 	if !found {
 		return "", sp, false
 	}
-	if kind == "endpoint" {
+	if kind == kindEndpoint {
 		rest, _, _ = strings.Cut(rest, "__")
 	}
 	parts := strings.Split(rest, "/")
@@ -198,14 +210,39 @@ func isNotFound(err error) bool {
 	return err != nil && strings.Contains(err.Error(), unix.ENOENT.Error())
 }
 
-// roots makes the service maps' targets roots, grouped by Service; endpoint chains and names
-// that are not kube-proxy's are not roots.
+// root makes a service map's target a root, grouped by Service and path: ClusterIPs go to a
+// service- or local- chain, external destinations to an external- chain. Endpoint chains and
+// names that are not kube-proxy's are not roots.
+func root(name string) (rulegraph.Root, bool) {
+	kind, sp, ok := parseChainName(name)
+	if !ok || kind == kindEndpoint {
+		return rulegraph.Root{}, false
+	}
+	path := probes.PathCluster
+	if kind == kindExternal {
+		path = probes.PathExternal
+	}
+	return rulegraph.Root{Group: rulegraph.GroupKey(sp.service, name, path), Service: sp.service, Path: path, Protocol: sp.protocol}, true
+}
+
+// roots makes the service maps' targets roots.
 func roots(names []string) map[string]rulegraph.Root {
 	out := map[string]rulegraph.Root{}
 	for _, n := range names {
-		if kind, sp, ok := parseChainName(n); ok && kind != "endpoint" {
-			out[n] = rulegraph.Root{Group: sp.service.String(), Service: sp.service, Protocol: sp.protocol}
+		if r, ok := root(n); ok {
+			out[n] = r
 		}
 	}
 	return out
+}
+
+// policy classifies kube-proxy's policy chains for the graph.
+func policy(chain string) probes.Policy {
+	switch kind, _, _ := parseChainName(chain); kind {
+	case kindService:
+		return probes.Policy{Cluster: true}
+	case kindLocal:
+		return probes.Policy{Local: true}
+	}
+	return probes.Policy{}
 }

@@ -22,6 +22,7 @@ import (
 
 	"github.com/endpointlag/endpointlag/probes"
 	"github.com/endpointlag/endpointlag/probes/internal/nfmon"
+	"github.com/endpointlag/endpointlag/probes/internal/proxymode"
 	"github.com/endpointlag/endpointlag/probes/internal/rulegraph"
 )
 
@@ -36,11 +37,13 @@ var families = []nftables.TableFamily{nftables.TableFamilyIPv4, nftables.TableFa
 func init() {
 	probes.Register(probes.Factory{
 		Name:           Name,
-		Help:           "this node's kube-proxy rules in nftables mode (table kube-proxy), followed through the netlink monitor; inactive while the table is absent",
+		Help:           "this node's kube-proxy rules in nftables mode (table kube-proxy), followed through the netlink monitor; inactive while the table is absent or kube-proxy's /proxyMode names another mode",
 		DefaultEnabled: true,
 		Stages:         []probes.Stage{probes.StageNftables},
 		New: func(env probes.Env) (probes.Probe, error) {
-			return New(env.Clock, env.Logger), nil
+			p := New(env.Clock, env.Logger)
+			p.KubeProxy = proxymode.Asker{URL: env.KubeProxyURL}
+			return p, nil
 		},
 	})
 }
@@ -52,13 +55,18 @@ type Probe struct {
 	// netns names the network namespace (none: the current one), nsfd too (-1: the current one).
 	netns []nftables.ConnOption
 	nsfd  int
+	// KubeProxy is asked for kube-proxy's mode when the table appears.
+	KubeProxy proxymode.Asker
 
 	mu sync.Mutex
-	// state is what the rules do now, per Service; read by Snapshot.
-	state map[string]rulegraph.Reached
+	// state is what the rules do now, per Service and path; nil until the rules were read. Read by
+	// Snapshot and Reaches.
+	state *rulegraph.State
 	// generations counts the change batches handled, setReads the sets read back over netlink.
 	generations atomic.Int64
 	setReads    atomic.Int64
+	// beforeApply, when set (tests), runs as each generation starts being applied.
+	beforeApply func(changes []nfmon.RawChange)
 }
 
 // New returns the probe for the current network namespace.
@@ -90,6 +98,17 @@ type reader struct {
 	g        *rulegraph.Graph
 	// found is true while a kube-proxy table exists in some family.
 	found bool
+	// beforeApply is the probe's test hook.
+	beforeApply func(changes []nfmon.RawChange)
+}
+
+// seen is when the changes being published happened, as well as the probe knows.
+type seen struct {
+	time time.Time
+	// precision is how much earlier they may have happened.
+	precision time.Duration
+	// relist: they were found by reading the tables whole after messages were lost.
+	relist bool
 }
 
 // Run implements probes.Probe.
@@ -105,17 +124,20 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 		return fmt.Errorf("nftables: %w", err)
 	}
 	defer func() { _ = conn.CloseLasting() }()
-	rd := &reader{conn: conn, setReads: &p.setReads}
+	rd := &reader{conn: conn, setReads: &p.setReads, beforeApply: p.beforeApply}
 	// The monitor runs before the first read, so no change falls between them.
 	readErr := rd.resync()
 	if readErr != nil {
 		sink.Error(Name, readErr)
 	}
-	p.publish(rd, sink, time.Time{})
-	active := rd.found
+	p.publish(rd, sink, seen{})
+	found := rd.found
+	active := p.active(ctx, found)
 	// A failed first read (no CAP_NET_ADMIN, say) leaves the probe down; the next change retries.
 	sink.SetStatus(Name, probes.Status{Up: readErr == nil, Synced: true, Inactive: !active})
-	p.log.Info("synced", "services", len(p.state), "kube-proxy table", active)
+	p.log.Info("synced", "services", p.services(), "kube-proxy table", found, "active", active)
+	// last is when the last generation was read: messages lost after it make a gap that long.
+	last := p.clock.Now()
 	// pending are the parts of a large generation received so far.
 	var pending []nfmon.RawChange
 	for {
@@ -127,13 +149,15 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 				pending = append(pending, gen.Changes...)
 				continue
 			}
-			now := p.clock.Now()
 			if pending != nil {
 				gen.Changes, pending = append(pending, gen.Changes...), nil
 			}
-			if !ok {
+			var at seen
+			switch {
+			case !ok:
 				// The monitor closed after an error (lost messages), which was reported: open
-				// another and read the tables whole.
+				// another and read the tables whole. What changed meanwhile happened since the
+				// last generation read.
 				mon.Close()
 				if mon = nfmon.ReopenRaw(ctx, func(err error) { sink.Error(Name, err) }, p.nsfd); mon == nil {
 					return nil
@@ -142,51 +166,90 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 					sink.Error(Name, err)
 					continue
 				}
-			} else if gen.Err != nil {
+				now := p.clock.Now()
+				at = seen{time: now, precision: now.Sub(last), relist: true}
+			case gen.Err != nil:
 				sink.Error(Name, gen.Err) // the monitor closes next
 				continue
-			} else if err := rd.apply(gen.Changes); err != nil {
-				sink.Error(Name, err)
-				if err := rd.resync(); err != nil {
+			default:
+				at = seen{time: gen.Time}
+				if err := rd.apply(gen.Changes); err != nil {
+					// The generation is known, its content not: read the tables whole.
 					sink.Error(Name, err)
-					continue
+					if err := rd.resync(); err != nil {
+						sink.Error(Name, err)
+						continue
+					}
+					at.precision = p.clock.Now().Sub(gen.Time)
 				}
 			}
-			if rd.found != active {
-				active = rd.found
-				p.log.Info("kube-proxy table", "present", active)
+			last = at.time
+			if rd.found != found {
+				found = rd.found
+				active = p.active(ctx, found)
+				p.log.Info("kube-proxy table", "present", found, "active", active)
 			}
 			sink.SetStatus(Name, probes.Status{Up: true, Inactive: !active})
-			p.publish(rd, sink, now)
+			p.publish(rd, sink, at)
 			p.generations.Add(1)
 		}
 	}
 }
 
+// active decides whether the node runs kube-proxy in nftables mode: its table exists (no other mode
+// makes one) and kube-proxy, where it can be asked, does not name another mode.
+func (p *Probe) active(ctx context.Context, found bool) bool {
+	if !found {
+		return false
+	}
+	if other := p.KubeProxy.Disagrees(ctx, Name); other != "" {
+		p.log.Info("a kube-proxy table exists, but kube-proxy runs in another mode: inactive", "mode", other)
+		return false
+	}
+	return true
+}
+
+func (p *Probe) services() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.state.Len()
+}
+
 // publish updates the endpoints of the Services the last changes touched and reports those no
 // longer reachable; with a zero time it only records the state.
-func (p *Probe) publish(rd *reader, sink probes.Sink, now time.Time) {
+func (p *Probe) publish(rd *reader, sink probes.Sink, at seen) {
 	p.mu.Lock()
 	if p.state == nil {
-		p.state = map[string]rulegraph.Reached{}
+		p.state = rulegraph.NewState()
 	}
 	removed := rd.g.Publish(p.state)
 	p.mu.Unlock()
-	if now.IsZero() {
+	if at.time.IsZero() {
 		return
 	}
 	for _, r := range removed {
-		sink.Observe(probes.Observation{Stage: probes.StageNftables, Time: now, Source: Name, Service: r.Service, Endpoint: r.Endpoint})
+		sink.Observe(probes.Observation{Stage: probes.StageNftables, Time: at.time, Precision: at.precision, Relist: at.relist,
+			Source: Name, Service: r.Service, Path: r.Path, Endpoint: r.Endpoint})
 	}
 }
 
-// Snapshot returns what the rules do now: per Service, the endpoints new connections can reach.
-// Before Run has read the rules, it reads them once.
+// Reaches implements probes.Dataplane.
+func (p *Probe) Reaches(svc probes.ServiceRef, ep probes.Endpoint) ([]probes.Reach, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.state == nil {
+		return nil, false
+	}
+	return p.state.Reaches(svc, ep), true
+}
+
+// Snapshot returns what the rules do now: per Service and path, the endpoints new connections can
+// reach. Before Run has read the rules, it reads them once.
 func (p *Probe) Snapshot() ([]probes.ServiceEndpoints, error) {
 	p.mu.Lock()
 	if p.state != nil {
 		defer p.mu.Unlock()
-		return rulegraph.Snapshot(p.state), nil
+		return p.state.Snapshot(), nil
 	}
 	p.mu.Unlock()
 	conn, err := p.conn()
@@ -196,17 +259,18 @@ func (p *Probe) Snapshot() ([]probes.ServiceEndpoints, error) {
 	defer func() { _ = conn.CloseLasting() }()
 	rd := &reader{conn: conn}
 	err = rd.resync()
-	state := map[string]rulegraph.Reached{}
+	state := rulegraph.NewState()
 	rd.g.Publish(state)
-	return rulegraph.Snapshot(state), err
+	return state.Snapshot(), err
 }
 
 // resync reads both families' tables whole.
-func (rd *reader) resync() error {
+func (rd *reader) resync() (err error) {
+	defer probes.Recover(&err)
 	// Every Service the graph held and every Service it holds after the read is compared with
 	// the last state at the next publish.
 	if rd.g == nil {
-		rd.g = rulegraph.New()
+		rd.g = rulegraph.New(policy)
 	}
 	rd.g.Reset()
 	rd.found = false
@@ -334,7 +398,11 @@ func setElement(el nfmon.RawElement) nftables.SetElement {
 
 // apply re-reads what one generation of changes touched in the kube-proxy tables: the chains
 // whose rules changed, and the service maps' elements as roots.
-func (rd *reader) apply(changes []nfmon.RawChange) error {
+func (rd *reader) apply(changes []nfmon.RawChange) (err error) {
+	defer probes.Recover(&err)
+	if rd.beforeApply != nil {
+		rd.beforeApply(changes)
+	}
 	dirty := map[rulegraph.Key]bool{}
 	rootsDirty := map[uint8]bool{}
 	fresh := freshSets{}
@@ -375,8 +443,8 @@ func (rd *reader) apply(changes []nfmon.RawChange) error {
 					rootsDirty[c.Family] = true
 					continue
 				}
-				kind, _, svc := parseChainName(el.Chain)
-				if !el.Jump || !svc || kind == "endpoint" {
+				r, ok := root(el.Chain)
+				if !el.Jump || !ok {
 					continue
 				}
 				rk := rulegraph.Key{Family: c.Family, Chain: el.Chain}
@@ -384,9 +452,7 @@ func (rd *reader) apply(changes []nfmon.RawChange) error {
 					rd.g.RemoveRoot(rk)
 					continue
 				}
-				for chain, r := range roots([]string{el.Chain}) {
-					rd.g.SetRoot(rulegraph.Key{Family: c.Family, Chain: chain}, r)
-				}
+				rd.g.SetRoot(rk, r)
 			}
 		case unix.NFT_MSG_NEWTABLE, unix.NFT_MSG_DELTABLE:
 			return rd.resync()

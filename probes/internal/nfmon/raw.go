@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -15,6 +16,8 @@ import (
 	"github.com/mdlayher/netlink"
 	"golang.org/x/net/bpf"
 	"golang.org/x/sys/unix"
+
+	"github.com/endpointlag/endpointlag/probes"
 )
 
 // RawChange is one table, chain, rule or set element message of a generation, decoded no further
@@ -47,13 +50,18 @@ type RawElement struct {
 }
 
 // RawGeneration is the changes of one committed transaction, or Err after which the monitor
-// closes (lost messages). A large transaction comes in parts of Chunk changes, all but the last
-// Partial, so that the reader can apply them while the kernel still sends the rest: an
-// iptables-mode sync at 10,000 Services takes the kernel ~20 ms to notify.
+// closes (lost messages, or a message that could not be decoded). A large transaction comes in
+// parts of Chunk changes, all but the last Partial, so that the reader can apply them while the
+// kernel still sends the rest: an iptables-mode sync at 10,000 Services takes the kernel ~20 ms to
+// notify.
 type RawGeneration struct {
 	Changes []RawChange
 	Partial bool
-	Err     error
+	// Time is when the datagram that ended the transaction (or, for a part, its last one) was
+	// read from the socket: the moment the change is known, however long the reader then takes
+	// to get to it. Netlink sockets give no kernel receive timestamps (SO_TIMESTAMP is ignored).
+	Time time.Time
+	Err  error
 }
 
 // Chunk is how many changes a partial generation carries.
@@ -63,6 +71,9 @@ const Chunk = 512
 type RawMonitor struct {
 	Generations <-chan RawGeneration
 	conn        *netlink.Conn
+	// done ends the reading goroutine when its reader has stopped taking generations.
+	done      chan struct{}
+	closeOnce sync.Once
 }
 
 // dial opens a netlink socket in the nftables multicast group of the network namespace open as
@@ -97,40 +108,63 @@ func OpenRaw(nsfd int) (*RawMonitor, error) {
 		return nil, err
 	}
 	ch := make(chan RawGeneration, 64)
-	m := &RawMonitor{Generations: ch, conn: conn}
+	m := &RawMonitor{Generations: ch, conn: conn, done: make(chan struct{})}
 	go m.run(rcv, ch)
 	return m, nil
 }
 
-// Close stops the monitor.
-func (m *RawMonitor) Close() { _ = m.conn.Close() }
+// Close stops the monitor; its goroutine ends even if nothing reads Generations any more.
+func (m *RawMonitor) Close() {
+	m.closeOnce.Do(func() { close(m.done) })
+	_ = m.conn.Close()
+}
+
+// errClosed ends the reading loop once the monitor is closed.
+var errClosed = errors.New("monitor closed")
 
 func (m *RawMonitor) run(rcv *receiver, ch chan<- RawGeneration) {
 	defer close(ch)
+	send := func(g RawGeneration) error {
+		select {
+		case ch <- g:
+			return nil
+		case <-m.done:
+			return errClosed
+		}
+	}
 	var gen []RawChange
 	n := names{}
-	err := rcv.each(func(typ uint16, data []byte) error {
+	err := rcv.each(func(typ uint16, data []byte, at time.Time) error {
 		switch typ {
 		case unix.NFT_MSG_NEWGEN:
-			ch <- RawGeneration{Changes: gen}
+			g := RawGeneration{Changes: gen, Time: at}
 			gen = nil
+			return send(g)
 		case unix.NFT_MSG_NEWTABLE, unix.NFT_MSG_DELTABLE, unix.NFT_MSG_NEWCHAIN, unix.NFT_MSG_DELCHAIN,
 			unix.NFT_MSG_NEWRULE, unix.NFT_MSG_DELRULE, unix.NFT_MSG_NEWSET, unix.NFT_MSG_DELSET,
 			unix.NFT_MSG_NEWSETELEM, unix.NFT_MSG_DELSETELEM:
-			c, err := decodeRaw(typ, data, n)
+			c, err := safeDecodeRaw(typ, data, n)
 			if err != nil {
 				return err
 			}
 			if gen = append(gen, c); len(gen) >= Chunk {
-				ch <- RawGeneration{Changes: gen, Partial: true}
+				g := RawGeneration{Changes: gen, Partial: true, Time: at}
 				gen = nil
+				return send(g)
 			}
 		}
 		return nil
 	})
-	if err != nil {
-		ch <- RawGeneration{Changes: gen, Err: fmt.Errorf("nftables monitor: %w", err)}
+	if err != nil && !errors.Is(err, errClosed) {
+		_ = send(RawGeneration{Changes: gen, Err: fmt.Errorf("nftables monitor: %w", err)})
 	}
+}
+
+// safeDecodeRaw is decodeRaw with its panics recovered: a message of a shape it does not expect
+// ends the monitor with an error instead of the daemon.
+func safeDecodeRaw(typ uint16, data []byte, n names) (c RawChange, err error) {
+	defer probes.Recover(&err)
+	return decodeRaw(typ, data, n)
 }
 
 // Notifications timestamps every committed generation when its end message is read, decoding
@@ -172,9 +206,9 @@ func OpenNotifications(nsfd int) (*Notifications, error) {
 	n := &Notifications{Times: ch, conn: conn}
 	go func() {
 		defer close(ch)
-		err := rcv.each(func(typ uint16, _ []byte) error {
+		err := rcv.each(func(typ uint16, _ []byte, at time.Time) error {
 			if typ == unix.NFT_MSG_NEWGEN {
-				ch <- time.Now()
+				ch <- at
 			}
 			return nil
 		})
@@ -210,8 +244,8 @@ type receiver struct {
 	slab []byte
 }
 
-// next returns the next datagram's bytes.
-func (r *receiver) next() ([]byte, error) {
+// next returns the next datagram's bytes and when it was read.
+func (r *receiver) next() ([]byte, time.Time, error) {
 	if len(r.slab) < maxDatagram {
 		r.slab = make([]byte, slabSize)
 	}
@@ -223,26 +257,27 @@ func (r *receiver) next() ([]byte, error) {
 		n, _, rerr = unix.Recvfrom(int(fd), r.slab[:maxDatagram], unix.MSG_TRUNC|unix.MSG_DONTWAIT)
 		return rerr != unix.EAGAIN && rerr != unix.EWOULDBLOCK
 	})
+	at := time.Now()
 	switch {
 	case err != nil:
-		return nil, err
+		return nil, at, err
 	case rerr != nil:
-		return nil, os.NewSyscallError("recvfrom", rerr)
+		return nil, at, os.NewSyscallError("recvfrom", rerr)
 	case n > maxDatagram:
-		return nil, fmt.Errorf("a datagram of %d bytes, over the %d read", n, maxDatagram)
+		return nil, at, fmt.Errorf("a datagram of %d bytes, over the %d read", n, maxDatagram)
 	}
 	b := r.slab[:n:n]
 	r.slab = r.slab[(n+3)&^3:]
-	return b, nil
+	return b, at, nil
 }
 
-// each calls fn with the type and payload of every nftables message received, until the socket
-// is closed (nil) or reading or fn fails (the error).
-func (r *receiver) each(fn func(typ uint16, data []byte) error) error {
+// each calls fn with the type and payload of every nftables message received and the time its
+// datagram was read, until the socket is closed (nil) or reading or fn fails (the error).
+func (r *receiver) each(fn func(typ uint16, data []byte, at time.Time) error) error {
 	for {
-		b, err := r.next()
+		b, at, err := r.next()
 		if err == nil {
-			err = messages(b, fn)
+			err = messages(b, func(typ uint16, data []byte) error { return fn(typ, data, at) })
 		}
 		if errors.Is(err, net.ErrClosed) || errors.Is(err, os.ErrClosed) {
 			return nil

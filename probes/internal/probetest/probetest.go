@@ -64,6 +64,7 @@ type Recorder struct {
 	obs    []probes.Observation
 	errs   []error
 	synced bool
+	status probes.Status
 }
 
 // Observe implements probes.Sink.
@@ -78,6 +79,14 @@ func (r *Recorder) SetStatus(_ string, s probes.Status) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.synced = r.synced || s.Synced
+	r.status = s
+}
+
+// Status returns the last status the probe reported.
+func (r *Recorder) Status() probes.Status {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.status
 }
 
 // Error implements probes.Sink.

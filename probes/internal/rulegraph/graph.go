@@ -1,12 +1,15 @@
-// Package rulegraph keeps what kube-proxy's rules send new connections to: for each Service, the
-// endpoints its entry chains (roots) reach by jumps and DNATs. A change re-walks only the roots
-// whose last walk passed a changed chain, so a sync that touches one Service costs that Service,
-// not the table. The nftables and iptables probes feed it from their own rule decoders.
+// Package rulegraph keeps what kube-proxy's rules send new connections to: for each Service and
+// path (ClusterIP, external), the endpoints its entry chains (roots) reach by jumps and DNATs, and
+// through which of kube-proxy's policy chains (cluster-wide or node-local endpoints). A change
+// re-walks only the roots whose last walk passed a changed chain, so a sync that touches one
+// Service costs that Service, not the table. The nftables and iptables probes feed it from their
+// own rule decoders.
 package rulegraph
 
 import (
 	"net/netip"
 	"slices"
+	"strings"
 
 	"github.com/endpointlag/endpointlag/probes"
 )
@@ -36,17 +39,33 @@ func (c *Chain) equal(o *Chain) bool {
 }
 
 // Root is an entry chain: a Service port's chain that kube-proxy's entry rules or maps point at.
-// Roots of one Group are reported together; Service is empty when the rules do not name it.
+// Roots of one Group (a Service's path, see GroupKey) are reported together; Service is empty when
+// the rules do not name it.
 type Root struct {
 	Group    string
 	Service  probes.ServiceRef
+	Path     probes.Path
 	Protocol string
 }
+
+// GroupKey names the group of a Service's roots on one path; rules that name no Service are
+// grouped by their chain instead.
+func GroupKey(svc probes.ServiceRef, chain string, path probes.Path) string {
+	if svc.Name == "" {
+		return chain + " " + string(path)
+	}
+	return svc.String() + " " + string(path)
+}
+
+// Classifier tells the policy chains among the chains: those holding a Service's cluster-wide
+// endpoints and those holding this node's own (traffic policy Local); other chains give none.
+type Classifier func(chain string) probes.Policy
 
 // Graph is the chains, the roots and, for every root, the chains its walk passed and the
 // endpoints it reached.
 type Graph struct {
-	chains map[Key]*Chain
+	classify Classifier
+	chains   map[Key]*Chain
 	roots  map[Key]*walk
 	// reachers maps a chain to the roots whose walk passed it.
 	reachers map[Key]map[Key]bool
@@ -59,18 +78,20 @@ type Graph struct {
 type walk struct {
 	root    Root
 	reached []Key
-	eps     map[probes.Endpoint]bool
+	eps     map[probes.Endpoint]probes.Policy
 }
 
 type group struct {
 	service probes.ServiceRef
+	path    probes.Path
 	roots   map[Key]bool
 }
 
-// New returns an empty graph.
-func New() *Graph {
+// New returns an empty graph whose policy chains classify names.
+func New(classify Classifier) *Graph {
 	return &Graph{
-		chains: map[Key]*Chain{}, roots: map[Key]*walk{}, reachers: map[Key]map[Key]bool{},
+		classify: classify,
+		chains:   map[Key]*Chain{}, roots: map[Key]*walk{}, reachers: map[Key]map[Key]bool{},
 		groups: map[string]*group{}, dirty: map[Key]bool{}, changed: map[string]bool{},
 	}
 }
@@ -82,7 +103,7 @@ func (g *Graph) Reset() {
 	for k := range g.groups {
 		changed[k] = true
 	}
-	*g = *New()
+	*g = *New(g.classify)
 	g.changed = changed
 }
 
@@ -119,7 +140,7 @@ func (g *Graph) SetRoot(k Key, r Root) {
 	g.roots[k] = &walk{root: r}
 	gr := g.groups[r.Group]
 	if gr == nil {
-		gr = &group{service: r.Service, roots: map[Key]bool{}}
+		gr = &group{service: r.Service, path: r.Path, roots: map[Key]bool{}}
 		g.groups[r.Group] = gr
 	}
 	gr.roots[k] = true
@@ -182,95 +203,184 @@ func (g *Graph) Update() map[string]bool {
 	return out
 }
 
+// walk follows the root's jumps depth first. The policy of an endpoint is that of the last policy
+// chain on the way to its DNAT (none on the way: cluster-wide); a chain reached under two
+// policies is walked under each.
 func (g *Graph) walk(root Key, w *walk) {
-	w.eps = map[probes.Endpoint]bool{}
-	seen := map[string]bool{}
-	stack := []string{root.Chain}
+	w.eps = map[probes.Endpoint]probes.Policy{}
+	type visit struct {
+		chain  string
+		policy probes.Policy
+	}
+	seen := map[visit]bool{}
+	passed := map[string]bool{}
+	stack := []visit{{chain: root.Chain}}
 	for len(stack) > 0 {
-		name := stack[len(stack)-1]
+		v := stack[len(stack)-1]
 		stack = stack[:len(stack)-1]
-		if seen[name] {
+		if p := g.classify(v.chain); p.Any() {
+			v.policy = p
+		}
+		if seen[v] {
 			continue
 		}
-		seen[name] = true
-		k := Key{root.Family, name}
-		w.reached = append(w.reached, k)
-		if g.reachers[k] == nil {
-			g.reachers[k] = map[Key]bool{}
+		seen[v] = true
+		k := Key{root.Family, v.chain}
+		if !passed[v.chain] {
+			passed[v.chain] = true
+			w.reached = append(w.reached, k)
+			if g.reachers[k] == nil {
+				g.reachers[k] = map[Key]bool{}
+			}
+			g.reachers[k][root] = true
 		}
-		g.reachers[k][root] = true
 		c := g.chains[k]
 		if c == nil {
 			continue
+		}
+		policy := v.policy
+		if !policy.Any() {
+			policy = probes.Policy{Cluster: true}
 		}
 		for _, d := range c.DNATs {
 			proto := d.Protocol
 			if proto == "" {
 				proto = w.root.Protocol
 			}
-			w.eps[probes.Endpoint{Addr: d.Dest.Addr().Unmap(), Port: d.Dest.Port(), Protocol: proto}] = true
+			ep := probes.Endpoint{Addr: d.Dest.Addr().Unmap(), Port: d.Dest.Port(), Protocol: proto}
+			have := w.eps[ep]
+			w.eps[ep] = probes.Policy{Cluster: have.Cluster || policy.Cluster, Local: have.Local || policy.Local}
 		}
-		stack = append(stack, c.Jumps...)
+		for _, j := range c.Jumps {
+			stack = append(stack, visit{chain: j, policy: v.policy})
+		}
 	}
 }
 
-// Group returns a group's Service and the endpoints its roots reach now; ok is false for a group
-// without roots.
-func (g *Graph) Group(key string) (svc probes.ServiceRef, eps map[probes.Endpoint]bool, ok bool) {
-	gr := g.groups[key]
+// group returns a group's endpoints now, with the policies its roots reach each through; ok is
+// false for a group without roots.
+func (g *Graph) group(key string) (gr *group, eps map[probes.Endpoint]probes.Policy, ok bool) {
+	gr = g.groups[key]
+	eps = map[probes.Endpoint]probes.Policy{}
 	if gr == nil {
-		return svc, map[probes.Endpoint]bool{}, false
+		return nil, eps, false
 	}
-	eps = map[probes.Endpoint]bool{}
 	for r := range gr.roots {
-		for ep := range g.roots[r].eps {
-			eps[ep] = true
+		for ep, p := range g.roots[r].eps {
+			have := eps[ep]
+			eps[ep] = probes.Policy{Cluster: have.Cluster || p.Cluster, Local: have.Local || p.Local}
 		}
 	}
-	return gr.service, eps, true
+	return gr, eps, true
 }
 
 // Reached is what one group's roots reached at the last Publish.
 type Reached struct {
-	Service   probes.ServiceRef
-	Endpoints map[probes.Endpoint]bool
+	Service probes.ServiceRef
+	Path    probes.Path
+	// Endpoints map each endpoint to the policy chains it was reached through.
+	Endpoints map[probes.Endpoint]probes.Policy
 }
 
 // Removal is an endpoint a group's roots no longer reach.
 type Removal struct {
 	Service  probes.ServiceRef
+	Path     probes.Path
 	Endpoint probes.Endpoint
 }
 
-// Publish updates the graph, brings state (group → what it reached) up to date for the groups
-// that changed and returns the endpoints they no longer reach.
-func (g *Graph) Publish(state map[string]Reached) []Removal {
+// State is what the rules reached at the last Publish, per group, for the probe's readers:
+// Snapshot (inspect rules) and Reaches (the collector, when an endpoint starts terminating).
+type State struct {
+	groups map[string]Reached
+	// unnamed are the groups whose rules name no Service.
+	unnamed map[string]bool
+}
+
+// NewState returns an empty state.
+func NewState() *State {
+	return &State{groups: map[string]Reached{}, unnamed: map[string]bool{}}
+}
+
+// Len is the number of groups.
+func (s *State) Len() int {
+	if s == nil {
+		return 0
+	}
+	return len(s.groups)
+}
+
+// Publish updates the graph, brings state up to date for the groups that changed and returns the
+// endpoints they no longer reach.
+func (g *Graph) Publish(state *State) []Removal {
 	var out []Removal
 	for key := range g.Update() {
-		svc, next, ok := g.Group(key)
-		prev := state[key]
+		gr, next, ok := g.group(key)
+		prev := state.groups[key]
 		for ep := range prev.Endpoints {
-			if !next[ep] {
-				out = append(out, Removal{Service: prev.Service, Endpoint: ep})
+			if _, still := next[ep]; !still {
+				out = append(out, Removal{Service: prev.Service, Path: prev.Path, Endpoint: ep})
 			}
 		}
 		if !ok || len(next) == 0 {
-			delete(state, key)
-		} else {
-			state[key] = Reached{Service: svc, Endpoints: next}
+			delete(state.groups, key)
+			delete(state.unnamed, key)
+			continue
+		}
+		state.groups[key] = Reached{Service: gr.service, Path: gr.path, Endpoints: next}
+		if gr.service.Name == "" {
+			state.unnamed[key] = true
 		}
 	}
 	return out
 }
 
-// Snapshot lists the state as Service → endpoints; groups the rules do not name a Service for
-// carry their key as the chain.
-func Snapshot(state map[string]Reached) []probes.ServiceEndpoints {
-	out := make([]probes.ServiceEndpoints, 0, len(state))
-	for key, r := range state {
-		se := probes.ServiceEndpoints{Service: r.Service, Endpoints: probes.EndpointList(r.Endpoints)}
+// Reaches returns the paths on which the rules reach ep for svc: the Service's own groups, and
+// the groups whose rules name no Service.
+func (s *State) Reaches(svc probes.ServiceRef, ep probes.Endpoint) []probes.Reach {
+	var out []probes.Reach
+	add := func(r Reached) {
+		p, ok := r.Endpoints[ep]
+		if !ok {
+			return
+		}
+		for i := range out {
+			if out[i].Path == r.Path {
+				out[i].Policy = probes.Policy{Cluster: out[i].Policy.Cluster || p.Cluster, Local: out[i].Policy.Local || p.Local}
+				return
+			}
+		}
+		out = append(out, probes.Reach{Path: r.Path, Policy: p})
+	}
+	if svc.Name != "" {
+		for _, path := range []probes.Path{probes.PathCluster, probes.PathExternal} {
+			add(s.groups[GroupKey(svc, "", path)])
+		}
+	} else {
+		for _, r := range s.groups {
+			if r.Service.Name != "" {
+				add(r)
+			}
+		}
+	}
+	for key := range s.unnamed {
+		add(s.groups[key])
+	}
+	return out
+}
+
+// Snapshot lists the state as Service and path → endpoints; groups the rules do not name a Service
+// for carry their chain.
+func (s *State) Snapshot() []probes.ServiceEndpoints {
+	out := make([]probes.ServiceEndpoints, 0, len(s.groups))
+	for key, r := range s.groups {
+		eps := make(map[probes.Endpoint]bool, len(r.Endpoints))
+		for ep := range r.Endpoints {
+			eps[ep] = true
+		}
+		se := probes.ServiceEndpoints{Service: r.Service, Path: r.Path, Endpoints: probes.EndpointList(eps)}
 		if r.Service.Name == "" {
-			se.Chain = key
+			se.Chain, _, _ = strings.Cut(key, " ")
 		}
 		out = append(out, se)
 	}

@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"slices"
 	"sort"
+	"strings"
 	"testing"
 
 	"github.com/endpointlag/endpointlag/probes"
@@ -23,21 +24,23 @@ func removals(rs []Removal) []string {
 
 var web = probes.ServiceRef{Namespace: "default", Name: "web"}
 
+func noPolicy(string) probes.Policy { return probes.Policy{} }
+
 // A Service's root reaches endpoints through jumps; a change to an endpoint chain re-walks the
 // root and reports what it no longer reaches; a chain no root reaches counts for nothing.
 func TestPublishFollowsChanges(t *testing.T) {
-	g := New()
+	g := New(noPolicy)
 	g.SetChain(Key{2, "svc"}, &Chain{Jumps: []string{"ep1", "ep2"}})
 	g.SetChain(Key{2, "ep1"}, &Chain{DNATs: []Target{dnat("10.0.0.1:80")}})
 	g.SetChain(Key{2, "ep2"}, &Chain{DNATs: []Target{dnat("10.0.0.2:80")}})
 	g.SetChain(Key{2, "stale"}, &Chain{Jumps: []string{"ep3"}})
 	g.SetChain(Key{2, "ep3"}, &Chain{DNATs: []Target{dnat("10.0.0.3:80")}})
 	g.SetRoots(2, map[string]Root{"svc": {Group: web.String(), Service: web, Protocol: "TCP"}})
-	state := map[string]Reached{}
+	state := NewState()
 	if rs := g.Publish(state); len(rs) != 0 {
 		t.Fatalf("first publish removed %v", rs)
 	}
-	if got := Snapshot(state); len(got) != 1 || len(got[0].Endpoints) != 2 || got[0].Endpoints[0].String() != "10.0.0.1:80/TCP" {
+	if got := state.Snapshot(); len(got) != 1 || len(got[0].Endpoints) != 2 || got[0].Endpoints[0].String() != "10.0.0.1:80/TCP" {
 		t.Fatalf("snapshot %+v", got)
 	}
 
@@ -60,7 +63,7 @@ func TestPublishFollowsChanges(t *testing.T) {
 	if got, want := removals(g.Publish(state)), []string{"default/web 10.0.0.2:80/TCP"}; !slices.Equal(got, want) {
 		t.Errorf("removed %q, want %q", got, want)
 	}
-	if len(state) != 0 || len(g.reachers) != 0 {
+	if state.Len() != 0 || len(g.reachers) != 0 {
 		t.Errorf("left state %v, reachers %v", state, g.reachers)
 	}
 }
@@ -68,14 +71,14 @@ func TestPublishFollowsChanges(t *testing.T) {
 // Two roots (cluster IP and external chains, or two families) of one group are reported as a
 // union: an endpoint one root still reaches is not removed.
 func TestGroupUnion(t *testing.T) {
-	g := New()
+	g := New(noPolicy)
 	g.SetChain(Key{2, "svc"}, &Chain{DNATs: []Target{dnat("10.0.0.1:80"), {Dest: netip.MustParseAddrPort("10.0.0.2:53"), Protocol: "UDP"}}})
 	g.SetChain(Key{2, "ext"}, &Chain{DNATs: []Target{dnat("10.0.0.1:80")}})
 	g.SetRoots(2, map[string]Root{
 		"svc": {Group: "g", Service: web, Protocol: "TCP"},
 		"ext": {Group: "g", Service: web, Protocol: "TCP"},
 	})
-	state := map[string]Reached{}
+	state := NewState()
 	g.Publish(state)
 	g.SetChain(Key{2, "svc"}, &Chain{})
 	if got, want := removals(g.Publish(state)), []string{"default/web 10.0.0.2:53/UDP"}; !slices.Equal(got, want) {
@@ -86,13 +89,13 @@ func TestGroupUnion(t *testing.T) {
 // Reset before a full re-read: what the new read no longer has is reported removed, what it
 // still has is not.
 func TestResetComparesWithTheLastState(t *testing.T) {
-	g := New()
+	g := New(noPolicy)
 	load := func(eps ...Target) {
 		g.SetChain(Key{10, "svc"}, &Chain{DNATs: eps})
 		g.SetRoots(10, map[string]Root{"svc": {Group: "g", Service: web, Protocol: "TCP"}})
 	}
 	load(dnat("[fd00::1]:80"), dnat("[fd00::2]:80"))
-	state := map[string]Reached{}
+	state := NewState()
 	g.Publish(state)
 	g.Reset()
 	load(dnat("[fd00::2]:80"))
@@ -102,5 +105,65 @@ func TestResetComparesWithTheLastState(t *testing.T) {
 	g.Reset()
 	if got, want := removals(g.Publish(state)), []string{"default/web [fd00::2]:80/TCP"}; !slices.Equal(got, want) {
 		t.Errorf("after an empty read, removed %q, want %q", got, want)
+	}
+}
+
+// kubeProxyPolicy classifies chains as the probes do, by kube-proxy's nftables prefixes.
+func kubeProxyPolicy(chain string) probes.Policy {
+	switch {
+	case strings.HasPrefix(chain, "service-"):
+		return probes.Policy{Cluster: true}
+	case strings.HasPrefix(chain, "local-"):
+		return probes.Policy{Local: true}
+	}
+	return probes.Policy{}
+}
+
+// A Service's ClusterIP and external paths are separate groups: a removal from the ClusterIP
+// chain is reported even while the external path (externalTrafficPolicy Local, through the
+// node-local chain) still reaches the endpoint; each endpoint carries the policy chains that
+// reach it, and Reaches answers per path.
+func TestPathsAreJudgedApart(t *testing.T) {
+	g := New(kubeProxyPolicy)
+	a, b := dnat("10.0.0.1:80"), dnat("10.0.0.2:80")
+	g.SetChain(Key{2, "service-web"}, &Chain{DNATs: []Target{a, b}})
+	g.SetChain(Key{2, "local-web"}, &Chain{DNATs: []Target{a}})
+	// The external chain short-circuits some sources to the cluster chain, the rest to the local.
+	g.SetChain(Key{2, "external-web"}, &Chain{Jumps: []string{"service-web", "local-web"}})
+	g.SetRoots(2, map[string]Root{
+		"service-web":  {Group: GroupKey(web, "", probes.PathCluster), Service: web, Path: probes.PathCluster, Protocol: "TCP"},
+		"external-web": {Group: GroupKey(web, "", probes.PathExternal), Service: web, Path: probes.PathExternal, Protocol: "TCP"},
+	})
+	state := NewState()
+	g.Publish(state)
+	epA := probes.Endpoint{Addr: a.Dest.Addr(), Port: 80, Protocol: "TCP"}
+	reach := state.Reaches(web, epA)
+	slices.SortFunc(reach, func(x, y probes.Reach) int { return strings.Compare(string(x.Path), string(y.Path)) })
+	want := []probes.Reach{
+		{Path: probes.PathCluster, Policy: probes.Policy{Cluster: true}},
+		{Path: probes.PathExternal, Policy: probes.Policy{Cluster: true, Local: true}},
+	}
+	if !slices.Equal(reach, want) {
+		t.Fatalf("Reaches = %+v, want %+v", reach, want)
+	}
+	if r := state.Reaches(probes.ServiceRef{Namespace: "default", Name: "other"}, epA); len(r) != 0 {
+		t.Errorf("another Service reaches %+v", r)
+	}
+
+	// The cluster chain drops the endpoint; the local chain keeps it.
+	g.SetChain(Key{2, "service-web"}, &Chain{DNATs: []Target{b}})
+	var got []string
+	for _, r := range g.Publish(state) {
+		got = append(got, fmt.Sprintf("%s %s %s", r.Service, r.Path, r.Endpoint))
+	}
+	if want := []string{"default/web cluster 10.0.0.1:80/TCP"}; !slices.Equal(got, want) {
+		t.Errorf("removed %q, want %q", got, want)
+	}
+	if r := state.Reaches(web, epA); !slices.Equal(r, []probes.Reach{{Path: probes.PathExternal, Policy: probes.Policy{Local: true}}}) {
+		t.Errorf("after the cluster chain's removal, Reaches = %+v", r)
+	}
+	snap := state.Snapshot()
+	if len(snap) != 2 || snap[0].Path != probes.PathCluster || snap[1].Path != probes.PathExternal || len(snap[1].Endpoints) != 2 {
+		t.Errorf("snapshot %+v", snap)
 	}
 }
