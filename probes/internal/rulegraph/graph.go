@@ -66,7 +66,7 @@ type Classifier func(chain string) probes.Policy
 type Graph struct {
 	classify Classifier
 	chains   map[Key]*Chain
-	roots  map[Key]*walk
+	roots    map[Key]*walk
 	// reachers maps a chain to the roots whose walk passed it.
 	reachers map[Key]map[Key]bool
 	groups   map[string]*group
