@@ -1,6 +1,6 @@
 // Package collector is the timeline store. It joins the probes' observations into one record per
 // terminating endpoint (pod UID, Service, IP, port, protocol), computes the lags against the two
-// references of DESIGN.md, owns every metric, and expires records after a horizon.
+// references of docs/architecture.md, owns every metric, and expires records after a horizon.
 //
 // The references:
 //   - programming: stage time − the moment this node saw the endpoint turn terminating in its
@@ -10,7 +10,13 @@
 //
 // A stage seen before its reference is kept and sampled once the reference arrives. Observations a
 // probe made while listing its source at start-up (Observation.Initial) say where an endpoint was,
-// not when it got there: they are kept in the timeline but never sampled or used as a reference.
+// not when it got there, and those first seen on a re-read after a gap (Observation.Relist) only
+// roughly when: both are kept in the timeline but never sampled or used as a reference.
+//
+// The files split the work: records.go starts records and says what each awaits (a dataplane
+// stage only where this node's rules reached the endpoint), join.go joins dataplane removals to
+// records (and keeps early ones as orphans), sample.go turns stages into histogram samples,
+// expire.go sweeps records past the horizon, localpods.go serves the packets probe.
 package collector
 
 import (
@@ -21,6 +27,7 @@ import (
 	"net/netip"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -40,8 +47,12 @@ type Options struct {
 	// Stages are the removal stages the enabled probes report after `endpointslice`; a record is
 	// pending at each until it is seen there.
 	Stages []probes.Stage
-	// Probes are the enabled probes; the collector is ready once each has synced.
+	// Probes are the enabled probes; the collector is ready once each has synced (or, except
+	// for the probes of RequiredProbes, failed).
 	Probes []string
+	// RequiredProbes must have synced for the collector to be ready; the others may have failed
+	// instead.
+	RequiredProbes []string
 	// StageProbe names the probe that reports each stage of Stages; a stage is not awaited
 	// while its probe reports itself inactive.
 	StageProbe map[probes.Stage]string
@@ -66,6 +77,8 @@ type Collector struct {
 	clock clock.WithTicker
 	log   *slog.Logger
 	m     *metrics
+	// swept is when the sweep loop last ran (Unix nanoseconds): Healthy checks it moves on.
+	swept atomic.Int64
 
 	mu      sync.Mutex
 	records map[recordKey]*record
@@ -78,20 +91,22 @@ type Collector struct {
 	// byEndpoint finds the records of an endpoint, for dataplane observations, which do not
 	// know the pod (and, for iptables rules without comments, not the Service either).
 	byEndpoint map[probes.Endpoint][]recordKey
-	// orphans are dataplane removals seen before this node saw the endpoint terminate (kube-proxy
-	// can be faster than this daemon's watch); a record created soon after adopts them.
-	orphans []probes.Observation
-	status  map[string]probes.Status
-	// byAddr finds a local deleting pod by address, for connection observations.
+	orphans    orphans
+	// dataplanes answer, per dataplane stage, whether this node's rules reach an endpoint.
+	dataplanes map[probes.Stage]probes.Dataplane
+	// undetermined are the records whose dataplane stage's probe had not read its rules yet when
+	// they started, per stage.
+	undetermined map[probes.Stage]map[recordKey]bool
+	status       map[string]probes.Status
+	// failed are the probes that stopped with an error (and are retried), with why.
+	failed map[string]error
+	// byAddr finds a local deleting pod by address, for connection observations; liveAddrs are
+	// the addresses live pods of this node hold, which no deleting pod's entry may claim.
 	byAddr        map[netip.Addr]string
+	liveAddrs     map[netip.Addr]string
+	livePods      map[string][]netip.Addr
 	localWatchers []chan<- struct{}
 }
-
-// orphanWindow is how long a dataplane removal waits for its record, and maxOrphans how many wait.
-const (
-	orphanWindow = 5 * time.Second
-	maxOrphans   = 10000
-)
 
 type recordKey struct {
 	uid      string
@@ -105,64 +120,28 @@ type queued struct {
 	pod     bool // the entry is the pod timeline of key.uid, not a record
 }
 
-// record is one terminating endpoint's timeline.
-type record struct {
-	key   recordKey
-	pod   probes.PodRef
-	local bool
-	// notProxied: kube-proxy does not program the Service, so no dataplane stage is awaited.
-	notProxied bool
-	created    time.Time
-	// timeline is the pod's deletion timeline; nil for pods on other nodes.
-	timeline *podTimeline
-	stages   []stageEntry
-}
-
-type stageEntry struct {
-	stage     probes.Stage
-	source    string
-	at        time.Time
-	precision time.Duration
-	initial   bool
-	// progDone and propDone say the sample against each reference was taken.
-	progDone, propDone bool
-}
-
-// podTimeline is a local pod's deletion: T0 and gone.
-type podTimeline struct {
-	pod     probes.PodRef
-	created time.Time
-	t0      time.Time
-	// t0Source is the probe that reported the deletion.
-	t0Source string
-	// t0Initial: the pod was already terminating when the daemon started, so T0 is unknown.
-	t0Initial bool
-	t0API     time.Time
-	gone      time.Time
-	records   []recordKey
-	// addrs are the pod's IPs; lastConn is the last new connection that reached the pod and
-	// conns the first connections the packets probe reported.
-	addrs       []netip.Addr
-	lastConn    time.Time
-	connSampled bool
-	conns       []conn
-}
-
 // New returns a collector registering its metrics with reg.
 func New(opts Options, clk clock.WithTicker, log *slog.Logger, reg prometheus.Registerer) (*Collector, error) {
 	if err := opts.Validate(); err != nil {
 		return nil, err
 	}
 	c := &Collector{
-		opts:       opts,
-		clock:      clk,
-		log:        log,
-		records:    map[recordKey]*record{},
-		pods:       map[string]*podTimeline{},
-		byEndpoint: map[probes.Endpoint][]recordKey{},
-		status:     map[string]probes.Status{},
-		byAddr:     map[netip.Addr]string{},
+		opts:         opts,
+		clock:        clk,
+		log:          log,
+		records:      map[recordKey]*record{},
+		pods:         map[string]*podTimeline{},
+		byEndpoint:   map[probes.Endpoint][]recordKey{},
+		orphans:      newOrphans(),
+		dataplanes:   map[probes.Stage]probes.Dataplane{},
+		undetermined: map[probes.Stage]map[recordKey]bool{},
+		status:       map[string]probes.Status{},
+		failed:       map[string]error{},
+		byAddr:       map[netip.Addr]string{},
+		liveAddrs:    map[netip.Addr]string{},
+		livePods:     map[string][]netip.Addr{},
 	}
+	c.swept.Store(clk.Now().UnixNano())
 	c.m = newMetrics(c)
 	if err := c.m.register(reg); err != nil {
 		return nil, err
@@ -172,6 +151,14 @@ func New(opts Options, clk clock.WithTicker, log *slog.Logger, reg prometheus.Re
 		c.m.probeUp.WithLabelValues(p).Set(0)
 	}
 	return c, nil
+}
+
+// SetDataplane gives the collector the probe of a dataplane stage, to ask what this node's rules
+// reach when an endpoint starts terminating. Call it before observations arrive.
+func (c *Collector) SetDataplane(stage probes.Stage, dp probes.Dataplane) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.dataplanes[stage] = dp
 }
 
 // Run removes expired records every SweepInterval until ctx is done.
@@ -188,6 +175,16 @@ func (c *Collector) Run(ctx context.Context) error {
 	}
 }
 
+// Healthy reports whether the sweep loop ran within three sweep intervals: a collector whose lock
+// is wedged, or whose loop stopped, is not making progress.
+func (c *Collector) Healthy() error {
+	last := time.Unix(0, c.swept.Load())
+	if late := c.clock.Since(last); late > 3*c.opts.SweepInterval {
+		return fmt.Errorf("the collector last swept its records %s ago (every %s expected)", late.Round(time.Second), c.opts.SweepInterval)
+	}
+	return nil
+}
+
 // Observe joins one observation into its record.
 func (c *Collector) Observe(o probes.Observation) {
 	c.mu.Lock()
@@ -197,13 +194,18 @@ func (c *Collector) Observe(o probes.Observation) {
 		c.podDeleted(o)
 	case probes.StageGone:
 		c.podGone(o)
+	case probes.StagePodAddresses:
+		c.podAddresses(o)
 	case probes.StageLateConnection, probes.StageDeadConnection:
 		c.connection(o)
+	case probes.StageLastConnection:
+		c.lastConnection(o)
 	case probes.StageEndpointSlice:
 		if r := c.record(o, true); r != nil {
 			c.addStage(r, o)
-			c.adoptOrphans(r, o.Time)
 		}
+	case probes.StageFallbackEnded:
+		c.fallbackEnded(o)
 	default:
 		c.endpointRemoved(o)
 	}
@@ -213,10 +215,19 @@ func (c *Collector) Observe(o probes.Observation) {
 func (c *Collector) SetStatus(probe string, s probes.Status) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	prev := c.status[probe]
+	prev, had := c.status[probe]
 	s.Synced = s.Synced || prev.Synced
 	c.status[probe] = s
+	if s.Up {
+		delete(c.failed, probe)
+	}
+	if had && prev.Inactive != s.Inactive && s.Synced {
+		c.log.Info("probe activity changed", "probe", probe, "active", !s.Inactive)
+	}
 	c.m.probeUp.WithLabelValues(probe).Set(boolFloat(s.Up))
+	if s.Synced {
+		c.resolveUndetermined(probe, s)
+	}
 }
 
 // Error counts and logs a probe's failure.
@@ -238,324 +249,41 @@ func (c *Collector) Error(probe string, err error) {
 	c.m.probeErrors.WithLabelValues(probe, reason).Inc()
 }
 
-// Ready reports whether every enabled probe has synced, and names those that have not.
+// Failed records that a probe stopped with err and will be retried: it counts as settled for
+// readiness (unless required) and as down until it reports itself up again.
+func (c *Collector) Failed(probe string, err error) {
+	c.Error(probe, err)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.failed[probe] = err
+}
+
+// Ready reports whether every enabled probe has synced (or, for those not required, failed), and
+// names those it waits for.
 func (c *Collector) Ready() (bool, []string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	var waiting []string
 	for p, s := range c.status {
-		if !s.Synced {
-			waiting = append(waiting, p)
+		if s.Synced {
+			continue
 		}
+		if _, failed := c.failed[p]; failed && !c.required(p) {
+			continue
+		}
+		waiting = append(waiting, p)
 	}
 	sort.Strings(waiting)
 	return len(waiting) == 0, waiting
 }
 
-// record returns the record an endpoint observation belongs to, creating it when create is set.
-// It returns nil when the record does not exist (and is not to be created) or the cap is reached.
-func (c *Collector) record(o probes.Observation, create bool) *record {
-	k := recordKey{uid: o.Pod.UID, service: o.Service, endpoint: o.Endpoint}
-	if r, ok := c.records[k]; ok || !create {
-		return r
-	}
-	if len(c.records) >= c.opts.MaxRecords {
-		c.m.dropped.Inc()
-		return nil
-	}
-	now := c.clock.Now()
-	r := &record{key: k, pod: o.Pod, local: o.Local, notProxied: o.NotProxied, created: now}
-	if o.Local {
-		r.timeline = c.timeline(o.Pod, now)
-		if r.timeline != nil {
-			r.timeline.records = append(r.timeline.records, k)
+func (c *Collector) required(probe string) bool {
+	for _, p := range c.opts.RequiredProbes {
+		if p == probe {
+			return true
 		}
 	}
-	c.records[k] = r
-	c.byEndpoint[k.endpoint] = append(c.byEndpoint[k.endpoint], k)
-	c.peak = max(c.peak, len(c.records))
-	c.queue = append(c.queue, queued{created: now, key: k})
-	return r
-}
-
-// timeline returns the local pod's timeline, creating it; nil when the cap is reached.
-func (c *Collector) timeline(pod probes.PodRef, now time.Time) *podTimeline {
-	if t, ok := c.pods[pod.UID]; ok {
-		return t
-	}
-	if len(c.pods) >= c.opts.MaxRecords {
-		c.m.dropped.Inc()
-		return nil
-	}
-	t := &podTimeline{pod: pod, created: now}
-	c.pods[pod.UID] = t
-	c.queue = append(c.queue, queued{created: now, key: recordKey{uid: pod.UID}, pod: true})
-	return t
-}
-
-func (c *Collector) podDeleted(o probes.Observation) {
-	t := c.timeline(o.Pod, c.clock.Now())
-	if t == nil || !t.t0.IsZero() {
-		return
-	}
-	t.t0, t.t0Source, t.t0Initial, t.t0API = o.Time, o.Source, o.Initial, o.APITime
-	c.setAddrs(t, o.Addrs)
-	c.localChanged()
-	// A stage seen before the pod's own event means that event was late: T0 is no later than the
-	// earliest stage.
-	for _, k := range t.records {
-		if r := c.records[k]; r != nil {
-			for _, e := range r.stages {
-				if !e.initial && e.at.Before(t.t0) {
-					t.t0 = e.at
-				}
-			}
-		}
-	}
-	c.log.Debug("pod deleted", "pod", o.Pod, "uid", o.Pod.UID, "t0", t.t0, "t0_api", t.t0API, "initial", o.Initial)
-	for _, k := range t.records {
-		if r := c.records[k]; r != nil {
-			c.sample(r)
-		}
-	}
-}
-
-func (c *Collector) podGone(o probes.Observation) {
-	if t := c.pods[o.Pod.UID]; t != nil && t.gone.IsZero() {
-		t.gone = o.Time
-		c.setAddrs(t, o.Addrs)
-		c.sampleLastConnection(t)
-		c.localChanged()
-		c.log.Debug("pod gone", "pod", o.Pod, "uid", o.Pod.UID)
-	}
-}
-
-// endpointRemoved records a removal stage. An endpoint that left its slice without being seen
-// terminating is tracked only when it belongs to a local pod known to be deleting: then the
-// removal is also its endpointslice stage. Other removals (a Service deleted, a selector changed)
-// are not terminations.
-func (c *Collector) endpointRemoved(o probes.Observation) {
-	if o.Pod.UID == "" {
-		c.dataplaneRemoved(o)
-		return
-	}
-	r := c.record(o, false)
-	if r == nil {
-		t := c.pods[o.Pod.UID]
-		if !o.Local || o.Stage != probes.StageEndpointSliceRemoved || t == nil || t.t0.IsZero() {
-			return
-		}
-		if r = c.record(o, true); r == nil {
-			return
-		}
-		slice := o
-		slice.Stage = probes.StageEndpointSlice
-		c.addStage(r, slice)
-	}
-	c.addStage(r, o)
-}
-
-// dataplaneRemoved joins a removal that names an endpoint, and its Service when the rules say,
-// but not the pod, to the terminating records of that endpoint still waiting for the stage, or
-// keeps it as an orphan.
-func (c *Collector) dataplaneRemoved(o probes.Observation) {
-	joined := false
-	for _, k := range c.byEndpoint[o.Endpoint] {
-		r := c.records[k]
-		if r == nil || !sameService(o.Service, k.service) || r.stage(probes.StageEndpointSlice) == nil || r.stage(o.Stage) != nil {
-			continue
-		}
-		c.addStage(r, o)
-		joined = true
-	}
-	if joined {
-		return
-	}
-	if len(c.orphans) >= maxOrphans {
-		c.orphans = c.orphans[1:]
-		c.m.dropped.Inc()
-	}
-	c.orphans = append(c.orphans, o)
-}
-
-// sameService matches a dataplane observation's Service to a record's; an observation that
-// names none matches every Service.
-func sameService(observed, record probes.ServiceRef) bool {
-	return observed.Name == "" || observed == record
-}
-
-// adoptOrphans gives a record that just turned terminating the dataplane removals of its
-// endpoint seen shortly before.
-func (c *Collector) adoptOrphans(r *record, at time.Time) {
-	kept := c.orphans[:0]
-	for _, o := range c.orphans {
-		if o.Endpoint == r.key.endpoint && sameService(o.Service, r.key.service) && at.Sub(o.Time) <= orphanWindow && r.stage(o.Stage) == nil {
-			c.addStage(r, o)
-			continue
-		}
-		kept = append(kept, o)
-	}
-	clear(c.orphans[len(kept):])
-	c.orphans = kept
-}
-
-// addStage keeps the first observation of each (stage, source) and samples what can be sampled.
-func (c *Collector) addStage(r *record, o probes.Observation) {
-	for _, e := range r.stages {
-		if e.stage == o.Stage && e.source == o.Source {
-			return
-		}
-	}
-	r.stages = append(r.stages, stageEntry{stage: o.Stage, source: o.Source, at: o.Time, precision: o.Precision, initial: o.Initial})
-	c.log.Debug("stage", "stage", o.Stage, "pod", r.pod, "service", r.key.service, "endpoint", r.key.endpoint, "initial", o.Initial)
-	c.sample(r)
-}
-
-// sample observes every lag of r whose stage and reference are both known and live.
-func (c *Collector) sample(r *record) {
-	progRef, hasProg := r.programmingRef()
-	t0, hasT0 := r.t0()
-	for i := range r.stages {
-		e := &r.stages[i]
-		if e.initial {
-			continue
-		}
-		if hasProg && !e.progDone && e.stage != probes.StageEndpointSlice {
-			c.m.programming.WithLabelValues(string(e.stage)).Observe(lag(e.at, progRef))
-			e.progDone = true
-		}
-		if hasT0 && !e.propDone {
-			c.m.propagation.WithLabelValues(string(e.stage)).Observe(lag(e.at, t0))
-			e.propDone = true
-		}
-	}
-}
-
-// programmingRef is the time this node saw the endpoint turn terminating, when seen live.
-func (r *record) programmingRef() (time.Time, bool) {
-	e := r.stage(probes.StageEndpointSlice)
-	if e == nil || e.initial {
-		return time.Time{}, false
-	}
-	return e.at, true
-}
-
-func (r *record) t0() (time.Time, bool) {
-	t := r.timeline
-	if t == nil || t.t0.IsZero() || t.t0Initial {
-		return time.Time{}, false
-	}
-	return t.t0, true
-}
-
-// stage returns the first entry of stage s, or nil.
-func (r *record) stage(s probes.Stage) *stageEntry {
-	for i := range r.stages {
-		if r.stages[i].stage == s {
-			return &r.stages[i]
-		}
-	}
-	return nil
-}
-
-// lag is a non-negative duration in seconds. Observations of one change by two watch streams can
-// arrive in either order; a stage seen before its reference counts as no lag.
-func lag(at, ref time.Time) float64 {
-	return max(at.Sub(ref).Seconds(), 0)
-}
-
-// Sweep removes records and pod timelines older than the horizon.
-func (c *Collector) Sweep() {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	cutoff := c.clock.Now().Add(-c.opts.Horizon)
-	n := 0
-	for n < len(c.queue) && !c.queue[n].created.After(cutoff) {
-		q := c.queue[n]
-		n++
-		if q.pod {
-			if t := c.pods[q.key.uid]; t != nil {
-				c.sampleLastConnection(t)
-				c.dropAddrs(t)
-				c.localChanged()
-			}
-			delete(c.pods, q.key.uid)
-			continue
-		}
-		if r := c.records[q.key]; r != nil {
-			outcome := "complete"
-			if len(c.pendingStages(r)) > 0 {
-				outcome = "incomplete"
-			}
-			c.m.expired.WithLabelValues(outcome).Inc()
-			delete(c.records, q.key)
-			c.unindex(q.key)
-		}
-	}
-	c.expireOrphans()
-	if n == 0 {
-		return
-	}
-	c.queue = append([]queued(nil), c.queue[n:]...)
-	if len(c.byEndpoint) == 0 {
-		c.byEndpoint = map[probes.Endpoint][]recordKey{}
-	}
-	if len(c.records) <= c.peak/4 {
-		fresh := make(map[recordKey]*record, len(c.records))
-		for k, r := range c.records {
-			fresh[k] = r
-		}
-		c.records, c.peak = fresh, len(fresh)
-		pods := make(map[string]*podTimeline, len(c.pods))
-		for k, t := range c.pods {
-			pods[k] = t
-		}
-		c.pods = pods
-	}
-}
-
-func (c *Collector) unindex(k recordKey) {
-	keys := c.byEndpoint[k.endpoint]
-	for i, x := range keys {
-		if x == k {
-			keys = append(keys[:i], keys[i+1:]...)
-			break
-		}
-	}
-	if len(keys) == 0 {
-		delete(c.byEndpoint, k.endpoint)
-	} else {
-		c.byEndpoint[k.endpoint] = keys
-	}
-}
-
-func (c *Collector) expireOrphans() {
-	cutoff := c.clock.Now().Add(-orphanWindow)
-	n := 0
-	for n < len(c.orphans) && c.orphans[n].Time.Before(cutoff) {
-		n++
-	}
-	if n > 0 {
-		c.orphans = append([]probes.Observation(nil), c.orphans[n:]...)
-	}
-}
-
-// pendingStages are the stages r still waits for. Records of endpoints that were never seen
-// terminating wait for nothing.
-func (c *Collector) pendingStages(r *record) []probes.Stage {
-	if r.stage(probes.StageEndpointSlice) == nil {
-		return nil
-	}
-	var out []probes.Stage
-	for _, s := range c.opts.Stages {
-		if s.Dataplane() && r.notProxied || c.status[c.opts.StageProbe[s]].Inactive {
-			continue
-		}
-		if r.stage(s) == nil {
-			out = append(out, s)
-		}
-	}
-	return out
+	return false
 }
 
 // Summary is what the collector holds, for the log line at shutdown.

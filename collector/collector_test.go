@@ -50,11 +50,28 @@ func newFixture(t *testing.T, opts Options) *fixture {
 	return &fixture{t: t, c: c, reg: reg, clock: clk}
 }
 
-// histogram returns the sample count and sum of name{stage}, as a scrape would show them.
+// histogram returns the sample count and sum of name{stage} over every path, as a scrape would
+// show them.
 func (f *fixture) histogram(name string, stage probes.Stage) (uint64, float64) {
 	f.t.Helper()
+	var (
+		n   uint64
+		sum float64
+	)
 	for _, m := range f.family(name).GetMetric() {
 		if label(m, "stage") == string(stage) {
+			n += m.GetHistogram().GetSampleCount()
+			sum += m.GetHistogram().GetSampleSum()
+		}
+	}
+	return n, sum
+}
+
+// histogramPath is histogram for one path.
+func (f *fixture) histogramPath(name string, stage probes.Stage, path probes.Path) (uint64, float64) {
+	f.t.Helper()
+	for _, m := range f.family(name).GetMetric() {
+		if label(m, "stage") == string(stage) && label(m, "path") == string(path) {
 			return m.GetHistogram().GetSampleCount(), m.GetHistogram().GetSampleSum()
 		}
 	}
@@ -351,7 +368,7 @@ func TestOptionsValidate(t *testing.T) {
 }
 
 func dataplane(i int, at time.Time) probes.Observation {
-	return probes.Observation{Stage: probes.StageNftables, Time: at, Source: "nftables", Service: web, Endpoint: endpoint(i)}
+	return probes.Observation{Stage: probes.StageNftables, Time: at, Source: "nftables", Service: web, Endpoint: endpoint(i), Path: probes.PathCluster}
 }
 
 var withDataplane = []probes.Stage{probes.StageEndpointSliceRemoved, probes.StageNftables}
@@ -417,15 +434,16 @@ func TestDataplaneRemovalWithoutService(t *testing.T) {
 	other := obs(probes.StageEndpointSlice, 1, t0, false)
 	other.Service = probes.ServiceRef{Namespace: "default", Name: "web-canary"}
 	f.c.Observe(other)
-	f.c.Observe(probes.Observation{Stage: probes.StageIptables, Time: t0.Add(time.Second), Source: "iptables", Endpoint: endpoint(1)})
+	f.c.Observe(probes.Observation{Stage: probes.StageIptables, Time: t0.Add(time.Second), Source: "iptables", Endpoint: endpoint(1), Path: probes.PathCluster})
 	if n, _ := f.histogram("endpointlag_programming_seconds", probes.StageIptables); n != 2 {
 		t.Errorf("programming iptables: %d samples, want 2 (one per Service of the endpoint)", n)
 	}
 }
 
-// The packets probe's view: a deleting pod of this node is listed with its addresses (and the
-// watchers told), late connections join it by address, and when it is gone the time from T0 to
-// its last new connection is observed once; a pod without late connections observes 0.
+// The packets probe's view: a deleting pod of this node is listed with its addresses and, once
+// the slices name them, its endpoints (and the watchers told); late connections join it by
+// address; the time from T0 to its last new client connection is observed once, from the probe's
+// exact report when the pod's addresses leave its terminating map (0 when none came).
 func TestLocalPodsAndLastConnection(t *testing.T) {
 	f := newFixture(t, Options{Probes: []string{"kube", "packets"}, StageProbe: map[probes.Stage]string{probes.StageLateConnection: "packets"}})
 	f.c.SetStatus("packets", probes.Status{Up: true, Synced: true})
@@ -439,16 +457,28 @@ func TestLocalPodsAndLastConnection(t *testing.T) {
 	default:
 		t.Error("no notification for the deleting pod")
 	}
-	if got := f.c.LocalPods(); len(got) != 1 || got[0].Pod != pod || got[0].Addrs[0] != addr || got[0].Gone {
+	if got := f.c.LocalPods(); len(got) != 1 || got[0].Pod != pod || got[0].Addrs[0] != addr || got[0].Gone || len(got[0].Endpoints) != 0 {
 		t.Fatalf("LocalPods = %+v", got)
 	}
 	for _, d := range []time.Duration{1500 * time.Millisecond, 3 * time.Second, 2 * time.Second} {
 		f.c.Observe(probes.Observation{Stage: probes.StageLateConnection, Time: t0.Add(d), Source: "packets",
 			Endpoint: probes.Endpoint{Addr: addr, Port: 8080, Protocol: "TCP"}, Peer: netip.MustParseAddrPort("10.244.2.7:40000")})
 	}
+	// The kubelet's readiness probe: listed, marked, not a client.
+	f.c.Observe(probes.Observation{Stage: probes.StageLateConnection, Time: t0.Add(4 * time.Second), Source: "packets", FromNode: true,
+		Endpoint: probes.Endpoint{Addr: addr, Port: 8080, Protocol: "TCP"}, Peer: netip.MustParseAddrPort("169.254.1.1:51000")})
 	ep := probes.Endpoint{Addr: addr, Port: 8080, Protocol: "TCP"}
 	f.c.Observe(probes.Observation{Stage: probes.StageEndpointSlice, Time: t0, Source: "kube", Pod: pod, Service: probes.ServiceRef{Namespace: "default", Name: "web"}, Endpoint: ep, Local: true})
-	if recs := f.c.Records(); len(recs) != 1 || len(recs[0].Connections) != 3 || recs[0].Connections[0].Client.String() != "10.244.2.7:40000" || recs[0].Connections[0].Kind != "late" {
+	select {
+	case <-notify:
+	default:
+		t.Error("no notification when the pod's endpoints became known")
+	}
+	if got := f.c.LocalPods(); len(got) != 1 || len(got[0].Endpoints) != 1 || got[0].Endpoints[0] != ep {
+		t.Errorf("LocalPods endpoints = %+v", got)
+	}
+	recs := f.c.Records()
+	if len(recs) != 1 || len(recs[0].Connections) != 4 || recs[0].Connections[0].Client.String() != "10.244.2.7:40000" || recs[0].Connections[0].Kind != "late" || !recs[0].Connections[3].Node {
 		t.Errorf("records: %+v", recs)
 	}
 	other := probes.PodRef{Namespace: "default", Name: "web-2", UID: "uid-2"}
@@ -457,9 +487,17 @@ func TestLocalPodsAndLastConnection(t *testing.T) {
 		f.c.Observe(probes.Observation{Stage: probes.StageGone, Time: t0.Add(10 * time.Second), Source: "kube", Pod: p, Local: true})
 		f.c.Observe(probes.Observation{Stage: probes.StageGone, Time: t0.Add(11 * time.Second), Source: "kube", Pod: p, Local: true})
 	}
+	if fam := f.family("endpointlag_last_connection_seconds"); fam.GetMetric()[0].GetHistogram().GetSampleCount() != 0 {
+		t.Fatal("last connection sampled before the packets probe reported it")
+	}
+	// The probe's exact times: a connection later than any event (events are rate-limited), and
+	// none for the other pod; a repeat is not a second sample.
+	f.c.Observe(probes.Observation{Stage: probes.StageLastConnection, Time: t0.Add(3500 * time.Millisecond), Source: "packets", Pod: pod, Local: true})
+	f.c.Observe(probes.Observation{Stage: probes.StageLastConnection, Source: "packets", Pod: other, Local: true})
+	f.c.Observe(probes.Observation{Stage: probes.StageLastConnection, Source: "packets", Pod: other, Local: true})
 	m := f.family("endpointlag_last_connection_seconds").GetMetric()[0].GetHistogram()
-	if m.GetSampleCount() != 2 || m.GetSampleSum() != 3 {
-		t.Errorf("last_connection: %d samples, sum %v; want 2 samples (3 s and 0 s)", m.GetSampleCount(), m.GetSampleSum())
+	if m.GetSampleCount() != 2 || m.GetSampleSum() != 3.5 {
+		t.Errorf("last_connection: %d samples, sum %v; want 2 samples (3.5 s and 0 s)", m.GetSampleCount(), m.GetSampleSum())
 	}
 	if got := f.c.LocalPods(); len(got) != 2 || !got[0].Gone || !got[1].Gone {
 		t.Errorf("after gone: %+v", got)

@@ -8,8 +8,8 @@ import (
 	"github.com/endpointlag/endpointlag/probes"
 )
 
-// This file keeps what the packets probe needs and reports: the addresses of this node's deleting
-// pods, and the new connections that still reached them.
+// This file keeps what the packets probe needs and reports: the addresses and endpoints of this
+// node's deleting pods, and the new connections that still reached them.
 
 // maxConnsPerPod bounds the connections a pod's records list; the counts go on beyond it.
 const maxConnsPerPod = 1000
@@ -20,10 +20,12 @@ type conn struct {
 	peer     netip.AddrPort
 	endpoint probes.Endpoint
 	kind     string
+	// node: the client is one of this node's own addresses (the kubelet's probes, say).
+	node bool
 }
 
 // LocalPods implements probes.LocalPods: this node's pods whose deletion began, with their
-// addresses, until the horizon.
+// addresses (less those a live pod holds now) and endpoints, until the horizon.
 func (c *Collector) LocalPods() []probes.LocalPod {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -32,7 +34,13 @@ func (c *Collector) LocalPods() []probes.LocalPod {
 		if t.t0.IsZero() || len(t.addrs) == 0 {
 			continue
 		}
-		out = append(out, probes.LocalPod{Pod: t.pod, Addrs: slices.Clone(t.addrs), T0: t.t0, Gone: !t.gone.IsZero()})
+		lp := probes.LocalPod{Pod: t.pod, Addrs: slices.Clone(t.addrs), T0: t.t0, Gone: !t.gone.IsZero()}
+		for _, k := range t.records {
+			if !slices.Contains(lp.Endpoints, k.endpoint) {
+				lp.Endpoints = append(lp.Endpoints, k.endpoint)
+			}
+		}
+		out = append(out, lp)
 	}
 	return out
 }
@@ -54,13 +62,18 @@ func (c *Collector) localChanged() {
 	}
 }
 
-// setAddrs records a local pod's addresses the first time they are known.
+// setAddrs records a local pod's addresses the first time they are known, less those a live pod
+// of this node holds (a completed pod's status keeps an address its CNI released long ago).
 func (c *Collector) setAddrs(t *podTimeline, addrs []netip.Addr) {
 	if len(t.addrs) > 0 || len(addrs) == 0 {
 		return
 	}
-	t.addrs = slices.Clone(addrs)
-	for _, a := range t.addrs {
+	for _, a := range addrs {
+		if owner, live := c.liveAddrs[a]; live && owner != t.pod.UID {
+			c.log.Debug("address held by a live pod: not watched for the deleting one", "address", a, "pod", t.pod)
+			continue
+		}
+		t.addrs = append(t.addrs, a)
 		c.byAddr[a] = t.pod.UID
 	}
 }
@@ -71,6 +84,44 @@ func (c *Collector) dropAddrs(t *podTimeline) {
 			delete(c.byAddr, a)
 		}
 	}
+}
+
+// podAddresses records the addresses a live pod holds now. An address a deleting pod's timeline
+// had belongs to the live pod from now on: it leaves that timeline, and so the packets probe's
+// maps, at once.
+func (c *Collector) podAddresses(o probes.Observation) {
+	c.dropLive(o.Pod.UID)
+	if len(o.Addrs) == 0 {
+		return
+	}
+	c.livePods[o.Pod.UID] = slices.Clone(o.Addrs)
+	changed := false
+	for _, a := range o.Addrs {
+		c.liveAddrs[a] = o.Pod.UID
+		uid, ok := c.byAddr[a]
+		if !ok || uid == o.Pod.UID {
+			continue
+		}
+		delete(c.byAddr, a)
+		if t := c.pods[uid]; t != nil {
+			t.addrs = slices.DeleteFunc(t.addrs, func(x netip.Addr) bool { return x == a })
+			c.log.Debug("address reused by a live pod: no longer watched for the deleting one", "address", a, "pod", t.pod, "by", o.Pod)
+		}
+		changed = true
+	}
+	if changed {
+		c.localChanged()
+	}
+}
+
+// dropLive forgets the addresses a pod held while live (it is deleting or gone now).
+func (c *Collector) dropLive(uid string) {
+	for _, a := range c.livePods[uid] {
+		if c.liveAddrs[a] == uid {
+			delete(c.liveAddrs, a)
+		}
+	}
+	delete(c.livePods, uid)
 }
 
 // connection joins a late or dead connection to its local pod.
@@ -86,29 +137,32 @@ func (c *Collector) connection(o probes.Observation) {
 	if o.Stage == probes.StageDeadConnection {
 		kind, what = "dead", "new connection to a deleted pod's address"
 	}
-	c.log.Debug(what, "pod", t.pod, "endpoint", o.Endpoint, "client", o.Peer, "at", o.Time)
+	c.log.Debug(what, "pod", t.pod, "endpoint", o.Endpoint, "client", o.Peer, "from_node", o.FromNode, "at", o.Time)
 	if len(t.conns) < maxConnsPerPod {
-		t.conns = append(t.conns, conn{at: o.Time, peer: o.Peer, endpoint: o.Endpoint, kind: kind})
+		t.conns = append(t.conns, conn{at: o.Time, peer: o.Peer, endpoint: o.Endpoint, kind: kind, node: o.FromNode})
 	}
-	if o.Stage == probes.StageLateConnection && o.Time.After(t.lastConn) {
+	if o.Stage == probes.StageLateConnection && !o.FromNode && o.Time.After(t.lastConn) {
 		t.lastConn = o.Time
 	}
 }
 
-// connectionsWatched reports whether a probe that reports late connections runs and is active.
-func (c *Collector) connectionsWatched() bool {
-	name, ok := c.opts.StageProbe[probes.StageLateConnection]
-	if !ok {
-		return false
+// lastConnection takes the packets probe's exact time of the last new client connection to a pod
+// that is gone (zero: none came) and samples it.
+func (c *Collector) lastConnection(o probes.Observation) {
+	t := c.pods[o.Pod.UID]
+	if t == nil {
+		return
 	}
-	s := c.status[name]
-	return s.Up && !s.Inactive
+	if o.Time.After(t.lastConn) {
+		t.lastConn = o.Time
+	}
+	c.sampleLastConnection(t)
 }
 
-// sampleLastConnection observes, once per pod, the time from T0 to the last new connection that
-// reached it (zero when none did), when the pod is gone or its timeline expires.
+// sampleLastConnection observes, once per pod, the time from T0 to the last new client connection
+// that reached it (zero when none did).
 func (c *Collector) sampleLastConnection(t *podTimeline) {
-	if t.connSampled || t.t0.IsZero() || t.t0Initial || !c.connectionsWatched() {
+	if t.connSampled || t.t0.IsZero() || t.t0Initial || t.t0Relist {
 		return
 	}
 	t.connSampled = true

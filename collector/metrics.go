@@ -24,7 +24,10 @@ type metrics struct {
 	programming *prometheus.HistogramVec
 	// lastConnection is T0 → the last new connection that reached a pod of this node.
 	lastConnection prometheus.Histogram
+	// unsampled counts the stages kept out of the histograms, by reason.
+	unsampled      *prometheus.CounterVec
 	dropped        prometheus.Counter
+	orphansDropped prometheus.Counter
 	expired        *prometheus.CounterVec
 	probeUp        *prometheus.GaugeVec
 	probeErrors    *prometheus.CounterVec
@@ -33,6 +36,7 @@ type metrics struct {
 	oldestDesc  *prometheus.Desc
 	trackedDesc *prometheus.Desc
 	podsDesc    *prometheus.Desc
+	activeDesc  *prometheus.Desc
 }
 
 func newMetrics(c *Collector) *metrics {
@@ -41,25 +45,35 @@ func newMetrics(c *Collector) *metrics {
 		propagation: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Namespace: namespace,
 			Name:      "propagation_seconds",
-			Help:      "Time from a pod's deletion (T0) to the removal of its endpoint at each stage; pods on this node only.",
+			Help:      "Time from a pod's deletion (T0) to the removal of its endpoint at each stage (and, for dataplane stages, path: cluster or external); pods on this node only.",
 			Buckets:   LagBuckets,
-		}, []string{"stage"}),
+		}, []string{"stage", "path"}),
 		programming: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Namespace: namespace,
 			Name:      "programming_seconds",
-			Help:      "Time from this node seeing an endpoint turn terminating in its EndpointSlice to its removal at each stage.",
+			Help:      "Time from this node seeing an endpoint turn terminating in its EndpointSlice to its removal at each stage (and, for dataplane stages, path: cluster or external).",
 			Buckets:   LagBuckets,
-		}, []string{"stage"}),
+		}, []string{"stage", "path"}),
 		lastConnection: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Namespace: namespace,
 			Name:      "last_connection_seconds",
-			Help:      "Time from a pod's deletion (T0) to the last new connection (TCP SYN, new UDP flow) that still reached it, observed when the pod is gone; 0 when none did. Pods on this node, while the packets probe runs.",
+			Help:      "Time from a pod's deletion (T0) to the last new client connection (TCP SYN, new UDP flow to a port it serves, not from this node's own addresses) that still reached it, read exactly from the packets probe's map when the pod is gone; 0 when none did. Pods on this node, while the packets probe runs.",
 			Buckets:   LagBuckets,
 		}),
+		unsampled: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace,
+			Name:      "unsampled_total",
+			Help:      "Stages seen but kept out of the lag histograms: reason=relist (first seen on a re-read after a gap, known only to within it), reason=fallback (a dataplane removal kube-proxy held back on purpose while no ready endpoint was left, KEP-1669).",
+		}, []string{"stage", "path", "reason"}),
 		dropped: prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: namespace,
 			Name:      "records_dropped_total",
 			Help:      "Terminating endpoints and pods not tracked because the record limit was reached.",
+		}),
+		orphansDropped: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: namespace,
+			Name:      "orphans_dropped_total",
+			Help:      "Dataplane removals seen before their endpoint's slice change that were dropped because too many waited for their record.",
 		}),
 		expired: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: namespace,
@@ -84,6 +98,8 @@ func newMetrics(c *Collector) *metrics {
 			"Terminating endpoint records held in memory.", nil, nil),
 		podsDesc: prometheus.NewDesc(namespace+"_tracked_pods",
 			"Deleting pods of this node held in memory.", nil, nil),
+		activeDesc: prometheus.NewDesc(namespace+"_probe_active",
+			"1 while the probe's source exists on this node and its stages are awaited (a dataplane probe: the node runs kube-proxy in its mode); 0 while inactive or failed.", []string{"probe"}, nil),
 	}
 }
 
@@ -92,7 +108,9 @@ func (m *metrics) register(reg prometheus.Registerer) error {
 		reg.Register(m.propagation),
 		reg.Register(m.programming),
 		reg.Register(m.lastConnection),
+		reg.Register(m.unsampled),
 		reg.Register(m.dropped),
+		reg.Register(m.orphansDropped),
 		reg.Register(m.expired),
 		reg.Register(m.probeUp),
 		reg.Register(m.probeErrors),
@@ -106,6 +124,7 @@ func (m *metrics) Describe(ch chan<- *prometheus.Desc) {
 	ch <- m.oldestDesc
 	ch <- m.trackedDesc
 	ch <- m.podsDesc
+	ch <- m.activeDesc
 }
 
 // Collect implements prometheus.Collector.
@@ -116,14 +135,10 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 	pending := make(map[probes.Stage]int, len(c.opts.Stages))
 	oldest := make(map[probes.Stage]float64, len(c.opts.Stages))
 	for _, r := range c.records {
-		stages := c.pendingStages(r)
-		if len(stages) == 0 {
-			continue
-		}
-		age := max(now.Sub(r.stage(probes.StageEndpointSlice).at).Seconds(), 0)
-		for _, s := range stages {
+		stages, since := c.pending(r)
+		for i, s := range stages {
 			pending[s]++
-			oldest[s] = max(oldest[s], age)
+			oldest[s] = max(oldest[s], now.Sub(since[i]).Seconds(), 0)
 		}
 	}
 	records, pods := len(c.records), len(c.pods)
@@ -133,7 +148,16 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 			awaited = append(awaited, s)
 		}
 	}
+	active := make(map[string]bool, len(c.status))
+	for p, st := range c.status {
+		_, failed := c.failed[p]
+		active[p] = !st.Inactive && !failed
+	}
 	c.mu.Unlock()
+
+	for p, a := range active {
+		ch <- prometheus.MustNewConstMetric(m.activeDesc, prometheus.GaugeValue, boolFloat(a), p)
+	}
 
 	for _, s := range awaited {
 		ch <- prometheus.MustNewConstMetric(m.pendingDesc, prometheus.GaugeValue, float64(pending[s]), string(s))

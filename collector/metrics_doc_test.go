@@ -68,6 +68,9 @@ func TestMetricsDoc(t *testing.T) {
 	f.c.Observe(obs(probes.StageEndpointSlice, 1, t0, true))
 	f.c.Observe(obs(probes.StageEndpointSliceRemoved, 1, t0, true))
 	f.c.Observe(obs(probes.StageEndpointSlice, 2, t0, false))
+	relisted := obs(probes.StageEndpointSliceRemoved, 2, t0, false)
+	relisted.Relist = true
+	f.c.Observe(relisted)
 	f.c.Observe(obs(probes.StageEndpointSlice, 3, t0, false)) // over the limit: dropped
 	f.clock.Step(time.Minute)
 	f.c.Sweep()

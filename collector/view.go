@@ -2,6 +2,7 @@ package collector
 
 import (
 	"net/netip"
+	"slices"
 	"sort"
 	"time"
 
@@ -18,10 +19,22 @@ type RecordView struct {
 	Local bool `json:"local"`
 	// T0 is when the pod got its deletionTimestamp as this daemon saw it; T0API is the API
 	// server's own value (1 s precision).
-	T0      *time.Time  `json:"t0,omitempty"`
-	T0API   *time.Time  `json:"t0_api,omitempty"`
-	Stages  []StageView `json:"stages"`
-	Pending []string    `json:"pending,omitempty"`
+	T0     *time.Time  `json:"t0,omitempty"`
+	T0API  *time.Time  `json:"t0_api,omitempty"`
+	Stages []StageView `json:"stages"`
+	// Serving is the endpoint's serving condition when it turned terminating; Fallback says where
+	// kube-proxy then kept routing to it because no ready endpoint was left (KEP-1669).
+	Serving  bool             `json:"serving"`
+	Fallback *probes.Fallback `json:"fallback,omitempty"`
+	Pending  []string         `json:"pending,omitempty"`
+	// Awaited are the dataplane stages and paths this node's rules reached the endpoint on when it
+	// turned terminating, as "stage/path"; Held those kube-proxy still holds back on purpose.
+	Awaited []string `json:"awaited,omitempty"`
+	Held    []string `json:"held,omitempty"`
+	// NotApplicable are the active dataplane stages this node's rules never reached the endpoint
+	// at (a node-local Service's endpoint on another node, topology, a pod never ready): they are
+	// not awaited here.
+	NotApplicable []string `json:"not_applicable,omitempty"`
 	// Connections are the new connections to this endpoint after T0 that the packets probe
 	// reported (the first ones, up to a limit per pod), for local pods.
 	Connections []ConnectionView `json:"connections,omitempty"`
@@ -33,28 +46,39 @@ type ConnectionView struct {
 	Time   time.Time      `json:"time"`
 	Client netip.AddrPort `json:"client"`
 	Kind   string         `json:"kind"`
+	// Node: the client is one of the node's own addresses (the kubelet's probes, say), not a
+	// client of the Service.
+	Node bool `json:"node,omitempty"`
 }
 
 // StageView is one stage of a timeline. The lags are absent where the reference is unknown.
 type StageView struct {
-	Stage     string    `json:"stage"`
-	Source    string    `json:"source"`
-	Time      time.Time `json:"time"`
-	Precision float64   `json:"precision_seconds,omitempty"`
-	// Initial: the daemon found the endpoint already at this stage when it started.
+	Stage  string    `json:"stage"`
+	Source string    `json:"source"`
+	Path   string    `json:"path,omitempty"`
+	Time   time.Time `json:"time"`
+	// Precision is how much earlier it may have happened: a poll interval, or the gap a relist
+	// covers.
+	Precision float64 `json:"precision_seconds,omitempty"`
+	// Initial: the daemon found the endpoint already at this stage when it started. Relist: first
+	// seen on a re-read after a gap. Fallback: a removal kube-proxy held back while no ready
+	// endpoint was left. None of them is sampled as lag.
 	Initial     bool     `json:"initial,omitempty"`
+	Relist      bool     `json:"relist,omitempty"`
+	Fallback    bool     `json:"fallback,omitempty"`
 	Programming *float64 `json:"programming_seconds,omitempty"`
 	Propagation *float64 `json:"propagation_seconds,omitempty"`
 }
 
-// Records returns every record held, oldest first.
+// Records returns every record held, oldest first. The views are built under the lock; encoding
+// them is the caller's, without it.
 func (c *Collector) Records() []RecordView {
 	c.mu.Lock()
-	defer c.mu.Unlock()
 	out := make([]RecordView, 0, len(c.records))
 	for _, r := range c.records {
 		out = append(out, c.view(r))
 	}
+	c.mu.Unlock()
 	sort.Slice(out, func(i, j int) bool {
 		a, b := out[i], out[j]
 		if !a.Stages[0].Time.Equal(b.Stages[0].Time) {
@@ -66,13 +90,16 @@ func (c *Collector) Records() []RecordView {
 }
 
 func (c *Collector) view(r *record) RecordView {
-	v := RecordView{Pod: r.pod, Service: r.key.service, Endpoint: r.key.endpoint, Local: r.local}
+	v := RecordView{Pod: r.pod, Service: r.key.service, Endpoint: r.key.endpoint, Local: r.local, Serving: r.serving}
+	if r.fallback.Any() {
+		v.Fallback = &r.fallback
+	}
 	progRef, hasProg := r.programmingRef()
 	t0, hasT0 := r.t0()
 	if t := r.timeline; t != nil {
 		if !t.t0.IsZero() {
 			v.T0 = &t.t0
-			s := StageView{Stage: string(probes.StageDeleted), Source: t.t0Source, Time: t.t0, Initial: t.t0Initial}
+			s := StageView{Stage: string(probes.StageDeleted), Source: t.t0Source, Time: t.t0, Initial: t.t0Initial, Relist: t.t0Relist}
 			if hasT0 {
 				s.Propagation = ptr(0.0)
 			}
@@ -83,8 +110,9 @@ func (c *Collector) view(r *record) RecordView {
 		}
 	}
 	for _, e := range r.stages {
-		s := StageView{Stage: string(e.stage), Source: e.source, Time: e.at, Precision: e.precision.Seconds(), Initial: e.initial}
-		if !e.initial {
+		s := StageView{Stage: string(e.stage), Source: e.source, Path: string(e.path), Time: e.at, Precision: e.precision.Seconds(),
+			Initial: e.initial, Relist: e.relist, Fallback: e.fallback}
+		if e.unsampled() == "" && !e.initial {
 			if hasProg && e.stage != probes.StageEndpointSlice {
 				s.Programming = ptr(lag(e.at, progRef))
 			}
@@ -93,6 +121,14 @@ func (c *Collector) view(r *record) RecordView {
 			}
 		}
 		v.Stages = append(v.Stages, s)
+	}
+	for _, ended := range []struct {
+		at    time.Time
+		which probes.Fallback
+	}{{r.clusterEnded, probes.Fallback{Cluster: true}}, {r.localEnded, probes.Fallback{Local: true}}} {
+		if !ended.at.IsZero() {
+			v.Stages = append(v.Stages, StageView{Stage: string(probes.StageFallbackEnded), Source: "kube", Time: ended.at, Path: fallbackName(ended.which)})
+		}
 	}
 	if t := r.timeline; t != nil && !t.gone.IsZero() {
 		s := StageView{Stage: string(probes.StageGone), Source: t.t0Source, Time: t.gone}
@@ -105,14 +141,43 @@ func (c *Collector) view(r *record) RecordView {
 	if t := r.timeline; t != nil {
 		for _, cn := range t.conns {
 			if cn.endpoint == r.key.endpoint {
-				v.Connections = append(v.Connections, ConnectionView{Time: cn.at, Client: cn.peer, Kind: cn.kind})
+				v.Connections = append(v.Connections, ConnectionView{Time: cn.at, Client: cn.peer, Kind: cn.kind, Node: cn.node})
 			}
 		}
 	}
 	for _, s := range c.pendingStages(r) {
 		v.Pending = append(v.Pending, string(s))
 	}
+	for _, a := range r.awaits {
+		name := string(a.stage) + "/" + string(a.path)
+		v.Awaited = append(v.Awaited, name)
+		if ended, held := r.heldSince(a); held && ended.IsZero() && !r.arrived(a.stage, a.path) {
+			v.Held = append(v.Held, name)
+		}
+	}
+	v.NotApplicable = c.notApplicable(r)
 	return v
+}
+
+// notApplicable lists the active dataplane stages r awaits on no path.
+func (c *Collector) notApplicable(r *record) []string {
+	var out []string
+	for _, s := range c.opts.Stages {
+		if !s.Dataplane() || r.notProxied || c.status[c.opts.StageProbe[s]].Inactive || slices.Contains(r.undetermined, s) {
+			continue
+		}
+		if !slices.ContainsFunc(r.awaits, func(a await) bool { return a.stage == s }) {
+			out = append(out, string(s))
+		}
+	}
+	return out
+}
+
+func fallbackName(f probes.Fallback) string {
+	if f.Local {
+		return "local"
+	}
+	return "cluster"
 }
 
 func ptr[T any](v T) *T { return &v }

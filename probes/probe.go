@@ -54,6 +54,11 @@ const (
 	// came back. Observation.Fallback names the fallbacks that ended. A dataplane removal after it
 	// is owed to it, not to sync lag.
 	StageFallbackEnded Stage = "fallback_ended"
+	// StagePodAddresses: the addresses a live pod of this node (not deleting, not in a terminal
+	// phase) holds now, in Observation.Addrs; none once it completed or failed (its network is
+	// gone). Reported when they change, so that no deleting pod's entry claims an address a live
+	// pod now holds (IP reuse).
+	StagePodAddresses Stage = "pod_addresses"
 )
 
 // Dataplane reports whether s is a stage of this node's service dataplane (kube-proxy's rules),
@@ -68,10 +73,10 @@ func (s Stage) Connection() bool {
 	return s == StageLateConnection || s == StageDeadConnection || s == StageLastConnection
 }
 
-// Awaited reports whether a record waits for s: the removal stages, not the connection stages
-// nor the fallback's end, which may never come.
+// Awaited reports whether a record waits for s: the removal stages after the endpoint turned
+// terminating, not the pod-level or connection stages.
 func (s Stage) Awaited() bool {
-	return !s.Connection() && s != StageFallbackEnded
+	return s == StageEndpointSliceRemoved || s.Dataplane()
 }
 
 // Path is the way new connections reach a Service's endpoints through this node's rules. kube-proxy
@@ -283,6 +288,9 @@ type ServiceEndpoints struct {
 	Chain     string     `json:"chain,omitempty"`
 	Endpoints []Endpoint `json:"endpoints"`
 }
+
+// DefaultKubeProxyURL is kube-proxy's default metrics address, whose /proxyMode names its mode.
+const DefaultKubeProxyURL = "http://127.0.0.1:10249"
 
 // Env is what the daemon hands every probe constructor.
 type Env struct {

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"runtime/debug"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -54,6 +55,10 @@ func newDaemon(opts Options, log *slog.Logger, clk clock.WithTicker, client kube
 	copts := collector.Options{Horizon: opts.Horizon, MaxRecords: opts.MaxRecords, SweepInterval: opts.SweepInterval, StageProbe: map[probes.Stage]string{}}
 	for _, f := range enabled {
 		copts.Probes = append(copts.Probes, f.Name)
+		if f.NeedsAPI {
+			// Without the API nothing terminates: readiness waits for it, however long.
+			copts.RequiredProbes = append(copts.RequiredProbes, f.Name)
+		}
 		for _, s := range f.Stages {
 			copts.StageProbe[s] = f.Name
 			if s.Awaited() {
@@ -71,13 +76,21 @@ func newDaemon(opts Options, log *slog.Logger, clk clock.WithTicker, client kube
 		return nil, err
 	}
 	d := &daemon{opts: opts, log: log, coll: coll}
-	env := probes.Env{NodeName: opts.NodeName, PollInterval: opts.PollInterval, Client: client, Clock: clk, Logger: log, LocalPods: coll, Registerer: reg}
+	env := probes.Env{NodeName: opts.NodeName, PollInterval: opts.PollInterval, Client: client, Clock: clk, Logger: log, LocalPods: coll,
+		Registerer: reg, KubeProxyURL: opts.KubeProxyURL}
 	for _, f := range enabled {
 		p, err := f.New(env)
 		if err != nil {
 			return nil, fmt.Errorf("probe %s: %w", f.Name, err)
 		}
 		d.probes = append(d.probes, p)
+		if dp, ok := p.(probes.Dataplane); ok {
+			for _, s := range f.Stages {
+				if s.Dataplane() {
+					coll.SetDataplane(s, dp)
+				}
+			}
+		}
 	}
 	d.ln, err = net.Listen("tcp", opts.ListenAddress)
 	if err != nil {
@@ -96,13 +109,14 @@ func (d *daemon) run(ctx context.Context) error {
 	g.Go(func() error { return d.coll.Run(runCtx) })
 	for _, p := range d.probes {
 		g.Go(func() error {
-			if err := p.Run(runCtx, d.coll); err != nil {
-				d.coll.Error(p.Name(), err)
-				d.log.Error("probe stopped", "probe", p.Name(), "err", err)
-			}
+			d.supervise(runCtx, p)
 			return nil
 		})
 	}
+	g.Go(func() error {
+		d.settleUnsynced(runCtx)
+		return nil
+	})
 	g.Go(func() error {
 		if err := d.srv.Serve(d.ln); !errors.Is(err, http.ErrServerClosed) {
 			return fmt.Errorf("http server: %w", err)
@@ -139,6 +153,68 @@ func (d *daemon) run(ctx context.Context) error {
 	}
 	d.log.Info("stopped", "records", s.Records, "pods", s.Pods, slog.Group("pending", pending...))
 	return cause
+}
+
+// Backoff of a probe started again after a failure.
+const (
+	firstBackoff = time.Second
+	maxBackoff   = 5 * time.Minute
+)
+
+// supervise runs a probe until ctx ends. A failure — an error, a panic, or a return before ctx
+// ended — is reported (probe_up 0, counted, logged with the reason; the probe no longer holds
+// readiness back) and the probe started again after a backoff that doubles from 1 s to 5 min,
+// starting over after a run that lasted 5 min. A probe that cannot start on this node (no ring
+// buffer, seccomp, a missing capability) is thus retried, never wedges the daemon, and counts as
+// up again once it reads its source.
+func (d *daemon) supervise(ctx context.Context, p probes.Probe) {
+	delay := firstBackoff
+	for {
+		start := time.Now()
+		err := runProbe(ctx, p, d.coll)
+		if ctx.Err() != nil {
+			return
+		}
+		if err == nil {
+			err = errors.New("stopped before the daemon did")
+		}
+		if time.Since(start) >= maxBackoff {
+			delay = firstBackoff
+		}
+		d.coll.Failed(p.Name(), err)
+		d.log.Error("probe failed; starting it again", "probe", p.Name(), "err", err, "after", delay)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(delay):
+		}
+		delay = min(2*delay, maxBackoff)
+	}
+}
+
+// runProbe runs p, turning a panic into an error.
+func runProbe(ctx context.Context, p probes.Probe, sink probes.Sink) (err error) {
+	defer func() {
+		if v := recover(); v != nil {
+			err = fmt.Errorf("panic: %v\n%s", v, debug.Stack())
+		}
+	}()
+	return p.Run(ctx, sink)
+}
+
+// settleUnsynced reports, once the sync timeout has passed, every probe that has neither read its
+// source nor failed: readiness stops waiting for it (the API probe excepted), and the reason is
+// exported and logged.
+func (d *daemon) settleUnsynced(ctx context.Context) {
+	select {
+	case <-ctx.Done():
+		return
+	case <-time.After(d.opts.SyncTimeout):
+	}
+	_, waiting := d.coll.Ready()
+	for _, name := range waiting {
+		d.coll.Failed(name, fmt.Errorf("not synced within --probes.sync-timeout (%s)", d.opts.SyncTimeout))
+	}
 }
 
 // runDaemon is the default command.

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"io"
 	"log/slog"
 	"net"
@@ -25,6 +26,8 @@ import (
 	"k8s.io/utils/clock"
 	clocktesting "k8s.io/utils/clock/testing"
 	"k8s.io/utils/ptr"
+
+	"github.com/endpointlag/endpointlag/probes"
 )
 
 // syncBuffer is a log sink safe for the daemon's goroutines.
@@ -49,7 +52,7 @@ func testOptions() Options {
 	on := true
 	return Options{
 		NodeName: "node-a", ListenAddress: "127.0.0.1:0", LogLevel: "debug", LogFormat: "text",
-		Horizon: time.Hour, MaxRecords: 100, SweepInterval: time.Minute, ShutdownTimeout: 5 * time.Second, PollInterval: time.Second,
+		Horizon: time.Hour, MaxRecords: 100, SweepInterval: time.Minute, ShutdownTimeout: 5 * time.Second, PollInterval: time.Second, SyncTimeout: time.Minute,
 		Probes: map[string]*bool{"kube": &on},
 	}
 }
@@ -142,14 +145,14 @@ func TestDaemonServesMetricsRecordsAndInspect(t *testing.T) {
 	if _, err := client.DiscoveryV1().EndpointSlices("shop").Update(ctx, s, metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	want := `endpointlag_propagation_seconds_bucket{stage="endpointslice",le="0.025"} 0
-endpointlag_propagation_seconds_bucket{stage="endpointslice",le="0.05"} 1
+	want := `endpointlag_propagation_seconds_bucket{path="",stage="endpointslice",le="0.025"} 0
+endpointlag_propagation_seconds_bucket{path="",stage="endpointslice",le="0.05"} 1
 `
 	waitFor(t, "the propagation sample", func() bool { _, m := get(t, r.base+"/metrics"); return strings.Contains(m, want) })
 	_, metrics := get(t, r.base+"/metrics")
 	for _, line := range []string{
-		`endpointlag_propagation_seconds_sum{stage="endpointslice"} 0.04`,
-		`endpointlag_propagation_seconds_count{stage="endpointslice"} 1`,
+		`endpointlag_propagation_seconds_sum{path="",stage="endpointslice"} 0.04`,
+		`endpointlag_propagation_seconds_count{path="",stage="endpointslice"} 1`,
 		`endpointlag_pending_endpoints{stage="endpointslice_removed"} 1`,
 		`endpointlag_probe_up{probe="kube"} 1`,
 		`endpointlag_build_info{goversion="`,
@@ -348,4 +351,75 @@ func TestSIGTERM(t *testing.T) {
 			t.Errorf("the log lacks %q:\n%s", want, stderr.String())
 		}
 	}
+}
+
+// flakyProbe fails its first runs, once with an error and once with a panic, then syncs.
+type flakyProbe struct {
+	mu   sync.Mutex
+	runs int
+}
+
+func (p *flakyProbe) Name() string { return "flaky" }
+
+func (p *flakyProbe) Run(ctx context.Context, sink probes.Sink) error {
+	p.mu.Lock()
+	p.runs++
+	n := p.runs
+	p.mu.Unlock()
+	switch n {
+	case 1:
+		return errors.New("loading the eBPF programs: ring buffer not supported")
+	case 2:
+		panic("a decoder met data of a shape it did not expect")
+	}
+	sink.SetStatus("flaky", probes.Status{Up: true, Synced: true})
+	<-ctx.Done()
+	return nil
+}
+
+var flaky = &flakyProbe{}
+
+func init() {
+	probes.Register(probes.Factory{Name: "flaky", Help: "a test probe that fails twice", New: func(probes.Env) (probes.Probe, error) { return flaky, nil }})
+}
+
+// A probe that fails at start (an error, a panic) is reported, does not hold readiness back, is
+// started again with backoff, and counts as up once it reads its source.
+func TestFailingProbeIsRetried(t *testing.T) {
+	opts := testOptions()
+	on := true
+	opts.Probes["flaky"] = &on
+	r := startDaemon(t, opts, clock.RealClock{}, fake.NewClientset())
+	waitFor(t, "/readyz despite the failed probe", func() bool { code, _ := get(t, r.base+"/readyz"); return code == http.StatusOK })
+	_, m := get(t, r.base+"/metrics")
+	if !strings.Contains(m, `endpointlag_probe_up{probe="flaky"} 0`) || !strings.Contains(m, `endpointlag_probe_active{probe="flaky"} 0`) {
+		t.Errorf("the failed probe is not reported down and inactive:\n%s", grepLines(m, "flaky"))
+	}
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		_, m = get(t, r.base+"/metrics")
+		if strings.Contains(m, `endpointlag_probe_up{probe="flaky"} 1`) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the probe never came back up:\n%s\nlogs:\n%s", grepLines(m, "flaky"), r.logs.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if !strings.Contains(m, `endpointlag_probe_errors_total{probe="flaky",reason="source"} 2`) {
+		t.Errorf("two failures not counted:\n%s", grepLines(m, "flaky"))
+	}
+	if logs := r.logs.String(); !strings.Contains(logs, "ring buffer not supported") || !strings.Contains(logs, "panic: a decoder met data") {
+		t.Errorf("the failures' reasons are not logged:\n%s", logs)
+	}
+}
+
+func grepLines(text, substr string) string {
+	var out []string
+	for _, l := range strings.Split(text, "\n") {
+		if strings.Contains(l, substr) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
 }

@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/url"
 	"os"
 	"strings"
 	"time"
@@ -27,6 +28,8 @@ type Options struct {
 	SweepInterval   time.Duration
 	ShutdownTimeout time.Duration
 	PollInterval    time.Duration
+	SyncTimeout     time.Duration
+	KubeProxyURL    string
 	// Probes maps every registered probe to whether it runs.
 	Probes map[string]*bool
 }
@@ -47,6 +50,10 @@ func bindFlags(fs *pflag.FlagSet, o *Options) {
 	fs.DurationVar(&o.SweepInterval, "record.sweep-interval", 10*time.Second, "how often expired records are removed")
 	fs.DurationVar(&o.PollInterval, "dataplane.poll-interval", time.Second,
 		"how often sources without change events are read (IPVS, iptables legacy backend); also their precision")
+	fs.StringVar(&o.KubeProxyURL, "dataplane.kube-proxy-url", probes.DefaultKubeProxyURL,
+		"kube-proxy's metrics address, whose /proxyMode confirms which dataplane probe is active (empty: never ask; the kernel's evidence decides alone)")
+	fs.DurationVar(&o.SyncTimeout, "probes.sync-timeout", 2*time.Minute,
+		"how long /readyz waits for a probe other than kube to read its source; after that it is reported failed (and retried) and no longer holds readiness back")
 	fs.DurationVar(&o.ShutdownTimeout, "shutdown-timeout", 10*time.Second,
 		"how long SIGTERM/SIGINT waits for probes and in-flight requests before exiting")
 	o.Probes = map[string]*bool{}
@@ -70,9 +77,14 @@ func (o *Options) Validate() error {
 	if _, _, err := net.SplitHostPort(o.ListenAddress); err != nil {
 		errs = append(errs, fmt.Errorf("--web.listen-address: %w", err))
 	}
+	if o.KubeProxyURL != "" {
+		if u, err := url.Parse(o.KubeProxyURL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			errs = append(errs, fmt.Errorf("--dataplane.kube-proxy-url: %q is not a URL like %s", o.KubeProxyURL, probes.DefaultKubeProxyURL))
+		}
+	}
 	for name, d := range map[string]time.Duration{
 		"--record.horizon": o.Horizon, "--record.sweep-interval": o.SweepInterval, "--shutdown-timeout": o.ShutdownTimeout,
-		"--dataplane.poll-interval": o.PollInterval,
+		"--dataplane.poll-interval": o.PollInterval, "--probes.sync-timeout": o.SyncTimeout,
 	} {
 		if d <= 0 {
 			errs = append(errs, fmt.Errorf("%s must be positive, got %s", name, d))

@@ -36,6 +36,10 @@ func newMux(coll *collector.Collector, reg *prometheus.Registry, node string, lo
 		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelError), Registry: reg,
 	}))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
+		if err := coll.Healthy(); err != nil {
+			http.Error(w, err.Error(), http.StatusServiceUnavailable)
+			return
+		}
 		fmt.Fprintln(w, "ok")
 	})
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {

@@ -14,9 +14,6 @@ import (
 	"time"
 )
 
-// DefaultURL is kube-proxy's default metrics address.
-const DefaultURL = "http://127.0.0.1:10249"
-
 // timeout bounds one question; kube-proxy answers from memory.
 const timeout = time.Second
 

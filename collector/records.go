@@ -1,0 +1,437 @@
+package collector
+
+import (
+	"net/netip"
+	"slices"
+	"time"
+
+	"github.com/endpointlag/endpointlag/probes"
+)
+
+// record is one terminating endpoint's timeline.
+type record struct {
+	key   recordKey
+	pod   probes.PodRef
+	local bool
+	// notProxied: kube-proxy does not program the Service, so no dataplane stage is awaited.
+	notProxied bool
+	created    time.Time
+	// timeline is the pod's deletion timeline; nil for pods on other nodes.
+	timeline *podTimeline
+	stages   []stageEntry
+	// serving is the endpoint's serving condition when it turned terminating; fallback says
+	// where kube-proxy then kept routing to it for want of a ready endpoint (KEP-1669), and
+	// clusterEnded / localEnded when each of those fallbacks ended.
+	serving                  bool
+	fallback                 probes.Fallback
+	clusterEnded, localEnded time.Time
+	// awaits are the dataplane stages and paths this node's rules reached the endpoint on when
+	// the record started (or shortly before: orphans). An active dataplane stage with none, and
+	// not undetermined, does not apply on this node.
+	awaits []await
+	// undetermined are the dataplane stages whose probe had not read its rules yet when the
+	// record started; they are awaited until it has.
+	undetermined []probes.Stage
+}
+
+// await is one dataplane stage and path a record waits for, with the policy chains that reached
+// the endpoint on it.
+type await struct {
+	stage  probes.Stage
+	path   probes.Path
+	policy probes.Policy
+}
+
+type stageEntry struct {
+	stage     probes.Stage
+	source    string
+	path      probes.Path
+	at        time.Time
+	precision time.Duration
+	initial   bool
+	// relist: first seen on a re-read after a gap; fallback: a dataplane removal kube-proxy held
+	// back on purpose (KEP-1669). Neither is sampled as lag.
+	relist   bool
+	fallback bool
+	// progDone and propDone say the sample against each reference was taken (or, for relist
+	// and fallback entries, counted apart).
+	progDone, propDone bool
+}
+
+// podTimeline is a local pod's deletion: T0 and gone.
+type podTimeline struct {
+	pod     probes.PodRef
+	created time.Time
+	t0      time.Time
+	// t0Source is the probe that reported the deletion.
+	t0Source string
+	// t0Initial: the pod was already terminating when the daemon started, so T0 is unknown;
+	// t0Relist: its deletion was first seen on a relist, so T0 is only known within a gap.
+	t0Initial, t0Relist bool
+	t0API               time.Time
+	gone                time.Time
+	records             []recordKey
+	// addrs are the pod's IPs; lastConn is the last new client connection the packets probe
+	// reported an event for, conns the first connections it reported.
+	addrs       []netip.Addr
+	lastConn    time.Time
+	connSampled bool
+	conns       []conn
+}
+
+// record returns the record an endpoint observation belongs to, creating and starting it when
+// create is set. It returns nil when the record does not exist (and is not to be created) or the
+// cap is reached.
+func (c *Collector) record(o probes.Observation, create bool) *record {
+	k := recordKey{uid: o.Pod.UID, service: o.Service, endpoint: o.Endpoint}
+	if r, ok := c.records[k]; ok || !create {
+		return r
+	}
+	if len(c.records) >= c.opts.MaxRecords {
+		c.m.dropped.Inc()
+		return nil
+	}
+	now := c.clock.Now()
+	r := &record{key: k, pod: o.Pod, local: o.Local, notProxied: o.NotProxied, created: now, serving: o.Serving, fallback: o.Fallback}
+	if o.Local {
+		r.timeline = c.timeline(o.Pod, now)
+		if r.timeline != nil {
+			r.timeline.records = append(r.timeline.records, k)
+		}
+	}
+	c.records[k] = r
+	c.byEndpoint[k.endpoint] = append(c.byEndpoint[k.endpoint], k)
+	c.peak = max(c.peak, len(c.records))
+	c.queue = append(c.queue, queued{created: now, key: k})
+	c.awaitDataplane(r, o.Time)
+	if r.timeline != nil {
+		c.localChanged() // the pod's endpoints are known now
+	}
+	return r
+}
+
+// awaitDataplane asks each active dataplane probe whether this node's rules reach the endpoint
+// now, and takes the removals seen shortly before (orphans): the stage is awaited on those paths
+// only. A node-local Service's endpoint on another node, an endpoint topology routing keeps to
+// other zones, a pod that never turned ready: the rules never held them, and the stage does not
+// apply here.
+func (c *Collector) awaitDataplane(r *record, at time.Time) {
+	if r.notProxied {
+		return
+	}
+	for _, s := range c.opts.Stages {
+		if !s.Dataplane() || c.status[c.opts.StageProbe[s]].Inactive {
+			continue
+		}
+		dp := c.dataplanes[s]
+		if dp == nil {
+			// A probe that cannot say what it reaches: await the ClusterIP path.
+			r.awaits = append(r.awaits, await{stage: s, path: probes.PathCluster, policy: probes.Policy{Cluster: true}})
+			continue
+		}
+		reach, ok := dp.Reaches(r.key.service, r.key.endpoint)
+		if !ok {
+			r.undetermined = append(r.undetermined, s)
+			c.markUndetermined(s, r.key)
+			continue
+		}
+		for _, rc := range reach {
+			r.addAwait(await{stage: s, path: rc.Path, policy: rc.Policy})
+		}
+	}
+	for _, o := range c.orphans.take(r.key.endpoint, r.key.service, at) {
+		r.addAwait(await{stage: o.Stage, path: o.Path, policy: probes.Policy{Cluster: true}})
+		c.addStage(r, o)
+	}
+}
+
+func (c *Collector) markUndetermined(s probes.Stage, k recordKey) {
+	if c.undetermined[s] == nil {
+		c.undetermined[s] = map[recordKey]bool{}
+	}
+	c.undetermined[s][k] = true
+}
+
+// resolveUndetermined asks a probe that has now read its rules about the records that started
+// before it had: what it reaches is awaited, the rest does not apply (an inactive probe's stage
+// applies nowhere).
+func (c *Collector) resolveUndetermined(probe string, s probes.Status) {
+	for stage, keys := range c.undetermined {
+		if c.opts.StageProbe[stage] != probe || len(keys) == 0 {
+			continue
+		}
+		dp := c.dataplanes[stage]
+		for k := range keys {
+			r := c.records[k]
+			if r == nil {
+				continue
+			}
+			if !s.Inactive && dp != nil {
+				reach, ok := dp.Reaches(k.service, k.endpoint)
+				if !ok {
+					continue
+				}
+				for _, rc := range reach {
+					r.addAwait(await{stage: stage, path: rc.Path, policy: rc.Policy})
+				}
+			}
+			r.undetermined = slices.DeleteFunc(r.undetermined, func(x probes.Stage) bool { return x == stage })
+			delete(keys, k)
+		}
+	}
+}
+
+// addAwait adds an awaited path, merging policies when the path is already awaited.
+func (r *record) addAwait(a await) {
+	for i := range r.awaits {
+		if r.awaits[i].stage == a.stage && r.awaits[i].path == a.path {
+			p := r.awaits[i].policy
+			r.awaits[i].policy = probes.Policy{Cluster: p.Cluster || a.policy.Cluster, Local: p.Local || a.policy.Local}
+			return
+		}
+	}
+	r.awaits = append(r.awaits, a)
+}
+
+// awaiting tells whether r waits for stage on path (or cannot tell yet).
+func (r *record) awaiting(stage probes.Stage, path probes.Path) bool {
+	if slices.Contains(r.undetermined, stage) {
+		return true
+	}
+	for _, a := range r.awaits {
+		if a.stage == stage && a.path == path {
+			return true
+		}
+	}
+	return false
+}
+
+// heldAtStart tells whether kube-proxy kept routing to the endpoint on a path, for want of a
+// ready endpoint, when it turned terminating: a removal on that path is owed to the fallback
+// ending, not to sync lag.
+func (r *record) heldAtStart(a await) bool {
+	return (a.policy.Cluster && r.fallback.Cluster) || (a.policy.Local && r.fallback.Local)
+}
+
+// heldSince returns, for a path held by a fallback, when the fallback ended (zero: it holds on).
+func (r *record) heldSince(a await) (ended time.Time, held bool) {
+	if !r.heldAtStart(a) {
+		return time.Time{}, false
+	}
+	var cluster, local time.Time
+	if a.policy.Cluster && r.fallback.Cluster {
+		if cluster = r.clusterEnded; cluster.IsZero() {
+			return time.Time{}, true
+		}
+	}
+	if a.policy.Local && r.fallback.Local {
+		if local = r.localEnded; local.IsZero() {
+			return time.Time{}, true
+		}
+	}
+	if cluster.After(local) {
+		return cluster, true
+	}
+	return local, true
+}
+
+// fallbackEnded notes that kube-proxy's reason to keep routing to a terminating endpoint ended.
+func (c *Collector) fallbackEnded(o probes.Observation) {
+	r := c.record(o, false)
+	if r == nil {
+		return
+	}
+	if o.Fallback.Cluster && r.fallback.Cluster && r.clusterEnded.IsZero() {
+		r.clusterEnded = o.Time
+	}
+	if o.Fallback.Local && r.fallback.Local && r.localEnded.IsZero() {
+		r.localEnded = o.Time
+	}
+}
+
+// timeline returns the local pod's timeline, creating it; nil when the cap is reached.
+func (c *Collector) timeline(pod probes.PodRef, now time.Time) *podTimeline {
+	if t, ok := c.pods[pod.UID]; ok {
+		return t
+	}
+	if len(c.pods) >= c.opts.MaxRecords {
+		c.m.dropped.Inc()
+		return nil
+	}
+	t := &podTimeline{pod: pod, created: now}
+	c.pods[pod.UID] = t
+	c.queue = append(c.queue, queued{created: now, key: recordKey{uid: pod.UID}, pod: true})
+	return t
+}
+
+func (c *Collector) podDeleted(o probes.Observation) {
+	c.dropLive(o.Pod.UID)
+	t := c.timeline(o.Pod, c.clock.Now())
+	if t == nil || !t.t0.IsZero() {
+		return
+	}
+	t.t0, t.t0Source, t.t0Initial, t.t0Relist, t.t0API = o.Time, o.Source, o.Initial, o.Relist, o.APITime
+	c.setAddrs(t, o.Addrs)
+	c.localChanged()
+	// The endpoint's slice change seen before the pod's own event means that event was late: T0
+	// is no later than it. (Dataplane removals are no evidence: kube-proxy may have dropped the
+	// endpoint before the deletion, when its readiness failed.)
+	for _, k := range t.records {
+		if r := c.records[k]; r != nil {
+			for _, e := range r.stages {
+				if !e.initial && !e.relist && (e.stage == probes.StageEndpointSlice || e.stage == probes.StageEndpointSliceRemoved) && e.at.Before(t.t0) {
+					t.t0 = e.at
+				}
+			}
+		}
+	}
+	c.log.Debug("pod deleted", "pod", o.Pod, "uid", o.Pod.UID, "t0", t.t0, "t0_api", t.t0API, "initial", o.Initial, "relist", o.Relist)
+	for _, k := range t.records {
+		if r := c.records[k]; r != nil {
+			c.sample(r)
+		}
+	}
+}
+
+func (c *Collector) podGone(o probes.Observation) {
+	c.dropLive(o.Pod.UID)
+	if t := c.pods[o.Pod.UID]; t != nil && t.gone.IsZero() {
+		t.gone = o.Time
+		c.setAddrs(t, o.Addrs)
+		c.localChanged()
+		c.log.Debug("pod gone", "pod", o.Pod, "uid", o.Pod.UID)
+	}
+}
+
+// endpointRemoved records a removal stage. An endpoint that left its slice without being seen
+// terminating is tracked only when it belongs to a local pod known to be deleting: then the
+// removal is also its endpointslice stage. Other removals (a Service deleted, a selector changed)
+// are not terminations.
+func (c *Collector) endpointRemoved(o probes.Observation) {
+	if o.Pod.UID == "" {
+		c.dataplaneRemoved(o)
+		return
+	}
+	r := c.record(o, false)
+	if r == nil {
+		t := c.pods[o.Pod.UID]
+		if !o.Local || o.Stage != probes.StageEndpointSliceRemoved || t == nil || t.t0.IsZero() {
+			return
+		}
+		slice := o
+		slice.Stage = probes.StageEndpointSlice
+		if r = c.record(slice, true); r == nil {
+			return
+		}
+		c.addStage(r, slice)
+	}
+	c.addStage(r, o)
+}
+
+// addStage keeps the first observation of each (stage, source, path) and samples what can be
+// sampled.
+func (c *Collector) addStage(r *record, o probes.Observation) {
+	for _, e := range r.stages {
+		if e.stage == o.Stage && e.source == o.Source && e.path == o.Path {
+			return
+		}
+	}
+	e := stageEntry{stage: o.Stage, source: o.Source, path: o.Path, at: o.Time, precision: o.Precision, initial: o.Initial, relist: o.Relist}
+	if o.Stage.Dataplane() {
+		for _, a := range r.awaits {
+			if a.stage == o.Stage && a.path == o.Path && r.heldAtStart(a) {
+				e.fallback = true
+			}
+		}
+	}
+	r.stages = append(r.stages, e)
+	c.log.Debug("stage", "stage", o.Stage, "path", o.Path, "pod", r.pod, "service", r.key.service, "endpoint", r.key.endpoint,
+		"initial", o.Initial, "relist", o.Relist, "fallback", e.fallback)
+	c.sample(r)
+}
+
+// arrived tells whether stage was seen on path.
+func (r *record) arrived(stage probes.Stage, path probes.Path) bool {
+	for _, e := range r.stages {
+		if e.stage == stage && e.path == path {
+			return true
+		}
+	}
+	return false
+}
+
+// stage returns the first entry of stage s, or nil.
+func (r *record) stage(s probes.Stage) *stageEntry {
+	for i := range r.stages {
+		if r.stages[i].stage == s {
+			return &r.stages[i]
+		}
+	}
+	return nil
+}
+
+// pendingStages are the stages r still waits for. Records of endpoints that were never seen
+// terminating wait for nothing; a dataplane stage is pending only on a path the rules reached
+// the endpoint on, not while kube-proxy holds it back on purpose (KEP-1669), and not while its
+// probe is inactive.
+func (c *Collector) pendingStages(r *record) []probes.Stage {
+	out, _ := c.pending(r)
+	return out
+}
+
+// pending returns the stages r waits for and, for each, since when: the slice change, or the
+// end of the fallback that held it.
+func (c *Collector) pending(r *record) ([]probes.Stage, []time.Time) {
+	slice := r.stage(probes.StageEndpointSlice)
+	if slice == nil {
+		return nil, nil
+	}
+	var (
+		out   []probes.Stage
+		since []time.Time
+	)
+	add := func(s probes.Stage, t time.Time) {
+		if i := slices.Index(out, s); i >= 0 {
+			since[i] = minTime(since[i], t)
+			return
+		}
+		out, since = append(out, s), append(since, t)
+	}
+	for _, s := range c.opts.Stages {
+		if c.status[c.opts.StageProbe[s]].Inactive {
+			continue
+		}
+		if !s.Dataplane() {
+			if r.stage(s) == nil {
+				add(s, slice.at)
+			}
+			continue
+		}
+		if r.notProxied {
+			continue
+		}
+		if slices.Contains(r.undetermined, s) {
+			add(s, slice.at)
+		}
+		for _, a := range r.awaits {
+			if a.stage != s || r.arrived(s, a.path) {
+				continue
+			}
+			ended, held := r.heldSince(a)
+			switch {
+			case !held:
+				add(s, slice.at)
+			case !ended.IsZero():
+				add(s, ended)
+			}
+		}
+	}
+	return out, since
+}
+
+func minTime(a, b time.Time) time.Time {
+	if b.Before(a) {
+		return b
+	}
+	return a
+}
