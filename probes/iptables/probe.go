@@ -75,8 +75,10 @@ type Probe struct {
 
 	mu sync.Mutex
 	// state is what the rules do now, per Service (or service chain) and path; nil until the rules
-	// were read. Read by Snapshot and Reaches.
+	// were read. Read by Snapshot and Reaches. It outlives a run: a run started again after a
+	// failure reports what went meanwhile, as a relist since last, when the last run last read.
 	state *rulegraph.State
+	last  time.Time
 	reads int
 }
 
@@ -240,6 +242,20 @@ type seen struct {
 	relist bool
 }
 
+// restarted says when the first read of a run happened: for the first run nothing is reported
+// (what the rules held at start is no change); for a run started again, what went since the last
+// run stopped is, as a relist.
+func (p *Probe) restarted(g *rulegraph.Graph) seen {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.state == nil {
+		return seen{}
+	}
+	g.Compare(p.state)
+	now := p.clock.Now()
+	return seen{time: now, precision: now.Sub(p.last), relist: true}
+}
+
 func (p *Probe) runNFT(ctx context.Context, a *activity) error {
 	sink := a.sink
 	mon, err := nfmon.OpenRaw(p.nsfd)
@@ -257,10 +273,11 @@ func (p *Probe) runNFT(ctx context.Context, a *activity) error {
 	if err := rd.resync(conn); err != nil {
 		sink.Error(Name, err)
 	}
-	p.publish(rd, sink, seen{})
+	p.publish(rd, sink, p.restarted(rd.g))
 	a.report(ctx, rd)
 	// last is when the last generation was read: messages lost after it make a gap that long.
 	last := p.clock.Now()
+	defer func() { p.mu.Lock(); p.last = last; p.mu.Unlock() }()
 	// touched tells whether the parts of the generation applied so far changed the nat tables.
 	touched := false
 	for {
@@ -324,8 +341,9 @@ func (p *Probe) runLegacy(ctx context.Context, a *activity) error {
 	if err := rd.poll(ctx, p.run); err != nil {
 		sink.Error(Name, err)
 	}
-	p.publish(rd, sink, seen{})
+	p.publish(rd, sink, p.restarted(rd.g))
 	a.report(ctx, rd)
+	defer func() { p.mu.Lock(); p.last = p.clock.Now(); p.mu.Unlock() }()
 	for {
 		select {
 		case <-ctx.Done():

@@ -60,8 +60,10 @@ type Probe struct {
 
 	mu sync.Mutex
 	// state is what the rules do now, per Service and path; nil until the rules were read. Read by
-	// Snapshot and Reaches.
+	// Snapshot and Reaches. It outlives a run: a run started again after a failure reports what
+	// went meanwhile, as a relist since last, the time the last run last read a generation.
 	state *rulegraph.State
+	last  time.Time
 	// generations counts the change batches handled, setReads the sets read back over netlink.
 	generations atomic.Int64
 	setReads    atomic.Int64
@@ -130,7 +132,7 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 	if readErr != nil {
 		sink.Error(Name, readErr)
 	}
-	p.publish(rd, sink, seen{})
+	p.publish(rd, sink, p.restarted(rd.g))
 	found := rd.found
 	active := p.active(ctx, found)
 	// A failed first read (no CAP_NET_ADMIN, say) leaves the probe down; the next change retries.
@@ -138,6 +140,7 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 	p.log.Info("synced", "services", p.services(), "kube-proxy table", found, "active", active)
 	// last is when the last generation was read: messages lost after it make a gap that long.
 	last := p.clock.Now()
+	defer func() { p.mu.Lock(); p.last = last; p.mu.Unlock() }()
 	// pending are the parts of a large generation received so far.
 	var pending []nfmon.RawChange
 	for {
@@ -194,6 +197,20 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 			p.generations.Add(1)
 		}
 	}
+}
+
+// restarted says when the first read of a run happened: for the first run nothing is reported
+// (what the rules held at start is no change); for a run started again, what went since the last
+// run stopped is, as a relist.
+func (p *Probe) restarted(g *rulegraph.Graph) seen {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.state == nil {
+		return seen{}
+	}
+	g.Compare(p.state)
+	now := p.clock.Now()
+	return seen{time: now, precision: now.Sub(p.last), relist: true}
 }
 
 // active decides whether the node runs kube-proxy in nftables mode: its table exists (no other mode

@@ -254,3 +254,26 @@ func TestPanicWhileDecodingIsRecovered(t *testing.T) {
 		t.Errorf("errors %v, want one panic", errs)
 	}
 }
+
+// A run started again after a failure (the daemon restarts a failed probe) reports what went
+// while no run was looking, as a relist with the gap as its precision.
+func TestRestartReportsWhatWentMeanwhile(t *testing.T) {
+	ns, fd := probetest.Netns(t, nsPrefix+"restart-", "nft")
+	nft(t, ns, "kube-proxy.nft")
+	p := NewInNamespace(int(fd.Fd()), clock.RealClock{}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	rec, stop := probetest.Run(t, p)
+	rec.Wait(t, "sync", rec.Synced)
+	stop()
+	nft(t, ns, "remove-web-endpoint.nft")
+	rec, _ = probetest.Run(t, p)
+	want := []string{"shop/web cluster 10.244.1.4:8080/TCP", "shop/web external 10.244.1.4:8080/TCP"}
+	rec.Wait(t, "the removal", func() bool { return len(removed(rec)) >= len(want) })
+	if got := removed(rec); !slices.Equal(got, want) {
+		t.Errorf("removals:\n got %q\nwant %q", got, want)
+	}
+	for _, o := range rec.Observations() {
+		if !o.Relist || o.Precision <= 0 {
+			t.Errorf("a removal found by a new run is not flagged as a relist: %+v", o)
+		}
+	}
+}

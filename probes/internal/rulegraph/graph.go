@@ -107,6 +107,14 @@ func (g *Graph) Reset() {
 	g.changed = changed
 }
 
+// Compare makes the next Publish compare every group state holds with what the graph reaches
+// then: a graph built anew (a probe started again) reports what went while it was not looking.
+func (g *Graph) Compare(state *State) {
+	for k := range state.groups {
+		g.changed[k] = true
+	}
+}
+
 // SetChain records what a chain does now (nil: it is gone) and marks the roots reaching it.
 func (g *Graph) SetChain(k Key, c *Chain) {
 	old, had := g.chains[k]
