@@ -19,13 +19,13 @@ type TerminatingEndpoint struct {
 // Terminating returns the endpoints that the slices list as terminating, merged per Service the
 // way the probe merges them, sorted by Service and endpoint, with the input errors found.
 func Terminating(slices []discoveryv1.EndpointSlice) ([]TerminatingEndpoint, []error) {
-	t := newSliceTracker()
+	t := newSliceTracker("")
 	var errs []error
 	for i := range slices {
 		s := &slices[i]
 		entry, perrs := parseSlice(s)
 		errs = append(errs, perrs...)
-		t.apply(s.Namespace+"/"+s.Name, entry)
+		t.apply(s.Namespace+"/"+s.Name, entry, event{})
 	}
 	var out []TerminatingEndpoint
 	seen := map[change]bool{}

@@ -9,13 +9,17 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"slices"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
-	"k8s.io/client-go/informers"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/utils/clock"
@@ -45,6 +49,8 @@ type Probe struct {
 	node   string
 	clock  clock.PassiveClock
 	log    *slog.Logger
+	// sliceEvents counts the slice events handled (tests wait on it).
+	sliceEvents atomic.Int64
 }
 
 // New returns the probe for node.
@@ -63,18 +69,35 @@ func (p *Probe) Name() string { return Name }
 
 // Run implements probes.Probe. Informers retry with backoff while the API server is unreachable;
 // every failed list or watch is reported to the sink, and the probe counts as up again at the
-// next event it receives.
+// next event it receives. What an informer first sees on a relist after its watch broke is
+// flagged as such (Observation.Relist), with the gap as precision.
 func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 	sink.SetStatus(Name, probes.Status{})
-	slices := &sliceHandler{probe: p, sink: sink, tracker: newSliceTracker(), reported: map[string]string{}}
-	pods := &podHandler{probe: p, sink: sink, deleted: map[string]bool{}}
+	sliceRelists, podRelists := newRelists(p.clock), newRelists(p.clock)
+	slices := &sliceHandler{probe: p, sink: sink, tracker: newSliceTracker(p.node), reported: map[string]string{}, relists: sliceRelists}
+	pods := &podHandler{probe: p, sink: sink, deleted: map[string]bool{}, live: map[string][]netip.Addr{}, relists: podRelists}
 
-	all := informers.NewSharedInformerFactory(p.client, 0)
-	sliceInf := all.Discovery().V1().EndpointSlices().Informer()
-	local := informers.NewSharedInformerFactoryWithOptions(p.client, 0, informers.WithTweakListOptions(func(o *metav1.ListOptions) {
-		o.FieldSelector = fields.OneTermEqualSelector("spec.nodeName", p.node).String()
-	}))
-	podInf := local.Core().V1().Pods().Informer()
+	sliceLW := &cache.ListWatch{
+		ListWithContextFunc: func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
+			return p.client.DiscoveryV1().EndpointSlices(metav1.NamespaceAll).List(ctx, o)
+		},
+		WatchFuncWithContext: func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) {
+			return p.client.DiscoveryV1().EndpointSlices(metav1.NamespaceAll).Watch(ctx, o)
+		},
+	}
+	onNode := fields.OneTermEqualSelector("spec.nodeName", p.node).String()
+	podLW := &cache.ListWatch{
+		ListWithContextFunc: func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
+			o.FieldSelector = onNode
+			return p.client.CoreV1().Pods(metav1.NamespaceAll).List(ctx, o)
+		},
+		WatchFuncWithContext: func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) {
+			o.FieldSelector = onNode
+			return p.client.CoreV1().Pods(metav1.NamespaceAll).Watch(ctx, o)
+		},
+	}
+	sliceInf := cache.NewSharedIndexInformer(sliceRelists.wrap(sliceLW, p.client), &discoveryv1.EndpointSlice{}, 0, cache.Indexers{})
+	podInf := cache.NewSharedIndexInformer(podRelists.wrap(podLW, p.client), &corev1.Pod{}, 0, cache.Indexers{})
 
 	var synced []cache.InformerSynced
 	for _, h := range []struct {
@@ -98,10 +121,14 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 		}
 		synced = append(synced, reg.HasSynced)
 	}
-	all.Start(ctx.Done())
-	local.Start(ctx.Done())
-	defer all.Shutdown()
-	defer local.Shutdown()
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	runCtx, stop := context.WithCancel(ctx)
+	defer stop()
+	for _, inf := range []cache.SharedIndexInformer{sliceInf, podInf} {
+		wg.Go(func() { inf.RunWithContext(runCtx) })
+	}
+	wg.Go(func() { slices.settle(runCtx) })
 
 	p.log.Info("waiting for informers to sync", "node", p.node)
 	if !p.waitForSync(ctx, sink, synced) {
@@ -144,10 +171,13 @@ func stripManagedFields(obj any) (any, error) {
 	return obj, nil
 }
 
-// sliceHandler runs on the slice informer's single handler goroutine.
+// sliceHandler runs on the slice informer's single handler goroutine; its removals are reported
+// by settle, on another, hence the lock around the tracker.
 type sliceHandler struct {
 	probe   *Probe
 	sink    probes.Sink
+	relists *relists
+	mu      sync.Mutex
 	tracker *sliceTracker
 	// reported remembers the input errors already reported per slice, so that a bad slice is
 	// reported when it turns bad, not at every update.
@@ -159,7 +189,10 @@ func (h *sliceHandler) update(_, obj any)         { h.apply(obj, false, false) }
 func (h *sliceHandler) delete(obj any)            { h.apply(obj, true, false) }
 
 func (h *sliceHandler) apply(obj any, deleted, initial bool) {
-	now := h.probe.clock.Now()
+	ev := event{at: h.probe.clock.Now(), initial: initial}
+	if relist, gap := h.relists.seen(obj); relist && !initial {
+		ev.relist, ev.precision = true, gap
+	}
 	if tomb, ok := obj.(cache.DeletedFinalStateUnknown); ok {
 		obj, deleted = tomb.Obj, true
 	}
@@ -178,17 +211,46 @@ func (h *sliceHandler) apply(obj any, deleted, initial bool) {
 	} else {
 		delete(h.reported, key)
 	}
-	for _, c := range h.tracker.apply(key, entry) {
+	h.mu.Lock()
+	changes := h.tracker.apply(key, entry, ev)
+	h.mu.Unlock()
+	h.observe(changes)
+	h.probe.sliceEvents.Add(1)
+}
+
+// settle reports the removals that waited long enough to be sure, until ctx is done.
+func (h *sliceHandler) settle(ctx context.Context) {
+	t := time.NewTicker(RemovalSettle / 5)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			h.mu.Lock()
+			changes := h.tracker.flush(h.probe.clock.Now())
+			h.mu.Unlock()
+			h.observe(changes)
+		}
+	}
+}
+
+func (h *sliceHandler) observe(changes []change) {
+	for _, c := range changes {
 		h.sink.Observe(probes.Observation{
 			Stage:      c.stage,
-			Time:       now,
+			Time:       c.at,
+			Precision:  c.precision,
 			Source:     Name,
 			Pod:        c.info.pod,
 			Service:    c.service,
 			Endpoint:   c.key.endpoint,
 			Local:      c.info.node == h.probe.node,
 			NotProxied: c.notProxied,
-			Initial:    initial,
+			Initial:    c.initial,
+			Relist:     c.relist,
+			Serving:    c.info.serving,
+			Fallback:   c.fallback,
 		})
 	}
 }
@@ -213,26 +275,63 @@ func (h *sliceHandler) report(key string, errs []error) {
 
 // podHandler runs on the pod informer's single handler goroutine.
 type podHandler struct {
-	probe *Probe
-	sink  probes.Sink
-	// deleted holds the UIDs whose deletion was reported; bounded by this node's pods.
+	probe   *Probe
+	sink    probes.Sink
+	relists *relists
+	// deleted holds the UIDs whose deletion was reported; live the addresses each live pod was
+	// last reported to hold. Both are bounded by this node's pods.
 	deleted map[string]bool
+	live    map[string][]netip.Addr
 }
 
 func (h *podHandler) add(obj any, initial bool) { h.seen(obj, initial) }
 func (h *podHandler) update(_, obj any)         { h.seen(obj, false) }
 
 func (h *podHandler) seen(obj any, initial bool) {
+	relist, gap := h.relists.seen(obj)
 	pod, ok := h.pod(obj)
-	if !ok || pod.DeletionTimestamp == nil || h.deleted[string(pod.UID)] {
+	if !ok {
 		return
 	}
-	h.deleted[string(pod.UID)] = true
-	h.sink.Observe(deletedObservation(pod, h.probe.clock.Now(), initial))
+	uid := string(pod.UID)
+	if pod.DeletionTimestamp == nil {
+		h.liveAddrs(pod)
+		return
+	}
+	if h.deleted[uid] {
+		return
+	}
+	h.deleted[uid] = true
+	delete(h.live, uid)
+	o := deletedObservation(pod, h.probe.clock.Now(), initial)
+	if relist && !initial {
+		o.Relist, o.Precision = true, gap
+	}
+	h.sink.Observe(o)
+}
+
+// liveAddrs reports the addresses a live pod holds when they change: a running pod's, none for
+// one that completed or failed (its sandbox, and so its address, is gone).
+func (h *podHandler) liveAddrs(pod *corev1.Pod) {
+	uid := string(pod.UID)
+	var addrs []netip.Addr
+	if !terminal(pod) {
+		addrs = podAddrs(pod)
+	}
+	if slices.Equal(addrs, h.live[uid]) {
+		return
+	}
+	if len(addrs) == 0 {
+		delete(h.live, uid)
+	} else {
+		h.live[uid] = addrs
+	}
+	h.sink.Observe(probes.Observation{Stage: probes.StagePodAddresses, Time: h.probe.clock.Now(), Source: Name, Pod: podRef(pod), Local: true, Addrs: addrs})
 }
 
 func (h *podHandler) delete(obj any) {
 	now := h.probe.clock.Now()
+	relist, gap := h.relists.seen(obj)
 	if tomb, ok := obj.(cache.DeletedFinalStateUnknown); ok {
 		obj = tomb.Obj
 	}
@@ -240,11 +339,17 @@ func (h *podHandler) delete(obj any) {
 	if !ok {
 		return
 	}
-	if !h.deleted[string(pod.UID)] {
-		h.sink.Observe(deletedObservation(pod, now, false))
+	uid := string(pod.UID)
+	if !h.deleted[uid] {
+		o := deletedObservation(pod, now, false)
+		o.Relist, o.Precision = relist, gap
+		h.sink.Observe(o)
 	}
-	delete(h.deleted, string(pod.UID))
-	h.sink.Observe(probes.Observation{Stage: probes.StageGone, Time: now, Source: Name, Pod: podRef(pod), Local: true, Addrs: podAddrs(pod)})
+	delete(h.deleted, uid)
+	delete(h.live, uid)
+	gone := probes.Observation{Stage: probes.StageGone, Time: now, Source: Name, Pod: podRef(pod), Local: true, Addrs: deletingAddrs(pod)}
+	gone.Relist, gone.Precision = relist, gap
+	h.sink.Observe(gone)
 }
 
 // pod unpacks an informer object and keeps only pods of this node; the field selector already
@@ -268,8 +373,23 @@ func deletedObservation(pod *corev1.Pod, now time.Time, initial bool) probes.Obs
 		Local:   true,
 		Initial: initial,
 		APITime: APIDeletionTime(pod),
-		Addrs:   podAddrs(pod),
+		Addrs:   deletingAddrs(pod),
 	}
+}
+
+// terminal tells a pod whose containers have all ended for good (a Job's completed pod, an
+// evicted one): its network is gone, though its status keeps the address.
+func terminal(pod *corev1.Pod) bool {
+	return pod.Status.Phase == corev1.PodSucceeded || pod.Status.Phase == corev1.PodFailed
+}
+
+// deletingAddrs are the addresses whose traffic counts against a deleting pod: none once it is in
+// a terminal phase, as its CNI released them and another pod may hold them by now.
+func deletingAddrs(pod *corev1.Pod) []netip.Addr {
+	if terminal(pod) {
+		return nil
+	}
+	return podAddrs(pod)
 }
 
 // podAddrs are the pod's IPs (status.podIPs), without host-network pods' node addresses.

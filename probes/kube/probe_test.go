@@ -45,6 +45,7 @@ var start = time.Date(2026, 11, 26, 12, 0, 0, 0, time.UTC)
 // read back as a scrape reads them.
 type harness struct {
 	t      *testing.T
+	probe  *kube.Probe
 	ctx    context.Context
 	client *fake.Clientset
 	clock  *clocktesting.FakeClock
@@ -77,6 +78,7 @@ func newHarnessWithClient(t *testing.T, client *fake.Clientset) *harness {
 	if err != nil {
 		t.Fatal(err)
 	}
+	h.probe = p
 	var wg sync.WaitGroup
 	wg.Go(func() {
 		if err := p.Run(ctx, h.coll); err != nil {
@@ -170,11 +172,21 @@ func (h *harness) expectHist(name string, stage probes.Stage, count uint64, sum 
 	}
 }
 
+// settle lets the removals seen so far be reported: they wait kube.RemovalSettle on the probe's
+// clock, in case the endpoint only moves to another slice.
+func (h *harness) settle() {
+	h.clock.Step(kube.RemovalSettle)
+}
+
+// updateSlice updates a slice and waits until the probe has handled the update, so that the
+// clock moves on only after the probe saw it.
 func (h *harness) updateSlice(s *discoveryv1.EndpointSlice) {
 	h.t.Helper()
+	n := kube.SliceEvents(h.probe)
 	if _, err := h.client.DiscoveryV1().EndpointSlices(s.Namespace).Update(h.ctx, s, metav1.UpdateOptions{}); err != nil {
 		h.t.Fatal(err)
 	}
+	h.eventually("the probe to handle the slice update", func() bool { return kube.SliceEvents(h.probe) > n })
 }
 
 // deletePod does what the API server does on a graceful delete: it sets the deletionTimestamp.
@@ -192,7 +204,7 @@ func pod(name, uid, nodeName, ip string) *corev1.Pod {
 	return &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name, UID: types.UID(uid)},
 		Spec:       corev1.PodSpec{NodeName: nodeName},
-		Status:     corev1.PodStatus{PodIP: ip},
+		Status:     corev1.PodStatus{PodIP: ip, PodIPs: []corev1.PodIP{{IP: ip}}},
 	}
 }
 
@@ -246,6 +258,8 @@ func TestDeletionTimeline(t *testing.T) {
 
 	h.clock.Step(1500 * time.Millisecond)
 	h.updateSlice(slice("web-abc", "web", ep{remote, "ready"}))
+	h.waitValue(1, "endpointlag_tracked_records")
+	h.settle()
 	h.waitHist(1, prop, probes.StageEndpointSliceRemoved)
 	h.expectHist(prop, probes.StageEndpointSliceRemoved, 1, 1.540)
 	h.expectHist(prog, probes.StageEndpointSliceRemoved, 1, 1.500)
@@ -256,6 +270,7 @@ func TestDeletionTimeline(t *testing.T) {
 	h.waitValue(2, "endpointlag_tracked_records")
 	h.clock.Step(300 * time.Millisecond)
 	h.updateSlice(slice("web-abc", "web"))
+	h.settle()
 	h.waitHist(2, prog, probes.StageEndpointSliceRemoved)
 	h.expectHist(prog, probes.StageEndpointSliceRemoved, 2, 1.800)
 	h.expectHist(prop, probes.StageEndpointSlice, 1, 0.040)
@@ -299,6 +314,7 @@ func TestPodRecreatedWithSameIP(t *testing.T) {
 	}
 	h.clock.Step(990 * time.Millisecond)
 	h.updateSlice(slice("db-x", "db", ep{next, "ready"}))
+	h.settle()
 	h.waitHist(1, prop, probes.StageEndpointSliceRemoved)
 	h.expectHist(prop, probes.StageEndpointSliceRemoved, 1, 1.0)
 	if got := h.value("endpointlag_pending_endpoints", "stage", "endpointslice_removed"); got != 0 {
@@ -339,6 +355,7 @@ func TestEndpointSpreadOverSlices(t *testing.T) {
 		t.Fatal("the endpoint counted as removed while another slice of its Service lists it")
 	}
 	h.updateSlice(slice("web-2", "web", ep{b, "ready"}))
+	h.settle()
 	h.waitHist(1, prog, probes.StageEndpointSliceRemoved)
 	h.expectHist(prog, probes.StageEndpointSliceRemoved, 1, 0.2)
 }
@@ -353,9 +370,12 @@ func TestServiceDeletedWhileTerminating(t *testing.T) {
 	h.updateSlice(slice("web-1", "web", ep{a, "terminating"}, ep{b, "ready"}))
 	h.waitHist(1, prop, probes.StageEndpointSlice)
 	h.clock.Step(250 * time.Millisecond)
+	n := kube.SliceEvents(h.probe)
 	if err := h.client.DiscoveryV1().EndpointSlices(ns).Delete(h.ctx, "web-1", metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
+	h.eventually("the probe to handle the slice's deletion", func() bool { return kube.SliceEvents(h.probe) > n })
+	h.settle()
 	h.waitHist(1, prog, probes.StageEndpointSliceRemoved)
 	h.expectHist(prog, probes.StageEndpointSliceRemoved, 1, 0.25)
 	if got := h.value("endpointlag_tracked_records"); got != 1 {
@@ -368,6 +388,7 @@ func TestServiceDeletedWhileTerminating(t *testing.T) {
 
 // The watch expires (410 Gone) and the informer lists again: what changed meanwhile is seen once,
 // what did not change is not seen again, and a slice that vanished meanwhile counts as removed.
+// What the relist found is flagged as such, with the gap as its precision, and not sampled as lag.
 func TestInformerRelist(t *testing.T) {
 	a := pod("web-a", "uid-a", other, "10.244.2.1")
 	b := pod("web-b", "uid-b", other, "10.244.2.2")
@@ -426,10 +447,25 @@ func TestInformerRelist(t *testing.T) {
 	}
 	expire()
 	h.waitValue(2, "endpointlag_tracked_records")
-	h.waitHist(1, prog, probes.StageEndpointSliceRemoved)
-	h.expectHist(prog, probes.StageEndpointSliceRemoved, 1, 2)
+	h.eventually("the relisted removal", func() bool {
+		h.settle()
+		return h.value("endpointlag_unsampled_total", "stage", "endpointslice_removed", "reason", "relist") == 1
+	})
+	if n, _ := h.hist(prog, probes.StageEndpointSliceRemoved); n != 0 {
+		t.Errorf("a removal first seen on a relist was sampled as lag")
+	}
 	if got := h.value("endpointlag_pending_endpoints", "stage", "endpointslice_removed"); got != 1 {
 		t.Errorf("pending = %g, want 1 (b)", got)
+	}
+	for _, r := range h.coll.Records() {
+		for _, s := range r.Stages {
+			if s.Stage == string(probes.StageEndpointSlice) && !s.Relist {
+				t.Errorf("%s: its turning terminating during the gap is not flagged as relisted: %+v", r.Pod.Name, s)
+			}
+			if s.Stage == string(probes.StageEndpointSliceRemoved) && (!s.Relist || s.Precision < 2) {
+				t.Errorf("%s: its removal during a gap of 2 s or more is not flagged with it: %+v", r.Pod.Name, s)
+			}
+		}
 	}
 }
 
@@ -450,6 +486,7 @@ func TestSliceUpdateBeforePodUpdate(t *testing.T) {
 	h.expectHist(prop, probes.StageEndpointSlice, 1, 0)
 	h.clock.Step(time.Second)
 	h.updateSlice(slice("web-1", "web", ep{b, "ready"}))
+	h.settle()
 	h.waitHist(1, prop, probes.StageEndpointSliceRemoved)
 	h.expectHist(prop, probes.StageEndpointSliceRemoved, 1, 1.02)
 	h.expectHist(prog, probes.StageEndpointSliceRemoved, 1, 1.02)
@@ -500,6 +537,7 @@ func TestStartupStateIsNotMeasured(t *testing.T) {
 	h.waitValue(1, "endpointlag_tracked_records")
 	h.clock.Step(time.Second)
 	h.updateSlice(slice("web-1", "web"))
+	h.settle()
 	h.eventually("removal", func() bool {
 		r := h.coll.Records()
 		return len(r) == 1 && r[0].Pending == nil
@@ -528,7 +566,105 @@ func TestForceDeletedPod(t *testing.T) {
 	h.waitValue(1, "endpointlag_tracked_pods")
 	h.clock.Step(60 * time.Millisecond)
 	h.updateSlice(slice("web-1", "web", ep{b, "ready"}))
+	h.settle()
 	h.waitHist(1, prop, probes.StageEndpointSliceRemoved)
 	h.expectHist(prop, probes.StageEndpointSliceRemoved, 1, 0.06)
 	h.expectHist(prop, probes.StageEndpointSlice, 1, 0.06)
+}
+
+// The controller moves a terminating endpoint to another slice in two updates, and the one that
+// drops it from the old slice arrives first: no removal is reported, whichever order.
+func TestEndpointMovedOldSliceFirst(t *testing.T) {
+	a := pod("web-a", "uid-a", other, "10.244.2.1")
+	b := pod("web-b", "uid-b", other, "10.244.2.2")
+	h := newHarness(t, a, b, slice("web-1", "web", ep{a, "ready"}), slice("web-2", "web", ep{b, "ready"}))
+	h.updateSlice(slice("web-1", "web", ep{a, "terminating"}))
+	h.waitValue(1, "endpointlag_tracked_records")
+	h.clock.Step(100 * time.Millisecond)
+	h.updateSlice(slice("web-1", "web"))
+	h.clock.Step(10 * time.Millisecond)
+	h.updateSlice(slice("web-2", "web", ep{b, "ready"}, ep{a, "terminating"}))
+	h.settle()
+	time.Sleep(3 * kube.RemovalSettle / 5) // two of the settling loop's rounds
+	if n, _ := h.hist(prog, probes.StageEndpointSliceRemoved); n != 0 {
+		t.Fatal("a move between slices counted as a removal")
+	}
+	h.updateSlice(slice("web-2", "web", ep{b, "ready"}))
+	h.settle()
+	h.waitHist(1, prog, probes.StageEndpointSliceRemoved)
+	h.expectHist(prog, probes.StageEndpointSliceRemoved, 1, 1.11)
+}
+
+// KEP-1669: the only endpoint of a Service turns terminating while serving: its record says
+// kube-proxy falls back to it, and when the replacement turns ready the fallback ends.
+func TestServingFallback(t *testing.T) {
+	a := pod("solo-a", "uid-a", node, "10.244.1.1")
+	b := pod("solo-b", "uid-b", node, "10.244.1.2")
+	h := newHarness(t, a, slice("solo-1", "solo", ep{a, "ready"}))
+	h.deletePod(a)
+	terminatingServing := slice("solo-1", "solo", ep{a, "terminating"})
+	notReady := slice("solo-1", "solo", ep{a, "terminating"}, ep{b, "ready"})
+	notReady.Endpoints[1].Conditions.Ready = ptr.To(false)
+	terminatingServing.Endpoints = append(terminatingServing.Endpoints, notReady.Endpoints[1])
+	h.updateSlice(terminatingServing)
+	h.waitValue(1, "endpointlag_tracked_records")
+	r := h.coll.Records()[0]
+	if !r.Serving || r.Fallback == nil || !r.Fallback.Cluster || !r.Fallback.Local {
+		t.Fatalf("record %+v: want serving, held by both fallbacks", r)
+	}
+	h.clock.Step(2 * time.Second)
+	h.updateSlice(slice("solo-1", "solo", ep{a, "terminating"}, ep{b, "ready"}))
+	h.eventually("the fallback's end", func() bool {
+		for _, s := range h.coll.Records()[0].Stages {
+			if s.Stage == string(probes.StageFallbackEnded) {
+				return s.Time.Equal(start.Add(2 * time.Second))
+			}
+		}
+		return false
+	})
+}
+
+// A completed pod (a Job's, phase Succeeded) keeps its address in its status after its CNI freed
+// it; when it is deleted, its address is not watched; a live pod's address is reported, and one
+// that completes reports none.
+func TestCompletedPodsAndLiveAddresses(t *testing.T) {
+	done := pod("job-1", "uid-job", node, "10.244.1.7")
+	done.Status.Phase = corev1.PodSucceeded
+	live := pod("web-1", "uid-web", node, "10.244.1.8")
+	live.Status.Phase = corev1.PodRunning
+	h := newHarness(t, done, live)
+	notify := make(chan struct{}, 1)
+	h.coll.NotifyLocalPods(notify)
+	h.deletePod(done)
+	h.waitValue(1, "endpointlag_tracked_pods")
+	if got := h.coll.LocalPods(); len(got) != 0 {
+		t.Errorf("LocalPods = %+v: a completed pod's address is watched", got)
+	}
+	// The live pod completes: it holds no address any more; deleting it watches none.
+	live = live.DeepCopy()
+	live.Status.Phase = corev1.PodSucceeded
+	if _, err := h.client.CoreV1().Pods(ns).UpdateStatus(h.ctx, live, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	h.deletePod(live)
+	h.waitValue(2, "endpointlag_tracked_pods")
+	if got := h.coll.LocalPods(); len(got) != 0 {
+		t.Errorf("LocalPods = %+v, want none", got)
+	}
+}
+
+// A new pod of this node that takes a deleted pod's address takes it out of the deleted pod's
+// watched addresses at once (host-local IPAM wraps quickly; some CNIs reuse after 30 s).
+func TestReusedAddressLeavesTheDeletedPod(t *testing.T) {
+	old := pod("web-old", "uid-old", node, "10.244.1.9")
+	old.Status.Phase = corev1.PodRunning
+	h := newHarness(t, old)
+	h.deletePod(old)
+	h.eventually("the deleted pod's address watched", func() bool { return len(h.coll.LocalPods()) == 1 })
+	next := pod("web-new", "uid-new", node, "10.244.1.9")
+	next.Status.Phase = corev1.PodRunning
+	if _, err := h.client.CoreV1().Pods(ns).Create(h.ctx, next, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	h.eventually("the address to leave the deleted pod", func() bool { return len(h.coll.LocalPods()) == 0 })
 }

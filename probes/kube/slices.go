@@ -3,6 +3,7 @@ package kube
 import (
 	"fmt"
 	"net/netip"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
@@ -40,7 +41,11 @@ type epKey struct {
 type epInfo struct {
 	pod  probes.PodRef
 	node string
-	cond condition
+	// portName is the Service port the endpoint's port serves (kube-proxy chooses endpoints per
+	// Service port); serving is its serving condition.
+	portName string
+	cond     condition
+	serving  bool
 }
 
 // sliceEntry is what one EndpointSlice says about its Service's endpoints.
@@ -91,8 +96,9 @@ func parseSlice(s *discoveryv1.EndpointSlice) (*sliceEntry, []error) {
 			continue
 		}
 		info := epInfo{
-			pod:  probes.PodRef{Namespace: ref.Namespace, Name: ref.Name, UID: string(ref.UID)},
-			cond: endpointCondition(ep.Conditions),
+			pod:     probes.PodRef{Namespace: ref.Namespace, Name: ref.Name, UID: string(ref.UID)},
+			cond:    endpointCondition(ep.Conditions),
+			serving: ep.Conditions.Serving == nil || *ep.Conditions.Serving,
 		}
 		if info.pod.Namespace == "" {
 			info.pod.Namespace = s.Namespace
@@ -101,8 +107,9 @@ func parseSlice(s *discoveryv1.EndpointSlice) (*sliceEntry, []error) {
 			info.node = *ep.NodeName
 		}
 		for _, p := range ports {
-			p.Addr = addr
-			e.eps[epKey{uid: info.pod.UID, endpoint: p}] = info
+			p.ep.Addr = addr
+			info.portName = p.name
+			e.eps[epKey{uid: info.pod.UID, endpoint: p.ep}] = info
 		}
 	}
 	var errs []error
@@ -120,22 +127,32 @@ func parseSlice(s *discoveryv1.EndpointSlice) (*sliceEntry, []error) {
 	return e, errs
 }
 
-// slicePorts are the ports every endpoint of the slice has, without address. A slice without ports
-// means all ports: one entry with port 0.
-func slicePorts(ports []discoveryv1.EndpointPort) []probes.Endpoint {
+// slicePort is one port every endpoint of a slice has, without address, and the Service port's
+// name.
+type slicePort struct {
+	name string
+	ep   probes.Endpoint
+}
+
+// slicePorts are the ports every endpoint of the slice has. A slice without ports means all
+// ports: one entry with port 0.
+func slicePorts(ports []discoveryv1.EndpointPort) []slicePort {
 	if len(ports) == 0 {
-		return []probes.Endpoint{{}}
+		return []slicePort{{}}
 	}
-	out := make([]probes.Endpoint, 0, len(ports))
+	out := make([]slicePort, 0, len(ports))
 	for _, p := range ports {
-		ep := probes.Endpoint{Protocol: string(corev1.ProtocolTCP)}
+		sp := slicePort{ep: probes.Endpoint{Protocol: string(corev1.ProtocolTCP)}}
+		if p.Name != nil {
+			sp.name = *p.Name
+		}
 		if p.Protocol != nil {
-			ep.Protocol = string(*p.Protocol)
+			sp.ep.Protocol = string(*p.Protocol)
 		}
 		if p.Port != nil && *p.Port > 0 && *p.Port <= 65535 {
-			ep.Port = uint16(*p.Port)
+			sp.ep.Port = uint16(*p.Port)
 		}
-		out = append(out, ep)
+		out = append(out, sp)
 	}
 	return out
 }
@@ -160,31 +177,65 @@ type change struct {
 	notProxied bool
 	key        epKey
 	info       epInfo
+	event
+	// fallback is, for a stage endpointslice change, where kube-proxy keeps routing to the
+	// endpoint for want of a ready one; for fallback_ended, the fallbacks that ended.
+	fallback probes.Fallback
 }
+
+// event is the slice event a change comes from: when it was seen, and whether on a relist (with
+// the gap the relist closes as precision) or on the informer's first list.
+type event struct {
+	at        time.Time
+	relist    bool
+	precision time.Duration
+	initial   bool
+}
+
+// RemovalSettle is how long an endpoint's removal from its slices waits before it is reported:
+// the endpointslice controller may move an endpoint from one slice to another in two updates, and
+// the one that drops it can arrive first. A removal that comes back within it was no removal; one
+// that does not is reported with the time it was seen.
+const RemovalSettle = time.Second
 
 // sliceTracker merges the slices of each Service, as its consumers do, and turns slice events into
 // endpoint transitions. An endpoint is terminating once no slice of its Service lists it ready and
-// one lists it terminating; it is removed once no slice of its Service lists it. Applying the same
-// state twice (a resync or relist) yields nothing.
+// one lists it terminating; it is removed once no slice of its Service lists it for settle.
+// Applying the same state twice (a resync or relist) yields nothing.
+//
+// It also follows, for endpoints that turned terminating while serving, whether kube-proxy keeps
+// routing to them on purpose (KEP-1669: no ready endpoint of their Service port left, or for
+// node-local traffic policies none on this node), and reports when that ends.
 type sliceTracker struct {
+	// node is this daemon's node: node-local fallbacks are about its endpoints.
+	node     string
 	slices   map[string]*sliceEntry // by slice namespace/name
 	services map[probes.ServiceRef]map[string]*sliceEntry
+	// held are the terminating endpoints a fallback held when they turned terminating, with the
+	// fallbacks that still hold them, per Service.
+	held map[probes.ServiceRef]map[epKey]probes.Fallback
+	// deferred are removals waiting out RemovalSettle.
+	deferred map[candidate]change
 }
 
-func newSliceTracker() *sliceTracker {
-	return &sliceTracker{slices: map[string]*sliceEntry{}, services: map[probes.ServiceRef]map[string]*sliceEntry{}}
+type candidate struct {
+	service probes.ServiceRef
+	key     epKey
+}
+
+func newSliceTracker(node string) *sliceTracker {
+	return &sliceTracker{
+		node: node, slices: map[string]*sliceEntry{}, services: map[probes.ServiceRef]map[string]*sliceEntry{},
+		held: map[probes.ServiceRef]map[epKey]probes.Fallback{}, deferred: map[candidate]change{},
+	}
 }
 
 // apply replaces what slice name says (nil: the slice is gone or unusable) and returns the
-// transitions it causes.
-func (t *sliceTracker) apply(name string, next *sliceEntry) []change {
+// transitions it causes; removals wait in deferred until flush.
+func (t *sliceTracker) apply(name string, next *sliceEntry, ev event) []change {
 	prev := t.slices[name]
 	if prev == nil && next == nil {
 		return nil
-	}
-	type candidate struct {
-		service probes.ServiceRef
-		key     epKey
 	}
 	var cands []candidate
 	seen := map[candidate]bool{}
@@ -203,16 +254,139 @@ func (t *sliceTracker) apply(name string, next *sliceEntry) []change {
 	before := make([]merged, len(cands))
 	for i, c := range cands {
 		before[i] = t.merged(c.service, c.key)
+		if d, ok := t.deferred[c]; ok && !before[i].present {
+			// Removed a moment ago and not reported yet: as far as consumers know, still there.
+			before[i] = merged{present: true, info: d.info}
+		}
 	}
 	t.set(name, prev, next)
 	var out []change
+	touched := map[probes.ServiceRef]bool{}
 	for i, c := range cands {
 		b, a := before[i], t.merged(c.service, c.key)
+		touched[c.service] = true
+		if a.present {
+			delete(t.deferred, c)
+		}
 		switch {
 		case b.present && !a.present:
-			out = append(out, change{stage: probes.StageEndpointSliceRemoved, service: c.service, key: c.key, info: b.info})
+			if _, waiting := t.deferred[c]; !waiting {
+				t.deferred[c] = change{stage: probes.StageEndpointSliceRemoved, service: c.service, key: c.key, info: b.info, event: ev}
+			}
 		case a.present && a.info.cond == terminating && (!b.present || b.info.cond != terminating):
-			out = append(out, change{stage: probes.StageEndpointSlice, service: c.service, notProxied: next != nil && next.notProxied, key: c.key, info: a.info})
+			out = append(out, change{stage: probes.StageEndpointSlice, service: c.service, notProxied: next != nil && next.notProxied, key: c.key, info: a.info, event: ev})
+		}
+	}
+	for svc := range touched {
+		out = t.fallbacks(svc, out, ev)
+	}
+	return out
+}
+
+// flush reports the removals that waited RemovalSettle by now.
+func (t *sliceTracker) flush(now time.Time) []change {
+	var out []change
+	for c, d := range t.deferred {
+		if now.Sub(d.at) < RemovalSettle {
+			continue
+		}
+		delete(t.deferred, c)
+		if f, ok := t.held[c.service][c.key]; ok {
+			// It left the slice while a fallback still held it: that ends the fallback.
+			out = append(out, change{stage: probes.StageFallbackEnded, service: c.service, key: c.key, info: d.info, event: d.event, fallback: f})
+			t.unhold(c.service, c.key)
+		}
+		out = append(out, d)
+	}
+	return out
+}
+
+// portKey is a Service port of one address family: kube-proxy picks endpoints per Service port and
+// family.
+type portKey struct {
+	name     string
+	protocol string
+	ipv4     bool
+}
+
+type readyCount struct{ cluster, local int }
+
+// fallbacks sets the fallback of the Service's endpoints that turned terminating in out, and adds
+// a fallback_ended change for each held endpoint whose fallback ended.
+func (t *sliceTracker) fallbacks(svc probes.ServiceRef, out []change, ev event) []change {
+	starting := false
+	for _, c := range out {
+		starting = starting || (c.service == svc && c.stage == probes.StageEndpointSlice && c.info.serving)
+	}
+	if !starting && len(t.held[svc]) == 0 {
+		return out
+	}
+	ready := t.ready(svc)
+	for i := range out {
+		c := &out[i]
+		if c.service != svc || c.stage != probes.StageEndpointSlice {
+			continue
+		}
+		if c.fallback = t.fallbackOf(c.key, c.info, ready); c.fallback.Any() {
+			if t.held[svc] == nil {
+				t.held[svc] = map[epKey]probes.Fallback{}
+			}
+			t.held[svc][c.key] = c.fallback
+		}
+	}
+	for k, f := range t.held[svc] {
+		m := t.merged(svc, k)
+		if !m.present {
+			continue // left the slice: settled by flush
+		}
+		now := t.fallbackOf(k, m.info, ready)
+		ended := probes.Fallback{Cluster: f.Cluster && !now.Cluster, Local: f.Local && !now.Local}
+		if !ended.Any() {
+			continue
+		}
+		out = append(out, change{stage: probes.StageFallbackEnded, service: svc, key: k, info: m.info, event: ev, fallback: ended})
+		if left := (probes.Fallback{Cluster: f.Cluster && now.Cluster, Local: f.Local && now.Local}); left.Any() {
+			t.held[svc][k] = left
+		} else {
+			t.unhold(svc, k)
+		}
+	}
+	return out
+}
+
+func (t *sliceTracker) unhold(svc probes.ServiceRef, k epKey) {
+	delete(t.held[svc], k)
+	if len(t.held[svc]) == 0 {
+		delete(t.held, svc)
+	}
+}
+
+// fallbackOf tells where kube-proxy keeps routing to a terminating endpoint on purpose, as its
+// CategorizeEndpoints does: while it serves and no endpoint of its Service port and family is
+// ready (cluster-wide), or, for this node's endpoints, none on this node is (node-local policies).
+func (t *sliceTracker) fallbackOf(k epKey, info epInfo, ready map[portKey]readyCount) probes.Fallback {
+	if info.cond != terminating || !info.serving {
+		return probes.Fallback{}
+	}
+	n := ready[portKey{info.portName, k.endpoint.Protocol, k.endpoint.Addr.Is4()}]
+	return probes.Fallback{Cluster: n.cluster == 0, Local: info.node == t.node && n.local == 0}
+}
+
+// ready counts the Service's ready endpoints per port and family, cluster-wide and on this node.
+func (t *sliceTracker) ready(svc probes.ServiceRef) map[portKey]readyCount {
+	out := map[portKey]readyCount{}
+	for _, e := range t.services[svc] {
+		for k, info := range e.eps {
+			if info.cond != ready {
+				continue
+			}
+			pk := portKey{info.portName, k.endpoint.Protocol, k.endpoint.Addr.Is4()}
+			n := out[pk]
+			n.cluster++
+			if info.node == t.node {
+				n.local++
+			}
+			out[pk] = n
 		}
 	}
 	return out

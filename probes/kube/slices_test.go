@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	discoveryv1 "k8s.io/api/discovery/v1"
 	"sigs.k8s.io/yaml"
@@ -108,11 +109,11 @@ func TestParseSlice(t *testing.T) {
 	}
 }
 
-// entry builds a one-endpoint slice entry of Service shop/web.
+// entry builds a slice entry of Service shop/web, one endpoint per spec "uid ip condition
+// [serving|not-serving [node]]".
 func entry(eps ...string) *sliceEntry {
 	e := &sliceEntry{service: probes.ServiceRef{Namespace: "shop", Name: "web"}, eps: map[epKey]epInfo{}}
 	for _, spec := range eps {
-		// spec: "uid ip cond"
 		f := strings.Fields(spec)
 		var c condition
 		for k, v := range condNames {
@@ -120,9 +121,18 @@ func entry(eps ...string) *sliceEntry {
 				c = k
 			}
 		}
+		// Terminating endpoints do not serve unless said so: most cases here are not about
+		// KEP-1669's fallback.
+		info := epInfo{pod: probes.PodRef{Namespace: "shop", Name: "pod-" + f[0], UID: f[0]}, cond: c, serving: c != terminating, portName: "http"}
+		if len(f) > 3 {
+			info.serving = f[3] == "serving"
+		}
+		if len(f) > 4 {
+			info.node = f[4]
+		}
 		ep := probes.Endpoint{Port: 80, Protocol: "TCP"}
 		ep.Addr = netip.MustParseAddr(f[1])
-		e.eps[epKey{uid: f[0], endpoint: ep}] = epInfo{pod: probes.PodRef{Namespace: "shop", Name: "pod-" + f[0], UID: f[0]}, cond: c}
+		e.eps[epKey{uid: f[0], endpoint: ep}] = info
 	}
 	return e
 }
@@ -136,60 +146,96 @@ func changes(cs []change) []string {
 	return out
 }
 
+// trackerAt drives a tracker on a clock: each step applies a slice (or, with no slice name, only
+// lets time pass) at its time, then reports what flush lets go by then.
+type trackerAt struct {
+	tr  *sliceTracker
+	now time.Time
+}
+
+func (ta *trackerAt) step(wait time.Duration, slice string, e *sliceEntry) []string {
+	ta.now = ta.now.Add(wait)
+	var cs []change
+	if slice != "" {
+		cs = ta.tr.apply(slice, e, event{at: ta.now})
+	}
+	return changes(append(cs, ta.tr.flush(ta.now)...))
+}
+
 func TestSliceTracker(t *testing.T) {
 	type step struct {
+		wait  time.Duration
 		slice string
 		entry *sliceEntry
 		want  []string
 	}
+	ms := time.Millisecond
 	for _, tc := range []struct {
 		name  string
 		steps []step
 	}{
-		{"terminate then remove", []step{
-			{"s1", entry("a 10.0.0.1 ready", "b 10.0.0.2 ready"), nil},
-			{"s1", entry("a 10.0.0.1 terminating", "b 10.0.0.2 ready"), []string{"endpointslice a 10.0.0.1"}},
-			{"s1", entry("a 10.0.0.1 terminating", "b 10.0.0.2 ready"), nil},
-			{"s1", entry("b 10.0.0.2 ready"), []string{"endpointslice_removed a 10.0.0.1"}},
+		{"terminate then remove, once RemovalSettled", []step{
+			{0, "s1", entry("a 10.0.0.1 ready", "b 10.0.0.2 ready"), nil},
+			{10 * ms, "s1", entry("a 10.0.0.1 terminating", "b 10.0.0.2 ready"), []string{"endpointslice a 10.0.0.1"}},
+			{10 * ms, "s1", entry("a 10.0.0.1 terminating", "b 10.0.0.2 ready"), nil},
+			{10 * ms, "s1", entry("b 10.0.0.2 ready"), nil},
+			{RemovalSettle, "", nil, []string{"endpointslice_removed a 10.0.0.1"}},
 		}},
 		{"resync and relist repeat nothing", []step{
-			{"s1", entry("a 10.0.0.1 terminating"), []string{"endpointslice a 10.0.0.1"}},
-			{"s1", entry("a 10.0.0.1 terminating"), nil},
-			{"s1", entry("a 10.0.0.1 terminating"), nil},
+			{0, "s1", entry("a 10.0.0.1 terminating"), []string{"endpointslice a 10.0.0.1"}},
+			{0, "s1", entry("a 10.0.0.1 terminating"), nil},
+			{0, "s1", entry("a 10.0.0.1 terminating"), nil},
 		}},
-		{"spread over two slices", []step{
-			{"s1", entry("a 10.0.0.1 ready"), nil},
-			{"s2", entry("b 10.0.0.2 ready"), nil},
-			{"s1", entry("a 10.0.0.1 terminating"), []string{"endpointslice a 10.0.0.1"}},
-			// The controller moves the endpoint to the other slice: still terminating, not removed.
-			{"s2", entry("b 10.0.0.2 ready", "a 10.0.0.1 terminating"), nil},
-			{"s1", nil, nil},
-			{"s2", entry("b 10.0.0.2 ready"), []string{"endpointslice_removed a 10.0.0.1"}},
+		{"moved to another slice, the new one first", []step{
+			{0, "s1", entry("a 10.0.0.1 ready"), nil},
+			{0, "s2", entry("b 10.0.0.2 ready"), nil},
+			{0, "s1", entry("a 10.0.0.1 terminating"), []string{"endpointslice a 10.0.0.1"}},
+			{10 * ms, "s2", entry("b 10.0.0.2 ready", "a 10.0.0.1 terminating"), nil},
+			{10 * ms, "s1", nil, nil},
+			{RemovalSettle, "", nil, nil},
+			{10 * ms, "s2", entry("b 10.0.0.2 ready"), nil},
+			{RemovalSettle, "", nil, []string{"endpointslice_removed a 10.0.0.1"}},
+		}},
+		{"moved to another slice, the old one first", []step{
+			{0, "s1", entry("a 10.0.0.1 ready"), nil},
+			{0, "s2", entry("b 10.0.0.2 ready"), nil},
+			{0, "s1", entry("a 10.0.0.1 terminating"), []string{"endpointslice a 10.0.0.1"}},
+			{10 * ms, "s1", nil, nil},
+			{10 * ms, "s2", entry("b 10.0.0.2 ready", "a 10.0.0.1 terminating"), nil},
+			{RemovalSettle, "", nil, nil},
+		}},
+		{"a ready endpoint moved, the old slice first", []step{
+			{0, "s1", entry("a 10.0.0.1 ready"), nil},
+			{10 * ms, "s1", nil, nil},
+			{10 * ms, "s2", entry("a 10.0.0.1 ready"), nil},
+			{RemovalSettle, "", nil, nil},
 		}},
 		{"ready in one slice wins over terminating in another", []step{
-			{"s1", entry("a 10.0.0.1 ready"), nil},
-			{"s2", entry("a 10.0.0.1 terminating"), nil},
-			{"s1", nil, []string{"endpointslice a 10.0.0.1"}},
+			{0, "s1", entry("a 10.0.0.1 ready"), nil},
+			{0, "s2", entry("a 10.0.0.1 terminating"), nil},
+			{0, "s1", nil, []string{"endpointslice a 10.0.0.1"}},
 		}},
 		{"same address, new pod", []step{
-			{"s1", entry("a 10.0.0.1 terminating"), []string{"endpointslice a 10.0.0.1"}},
-			{"s1", entry("c 10.0.0.1 ready"), []string{"endpointslice_removed a 10.0.0.1"}},
-			{"s1", entry("c 10.0.0.1 terminating"), []string{"endpointslice c 10.0.0.1"}},
+			{0, "s1", entry("a 10.0.0.1 terminating"), []string{"endpointslice a 10.0.0.1"}},
+			{10 * ms, "s1", entry("c 10.0.0.1 ready"), nil},
+			{10 * ms, "s1", entry("c 10.0.0.1 terminating"), []string{"endpointslice c 10.0.0.1"}},
+			{RemovalSettle, "", nil, []string{"endpointslice_removed a 10.0.0.1"}},
 		}},
 		{"slice deleted", []step{
-			{"s1", entry("a 10.0.0.1 terminating", "b 10.0.0.2 ready"), []string{"endpointslice a 10.0.0.1"}},
-			{"s1", nil, []string{"endpointslice_removed a 10.0.0.1", "endpointslice_removed b 10.0.0.2"}},
-			{"s1", nil, nil},
+			{0, "s1", entry("a 10.0.0.1 terminating", "b 10.0.0.2 ready"), []string{"endpointslice a 10.0.0.1"}},
+			{0, "s1", nil, nil},
+			{0, "s1", nil, nil},
+			{RemovalSettle, "", nil, []string{"endpointslice_removed a 10.0.0.1", "endpointslice_removed b 10.0.0.2"}},
 		}},
 		{"not ready then terminating", []step{
-			{"s1", entry("a 10.0.0.1 not-ready"), nil},
-			{"s1", entry("a 10.0.0.1 terminating"), []string{"endpointslice a 10.0.0.1"}},
+			{0, "s1", entry("a 10.0.0.1 not-ready"), nil},
+			{0, "s1", entry("a 10.0.0.1 terminating"), []string{"endpointslice a 10.0.0.1"}},
 		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			tr := newSliceTracker()
+			ta := &trackerAt{tr: newSliceTracker("node-a"), now: time.Unix(0, 0)}
 			for i, s := range tc.steps {
-				if got := changes(tr.apply(s.slice, s.entry)); !slices.Equal(got, s.want) {
+				if got := ta.step(s.wait, s.slice, s.entry); !slices.Equal(got, s.want) {
 					t.Errorf("step %d: changes %q, want %q", i, got, s.want)
 				}
 			}
@@ -197,21 +243,112 @@ func TestSliceTracker(t *testing.T) {
 	}
 }
 
+// A removal reported after RemovalSettle carries the time it was seen.
+func TestDeferredRemovalKeepsItsTime(t *testing.T) {
+	tr := newSliceTracker("node-a")
+	t0 := time.Unix(100, 0)
+	tr.apply("s1", entry("a 10.0.0.1 terminating"), event{at: t0})
+	tr.apply("s1", nil, event{at: t0.Add(250 * time.Millisecond), relist: true, precision: time.Second})
+	if cs := tr.flush(t0.Add(time.Second)); len(cs) != 0 {
+		t.Fatalf("reported before RemovalSettle: %v", changes(cs))
+	}
+	cs := tr.flush(t0.Add(2 * time.Second))
+	if len(cs) != 1 || !cs[0].at.Equal(t0.Add(250*time.Millisecond)) || !cs[0].relist || cs[0].precision != time.Second {
+		t.Errorf("flushed %+v, want the removal at +250ms, flagged as a relist", cs)
+	}
+}
+
+// KEP-1669: an endpoint that turns terminating while serving, with no ready endpoint of its
+// Service port left, is held by kube-proxy's fallback; for endpoints of this node, also when none
+// on this node is ready (node-local policies). The fallback ends when it stops serving or a ready
+// endpoint comes back, and when it leaves the slice.
+func TestFallback(t *testing.T) {
+	type step struct {
+		entry *sliceEntry
+		want  []string
+	}
+	for _, tc := range []struct {
+		name  string
+		steps []step
+	}{
+		{"another endpoint ready: no fallback", []step{
+			{entry("a 10.0.0.1 ready serving node-a", "b 10.0.0.2 ready serving node-b"), nil},
+			{entry("a 10.0.0.1 terminating serving node-a", "b 10.0.0.2 ready serving node-b"), []string{"endpointslice a 10.0.0.1 local"}},
+		}},
+		{"the only endpoint, until it stops serving", []step{
+			{entry("a 10.0.0.1 ready serving node-b"), nil},
+			{entry("a 10.0.0.1 terminating serving node-b"), []string{"endpointslice a 10.0.0.1 cluster"}},
+			{entry("a 10.0.0.1 terminating serving node-b", "c 10.0.0.3 not-ready serving node-b"), nil},
+			{entry("a 10.0.0.1 terminating not-serving node-b", "c 10.0.0.3 not-ready serving node-b"), []string{"fallback_ended a 10.0.0.1 cluster"}},
+		}},
+		{"the only endpoint, until a replacement is ready", []step{
+			{entry("a 10.0.0.1 ready serving node-a"), nil},
+			{entry("a 10.0.0.1 terminating serving node-a", "c 10.0.0.3 not-ready serving node-b"), []string{"endpointslice a 10.0.0.1 cluster+local"}},
+			{entry("a 10.0.0.1 terminating serving node-a", "c 10.0.0.3 ready serving node-b"), []string{"fallback_ended a 10.0.0.1 cluster"}},
+			{entry("a 10.0.0.1 terminating serving node-a", "c 10.0.0.3 ready serving node-b", "d 10.0.0.4 ready serving node-a"), []string{"fallback_ended a 10.0.0.1 local"}},
+		}},
+		{"terminating while not serving: no fallback", []step{
+			{entry("a 10.0.0.1 terminating not-serving node-b"), []string{"endpointslice a 10.0.0.1"}},
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tr := newSliceTracker("node-a")
+			now := time.Unix(0, 0)
+			for i, s := range tc.steps {
+				now = now.Add(10 * time.Millisecond)
+				var got []string
+				for _, c := range tr.apply("s1", s.entry, event{at: now}) {
+					var f []string
+					if c.fallback.Cluster {
+						f = append(f, "cluster")
+					}
+					if c.fallback.Local {
+						f = append(f, "local")
+					}
+					line := fmt.Sprintf("%s %s %s", c.stage, c.key.uid, c.key.endpoint.Addr)
+					if len(f) > 0 {
+						line += " " + strings.Join(f, "+")
+					}
+					got = append(got, line)
+				}
+				slices.Sort(got)
+				if !slices.Equal(got, s.want) {
+					t.Errorf("step %d: changes %q, want %q", i, got, s.want)
+				}
+			}
+		})
+	}
+	// Leaving the slice while held ends the fallback, when the removal is reported.
+	tr := newSliceTracker("node-a")
+	now := time.Unix(0, 0)
+	tr.apply("s1", entry("a 10.0.0.1 ready serving node-b"), event{at: now})
+	tr.apply("s1", entry("a 10.0.0.1 terminating serving node-b"), event{at: now})
+	tr.apply("s1", nil, event{at: now.Add(time.Second)})
+	if got := changes(tr.flush(now.Add(3 * time.Second))); !slices.Equal(got, []string{"endpointslice_removed a 10.0.0.1", "fallback_ended a 10.0.0.1"}) {
+		t.Errorf("leaving the slice while held: %q", got)
+	}
+	if len(tr.held) != 0 {
+		t.Errorf("the tracker still holds %v", tr.held)
+	}
+}
+
 func TestSliceTrackerServiceChange(t *testing.T) {
-	tr := newSliceTracker()
-	tr.apply("s1", entry("a 10.0.0.1 terminating"))
+	tr := newSliceTracker("node-a")
+	now := time.Unix(0, 0)
+	tr.apply("s1", entry("a 10.0.0.1 terminating"), event{at: now})
 	moved := entry("a 10.0.0.1 terminating")
 	moved.service.Name = "web2"
-	got := tr.apply("s1", moved)
+	got := append(tr.apply("s1", moved, event{at: now}), tr.flush(now.Add(RemovalSettle))...)
 	if len(got) != 2 || got[0].service.Name == got[1].service.Name {
 		t.Fatalf("relabelling a slice to another Service gave %+v, want a removal from web and a terminating in web2", got)
 	}
 	if len(tr.services) != 1 {
 		t.Errorf("tracker still indexes %d services, want 1", len(tr.services))
 	}
-	tr.apply("s1", nil)
-	if len(tr.services) != 0 || len(tr.slices) != 0 {
-		t.Errorf("tracker leaks: %d services, %d slices", len(tr.services), len(tr.slices))
+	tr.apply("s1", nil, event{at: now})
+	tr.flush(now.Add(RemovalSettle))
+	if len(tr.services) != 0 || len(tr.slices) != 0 || len(tr.deferred) != 0 {
+		t.Errorf("tracker leaks: %d services, %d slices, %d deferred", len(tr.services), len(tr.slices), len(tr.deferred))
 	}
 }
 
@@ -261,10 +398,11 @@ func FuzzParseSlice(f *testing.F) {
 			}
 		}
 		// Applying a slice and removing it leaves nothing behind.
-		tr := newSliceTracker()
-		tr.apply("x", e)
-		tr.apply("x", nil)
-		if len(tr.slices)+len(tr.services) != 0 {
+		tr := newSliceTracker("node-a")
+		tr.apply("x", e, event{})
+		tr.apply("x", nil, event{})
+		tr.flush(time.Unix(0, 0).Add(RemovalSettle))
+		if len(tr.slices)+len(tr.services)+len(tr.deferred)+len(tr.held) != 0 {
 			t.Error("tracker not empty after the slice was removed")
 		}
 	})
