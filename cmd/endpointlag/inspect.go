@@ -196,17 +196,35 @@ func recordsFromAPI(ctx context.Context, o inspectOptions, stderr io.Writer) (Re
 // after endpointslice_removed, in order of first appearance.
 var stageOrder = []string{string(probes.StageDeleted), string(probes.StageEndpointSlice), string(probes.StageEndpointSliceRemoved)}
 
+// column names a stage's column: the stage, or stage/path for a path other than the ClusterIP's.
+func column(stage, path string) string {
+	if path == "" || path == string(probes.PathCluster) {
+		return stage
+	}
+	return stage + "/" + path
+}
+
 func writeTable(w io.Writer, resp RecordsResponse, now time.Time) {
 	if len(resp.Records) == 0 {
 		fmt.Fprintf(w, "no terminating endpoints known to %s\n", resp.Node)
 		return
 	}
 	cols := slices.Clone(stageOrder)
+	add := func(c string) {
+		if !slices.Contains(cols, c) && c != string(probes.StageGone) {
+			cols = append(cols, c)
+		}
+	}
 	for _, r := range resp.Records {
 		for _, s := range r.Stages {
-			if !slices.Contains(cols, s.Stage) && s.Stage != string(probes.StageGone) {
-				cols = append(cols, s.Stage)
-			}
+			add(column(s.Stage, s.Path))
+		}
+		for _, a := range r.Awaited {
+			stage, path, _ := strings.Cut(a, "/")
+			add(column(stage, path))
+		}
+		for _, s := range r.NotApplicable {
+			add(s)
 		}
 	}
 	cols = append(cols, string(probes.StageGone))
@@ -232,26 +250,48 @@ func writeTable(w io.Writer, resp RecordsResponse, now time.Time) {
 	}
 	tw.Flush()
 	fmt.Fprintf(w, "\n%d endpoint(s) on %s at %s. +N: seconds since the pod's deletion; ~N: seconds since this\n"+
-		"node saw the slice change; a clock time: seen, no reference; *: already so when first looked.\n"+
+		"node saw the slice change; a clock time: seen, no reference; *: already so when first looked;\n"+
+		"?: first seen on a re-read after a gap (watch relisted, kernel messages lost), not a lag sample;\n"+
+		"!: removed after kube-proxy's fallback to it ended (no ready endpoint was left), not a lag sample;\n"+
+		"held: kube-proxy still routes to it on purpose, no ready endpoint left (KEP-1669);\n"+
+		"n/a: this node's rules never sent to it (node-local Service, topology, never ready): not awaited.\n"+
+		"/external: NodePort, external and load-balancer IP traffic, apart from the ClusterIP's.\n"+
 		"CONNECTIONS: new connections that still reached the pod after T0 (late) or its address after it\n"+
 		"was gone (dead), with the last one; -o json lists each with its client.\n",
 		len(resp.Records), resp.Node, now.Format(time.TimeOnly))
 }
 
-func stageCell(r collector.RecordView, stage string) string {
+func stageCell(r collector.RecordView, col string) string {
 	for _, s := range r.Stages {
-		if s.Stage != stage {
+		if column(s.Stage, s.Path) != col {
 			continue
 		}
+		mark := ""
 		switch {
 		case s.Initial:
 			return "*"
-		case s.Propagation != nil:
-			return fmt.Sprintf("+%.3fs", *s.Propagation)
-		case s.Programming != nil:
-			return fmt.Sprintf("~%.3fs", *s.Programming)
+		case s.Relist:
+			mark = "?"
+		case s.Fallback:
+			mark = "!"
 		}
-		return s.Time.Local().Format("15:04:05.000")
+		switch {
+		case s.Propagation != nil:
+			return fmt.Sprintf("+%.3fs%s", *s.Propagation, mark)
+		case s.Programming != nil:
+			return fmt.Sprintf("~%.3fs%s", *s.Programming, mark)
+		}
+		return s.Time.Local().Format("15:04:05.000") + mark
+	}
+	stage, path, _ := strings.Cut(col, "/")
+	if path == "" {
+		path = string(probes.PathCluster)
+	}
+	switch {
+	case slices.Contains(r.Held, stage+"/"+path):
+		return "held"
+	case slices.Contains(r.NotApplicable, stage):
+		return "n/a"
 	}
 	return "-"
 }
