@@ -23,7 +23,7 @@ import (
 // Stage names one point of an endpoint's removal timeline. Its string is the `stage` metric label.
 type Stage string
 
-// The stages of DESIGN.md's timeline known so far.
+// The stages of the timeline in docs/architecture.md known so far.
 const (
 	// StageDeleted is T0: the pod got its deletionTimestamp. Reported for pods on this node only.
 	StageDeleted Stage = "deleted"

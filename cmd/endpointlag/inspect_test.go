@@ -26,7 +26,7 @@ func TestInspectTableMarks(t *testing.T) {
 		{Pod: probes.PodRef{Namespace: "shop", Name: "remote"}, Service: svc, Endpoint: ep("10.244.2.1"),
 			Stages: []collector.StageView{slice}, NotApplicable: []string{"nftables"}, Pending: []string{"endpointslice_removed"}},
 		{Pod: probes.PodRef{Namespace: "shop", Name: "solo"}, Service: svc, Endpoint: ep("10.244.1.1"),
-			Stages: []collector.StageView{slice, {Stage: "nftables", Path: "cluster", Time: at.Add(time.Second), Programming: f(1)}},
+			Stages:  []collector.StageView{slice, {Stage: "nftables", Path: "cluster", Time: at.Add(time.Second), Programming: f(1)}},
 			Awaited: []string{"nftables/cluster", "nftables/external"}, Held: []string{"nftables/external"}},
 		{Pod: probes.PodRef{Namespace: "shop", Name: "gap"}, Service: svc, Endpoint: ep("10.244.1.2"),
 			Stages: []collector.StageView{slice,
