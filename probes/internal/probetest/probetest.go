@@ -5,6 +5,7 @@ package probetest
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math"
 	"os"
@@ -64,6 +65,9 @@ type Recorder struct {
 	obs    []probes.Observation
 	errs   []error
 	synced bool
+	// up is the probe's health as the collector keeps it: set by SetStatus, cleared by an error
+	// that is not an *probes.InputError.
+	up bool
 }
 
 // Observe implements probes.Sink.
@@ -78,6 +82,7 @@ func (r *Recorder) SetStatus(_ string, s probes.Status) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.synced = r.synced || s.Synced
+	r.up = s.Up
 }
 
 // Error implements probes.Sink.
@@ -85,6 +90,10 @@ func (r *Recorder) Error(_ string, err error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.errs = append(r.errs, err)
+	var ie *probes.InputError
+	if !errors.As(err, &ie) {
+		r.up = false
+	}
 }
 
 // Observations returns a copy of what was observed.
@@ -106,6 +115,14 @@ func (r *Recorder) Synced() bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return r.synced
+}
+
+// Up reports whether the probe is up as the collector would export it: its last status said so
+// and no failure came after it.
+func (r *Recorder) Up() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.up
 }
 
 // Wait polls cond for up to 5 s and fails the test with what was recorded when it stays false.
