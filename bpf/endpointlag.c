@@ -341,12 +341,22 @@ static __always_inline void parse_l4(struct __sk_buff *skb, struct pkt *p, int l
 	}
 }
 
-// tcp_flags reads the flags of the TCP header at l4 (0 when it cannot).
+// tcp_flags reads the flags of the TCP header at l4 (0 when it cannot). Every TCP packet on a pod
+// veth is read, so the byte is read in place where it is in the linear data (the usual case), a
+// helper call only otherwise.
 static __always_inline __u8 tcp_flags(struct __sk_buff *skb, int l4)
 {
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	__u32 off = l4;
 	__u8 flags = 0;
-	if (l4 > 0)
-		bpf_skb_load_bytes(skb, l4 + 13, &flags, 1);
+	// An Ethernet, an IPv4 header with options or an IPv6 header: a bound the verifier sees.
+	if (l4 <= 0 || off > sizeof(struct ethhdr) + 60)
+		return 0;
+	__u8 *p = data + off + 13;
+	if ((void *)(p + 1) <= end)
+		return *p;
+	bpf_skb_load_bytes(skb, l4 + 13, &flags, 1);
 	return flags;
 }
 
