@@ -8,13 +8,19 @@
 //
 //   to_pod     host side of a pod's veth, egress (towards the pod): packets, bytes, new TCP
 //              connections (SYN without ACK) and new UDP flows to terminating pods.
-//   from_pod   host side of a pod's veth, ingress (from the pod): TCP resets and ICMP
-//              unreachables a terminating pod sends back; packets and new connections a pod
-//              sends to the address of a deleted pod of the same node.
+//   from_pod   host side of a pod's veth, ingress (from the pod): TCP resets (refused
+//              connections apart) and ICMP unreachables a terminating pod sends back; packets and
+//              new connections a pod sends to the address of a deleted pod of the same node.
 //   uplink_in  the node's uplinks, ingress: packets and new connections to deleted pods.
 //   uplink_out the node's uplinks, egress: resets and ICMP unreachables sent for deleted pods;
 //              an unreachable about a terminating pod (its network already gone) is a new
 //              connection to a dead pod.
+//
+// New connections count only to ports the pod's endpoints serve (once user space knows them), and
+// those from the node's own addresses (the kubelet's probes, host processes) apart from clients'.
+// The pod veth programs also count, per interface and for every pod, SYNs towards the pod and
+// SYN-ACKs from it: a pod that answers SYNs the veth never carried towards it is reached another
+// way (bpf_redirect_peer), and the probe is blind to its traffic.
 //
 // Addresses are keys of 16 bytes, IPv4 mapped into IPv6 (::ffff:a.b.c.d).
 
@@ -40,6 +46,7 @@ struct icmp_hdr {
 };
 
 #define ICMP_DEST_UNREACH 3
+#define ICMP_FRAG_NEEDED 4
 #define ICMPV6_DEST_UNREACH 1
 
 struct addr {
@@ -50,11 +57,18 @@ struct addr {
 struct counters {
 	__u64 packets;
 	__u64 bytes;
+	// New connections from clients, and from the node's own addresses.
 	__u64 tcp_conns;
 	__u64 udp_flows;
+	__u64 node_tcp_conns;
+	__u64 node_udp_flows;
+	// Errors sent to clients: resets ending a connection, resets refusing one (answering a SYN
+	// the pod never accepted), ICMP destination unreachables.
 	__u64 resets;
+	__u64 refused;
 	__u64 unreachables;
 	__u64 last_packet_ns;
+	// last_conn_ns is the last new connection from a client.
 	__u64 last_conn_ns;
 };
 
@@ -80,7 +94,23 @@ struct event {
 	__u16 dport;
 	__u8 proto;
 	__u8 kind;
-	__u8 pad[2];
+	__u8 from_node;
+	__u8 pad;
+};
+
+// service is a port a pod address serves; port 0 stands for every port of the protocol.
+struct service {
+	struct addr addr;
+	__u16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
+// iface_stats counts, on one pod veth, SYNs towards the pod and SYN-ACKs from it, both from and
+// to other addresses than the node's.
+struct iface_stats {
+	__u64 syns;
+	__u64 syn_acks;
 };
 
 // The event type is kept in the object's BTF for bpf2go to generate its Go twin.
@@ -93,7 +123,7 @@ struct ratelimit {
 	__u64 dropped;
 };
 
-// Sizes are set by the loader before the programs load.
+// Sizes of the address maps are set by the loader before the programs load.
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__type(key, struct addr);
@@ -114,6 +144,52 @@ struct {
 	__type(value, __u8);
 	__uint(max_entries, 16384);
 } udp_flows SEC(".maps");
+
+// served holds the ports the endpoints of tracked pod addresses serve; filtered marks the
+// addresses whose endpoints are known (an address not in it is not filtered). User space writes
+// an address's ports before its mark.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct service);
+	__type(value, __u8);
+	__uint(max_entries, 32768);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+} served SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct addr);
+	__type(value, __u8);
+	__uint(max_entries, 8192);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+} filtered SEC(".maps");
+
+// node_addrs are the addresses of the network namespace the programs run in: the node's own (with
+// IPVS, every ClusterIP too: room for many, allocated as they come).
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct addr);
+	__type(value, __u8);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+} node_addrs SEC(".maps");
+
+// syns are clients' SYNs to terminating pods not answered by a SYN-ACK yet (client → pod), so
+// that the pod's reset to one is told apart as a refused connection.
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct flow);
+	__type(value, __u8);
+	__uint(max_entries, 16384);
+} syns SEC(".maps");
+
+// ifaces holds each pod veth's iface_stats, by interface index.
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, __u32);
+	__type(value, struct iface_stats);
+	__uint(max_entries, 16384);
+} ifaces SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -236,7 +312,10 @@ static __always_inline void parse_l4(struct __sk_buff *skb, struct pkt *p, int l
 	case IPPROTO_ICMP: {
 		struct icmp_hdr ih;
 		struct iphdr inner;
+		// "Fragmentation needed" asks the sender for smaller packets (path MTU discovery): no
+		// client sees it as a failure.
 		if (bpf_skb_load_bytes(skb, l4, &ih, sizeof(ih)) == 0 && ih.type == ICMP_DEST_UNREACH &&
+		    ih.code != ICMP_FRAG_NEEDED &&
 		    bpf_skb_load_bytes(skb, l4 + sizeof(ih), &inner, sizeof(inner)) == 0) {
 			p->icmp_unreach = 1;
 			map4(&p->inner, inner.daddr);
@@ -262,6 +341,91 @@ static __always_inline void parse_l4(struct __sk_buff *skb, struct pkt *p, int l
 	}
 }
 
+// tcp_flags reads the flags of the TCP header at l4 (0 when it cannot). Every TCP packet on a pod
+// veth is read, so the byte is read in place where it is in the linear data (the usual case), a
+// helper call only otherwise.
+static __always_inline __u8 tcp_flags(struct __sk_buff *skb, int l4)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	__u32 off = l4;
+	__u8 flags = 0;
+	// An Ethernet, an IPv4 header with options or an IPv6 header: a bound the verifier sees.
+	if (l4 <= 0 || off > sizeof(struct ethhdr) + 60)
+		return 0;
+	__u8 *p = data + off + 13;
+	if ((void *)(p + 1) <= end)
+		return *p;
+	bpf_skb_load_bytes(skb, l4 + 13, &flags, 1);
+	return flags;
+}
+
+static __always_inline int is_syn(__u8 flags)
+{
+	return (flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
+}
+
+static __always_inline int is_syn_ack(__u8 flags)
+{
+	return (flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == (TCP_FLAG_SYN | TCP_FLAG_ACK);
+}
+
+static __always_inline int from_node(struct addr *a)
+{
+	return bpf_map_lookup_elem(&node_addrs, a) != NULL;
+}
+
+// serves reports whether a pod address serves port over proto: yes when its endpoints are not
+// known yet.
+static __always_inline int serves(struct addr *a, __u16 port, __u8 proto)
+{
+	if (!bpf_map_lookup_elem(&filtered, a))
+		return 1;
+	struct service k = {};
+	k.addr = *a;
+	k.port = port;
+	k.proto = proto;
+	if (bpf_map_lookup_elem(&served, &k))
+		return 1;
+	k.port = 0;
+	return bpf_map_lookup_elem(&served, &k) != NULL;
+}
+
+// client_error reports whether an error a pod sends to dst about its port is a client's: one of
+// a port it serves, to an address not the node's.
+static __always_inline int client_error(struct addr *pod, __u16 port, __u8 proto, struct addr *dst)
+{
+	return serves(pod, port, proto) && !from_node(dst);
+}
+
+// count_iface adds a SYN or a SYN-ACK to the statistics of the interface the packet crosses.
+static __always_inline void count_iface(struct __sk_buff *skb, int syn_ack)
+{
+	__u32 idx = skb->ifindex;
+	struct iface_stats *st = bpf_map_lookup_elem(&ifaces, &idx);
+	if (!st) {
+		struct iface_stats zero = {};
+		bpf_map_update_elem(&ifaces, &idx, &zero, BPF_NOEXIST);
+		st = bpf_map_lookup_elem(&ifaces, &idx);
+		if (!st)
+			return;
+	}
+	if (syn_ack)
+		__sync_fetch_and_add(&st->syn_acks, 1);
+	else
+		__sync_fetch_and_add(&st->syns, 1);
+}
+
+static __always_inline struct flow flow_of(struct addr *saddr, struct addr *daddr, __u16 sport, __u16 dport)
+{
+	struct flow f = {};
+	f.saddr = *saddr;
+	f.daddr = *daddr;
+	f.sport = sport;
+	f.dport = dport;
+	return f;
+}
+
 // allow spends one event of this CPU's budget for the current second.
 static __always_inline int allow(__u64 now)
 {
@@ -281,7 +445,7 @@ static __always_inline int allow(__u64 now)
 	return 1;
 }
 
-static __always_inline void emit(struct pkt *p, __u64 now, __u8 kind)
+static __always_inline void emit(struct pkt *p, __u64 now, __u8 kind, __u8 node)
 {
 	if (!allow(now))
 		return;
@@ -300,35 +464,42 @@ static __always_inline void emit(struct pkt *p, __u64 now, __u8 kind)
 	e->dport = p->dport;
 	e->proto = p->proto;
 	e->kind = kind;
-	e->pad[0] = 0;
-	e->pad[1] = 0;
+	e->from_node = node;
+	e->pad = 0;
 	bpf_ringbuf_submit(e, 0);
 }
 
-// arrive counts a packet to a tracked pod: packets, bytes, new connections.
-static __always_inline void arrive(struct __sk_buff *skb, struct pkt *p, struct counters *c, __u8 kind)
+// arrive counts a packet to a tracked pod: packets, bytes, and new connections to ports it
+// serves. It returns 1 for a new TCP connection from a client.
+static __always_inline int arrive(struct __sk_buff *skb, struct pkt *p, struct counters *c, __u8 kind)
 {
 	__u64 now = bpf_ktime_get_ns();
 	__sync_fetch_and_add(&c->packets, 1);
 	__sync_fetch_and_add(&c->bytes, skb->len);
 	c->last_packet_ns = now;
 
-	int conn = 0;
-	if (p->proto == IPPROTO_TCP && (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN) {
-		__sync_fetch_and_add(&c->tcp_conns, 1);
-		conn = 1;
+	if (p->proto == IPPROTO_TCP) {
+		if (!is_syn(p->tcp_flags))
+			return 0;
 	} else if (p->proto == IPPROTO_UDP) {
-		struct flow f = {.saddr = p->saddr, .daddr = p->daddr, .sport = p->sport, .dport = p->dport};
+		struct flow f = flow_of(&p->saddr, &p->daddr, p->sport, p->dport);
 		__u8 one = 1;
-		if (bpf_map_update_elem(&udp_flows, &f, &one, BPF_NOEXIST) == 0) {
-			__sync_fetch_and_add(&c->udp_flows, 1);
-			conn = 1;
-		}
+		if (bpf_map_update_elem(&udp_flows, &f, &one, BPF_NOEXIST) != 0)
+			return 0;
+	} else {
+		return 0;
 	}
-	if (conn) {
+	if (!serves(&p->daddr, p->dport, p->proto))
+		return 0;
+	__u8 node = from_node(&p->saddr);
+	if (p->proto == IPPROTO_TCP)
+		__sync_fetch_and_add(node ? &c->node_tcp_conns : &c->tcp_conns, 1);
+	else
+		__sync_fetch_and_add(node ? &c->node_udp_flows : &c->udp_flows, 1);
+	if (!node)
 		c->last_conn_ns = now;
-		emit(p, now, kind);
-	}
+	emit(p, now, kind, node);
+	return !node && p->proto == IPPROTO_TCP;
 }
 
 SEC("tc")
@@ -338,12 +509,42 @@ int to_pod(struct __sk_buff *skb)
 	int l4 = parse_l3(skb, &p);
 	if (!l4)
 		return TC_ACT_UNSPEC;
+	if (p.proto == IPPROTO_TCP && is_syn(tcp_flags(skb, l4)) && !from_node(&p.saddr))
+		count_iface(skb, 0);
 	struct counters *c = bpf_map_lookup_elem(&terminating, &p.daddr);
 	if (c) {
 		parse_l4(skb, &p, l4);
-		arrive(skb, &p, c, EVENT_TERMINATING);
+		if (arrive(skb, &p, c, EVENT_TERMINATING)) {
+			struct flow f = flow_of(&p.saddr, &p.daddr, p.sport, p.dport);
+			__u8 one = 1;
+			bpf_map_update_elem(&syns, &f, &one, BPF_ANY);
+		}
 	}
 	return TC_ACT_UNSPEC;
+}
+
+// pod_sent counts the errors a terminating pod sends: a reset answering a client's SYN it never
+// accepted (refused), other resets, ICMP destination unreachables; and notes the datagrams it
+// sends, so that their replies are no new flows.
+static __always_inline void pod_sent(struct pkt *p, struct counters *c)
+{
+	if (p->proto == IPPROTO_TCP) {
+		struct flow f = flow_of(&p->daddr, &p->saddr, p->dport, p->sport);
+		if (is_syn_ack(p->tcp_flags)) {
+			bpf_map_delete_elem(&syns, &f);
+		} else if (p->tcp_flags & TCP_FLAG_RST) {
+			if (bpf_map_delete_elem(&syns, &f) == 0)
+				__sync_fetch_and_add(&c->refused, 1);
+			else if (client_error(&p->saddr, p->sport, IPPROTO_TCP, &p->daddr))
+				__sync_fetch_and_add(&c->resets, 1);
+		}
+	} else if (p->proto == IPPROTO_UDP) {
+		struct flow f = flow_of(&p->daddr, &p->saddr, p->dport, p->sport);
+		__u8 one = 1;
+		bpf_map_update_elem(&udp_flows, &f, &one, BPF_ANY);
+	} else if (p->icmp_unreach && client_error(&p->inner, p->quoted.dport, p->quoted.proto, &p->daddr)) {
+		__sync_fetch_and_add(&c->unreachables, 1);
+	}
 }
 
 SEC("tc")
@@ -353,13 +554,12 @@ int from_pod(struct __sk_buff *skb)
 	int l4 = parse_l3(skb, &p);
 	if (!l4)
 		return TC_ACT_UNSPEC;
+	if (p.proto == IPPROTO_TCP && is_syn_ack(tcp_flags(skb, l4)) && !from_node(&p.daddr))
+		count_iface(skb, 1);
 	struct counters *c = bpf_map_lookup_elem(&terminating, &p.saddr);
 	if (c) {
 		parse_l4(skb, &p, l4);
-		if (p.proto == IPPROTO_TCP && (p.tcp_flags & TCP_FLAG_RST))
-			__sync_fetch_and_add(&c->resets, 1);
-		else if (p.icmp_unreach)
-			__sync_fetch_and_add(&c->unreachables, 1);
+		pod_sent(&p, c);
 		return TC_ACT_UNSPEC;
 	}
 	// A pod of this node sending to the address of another pod of this node that is gone: the
@@ -399,7 +599,7 @@ int uplink_out(struct __sk_buff *skb)
 		c = bpf_map_lookup_elem(&deleted, &p.saddr);
 		if (c) {
 			parse_l4(skb, &p, l4);
-			if (p.tcp_flags & TCP_FLAG_RST)
+			if ((p.tcp_flags & TCP_FLAG_RST) && client_error(&p.saddr, p.sport, IPPROTO_TCP, &p.daddr))
 				__sync_fetch_and_add(&c->resets, 1);
 		}
 	} else if (p.proto == IPPROTO_ICMP || p.proto == IPPROTO_ICMPV6) {
@@ -408,18 +608,19 @@ int uplink_out(struct __sk_buff *skb)
 			return TC_ACT_UNSPEC;
 		c = bpf_map_lookup_elem(&deleted, &p.inner);
 		if (c) {
-			__sync_fetch_and_add(&c->unreachables, 1);
+			if (client_error(&p.inner, p.quoted.dport, p.quoted.proto, &p.daddr))
+				__sync_fetch_and_add(&c->unreachables, 1);
 			return TC_ACT_UNSPEC;
 		}
 		// The node answers that a terminating pod's address is unreachable: the pod's network
 		// went (its veth deleted) before the API said the pod is gone, and the quoted packet,
 		// which no veth program saw, is a new connection to a dead pod (TCP SYN; UDP each time).
 		if (bpf_map_lookup_elem(&terminating, &p.inner) &&
-		    (p.quoted.proto == IPPROTO_UDP ||
-		     (p.quoted.proto == IPPROTO_TCP && (p.quoted.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN))) {
+		    (p.quoted.proto == IPPROTO_UDP || (p.quoted.proto == IPPROTO_TCP && is_syn(p.quoted.tcp_flags))) &&
+		    serves(&p.inner, p.quoted.dport, p.quoted.proto)) {
 			struct pkt q = {.saddr = p.quoted.saddr, .daddr = p.inner, .sport = p.quoted.sport,
 					.dport = p.quoted.dport, .proto = p.quoted.proto};
-			emit(&q, bpf_ktime_get_ns(), EVENT_DELETED);
+			emit(&q, bpf_ktime_get_ns(), EVENT_DELETED, from_node(&q.saddr));
 		}
 	}
 	return TC_ACT_UNSPEC;

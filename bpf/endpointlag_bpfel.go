@@ -24,22 +24,26 @@ type EndpointlagCounters struct {
 	Bytes        uint64
 	TcpConns     uint64
 	UdpFlows     uint64
+	NodeTcpConns uint64
+	NodeUdpFlows uint64
 	Resets       uint64
+	Refused      uint64
 	Unreachables uint64
 	LastPacketNs uint64
 	LastConnNs   uint64
 }
 
 type EndpointlagEvent struct {
-	_      structs.HostLayout
-	Saddr  EndpointlagAddr
-	Daddr  EndpointlagAddr
-	TimeNs uint64
-	Sport  uint16
-	Dport  uint16
-	Proto  uint8
-	Kind   uint8
-	Pad    [2]uint8
+	_        structs.HostLayout
+	Saddr    EndpointlagAddr
+	Daddr    EndpointlagAddr
+	TimeNs   uint64
+	Sport    uint16
+	Dport    uint16
+	Proto    uint8
+	Kind     uint8
+	FromNode uint8
+	Pad      uint8
 }
 
 type EndpointlagFlow struct {
@@ -51,11 +55,25 @@ type EndpointlagFlow struct {
 	Pad   uint32
 }
 
+type EndpointlagIfaceStats struct {
+	_       structs.HostLayout
+	Syns    uint64
+	SynAcks uint64
+}
+
 type EndpointlagRatelimit struct {
 	_        structs.HostLayout
 	WindowNs uint64
 	Sent     uint64
 	Dropped  uint64
+}
+
+type EndpointlagService struct {
+	_     structs.HostLayout
+	Addr  EndpointlagAddr
+	Port  uint16
+	Proto uint8
+	Pad   uint8
 }
 
 // Names of all BPF objects in the ELF.
@@ -64,7 +82,12 @@ type EndpointlagRatelimit struct {
 const (
 	EndpointlagMapDeleted         = "deleted"
 	EndpointlagMapEvents          = "events"
+	EndpointlagMapFiltered        = "filtered"
+	EndpointlagMapIfaces          = "ifaces"
 	EndpointlagMapLimits          = "limits"
+	EndpointlagMapNodeAddrs       = "node_addrs"
+	EndpointlagMapServed          = "served"
+	EndpointlagMapSyns            = "syns"
 	EndpointlagMapTerminating     = "terminating"
 	EndpointlagMapUdpFlows        = "udp_flows"
 	EndpointlagProgFromPod        = "from_pod"
@@ -129,7 +152,12 @@ type EndpointlagProgramSpecs struct {
 type EndpointlagMapSpecs struct {
 	Deleted     *ebpf.MapSpec `ebpf:"deleted"`
 	Events      *ebpf.MapSpec `ebpf:"events"`
+	Filtered    *ebpf.MapSpec `ebpf:"filtered"`
+	Ifaces      *ebpf.MapSpec `ebpf:"ifaces"`
 	Limits      *ebpf.MapSpec `ebpf:"limits"`
+	NodeAddrs   *ebpf.MapSpec `ebpf:"node_addrs"`
+	Served      *ebpf.MapSpec `ebpf:"served"`
+	Syns        *ebpf.MapSpec `ebpf:"syns"`
 	Terminating *ebpf.MapSpec `ebpf:"terminating"`
 	UdpFlows    *ebpf.MapSpec `ebpf:"udp_flows"`
 }
@@ -164,7 +192,12 @@ func (o *EndpointlagObjects) Close() error {
 type EndpointlagMaps struct {
 	Deleted     *ebpf.Map `ebpf:"deleted"`
 	Events      *ebpf.Map `ebpf:"events"`
+	Filtered    *ebpf.Map `ebpf:"filtered"`
+	Ifaces      *ebpf.Map `ebpf:"ifaces"`
 	Limits      *ebpf.Map `ebpf:"limits"`
+	NodeAddrs   *ebpf.Map `ebpf:"node_addrs"`
+	Served      *ebpf.Map `ebpf:"served"`
+	Syns        *ebpf.Map `ebpf:"syns"`
 	Terminating *ebpf.Map `ebpf:"terminating"`
 	UdpFlows    *ebpf.Map `ebpf:"udp_flows"`
 }
@@ -173,7 +206,12 @@ func (m *EndpointlagMaps) Close() error {
 	return _EndpointlagClose(
 		m.Deleted,
 		m.Events,
+		m.Filtered,
+		m.Ifaces,
 		m.Limits,
+		m.NodeAddrs,
+		m.Served,
+		m.Syns,
 		m.Terminating,
 		m.UdpFlows,
 	)

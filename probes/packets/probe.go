@@ -2,9 +2,11 @@
 // still reaches this node's pods after their deletion began, and the traffic sent to pods already
 // gone. It attaches to the host side of every pod veth (followed through netlink link events) and,
 // when named, to the node's uplinks; keeps the programs' maps of terminating and deleted pod
-// addresses in step with the collector's list of this node's deleting pods; turns the programs'
-// events about new connections into late_connection / dead_connection observations; and exports
-// the counters at scrape time. The programs never drop or change a packet.
+// addresses (and the ports they serve) in step with the collector's list of this node's deleting
+// pods; turns the programs' events about new connections into late_connection / dead_connection
+// observations, and each pod's exact last client connection into a last_connection observation;
+// keeps its programs first among the interfaces' TC programs; says where the datapath bypasses
+// them; and exports the counters at scrape time. The programs never drop or change a packet.
 package packets
 
 import (
@@ -79,7 +81,7 @@ func init() {
 		Name:           Name,
 		Help:           "eBPF TC programs on pod veths (and --packets.uplinks) count packets and new connections that reach this node's pods after their deletion began, and packets to pods already gone",
 		DefaultEnabled: true,
-		Stages:         []probes.Stage{probes.StageLateConnection, probes.StageDeadConnection},
+		Stages:         []probes.Stage{probes.StageLateConnection, probes.StageDeadConnection, probes.StageLastConnection},
 		Flags: func(fs *pflag.FlagSet) {
 			flagOpts = DefaultOptions()
 			fs.StringSliceVar(&flagOpts.Uplinks, "packets.uplinks", flagOpts.Uplinks,
@@ -104,15 +106,6 @@ func init() {
 	})
 }
 
-// tracked is a pod address in one of the programs' maps.
-type tracked struct {
-	pod     probes.PodRef
-	t0      time.Time
-	deleted bool
-	// ifindex is the pod veth the address is routed to while the pod terminates (0: unknown).
-	ifindex int
-}
-
 // Probe runs the programs in the network namespace it starts in (or the one NewInNamespace names).
 type Probe struct {
 	opts  Options
@@ -133,8 +126,25 @@ type Probe struct {
 	overLimit map[netip.Addr]bool
 	// vethGone are terminating pods' addresses whose veth is deleted: the pod's network is gone
 	// before the API says the pod is, and traffic to them counts as to a deleted pod.
-	vethGone    map[netip.Addr]string // address → pod UID
-	attachments map[int][]*attachment
+	vethGone map[netip.Addr]string // address → pod UID
+	// served, filtered and nodeAddrs are what the maps of the same names hold.
+	served    map[service]bool
+	filtered  map[netip.Addr]bool
+	nodeAddrs map[netip.Addr]bool
+	// lastConns are pods some of whose addresses left the terminating map, until the last one
+	// did; reported are the pods whose last connection was reported, until the collector
+	// forgets them.
+	lastConns map[string]*lastConn
+	reported  map[string]bool
+	// progIDs are the loaded programs' kernel IDs, by program name: what the checks of the order
+	// among TC programs look for.
+	progIDs       map[string]ebpf.ProgramID
+	attachments   map[int][]*attachment
+	reattachments map[string]float64 // by reason
+	// netkit (netkit pod devices) and redirected (pod veths bypassed towards the pod) are the
+	// interfaces the programs cannot see the pods' traffic on, by index, with their names.
+	netkit     map[int]string
+	redirected map[int]string
 	// monoOffset turns the programs' CLOCK_MONOTONIC nanoseconds into wall time.
 	monoOffset time.Duration
 	// subscribe starts link events (netlink.LinkSubscribeWithOptions; tests replace it).
@@ -144,7 +154,10 @@ type Probe struct {
 // New returns the probe for the current network namespace.
 func New(opts Options, pods probes.LocalPods, clk clock.PassiveClock, log *slog.Logger) *Probe {
 	return &Probe{opts: opts, pods: pods, clock: clk, log: log.With("probe", Name), ns: netns{fd: -1},
-		tracked: map[netip.Addr]tracked{}, overLimit: map[netip.Addr]bool{}, vethGone: map[netip.Addr]string{}, attachments: map[int][]*attachment{},
+		tracked: map[netip.Addr]tracked{}, overLimit: map[netip.Addr]bool{}, vethGone: map[netip.Addr]string{},
+		served: map[service]bool{}, filtered: map[netip.Addr]bool{}, nodeAddrs: map[netip.Addr]bool{},
+		lastConns: map[string]*lastConn{}, reported: map[string]bool{}, progIDs: map[string]ebpf.ProgramID{},
+		attachments: map[int][]*attachment{}, reattachments: map[string]float64{}, netkit: map[int]string{}, redirected: map[int]string{},
 		subscribe: netlink.LinkSubscribeWithOptions}
 }
 
@@ -158,6 +171,9 @@ func NewInNamespace(fd int, opts Options, pods probes.LocalPods, clk clock.Passi
 // Name implements probes.Probe.
 func (p *Probe) Name() string { return Name }
 
+// servedPerAddr is the room the served map has per tracked address: ports its endpoints list.
+const servedPerAddr = 8
+
 // load loads the programs and maps, sized from the options.
 func (p *Probe) load() (*bpf.EndpointlagObjects, error) {
 	spec, err := bpf.LoadEndpointlag()
@@ -166,6 +182,8 @@ func (p *Probe) load() (*bpf.EndpointlagObjects, error) {
 	}
 	spec.Maps[bpf.EndpointlagMapTerminating].MaxEntries = uint32(p.opts.MaxPods)
 	spec.Maps[bpf.EndpointlagMapDeleted].MaxEntries = uint32(p.opts.MaxPods)
+	spec.Maps[bpf.EndpointlagMapFiltered].MaxEntries = uint32(2 * p.opts.MaxPods)
+	spec.Maps[bpf.EndpointlagMapServed].MaxEntries = uint32(2 * servedPerAddr * p.opts.MaxPods)
 	if err := spec.Variables[bpf.EndpointlagVarEventsPerSecond].Set(uint64(p.opts.EventsPerSecond)); err != nil {
 		return nil, err
 	}
@@ -210,6 +228,17 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 	p.objs = objs
 	p.mu.Unlock()
 	defer p.close()
+	for name, prog := range map[string]*ebpf.Program{"to_pod": objs.ToPod, "from_pod": objs.FromPod, "uplink_in": objs.UplinkIn, "uplink_out": objs.UplinkOut} {
+		info, err := prog.Info()
+		if err != nil {
+			return fmt.Errorf("packets: program %s: %w", name, err)
+		}
+		id, ok := info.ID()
+		if !ok {
+			return fmt.Errorf("packets: program %s: the kernel tells no program ID (Linux 4.13+)", name)
+		}
+		p.progIDs[name] = id
+	}
 
 	events, err := ringbuf.NewReader(objs.Events)
 	if err != nil {
@@ -234,8 +263,7 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 	if p.pods != nil {
 		p.pods.NotifyLocalPods(notify)
 	}
-	p.reconcile(sink)
-	sink.SetStatus(Name, probes.Status{Up: true, Synced: true})
+	p.sync(sink)
 	tick := time.NewTicker(p.opts.ReconcileInterval)
 	defer tick.Stop()
 	for {
@@ -265,11 +293,21 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 		case err := <-subErr:
 			sink.Error(Name, fmt.Errorf("link events: %w", err))
 		case <-notify:
-			p.reconcile(sink)
+			p.sync(sink)
 		case <-tick.C:
-			p.reconcile(sink)
+			p.sync(sink)
 		}
 	}
+}
+
+// sync reconciles and reports the probe's health: up again after a reconciliation that
+// succeeded, whatever failed before it.
+func (p *Probe) sync(sink probes.Sink) {
+	if err := p.reconcile(sink); err != nil {
+		sink.Error(Name, err)
+		return
+	}
+	sink.SetStatus(Name, probes.Status{Up: true, Synced: true})
 }
 
 // subscribeLinks starts following link events, the existing links first; errors go to errs.
@@ -323,37 +361,6 @@ func (p *Probe) role(l netlink.Link) string {
 	return ""
 }
 
-// routedTo returns the interface this node routes a pod address to (0 when unknown).
-func (p *Probe) routedTo(a netip.Addr) int {
-	if p.nl == nil {
-		return 0
-	}
-	routes, err := p.nl.RouteGet(a.AsSlice())
-	if err != nil || len(routes) == 0 {
-		return 0
-	}
-	return routes[0].LinkIndex
-}
-
-// vethDeleted moves the addresses of terminating pods behind a deleted veth to the deleted map at
-// once: their network is gone, and new connections to them go nowhere (the API's word that the
-// pod is gone comes later). Called with p.mu held.
-func (p *Probe) vethDeleted(idx int, sink probes.Sink) {
-	for a, t := range p.tracked {
-		if t.deleted || t.ifindex != idx {
-			continue
-		}
-		p.untrack(a, t)
-		p.vethGone[a] = t.pod.UID
-		t.deleted, t.ifindex = true, 0
-		if err := p.objs.Deleted.Update(addrKey(a), bpf.EndpointlagCounters{}, ebpf.UpdateNoExist); err != nil {
-			sink.Error(Name, fmt.Errorf("adding %s to the deleted map: %w", a, err))
-			continue
-		}
-		p.tracked[a] = t
-	}
-}
-
 // hook is a program and the direction it attaches to.
 type hook struct {
 	name    string
@@ -373,7 +380,13 @@ func (p *Probe) linkChanged(u netlink.LinkUpdate, sink probes.Sink) {
 			}
 		}
 		delete(p.attachments, idx)
-		p.vethDeleted(idx, sink)
+		p.interfaceGone(idx)
+		if p.objs != nil {
+			p.vethDeleted(idx, sink)
+		}
+		return
+	}
+	if p.netkitPod(idx, u.Link) {
 		return
 	}
 	if _, done := p.attachments[idx]; done || p.objs == nil {
@@ -421,143 +434,6 @@ func (p *Probe) attached() []string {
 	return out
 }
 
-func addrKey(a netip.Addr) bpf.EndpointlagAddr {
-	return bpf.EndpointlagAddr{B: netip.AddrFrom16(a.As16()).As16()}
-}
-
-func keyAddr(k bpf.EndpointlagAddr) netip.Addr {
-	return netip.AddrFrom16(k.B).Unmap()
-}
-
-// reconcile makes the maps hold the addresses of the collector's deleting pods: terminating
-// until the pod is gone, deleted after that, until the collector forgets the pod.
-func (p *Probe) reconcile(sink probes.Sink) {
-	if p.pods == nil {
-		return
-	}
-	pods := p.pods.LocalPods()
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	want := map[netip.Addr]tracked{}
-	for _, lp := range pods {
-		for _, a := range lp.Addrs {
-			// An address a newer pod took over belongs to the newer pod.
-			if have, ok := want[a.Unmap()]; !ok || lp.T0.After(have.t0) {
-				want[a.Unmap()] = tracked{pod: lp.Pod, t0: lp.T0, deleted: lp.Gone || p.vethGone[a.Unmap()] == lp.Pod.UID}
-			}
-		}
-	}
-	if p.objs == nil {
-		return
-	}
-	p.monoOffset = monoOffset()
-	for a := range p.vethGone {
-		if _, ok := want[a]; !ok {
-			delete(p.vethGone, a)
-		}
-	}
-	// Each map keeps the newest addresses it has room for; older ones wanted beyond that are
-	// evicted (or never added), and counted once.
-	var byAge [2][]netip.Addr
-	for a, w := range want {
-		byAge[mapIndex(w.deleted)] = append(byAge[mapIndex(w.deleted)], a)
-	}
-	for i := range byAge {
-		slices.SortFunc(byAge[i], func(x, y netip.Addr) int { return want[y].t0.Compare(want[x].t0) })
-		if len(byAge[i]) > p.opts.MaxPods {
-			for _, a := range byAge[i][p.opts.MaxPods:] {
-				if !p.overLimit[a] {
-					p.overLimit[a] = true
-					p.evictions[i]++
-				}
-				delete(want, a)
-			}
-			byAge[i] = byAge[i][:p.opts.MaxPods]
-		}
-	}
-	for a := range p.overLimit {
-		if _, ok := want[a]; ok {
-			delete(p.overLimit, a) // admitted again
-		}
-	}
-	for a, have := range p.tracked {
-		if w, ok := want[a]; !ok || w.deleted != have.deleted || w.pod.UID != have.pod.UID {
-			p.untrack(a, have)
-		}
-	}
-	var errs []error
-	for _, addrs := range byAge {
-		for _, a := range addrs {
-			w := want[a]
-			if _, ok := p.tracked[a]; ok {
-				continue
-			}
-			if err := p.mapOf(w.deleted).Update(addrKey(a), bpf.EndpointlagCounters{}, ebpf.UpdateNoExist); err != nil {
-				errs = append(errs, fmt.Errorf("adding %s to the %s map: %w", a, mapName(w.deleted), err))
-				continue
-			}
-			if !w.deleted {
-				w.ifindex = p.routedTo(a)
-			}
-			p.tracked[a] = w
-		}
-	}
-	if err := errors.Join(errs...); err != nil {
-		sink.Error(Name, err)
-	}
-}
-
-func mapName(deleted bool) string {
-	if deleted {
-		return "deleted"
-	}
-	return "terminating"
-}
-
-func mapIndex(deleted bool) int {
-	if deleted {
-		return 1
-	}
-	return 0
-}
-
-func (p *Probe) mapOf(deleted bool) *ebpf.Map {
-	if deleted {
-		return p.objs.Deleted
-	}
-	return p.objs.Terminating
-}
-
-// untrack removes an address from its map, keeping its counts in the retired totals.
-func (p *Probe) untrack(a netip.Addr, t tracked) {
-	var c bpf.EndpointlagCounters
-	m := p.mapOf(t.deleted)
-	if err := m.LookupAndDelete(addrKey(a), &c); err == nil {
-		addCounters(&p.retired[mapIndex(t.deleted)], c)
-	} else if err := m.Lookup(addrKey(a), &c); err == nil {
-		// Hash maps have no atomic lookup-and-delete before Linux 5.14.
-		addCounters(&p.retired[mapIndex(t.deleted)], c)
-		_ = m.Delete(addrKey(a))
-	}
-	delete(p.tracked, a)
-}
-
-func addCounters(into *bpf.EndpointlagCounters, c bpf.EndpointlagCounters) {
-	into.Packets += c.Packets
-	into.Bytes += c.Bytes
-	into.TcpConns += c.TcpConns
-	into.UdpFlows += c.UdpFlows
-	into.Resets += c.Resets
-	into.Unreachables += c.Unreachables
-}
-
-// monoOffset is wall time minus CLOCK_MONOTONIC, which bpf_ktime_get_ns reads.
-func monoOffset() time.Duration {
-	var ts unix.Timespec
-	_ = unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
-	return time.Duration(time.Now().UnixNano() - ts.Nano())
-}
-
 // readEvents turns the programs' new-connection events into observations until the reader is
 // closed.
 func (p *Probe) readEvents(r *ringbuf.Reader, sink probes.Sink) {
@@ -594,12 +470,12 @@ func (p *Probe) observation(e bpf.EndpointlagEvent) probes.Observation {
 	}
 	p.mu.Lock()
 	t := p.tracked[daddr]
-	at := time.Unix(0, 0).Add(p.monoOffset + time.Duration(e.TimeNs))
+	at := p.wallTime(e.TimeNs)
 	p.mu.Unlock()
 	return probes.Observation{
 		Stage: stage, Time: at, Source: Name, Pod: t.pod, Local: true,
 		Endpoint: probes.Endpoint{Addr: daddr, Port: e.Dport, Protocol: proto},
-		Peer:     netip.AddrPortFrom(saddr, e.Sport),
+		Peer:     netip.AddrPortFrom(saddr, e.Sport), FromNode: e.FromNode != 0,
 	}
 }
 

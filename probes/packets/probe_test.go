@@ -74,14 +74,19 @@ func run(t testing.TB, args ...string) {
 
 // lab is a node namespace with one pod namespace behind a veth: the node's side is "vpod", the
 // node 10.77.0.1, the pod 10.77.0.2, serving TCP on 8080 (echo) and 9000 (discard) and UDP on 53.
+// addClient adds a client: another pod of the node, 10.78.0.2 behind "vcli".
 type lab struct {
 	node, pod     string
 	nodeFD, podFD *os.File
 	podAddr       netip.Addr
+	client        string
+	clientFD      *os.File
+	// ifaces are the node's pod veths.
+	ifaces []string
 }
 
 func newLab(t testing.TB) *lab {
-	l := &lab{podAddr: netip.MustParseAddr("10.77.0.2")}
+	l := &lab{podAddr: netip.MustParseAddr("10.77.0.2"), ifaces: []string{"vpod"}}
 	l.node, l.nodeFD = probetest.Netns(t, "eltest-pkt-node-", "ip")
 	l.pod, l.podFD = probetest.Netns(t, "eltest-pkt-pod-", "ip")
 	run(t, "ip", "-n", l.node, "link", "add", "vpod", "type", "veth", "peer", "name", "eth0", "netns", l.pod)
@@ -90,6 +95,7 @@ func newLab(t testing.TB) *lab {
 	run(t, "ip", "-n", l.node, "link", "set", "vpod", "up")
 	run(t, "ip", "-n", l.pod, "link", "set", "eth0", "up")
 	run(t, "ip", "-n", l.pod, "link", "set", "lo", "up")
+	run(t, "ip", "-n", l.pod, "route", "add", "default", "via", "10.77.0.1")
 	inNS(t, l.podFD, func() error {
 		// An echo server, one connection at a time, and a sink that reads every connection.
 		if err := serve(t, "10.77.0.2:8080", func(c net.Conn) { _, _ = io.Copy(c, c); c.Close() }); err != nil {
@@ -110,10 +116,25 @@ func newLab(t testing.TB) *lab {
 	return l
 }
 
-// connect opens n TCP connections from the node to the pod, each exchanging a byte.
-func (l *lab) connect(t testing.TB, port, n int) (refused int) {
+// addClient adds a client pod, 10.78.0.2, behind the node's veth "vcli"; the node forwards
+// between the two pods.
+func (l *lab) addClient(t testing.TB) {
+	l.client, l.clientFD = probetest.Netns(t, "eltest-pkt-client-", "ip")
+	l.ifaces = append(l.ifaces, "vcli")
+	run(t, "ip", "-n", l.node, "link", "add", "vcli", "type", "veth", "peer", "name", "eth0", "netns", l.client)
+	run(t, "ip", "-n", l.node, "addr", "add", "10.78.0.1/24", "dev", "vcli")
+	run(t, "ip", "-n", l.client, "addr", "add", "10.78.0.2/24", "dev", "eth0")
+	run(t, "ip", "-n", l.node, "link", "set", "vcli", "up")
+	run(t, "ip", "-n", l.client, "link", "set", "eth0", "up")
+	run(t, "ip", "-n", l.client, "route", "add", "default", "via", "10.78.0.1")
+	run(t, "ip", "netns", "exec", l.node, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+}
+
+// connect opens n TCP connections from the namespace open as from to the pod, each exchanging
+// a byte.
+func (l *lab) connect(t testing.TB, from *os.File, port, n int) (refused int) {
 	t.Helper()
-	inNS(t, l.nodeFD, func() error {
+	inNS(t, from, func() error {
 		for range n {
 			c, err := net.DialTimeout("tcp", fmt.Sprintf("10.77.0.2:%d", port), 2*time.Second)
 			if err != nil {
@@ -123,8 +144,10 @@ func (l *lab) connect(t testing.TB, port, n int) (refused int) {
 			if _, err := c.Write([]byte("x")); err != nil {
 				return err
 			}
-			if _, err := c.Read(make([]byte, 1)); err != nil {
-				return err
+			if port == 8080 {
+				if _, err := c.Read(make([]byte, 1)); err != nil {
+					return err
+				}
 			}
 			c.Close()
 		}
@@ -133,10 +156,10 @@ func (l *lab) connect(t testing.TB, port, n int) (refused int) {
 	return refused
 }
 
-// datagrams sends count UDP datagrams from each of flows sockets of the node.
-func (l *lab) datagrams(t testing.TB, flows, count int) {
+// datagrams sends count UDP datagrams from each of flows sockets of the namespace open as from.
+func (l *lab) datagrams(t testing.TB, from *os.File, flows, count int) {
 	t.Helper()
-	inNS(t, l.nodeFD, func() error {
+	inNS(t, from, func() error {
 		for range flows {
 			c, err := net.Dial("udp", "10.77.0.2:53")
 			if err != nil {
@@ -157,7 +180,7 @@ func startProbe(t testing.TB, l *lab, opts Options, pods probes.LocalPods) (*Pro
 	t.Helper()
 	p := NewInNamespace(int(l.nodeFD.Fd()), opts, pods, clock.RealClock{}, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	rec, stop := probetest.Run(t, p)
-	rec.Wait(t, "the programs attached", func() bool { return len(p.attached()) == 2 })
+	rec.Wait(t, "the programs attached", func() bool { return len(p.attached()) == 2*len(l.ifaces) })
 	return p, rec, stop
 }
 
@@ -212,14 +235,41 @@ func gather(t testing.TB, p *Probe) map[string]float64 {
 	return out
 }
 
+// wantMetrics fails the test for each metric (name and labels as gather keys them) whose value
+// is not the one wanted.
+func wantMetrics(t testing.TB, p *Probe, want map[string]float64) {
+	t.Helper()
+	m := gather(t, p)
+	for key, v := range want {
+		if m[key] != v {
+			t.Errorf("%s = %v, want %v", key, m[key], v)
+		}
+	}
+}
+
+// startWithClient starts the probe in a lab with a client, reconciling at the collector's
+// notifications only.
+func startWithClient(t testing.TB) (*lab, *fakePods, *Probe, *probetest.Recorder) {
+	l := newLab(t)
+	l.addClient(t)
+	pods := &fakePods{}
+	opts := DefaultOptions()
+	opts.ReconcileInterval = time.Hour
+	p, rec, _ := startProbe(t, l, opts, pods)
+	return l, pods, p, rec
+}
+
 // Real veth, real TCP and UDP: connections made before the deletion do not count; after it every
-// new connection and flow counts exactly once, with an event naming the client; the pod's reset
-// for a closed port counts; after the pod is gone its counts stay in the totals; on exit nothing
-// stays attached. Both attach modes.
+// new connection and flow from a client (another pod) to a port the pod serves counts exactly
+// once, with an event naming the client; the node's own connections count apart (origin=node,
+// events FromNode); a connection to a port no endpoint lists does not count; the pod's reset for
+// a served port it no longer listens on is a refused connection; after the pod is gone its counts
+// stay in the totals; on exit nothing stays attached. Both attach modes.
 func TestVethCountsExactly(t *testing.T) {
 	for _, mode := range []string{AttachTCX, AttachTC} {
 		t.Run(mode, func(t *testing.T) {
 			l := newLab(t)
+			l.addClient(t)
 			pods := &fakePods{}
 			opts := DefaultOptions()
 			opts.Attach = mode
@@ -231,7 +281,7 @@ func TestVethCountsExactly(t *testing.T) {
 					stop()
 				}
 			}()
-			want := []string{"from_pod ingress on vpod", "to_pod egress on vpod"}
+			want := []string{"from_pod ingress on vcli", "from_pod ingress on vpod", "to_pod egress on vcli", "to_pod egress on vpod"}
 			if got := p.attached(); fmt.Sprint(got) != fmt.Sprint(want) {
 				t.Fatalf("attached %q, want %q", got, want)
 			}
@@ -240,58 +290,77 @@ func TestVethCountsExactly(t *testing.T) {
 				t.Fatalf("mode %s: %d TCX programs, %d TC filters", mode, tcx, tc)
 			}
 
-			l.connect(t, 8080, 2)
-			l.datagrams(t, 1, 2)
+			l.connect(t, l.clientFD, 8080, 2)
+			l.datagrams(t, l.clientFD, 1, 2)
 			pod := probes.PodRef{Namespace: "default", Name: "web-1", UID: "uid-1"}
-			pods.set(probes.LocalPod{Pod: pod, Addrs: []netip.Addr{l.podAddr}, T0: time.Now()})
+			eps := []probes.Endpoint{{Addr: l.podAddr, Port: 8080, Protocol: "TCP"}, {Addr: l.podAddr, Port: 8081, Protocol: "TCP"},
+				{Addr: l.podAddr, Port: 53, Protocol: "UDP"}}
+			pods.set(probes.LocalPod{Pod: pod, Addrs: []netip.Addr{l.podAddr}, Endpoints: eps, T0: time.Now()})
 			rec.Wait(t, "the pod's address in the map", func() bool {
 				p.mu.Lock()
 				defer p.mu.Unlock()
 				_, ok := p.tracked[l.podAddr]
 				return ok
 			})
-			if refused := l.connect(t, 8080, 5); refused != 0 {
+			if refused := l.connect(t, l.clientFD, 8080, 5); refused != 0 {
 				t.Fatalf("%d connections refused", refused)
 			}
-			if refused := l.connect(t, 8081, 1); refused != 1 {
+			if refused := l.connect(t, l.clientFD, 8081, 1); refused != 1 {
 				t.Fatalf("the closed port accepted a connection")
 			}
-			l.datagrams(t, 2, 3)
+			l.datagrams(t, l.clientFD, 2, 3)
+			if refused := l.connect(t, l.clientFD, 9000, 1); refused != 0 { // served by no endpoint
+				t.Fatal("the discard port refused")
+			}
+			if refused := l.connect(t, l.nodeFD, 8080, 3); refused != 0 { // the kubelet's probes
+				t.Fatal("connections from the node refused")
+			}
 
-			rec.Wait(t, "8 connection events", func() bool { return len(rec.Observations()) >= 8 })
+			rec.Wait(t, "11 connection events", func() bool { return len(rec.Observations()) >= 11 })
+			fromNode := 0
 			for _, o := range rec.Observations() {
-				if o.Stage != probes.StageLateConnection || o.Pod != pod || o.Endpoint.Addr != l.podAddr || o.Peer.Addr() != netip.MustParseAddr("10.77.0.1") {
+				if o.Stage != probes.StageLateConnection || o.Pod != pod || o.Endpoint.Addr != l.podAddr || o.Endpoint.Port == 9000 {
 					t.Errorf("observation %+v", o)
+				}
+				client := o.Peer.Addr() == netip.MustParseAddr("10.78.0.2")
+				if o.FromNode {
+					fromNode++
+				}
+				if client == o.FromNode || !client && o.Peer.Addr() != netip.MustParseAddr("10.77.0.1") {
+					t.Errorf("observation from %s, FromNode %v", o.Peer, o.FromNode)
 				}
 				if d := time.Since(o.Time); d < 0 || d > time.Minute {
 					t.Errorf("event time %s is %s away from now", o.Time, d)
 				}
 			}
-			m := gather(t, p)
-			for key, v := range map[string]float64{
-				"endpointlag_late_connections_total,protocol=tcp":       6, // 5 served + 1 refused
-				"endpointlag_late_connections_total,protocol=udp":       2,
-				"endpointlag_terminating_errors_total,kind=reset":       1,
-				"endpointlag_terminating_errors_total,kind=unreachable": 0,
-				"endpointlag_packet_attachments,role=pod":               1,
-			} {
-				if m[key] != v {
-					t.Errorf("%s = %v, want %v", key, m[key], v)
-				}
+			if fromNode != 3 {
+				t.Errorf("%d events from the node, want 3", fromNode)
 			}
-			if m["endpointlag_terminating_packets_total"] < 6+2+6 {
+			wantMetrics(t, p, map[string]float64{
+				"endpointlag_late_connections_total,origin=client,protocol=tcp": 6, // 5 served + 1 refused
+				"endpointlag_late_connections_total,origin=client,protocol=udp": 2,
+				"endpointlag_late_connections_total,origin=node,protocol=tcp":   3,
+				"endpointlag_late_connections_total,origin=node,protocol=udp":   0,
+				"endpointlag_terminating_errors_total,kind=refused":             1,
+				"endpointlag_terminating_errors_total,kind=reset":               0,
+				"endpointlag_terminating_errors_total,kind=unreachable":         0,
+				"endpointlag_packet_attachments,role=pod":                       2,
+				"endpointlag_packet_blind_interfaces,reason=netkit":             0,
+				"endpointlag_packet_blind_interfaces,reason=redirect_peer":      0,
+			})
+			if m := gather(t, p); m["endpointlag_terminating_packets_total"] < 6+2+6+1+3 {
 				t.Errorf("terminating packets %v, want at least a SYN per connection plus data", m["endpointlag_terminating_packets_total"])
 			}
 
 			// Gone: the address moves to the deleted map; the totals keep what was counted.
-			pods.set(probes.LocalPod{Pod: pod, Addrs: []netip.Addr{l.podAddr}, T0: time.Now(), Gone: true})
+			pods.set(probes.LocalPod{Pod: pod, Addrs: []netip.Addr{l.podAddr}, Endpoints: eps, T0: time.Now(), Gone: true})
 			rec.Wait(t, "the address in the deleted map", func() bool {
 				p.mu.Lock()
 				defer p.mu.Unlock()
 				return p.tracked[l.podAddr].deleted
 			})
-			if after := gather(t, p); after["endpointlag_late_connections_total,protocol=tcp"] != 6 {
-				t.Errorf("late TCP connections after the pod is gone: %v, want 6", after["endpointlag_late_connections_total,protocol=tcp"])
+			if after := gather(t, p); after["endpointlag_late_connections_total,origin=client,protocol=tcp"] != 6 {
+				t.Errorf("late TCP connections after the pod is gone: %v, want 6", after["endpointlag_late_connections_total,origin=client,protocol=tcp"])
 			}
 
 			stop()
@@ -473,6 +542,156 @@ func TestDeletedVethMovesAddressToDeleted(t *testing.T) {
 	if errs := rec.Errors(); len(errs) > 0 {
 		t.Errorf("errors: %v", errs)
 	}
+}
+
+// The exact time of the last new client connection, over all of a pod's addresses, is reported
+// once per pod when its addresses leave the terminating map: the pod gone, or no longer listed.
+// The node's own later connections do not move it; a pod nothing connected to reports zero.
+func TestLastConnectionExact(t *testing.T) {
+	l, pods, p, rec := startWithClient(t)
+	ref := func(n string) probes.PodRef { return probes.PodRef{Namespace: "default", Name: n, UID: "uid-" + n} }
+	t0 := time.Now()
+	// web-1 has the lab pod's address and one nothing is sent to; quiet and idle have none.
+	web := probes.LocalPod{Pod: ref("web-1"), Addrs: []netip.Addr{l.podAddr, netip.MustParseAddr("10.77.0.3")}, T0: t0}
+	quiet := probes.LocalPod{Pod: ref("quiet"), Addrs: []netip.Addr{netip.MustParseAddr("10.77.0.4")}, T0: t0}
+	idle := probes.LocalPod{Pod: ref("idle"), Addrs: []netip.Addr{netip.MustParseAddr("10.77.0.5")}, T0: t0}
+	pods.set(web, quiet, idle)
+	rec.Wait(t, "the addresses in the map", func() bool { p.mu.Lock(); defer p.mu.Unlock(); return len(p.tracked) == 4 })
+	l.connect(t, l.clientFD, 8080, 2)
+	before := time.Now()
+	l.connect(t, l.clientFD, 8080, 1)
+	after := time.Now()
+	l.connect(t, l.nodeFD, 8080, 2)
+	rec.Wait(t, "5 connection events", func() bool { return len(rec.Observations()) >= 5 })
+
+	last := func(pod probes.PodRef) []probes.Observation {
+		var out []probes.Observation
+		for _, o := range rec.Observations() {
+			if o.Stage == probes.StageLastConnection && o.Pod == pod {
+				out = append(out, o)
+			}
+		}
+		return out
+	}
+	// web-1 and quiet are gone, idle no longer listed.
+	gone := web
+	gone.Gone = true
+	quietGone := quiet
+	quietGone.Gone = true
+	pods.set(gone, quietGone)
+	rec.Wait(t, "the last connections", func() bool { return len(last(web.Pod)) > 0 && len(last(quiet.Pod)) > 0 && len(last(idle.Pod)) > 0 })
+	o := last(web.Pod)[0]
+	if o.Time.Before(before) || o.Time.After(after) || o.Source != Name || !o.Local {
+		t.Errorf("web-1's last connection %+v, want between %s and %s (the last client connection)", o, before, after)
+	}
+	for _, pod := range []probes.PodRef{quiet.Pod, idle.Pod} {
+		if o := last(pod)[0]; !o.Time.IsZero() {
+			t.Errorf("%s's last connection at %s, want none", pod, o.Time)
+		}
+	}
+	pods.set(gone) // more reconciliations report nothing again
+	pods.set(gone, quietGone)
+	rec.Wait(t, "the deleted map", func() bool { p.mu.Lock(); defer p.mu.Unlock(); return len(p.tracked) == 3 })
+	for _, pod := range []probes.PodRef{web.Pod, quiet.Pod, idle.Pod} {
+		if n := len(last(pod)); n != 1 {
+			t.Errorf("%s: %d last connections, want 1", pod, n)
+		}
+	}
+	if errs := rec.Errors(); len(errs) > 0 {
+		t.Errorf("errors: %v", errs)
+	}
+}
+
+// An address the collector no longer lists (a live pod took it over) leaves every map at the
+// next reconciliation: nothing sent to it counts any more, as a terminating or as a deleted pod's.
+func TestAddressLeavingListNotCounted(t *testing.T) {
+	for _, gone := range []bool{false, true} {
+		t.Run(fmt.Sprint("gone=", gone), func(t *testing.T) {
+			l, pods, p, rec := startWithClient(t)
+			old := probes.LocalPod{Pod: probes.PodRef{Namespace: "default", Name: "web-1", UID: "uid-1"}, Addrs: []netip.Addr{l.podAddr},
+				Endpoints: []probes.Endpoint{{Addr: l.podAddr, Port: 8080, Protocol: "TCP"}, {Addr: l.podAddr, Port: 53, Protocol: "UDP"}},
+				T0:        time.Now(), Gone: gone}
+			pods.set(old)
+			rec.Wait(t, "the address tracked", func() bool { p.mu.Lock(); defer p.mu.Unlock(); return len(p.tracked) == 1 })
+			l.connect(t, l.clientFD, 8080, 1)
+			l.datagrams(t, l.clientFD, 1, 1)
+			counted := func() float64 {
+				m := gather(t, p)
+				return m["endpointlag_late_connections_total,origin=client,protocol=tcp"] + m["endpointlag_terminating_packets_total"] +
+					m["endpointlag_dead_endpoint_connections_total,origin=client,protocol=tcp"] + m["endpointlag_dead_endpoint_packets_total"]
+			}
+			pods.set() // the address is another pod's now
+			rec.Wait(t, "the address untracked", func() bool { p.mu.Lock(); defer p.mu.Unlock(); return len(p.tracked) == 0 })
+			// Taken when the address left: the last packets of the connection before (its
+			// closing ACK) may come after the connection is closed here.
+			was := counted()
+			if was == 0 {
+				t.Fatal("nothing counted while the address was listed")
+			}
+			l.connect(t, l.clientFD, 8080, 3)
+			l.datagrams(t, l.clientFD, 2, 2)
+			if now := counted(); now != was {
+				t.Errorf("counted %v after the address left the list, %v before", now, was)
+			}
+			p.mu.Lock()
+			defer p.mu.Unlock()
+			for name, m := range map[string]*ebpf.Map{"terminating": p.objs.Terminating, "deleted": p.objs.Deleted,
+				"filtered": p.objs.Filtered, "served": p.objs.Served} {
+				if n := entries(t, m, func([]byte) bool { return true }); n != 0 {
+					t.Errorf("the %s map holds %d entries", name, n)
+				}
+			}
+			// Flows to the address: the pod's, from before, are forgotten.
+			to := addrKey(l.podAddr)
+			for name, m := range map[string]*ebpf.Map{"udp_flows": p.objs.UdpFlows, "syns": p.objs.Syns} {
+				if n := entries(t, m, func(k []byte) bool { return string(k[16:32]) == string(to.B[:]) }); n != 0 {
+					t.Errorf("the %s map holds %d flows to %s", name, n, l.podAddr)
+				}
+			}
+		})
+	}
+}
+
+// entries counts the keys of m that match.
+func entries(t testing.TB, m *ebpf.Map, match func(key []byte) bool) int {
+	t.Helper()
+	n := 0
+	var cur any // nil: the first key
+	for {
+		next := make([]byte, m.KeySize())
+		if err := m.NextKey(cur, next); errors.Is(err, ebpf.ErrKeyNotExist) {
+			return n
+		} else if err != nil {
+			t.Fatal(err)
+		}
+		if match(next) {
+			n++
+		}
+		cur = next
+	}
+}
+
+// After a failure, the next successful reconciliation reports the probe up again.
+func TestUpAgainAfterError(t *testing.T) {
+	l := newLab(t)
+	pods := &fakePods{}
+	opts := DefaultOptions()
+	opts.ReconcileInterval = time.Hour
+	p := NewInNamespace(int(l.nodeFD.Fd()), opts, pods, clock.RealClock{}, slog.New(slog.DiscardHandler))
+	fail := make(chan func(error), 1)
+	p.subscribe = func(ch chan<- netlink.LinkUpdate, done <-chan struct{}, o netlink.LinkSubscribeOptions) error {
+		select {
+		case fail <- o.ErrorCallback:
+		default:
+		}
+		return netlink.LinkSubscribeWithOptions(ch, done, o)
+	}
+	rec, _ := probetest.Run(t, p)
+	rec.Wait(t, "the probe up", rec.Up)
+	(<-fail)(errors.New("receive: no buffer space available")) // a transient failure
+	rec.Wait(t, "the failure reported", func() bool { return !rec.Up() })
+	pods.set(probes.LocalPod{Pod: probes.PodRef{Namespace: "default", Name: "web-1", UID: "uid-1"}, Addrs: []netip.Addr{l.podAddr}, T0: time.Now()})
+	rec.Wait(t, "the probe up again after a reconciliation", rec.Up)
 }
 
 // serve listens on addr until the test ends and hands each accepted connection to handle.

@@ -8,12 +8,15 @@ import (
 	"log/slog"
 	"net/netip"
 	"os"
+	"slices"
 	"testing"
 	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/ringbuf"
 	"github.com/cilium/ebpf/rlimit"
+	"github.com/vishvananda/netlink"
+	vnetns "github.com/vishvananda/netns"
 	"k8s.io/utils/clock"
 
 	"github.com/endpointlag/endpointlag/bpf"
@@ -86,9 +89,9 @@ func packet(src, dst netip.AddrPort, proto byte, tcpFlags byte, inner netip.Addr
 	return append(frame, l4...)
 }
 
-// unreachable builds the ICMP destination unreachable a node sends to from about the packet
-// quoted (from → to, TCP with flags or UDP).
-func unreachable(node netip.Addr, from, to netip.AddrPort, proto, tcpFlags byte) []byte {
+// unreachable builds the ICMP destination unreachable with code that node sends to from about the
+// packet quoted (from → to, TCP with flags or UDP).
+func unreachable(node netip.Addr, from, to netip.AddrPort, proto, tcpFlags, code byte) []byte {
 	icmp := byte(protoICMP)
 	if node.Is6() {
 		icmp = protoICMP6
@@ -99,6 +102,7 @@ func unreachable(node netip.Addr, from, to netip.AddrPort, proto, tcpFlags byte)
 	if icmp == protoICMP6 {
 		l4[0] = 1
 	}
+	l4[1] = code
 	l4 = append(l4, quoted...)
 	frame := make([]byte, 14)
 	binary.BigEndian.PutUint16(frame[12:], 0x0800)
@@ -153,11 +157,7 @@ func TestProgramsCount(t *testing.T) {
 	}
 	ap := netip.AddrPortFrom
 	var none netip.Addr
-	for _, tc := range []struct {
-		name string
-		prog *ebpf.Program
-		pkt  []byte
-	}{
+	runAll(t, []progPacket{
 		// To terminating pods: two SYNs, one ACK, two datagrams of one UDP flow and one of another,
 		// each family; a packet to another pod; an ARP frame.
 		{"v4 syn", objs.ToPod, packet(ap(client4, 40000), ap(pod4, 8080), protoTCP, flagSYN, none)},
@@ -171,7 +171,8 @@ func TestProgramsCount(t *testing.T) {
 		{"v6 syn-ack is no new connection", objs.ToPod, packet(ap(client6, 40000), ap(pod6, 8080), protoTCP, flagSYN|flagACK, none)},
 		{"v6 udp", objs.ToPod, packet(ap(client6, 5000), ap(pod6, 53), protoUDP, 0, none)},
 		{"arp", objs.ToPod, append(make([]byte, 12), 0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 1)},
-		// From terminating pods: a reset, an ICMP port unreachable, and a normal ACK.
+		// From terminating pods: a reset refusing the first SYN, an ICMP unreachable, and a
+		// normal ACK.
 		{"v4 rst from pod", objs.FromPod, packet(ap(pod4, 8080), ap(client4, 40000), protoTCP, flagRST|flagACK, none)},
 		{"v4 unreachable from pod", objs.FromPod, packet(ap(pod4, 0), ap(client4, 0), protoICMP, 0, client4)},
 		{"v4 ack from pod", objs.FromPod, packet(ap(pod4, 8080), ap(client4, 40000), protoTCP, flagACK, none)},
@@ -187,25 +188,13 @@ func TestProgramsCount(t *testing.T) {
 		// The node's unreachables about terminating pods whose network is gone: a quoted SYN and
 		// a quoted datagram are new connections to a dead pod (no counter of the terminating
 		// pod moves); a quoted ACK is not.
-		{"v4 unreachable for a terminating pod's SYN", objs.UplinkOut, unreachable(node4, ap(client4, 40004), ap(pod4, 8080), protoTCP, flagSYN)},
-		{"v6 unreachable for a terminating pod's datagram", objs.UplinkOut, unreachable(node6, ap(client6, 5002), ap(pod6, 53), protoUDP, 0)},
-		{"v4 unreachable for a terminating pod's ACK", objs.UplinkOut, unreachable(node4, ap(client4, 40005), ap(pod4, 8080), protoTCP, flagACK)},
-	} {
-		out := make([]byte, len(tc.pkt))
-		ret, err := tc.prog.Run(&ebpf.RunOptions{Data: tc.pkt, DataOut: out})
-		if err != nil {
-			t.Fatalf("%s: %v", tc.name, err)
-		}
-		if ret != tcUnspec {
-			t.Errorf("%s: returned %#x, want TC_ACT_UNSPEC: the program must let every packet go on", tc.name, ret)
-		}
-		if string(out) != string(tc.pkt) {
-			t.Errorf("%s: the packet was changed", tc.name)
-		}
-	}
+		{"v4 unreachable for a terminating pod's SYN", objs.UplinkOut, unreachable(node4, ap(client4, 40004), ap(pod4, 8080), protoTCP, flagSYN, 0)},
+		{"v6 unreachable for a terminating pod's datagram", objs.UplinkOut, unreachable(node6, ap(client6, 5002), ap(pod6, 53), protoUDP, 0, 0)},
+		{"v4 unreachable for a terminating pod's ACK", objs.UplinkOut, unreachable(node4, ap(client4, 40005), ap(pod4, 8080), protoTCP, flagACK, 0)},
+	})
 	want := map[netip.Addr]bpf.EndpointlagCounters{
-		pod4:  {Packets: 6, TcpConns: 2, UdpFlows: 2, Resets: 1, Unreachables: 1},
-		pod6:  {Packets: 3, TcpConns: 1, UdpFlows: 1, Resets: 1},
+		pod4:  {Packets: 6, TcpConns: 2, UdpFlows: 2, Refused: 1, Unreachables: 1},
+		pod6:  {Packets: 3, TcpConns: 1, UdpFlows: 1, Refused: 1},
 		dead4: {Packets: 2, TcpConns: 2, Unreachables: 1},
 		dead6: {Packets: 1, TcpConns: 1, Unreachables: 1},
 	}
@@ -313,9 +302,9 @@ func TestMapsAreBoundedAndTotalsKept(t *testing.T) {
 		t.Errorf("after another reconciliation, tracked %v", p.tracked)
 	}
 	m := gather(t, p)
-	if m["endpointlag_packet_map_evictions_total,map=terminating"] != 1 || m["endpointlag_late_connections_total,protocol=tcp"] != 1 {
+	if m["endpointlag_packet_map_evictions_total,map=terminating"] != 1 || m["endpointlag_late_connections_total,origin=client,protocol=tcp"] != 1 {
 		t.Errorf("evictions %v, late TCP connections %v; want 1 and 1 (kept after the eviction)",
-			m["endpointlag_packet_map_evictions_total,map=terminating"], m["endpointlag_late_connections_total,protocol=tcp"])
+			m["endpointlag_packet_map_evictions_total,map=terminating"], m["endpointlag_late_connections_total,origin=client,protocol=tcp"])
 	}
 	// Pod 3 is gone: it moves to the deleted map; forgotten, it leaves it.
 	pods.set(pod(2, false), pod(3, true))
@@ -340,5 +329,185 @@ func TestMapsAreBoundedAndTotalsKept(t *testing.T) {
 	}
 	if errs := rec.Errors(); len(errs) > 0 {
 		t.Errorf("errors: %v", errs)
+	}
+}
+
+// nodeNetns is a network namespace whose addresses are those of a node: 10.99.0.11, the
+// host side of pod veths' 169.254.1.1 and fd00:99::11 (on lo: the kernel has no dummy
+// interfaces here). The probe lists them as the node's own.
+func nodeNetns(t *testing.T) *os.File {
+	name, fd := probetest.Netns(t, "eltest-pkt-prog-", "ip")
+	for _, a := range []string{"10.99.0.11/32", "169.254.1.1/32", "fd00:99::11/128"} {
+		run(t, "ip", "-n", name, "addr", "add", a, "dev", "lo")
+	}
+	run(t, "ip", "-n", name, "link", "set", "lo", "up")
+	return fd
+}
+
+// progProbe is a probe over loaded objects in a node namespace, with no interface attached:
+// reconcile fills its maps, BPF_PROG_TEST_RUN runs its programs.
+func progProbe(t *testing.T, pods *fakePods) *Probe {
+	t.Helper()
+	objs := loadObjects(t, DefaultOptions())
+	fd := nodeNetns(t)
+	p := NewInNamespace(int(fd.Fd()), DefaultOptions(), pods, clock.RealClock{}, slog.New(slog.DiscardHandler))
+	nl, err := netlink.NewHandleAt(vnetns.NsHandle(fd.Fd()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nl.Close)
+	p.nl, p.objs = nl, objs
+	return p
+}
+
+// runAll runs each packet through its program, and fails the test when a program does not let
+// the packet go on unchanged.
+func runAll(t *testing.T, pkts []progPacket) {
+	t.Helper()
+	for _, tc := range pkts {
+		out := make([]byte, len(tc.pkt))
+		ret, err := tc.prog.Run(&ebpf.RunOptions{Data: tc.pkt, DataOut: out})
+		if err != nil {
+			t.Fatalf("%s: %v", tc.name, err)
+		}
+		if ret != tcUnspec {
+			t.Errorf("%s: returned %#x, want TC_ACT_UNSPEC: the program must let every packet go on", tc.name, ret)
+		}
+		if string(out) != string(tc.pkt) {
+			t.Errorf("%s: the packet was changed", tc.name)
+		}
+	}
+}
+
+type progPacket struct {
+	name string
+	prog *ebpf.Program
+	pkt  []byte
+}
+
+// Late and dead connections count only those to ports the pod's endpoints serve (an endpoint of
+// port 0 serves every port of its protocol; an address whose endpoints are not known yet is not
+// filtered), and those from the node's own addresses apart; packets count all the same. A reply
+// to a datagram the pod sent is no new flow.
+func TestProgramsCountOnlyClients(t *testing.T) {
+	pods := &fakePods{}
+	p := progProbe(t, pods)
+	pod4, pod6, dead4 := netip.MustParseAddr("10.244.1.5"), netip.MustParseAddr("fd00:10:244:1::5"), netip.MustParseAddr("10.244.1.9")
+	client4, client6 := netip.MustParseAddr("10.244.2.7"), netip.MustParseAddr("fd00:10:244:2::7")
+	node4, link4, node6 := netip.MustParseAddr("10.99.0.11"), netip.MustParseAddr("169.254.1.1"), netip.MustParseAddr("fd00:99::11")
+	ref := func(n string) probes.PodRef { return probes.PodRef{Namespace: "ns", Name: n, UID: "uid-" + n} }
+	pods.set(
+		probes.LocalPod{Pod: ref("a"), Addrs: []netip.Addr{pod4, pod6}, T0: time.Now(),
+			Endpoints: []probes.Endpoint{{Addr: pod4, Port: 8080, Protocol: "TCP"}, {Addr: pod4, Protocol: "UDP"}}},
+		probes.LocalPod{Pod: ref("b"), Addrs: []netip.Addr{dead4}, T0: time.Now(), Gone: true,
+			Endpoints: []probes.Endpoint{{Addr: dead4, Port: 8080, Protocol: "TCP"}}},
+	)
+	rec := &probetest.Recorder{}
+	p.reconcile(rec)
+	ap := netip.AddrPortFrom
+	var none netip.Addr
+	objs := p.objs
+	runAll(t, []progPacket{
+		{"client to a served port", objs.ToPod, packet(ap(client4, 40000), ap(pod4, 8080), protoTCP, flagSYN, none)},
+		{"client to a port no endpoint lists", objs.ToPod, packet(ap(client4, 40001), ap(pod4, 9999), protoTCP, flagSYN, none)},
+		{"the node's address", objs.ToPod, packet(ap(node4, 40002), ap(pod4, 8080), protoTCP, flagSYN, none)},
+		{"the veths' link-local address", objs.ToPod, packet(ap(link4, 40003), ap(pod4, 8080), protoTCP, flagSYN, none)},
+		{"client datagram, every UDP port served", objs.ToPod, packet(ap(client4, 5000), ap(pod4, 5353), protoUDP, 0, none)},
+		{"the pod's own datagram", objs.FromPod, packet(ap(pod4, 6000), ap(client4, 53), protoUDP, 0, none)},
+		{"its reply", objs.ToPod, packet(ap(client4, 53), ap(pod4, 6000), protoUDP, 0, none)},
+		{"v6, endpoints unknown", objs.ToPod, packet(ap(client6, 40000), ap(pod6, 9999), protoTCP, flagSYN, none)},
+		{"v6 from the node", objs.ToPod, packet(ap(node6, 40000), ap(pod6, 22), protoTCP, flagSYN, none)},
+		{"to a deleted pod's served port", objs.UplinkIn, packet(ap(client4, 40004), ap(dead4, 8080), protoTCP, flagSYN, none)},
+		{"to a deleted pod's other port", objs.UplinkIn, packet(ap(client4, 40005), ap(dead4, 9999), protoTCP, flagSYN, none)},
+	})
+	wantMetrics(t, p, map[string]float64{
+		"endpointlag_late_connections_total,origin=client,protocol=tcp":          2,
+		"endpointlag_late_connections_total,origin=node,protocol=tcp":            3,
+		"endpointlag_late_connections_total,origin=client,protocol=udp":          1,
+		"endpointlag_late_connections_total,origin=node,protocol=udp":            0,
+		"endpointlag_terminating_packets_total":                                  8,
+		"endpointlag_dead_endpoint_connections_total,origin=client,protocol=tcp": 1,
+		"endpointlag_dead_endpoint_connections_total,origin=node,protocol=tcp":   0,
+		"endpointlag_dead_endpoint_packets_total":                                2,
+	})
+	var fromNode []string
+	r := newEventReader(t, objs)
+	var ev bpf.EndpointlagEvent
+	n := 0
+	for r.next(&ev) {
+		n++
+		if o := p.observation(ev); o.FromNode {
+			fromNode = append(fromNode, o.Peer.Addr().String())
+		}
+	}
+	slices.Sort(fromNode)
+	if n != 7 || fmt.Sprint(fromNode) != "[10.99.0.11 169.254.1.1 fd00:99::11]" {
+		t.Errorf("%d events, from the node %v; want 7, 3 of them from the node", n, fromNode)
+	}
+	if errs := rec.Errors(); len(errs) > 0 {
+		t.Errorf("errors: %v", errs)
+	}
+}
+
+// Errors that are errors: a terminating pod's reset answering a SYN it never accepted is a
+// refused connection, one ending an accepted connection a reset; an ICMP "fragmentation needed"
+// is no failure, every other destination unreachable (every ICMPv6 one) is; errors sent to the
+// node's own addresses (the kubelet's probes) are not a client's.
+func TestProgramsErrors(t *testing.T) {
+	pods := &fakePods{}
+	p := progProbe(t, pods)
+	pod4, pod6, dead4 := netip.MustParseAddr("10.244.1.5"), netip.MustParseAddr("fd00:10:244:1::5"), netip.MustParseAddr("10.244.1.9")
+	client4, client6, node4 := netip.MustParseAddr("10.244.2.7"), netip.MustParseAddr("fd00:10:244:2::7"), netip.MustParseAddr("10.99.0.11")
+	pods.set(
+		probes.LocalPod{Pod: probes.PodRef{Namespace: "ns", Name: "a", UID: "a"}, Addrs: []netip.Addr{pod4, pod6}, T0: time.Now()},
+		probes.LocalPod{Pod: probes.PodRef{Namespace: "ns", Name: "b", UID: "b"}, Addrs: []netip.Addr{dead4}, T0: time.Now(), Gone: true},
+	)
+	rec := &probetest.Recorder{}
+	p.reconcile(rec)
+	ap := netip.AddrPortFrom
+	var none netip.Addr
+	objs := p.objs
+	const (
+		portUnreachable   = 3
+		hostUnreachable   = 1
+		fragNeeded        = 4
+		v6PortUnreachable = 4
+	)
+	runAll(t, []progPacket{
+		{"SYN", objs.ToPod, packet(ap(client4, 40000), ap(pod4, 8080), protoTCP, flagSYN, none)},
+		{"refused", objs.FromPod, packet(ap(pod4, 8080), ap(client4, 40000), protoTCP, flagRST|flagACK, none)},
+		{"SYN accepted", objs.ToPod, packet(ap(client4, 40001), ap(pod4, 8080), protoTCP, flagSYN, none)},
+		{"SYN-ACK", objs.FromPod, packet(ap(pod4, 8080), ap(client4, 40001), protoTCP, flagSYN|flagACK, none)},
+		{"reset after accepting", objs.FromPod, packet(ap(pod4, 8080), ap(client4, 40001), protoTCP, flagRST, none)},
+		{"reset of a connection from before", objs.FromPod, packet(ap(pod4, 8080), ap(client4, 40002), protoTCP, flagRST, none)},
+		{"v6 SYN", objs.ToPod, packet(ap(client6, 40000), ap(pod6, 8080), protoTCP, flagSYN, none)},
+		{"v6 refused", objs.FromPod, packet(ap(pod6, 8080), ap(client6, 40000), protoTCP, flagRST|flagACK, none)},
+		{"SYN from the node", objs.ToPod, packet(ap(node4, 40003), ap(pod4, 8080), protoTCP, flagSYN, none)},
+		{"refused to the node", objs.FromPod, packet(ap(pod4, 8080), ap(node4, 40003), protoTCP, flagRST|flagACK, none)},
+		{"port unreachable", objs.FromPod, unreachable(pod4, ap(client4, 5000), ap(pod4, 53), protoUDP, 0, portUnreachable)},
+		{"host unreachable", objs.FromPod, unreachable(pod4, ap(client4, 5001), ap(pod4, 53), protoUDP, 0, hostUnreachable)},
+		{"fragmentation needed", objs.FromPod, unreachable(pod4, ap(client4, 40001), ap(pod4, 8080), protoTCP, flagACK, fragNeeded)},
+		{"v6 port unreachable", objs.FromPod, unreachable(pod6, ap(client6, 5000), ap(pod6, 53), protoUDP, 0, v6PortUnreachable)},
+		{"port unreachable to the node", objs.FromPod, unreachable(pod4, ap(node4, 5000), ap(pod4, 53), protoUDP, 0, portUnreachable)},
+		{"the node: fragmentation needed for a deleted pod", objs.UplinkOut, unreachable(node4, ap(client4, 40004), ap(dead4, 8080), protoTCP, flagACK, fragNeeded)},
+		{"the node: fragmentation needed for a terminating pod", objs.UplinkOut, unreachable(node4, ap(client4, 40005), ap(pod4, 8080), protoTCP, flagSYN, fragNeeded)},
+		{"the node: host unreachable for a deleted pod", objs.UplinkOut, unreachable(node4, ap(client4, 40006), ap(dead4, 8080), protoTCP, flagSYN, hostUnreachable)},
+	})
+	wantMetrics(t, p, map[string]float64{
+		"endpointlag_terminating_errors_total,kind=refused":       2,
+		"endpointlag_terminating_errors_total,kind=reset":         2,
+		"endpointlag_terminating_errors_total,kind=unreachable":   3,
+		"endpointlag_dead_endpoint_errors_total,kind=unreachable": 1,
+	})
+	// Events: the four SYNs to the terminating pod; no dead connection from the node's
+	// "fragmentation needed" about the terminating pod.
+	r := newEventReader(t, objs)
+	var ev bpf.EndpointlagEvent
+	n := 0
+	for r.next(&ev) {
+		n++
+	}
+	if n != 4 {
+		t.Errorf("%d events, want 4", n)
 	}
 }

@@ -5,6 +5,7 @@ package probetest
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math"
 	"os"
@@ -65,6 +66,9 @@ type Recorder struct {
 	errs   []error
 	synced bool
 	status probes.Status
+	// up is the probe's health as the collector keeps it: set by SetStatus, cleared by an error
+	// that is not an *probes.InputError.
+	up bool
 }
 
 // Observe implements probes.Sink.
@@ -80,6 +84,7 @@ func (r *Recorder) SetStatus(_ string, s probes.Status) {
 	defer r.mu.Unlock()
 	r.synced = r.synced || s.Synced
 	r.status = s
+	r.up = s.Up
 }
 
 // Status returns the last status the probe reported.
@@ -94,6 +99,10 @@ func (r *Recorder) Error(_ string, err error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.errs = append(r.errs, err)
+	var ie *probes.InputError
+	if !errors.As(err, &ie) {
+		r.up = false
+	}
 }
 
 // Observations returns a copy of what was observed.
@@ -115,6 +124,14 @@ func (r *Recorder) Synced() bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return r.synced
+}
+
+// Up reports whether the probe is up as the collector would export it: its last status said so
+// and no failure came after it.
+func (r *Recorder) Up() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.up
 }
 
 // Wait polls cond for up to 5 s and fails the test with what was recorded when it stays false.

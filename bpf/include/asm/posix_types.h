@@ -1,0 +1,7 @@
+/* SPDX-License-Identifier: GPL-2.0 WITH Linux-syscall-note */
+/* asm/posix_types.h for the BPF target (64-bit, little-endian), the same on every build host: see
+ * bpf/doc.go. */
+#ifndef _ENDPOINTLAG_ASM_POSIX_TYPES_H
+#define _ENDPOINTLAG_ASM_POSIX_TYPES_H
+#include <asm-generic/posix_types.h>
+#endif

@@ -1,0 +1,7 @@
+/* SPDX-License-Identifier: GPL-2.0 WITH Linux-syscall-note */
+/* asm/swab.h for the BPF target (64-bit, little-endian), the same on every build host: see
+ * bpf/doc.go. */
+#ifndef _ENDPOINTLAG_ASM_SWAB_H
+#define _ENDPOINTLAG_ASM_SWAB_H
+#include <asm-generic/swab.h>
+#endif
