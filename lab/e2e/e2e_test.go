@@ -16,6 +16,7 @@ import (
 	"regexp"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -257,6 +258,15 @@ func groundTruth(t *testing.T, ctx context.Context, c *cluster.Cluster, app *sce
 	f.Start(stop)
 	cache.WaitForCacheSync(stop, inf.HasSynced)
 
+	vip, err := app.ClusterIP(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	vipAddr, vipPort, _ := strings.Cut(vip, ":")
+	port, _ := strconv.Atoi(vipPort)
+	targetOf := func(p corev1.Pod) target {
+		return target{vip: vipAddr, vipPort: port, endpoint: p.Status.PodIP + ":8080"}
+	}
 	monitors := map[string]*ruleMonitor{}
 	for _, n := range c.Nodes {
 		m, err := startRuleMonitor(n.NS, dataplaneStage)
@@ -286,7 +296,7 @@ func groundTruth(t *testing.T, ctx context.Context, c *cluster.Cluster, app *sce
 		// to the victim (it syncs at most once a second).
 		deadline := time.Now().Add(15 * time.Second)
 		for _, n := range c.Nodes {
-			for !monitors[n.Name].programmed(app.Namespace+"/"+app.Name, victim.Status.PodIP, 8080) {
+			for !monitors[n.Name].reaches(targetOf(victim)) {
 				if time.Now().After(deadline) {
 					t.Fatalf("%s's kube-proxy never sent to %s (%s)", n.Name, victim.Name, victim.Status.PodIP)
 				}
@@ -351,7 +361,7 @@ func groundTruth(t *testing.T, ctx context.Context, c *cluster.Cluster, app *sce
 			sliceDiffs = append(sliceDiffs, s.Time.Sub(seen).Seconds())
 			if d := r.Stage(dataplaneStage); d == nil || d.Initial {
 				t.Errorf("%s's daemon has no %s stage for %s", recs.Node, dataplaneStage, p.Name)
-			} else if changed, ok := monitors[recs.Node].removedAt(app.Namespace+"/"+app.Name, p.Status.PodIP, 8080, issued[uid]); !ok {
+			} else if changed, _, ok := monitors[recs.Node].removedAt(targetOf(p), issued[uid]); !ok {
 				t.Errorf("the test's nft monitor on %s never saw %s's endpoint leave the rules", recs.Node, p.Name)
 			} else {
 				diff := d.Time.Sub(changed).Seconds()

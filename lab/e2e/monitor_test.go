@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"fmt"
 	"os/exec"
+	"regexp"
 	"strings"
 	"sync"
 	"syscall"
@@ -12,12 +13,16 @@ import (
 	"github.com/endpointlag/endpointlag/lab/internal/ns"
 )
 
-// ruleMonitor runs `nft monitor rules` in a node's namespace and timestamps every line as it
-// arrives: the test's own record of when kube-proxy rewrote its rules. It starts with the
-// table's current rules, written the way the monitor prints added rules.
+// ruleMonitor is the test's own record of a node's kube-proxy rules: it runs `nft -a monitor` in the
+// node's namespace, timestamps every line as it arrives, and replays them on a text model of the
+// table — chains' rules by handle, the service-ips map's elements — to tell, after each committed
+// generation, whether the rules send a Service's ClusterIP traffic to an endpoint. It shares no
+// code with the daemon: it reads what the nft command prints.
 type ruleMonitor struct {
 	cmd   *exec.Cmd
 	table string // "kube-proxy" (nftables mode) or "nat" (iptables mode, nf_tables backend)
+	// start is the table as listed when the monitor started.
+	start *nftState
 	mu    sync.Mutex
 	seen  []ruleLine
 	done  chan struct{}
@@ -36,7 +41,7 @@ func startRuleMonitor(netns, mode string) (*ruleMonitor, error) {
 	// Line-buffered: piped, nft would hold lines in its stdio buffer and the times would come late.
 	// Real-time scheduled (SCHED_FIFO, the lowest priority): on the busy 2-core lab machine a
 	// normally scheduled nft printed a change over 20 ms after the daemon had seen it.
-	cmd := ns.Command(netns, "chrt", "--fifo", "1", "stdbuf", "-oL", "nft", "monitor", "rules")
+	cmd := ns.Command(netns, "chrt", "--fifo", "1", "stdbuf", "-oL", "nft", "-a", "monitor")
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	out, err := cmd.StdoutPipe()
 	if err != nil {
@@ -46,23 +51,6 @@ func startRuleMonitor(netns, mode string) (*ruleMonitor, error) {
 		return nil, fmt.Errorf("nft monitor in %s: %w", netns, err)
 	}
 	m := &ruleMonitor{cmd: cmd, table: table, done: make(chan struct{})}
-	listing, err := ns.Command(netns, "nft", "list", "table", "ip", table).Output()
-	if err != nil {
-		m.stop()
-		return nil, fmt.Errorf("nft list in %s: %w", netns, err)
-	}
-	now, chain := time.Now(), ""
-	for _, line := range strings.Split(string(listing), "\n") {
-		line = strings.TrimSpace(line)
-		switch {
-		case strings.HasPrefix(line, "chain "):
-			chain = strings.TrimSuffix(strings.TrimPrefix(line, "chain "), " {")
-		case line == "}":
-			chain = ""
-		case chain != "" && line != "":
-			m.seen = append(m.seen, ruleLine{now, "add rule ip " + table + " " + chain + " " + line})
-		}
-	}
 	go func() {
 		defer close(m.done)
 		sc := bufio.NewScanner(out)
@@ -74,6 +62,14 @@ func startRuleMonitor(netns, mode string) (*ruleMonitor, error) {
 			m.mu.Unlock()
 		}
 	}()
+	// Listed after the monitor started: a change in between is both in the listing and among the
+	// lines, and replaying it again changes nothing.
+	listing, err := ns.Command(netns, "nft", "-a", "list", "table", "ip", table).Output()
+	if err != nil {
+		m.stop()
+		return nil, fmt.Errorf("nft list in %s: %w", netns, err)
+	}
+	m.start = parseListing(table, string(listing))
 	return m, nil
 }
 
@@ -83,130 +79,253 @@ func (m *ruleMonitor) stop() {
 	_ = m.cmd.Wait()
 }
 
-func sendsTo(line, ip string, port int) bool {
-	return strings.Contains(line, fmt.Sprintf("%s . %d", ip, port)) || strings.Contains(line, fmt.Sprintf("%s:%d", ip, port))
+// replay applies the monitor's lines to a copy of the starting state and calls f after each
+// generation with the generation's time, until f returns false. A generation's time is when its
+// first line arrived: the kernel sends a transaction's notifications at once when it commits,
+// and nft prints the generation's end only after formatting every line of it (tens of
+// milliseconds for a large iptables-restore).
+func (m *ruleMonitor) replay(f func(at time.Time, st *nftState) bool) {
+	m.mu.Lock()
+	lines := append([]ruleLine(nil), m.seen...)
+	m.mu.Unlock()
+	st := m.start.clone()
+	if !f(time.Time{}, st) {
+		return
+	}
+	var first time.Time
+	for _, l := range lines {
+		if strings.HasPrefix(l.line, "# new generation") {
+			if first.IsZero() {
+				first = l.at
+			}
+			if !f(first, st) {
+				return
+			}
+			first = time.Time{}
+			continue
+		}
+		if first.IsZero() {
+			first = l.at
+		}
+		st.apply(l.line)
+	}
 }
 
-// chainOf returns the chain an "add rule ip TABLE CHAIN ..." or "delete rule ..." line is about.
-func (m *ruleMonitor) chainOf(line string) string {
-	for _, p := range []string{"add rule ip " + m.table + " ", "delete rule ip " + m.table + " "} {
-		if rest, ok := strings.CutPrefix(line, p); ok {
-			chain, _, _ := strings.Cut(rest, " ")
-			return chain
+// target is a Service port as the rules know it (its ClusterIP and port) and one of its endpoints.
+type target struct {
+	vip      string
+	vipPort  int
+	endpoint string // ip:port
+}
+
+// reaches tells whether the rules send the Service port's ClusterIP traffic to the endpoint now.
+func (m *ruleMonitor) reaches(t target) bool {
+	var now bool
+	m.replay(func(_ time.Time, st *nftState) bool {
+		now = st.reaches(t)
+		return true
+	})
+	return now
+}
+
+// removedAt returns the time of the first generation after since after which the rules no longer
+// send the Service's ClusterIP traffic to the endpoint, and whether they did at since (if not,
+// there was nothing to remove on this node).
+func (m *ruleMonitor) removedAt(t target, since time.Time) (at time.Time, reachedAtSince, removed bool) {
+	m.replay(func(gen time.Time, st *nftState) bool {
+		r := st.reaches(t)
+		if gen.IsZero() || gen.Before(since) {
+			reachedAtSince = r
+			return true
+		}
+		if reachedAtSince && !r {
+			at, removed = gen, true
+			return false
+		}
+		return true
+	})
+	return at, reachedAtSince, removed
+}
+
+// nftState is the text model of one table: rules per chain by handle, elements per map by key.
+type nftState struct {
+	table string
+	rules map[string]map[string]string
+	elems map[string]map[string]string
+}
+
+func newState(table string) *nftState {
+	return &nftState{table: table, rules: map[string]map[string]string{}, elems: map[string]map[string]string{}}
+}
+
+func (st *nftState) clone() *nftState {
+	c := newState(st.table)
+	for ch, rs := range st.rules {
+		c.rules[ch] = map[string]string{}
+		for h, r := range rs {
+			c.rules[ch][h] = r
 		}
 	}
-	return ""
+	for mp, es := range st.elems {
+		c.elems[mp] = map[string]string{}
+		for k, v := range es {
+			c.elems[mp][k] = v
+		}
+	}
+	return c
 }
 
-// sepChains returns iptables mode's endpoint chains that DNAT to ip:port.
-func (m *ruleMonitor) sepChains(ip string, port int) map[string]bool {
-	out := map[string]bool{}
-	for _, l := range m.seen {
-		if c := m.chainOf(l.line); strings.HasPrefix(c, "KUBE-SEP-") && strings.HasPrefix(l.line, "add rule") && sendsTo(l.line, ip, port) {
-			out[c] = true
+var handleSuffix = regexp.MustCompile(`\s*# handle (\d+)$`)
+
+// apply replays one monitor line of the state's table.
+func (st *nftState) apply(line string) {
+	prefix := func(verb string) (string, bool) { return strings.CutPrefix(line, verb+" ip "+st.table+" ") }
+	if rest, ok := prefix("add rule"); ok {
+		chain, text, _ := strings.Cut(rest, " ")
+		// "add rule ip nat CHAIN handle N ..." inserts after rule N; the new rule's own handle
+		// is the one at the end.
+		if after, ok := strings.CutPrefix(text, "handle "); ok {
+			_, text, _ = strings.Cut(after, " ")
+		}
+		m := handleSuffix.FindStringSubmatch(text)
+		if m == nil {
+			return
+		}
+		if st.rules[chain] == nil {
+			st.rules[chain] = map[string]string{}
+		}
+		st.rules[chain][m[1]] = strings.TrimSpace(handleSuffix.ReplaceAllString(text, ""))
+		return
+	}
+	if rest, ok := prefix("delete rule"); ok {
+		chain, text, _ := strings.Cut(rest, " ")
+		if h, ok := strings.CutPrefix(text, "handle "); ok {
+			delete(st.rules[chain], strings.TrimSpace(h))
+		}
+		return
+	}
+	if rest, ok := prefix("delete chain"); ok {
+		chain, _, _ := strings.Cut(rest, " ")
+		delete(st.rules, chain)
+		return
+	}
+	for _, verb := range []string{"add element", "delete element"} {
+		if rest, ok := prefix(verb); ok {
+			mp, body, _ := strings.Cut(rest, " ")
+			for k, v := range parseElements(body) {
+				if st.elems[mp] == nil {
+					st.elems[mp] = map[string]string{}
+				}
+				if verb == "add element" {
+					st.elems[mp][k] = v
+				} else {
+					delete(st.elems[mp], k)
+				}
+			}
+			return
+		}
+	}
+	if _, ok := prefix("delete table"); ok {
+		*st = *newState(st.table)
+	}
+}
+
+// parseElements reads "{ k1 : v1, k2 : v2 }" (a set's elements have no value).
+func parseElements(body string) map[string]string {
+	body = strings.TrimSpace(body)
+	body = strings.TrimSuffix(strings.TrimPrefix(body, "{"), "}")
+	out := map[string]string{}
+	for _, e := range strings.Split(body, ",") {
+		k, v, _ := strings.Cut(e, " : ")
+		if k = strings.TrimSpace(k); k != "" {
+			out[k] = strings.TrimSpace(v)
 		}
 	}
 	return out
 }
 
-// removedAt returns when, after since, the service's rules were first rewritten without ip:port:
-// in nftables mode a service chain's new rule that no longer sends there; in iptables mode the
-// start of the first rewrite of a service chain that jumped to the endpoint's KUBE-SEP chain and
-// no longer does.
-func (m *ruleMonitor) removedAt(service, ip string, port int, since time.Time) (time.Time, bool) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.table == "kube-proxy" {
-		for _, l := range m.seen {
-			c := m.chainOf(l.line)
-			if l.at.Before(since) || !strings.HasPrefix(l.line, "add rule") || !strings.HasPrefix(c, "service-") || !strings.Contains(c, "-"+service+"/") {
-				continue
+var (
+	chainStart = regexp.MustCompile(`^chain (\S+) \{`)
+	mapStart   = regexp.MustCompile(`^(?:map|set) (\S+) \{`)
+)
+
+// parseListing reads `nft -a list table ip TABLE`.
+func parseListing(table, listing string) *nftState {
+	st := newState(table)
+	var chain, mp string
+	var elems strings.Builder
+	inElems := false
+	for _, line := range strings.Split(listing, "\n") {
+		line = strings.TrimSpace(line)
+		if inElems {
+			elems.WriteString(" " + line)
+			if strings.HasSuffix(line, "}") {
+				inElems = false
+				st.elems[mp] = parseElements(elems.String())
 			}
-			if !sendsTo(l.line, ip, port) {
-				return l.at, true
-			}
-		}
-		return time.Time{}, false
-	}
-	seps := m.sepChains(ip, port)
-	svcChains := map[string]bool{}
-	for _, l := range m.seen {
-		c := m.chainOf(l.line)
-		if !strings.HasPrefix(c, "KUBE-SVC-") && !strings.HasPrefix(c, "KUBE-SVL-") {
 			continue
-		}
-		for sep := range seps {
-			if strings.HasPrefix(l.line, "add rule") && strings.HasSuffix(l.line, "jump "+sep) {
-				svcChains[c] = true
-			}
-		}
-	}
-	// A sync rewrites a service chain as its rules deleted, then its rules added. The endpoint is
-	// removed by the first rewrite after since whose added rules no longer jump to its chain: a
-	// rewrite that still does (say, for a new endpoint added first) removes nothing.
-	type rewrite struct {
-		start   time.Time
-		jumps   bool
-		adding  bool
-		started bool
-	}
-	rewrites := map[string]*rewrite{}
-	var first time.Time
-	closeRewrite := func(rw *rewrite) {
-		if rw.started && !rw.jumps && (first.IsZero() || rw.start.Before(first)) {
-			first = rw.start
-		}
-	}
-	for _, l := range m.seen {
-		c := m.chainOf(l.line)
-		if l.at.Before(since) || !svcChains[c] {
-			continue
-		}
-		rw := rewrites[c]
-		if rw == nil {
-			rw = &rewrite{}
-			rewrites[c] = rw
 		}
 		switch {
-		case strings.HasPrefix(l.line, "delete rule"):
-			if !rw.started || rw.adding {
-				closeRewrite(rw)
-				*rw = rewrite{start: l.at, started: true}
+		case chainStart.MatchString(line):
+			chain = chainStart.FindStringSubmatch(line)[1]
+			st.rules[chain] = map[string]string{}
+		case mapStart.MatchString(line):
+			mp = mapStart.FindStringSubmatch(line)[1]
+		case strings.HasPrefix(line, "elements = {"):
+			elems.Reset()
+			elems.WriteString(strings.TrimPrefix(line, "elements = "))
+			if strings.HasSuffix(line, "}") {
+				st.elems[mp] = parseElements(elems.String())
+			} else {
+				inElems = true
 			}
-		case strings.HasPrefix(l.line, "add rule") && rw.started:
-			rw.adding = true
-			for sep := range seps {
-				if strings.HasSuffix(l.line, "jump "+sep) {
-					rw.jumps = true
+		case line == "}":
+			chain, mp = "", ""
+		case chain != "" && handleSuffix.MatchString(line):
+			h := handleSuffix.FindStringSubmatch(line)[1]
+			st.rules[chain][h] = strings.TrimSpace(handleSuffix.ReplaceAllString(line, ""))
+		}
+	}
+	return st
+}
+
+var jumpRE = regexp.MustCompile(`(?:goto|jump) ([^\s,}]+)`)
+
+// reaches walks from the Service port's entry — nftables: its service-ips element; iptables: the
+// KUBE-SERVICES rule matching its ClusterIP and port — along jumps and gotos to a rule that sends to
+// the endpoint (a DNAT to "ip:port", or an entry "ip . port" of a DNAT map).
+func (st *nftState) reaches(t target) bool {
+	var roots []string
+	if st.table == "kube-proxy" {
+		if v, ok := st.elems["service-ips"][fmt.Sprintf("%s . tcp . %d", t.vip, t.vipPort)]; ok {
+			for _, m := range jumpRE.FindAllStringSubmatch(v, -1) {
+				roots = append(roots, m[1])
+			}
+		}
+	} else {
+		for _, r := range st.rules["KUBE-SERVICES"] {
+			if strings.Contains(r, "ip daddr "+t.vip+" ") && strings.Contains(r, fmt.Sprintf("dport %d ", t.vipPort)) {
+				for _, m := range jumpRE.FindAllStringSubmatch(r, -1) {
+					roots = append(roots, m[1])
 				}
 			}
 		}
 	}
-	for _, rw := range rewrites {
-		closeRewrite(rw)
-	}
-	return first, !first.IsZero()
-}
-
-// programmed reports whether the node's rules send the service's traffic to ip:port now.
-func (m *ruleMonitor) programmed(service, ip string, port int) bool {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.table == "kube-proxy" {
-		for i := len(m.seen) - 1; i >= 0; i-- {
-			l := m.seen[i].line
-			if c := m.chainOf(l); strings.HasPrefix(l, "add rule") && strings.HasPrefix(c, "service-") && strings.Contains(c, "-"+service+"/") {
-				return sendsTo(l, ip, port)
-			}
+	ip, port, _ := strings.Cut(t.endpoint, ":")
+	seen := map[string]bool{}
+	for len(roots) > 0 {
+		c := roots[len(roots)-1]
+		roots = roots[:len(roots)-1]
+		if seen[c] {
+			continue
 		}
-		return false
-	}
-	seps := m.sepChains(ip, port)
-	for i := len(m.seen) - 1; i >= 0; i-- {
-		l := m.seen[i].line
-		for sep := range seps {
-			if strings.HasPrefix(l, "add rule") && strings.HasSuffix(l, "jump "+sep) && strings.HasPrefix(m.chainOf(l), "KUBE-SVC-") {
+		seen[c] = true
+		for _, r := range st.rules[c] {
+			if strings.Contains(r, t.endpoint+" ") || strings.HasSuffix(r, t.endpoint) || strings.Contains(r, ip+" . "+port) {
 				return true
+			}
+			for _, m := range jumpRE.FindAllStringSubmatch(r, -1) {
+				roots = append(roots, m[1])
 			}
 		}
 	}
