@@ -83,13 +83,8 @@ func (k *kubelet) live(r *podRun) {
 			k.awaitDeletion(r)
 			return
 		}
-		select {
-		case <-r.ctx.Done():
+		if !until(k, r, r.proc.done) {
 			return
-		case del := <-r.deletion:
-			k.terminate(r, del)
-			return
-		case <-r.proc.done:
 		}
 		code := exitCode(r.proc)
 		r.mu.Lock()
@@ -106,16 +101,24 @@ func (k *kubelet) live(r *podRun) {
 			r.state.backOff(fmt.Sprintf("back-off %s restarting failed container", delay))
 			r.mu.Unlock()
 			k.writeStatusOrLog(r)
-			select {
-			case <-r.ctx.Done():
+			if !until(k, r, time.After(delay)) {
 				return
-			case del := <-r.deletion:
-				k.terminate(r, del)
-				return
-			case <-time.After(delay):
 			}
 		}
 	}
+}
+
+// until waits for ch and reports whether it came before the pod's end: its deletion (the pod is
+// then terminated) or its object gone or the lab stopping.
+func until[T any](k *kubelet, r *podRun, ch <-chan T) bool {
+	select {
+	case <-ch:
+		return true
+	case <-r.ctx.Done():
+	case del := <-r.deletion:
+		k.terminate(r, del)
+	}
+	return false
 }
 
 // readProbes reads the containers' readiness probes. A container with one is not ready until
@@ -235,7 +238,7 @@ func (k *kubelet) startProcess(r *podRun) error {
 	}
 	k.log.Debug("pod started", "pod", pod.Namespace+"/"+pod.Name, "ip", r.state.ip, "netns", r.netns, "pid", pr.cmd.Process.Pid)
 	k.writeStatusOrLog(r)
-	if runs == 0 {
+	if r.probers == nil {
 		k.startProbers(r)
 		return nil
 	}

@@ -232,8 +232,11 @@ func (s *streak) observe(ok bool) bool {
 }
 
 // startProbers starts a prober for each container with a readiness probe the lab can run, once
-// the first process listens; they run until the pod's containers have stopped for good.
+// a process first listens; they run until the pod's containers have stopped for good.
 func (k *kubelet) startProbers(r *podRun) {
+	if len(r.probes) == 0 {
+		return
+	}
 	ctx, cancel := context.WithCancel(r.ctx)
 	r.stopProbes = cancel
 	for _, spec := range r.probes {

@@ -38,6 +38,82 @@ func TestShapes(t *testing.T) {
 	}()
 	const namespace = "shapes"
 
+	// The zonal app comes first, while the binder spreads its pods evenly over both nodes: the
+	// kube-proxy of a zone without endpoints would ignore the hints and use all of them.
+	zonal := &scenario.App{Client: c.Client, Namespace: namespace, Name: "zonal", Replicas: 4, TrafficDistribution: corev1.ServiceTrafficDistributionPreferSameZone}
+	t.Run("PreferSameZone: slices carry zone hints and each node's rules hold only its zone's endpoints", func(t *testing.T) {
+		if err := zonal.Apply(ctx, scenario.Behaviour{}); err != nil {
+			t.Fatal(err)
+		}
+		if err := zonal.WaitSettled(ctx, time.Minute); err != nil {
+			t.Fatal(err)
+		}
+		zoneOf := map[string]string{}
+		for _, n := range c.Nodes {
+			zoneOf[n.Name] = n.Zone
+		}
+		ss, err := scenario.WaitSlices(ctx, c.Client, namespace, zonal.Name, 10*time.Second, func(ss []discoveryv1.EndpointSlice) error {
+			n := 0
+			for _, s := range ss {
+				for _, ep := range s.Endpoints {
+					n++
+					want := zoneOf[*ep.NodeName]
+					if ep.Zone == nil || *ep.Zone != want || ep.Hints == nil || len(ep.Hints.ForZones) != 1 || ep.Hints.ForZones[0].Name != want {
+						return fmt.Errorf("endpoint %s on %s: zone %v, hints %+v; want zone and hint %q", ep.Addresses[0], *ep.NodeName, ep.Zone, ep.Hints, want)
+					}
+				}
+			}
+			if n != int(zonal.Replicas) {
+				return fmt.Errorf("%d endpoints, want %d", n, zonal.Replicas)
+			}
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		byZone := map[string][]string{}
+		for _, s := range ss {
+			for _, ep := range s.Endpoints {
+				byZone[ep.Hints.ForZones[0].Name] = append(byZone[ep.Hints.ForZones[0].Name], ep.Addresses[0]+":8080")
+			}
+		}
+		for _, n := range c.Nodes {
+			want := byZone[n.Zone]
+			sort.Strings(want)
+			err := scenario.Poll(ctx, 10*time.Second, n.Name+"'s rules", func() error {
+				if got := listedEndpoints(t, n.NS, "nftables", namespace+"/"+zonal.Name); !slices.Equal(got, want) {
+					return fmt.Errorf("%s (zone %s) has rules for %q, want its zone's %q", n.Name, n.Zone, got, want)
+				}
+				return nil
+			})
+			if err != nil {
+				t.Error(err)
+			} else {
+				t.Logf("%s (zone %s): kube-proxy's rules hold %q, hints say zone %s has %q", n.Name, n.Zone, want, n.Zone, want)
+			}
+		}
+	})
+
+	t.Run("with max-endpoints-per-slice 2, four endpoints overflow into two slices", func(t *testing.T) {
+		ss, err := scenario.WaitSlices(ctx, c.Client, namespace, zonal.Name, 10*time.Second, func(ss []discoveryv1.EndpointSlice) error {
+			for _, s := range ss {
+				if len(s.Endpoints) > 2 {
+					return fmt.Errorf("slice %s has %d endpoints", s.Name, len(s.Endpoints))
+				}
+			}
+			if len(ss) < 2 {
+				return fmt.Errorf("%d slices", len(ss))
+			}
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, s := range ss {
+			t.Logf("slice %s: %d endpoints", s.Name, len(s.Endpoints))
+		}
+	})
+
 	t.Run("a pod with a readiness probe is unready until the probe, sent from its node, succeeds", func(t *testing.T) {
 		probe := scenario.HTTPProbe(time.Second, 1)
 		probe.InitialDelaySeconds = 2
@@ -79,14 +155,7 @@ func TestShapes(t *testing.T) {
 		if err := probed.WaitSettled(ctx, time.Minute); err != nil {
 			t.Fatal(err)
 		}
-		pods, err := probed.Pods(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
-		var victim corev1.Pod
-		for _, p := range pods {
-			victim = p
-		}
+		victim := anyPod(t, ctx, probed)
 		deleted := time.Now()
 		if err := c.Client.CoreV1().Pods(namespace).Delete(ctx, victim.Name, metav1.DeleteOptions{}); err != nil {
 			t.Fatal(err)
@@ -235,92 +304,20 @@ func TestShapes(t *testing.T) {
 		}
 	})
 
-	zonal := &scenario.App{Client: c.Client, Namespace: namespace, Name: "zonal", Replicas: 4, TrafficDistribution: corev1.ServiceTrafficDistributionPreferSameZone}
-	t.Run("PreferSameZone: slices carry zone hints and each node's rules hold only its zone's endpoints", func(t *testing.T) {
-		if err := zonal.Apply(ctx, scenario.Behaviour{}); err != nil {
-			t.Fatal(err)
-		}
-		if err := zonal.WaitSettled(ctx, time.Minute); err != nil {
-			t.Fatal(err)
-		}
-		zoneOf := map[string]string{}
-		for _, n := range c.Nodes {
-			zoneOf[n.Name] = n.Zone
-		}
-		ss, err := scenario.WaitSlices(ctx, c.Client, namespace, zonal.Name, 10*time.Second, func(ss []discoveryv1.EndpointSlice) error {
-			n := 0
-			for _, s := range ss {
-				for _, ep := range s.Endpoints {
-					n++
-					want := zoneOf[*ep.NodeName]
-					if ep.Zone == nil || *ep.Zone != want || ep.Hints == nil || len(ep.Hints.ForZones) != 1 || ep.Hints.ForZones[0].Name != want {
-						return fmt.Errorf("endpoint %s on %s: zone %v, hints %+v; want zone and hint %q", ep.Addresses[0], *ep.NodeName, ep.Zone, ep.Hints, want)
-					}
-				}
-			}
-			if n != int(zonal.Replicas) {
-				return fmt.Errorf("%d endpoints, want %d", n, zonal.Replicas)
-			}
-			return nil
-		})
-		if err != nil {
-			t.Fatal(err)
-		}
-		byZone := map[string][]string{}
-		for _, s := range ss {
-			for _, ep := range s.Endpoints {
-				byZone[ep.Hints.ForZones[0].Name] = append(byZone[ep.Hints.ForZones[0].Name], ep.Addresses[0]+":8080")
-			}
-		}
-		for _, n := range c.Nodes {
-			want := byZone[n.Zone]
-			sort.Strings(want)
-			err := scenario.Poll(ctx, 10*time.Second, n.Name+"'s rules", func() error {
-				if got := listedEndpoints(t, n.NS, "nftables", namespace+"/"+zonal.Name); !slices.Equal(got, want) {
-					return fmt.Errorf("%s (zone %s) has rules for %q, want its zone's %q", n.Name, n.Zone, got, want)
-				}
-				return nil
-			})
-			if err != nil {
-				t.Error(err)
-			} else {
-				t.Logf("%s (zone %s): kube-proxy's rules hold %q, hints say zone %s has %q", n.Name, n.Zone, want, n.Zone, want)
-			}
-		}
-	})
-
-	t.Run("with max-endpoints-per-slice 2, four endpoints overflow into two slices", func(t *testing.T) {
-		ss, err := scenario.WaitSlices(ctx, c.Client, namespace, zonal.Name, 10*time.Second, func(ss []discoveryv1.EndpointSlice) error {
-			for _, s := range ss {
-				if len(s.Endpoints) > 2 {
-					return fmt.Errorf("slice %s has %d endpoints", s.Name, len(s.Endpoints))
-				}
-			}
-			if len(ss) < 2 {
-				return fmt.Errorf("%d slices", len(ss))
-			}
-			return nil
-		})
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, s := range ss {
-			t.Logf("slice %s: %d endpoints", s.Name, len(s.Endpoints))
-		}
-	})
-
 	t.Run("a paused kube-proxy keeps its rules until it is resumed", func(t *testing.T) {
 		service := namespace + "/" + probed.Name
 		node2 := c.Nodes[1]
-		pods, err := probed.Pods(ctx)
+		victim := anyPod(t, ctx, probed)
+		addr := victim.Status.PodIP + ":8080"
+		err := scenario.Poll(ctx, 10*time.Second, "node2's rules", func() error {
+			if !slices.Contains(listedEndpoints(t, node2.NS, "nftables", service), addr) {
+				return fmt.Errorf("node2's rules do not send to %s yet", addr)
+			}
+			return nil
+		})
 		if err != nil {
 			t.Fatal(err)
 		}
-		var victim corev1.Pod
-		for _, p := range pods {
-			victim = p
-		}
-		addr := victim.Status.PodIP + ":8080"
 		if err := c.PauseKubeProxy(node2.Name); err != nil {
 			t.Fatal(err)
 		}
@@ -360,6 +357,23 @@ func TestShapes(t *testing.T) {
 		}
 		t.Logf("node2's kube-proxy dropped %s %s after it was resumed", addr, time.Since(resumed).Round(time.Millisecond))
 	})
+}
+
+// anyPod waits until app has settled and returns one of its pods.
+func anyPod(t *testing.T, ctx context.Context, app *scenario.App) corev1.Pod {
+	t.Helper()
+	if err := app.WaitSettled(ctx, time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	pods, err := app.Pods(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range pods {
+		return p
+	}
+	t.Fatalf("%s/%s has no pod", app.Namespace, app.Name)
+	return corev1.Pod{}
 }
 
 func condition(p *corev1.Pod, t corev1.PodConditionType) corev1.PodCondition {
