@@ -3,6 +3,7 @@ package cluster
 import (
 	"context"
 	"log/slog"
+	"net/netip"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -11,10 +12,12 @@ import (
 	"k8s.io/client-go/tools/cache"
 )
 
-// binder is the lab's scheduler: it binds each new pod to the node that runs the fewest pods.
+// binder is the lab's scheduler: it binds each new pod to the node that runs the fewest pods
+// that have not finished, or, for a pod asking for an address (annotation PodIP), to the node
+// whose pod CIDR holds it.
 type binder struct {
 	client kubernetes.Interface
-	nodes  []string
+	nodes  []*Node
 	log    *slog.Logger
 }
 
@@ -26,16 +29,19 @@ func (b *binder) run(ctx context.Context) {
 		if !ok || pod.Spec.NodeName != "" || pod.DeletionTimestamp != nil {
 			return
 		}
-		load := map[string]int{}
-		for _, o := range inf.GetStore().List() {
-			if p := o.(*corev1.Pod); p.Spec.NodeName != "" && p.DeletionTimestamp == nil {
-				load[p.Spec.NodeName]++
+		target := b.owner(pod)
+		if target == "" {
+			load := map[string]int{}
+			for _, o := range inf.GetStore().List() {
+				if p := o.(*corev1.Pod); p.Spec.NodeName != "" && p.DeletionTimestamp == nil && !podTerminal(p) {
+					load[p.Spec.NodeName]++
+				}
 			}
-		}
-		target := b.nodes[0]
-		for _, n := range b.nodes {
-			if load[n] < load[target] {
-				target = n
+			target = b.nodes[0].Name
+			for _, n := range b.nodes {
+				if load[n.Name] < load[target] {
+					target = n.Name
+				}
 			}
 		}
 		err := b.client.CoreV1().Pods(pod.Namespace).Bind(ctx, &corev1.Binding{
@@ -50,4 +56,19 @@ func (b *binder) run(ctx context.Context) {
 	f.Start(ctx.Done())
 	<-ctx.Done()
 	f.Shutdown()
+}
+
+// owner is the node whose pod CIDR holds the address pod asks for; "" when it asks for none or
+// for one no node owns (its kubelet then reports the error).
+func (b *binder) owner(pod *corev1.Pod) string {
+	ip, err := netip.ParseAddr(pod.Annotations[PodIP])
+	if err != nil {
+		return ""
+	}
+	for _, n := range b.nodes {
+		if n.PodCIDR.Contains(ip) {
+			return n.Name
+		}
+	}
+	return ""
 }

@@ -18,12 +18,15 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/util/validation"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/clientcmd"
 
@@ -37,6 +40,13 @@ type Config struct {
 	Nodes int
 	// ProxyMode is kube-proxy's mode: nftables or iptables.
 	ProxyMode string
+	// Zones are the nodes' zones, one per node in order (empty: no zones): each Node gets the
+	// topology.kubernetes.io/zone label, and the region label Region, before its kube-proxy
+	// starts, so that kube-proxy knows its zone and the endpointslice controller sets zone hints.
+	Zones []string
+	// MaxEndpointsPerSlice is kube-controller-manager's --max-endpoints-per-slice (1 to 1000;
+	// 0 leaves its default of 100).
+	MaxEndpointsPerSlice int
 	// BinDir holds etcd, kube-apiserver, kube-controller-manager and kube-proxy.
 	BinDir string
 	// Endpointlag is the endpointlag binary run on every node.
@@ -82,6 +92,20 @@ func (c *Config) validate() error {
 	if c.ProxyMode != "nftables" && c.ProxyMode != "iptables" {
 		errs = append(errs, fmt.Errorf("proxy mode %q is neither nftables nor iptables", c.ProxyMode))
 	}
+	if len(c.Zones) > 0 && len(c.Zones) != c.Nodes {
+		errs = append(errs, fmt.Errorf("zones: %d given (%s) for %d nodes; give one per node", len(c.Zones), strings.Join(c.Zones, ","), c.Nodes))
+	}
+	for i, z := range c.Zones {
+		for _, msg := range validation.IsValidLabelValue(z) {
+			errs = append(errs, fmt.Errorf("zone %q of node%d: %s", z, i+1, msg))
+		}
+		if z == "" {
+			errs = append(errs, fmt.Errorf("zone of node%d is empty", i+1))
+		}
+	}
+	if c.MaxEndpointsPerSlice < 0 || c.MaxEndpointsPerSlice > 1000 {
+		errs = append(errs, fmt.Errorf("max endpoints per slice: %d is not between 1 and 1000 (0 for the default)", c.MaxEndpointsPerSlice))
+	}
 	if c.BinDir == "" {
 		errs = append(errs, errors.New("no directory of Kubernetes binaries: set --bin-dir or $LAB_BIN_DIR (make demo and make lab-up do; make lab-bins builds them)"))
 	} else {
@@ -103,15 +127,21 @@ func (c *Config) validate() error {
 	return errors.Join(errs...)
 }
 
+// Region is the topology.kubernetes.io/region label of every node that has a zone.
+const Region = "lab"
+
 // Node is one lab node.
 type Node struct {
 	Name    string
 	NS      string
 	Addr    netip.Addr
 	PodCIDR netip.Prefix
+	// Zone is the node's topology.kubernetes.io/zone label; empty for none.
+	Zone string
 	// DaemonURL reaches this node's endpointlag from the root namespace.
 	DaemonURL string
 	kubelet   *kubelet
+	kubeProxy *proc
 }
 
 // Cluster is a running lab.
@@ -122,11 +152,13 @@ type Cluster struct {
 	Client     kubernetes.Interface
 	Nodes      []*Node
 
-	procs     *procs
-	cancel    context.CancelFunc
-	wg        sync.WaitGroup
-	listeners []net.Listener
-	client    struct {
+	procs *procs
+	// probeAgent is the User-Agent of the kubelets' HTTP probes.
+	probeAgent string
+	cancel     context.CancelFunc
+	wg         sync.WaitGroup
+	listeners  []net.Listener
+	client     struct {
 		netns string
 		ip    netip.Addr
 	}
@@ -225,6 +257,9 @@ func (c *Cluster) network() error {
 	}
 	for i := 1; i <= c.cfg.Nodes; i++ {
 		n := &Node{Name: fmt.Sprintf("node%d", i), NS: nodeNS(i), Addr: nodeAddr(i), PodCIDR: podCIDR(i)}
+		if len(c.cfg.Zones) > 0 {
+			n.Zone = c.cfg.Zones[i-1]
+		}
 		if err := plugUnderlay(n.NS, fmt.Sprintf("n%d", i), n.Addr); err != nil {
 			return err
 		}
@@ -299,14 +334,22 @@ func (c *Cluster) controlPlane(ctx context.Context) error {
 	}); err != nil {
 		return err
 	}
-	_, err = c.procs.start("kube-controller-manager", cpNS, c.bin("kube-controller-manager"),
-		"--kubeconfig="+c.path("cp.kubeconfig"),
+	kcm := []string{"--kubeconfig=" + c.path("cp.kubeconfig"),
 		"--controllers=endpointslice,endpointslicemirroring,serviceaccount,serviceaccount-token,namespace,garbagecollector,deployment,replicaset",
-		"--service-account-private-key-file="+saKey, "--use-service-account-credentials=false",
-		"--leader-elect=false", "--secure-port=0")
-	if err != nil {
+		"--service-account-private-key-file=" + saKey, "--use-service-account-credentials=false",
+		"--leader-elect=false", "--secure-port=0"}
+	if c.cfg.MaxEndpointsPerSlice > 0 {
+		kcm = append(kcm, fmt.Sprintf("--max-endpoints-per-slice=%d", c.cfg.MaxEndpointsPerSlice))
+	}
+	if _, err = c.procs.start("kube-controller-manager", cpNS, c.bin("kube-controller-manager"), kcm...); err != nil {
 		return err
 	}
+	v, err := c.Client.Discovery().ServerVersion()
+	if err != nil {
+		return fmt.Errorf("the API server's version: %w", err)
+	}
+	// The kubelet's HTTP probes say which version sent them: "kube-probe/1.37".
+	c.probeAgent = fmt.Sprintf("kube-probe/%s.%s", v.Major, strings.TrimRight(v.Minor, "+"))
 	return waitFor(ctx, 60*time.Second, "the default service account", func() error {
 		_, err := c.Client.CoreV1().ServiceAccounts("default").Get(ctx, "default", metav1.GetOptions{})
 		return err
@@ -314,12 +357,13 @@ func (c *Cluster) controlPlane(ctx context.Context) error {
 }
 
 func (c *Cluster) startNodes(ctx, runCtx context.Context) error {
-	names := make([]string, len(c.Nodes))
 	for i, n := range c.Nodes {
-		names[i] = n.Name
 		node := &corev1.Node{
 			ObjectMeta: metav1.ObjectMeta{Name: n.Name, Labels: map[string]string{corev1.LabelHostname: n.Name}},
 			Spec:       corev1.NodeSpec{PodCIDR: n.PodCIDR.String(), PodCIDRs: []string{n.PodCIDR.String()}},
+		}
+		if n.Zone != "" {
+			node.Labels[corev1.LabelTopologyZone], node.Labels[corev1.LabelTopologyRegion] = n.Zone, Region
 		}
 		created, err := c.Client.CoreV1().Nodes().Create(ctx, node, metav1.CreateOptions{})
 		if err != nil {
@@ -340,6 +384,7 @@ func (c *Cluster) startNodes(ctx, runCtx context.Context) error {
 		if err != nil {
 			return err
 		}
+		n.kubeProxy = proxy
 		if err := waitFor(ctx, 60*time.Second, n.Name+"'s kube-proxy to sync", func() error {
 			if done, perr := proxy.exited(); done {
 				return &fatal{fmt.Errorf("%s's kube-proxy exited (%v); see %s", n.Name, perr, c.path("logs/"+n.Name+"-kube-proxy.log"))}
@@ -358,10 +403,10 @@ func (c *Cluster) startNodes(ctx, runCtx context.Context) error {
 			return err
 		}
 		n.DaemonURL = fmt.Sprintf("http://127.0.0.1:%d", port)
-		n.kubelet = newKubelet(n.Name, i+1, c.Client, c.procs, c.cfg.Tool, c.cfg.Log)
+		n.kubelet = newKubelet(n.Name, i+1, c.Client, c.procs, c.cfg.Tool, c.probeAgent, c.cfg.Log)
 		c.wg.Go(func() { n.kubelet.run(runCtx) })
 	}
-	b := &binder{client: c.Client, nodes: names, log: c.cfg.Log}
+	b := &binder{client: c.Client, nodes: c.Nodes, log: c.cfg.Log}
 	c.wg.Go(func() { b.run(runCtx) })
 	var err error
 	if c.client.netns, c.client.ip, err = c.Nodes[0].kubelet.attach(); err != nil {
@@ -379,6 +424,52 @@ func (c *Cluster) startNodes(ctx, runCtx context.Context) error {
 
 // ClientNS is the network namespace of the client pod on the first node, for load generators.
 func (c *Cluster) ClientNS() string { return c.client.netns }
+
+// Node returns the node called name.
+func (c *Cluster) Node(name string) (*Node, error) {
+	for _, n := range c.Nodes {
+		if n.Name == name {
+			return n, nil
+		}
+	}
+	return nil, fmt.Errorf("no node %q in the lab (it has node1 to node%d)", name, len(c.Nodes))
+}
+
+// PauseKubeProxy stops node's kube-proxy with SIGSTOP: it keeps its rules but applies no change
+// until ResumeKubeProxy, as a kube-proxy stuck on a lock or starved of CPU.
+func (c *Cluster) PauseKubeProxy(node string) error {
+	return c.signalKubeProxy(node, syscall.SIGSTOP)
+}
+
+// ResumeKubeProxy continues node's kube-proxy after PauseKubeProxy.
+func (c *Cluster) ResumeKubeProxy(node string) error {
+	return c.signalKubeProxy(node, syscall.SIGCONT)
+}
+
+func (c *Cluster) signalKubeProxy(node string, sig syscall.Signal) error {
+	n, err := c.Node(node)
+	if err != nil {
+		return err
+	}
+	if done, perr := n.kubeProxy.exited(); done {
+		return fmt.Errorf("%s's kube-proxy has exited (%v); see %s", node, perr, c.path("logs/"+node+"-kube-proxy.log"))
+	}
+	if err := n.kubeProxy.cmd.Process.Signal(sig); err != nil {
+		return fmt.Errorf("%s to %s's kube-proxy (pid %d): %w", sig, node, n.kubeProxy.cmd.Process.Pid, err)
+	}
+	return nil
+}
+
+// PodIP returns the address the lab's kubelets gave pod uid; it stays known after the pod and
+// its status are gone.
+func (c *Cluster) PodIP(uid types.UID) (netip.Addr, bool) {
+	for _, n := range c.Nodes {
+		if ip, ok := n.kubelet.podIP(uid); ok {
+			return ip, true
+		}
+	}
+	return netip.Addr{}, false
+}
 
 // forward listens on loopback port and connects each connection to addr inside namespace netns.
 func (c *Cluster) forward(port int, netns, addr string) error {

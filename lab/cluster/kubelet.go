@@ -2,16 +2,12 @@ package cluster
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net/netip"
-	"strconv"
 	"strings"
 	"sync"
-	"syscall"
-	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -26,16 +22,11 @@ import (
 	"github.com/endpointlag/endpointlag/lab/internal/ns"
 )
 
-// OnSIGTERM is the pod annotation that chooses what a lab pod does on "SIGTERM", after its
-// preStop hook: "exit" (the default) closes the listener and every connection at once, so late
-// traffic is refused; "drain=5s" keeps serving for that long first.
-const OnSIGTERM = "lab.endpointlag.dev/on-sigterm"
-
-// kubelet is the lab's stand-in for one node's kubelet. It runs the pods bound to its node: a
-// network namespace with a veth and an address from the node's pod CIDR, and an HTTP server that
-// answers with the pod's name. On deletion it honours the preStop hook (sleep action or
-// `exec: sleep N`), the SIGTERM behaviour of the OnSIGTERM annotation and the grace period, then
-// removes the namespace and the pod object.
+// kubelet is the lab's stand-in for one node's kubelet. It runs the pods bound to its node, one
+// goroutine each (see podrun.go): a network namespace with a veth and an address from the
+// node's pod CIDR, and a process running `lab serve`, whose readiness probes it runs and whose
+// status it reports; it restarts or completes pods whose process exits, and terminates deleted
+// ones as the kubelet does.
 type kubelet struct {
 	node   string
 	idx    int
@@ -45,35 +36,29 @@ type kubelet struct {
 	procs  *procs
 	// tool is the lab binary; pods run `tool serve`.
 	tool string
+	// agent is the User-Agent of HTTP readiness probes.
+	agent string
 
-	mu     sync.Mutex
-	pods   map[types.UID]*podRun
-	inUse  map[netip.Addr]bool
+	mu    sync.Mutex
+	pods  map[types.UID]*podRun
+	inUse map[netip.Addr]bool
+	// ips is every address a pod got on this node, kept after the pod is gone.
+	ips    map[types.UID]netip.Addr
 	nextIP int
 	seq    int
 	wg     sync.WaitGroup
 }
 
-type podRun struct {
-	namespace, name string
-	uid             types.UID
-	netns           string
-	ip              netip.Addr
-	proc            *proc
-	terminating     bool
-	removed         bool
-}
-
-func newKubelet(node string, idx int, client kubernetes.Interface, p *procs, tool string, log *slog.Logger) *kubelet {
+func newKubelet(node string, idx int, client kubernetes.Interface, p *procs, tool, agent string, log *slog.Logger) *kubelet {
 	return &kubelet{
-		node: node, idx: idx, nodeNS: nodeNS(idx), client: client, log: log.With("kubelet", node), procs: p, tool: tool,
-		pods: map[types.UID]*podRun{}, inUse: map[netip.Addr]bool{}, nextIP: 2,
+		node: node, idx: idx, nodeNS: nodeNS(idx), client: client, log: log.With("kubelet", node), procs: p, tool: tool, agent: agent,
+		pods: map[types.UID]*podRun{}, inUse: map[netip.Addr]bool{}, ips: map[types.UID]netip.Addr{}, nextIP: 2,
 	}
 }
 
 func nodeNS(i int) string { return fmt.Sprintf("%sn%d", ns.Prefix, i) }
 
-// run handles this node's pods until ctx is done, then removes every pod namespace it made.
+// run handles this node's pods until ctx is done; each pod's goroutine then removes what it made.
 func (k *kubelet) run(ctx context.Context) {
 	f := informers.NewSharedInformerFactoryWithOptions(k.client, 0, informers.WithTweakListOptions(func(o *metav1.ListOptions) {
 		o.FieldSelector = fields.OneTermEqualSelector("spec.nodeName", k.node).String()
@@ -87,7 +72,7 @@ func (k *kubelet) run(ctx context.Context) {
 				obj = t.Obj
 			}
 			if p, ok := obj.(*corev1.Pod); ok {
-				k.remove(p.UID)
+				k.forget(p.UID)
 			}
 		},
 	})
@@ -95,42 +80,70 @@ func (k *kubelet) run(ctx context.Context) {
 	<-ctx.Done()
 	f.Shutdown()
 	k.wg.Wait()
-	k.mu.Lock()
-	uids := make([]types.UID, 0, len(k.pods))
-	for uid := range k.pods {
-		uids = append(uids, uid)
-	}
-	k.mu.Unlock()
-	for _, uid := range uids {
-		k.remove(uid)
-	}
 }
 
+// sync starts a goroutine for each new pod and hands deletions to the pod's goroutine. A pod
+// this kubelet does not run (never started here, or already finished) is deleted at once.
 func (k *kubelet) sync(ctx context.Context, pod *corev1.Pod) {
 	k.mu.Lock()
-	run := k.pods[pod.UID]
+	r := k.pods[pod.UID]
+	if r == nil && pod.DeletionTimestamp == nil && !podTerminal(pod) {
+		r = newPodRun(ctx, pod)
+		k.pods[pod.UID] = r
+		k.wg.Go(func() { k.live(r) })
+	}
 	k.mu.Unlock()
 	switch {
-	case pod.DeletionTimestamp != nil && run == nil:
+	case pod.DeletionTimestamp == nil:
+	case r == nil:
 		k.deleteObject(ctx, pod)
-	case pod.DeletionTimestamp != nil && !run.terminating:
-		k.mu.Lock()
-		run.terminating = true
-		k.mu.Unlock()
-		k.wg.Go(func() { k.terminate(ctx, pod, run) })
-	case pod.DeletionTimestamp == nil && run == nil:
-		if err := k.start(ctx, pod); err != nil {
-			k.log.Error("starting pod", "pod", pod.Name, "err", err)
-		}
+	default:
+		r.requestDeletion(pod)
 	}
 }
 
-// allocate takes the next free address of the node's pod CIDR, round robin, so that a deleted
-// pod's address is not reused at once.
-func (k *kubelet) allocate() (netip.Addr, string, error) {
+func podTerminal(p *corev1.Pod) bool {
+	return p.Status.Phase == corev1.PodSucceeded || p.Status.Phase == corev1.PodFailed
+}
+
+// forget ends the goroutine of a pod whose object is gone: deleted by this kubelet after its
+// termination, or force-deleted by someone else, in which case its process is killed.
+func (k *kubelet) forget(uid types.UID) {
+	k.mu.Lock()
+	r := k.pods[uid]
+	delete(k.pods, uid)
+	k.mu.Unlock()
+	if r != nil {
+		r.cancel()
+	}
+}
+
+// allocate takes an address of the node's pod CIDR: want when it is valid, else the next free
+// one, round robin, so that a deleted pod's address is not reused at once.
+func (k *kubelet) allocate(uid types.UID, want netip.Addr) (netip.Addr, string, error) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	base := podCIDR(k.idx).Addr().As4()
+	cidr := podCIDR(k.idx)
+	take := func(ip netip.Addr) (netip.Addr, string, error) {
+		k.inUse[ip] = true
+		if uid != "" {
+			k.ips[uid] = ip
+		}
+		k.seq++
+		return ip, fmt.Sprintf("%sp%d-%d", ns.Prefix, k.idx, k.seq), nil
+	}
+	if want.IsValid() {
+		last := cidr.Addr().As4()
+		last[3] = 255
+		switch {
+		case !cidr.Contains(want) || want == cidr.Addr() || want == netip.AddrFrom4(last):
+			return netip.Addr{}, "", fmt.Errorf("address %s (annotation %s) is not a pod address of node %s, whose pod CIDR is %s", want, PodIP, k.node, cidr)
+		case k.inUse[want]:
+			return netip.Addr{}, "", fmt.Errorf("address %s (annotation %s) is in use on node %s", want, PodIP, k.node)
+		}
+		return take(want)
+	}
+	base := cidr.Addr().As4()
 	for range 253 {
 		n := k.nextIP
 		k.nextIP = k.nextIP%254 + 1
@@ -138,16 +151,14 @@ func (k *kubelet) allocate() (netip.Addr, string, error) {
 			continue
 		}
 		base[3] = byte(n)
-		ip := netip.AddrFrom4(base)
-		if !k.inUse[ip] {
-			k.inUse[ip] = true
-			k.seq++
-			return ip, fmt.Sprintf("%sp%d-%d", ns.Prefix, k.idx, k.seq), nil
+		if ip := netip.AddrFrom4(base); !k.inUse[ip] {
+			return take(ip)
 		}
 	}
-	return netip.Addr{}, "", fmt.Errorf("node %s: pod CIDR %s is full", k.node, podCIDR(k.idx))
+	return netip.Addr{}, "", fmt.Errorf("node %s: pod CIDR %s is full", k.node, cidr)
 }
 
+// release removes a pod's namespace and frees its address, as a CNI DEL does.
 func (k *kubelet) release(ip netip.Addr, netns string) {
 	if err := ns.Delete(netns); err != nil {
 		k.log.Warn("removing pod namespace", "netns", netns, "err", err)
@@ -157,10 +168,18 @@ func (k *kubelet) release(ip netip.Addr, netns string) {
 	k.mu.Unlock()
 }
 
+// podIP is the address pod uid got on this node, also after the pod is gone.
+func (k *kubelet) podIP(uid types.UID) (netip.Addr, bool) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	ip, ok := k.ips[uid]
+	return ip, ok
+}
+
 // attach creates a pod network namespace on this node that runs nothing: the load generator's
 // client pod.
 func (k *kubelet) attach() (string, netip.Addr, error) {
-	ip, netns, err := k.allocate()
+	ip, netns, err := k.allocate("", netip.Addr{})
 	if err != nil {
 		return "", ip, err
 	}
@@ -176,151 +195,24 @@ func hostLinkName(netns string) string {
 	return "pv" + strings.TrimPrefix(netns, ns.Prefix+"p")
 }
 
-func containerPort(pod *corev1.Pod) int32 {
-	for _, c := range pod.Spec.Containers {
-		for _, p := range c.Ports {
-			return p.ContainerPort
-		}
+// event records an event about pod p, as the kubelet's event recorder does, and logs it.
+func (k *kubelet) event(ctx context.Context, p *corev1.Pod, typ, reason, message string) {
+	level := slog.LevelInfo
+	if typ == corev1.EventTypeWarning {
+		level = slog.LevelWarn
 	}
-	return 8080
-}
-
-func (k *kubelet) start(ctx context.Context, pod *corev1.Pod) error {
-	ip, netns, err := k.allocate()
-	if err != nil {
-		return err
-	}
-	if err := plugPod(k.nodeNS, netns, hostLinkName(netns), ip); err != nil {
-		k.release(ip, netns)
-		return err
-	}
-	port := containerPort(pod)
-	pr, err := k.procs.start("pod-"+pod.Name, netns, k.tool, "serve", "--name="+pod.Name,
-		fmt.Sprintf("--port=%d", port), "--on-sigterm="+pod.Annotations[OnSIGTERM])
-	if err != nil {
-		k.release(ip, netns)
-		return err
-	}
-	if err := waitFor(ctx, 10*time.Second, pod.Name+" to listen", func() error {
-		if done, perr := pr.exited(); done {
-			return &fatal{fmt.Errorf("pod %s exited: %v", pod.Name, perr)}
-		}
-		c, err := ns.Dial(ctx, k.nodeNS, nil, "tcp", netip.AddrPortFrom(ip, uint16(port)).String())
-		if err == nil {
-			c.Close()
-		}
-		return err
-	}); err != nil {
-		pr.kill()
-		k.release(ip, netns)
-		return err
-	}
-	run := &podRun{namespace: pod.Namespace, name: pod.Name, uid: pod.UID, netns: netns, ip: ip, proc: pr}
-	k.mu.Lock()
-	k.pods[pod.UID] = run
-	k.mu.Unlock()
-	k.log.Debug("pod started", "pod", pod.Namespace+"/"+pod.Name, "ip", ip, "netns", netns)
-	return k.reportRunning(ctx, pod, ip)
-}
-
-func (k *kubelet) reportRunning(ctx context.Context, pod *corev1.Pod, ip netip.Addr) error {
+	k.log.Log(ctx, level, message, "pod", p.Namespace+"/"+p.Name, "reason", reason)
 	now := metav1.Now()
-	conds := []corev1.PodCondition{}
-	for _, t := range []corev1.PodConditionType{corev1.PodScheduled, corev1.PodInitialized, corev1.ContainersReady, corev1.PodReady} {
-		conds = append(conds, corev1.PodCondition{Type: t, Status: corev1.ConditionTrue, LastTransitionTime: now})
+	ev := &corev1.Event{
+		ObjectMeta:     metav1.ObjectMeta{GenerateName: p.Name + ".", Namespace: p.Namespace},
+		InvolvedObject: corev1.ObjectReference{APIVersion: "v1", Kind: "Pod", Namespace: p.Namespace, Name: p.Name, UID: p.UID},
+		Reason:         reason, Message: message, Type: typ,
+		Source:         corev1.EventSource{Component: "kubelet", Host: k.node},
+		FirstTimestamp: now, LastTimestamp: now, Count: 1,
 	}
-	patch, err := json.Marshal(map[string]any{"status": corev1.PodStatus{
-		Phase:      corev1.PodRunning,
-		Conditions: conds,
-		HostIP:     nodeAddr(k.idx).String(),
-		HostIPs:    []corev1.HostIP{{IP: nodeAddr(k.idx).String()}},
-		PodIP:      ip.String(),
-		PodIPs:     []corev1.PodIP{{IP: ip.String()}},
-		StartTime:  &now,
-		ContainerStatuses: []corev1.ContainerStatus{{
-			Name: pod.Spec.Containers[0].Name, Image: pod.Spec.Containers[0].Image, Ready: true, Started: ptr.To(true),
-			State: corev1.ContainerState{Running: &corev1.ContainerStateRunning{StartedAt: now}},
-		}},
-	}})
-	if err != nil {
-		return err
+	if _, err := k.client.CoreV1().Events(p.Namespace).Create(ctx, ev, metav1.CreateOptions{}); err != nil && ctx.Err() == nil {
+		k.log.Warn("recording event", "pod", p.Namespace+"/"+p.Name, "reason", reason, "err", err)
 	}
-	_, err = k.client.CoreV1().Pods(pod.Namespace).Patch(ctx, pod.Name, types.StrategicMergePatchType, patch, metav1.PatchOptions{}, "status")
-	if err != nil {
-		return fmt.Errorf("reporting pod %s running: %w", pod.Name, err)
-	}
-	return nil
-}
-
-// preStopSeconds reads the first container's preStop hook: a sleep action or `exec: sleep N`.
-func preStopSeconds(pod *corev1.Pod) time.Duration {
-	if len(pod.Spec.Containers) == 0 || pod.Spec.Containers[0].Lifecycle == nil || pod.Spec.Containers[0].Lifecycle.PreStop == nil {
-		return 0
-	}
-	h := pod.Spec.Containers[0].Lifecycle.PreStop
-	if h.Sleep != nil {
-		return time.Duration(h.Sleep.Seconds) * time.Second
-	}
-	if h.Exec != nil {
-		cmd := strings.Join(h.Exec.Command, " ")
-		if i := strings.LastIndex(cmd, "sleep "); i >= 0 {
-			if f, err := strconv.ParseFloat(strings.Fields(cmd[i+len("sleep "):])[0], 64); err == nil {
-				return time.Duration(f * float64(time.Second))
-			}
-		}
-	}
-	return 0
-}
-
-func sleepUntil(ctx context.Context, d time.Duration, deadline time.Time) {
-	if until := time.Until(deadline); d > until {
-		d = until
-	}
-	if d <= 0 {
-		return
-	}
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-	case <-t.C:
-	}
-}
-
-func (k *kubelet) terminate(ctx context.Context, pod *corev1.Pod, run *podRun) {
-	grace := 30 * time.Second
-	if pod.DeletionGracePeriodSeconds != nil {
-		grace = time.Duration(*pod.DeletionGracePeriodSeconds) * time.Second
-	}
-	deadline := time.Now().Add(grace)
-	preStop := preStopSeconds(pod)
-	k.log.Debug("pod terminating", "pod", pod.Namespace+"/"+pod.Name, "preStop", preStop, "on-sigterm", pod.Annotations[OnSIGTERM], "grace", grace)
-	sleepUntil(ctx, preStop, deadline)
-	_ = run.proc.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-run.proc.done:
-	case <-ctx.Done():
-	case <-time.After(time.Until(deadline)):
-		k.log.Debug("grace period over, killing", "pod", pod.Namespace+"/"+pod.Name)
-	}
-	k.remove(pod.UID)
-	k.deleteObject(ctx, pod)
-}
-
-// remove kills a pod's process and removes its namespace; it is safe to call twice.
-func (k *kubelet) remove(uid types.UID) {
-	k.mu.Lock()
-	run := k.pods[uid]
-	if run == nil || run.removed {
-		k.mu.Unlock()
-		return
-	}
-	run.removed = true
-	delete(k.pods, uid)
-	k.mu.Unlock()
-	run.proc.kill()
-	k.release(run.ip, run.netns)
-	k.log.Debug("pod removed", "pod", run.namespace+"/"+run.name, "ip", run.ip)
 }
 
 // deleteObject deletes the pod object for good, as the kubelet does once the containers are gone.

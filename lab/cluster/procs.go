@@ -97,6 +97,8 @@ func (p *procs) stopAll(grace time.Duration) {
 			continue
 		}
 		_ = pr.cmd.Process.Signal(syscall.SIGTERM)
+		// A stopped process (a paused kube-proxy) acts on SIGTERM only once continued.
+		_ = pr.cmd.Process.Signal(syscall.SIGCONT)
 		select {
 		case <-pr.done:
 		case <-time.After(grace):

@@ -19,6 +19,7 @@ import (
 
 	"github.com/endpointlag/endpointlag/lab/cluster"
 	"github.com/endpointlag/endpointlag/lab/load"
+	"github.com/endpointlag/endpointlag/lab/pod"
 )
 
 // App is the Deployment and Service of one scenario.
@@ -27,6 +28,11 @@ type App struct {
 	Namespace string
 	Name      string
 	Replicas  int32
+	// Probe is the readiness probe of the pods' container; nil for none.
+	Probe *corev1.Probe
+	// TrafficDistribution is the Service's spec.trafficDistribution ("PreferSameZone", …); ""
+	// for none. It is set when the Service is created.
+	TrafficDistribution string
 }
 
 // Behaviour is what the app's pods do when deleted.
@@ -35,21 +41,51 @@ type Behaviour struct {
 	PreStop time.Duration
 	// Drain keeps serving this long after "SIGTERM"; 0 exits at once.
 	Drain time.Duration
+	// Unready fails the kubelet's HTTP readiness probes (503) while draining.
+	Unready bool
 }
 
 func (b Behaviour) annotation() string {
-	if b.Drain > 0 {
-		return "drain=" + b.Drain.String()
+	return pod.OnSIGTERM{Drain: b.Drain, Unready: b.Unready}.String()
+}
+
+// HTTPProbe is a readiness probe of the lab server's "http" port (any path answers 200 while it
+// serves), every period, failing after failures failed probes in a row.
+func HTTPProbe(period time.Duration, failures int32) *corev1.Probe {
+	return &corev1.Probe{
+		ProbeHandler:     corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{Path: "/ready", Port: intstr.FromString("http")}},
+		PeriodSeconds:    int32(max(period/time.Second, 1)),
+		FailureThreshold: failures,
 	}
-	return "exit"
+}
+
+// container is the lab server's container: port 8080 named "http".
+func container(b Behaviour, probe *corev1.Probe) corev1.Container {
+	c := corev1.Container{
+		Name:           "web",
+		Image:          "lab/web", // never pulled: the lab's kubelet runs an HTTP server itself
+		Ports:          []corev1.ContainerPort{{Name: "http", ContainerPort: 8080, Protocol: corev1.ProtocolTCP}},
+		ReadinessProbe: probe,
+	}
+	if b.PreStop > 0 {
+		c.Lifecycle = &corev1.Lifecycle{PreStop: &corev1.LifecycleHandler{Sleep: &corev1.SleepAction{Seconds: int64((b.PreStop + time.Second - 1) / time.Second)}}}
+	}
+	return c
+}
+
+func ensureNamespace(ctx context.Context, client kubernetes.Interface, name string) error {
+	ns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: name}}
+	if _, err := client.CoreV1().Namespaces().Create(ctx, ns, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+		return err
+	}
+	return nil
 }
 
 func (a *App) labels() map[string]string { return map[string]string{"app": a.Name} }
 
 // Apply creates or updates the namespace, Service and Deployment with behaviour b.
 func (a *App) Apply(ctx context.Context, b Behaviour) error {
-	ns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: a.Namespace}}
-	if _, err := a.Client.CoreV1().Namespaces().Create(ctx, ns, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+	if err := ensureNamespace(ctx, a.Client, a.Namespace); err != nil {
 		return err
 	}
 	svc := &corev1.Service{
@@ -59,16 +95,11 @@ func (a *App) Apply(ctx context.Context, b Behaviour) error {
 			Ports:    []corev1.ServicePort{{Name: "http", Port: 80, TargetPort: intstr.FromInt32(8080), Protocol: corev1.ProtocolTCP}},
 		},
 	}
+	if a.TrafficDistribution != "" {
+		svc.Spec.TrafficDistribution = &a.TrafficDistribution
+	}
 	if _, err := a.Client.CoreV1().Services(a.Namespace).Create(ctx, svc, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
 		return err
-	}
-	container := corev1.Container{
-		Name:  "web",
-		Image: "lab/web", // never pulled: the lab's kubelet runs an HTTP server itself
-		Ports: []corev1.ContainerPort{{Name: "http", ContainerPort: 8080, Protocol: corev1.ProtocolTCP}},
-	}
-	if b.PreStop > 0 {
-		container.Lifecycle = &corev1.Lifecycle{PreStop: &corev1.LifecycleHandler{Sleep: &corev1.SleepAction{Seconds: int64((b.PreStop + time.Second - 1) / time.Second)}}}
 	}
 	d := &appsv1.Deployment{
 		ObjectMeta: metav1.ObjectMeta{Namespace: a.Namespace, Name: a.Name},
@@ -78,7 +109,7 @@ func (a *App) Apply(ctx context.Context, b Behaviour) error {
 			Template: corev1.PodTemplateSpec{
 				ObjectMeta: metav1.ObjectMeta{Labels: a.labels(), Annotations: map[string]string{cluster.OnSIGTERM: b.annotation()}},
 				Spec: corev1.PodSpec{
-					Containers:                    []corev1.Container{container},
+					Containers:                    []corev1.Container{container(b, a.Probe)},
 					TerminationGracePeriodSeconds: ptr.To[int64](30),
 				},
 			},
@@ -118,21 +149,7 @@ func (a *App) Pods(ctx context.Context) (map[types.UID]corev1.Pod, error) {
 // WaitSettled waits until the Deployment is rolled out and only its current pods exist, all
 // running and ready.
 func (a *App) WaitSettled(ctx context.Context, timeout time.Duration) error {
-	deadline := time.Now().Add(timeout)
-	for {
-		err := a.settled(ctx)
-		if err == nil {
-			return nil
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("%s/%s not settled after %s: %w", a.Namespace, a.Name, timeout, err)
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(200 * time.Millisecond):
-		}
-	}
+	return Poll(ctx, timeout, fmt.Sprintf("%s/%s to settle", a.Namespace, a.Name), func() error { return a.settled(ctx) })
 }
 
 func (a *App) settled(ctx context.Context) error {

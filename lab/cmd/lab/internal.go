@@ -3,10 +3,12 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"os"
 	"os/signal"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -17,28 +19,39 @@ import (
 
 // The lab starts these commands itself, inside pod namespaces.
 
-// serve is what every lab pod runs.
-func serve(args []string) error {
+// serve is what every lab pod runs. It returns the exit code: --exit-code once --exit-after
+// has passed, 0 after a SIGTERM.
+func serve(args []string) (int, error) {
 	fs := flag.NewFlagSet("lab serve", flag.ContinueOnError)
-	name := fs.String("name", "", "the pod's name, the body of every answer")
-	port := fs.Int("port", 8080, "port to listen on")
-	onSIGTERM := fs.String("on-sigterm", "exit", "exit (at once) or drain=DURATION (keep serving that long, then exit)")
+	var s pod.Server
+	fs.StringVar(&s.Name, "name", "", "the pod's name, the body of every answer")
+	ports := fs.String("ports", "8080", "comma-separated TCP ports to listen on")
+	onSIGTERM := fs.String("on-sigterm", "exit", "exit (at once), drain=DURATION (keep serving that long, then exit) or drain-unready=DURATION (the same, answering the kubelet's probes with 503)")
+	fs.DurationVar(&s.ExitAfter, "exit-after", 0, "exit on its own this long after starting (0: never)")
+	exitCode := fs.Int("exit-code", 0, "the exit code after --exit-after")
 	if err := fs.Parse(args); err != nil {
-		return err
+		return 2, err
 	}
-	var drain time.Duration
-	if v, ok := strings.CutPrefix(*onSIGTERM, "drain="); ok {
-		d, err := time.ParseDuration(v)
-		if err != nil {
-			return fmt.Errorf("--on-sigterm %q: %w", *onSIGTERM, err)
+	var err error
+	if s.OnSIGTERM, err = pod.ParseOnSIGTERM(*onSIGTERM); err != nil {
+		return 2, fmt.Errorf("--on-sigterm %w", err)
+	}
+	for _, p := range strings.Split(*ports, ",") {
+		n, err := strconv.Atoi(p)
+		if err != nil || n < 1 || n > 65535 {
+			return 2, fmt.Errorf("--ports: %q is not a port", p)
 		}
-		drain = d
-	} else if *onSIGTERM != "exit" && *onSIGTERM != "" {
-		return fmt.Errorf("--on-sigterm %q: want exit or drain=DURATION", *onSIGTERM)
+		s.Ports = append(s.Ports, n)
 	}
 	stop, cancel := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer cancel()
-	return pod.Serve(stop, *name, *port, drain)
+	switch err := s.Serve(stop); {
+	case errors.Is(err, pod.ErrCompleted):
+		return *exitCode, nil
+	case err != nil:
+		return 1, err
+	}
+	return 0, nil
 }
 
 // loadCmd is the load generator, run in the client pod: it sends requests until SIGTERM or

@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
@@ -57,10 +58,15 @@ func run(args []string) int {
 		cmd, args = "demo", []string{"demo", "--help"}
 	}
 	switch cmd {
-	case "serve", "load":
-		f := map[string]func([]string) error{"serve": serve, "load": loadCmd}[cmd]
-		if err := f(args[1:]); err != nil {
-			fmt.Fprintf(os.Stderr, "lab %s: %v\n", cmd, err)
+	case "serve":
+		code, err := serve(args[1:])
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "lab serve: %v\n", err)
+		}
+		return code
+	case "load":
+		if err := loadCmd(args[1:]); err != nil {
+			fmt.Fprintf(os.Stderr, "lab load: %v\n", err)
 			return 1
 		}
 		return 0
@@ -69,6 +75,8 @@ func run(args []string) int {
 	var o options
 	fs.IntVar(&o.Nodes, "nodes", 2, "number of nodes (1 to 9)")
 	fs.StringVar(&o.ProxyMode, "proxy-mode", "nftables", "kube-proxy mode: nftables or iptables")
+	zones := fs.String("zones", "", "comma-separated zone of each node, e.g. a,b,a (sets --nodes when that is not given)")
+	fs.IntVar(&o.MaxEndpointsPerSlice, "max-endpoints-per-slice", 0, "kube-controller-manager's --max-endpoints-per-slice (0: its default, 100)")
 	fs.StringVar(&o.BinDir, "bin-dir", os.Getenv("LAB_BIN_DIR"), "directory with etcd, kube-apiserver, kube-controller-manager, kube-proxy (default $LAB_BIN_DIR)")
 	fs.StringVar(&o.Endpointlag, "endpointlag", "bin/endpointlag", "the endpointlag binary to run on every node")
 	fs.StringVar(&o.StateDir, "state-dir", "/run/endpointlag-lab", "keys, kubeconfigs, logs and PID records of the lab")
@@ -85,6 +93,14 @@ func run(args []string) int {
 			return 0
 		}
 		return 2
+	}
+	if *zones != "" {
+		o.Zones = strings.Split(*zones, ",")
+		nodesSet := false
+		fs.Visit(func(f *flag.Flag) { nodesSet = nodesSet || f.Name == "nodes" })
+		if !nodesSet {
+			o.Nodes = len(o.Zones)
+		}
 	}
 	var level slog.Level
 	var err error
@@ -129,7 +145,11 @@ func up(ctx context.Context, o options) error {
 	fmt.Printf("lab is up (pid %d). Stop it with Ctrl-C, or `make lab-down`.\n\n", os.Getpid())
 	fmt.Printf("  export KUBECONFIG=%s\n  kubectl get nodes\n\n", c.Kubeconfig)
 	for _, n := range c.Nodes {
-		fmt.Printf("  %s: endpointlag at %s/metrics, inspect with: bin/endpointlag inspect --daemon %s\n", n.Name, n.DaemonURL, n.DaemonURL)
+		zone := ""
+		if n.Zone != "" {
+			zone = " (zone " + n.Zone + ")"
+		}
+		fmt.Printf("  %s%s: endpointlag at %s/metrics, inspect with: bin/endpointlag inspect --daemon %s\n", n.Name, zone, n.DaemonURL, n.DaemonURL)
 	}
 	fmt.Printf("  logs: %s/logs\n", o.StateDir)
 	<-ctx.Done()

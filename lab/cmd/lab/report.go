@@ -44,7 +44,10 @@ func writeReport(w io.Writer, o options, c *cluster.Cluster, rollouts []*scenari
 }
 
 func describe(b scenario.Behaviour) string {
-	if b.Drain > 0 {
+	switch {
+	case b.Drain > 0 && b.Unready:
+		return "drain " + b.Drain.String() + " failing readiness"
+	case b.Drain > 0:
 		return "drain " + b.Drain.String()
 	}
 	return "exit at once"
