@@ -81,6 +81,8 @@ func TestLab(t *testing.T) {
 func testLab(t *testing.T, mode string) {
 	cfg := config(t)
 	cfg.ProxyMode = mode
+	// Three nodes in two zones, and slices of at most 5 endpoints: the shapes below need them.
+	cfg.Nodes, cfg.Zones, cfg.MaxEndpointsPerSlice = 3, []string{"a", "b", "a"}, 5
 	dataplaneStage := mode
 	rootLinks := linkNames(t)
 	ctx := context.Background()
@@ -221,6 +223,8 @@ func testLab(t *testing.T, mode string) {
 			}
 		}
 	})
+
+	t.Run("cluster shapes", func(t *testing.T) { runShapes(t, ctx, c, mode) })
 
 	t.Run("teardown leaves no namespace, link or process", func(t *testing.T) {
 		c.Down()

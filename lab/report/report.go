@@ -40,6 +40,20 @@ type Record struct {
 	Local  bool         `json:"local"`
 	T0     *time.Time   `json:"t0"`
 	Stages []StageEntry `json:"stages"`
+	// Serving and Fallback: the endpoint's serving condition when it turned terminating, and
+	// where kube-proxy then kept routing to it for want of a ready endpoint (KEP-1669).
+	Serving  bool `json:"serving"`
+	Fallback struct {
+		Cluster bool `json:"cluster"`
+		Local   bool `json:"local"`
+	} `json:"fallback"`
+	// Pending are the stages still awaited; Awaited the dataplane stages and paths ("stage/path")
+	// the node's rules reached the endpoint on, Held those kube-proxy holds back on purpose, and
+	// NotApplicable the dataplane stages its rules never reached it at.
+	Pending       []string `json:"pending"`
+	Awaited       []string `json:"awaited"`
+	Held          []string `json:"held"`
+	NotApplicable []string `json:"not_applicable"`
 	// Connections are the new connections the packets probe saw reach the pod after T0 (late)
 	// or its address after it was gone (dead).
 	Connections []Connection `json:"connections"`
@@ -50,18 +64,37 @@ type Connection struct {
 	Time   time.Time `json:"time"`
 	Client string    `json:"client"`
 	Kind   string    `json:"kind"`
+	// Node: the client is one of the node's own addresses (the kubelet's probes, say).
+	Node bool `json:"node"`
 }
 
 // StageEntry is one stage of a timeline.
 type StageEntry struct {
-	Stage       string    `json:"stage"`
-	Time        time.Time `json:"time"`
-	Initial     bool      `json:"initial"`
-	Programming *float64  `json:"programming_seconds"`
-	Propagation *float64  `json:"propagation_seconds"`
+	Stage string `json:"stage"`
+	// Path is, for dataplane stages, "cluster" or "external".
+	Path    string    `json:"path"`
+	Time    time.Time `json:"time"`
+	Initial bool      `json:"initial"`
+	// Relist: first seen on a re-read after a gap; Fallback: a removal kube-proxy held back while
+	// no ready endpoint was left. Neither has a lag.
+	Relist      bool     `json:"relist"`
+	Fallback    bool     `json:"fallback"`
+	Precision   float64  `json:"precision_seconds"`
+	Programming *float64 `json:"programming_seconds"`
+	Propagation *float64 `json:"propagation_seconds"`
 }
 
-// Stage returns the entry for stage, or nil.
+// StagePath returns the entry for a dataplane stage on path, or nil.
+func (r *Record) StagePath(stage, path string) *StageEntry {
+	for i := range r.Stages {
+		if r.Stages[i].Stage == stage && r.Stages[i].Path == path {
+			return &r.Stages[i]
+		}
+	}
+	return nil
+}
+
+// Stage returns the first entry for stage, or nil.
 func (r *Record) Stage(stage string) *StageEntry {
 	for i := range r.Stages {
 		if r.Stages[i].Stage == stage {
