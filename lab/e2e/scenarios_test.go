@@ -31,7 +31,6 @@ import (
 // against the test's own ground truth: its nft monitor (what each node's rules send to, after
 // each generation) and its own slice watch.
 type shapes struct {
-	t        *testing.T
 	ctx      context.Context
 	c        *cluster.Cluster
 	mode     string
@@ -42,7 +41,7 @@ type shapes struct {
 const shapesNS = "shapes"
 
 func runShapes(t *testing.T, ctx context.Context, c *cluster.Cluster, mode string) {
-	s := &shapes{t: t, ctx: ctx, c: c, mode: mode, monitors: map[string]*ruleMonitor{}}
+	s := &shapes{ctx: ctx, c: c, mode: mode, monitors: map[string]*ruleMonitor{}}
 	for _, n := range c.Nodes {
 		m, err := startRuleMonitor(n.NS, mode)
 		if err != nil {
@@ -67,8 +66,8 @@ func runShapes(t *testing.T, ctx context.Context, c *cluster.Cluster, mode strin
 }
 
 // service creates a ClusterIP Service selecting app=name.
-func (s *shapes) service(name string, spec func(*corev1.ServiceSpec)) target {
-	s.t.Helper()
+func (s *shapes) service(t *testing.T, name string, spec func(*corev1.ServiceSpec)) target {
+	t.Helper()
 	svc := &corev1.Service{
 		ObjectMeta: metav1.ObjectMeta{Namespace: shapesNS, Name: name},
 		Spec: corev1.ServiceSpec{
@@ -80,37 +79,37 @@ func (s *shapes) service(name string, spec func(*corev1.ServiceSpec)) target {
 		spec(&svc.Spec)
 	}
 	if _, err := s.c.Client.CoreV1().Namespaces().Create(s.ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: shapesNS}}, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
-		s.t.Fatal(err)
+		t.Fatal(err)
 	}
 	created, err := s.c.Client.CoreV1().Services(shapesNS).Create(s.ctx, svc, metav1.CreateOptions{})
 	if err != nil {
-		s.t.Fatal(err)
+		t.Fatal(err)
 	}
 	return target{vip: created.Spec.ClusterIP, vipPort: 80}
 }
 
 // pod creates a pod of app on node and waits until it runs (and, with a probe, until ready).
-func (s *shapes) pod(name, app, node string, probe *corev1.Probe, ready bool) corev1.Pod {
-	s.t.Helper()
+func (s *shapes) pod(t *testing.T, name, app, node string, probe *corev1.Probe, ready bool) corev1.Pod {
+	t.Helper()
 	if _, err := scenario.CreatePod(s.ctx, s.c.Client, scenario.Pod{Namespace: shapesNS, Name: name, Labels: map[string]string{"app": app}, Node: node, Probe: probe}); err != nil {
-		s.t.Fatal(err)
+		t.Fatal(err)
 	}
 	p, err := scenario.WaitPodPhase(s.ctx, s.c.Client, shapesNS, name, corev1.PodRunning, time.Minute)
 	if err != nil {
-		s.t.Fatal(err)
+		t.Fatal(err)
 	}
 	if ready {
 		if p, err = scenario.WaitPodReady(s.ctx, s.c.Client, shapesNS, name, true, time.Minute); err != nil {
-			s.t.Fatal(err)
+			t.Fatal(err)
 		}
 	}
 	return *p
 }
 
-func (s *shapes) node(name string) *cluster.Node {
+func (s *shapes) node(t *testing.T, name string) *cluster.Node {
 	n, err := s.c.Node(name)
 	if err != nil {
-		s.t.Fatal(err)
+		t.Fatal(err)
 	}
 	return n
 }
@@ -122,28 +121,29 @@ func at(t target, p corev1.Pod) target {
 }
 
 // waitReached waits until each node's rules reach exactly the pods want says for it.
-func (s *shapes) waitReached(t target, pods []corev1.Pod, want func(node string, p corev1.Pod) bool) {
-	s.t.Helper()
+func (s *shapes) waitReached(t *testing.T, svc target, pods []corev1.Pod, want func(node string, p corev1.Pod) bool) {
+	t.Helper()
 	for _, n := range s.c.Nodes {
 		err := scenario.Poll(s.ctx, 20*time.Second, n.Name+"'s rules", func() error {
 			for _, p := range pods {
-				if got, w := s.monitors[n.Name].reaches(at(t, p)), want(n.Name, p); got != w {
+				if got, w := s.monitors[n.Name].reaches(at(svc, p)), want(n.Name, p); got != w {
 					return fmt.Errorf("%s's rules reach %s (%s on %s): %t, want %t", n.Name, p.Name, p.Status.PodIP, p.Spec.NodeName, got, w)
 				}
 			}
 			return nil
 		})
 		if err != nil {
-			s.t.Fatal(err)
+			t.Fatal(err)
 		}
 	}
 }
 
-// record waits until node's daemon has a record of uid that cond accepts, and returns it.
-func (s *shapes) record(n *cluster.Node, uid string, cond func(*report.Record) error) *report.Record {
-	s.t.Helper()
+// record waits until node's daemon has a record of uid that cond accepts, and returns it; nil,
+// with the test failed, when none comes.
+func (s *shapes) record(t *testing.T, n *cluster.Node, uid string, cond func(*report.Record) error) *report.Record {
+	t.Helper()
 	var got *report.Record
-	err := scenario.Poll(s.ctx, 20*time.Second, n.Name+"'s record", func() error {
+	err := scenario.Poll(s.ctx, 15*time.Second, n.Name+"'s record", func() error {
 		recs, err := report.Fetch(s.ctx, n.DaemonURL)
 		if err != nil {
 			return err
@@ -154,16 +154,17 @@ func (s *shapes) record(n *cluster.Node, uid string, cond func(*report.Record) e
 		return cond(got)
 	})
 	if err != nil {
-		s.t.Fatal(err)
+		t.Error(err)
+		return nil
 	}
 	return got
 }
 
-func (s *shapes) delete(p corev1.Pod) time.Time {
-	s.t.Helper()
+func (s *shapes) delete(t *testing.T, p corev1.Pod) time.Time {
+	t.Helper()
 	issued := time.Now()
 	if err := s.c.Client.CoreV1().Pods(shapesNS).Delete(s.ctx, p.Name, metav1.DeleteOptions{}); err != nil {
-		s.t.Fatal(err)
+		t.Fatal(err)
 	}
 	return issued
 }
@@ -171,8 +172,8 @@ func (s *shapes) delete(p corev1.Pod) time.Time {
 // checkDeletion checks every node's record of a deleted pod: on the nodes whose rules sent to
 // it when its deletion was issued, the dataplane stage came within 20 ms of the rule change the
 // test's monitor saw; elsewhere it is not applicable, never pending.
-func (s *shapes) checkDeletion(t target, p corev1.Pod, issued time.Time) (applied []string) {
-	s.t.Helper()
+func (s *shapes) checkDeletion(t *testing.T, svc target, p corev1.Pod, issued time.Time) (applied []string) {
+	t.Helper()
 	for _, n := range s.c.Nodes {
 		m := s.monitors[n.Name]
 		// The oracle first: kube-proxy syncs at most once a second.
@@ -181,16 +182,16 @@ func (s *shapes) checkDeletion(t target, p corev1.Pod, issued time.Time) (applie
 			reached, done bool
 		)
 		_ = scenario.Poll(s.ctx, 10*time.Second, "the rule change", func() error {
-			if changed, reached, done = m.removedAt(at(t, p), issued); reached && !done {
+			if changed, reached, done = m.removedAt(at(svc, p), issued); reached && !done {
 				return fmt.Errorf("%s still sends to %s", n.Name, p.Name)
 			}
 			return nil
 		})
 		if reached && !done {
-			s.t.Errorf("%s's rules never stopped sending to %s", n.Name, p.Name)
+			t.Errorf("%s's rules never stopped sending to %s", n.Name, p.Name)
 			continue
 		}
-		r := s.record(n, string(p.UID), func(r *report.Record) error {
+		r := s.record(t, n, string(p.UID), func(r *report.Record) error {
 			if r.Stage("endpointslice") == nil {
 				return fmt.Errorf("no endpointslice stage yet")
 			}
@@ -199,64 +200,67 @@ func (s *shapes) checkDeletion(t target, p corev1.Pod, issued time.Time) (applie
 			}
 			return nil
 		})
+		if r == nil {
+			continue
+		}
 		if !reached {
 			if !slices.Contains(r.NotApplicable, s.mode) || slices.Contains(r.Pending, s.mode) {
-				s.t.Errorf("%s never sent to %s, yet its daemon says: not applicable %v, pending %v", n.Name, p.Name, r.NotApplicable, r.Pending)
+				t.Errorf("%s never sent to %s, yet its daemon says: not applicable %v, pending %v", n.Name, p.Name, r.NotApplicable, r.Pending)
 			}
 			continue
 		}
 		applied = append(applied, n.Name)
 		d := r.StagePath(s.mode, "cluster")
 		if diff := d.Time.Sub(changed); math.Abs(diff.Seconds()) > 0.020 {
-			s.t.Errorf("%s on %s: %s stage at %s, the rules changed at %s: off by %.1f ms (limit 20 ms)",
+			t.Errorf("%s on %s: %s stage at %s, the rules changed at %s: off by %.1f ms (limit 20 ms)",
 				p.Name, n.Name, s.mode, d.Time.Format("15:04:05.000"), changed.Format("15:04:05.000"), diff.Seconds()*1000)
 		} else {
-			s.t.Logf("%s on %s: %s stage %+.1f ms from the rule change", p.Name, n.Name, s.mode, diff.Seconds()*1000)
+			t.Logf("%s on %s: %s stage %+.1f ms from the rule change", p.Name, n.Name, s.mode, diff.Seconds()*1000)
 		}
 	}
 	return applied
 }
 
 func (s *shapes) nodeLocal(t *testing.T) {
-	svc := s.service("local", func(spec *corev1.ServiceSpec) {
+	svc := s.service(t, "local", func(spec *corev1.ServiceSpec) {
 		spec.InternalTrafficPolicy = ptrTo(corev1.ServiceInternalTrafficPolicyLocal)
 	})
 	var pods []corev1.Pod
 	for i, node := range []string{"node1", "node2", "node3", "node1"} {
-		pods = append(pods, s.pod(fmt.Sprintf("local-%d", i+1), "local", node, nil, false))
+		pods = append(pods, s.pod(t, fmt.Sprintf("local-%d", i+1), "local", node, nil, false))
 	}
-	s.waitReached(svc, pods, func(node string, p corev1.Pod) bool { return p.Spec.NodeName == node })
+	s.waitReached(t, svc, pods, func(node string, p corev1.Pod) bool { return p.Spec.NodeName == node })
 	victim := pods[0] // node1 keeps local-4: no node-local fallback
-	applied := s.checkDeletion(svc, victim, s.delete(victim))
+	applied := s.checkDeletion(t, svc, victim, s.delete(t, victim))
 	if !slices.Equal(applied, []string{"node1"}) {
 		t.Errorf("the stage applied on %v, want node1 only", applied)
 	}
 }
 
 func (s *shapes) zonal(t *testing.T) {
-	svc := s.service("zonal", func(spec *corev1.ServiceSpec) {
+	svc := s.service(t, "zonal", func(spec *corev1.ServiceSpec) {
 		spec.TrafficDistribution = ptrTo(corev1.ServiceTrafficDistributionPreferSameZone)
 	})
 	var pods []corev1.Pod
 	for i, node := range []string{"node1", "node2", "node3", "node3"} {
-		pods = append(pods, s.pod(fmt.Sprintf("zonal-%d", i+1), "zonal", node, nil, false))
+		pods = append(pods, s.pod(t, fmt.Sprintf("zonal-%d", i+1), "zonal", node, nil, false))
 	}
 	zone := map[string]string{}
 	for _, n := range s.c.Nodes {
 		zone[n.Name] = n.Zone
 	}
-	s.waitReached(svc, pods, func(node string, p corev1.Pod) bool { return zone[node] == zone[p.Spec.NodeName] })
+	s.waitReached(t, svc, pods, func(node string, p corev1.Pod) bool { return zone[node] == zone[p.Spec.NodeName] })
 	victim := pods[0]
-	applied := s.checkDeletion(svc, victim, s.delete(victim))
+	applied := s.checkDeletion(t, svc, victim, s.delete(t, victim))
 	if !slices.Equal(applied, []string{"node1", "node3"}) {
 		t.Errorf("the stage applied on %v, want the zone-a nodes node1 and node3", applied)
 	}
 }
 
 func (s *shapes) neverReady(t *testing.T) {
-	svc := s.service("never", nil)
+	svc := s.service(t, "never", nil)
 	probe := &corev1.Probe{ProbeHandler: corev1.ProbeHandler{TCPSocket: &corev1.TCPSocketAction{Port: intstr.FromInt32(9)}}, PeriodSeconds: 1}
-	p := s.pod("never-1", "never", "node2", probe, false)
+	p := s.pod(t, "never-1", "never", "node2", probe, false)
 	if _, err := scenario.WaitSlices(s.ctx, s.c.Client, shapesNS, "never", 20*time.Second, func(ss []discoveryv1.EndpointSlice) error {
 		if ep := findEndpoint(ss, string(p.UID)); ep == nil || ep.Conditions.Ready == nil || *ep.Conditions.Ready {
 			return fmt.Errorf("the slice does not list %s as not ready", p.Name)
@@ -265,7 +269,7 @@ func (s *shapes) neverReady(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	if applied := s.checkDeletion(svc, p, s.delete(p)); len(applied) != 0 {
+	if applied := s.checkDeletion(t, svc, p, s.delete(t, p)); len(applied) != 0 {
 		t.Errorf("the stage applied on %v for a pod never ready", applied)
 	}
 }
@@ -286,19 +290,22 @@ func (s *shapes) fallback(t *testing.T) {
 	host, port, _ := strings.Cut(vip, ":")
 	svc := target{vip: host}
 	svc.vipPort, _ = strconv.Atoi(port)
-	s.waitReached(svc, []corev1.Pod{victim}, func(string, corev1.Pod) bool { return true })
+	s.waitReached(t, svc, []corev1.Pod{victim}, func(string, corev1.Pod) bool { return true })
 	before := map[string]float64{}
 	for _, n := range s.c.Nodes {
 		before[n.Name] = metricValue(t, n.DaemonURL, "endpointlag_unsampled_total", "stage", s.mode, "path", "cluster", "reason", "fallback")
 	}
-	s.delete(victim)
+	s.delete(t, victim)
 	for _, n := range s.c.Nodes {
-		r := s.record(n, string(victim.UID), func(r *report.Record) error {
+		r := s.record(t, n, string(victim.UID), func(r *report.Record) error {
 			if r.StagePath(s.mode, "cluster") == nil {
 				return fmt.Errorf("no %s stage yet (held %v, pending %v)", s.mode, r.Held, r.Pending)
 			}
 			return nil
 		})
+		if r == nil {
+			continue
+		}
 		d := r.StagePath(s.mode, "cluster")
 		if !r.Serving || !r.Fallback.Cluster || !d.Fallback || d.Programming != nil {
 			t.Errorf("%s: the only replica's removal: serving %t, fallback %+v, stage %+v; want serving, held, a fallback removal without a lag", n.Name, r.Serving, r.Fallback, d)
@@ -312,8 +319,8 @@ func (s *shapes) fallback(t *testing.T) {
 	}
 	// During its preStop the kubelet went on probing the pod's readiness from its node: those
 	// connections are listed as the node's, not as clients'.
-	home := s.node(victim.Spec.NodeName)
-	r := s.record(home, string(victim.UID), func(r *report.Record) error {
+	home := s.node(t, victim.Spec.NodeName)
+	r := s.record(t, home, string(victim.UID), func(r *report.Record) error {
 		for _, cn := range r.Connections {
 			if cn.Node {
 				return nil
@@ -321,6 +328,9 @@ func (s *shapes) fallback(t *testing.T) {
 		}
 		return fmt.Errorf("no connection from the node among %d", len(r.Connections))
 	})
+	if r == nil {
+		return
+	}
 	for _, cn := range r.Connections {
 		if ap, err := netip.ParseAddrPort(cn.Client); err == nil && isNodeAddr(home, ap.Addr()) && !cn.Node {
 			t.Errorf("a connection from the node's own address %s counted as a client's", cn.Client)
@@ -374,7 +384,7 @@ func (s *shapes) scaleDown(t *testing.T) {
 	for _, p := range pods {
 		all = append(all, p)
 	}
-	s.waitReached(svc, all, func(string, corev1.Pod) bool { return true })
+	s.waitReached(t, svc, all, func(string, corev1.Pod) bool { return true })
 	issued := time.Now()
 	app.Replicas = 3
 	if err := app.Apply(s.ctx, behaviour); err != nil {
@@ -396,7 +406,7 @@ func (s *shapes) scaleDown(t *testing.T) {
 			t.Errorf("the test's watch never saw %s terminating", p.Name)
 			continue
 		}
-		s.checkDeletion(svc, p, issued)
+		s.checkDeletion(t, svc, p, issued)
 		// Left every slice when the test's own watch says, not at a move between slices.
 		left, ok := s.slices.leftAt(string(uid))
 		if !ok {
@@ -404,12 +414,15 @@ func (s *shapes) scaleDown(t *testing.T) {
 			continue
 		}
 		for _, n := range s.c.Nodes {
-			r := s.record(n, string(uid), func(r *report.Record) error {
+			r := s.record(t, n, string(uid), func(r *report.Record) error {
 				if r.Stage("endpointslice_removed") == nil {
 					return fmt.Errorf("no endpointslice_removed stage yet")
 				}
 				return nil
 			})
+			if r == nil {
+				continue
+			}
 			d := r.Stage("endpointslice_removed").Time.Sub(left).Seconds()
 			diffs = append(diffs, d)
 			if math.Abs(d) > 0.020 {
@@ -437,18 +450,13 @@ func (s *shapes) reusedAddress(t *testing.T) {
 	if _, err := scenario.WaitPodPhase(s.ctx, s.c.Client, shapesNS, "heir", corev1.PodRunning, time.Minute); err != nil {
 		t.Fatal(err)
 	}
-	node1 := s.node("node1")
+	node1 := s.node(t, "node1")
 	counted := func() float64 {
-		var n float64
-		for _, name := range []string{"endpointlag_late_connections_total", "endpointlag_dead_endpoint_connections_total"} {
-			for _, origin := range []string{"client", "node"} {
-				n += metricValue(t, node1.DaemonURL, name, "protocol", "tcp", "origin", origin)
-			}
-		}
-		return n
+		return metricSum(t, node1.DaemonURL, "endpointlag_late_connections_total", "protocol", "tcp") +
+			metricSum(t, node1.DaemonURL, "endpointlag_dead_endpoint_connections_total", "protocol", "tcp")
 	}
 	before := counted()
-	s.delete(*done)
+	s.delete(t, *done)
 	if err := scenario.WaitPodGone(s.ctx, s.c.Client, shapesNS, job.Name, time.Minute); err != nil {
 		t.Fatal(err)
 	}
@@ -491,11 +499,11 @@ func (s *shapes) stuckKubeProxy(t *testing.T) {
 	host, port, _ := strings.Cut(vip, ":")
 	steady := target{vip: host}
 	steady.vipPort, _ = strconv.Atoi(port)
-	s.waitReached(steady, []corev1.Pod{victim}, func(string, corev1.Pod) bool { return true })
-	localPod := s.pod("local-5", "local", "node1", nil, false)
-	s.waitReached(local, []corev1.Pod{localPod}, func(node string, _ corev1.Pod) bool { return node == "node1" })
+	s.waitReached(t, steady, []corev1.Pod{victim}, func(string, corev1.Pod) bool { return true })
+	localPod := s.pod(t, "local-5", "local", "node1", nil, false)
+	s.waitReached(t, local, []corev1.Pod{localPod}, func(node string, _ corev1.Pod) bool { return node == "node1" })
 
-	stuck := s.node("node2")
+	stuck := s.node(t, "node2")
 	if err := s.c.PauseKubeProxy(stuck.Name); err != nil {
 		t.Fatal(err)
 	}
@@ -505,8 +513,8 @@ func (s *shapes) stuckKubeProxy(t *testing.T) {
 			_ = s.c.ResumeKubeProxy(stuck.Name)
 		}
 	}()
-	s.delete(victim)
-	s.delete(localPod)
+	s.delete(t, victim)
+	s.delete(t, localPod)
 	time.Sleep(4 * time.Second)
 	for _, n := range s.c.Nodes {
 		oldest := metricValue(t, n.DaemonURL, "endpointlag_oldest_pending_seconds", "stage", s.mode)
@@ -524,12 +532,15 @@ func (s *shapes) stuckKubeProxy(t *testing.T) {
 		t.Fatal(err)
 	}
 	resumed = true
-	r := s.record(stuck, string(victim.UID), func(r *report.Record) error {
+	r := s.record(t, stuck, string(victim.UID), func(r *report.Record) error {
 		if r.StagePath(s.mode, "cluster") == nil {
 			return fmt.Errorf("no %s stage yet", s.mode)
 		}
 		return nil
 	})
+	if r == nil {
+		return
+	}
 	if d := r.StagePath(s.mode, "cluster"); d.Programming == nil || *d.Programming < 3 {
 		t.Errorf("the stuck node's lag: %+v, want a programming value of 3 s or more", d)
 	} else {
@@ -638,10 +649,30 @@ func (st *sliceTruth) leftAt(uid string) (time.Time, bool) {
 	return t, ok
 }
 
-// metricValue scrapes a daemon's /metrics and returns the value of the series of name whose labels
-// include the given pairs (0 when there is none).
+// metricValue scrapes a daemon's /metrics and returns the value of the first series of name whose
+// labels include the given pairs (0 when there is none).
 func metricValue(t *testing.T, base, name string, labels ...string) float64 {
 	t.Helper()
+	vs := metricValues(t, base, name, labels...)
+	if len(vs) == 0 {
+		return 0
+	}
+	return vs[0]
+}
+
+// metricSum is the sum over every series of name whose labels include the given pairs.
+func metricSum(t *testing.T, base, name string, labels ...string) float64 {
+	t.Helper()
+	var sum float64
+	for _, v := range metricValues(t, base, name, labels...) {
+		sum += v
+	}
+	return sum
+}
+
+func metricValues(t *testing.T, base, name string, labels ...string) []float64 {
+	t.Helper()
+	var out []float64
 	for _, line := range strings.Split(metricsText(t, base), "\n") {
 		if !strings.HasPrefix(line, name+"{") && !strings.HasPrefix(line, name+" ") {
 			continue
@@ -658,7 +689,7 @@ func metricValue(t *testing.T, base, name string, labels ...string) float64 {
 		if err != nil {
 			t.Fatalf("%s: %v", line, err)
 		}
-		return v
+		out = append(out, v)
 	}
-	return 0
+	return out
 }
