@@ -476,8 +476,9 @@ func (s *shapes) reusedAddress(t *testing.T) {
 	}
 	if after := counted(); after != before {
 		t.Errorf("%d requests to the live pod at %s, the completed pod's old address: node1 counted %g late or dead connections", ok, target, after-before)
+	} else {
+		t.Logf("%d requests reached the new holder of %s; no connection counted", ok, target)
 	}
-	t.Logf("%d requests reached the new holder of %s; no connection counted", ok, target)
 }
 
 func (s *shapes) stuckKubeProxy(t *testing.T) {
