@@ -408,9 +408,15 @@ func (s *shapes) scaleDown(t *testing.T) {
 		}
 		s.checkDeletion(t, svc, p, issued)
 		// Left every slice when the test's own watch says, not at a move between slices.
-		left, ok := s.slices.leftAt(string(uid))
-		if !ok {
-			t.Errorf("the test's watch never saw %s leave its slices", p.Name)
+		var left time.Time
+		if err := scenario.Poll(s.ctx, 10*time.Second, p.Name+" to leave its slices", func() error {
+			var ok bool
+			if left, ok = s.slices.leftAt(string(uid)); !ok {
+				return fmt.Errorf("the test's watch has not seen it leave")
+			}
+			return nil
+		}); err != nil {
+			t.Error(err)
 			continue
 		}
 		for _, n := range s.c.Nodes {
