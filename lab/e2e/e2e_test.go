@@ -236,6 +236,14 @@ func testLab(t *testing.T, mode string) {
 // groundTruth deletes pods itself, noting when it issued each delete and when its own watch saw
 // the endpoint turn terminating, and compares with what the daemons recorded.
 func groundTruth(t *testing.T, ctx context.Context, c *cluster.Cluster, app *scenario.App, dataplaneStage string) {
+	// The deletions compared here must pass through a terminating phase: a pod that exits at once
+	// can turn terminal before the endpointslice controller publishes it terminating.
+	if err := app.Apply(ctx, scenario.Behaviour{PreStop: time.Second}); err != nil {
+		t.Fatal(err)
+	}
+	if err := app.WaitSettled(ctx, 3*time.Minute); err != nil {
+		t.Fatal(err)
+	}
 	var mu sync.Mutex
 	sawTerminating := map[string]time.Time{} // pod UID → when this test's watch saw it
 	f := informers.NewSharedInformerFactoryWithOptions(c.Client, 0, informers.WithNamespace(app.Namespace))

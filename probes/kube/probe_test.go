@@ -668,3 +668,20 @@ func TestReusedAddressLeavesTheDeletedPod(t *testing.T) {
 	}
 	h.eventually("the address to leave the deleted pod", func() bool { return len(h.coll.LocalPods()) == 0 })
 }
+
+// A pod of another node that exits before the controller publishes it terminating leaves its slice
+// without a terminating phase: this node still starts a record of it at the removal (its
+// kube-proxy has it to remove too).
+func TestEndpointLeavingWithoutTerminatingPhase(t *testing.T) {
+	a := pod("web-a", "uid-a", other, "10.244.2.1")
+	b := pod("web-b", "uid-b", other, "10.244.2.2")
+	h := newHarness(t, a, b, slice("web-1", "web", ep{a, "ready"}, ep{b, "ready"}))
+	h.clock.Step(time.Second)
+	h.updateSlice(slice("web-1", "web", ep{b, "ready"}))
+	h.settle()
+	h.waitValue(1, "endpointlag_tracked_records")
+	r := h.coll.Records()[0]
+	if r.Pod.UID != "uid-a" || len(r.Stages) != 2 || !r.Stages[0].Time.Equal(start.Add(time.Second)) || r.Stages[1].Stage != string(probes.StageEndpointSliceRemoved) {
+		t.Errorf("record %+v, want uid-a turning terminating and removed at +1s", r)
+	}
+}

@@ -271,7 +271,8 @@ func (t *sliceTracker) apply(name string, next *sliceEntry, ev event) []change {
 		switch {
 		case b.present && !a.present:
 			if _, waiting := t.deferred[c]; !waiting {
-				t.deferred[c] = change{stage: probes.StageEndpointSliceRemoved, service: c.service, key: c.key, info: b.info, event: ev}
+				t.deferred[c] = change{stage: probes.StageEndpointSliceRemoved, service: c.service, notProxied: prev != nil && prev.notProxied,
+					key: c.key, info: b.info, event: ev}
 			}
 		case a.present && a.info.cond == terminating && (!b.present || b.info.cond != terminating):
 			out = append(out, change{stage: probes.StageEndpointSlice, service: c.service, notProxied: next != nil && next.notProxied, key: c.key, info: a.info, event: ev})
@@ -283,7 +284,11 @@ func (t *sliceTracker) apply(name string, next *sliceEntry, ev event) []change {
 	return out
 }
 
-// flush reports the removals that waited RemovalSettle by now.
+// flush reports the removals that waited RemovalSettle by now. An endpoint that left without a
+// terminating phase (its pod exited and turned terminal before the endpointslice controller
+// published it terminating, or was deleted with no grace) is reported turning terminating at its
+// removal first, so that every node starts a record of it, unless its Service went with all its
+// slices (the Service was deleted: nothing terminated).
 func (t *sliceTracker) flush(now time.Time) []change {
 	var out []change
 	for c, d := range t.deferred {
@@ -295,6 +300,12 @@ func (t *sliceTracker) flush(now time.Time) []change {
 			// It left the slice while a fallback still held it: that ends the fallback.
 			out = append(out, change{stage: probes.StageFallbackEnded, service: c.service, key: c.key, info: d.info, event: d.event, fallback: f})
 			t.unhold(c.service, c.key)
+		}
+		if d.info.cond != terminating && len(t.services[c.service]) > 0 {
+			abrupt := d
+			abrupt.stage = probes.StageEndpointSlice
+			abrupt.info.serving = false
+			out = append(out, abrupt)
 		}
 		out = append(out, d)
 	}

@@ -221,11 +221,18 @@ func TestSliceTracker(t *testing.T) {
 			{10 * ms, "s1", entry("c 10.0.0.1 terminating"), []string{"endpointslice c 10.0.0.1"}},
 			{RemovalSettle, "", nil, []string{"endpointslice_removed a 10.0.0.1"}},
 		}},
-		{"slice deleted", []step{
+		{"slice deleted with its Service", []step{
 			{0, "s1", entry("a 10.0.0.1 terminating", "b 10.0.0.2 ready"), []string{"endpointslice a 10.0.0.1"}},
 			{0, "s1", nil, nil},
 			{0, "s1", nil, nil},
 			{RemovalSettle, "", nil, []string{"endpointslice_removed a 10.0.0.1", "endpointslice_removed b 10.0.0.2"}},
+		}},
+		// A pod that exited and turned terminal before the controller published it terminating
+		// leaves without a terminating phase: it starts terminating at its removal.
+		{"left without a terminating phase", []step{
+			{0, "s1", entry("a 10.0.0.1 ready", "b 10.0.0.2 ready"), nil},
+			{10 * ms, "s1", entry("b 10.0.0.2 ready"), nil},
+			{RemovalSettle, "", nil, []string{"endpointslice a 10.0.0.1", "endpointslice_removed a 10.0.0.1"}},
 		}},
 		{"not ready then terminating", []step{
 			{0, "s1", entry("a 10.0.0.1 not-ready"), nil},
