@@ -389,3 +389,21 @@ type testError string
 func (e testError) Error() string { return string(e) }
 
 const errTest = testError("no ring buffer")
+
+// A node-local fallback means nothing for a Service whose policy chains are cluster-wide: the
+// record keeps no such fallback, and its removal is lag like any other.
+func TestLocalFallbackOfAClusterPolicyService(t *testing.T) {
+	dp := newFakeDataplane()
+	f := nftFixture(t, dp)
+	dp.set(endpoint(1), clusterPath)
+	o := obs(probes.StageEndpointSlice, 1, t0, true)
+	o.Serving, o.Fallback = true, probes.Fallback{Local: true}
+	f.c.Observe(o)
+	f.c.Observe(dataplane(1, t0.Add(300*time.Millisecond)))
+	if r := f.c.Records(); len(r) != 1 || r[0].Fallback != nil {
+		t.Errorf("records %+v: want no fallback", r)
+	}
+	if n, sum := f.histogram("endpointlag_programming_seconds", probes.StageNftables); n != 1 || !near(sum, 0.3) {
+		t.Errorf("programming nftables: %d, %g; want 1, 0.3", n, sum)
+	}
+}

@@ -104,6 +104,9 @@ func (c *Collector) record(o probes.Observation, create bool) *record {
 	c.peak = max(c.peak, len(c.records))
 	c.queue = append(c.queue, queued{created: now, key: k})
 	c.awaitDataplane(r, o.Time)
+	if len(r.undetermined) == 0 {
+		r.fallback = relevantFallback(r.fallback, r.awaits)
+	}
 	if r.timeline != nil {
 		c.localChanged() // the pod's endpoints are known now
 	}
@@ -176,9 +179,23 @@ func (c *Collector) resolveUndetermined(probe string, s probes.Status) {
 				}
 			}
 			r.undetermined = slices.DeleteFunc(r.undetermined, func(x probes.Stage) bool { return x == stage })
+			if len(r.undetermined) == 0 {
+				r.fallback = relevantFallback(r.fallback, r.awaits)
+			}
 			delete(keys, k)
 		}
 	}
+}
+
+// relevantFallback keeps of f the fallbacks a policy chain reaching the endpoint here is subject
+// to: a node-local fallback means nothing for a Service whose traffic policies are Cluster.
+func relevantFallback(f probes.Fallback, awaits []await) probes.Fallback {
+	var cluster, local bool
+	for _, a := range awaits {
+		cluster = cluster || a.policy.Cluster
+		local = local || a.policy.Local
+	}
+	return probes.Fallback{Cluster: f.Cluster && cluster, Local: f.Local && local}
 }
 
 // addAwait adds an awaited path, merging policies when the path is already awaited.

@@ -60,17 +60,40 @@ func newHarness(t *testing.T, objs ...runtime.Object) *harness {
 
 func newHarnessWithClient(t *testing.T, client *fake.Clientset) *harness {
 	t.Helper()
+	return newHarnessWithDataplane(t, client, nil)
+}
+
+// reachAll is a dataplane whose rules reach every endpoint through both policy chains.
+type reachAll struct{}
+
+func (reachAll) Reaches(probes.ServiceRef, probes.Endpoint) ([]probes.Reach, bool) {
+	return []probes.Reach{{Path: probes.PathCluster, Policy: probes.Policy{Cluster: true, Local: true}}}, true
+}
+
+// newHarnessWithDataplane adds, when dp is set, an nftables stage whose rules are dp.
+func newHarnessWithDataplane(t *testing.T, client *fake.Clientset, dp probes.Dataplane) *harness {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	h := &harness{t: t, ctx: ctx, client: client, clock: clocktesting.NewFakeClock(start)}
 	reg := prometheus.NewRegistry()
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	var err error
-	h.coll, err = collector.New(collector.Options{
+	opts := collector.Options{
 		Horizon: time.Hour, MaxRecords: 1000, SweepInterval: time.Hour,
 		Stages: []probes.Stage{probes.StageEndpointSliceRemoved}, Probes: []string{kube.Name},
-	}, h.clock, log, reg)
+		StageProbe: map[probes.Stage]string{probes.StageEndpointSliceRemoved: kube.Name},
+	}
+	if dp != nil {
+		opts.Stages = append(opts.Stages, probes.StageNftables)
+		opts.StageProbe[probes.StageNftables] = "nftables"
+	}
+	var err error
+	h.coll, err = collector.New(opts, h.clock, log, reg)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if dp != nil {
+		h.coll.SetDataplane(probes.StageNftables, dp)
+		h.coll.SetStatus("nftables", probes.Status{Up: true, Synced: true})
 	}
 	srv := httptest.NewServer(promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	h.scrape = srv.URL
@@ -600,7 +623,7 @@ func TestEndpointMovedOldSliceFirst(t *testing.T) {
 func TestServingFallback(t *testing.T) {
 	a := pod("solo-a", "uid-a", node, "10.244.1.1")
 	b := pod("solo-b", "uid-b", node, "10.244.1.2")
-	h := newHarness(t, a, slice("solo-1", "solo", ep{a, "ready"}))
+	h := newHarnessWithDataplane(t, fake.NewClientset(a, slice("solo-1", "solo", ep{a, "ready"})), reachAll{})
 	h.deletePod(a)
 	terminatingServing := slice("solo-1", "solo", ep{a, "terminating"})
 	notReady := slice("solo-1", "solo", ep{a, "terminating"}, ep{b, "ready"})
