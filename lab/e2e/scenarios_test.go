@@ -114,6 +114,21 @@ func (s *shapes) node(t *testing.T, name string) *cluster.Node {
 	return n
 }
 
+// appTarget is an app's Service port as the rules know it.
+func (s *shapes) appTarget(t *testing.T, app *scenario.App) target {
+	t.Helper()
+	vip, err := app.ClusterIP(s.ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	host, port, _ := strings.Cut(vip, ":")
+	p, err := strconv.Atoi(port)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return target{vip: host, vipPort: p}
+}
+
 // at is t with p's endpoint.
 func at(t target, p corev1.Pod) target {
 	t.endpoint = p.Status.PodIP + ":8080"
@@ -283,13 +298,7 @@ func (s *shapes) fallback(t *testing.T) {
 		t.Fatal(err)
 	}
 	victim := anyPod(t, s.ctx, app)
-	vip, err := app.ClusterIP(s.ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	host, port, _ := strings.Cut(vip, ":")
-	svc := target{vip: host}
-	svc.vipPort, _ = strconv.Atoi(port)
+	svc := s.appTarget(t, app)
 	s.waitReached(t, svc, []corev1.Pod{victim}, func(string, corev1.Pod) bool { return true })
 	before := map[string]float64{}
 	for _, n := range s.c.Nodes {
@@ -373,13 +382,7 @@ func (s *shapes) scaleDown(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	vip, err := app.ClusterIP(s.ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	host, port, _ := strings.Cut(vip, ":")
-	svc := target{vip: host}
-	svc.vipPort, _ = strconv.Atoi(port)
+	svc := s.appTarget(t, app)
 	var all []corev1.Pod
 	for _, p := range pods {
 		all = append(all, p)
@@ -499,13 +502,7 @@ func (s *shapes) stuckKubeProxy(t *testing.T) {
 		t.Fatal(err)
 	}
 	victim := anyPod(t, s.ctx, app)
-	vip, err := app.ClusterIP(s.ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	host, port, _ := strings.Cut(vip, ":")
-	steady := target{vip: host}
-	steady.vipPort, _ = strconv.Atoi(port)
+	steady := s.appTarget(t, app)
 	s.waitReached(t, steady, []corev1.Pod{victim}, func(string, corev1.Pod) bool { return true })
 	localPod := s.pod(t, "local-4", "local", "node1", nil, false)
 	s.waitReached(t, local, []corev1.Pod{localPod}, func(node string, _ corev1.Pod) bool { return node == "node1" })

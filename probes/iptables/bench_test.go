@@ -66,9 +66,7 @@ func BenchmarkLargeRuleset(b *testing.B) {
 		}
 	}()
 	for {
-		p.mu.Lock()
-		reads := p.reads
-		p.mu.Unlock()
+		reads := p.reads.Load()
 		if reads > 0 {
 			break
 		}

@@ -16,7 +16,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"os/exec"
-	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/nftables"
@@ -73,13 +73,10 @@ type Probe struct {
 	netns []nftables.ConnOption
 	nsfd  int
 
-	mu sync.Mutex
-	// state is what the rules do now, per Service (or service chain) and path; nil until the rules
-	// were read. Read by Snapshot and Reaches. It outlives a run: a run started again after a
-	// failure reports what went meanwhile, as a relist since last, when the last run last read.
-	state *rulegraph.State
-	last  time.Time
-	reads int
+	// store is what the rules do now, per Service (or service chain) and path; reads counts the
+	// reads published (tests wait on it).
+	store rulegraph.Store
+	reads atomic.Int64
 }
 
 // New returns the probe for the current network namespace.
@@ -141,12 +138,9 @@ func (p *Probe) Detect(ctx context.Context) (Backend, error) {
 // Snapshot returns what the rules do now: per Service and path, the endpoints new connections can
 // reach. Before Run has read the rules, it reads them once.
 func (p *Probe) Snapshot(ctx context.Context) ([]probes.ServiceEndpoints, error) {
-	p.mu.Lock()
-	if p.state != nil {
-		defer p.mu.Unlock()
-		return p.state.Snapshot(), nil
+	if snap, ok := p.store.Snapshot(); ok {
+		return snap, nil
 	}
-	p.mu.Unlock()
 	rd := newReader()
 	backend, err := p.Detect(ctx)
 	switch backend {
@@ -167,12 +161,7 @@ func (p *Probe) Snapshot(ctx context.Context) ([]probes.ServiceEndpoints, error)
 
 // Reaches implements probes.Dataplane.
 func (p *Probe) Reaches(svc probes.ServiceRef, ep probes.Endpoint) ([]probes.Reach, bool) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.state == nil {
-		return nil, false
-	}
-	return p.state.Reaches(svc, ep), true
+	return p.store.Reaches(svc, ep)
 }
 
 // Run implements probes.Probe.
@@ -234,28 +223,6 @@ func (a *activity) report(ctx context.Context, rd *reader) {
 	a.sink.SetStatus(Name, probes.Status{Up: true, Synced: true, Inactive: !a.active})
 }
 
-// seen is when the changes being published happened, as well as the probe knows.
-type seen struct {
-	time      time.Time
-	precision time.Duration
-	// relist: they were found by reading the tables whole after messages were lost.
-	relist bool
-}
-
-// restarted says when the first read of a run happened: for the first run nothing is reported
-// (what the rules held at start is no change); for a run started again, what went since the last
-// run stopped is, as a relist.
-func (p *Probe) restarted(g *rulegraph.Graph) seen {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.state == nil {
-		return seen{}
-	}
-	g.Compare(p.state)
-	now := p.clock.Now()
-	return seen{time: now, precision: now.Sub(p.last), relist: true}
-}
-
 func (p *Probe) runNFT(ctx context.Context, a *activity) error {
 	sink := a.sink
 	mon, err := nfmon.OpenRaw(p.nsfd)
@@ -273,11 +240,11 @@ func (p *Probe) runNFT(ctx context.Context, a *activity) error {
 	if err := rd.resync(conn); err != nil {
 		sink.Error(Name, err)
 	}
-	p.publish(rd, sink, p.restarted(rd.g))
+	p.publish(rd, sink, p.store.Start(rd.g, p.clock.Now()))
 	a.report(ctx, rd)
 	// last is when the last generation was read: messages lost after it make a gap that long.
 	last := p.clock.Now()
-	defer func() { p.mu.Lock(); p.last = last; p.mu.Unlock() }()
+	defer func() { p.store.Stop(last) }()
 	// touched tells whether the parts of the generation applied so far changed the nat tables.
 	touched := false
 	for {
@@ -299,7 +266,7 @@ func (p *Probe) runNFT(ctx context.Context, a *activity) error {
 				}
 				touched = false
 				now := p.clock.Now()
-				p.publish(rd, sink, seen{time: now, precision: now.Sub(last), relist: true})
+				p.publish(rd, sink, rulegraph.When{Time: now, Precision: now.Sub(last), Relist: true})
 				last = now
 				a.report(ctx, rd)
 				continue
@@ -318,7 +285,7 @@ func (p *Probe) runNFT(ctx context.Context, a *activity) error {
 				continue
 			}
 			touched = false
-			at := seen{time: gen.Time}
+			at := rulegraph.When{Time: gen.Time}
 			if rd.err != nil {
 				// A rule that did not decode: the generation is known, its content not. Read
 				// the tables whole again.
@@ -326,7 +293,7 @@ func (p *Probe) runNFT(ctx context.Context, a *activity) error {
 				if err := rd.resync(conn); err != nil {
 					sink.Error(Name, err)
 				}
-				at.precision = p.clock.Now().Sub(gen.Time)
+				at.Precision = p.clock.Now().Sub(gen.Time)
 			}
 			rd.flush()
 			p.publish(rd, sink, at)
@@ -341,9 +308,9 @@ func (p *Probe) runLegacy(ctx context.Context, a *activity) error {
 	if err := rd.poll(ctx, p.run); err != nil {
 		sink.Error(Name, err)
 	}
-	p.publish(rd, sink, p.restarted(rd.g))
+	p.publish(rd, sink, p.store.Start(rd.g, p.clock.Now()))
 	a.report(ctx, rd)
-	defer func() { p.mu.Lock(); p.last = p.clock.Now(); p.mu.Unlock() }()
+	defer func() { p.store.Stop(p.clock.Now()) }()
 	for {
 		select {
 		case <-ctx.Done():
@@ -354,7 +321,7 @@ func (p *Probe) runLegacy(ctx context.Context, a *activity) error {
 				sink.Error(Name, err)
 				continue
 			}
-			p.publish(rd, sink, seen{time: now, precision: p.opts.PollInterval})
+			p.publish(rd, sink, rulegraph.When{Time: now, Precision: p.opts.PollInterval})
 			a.report(ctx, rd)
 		}
 	}
@@ -367,20 +334,11 @@ func jitter(d time.Duration) time.Duration {
 
 // publish brings the state up to date and reports the endpoints no longer reachable; with a zero
 // time it only records the state.
-func (p *Probe) publish(rd *reader, sink probes.Sink, at seen) {
-	p.mu.Lock()
-	if p.state == nil {
-		p.state = rulegraph.NewState()
-	}
-	removed := rd.g.Publish(p.state)
-	p.reads++
-	p.mu.Unlock()
-	if at.time.IsZero() {
-		return
-	}
-	for _, r := range removed {
-		sink.Observe(probes.Observation{Stage: probes.StageIptables, Time: at.time, Precision: at.precision, Relist: at.relist,
-			Source: Name, Service: r.Service, Path: r.Path, Endpoint: r.Endpoint})
+func (p *Probe) publish(rd *reader, sink probes.Sink, at rulegraph.When) {
+	removed := p.store.Publish(rd.g)
+	p.reads.Add(1)
+	for _, o := range rulegraph.Observations(probes.StageIptables, Name, at, removed) {
+		sink.Observe(o)
 	}
 }
 

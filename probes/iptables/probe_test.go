@@ -83,7 +83,7 @@ func TestProbeFollowsKubeProxyRules(t *testing.T) {
 				t.Fatalf("Detect = %q, %v; want %q", got, err, backend)
 			}
 			rec, _ := probetest.Run(t, p)
-			rec.Wait(t, "the first read", func() bool { p.mu.Lock(); defer p.mu.Unlock(); return p.reads > 0 })
+			rec.Wait(t, "the first read", func() bool { return p.reads.Load() > 0 })
 
 			precision := "0s"
 			if backend == BackendLegacy {
@@ -100,11 +100,9 @@ func TestProbeFollowsKubeProxyRules(t *testing.T) {
 				restore(t, ns, backend, s.file)
 				rec.Wait(t, s.file, func() bool { return len(removed(rec)) >= len(s.want) })
 				// One more read shows nothing else is reported.
-				p.mu.Lock()
-				reads := p.reads
-				p.mu.Unlock()
+				reads := p.reads.Load()
 				if backend == BackendLegacy {
-					rec.Wait(t, "another poll", func() bool { p.mu.Lock(); defer p.mu.Unlock(); return p.reads > reads+1 })
+					rec.Wait(t, "another poll", func() bool { return p.reads.Load() > reads+1 })
 				}
 				if got := removed(rec); !slices.Equal(got, s.want) {
 					t.Errorf("after %s, removals:\n got %q\nwant %q", s.file, got, s.want)
@@ -198,7 +196,7 @@ func TestLargeGenerationIsAppliedInParts(t *testing.T) {
 	p := New(Options{}, clock.RealClock{}, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	inNamespace(p, fd)
 	rec, _ := probetest.Run(t, p)
-	reads := func() int { p.mu.Lock(); defer p.mu.Unlock(); return p.reads }
+	reads := func() int64 { return p.reads.Load() }
 	rec.Wait(t, "the first read", func() bool { return reads() > 0 })
 	before := reads()
 	largeChange(t, ns)
@@ -227,7 +225,7 @@ func TestLostMessagesAreRecovered(t *testing.T) {
 	p := New(Options{}, clock.RealClock{}, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	inNamespace(p, fd)
 	rec, _ := probetest.Run(t, p)
-	rec.Wait(t, "the first read", func() bool { p.mu.Lock(); defer p.mu.Unlock(); return p.reads > 0 })
+	rec.Wait(t, "the first read", func() bool { return p.reads.Load() > 0 })
 	largeChange(t, ns)
 	rec.Wait(t, "the removal", func() bool { return len(rec.Observations()) > 0 })
 	obs := rec.Observations()
@@ -257,7 +255,7 @@ func TestPathsAreJudgedApart(t *testing.T) {
 			}
 			inNamespace(p, fd)
 			rec, _ := probetest.Run(t, p)
-			rec.Wait(t, "the first read", func() bool { p.mu.Lock(); defer p.mu.Unlock(); return p.reads > 0 })
+			rec.Wait(t, "the first read", func() bool { return p.reads.Load() > 0 })
 			etp := probes.ServiceRef{Namespace: "default", Name: "etp"}
 			local := probes.Endpoint{Addr: netip.MustParseAddr("10.244.1.11"), Port: 8080, Protocol: "TCP"}
 			reach, ok := p.Reaches(etp, local)
@@ -274,10 +272,8 @@ func TestPathsAreJudgedApart(t *testing.T) {
 			restore(t, ns, backend, "terminate-etp-endpoint.iptables")
 			rec.Wait(t, "the removal", func() bool { return len(rec.Observations()) > 0 })
 			if backend == BackendLegacy {
-				p.mu.Lock()
-				reads := p.reads
-				p.mu.Unlock()
-				rec.Wait(t, "another poll", func() bool { p.mu.Lock(); defer p.mu.Unlock(); return p.reads > reads+1 })
+				reads := p.reads.Load()
+				rec.Wait(t, "another poll", func() bool { return p.reads.Load() > reads+1 })
 			}
 			obs := rec.Observations()
 			if len(obs) != 1 || obs[0].Path != probes.PathCluster || obs[0].Endpoint != local || obs[0].Service != etp {
@@ -313,7 +309,7 @@ func TestIPVSModeTableIsNotIptablesMode(t *testing.T) {
 			}
 			inNamespace(p, fd)
 			rec, _ := probetest.Run(t, p)
-			rec.Wait(t, "the first read", func() bool { p.mu.Lock(); defer p.mu.Unlock(); return p.reads > 0 })
+			rec.Wait(t, "the first read", func() bool { return p.reads.Load() > 0 })
 			if st := rec.Status(); !st.Inactive || !st.Synced {
 				t.Errorf("IPVS mode's nat table: status %+v, want synced and inactive", st)
 			}
@@ -322,10 +318,8 @@ func TestIPVSModeTableIsNotIptablesMode(t *testing.T) {
 			restore(t, ns, backend, "kube-proxy.iptables")
 			rec.Wait(t, "the service chains", func() bool { s, _ := p.Snapshot(context.Background()); return len(s) > 0 })
 			if backend == BackendLegacy {
-				p.mu.Lock()
-				reads := p.reads
-				p.mu.Unlock()
-				rec.Wait(t, "another poll", func() bool { p.mu.Lock(); defer p.mu.Unlock(); return p.reads > reads+1 })
+				reads := p.reads.Load()
+				rec.Wait(t, "another poll", func() bool { return p.reads.Load() > reads+1 })
 			}
 			if st := rec.Status(); !st.Inactive {
 				t.Errorf("kube-proxy says ipvs, yet the probe is active: %+v", st)

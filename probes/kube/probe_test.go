@@ -357,30 +357,35 @@ func TestPodRecreatedWithSameIP(t *testing.T) {
 }
 
 // A Service whose endpoints are spread over two slices; the terminating endpoint moves between
-// them and counts as removed only when no slice lists it.
-func TestEndpointSpreadOverSlices(t *testing.T) {
-	a := pod("web-a", "uid-a", other, "10.244.2.1")
-	b := pod("web-b", "uid-b", other, "10.244.2.2")
-	h := newHarness(t, a, b, slice("web-1", "web", ep{a, "ready"}), slice("web-2", "web", ep{b, "ready"}))
-	h.updateSlice(slice("web-1", "web", ep{a, "terminating"}))
-	h.waitValue(1, "endpointlag_tracked_records")
-	h.clock.Step(100 * time.Millisecond)
-	h.updateSlice(slice("web-2", "web", ep{b, "ready"}, ep{a, "terminating"}))
-	h.updateSlice(slice("web-1", "web"))
-	h.clock.Step(100 * time.Millisecond)
-	// A marker change on another Service tells when the updates above were handled.
-	marker := pod("m", "uid-m", other, "10.244.2.99")
-	if _, err := h.client.DiscoveryV1().EndpointSlices(ns).Create(h.ctx, slice("marker", "marker", ep{marker, "terminating"}), metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
+// them, in two updates that may arrive in either order, and counts as removed only when no slice
+// lists it for kube.RemovalSettle.
+func TestEndpointMovedBetweenSlices(t *testing.T) {
+	for _, oldFirst := range []bool{false, true} {
+		t.Run(fmt.Sprintf("old slice's update first: %t", oldFirst), func(t *testing.T) {
+			a := pod("web-a", "uid-a", other, "10.244.2.1")
+			b := pod("web-b", "uid-b", other, "10.244.2.2")
+			h := newHarness(t, a, b, slice("web-1", "web", ep{a, "ready"}), slice("web-2", "web", ep{b, "ready"}))
+			h.updateSlice(slice("web-1", "web", ep{a, "terminating"}))
+			h.waitValue(1, "endpointlag_tracked_records")
+			h.clock.Step(100 * time.Millisecond)
+			moves := []*discoveryv1.EndpointSlice{slice("web-2", "web", ep{b, "ready"}, ep{a, "terminating"}), slice("web-1", "web")}
+			if oldFirst {
+				moves[0], moves[1] = moves[1], moves[0]
+			}
+			h.updateSlice(moves[0])
+			h.clock.Step(10 * time.Millisecond)
+			h.updateSlice(moves[1])
+			h.settle()
+			time.Sleep(3 * kube.RemovalSettle / 5) // two of the settling loop's rounds
+			if n, _ := h.hist(prog, probes.StageEndpointSliceRemoved); n != 0 {
+				t.Fatal("a move between slices counted as a removal")
+			}
+			h.updateSlice(slice("web-2", "web", ep{b, "ready"}))
+			h.settle()
+			h.waitHist(1, prog, probes.StageEndpointSliceRemoved)
+			h.expectHist(prog, probes.StageEndpointSliceRemoved, 1, 1.11)
+		})
 	}
-	h.waitValue(2, "endpointlag_tracked_records")
-	if n, _ := h.hist(prog, probes.StageEndpointSliceRemoved); n != 0 {
-		t.Fatal("the endpoint counted as removed while another slice of its Service lists it")
-	}
-	h.updateSlice(slice("web-2", "web", ep{b, "ready"}))
-	h.settle()
-	h.waitHist(1, prog, probes.StageEndpointSliceRemoved)
-	h.expectHist(prog, probes.StageEndpointSliceRemoved, 1, 0.2)
 }
 
 // A Service deleted while its pods terminate: its slices go, the terminating endpoint is removed
@@ -593,29 +598,6 @@ func TestForceDeletedPod(t *testing.T) {
 	h.waitHist(1, prop, probes.StageEndpointSliceRemoved)
 	h.expectHist(prop, probes.StageEndpointSliceRemoved, 1, 0.06)
 	h.expectHist(prop, probes.StageEndpointSlice, 1, 0.06)
-}
-
-// The controller moves a terminating endpoint to another slice in two updates, and the one that
-// drops it from the old slice arrives first: no removal is reported, whichever order.
-func TestEndpointMovedOldSliceFirst(t *testing.T) {
-	a := pod("web-a", "uid-a", other, "10.244.2.1")
-	b := pod("web-b", "uid-b", other, "10.244.2.2")
-	h := newHarness(t, a, b, slice("web-1", "web", ep{a, "ready"}), slice("web-2", "web", ep{b, "ready"}))
-	h.updateSlice(slice("web-1", "web", ep{a, "terminating"}))
-	h.waitValue(1, "endpointlag_tracked_records")
-	h.clock.Step(100 * time.Millisecond)
-	h.updateSlice(slice("web-1", "web"))
-	h.clock.Step(10 * time.Millisecond)
-	h.updateSlice(slice("web-2", "web", ep{b, "ready"}, ep{a, "terminating"}))
-	h.settle()
-	time.Sleep(3 * kube.RemovalSettle / 5) // two of the settling loop's rounds
-	if n, _ := h.hist(prog, probes.StageEndpointSliceRemoved); n != 0 {
-		t.Fatal("a move between slices counted as a removal")
-	}
-	h.updateSlice(slice("web-2", "web", ep{b, "ready"}))
-	h.settle()
-	h.waitHist(1, prog, probes.StageEndpointSliceRemoved)
-	h.expectHist(prog, probes.StageEndpointSliceRemoved, 1, 1.11)
 }
 
 // KEP-1669: the only endpoint of a Service turns terminating while serving: its record says

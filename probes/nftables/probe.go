@@ -11,9 +11,7 @@ import (
 	"fmt"
 	"log/slog"
 	"slices"
-	"sync"
 	"sync/atomic"
-	"time"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
@@ -58,12 +56,8 @@ type Probe struct {
 	// KubeProxy is asked for kube-proxy's mode when the table appears.
 	KubeProxy proxymode.Asker
 
-	mu sync.Mutex
-	// state is what the rules do now, per Service and path; nil until the rules were read. Read by
-	// Snapshot and Reaches. It outlives a run: a run started again after a failure reports what
-	// went meanwhile, as a relist since last, the time the last run last read a generation.
-	state *rulegraph.State
-	last  time.Time
+	// store is what the rules do now, per Service and path.
+	store rulegraph.Store
 	// generations counts the change batches handled, setReads the sets read back over netlink.
 	generations atomic.Int64
 	setReads    atomic.Int64
@@ -104,15 +98,6 @@ type reader struct {
 	beforeApply func(changes []nfmon.RawChange)
 }
 
-// seen is when the changes being published happened, as well as the probe knows.
-type seen struct {
-	time time.Time
-	// precision is how much earlier they may have happened.
-	precision time.Duration
-	// relist: they were found by reading the tables whole after messages were lost.
-	relist bool
-}
-
 // Run implements probes.Probe.
 func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 	sink.SetStatus(Name, probes.Status{})
@@ -132,7 +117,7 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 	if readErr != nil {
 		sink.Error(Name, readErr)
 	}
-	p.publish(rd, sink, p.restarted(rd.g))
+	p.publish(rd, sink, p.store.Start(rd.g, p.clock.Now()))
 	found := rd.found
 	active := p.active(ctx, found)
 	// A failed first read (no CAP_NET_ADMIN, say) leaves the probe down; the next change retries.
@@ -140,7 +125,7 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 	p.log.Info("synced", "services", p.services(), "kube-proxy table", found, "active", active)
 	// last is when the last generation was read: messages lost after it make a gap that long.
 	last := p.clock.Now()
-	defer func() { p.mu.Lock(); p.last = last; p.mu.Unlock() }()
+	defer func() { p.store.Stop(last) }()
 	// pending are the parts of a large generation received so far.
 	var pending []nfmon.RawChange
 	for {
@@ -155,7 +140,7 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 			if pending != nil {
 				gen.Changes, pending = append(pending, gen.Changes...), nil
 			}
-			var at seen
+			var at rulegraph.When
 			switch {
 			case !ok:
 				// The monitor closed after an error (lost messages), which was reported: open
@@ -170,12 +155,12 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 					continue
 				}
 				now := p.clock.Now()
-				at = seen{time: now, precision: now.Sub(last), relist: true}
+				at = rulegraph.When{Time: now, Precision: now.Sub(last), Relist: true}
 			case gen.Err != nil:
 				sink.Error(Name, gen.Err) // the monitor closes next
 				continue
 			default:
-				at = seen{time: gen.Time}
+				at = rulegraph.When{Time: gen.Time}
 				if err := rd.apply(gen.Changes); err != nil {
 					// The generation is known, its content not: read the tables whole.
 					sink.Error(Name, err)
@@ -183,10 +168,10 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 						sink.Error(Name, err)
 						continue
 					}
-					at.precision = p.clock.Now().Sub(gen.Time)
+					at.Precision = p.clock.Now().Sub(gen.Time)
 				}
 			}
-			last = at.time
+			last = at.Time
 			if rd.found != found {
 				found = rd.found
 				active = p.active(ctx, found)
@@ -197,20 +182,6 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 			p.generations.Add(1)
 		}
 	}
-}
-
-// restarted says when the first read of a run happened: for the first run nothing is reported
-// (what the rules held at start is no change); for a run started again, what went since the last
-// run stopped is, as a relist.
-func (p *Probe) restarted(g *rulegraph.Graph) seen {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.state == nil {
-		return seen{}
-	}
-	g.Compare(p.state)
-	now := p.clock.Now()
-	return seen{time: now, precision: now.Sub(p.last), relist: true}
 }
 
 // active decides whether the node runs kube-proxy in nftables mode: its table exists (no other mode
@@ -226,49 +197,27 @@ func (p *Probe) active(ctx context.Context, found bool) bool {
 	return true
 }
 
-func (p *Probe) services() int {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.state.Len()
-}
+func (p *Probe) services() int { return p.store.Len() }
 
 // publish updates the endpoints of the Services the last changes touched and reports those no
 // longer reachable; with a zero time it only records the state.
-func (p *Probe) publish(rd *reader, sink probes.Sink, at seen) {
-	p.mu.Lock()
-	if p.state == nil {
-		p.state = rulegraph.NewState()
-	}
-	removed := rd.g.Publish(p.state)
-	p.mu.Unlock()
-	if at.time.IsZero() {
-		return
-	}
-	for _, r := range removed {
-		sink.Observe(probes.Observation{Stage: probes.StageNftables, Time: at.time, Precision: at.precision, Relist: at.relist,
-			Source: Name, Service: r.Service, Path: r.Path, Endpoint: r.Endpoint})
+func (p *Probe) publish(rd *reader, sink probes.Sink, at rulegraph.When) {
+	for _, o := range rulegraph.Observations(probes.StageNftables, Name, at, p.store.Publish(rd.g)) {
+		sink.Observe(o)
 	}
 }
 
 // Reaches implements probes.Dataplane.
 func (p *Probe) Reaches(svc probes.ServiceRef, ep probes.Endpoint) ([]probes.Reach, bool) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.state == nil {
-		return nil, false
-	}
-	return p.state.Reaches(svc, ep), true
+	return p.store.Reaches(svc, ep)
 }
 
 // Snapshot returns what the rules do now: per Service and path, the endpoints new connections can
 // reach. Before Run has read the rules, it reads them once.
 func (p *Probe) Snapshot() ([]probes.ServiceEndpoints, error) {
-	p.mu.Lock()
-	if p.state != nil {
-		defer p.mu.Unlock()
-		return p.state.Snapshot(), nil
+	if snap, ok := p.store.Snapshot(); ok {
+		return snap, nil
 	}
-	p.mu.Unlock()
 	conn, err := p.conn()
 	if err != nil {
 		return nil, err
