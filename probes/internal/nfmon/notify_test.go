@@ -3,6 +3,7 @@ package nfmon_test
 import (
 	"fmt"
 	"os/exec"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -72,5 +73,31 @@ func TestNotificationsOnePerTransaction(t *testing.T) {
 	}
 	if rules != 3000 {
 		t.Errorf("the raw monitor saw %d new rules, want 3000", rules)
+	}
+}
+
+// A monitor whose reader stopped taking generations, with its channel full, still ends its
+// goroutine when closed, without anyone reading: nothing leaks at shutdown.
+func TestRawMonitorEndsWhenClosedWhileFull(t *testing.T) {
+	ns, fd := probetest.Netns(t, "eltest-nfmon-", "nft")
+	before := runtime.NumGoroutine()
+	mon, err := nfmon.OpenRaw(int(fd.Fd()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// More generations than the channel holds (64), none read.
+	for i := range 100 {
+		if out, err := exec.Command("ip", "netns", "exec", ns, "nft", fmt.Sprintf("add table ip eltest%d", i)).CombinedOutput(); err != nil {
+			t.Fatalf("%v: %s", err, out)
+		}
+	}
+	time.Sleep(100 * time.Millisecond) // the monitor has read what fits and blocks on the channel
+	mon.Close()
+	deadline := time.Now().Add(5 * time.Second)
+	for runtime.NumGoroutine() > before {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d goroutines after Close, %d before the monitor: its goroutine did not end", runtime.NumGoroutine(), before)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
