@@ -413,3 +413,38 @@ func TestRawMonitorDecodesAsReadBack(t *testing.T) {
 		})
 	}
 }
+
+// A failed read (iptables-legacy-save failing while the table is replaced, say) takes the probe
+// down; the next good read brings it up again.
+func TestUpAgainAfterAFailedRead(t *testing.T) {
+	text, err := os.ReadFile(filepath.Join("testdata", "kube-proxy.iptables"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// An empty namespace: the nf_tables backend finds nothing, the legacy one is the fake below.
+	_, fd := probetest.Netns(t, nsPrefix+"up-")
+	var (
+		mu    sync.Mutex
+		calls int
+	)
+	p := New(Options{PollInterval: 20 * time.Millisecond}, clock.RealClock{}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	inNamespace(p, fd)
+	p.run = func(_ context.Context, name string, _ ...string) ([]byte, error) {
+		if name != legacySave[0] {
+			return nil, nil
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		calls++
+		if calls == 4 {
+			return nil, errors.New("iptables-legacy-save: the table changed while it was read")
+		}
+		return text, nil
+	}
+	rec, _ := probetest.Run(t, p)
+	rec.Wait(t, "the failed read", func() bool { return len(rec.Errors()) > 0 })
+	rec.Wait(t, "up again", rec.Up)
+	if st := rec.Status(); st.Inactive {
+		t.Errorf("status %+v, want active", st)
+	}
+}
