@@ -1,8 +1,8 @@
 // Package probes defines what every observation source reports and how sources are registered.
 //
-// A probe watches one source (the Kubernetes API, this node's kube-proxy rules, an ingress proxy,
-// packets) and reports what it saw, where and when, to a Sink. Probes never compute lags: the
-// collector joins observations into per-endpoint timelines and measures.
+// A probe watches one source (the Kubernetes API, this node's kube-proxy rules, packets) and
+// reports what it saw, where and when, to a Sink. Probes never compute lags: the collector joins
+// observations into per-endpoint timelines and measures.
 package probes
 
 import (
@@ -170,7 +170,7 @@ type Observation struct {
 	// Precision is how late Time may be: 0 for event-driven sources, the poll interval for polled
 	// ones.
 	Precision time.Duration
-	// Source names the instance that was observed (the probe name, or an ingress instance).
+	// Source names what was observed: the probe's name.
 	Source   string
 	Pod      PodRef
 	Service  ServiceRef

@@ -1,6 +1,7 @@
 // Command endpointlag measures how long a terminating pod's endpoint keeps receiving traffic after
 // its deletion: it timestamps when the endpoint leaves each stage (EndpointSlices, this node's
-// kube-proxy rules, ingress upstreams) and exports the lags.
+// kube-proxy rules), counts with eBPF the new connections that still reach it, and exports the
+// lags.
 package main
 
 import (
@@ -29,9 +30,10 @@ var (
 	revision = "unknown"
 )
 
-const usageHeader = `endpointlag measures how long each stage of Kubernetes (EndpointSlices, kube-proxy rules,
-ingress proxies) keeps a terminating pod's endpoint after the pod's deletion, so that preStop and
-terminationGracePeriodSeconds can be sized from data.
+const usageHeader = `endpointlag measures how long each stage of Kubernetes (EndpointSlices, this node's kube-proxy
+rules) keeps a terminating pod's endpoint after the pod's deletion, and counts with eBPF the new
+connections that still reach it, so that preStop and terminationGracePeriodSeconds can be sized from
+data.
 
 Usage:
   endpointlag [flags]           run the daemon (one per node, as a DaemonSet)
