@@ -94,3 +94,13 @@ func Lookup(name string) (Kind, error) {
 	}
 	return k, nil
 }
+
+// The annotations that make a pod of this node a proxy instance the daemon reads:
+//
+//	endpointlag.dev/proxy: traefik            # the kind (see Kinds)
+//	endpointlag.dev/proxy-admin: "9000"       # optional: the admin port on the pod's IP, or a full
+//	                                          # address (http://…, tcp://…, unix://…)
+const (
+	AnnotationProxy = "endpointlag.dev/proxy"
+	AnnotationAdmin = "endpointlag.dev/proxy-admin"
+)
