@@ -106,6 +106,8 @@ type Collector struct {
 	liveAddrs     map[netip.Addr]string
 	livePods      map[string][]netip.Addr
 	localWatchers []chan<- struct{}
+	// pendingWatchers are told when what a source still owes may have changed.
+	pendingWatchers []chan<- struct{}
 }
 
 type recordKey struct {

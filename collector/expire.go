@@ -28,6 +28,9 @@ func (c *Collector) Sweep() {
 				outcome = "incomplete"
 			}
 			c.m.expired.WithLabelValues(outcome).Inc()
+			if len(r.awaits) > 0 {
+				c.pendingChanged()
+			}
 			delete(c.records, q.key)
 			for s := range c.undetermined {
 				delete(c.undetermined[s], q.key)

@@ -12,9 +12,9 @@ const (
 	maxOrphans   = 10000
 )
 
-// dataplaneRemoved joins a removal that names an endpoint, and its Service when the rules say,
-// but not the pod, to the terminating record of that endpoint which awaits it, or keeps it as an
-// orphan. Of the records of one endpoint and Service only the newest whose slice change came
+// dataplaneRemoved joins a removal that names an endpoint, and its Service when the rules or the
+// proxy say, but not the pod (a dataplane or ingress stage), to the terminating record of that
+// endpoint which awaits it, or keeps it as an orphan. Of the records of one endpoint and Service only the newest whose slice change came
 // before the removal (give or take the orphan window) can take it: a pod that reuses an old pod's
 // address never lends its removal to the old pod's record.
 func (c *Collector) dataplaneRemoved(o probes.Observation) {
@@ -33,18 +33,19 @@ func (c *Collector) dataplaneRemoved(o probes.Observation) {
 		}
 	}
 	joined := false
+	a := awaitOf(o)
 	for _, r := range best {
-		if r.arrived(o.Stage, o.Path) {
+		if r.arrived(a) {
 			joined = true // a repeat (a resync reporting the same removal) is not an orphan
 			continue
 		}
-		if !r.awaiting(o.Stage, o.Path) {
+		if !r.awaiting(a) {
 			// The record started after the probe had published this removal but before it
-			// reported it (its state said "not reached" already): the rules did reach it.
+			// reported it (its state said "not reached" already): it did reach it.
 			if !o.Time.Before(r.created) {
 				continue
 			}
-			r.addAwait(await{stage: o.Stage, path: o.Path})
+			r.addAwait(a)
 		}
 		c.addStage(r, o)
 		joined = true

@@ -407,3 +407,49 @@ func TestLocalFallbackOfAClusterPolicyService(t *testing.T) {
 		t.Errorf("programming nftables: %d, %g; want 1, 0.3", n, sum)
 	}
 }
+
+// The ingress stage is awaited at each proxy instance that routed to the endpoint when it turned
+// terminating, measured per instance with the proxy's kind as the source label, and not at all
+// for a Service no proxy routes to; Pending tells each instance what it still owes.
+func TestIngressAwaitedPerInstance(t *testing.T) {
+	f := newFixture(t, Options{Stages: []probes.Stage{probes.StageIngress}, Probes: []string{"kube", "ingress"},
+		StageProbe: map[probes.Stage]string{probes.StageIngress: "ingress"}})
+	proxies := newFakeDataplane()
+	f.c.SetDataplane(probes.StageIngress, proxies)
+	f.c.SetStatus("ingress", probes.Status{Up: true, Synced: true})
+	notify := make(chan struct{}, 1)
+	f.c.NotifyPending(notify)
+	proxies.set(endpoint(1), probes.Reach{Source: "traefik:ingress/traefik-0"}, probes.Reach{Source: "haproxy:ingress/haproxy-0"})
+	f.c.Observe(obs(probes.StageEndpointSlice, 1, t0, false))
+	f.c.Observe(obs(probes.StageEndpointSlice, 2, t0, false)) // no proxy routes to it
+	<-notify
+	if got := f.c.Pending(probes.StageIngress); len(got) != 2 || len(got["traefik:ingress/traefik-0"]) != 1 {
+		t.Fatalf("Pending = %v, want endpoint 1 at both instances", got)
+	}
+	removal := func(source, kind string, d time.Duration) probes.Observation {
+		return probes.Observation{Stage: probes.StageIngress, Time: t0.Add(d), Precision: 20 * time.Millisecond, Source: source, SourceKind: kind,
+			Service: web, Endpoint: endpoint(1)}
+	}
+	f.c.Observe(removal("traefik:ingress/traefik-0", "traefik", 2*time.Second))
+	if got := f.c.Pending(probes.StageIngress); len(got) != 1 || len(got["haproxy:ingress/haproxy-0"]) != 1 {
+		t.Errorf("Pending after Traefik's removal = %v, want HAProxy's only", got)
+	}
+	if got := f.value("endpointlag_pending_endpoints", "stage", "ingress"); got != 1 {
+		t.Errorf("pending ingress = %g, want 1", got)
+	}
+	f.c.Observe(removal("haproxy:ingress/haproxy-0", "haproxy", 300*time.Millisecond))
+	if got := f.value("endpointlag_pending_endpoints", "stage", "ingress"); got != 0 {
+		t.Errorf("pending ingress after both = %g, want 0", got)
+	}
+	for _, m := range f.family("endpointlag_programming_seconds").GetMetric() {
+		want := map[string]float64{"traefik": 2, "haproxy": 0.3}[label(m, "source")]
+		if m.GetHistogram().GetSampleCount() != 1 || !near(m.GetHistogram().GetSampleSum(), want) {
+			t.Errorf("programming{source=%s}: %d samples, sum %g; want 1, %g", label(m, "source"), m.GetHistogram().GetSampleCount(), m.GetHistogram().GetSampleSum(), want)
+		}
+	}
+	for _, r := range f.c.Records() {
+		if r.Endpoint == endpoint(2) && !slices.Equal(r.NotApplicable, []string{"ingress"}) {
+			t.Errorf("a Service no proxy routes to: not applicable %v", r.NotApplicable)
+		}
+	}
+}

@@ -45,15 +45,15 @@ func newMetrics(c *Collector) *metrics {
 		propagation: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Namespace: namespace,
 			Name:      "propagation_seconds",
-			Help:      "Time from a pod's deletion (T0) to the removal of its endpoint at each stage (and, for dataplane stages, path: cluster or external); pods on this node only.",
+			Help:      "Time from a pod's deletion (T0) to the removal of its endpoint at each stage (for dataplane stages per path: cluster or external; for the ingress stage per proxy kind, source); pods on this node only.",
 			Buckets:   LagBuckets,
-		}, []string{"stage", "path"}),
+		}, []string{"stage", "path", "source"}),
 		programming: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Namespace: namespace,
 			Name:      "programming_seconds",
-			Help:      "Time from this node seeing an endpoint turn terminating in its EndpointSlice to its removal at each stage (and, for dataplane stages, path: cluster or external).",
+			Help:      "Time from this node seeing an endpoint turn terminating in its EndpointSlice to its removal at each stage (for dataplane stages per path: cluster or external; for the ingress stage per proxy kind, source).",
 			Buckets:   LagBuckets,
-		}, []string{"stage", "path"}),
+		}, []string{"stage", "path", "source"}),
 		lastConnection: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Namespace: namespace,
 			Name:      "last_connection_seconds",

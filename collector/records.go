@@ -25,26 +25,37 @@ type record struct {
 	serving                  bool
 	fallback                 probes.Fallback
 	clusterEnded, localEnded time.Time
-	// awaits are the dataplane stages and paths this node's rules reached the endpoint on when
-	// the record started (or shortly before: orphans). An active dataplane stage with none, and
-	// not undetermined, does not apply on this node.
+	// awaits are the routing stages, with their paths or sources, that reached the endpoint when
+	// the record started (or shortly before: orphans). An active routing stage with none, and not
+	// undetermined, does not apply on this node.
 	awaits []await
-	// undetermined are the dataplane stages whose probe had not read its rules yet when the
-	// record started; they are awaited until it has.
+	// undetermined are the routing stages whose probe had not read its source yet when the record
+	// started; they are awaited until it has.
 	undetermined []probes.Stage
 }
 
-// await is one dataplane stage and path a record waits for, with the policy chains that reached
-// the endpoint on it.
+// await is one routing stage a record waits for: a dataplane stage on a path, with the policy
+// chains that reached the endpoint on it, or the ingress stage at one proxy instance (source).
 type await struct {
 	stage  probes.Stage
 	path   probes.Path
+	source string
 	policy probes.Policy
 }
 
+// name is how views list it: stage/path, or stage@source.
+func (a await) name() string {
+	if a.source != "" {
+		return string(a.stage) + "@" + a.source
+	}
+	return string(a.stage) + "/" + string(a.path)
+}
+
 type stageEntry struct {
-	stage     probes.Stage
-	source    string
+	stage  probes.Stage
+	source string
+	// kind is the source's kind (a proxy kind, for the ingress stage).
+	kind      string
 	path      probes.Path
 	at        time.Time
 	precision time.Duration
@@ -113,17 +124,14 @@ func (c *Collector) record(o probes.Observation, create bool) *record {
 	return r
 }
 
-// awaitDataplane asks each active dataplane probe whether this node's rules reach the endpoint
-// now, and takes the removals seen shortly before (orphans): the stage is awaited on those paths
-// only. A node-local Service's endpoint on another node, an endpoint topology routing keeps to
-// other zones, a pod that never turned ready: the rules never held them, and the stage does not
-// apply here.
+// awaitDataplane asks each active routing probe (kube-proxy's rules, the proxies) whether it
+// reaches the endpoint now, and takes the removals seen shortly before (orphans): the stage is
+// awaited on those paths and at those instances only. A node-local Service's endpoint on another
+// node, an endpoint topology routing keeps to other zones, a pod that never turned ready, a
+// Service no proxy routes to: they were never reached, and the stage does not apply here.
 func (c *Collector) awaitDataplane(r *record, at time.Time) {
-	if r.notProxied {
-		return
-	}
 	for _, s := range c.opts.Stages {
-		if !s.Dataplane() || c.status[c.opts.StageProbe[s]].Inactive {
+		if !s.Routing() || (s.Dataplane() && r.notProxied) || c.status[c.opts.StageProbe[s]].Inactive {
 			continue
 		}
 		dp := c.dataplanes[s]
@@ -139,13 +147,23 @@ func (c *Collector) awaitDataplane(r *record, at time.Time) {
 			continue
 		}
 		for _, rc := range reach {
-			r.addAwait(await{stage: s, path: rc.Path, policy: rc.Policy})
+			r.addAwait(await{stage: s, path: rc.Path, source: rc.Source, policy: rc.Policy})
 		}
 	}
 	for _, o := range c.orphans.take(r.key.endpoint, r.key.service, at) {
-		r.addAwait(await{stage: o.Stage, path: o.Path, policy: probes.Policy{Cluster: true}})
+		r.addAwait(awaitOf(o))
 		c.addStage(r, o)
 	}
+	c.pendingChanged()
+}
+
+// awaitOf is what a removal observation shows was awaited: its path, or its proxy instance.
+func awaitOf(o probes.Observation) await {
+	a := await{stage: o.Stage, path: o.Path}
+	if !o.Stage.Dataplane() {
+		a.source = o.Source
+	}
+	return a
 }
 
 func (c *Collector) markUndetermined(s probes.Stage, k recordKey) {
@@ -175,7 +193,7 @@ func (c *Collector) resolveUndetermined(probe string, s probes.Status) {
 					continue
 				}
 				for _, rc := range reach {
-					r.addAwait(await{stage: stage, path: rc.Path, policy: rc.Policy})
+					r.addAwait(await{stage: stage, path: rc.Path, source: rc.Source, policy: rc.Policy})
 				}
 			}
 			r.undetermined = slices.DeleteFunc(r.undetermined, func(x probes.Stage) bool { return x == stage })
@@ -198,10 +216,10 @@ func relevantFallback(f probes.Fallback, awaits []await) probes.Fallback {
 	return probes.Fallback{Cluster: f.Cluster && cluster, Local: f.Local && local}
 }
 
-// addAwait adds an awaited path, merging policies when the path is already awaited.
+// addAwait adds an awaited path or source, merging policies when it is already awaited.
 func (r *record) addAwait(a await) {
 	for i := range r.awaits {
-		if r.awaits[i].stage == a.stage && r.awaits[i].path == a.path {
+		if r.awaits[i].stage == a.stage && r.awaits[i].path == a.path && r.awaits[i].source == a.source {
 			p := r.awaits[i].policy
 			r.awaits[i].policy = probes.Policy{Cluster: p.Cluster || a.policy.Cluster, Local: p.Local || a.policy.Local}
 			return
@@ -210,13 +228,13 @@ func (r *record) addAwait(a await) {
 	r.awaits = append(r.awaits, a)
 }
 
-// awaiting tells whether r waits for stage on path (or cannot tell yet).
-func (r *record) awaiting(stage probes.Stage, path probes.Path) bool {
-	if slices.Contains(r.undetermined, stage) {
+// awaiting tells whether r waits for a (or cannot tell yet).
+func (r *record) awaiting(a await) bool {
+	if slices.Contains(r.undetermined, a.stage) {
 		return true
 	}
-	for _, a := range r.awaits {
-		if a.stage == stage && a.path == path {
+	for _, x := range r.awaits {
+		if x.stage == a.stage && x.path == a.path && x.source == a.source {
 			return true
 		}
 	}
@@ -353,7 +371,7 @@ func (c *Collector) addStage(r *record, o probes.Observation) {
 			return
 		}
 	}
-	e := stageEntry{stage: o.Stage, source: o.Source, path: o.Path, at: o.Time, precision: o.Precision, initial: o.Initial, relist: o.Relist}
+	e := stageEntry{stage: o.Stage, source: o.Source, kind: o.SourceKind, path: o.Path, at: o.Time, precision: o.Precision, initial: o.Initial, relist: o.Relist}
 	if o.Stage.Dataplane() {
 		for _, a := range r.awaits {
 			if a.stage == o.Stage && a.path == o.Path && r.heldAtStart(a) {
@@ -362,15 +380,18 @@ func (c *Collector) addStage(r *record, o probes.Observation) {
 		}
 	}
 	r.stages = append(r.stages, e)
-	c.log.Debug("stage", "stage", o.Stage, "path", o.Path, "pod", r.pod, "service", r.key.service, "endpoint", r.key.endpoint,
+	c.log.Debug("stage", "stage", o.Stage, "path", o.Path, "source", o.Source, "pod", r.pod, "service", r.key.service, "endpoint", r.key.endpoint,
 		"initial", o.Initial, "relist", o.Relist, "fallback", e.fallback)
 	c.sample(r)
+	if o.Stage == probes.StageIngress {
+		c.pendingChanged()
+	}
 }
 
-// arrived tells whether stage was seen on path.
-func (r *record) arrived(stage probes.Stage, path probes.Path) bool {
+// arrived tells whether a was seen: its stage on its path, and at its source when it names one.
+func (r *record) arrived(a await) bool {
 	for _, e := range r.stages {
-		if e.stage == stage && e.path == path {
+		if e.stage == a.stage && e.path == a.path && (a.source == "" || e.source == a.source) {
 			return true
 		}
 	}
@@ -388,9 +409,9 @@ func (r *record) stage(s probes.Stage) *stageEntry {
 }
 
 // pendingStages are the stages r still waits for. Records of endpoints that were never seen
-// terminating wait for nothing; a dataplane stage is pending only on a path the rules reached
-// the endpoint on, not while kube-proxy holds it back on purpose (KEP-1669), and not while its
-// probe is inactive.
+// terminating wait for nothing; a routing stage is pending only on a path or at an instance that
+// reached the endpoint, not while kube-proxy holds it back on purpose (KEP-1669), and not while
+// its probe is inactive.
 func (c *Collector) pendingStages(r *record) []probes.Stage {
 	out, _ := c.pending(r)
 	return out
@@ -418,20 +439,20 @@ func (c *Collector) pending(r *record) ([]probes.Stage, []time.Time) {
 		if c.status[c.opts.StageProbe[s]].Inactive {
 			continue
 		}
-		if !s.Dataplane() {
+		if !s.Routing() {
 			if r.stage(s) == nil {
 				add(s, slice.at)
 			}
 			continue
 		}
-		if r.notProxied {
+		if s.Dataplane() && r.notProxied {
 			continue
 		}
 		if slices.Contains(r.undetermined, s) {
 			add(s, slice.at)
 		}
 		for _, a := range r.awaits {
-			if a.stage != s || r.arrived(s, a.path) {
+			if a.stage != s || r.arrived(a) {
 				continue
 			}
 			ended, held := r.heldSince(a)

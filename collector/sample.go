@@ -33,11 +33,11 @@ func (c *Collector) sample(r *record) {
 			continue
 		}
 		if hasProg && !e.progDone && e.stage != probes.StageEndpointSlice {
-			c.m.programming.WithLabelValues(string(e.stage), string(e.path)).Observe(lag(e.at, progRef))
+			c.m.programming.WithLabelValues(string(e.stage), string(e.path), e.kind).Observe(lag(e.at, progRef))
 			e.progDone = true
 		}
 		if hasT0 && !e.propDone {
-			c.m.propagation.WithLabelValues(string(e.stage), string(e.path)).Observe(lag(e.at, t0))
+			c.m.propagation.WithLabelValues(string(e.stage), string(e.path), e.kind).Observe(lag(e.at, t0))
 			e.propDone = true
 		}
 	}

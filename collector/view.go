@@ -27,13 +27,14 @@ type RecordView struct {
 	Serving  bool             `json:"serving"`
 	Fallback *probes.Fallback `json:"fallback,omitempty"`
 	Pending  []string         `json:"pending,omitempty"`
-	// Awaited are the dataplane stages and paths this node's rules reached the endpoint on when it
-	// turned terminating, as "stage/path"; Held those kube-proxy still holds back on purpose.
+	// Awaited are the routing stages that reached the endpoint when it turned terminating: dataplane
+	// stages by path ("stage/path"), the ingress stage by proxy instance ("ingress@instance"); Held
+	// those kube-proxy still holds back on purpose.
 	Awaited []string `json:"awaited,omitempty"`
 	Held    []string `json:"held,omitempty"`
-	// NotApplicable are the active dataplane stages this node's rules never reached the endpoint
-	// at (a node-local Service's endpoint on another node, topology, a pod never ready): they are
-	// not awaited here.
+	// NotApplicable are the active routing stages that never reached the endpoint here (a node-local
+	// Service's endpoint on another node, topology, a pod never ready, a Service no proxy routes
+	// to): they are not awaited here.
 	NotApplicable []string `json:"not_applicable,omitempty"`
 	// Connections are the new connections to this endpoint after T0 that the packets probe
 	// reported (the first ones, up to a limit per pod), for local pods.
@@ -53,9 +54,11 @@ type ConnectionView struct {
 
 // StageView is one stage of a timeline. The lags are absent where the reference is unknown.
 type StageView struct {
-	Stage  string    `json:"stage"`
-	Source string    `json:"source"`
-	Path   string    `json:"path,omitempty"`
+	Stage  string `json:"stage"`
+	Source string `json:"source"`
+	// Kind is the source's kind: for the ingress stage, the proxy kind of the instance Source.
+	Kind string    `json:"kind,omitempty"`
+	Path string    `json:"path,omitempty"`
 	Time   time.Time `json:"time"`
 	// Precision is how much earlier it may have happened: a poll interval, or the gap a relist
 	// covers.
@@ -110,7 +113,7 @@ func (c *Collector) view(r *record) RecordView {
 		}
 	}
 	for _, e := range r.stages {
-		s := StageView{Stage: string(e.stage), Source: e.source, Path: string(e.path), Time: e.at, Precision: e.precision.Seconds(),
+		s := StageView{Stage: string(e.stage), Source: e.source, Kind: e.kind, Path: string(e.path), Time: e.at, Precision: e.precision.Seconds(),
 			Initial: e.initial, Relist: e.relist, Fallback: e.fallback}
 		if e.unsampled() == "" && !e.initial {
 			if hasProg && e.stage != probes.StageEndpointSlice {
@@ -149,21 +152,20 @@ func (c *Collector) view(r *record) RecordView {
 		v.Pending = append(v.Pending, string(s))
 	}
 	for _, a := range r.awaits {
-		name := string(a.stage) + "/" + string(a.path)
-		v.Awaited = append(v.Awaited, name)
-		if ended, held := r.heldSince(a); held && ended.IsZero() && !r.arrived(a.stage, a.path) {
-			v.Held = append(v.Held, name)
+		v.Awaited = append(v.Awaited, a.name())
+		if ended, held := r.heldSince(a); held && ended.IsZero() && !r.arrived(a) {
+			v.Held = append(v.Held, a.name())
 		}
 	}
 	v.NotApplicable = c.notApplicable(r)
 	return v
 }
 
-// notApplicable lists the active dataplane stages r awaits on no path.
+// notApplicable lists the active routing stages r awaits on no path and at no instance.
 func (c *Collector) notApplicable(r *record) []string {
 	var out []string
 	for _, s := range c.opts.Stages {
-		if !s.Dataplane() || r.notProxied || c.status[c.opts.StageProbe[s]].Inactive || slices.Contains(r.undetermined, s) {
+		if !s.Routing() || (s.Dataplane() && r.notProxied) || c.status[c.opts.StageProbe[s]].Inactive || slices.Contains(r.undetermined, s) {
 			continue
 		}
 		if !slices.ContainsFunc(r.awaits, func(a await) bool { return a.stage == s }) {

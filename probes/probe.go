@@ -33,6 +33,10 @@ const (
 	StageEndpointSliceRemoved Stage = "endpointslice_removed"
 	// StageGone: the pod object was deleted. Reported for pods on this node only.
 	StageGone Stage = "gone"
+	// StageIngress: an ingress or gateway proxy instance would no longer send a new request to the
+	// endpoint (gone from its upstreams, or kept but fenced, draining or in maintenance).
+	// Observation.Source names the instance, Observation.SourceKind its kind.
+	StageIngress Stage = "ingress"
 	// StageNftables, StageIptables and StageIPVS: this node's kube-proxy rules no longer send new
 	// connections to the endpoint.
 	StageNftables Stage = "nftables"
@@ -76,7 +80,14 @@ func (s Stage) Connection() bool {
 // Awaited reports whether a record waits for s: the removal stages after the endpoint turned
 // terminating, not the pod-level or connection stages.
 func (s Stage) Awaited() bool {
-	return s == StageEndpointSliceRemoved || s.Dataplane()
+	return s == StageEndpointSliceRemoved || s.Routing()
+}
+
+// Routing reports whether s is the removal of an endpoint from something that routes traffic to
+// it — this node's kube-proxy rules, a proxy instance — and so is awaited only where that reached
+// the endpoint when it turned terminating.
+func (s Stage) Routing() bool {
+	return s.Dataplane() || s == StageIngress
 }
 
 // Path is the way new connections reach a Service's endpoints through this node's rules. kube-proxy
@@ -104,10 +115,13 @@ type Policy struct {
 // Any reports whether p names a policy.
 func (p Policy) Any() bool { return p.Cluster || p.Local }
 
-// Reach is one path on which this node's rules send new connections to an endpoint.
+// Reach is one path on which this node's rules, or one proxy instance, send new connections to an
+// endpoint.
 type Reach struct {
 	Path   Path
 	Policy Policy
+	// Source is, for a stage read from several instances (ingress), the instance.
+	Source string
 }
 
 // Dataplane is implemented by the probes of a dataplane stage: what this node's rules reach now.
@@ -170,8 +184,10 @@ type Observation struct {
 	// Precision is how late Time may be: 0 for event-driven sources, the poll interval for polled
 	// ones.
 	Precision time.Duration
-	// Source names what was observed: the probe's name.
-	Source   string
+	// Source names what was observed: the probe's name, or for the ingress stage the proxy
+	// instance; SourceKind is then the proxy's kind (the metrics' bounded source label).
+	Source     string
+	SourceKind string
 	Pod      PodRef
 	Service  ServiceRef
 	Endpoint Endpoint
@@ -217,6 +233,15 @@ type LocalPod struct {
 	T0        time.Time
 	// Gone is true once the pod object was deleted.
 	Gone bool
+}
+
+// Pending is the collector's view of what a routing stage still waits for, per source, for probes
+// that poll faster while something is pending (the ingress probe).
+type Pending interface {
+	// Pending returns, per source of stage, the endpoints awaited there and not yet seen removed.
+	Pending(stage Stage) map[string][]Endpoint
+	// NotifyPending makes the list's changes send on ch, without blocking.
+	NotifyPending(ch chan<- struct{})
 }
 
 // LocalPods is the collector's list of this node's deleting and deleted pods, for probes that
@@ -303,6 +328,8 @@ type Env struct {
 	Logger *slog.Logger
 	// LocalPods lists this node's deleting pods (the collector).
 	LocalPods LocalPods
+	// Pending lists what routing stages still wait for (the collector).
+	Pending Pending
 	// Registerer takes the metrics a probe exports itself.
 	Registerer prometheus.Registerer
 	// KubeProxyURL is kube-proxy's metrics address, whose /proxyMode the dataplane probes ask

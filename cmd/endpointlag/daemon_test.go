@@ -145,14 +145,14 @@ func TestDaemonServesMetricsRecordsAndInspect(t *testing.T) {
 	if _, err := client.DiscoveryV1().EndpointSlices("shop").Update(ctx, s, metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	want := `endpointlag_propagation_seconds_bucket{path="",stage="endpointslice",le="0.025"} 0
-endpointlag_propagation_seconds_bucket{path="",stage="endpointslice",le="0.05"} 1
+	want := `endpointlag_propagation_seconds_bucket{path="",source="",stage="endpointslice",le="0.025"} 0
+endpointlag_propagation_seconds_bucket{path="",source="",stage="endpointslice",le="0.05"} 1
 `
 	waitFor(t, "the propagation sample", func() bool { _, m := get(t, r.base+"/metrics"); return strings.Contains(m, want) })
 	_, metrics := get(t, r.base+"/metrics")
 	for _, line := range []string{
-		`endpointlag_propagation_seconds_sum{path="",stage="endpointslice"} 0.04`,
-		`endpointlag_propagation_seconds_count{path="",stage="endpointslice"} 1`,
+		`endpointlag_propagation_seconds_sum{path="",source="",stage="endpointslice"} 0.04`,
+		`endpointlag_propagation_seconds_count{path="",source="",stage="endpointslice"} 1`,
 		`endpointlag_pending_endpoints{stage="endpointslice_removed"} 1`,
 		`endpointlag_probe_up{probe="kube"} 1`,
 		`endpointlag_build_info{goversion="`,
