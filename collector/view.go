@@ -59,7 +59,7 @@ type StageView struct {
 	// Kind is the source's kind: for the ingress stage, the proxy kind of the instance Source.
 	Kind string    `json:"kind,omitempty"`
 	Path string    `json:"path,omitempty"`
-	Time   time.Time `json:"time"`
+	Time time.Time `json:"time"`
 	// Precision is how much earlier it may have happened: a poll interval, or the gap a relist
 	// covers.
 	Precision float64 `json:"precision_seconds,omitempty"`

@@ -188,9 +188,9 @@ type Observation struct {
 	// instance; SourceKind is then the proxy's kind (the metrics' bounded source label).
 	Source     string
 	SourceKind string
-	Pod      PodRef
-	Service  ServiceRef
-	Endpoint Endpoint
+	Pod        PodRef
+	Service    ServiceRef
+	Endpoint   Endpoint
 	// Local is true when the pod runs on this daemon's node.
 	Local bool
 	// NotProxied is true when kube-proxy does not program the Service (headless, or handled by
