@@ -62,7 +62,10 @@ type Kind struct {
 	DefaultPort int
 	// Scheme is the scheme of an address built from a pod IP and port: "http" or "tcp".
 	Scheme string
-	New    func(Target) (Reader, error)
+	// MinInterval is the shortest time between two reads of one instance, however urgent (Envoy
+	// serves its admin interface on its main thread: it is polled gently); 0 for none.
+	MinInterval time.Duration
+	New         func(Target) (Reader, error)
 }
 
 var kinds = map[string]Kind{}
