@@ -77,7 +77,7 @@ func newDaemon(opts Options, log *slog.Logger, clk clock.WithTicker, client kube
 	}
 	d := &daemon{opts: opts, log: log, coll: coll}
 	env := probes.Env{NodeName: opts.NodeName, PollInterval: opts.PollInterval, Client: client, Clock: clk, Logger: log, LocalPods: coll,
-		Registerer: reg, KubeProxyURL: opts.KubeProxyURL}
+		Pending: coll, Registerer: reg, KubeProxyURL: opts.KubeProxyURL}
 	for _, f := range enabled {
 		p, err := f.New(env)
 		if err != nil {
@@ -86,7 +86,7 @@ func newDaemon(opts Options, log *slog.Logger, clk clock.WithTicker, client kube
 		d.probes = append(d.probes, p)
 		if dp, ok := p.(probes.Dataplane); ok {
 			for _, s := range f.Stages {
-				if s.Dataplane() {
+				if s.Routing() {
 					coll.SetDataplane(s, dp)
 				}
 			}
