@@ -463,7 +463,7 @@ type instance struct {
 	// to, per Service (the zero Service for backends that name none).
 	backends map[string]Backend
 	routable map[routed]bool
-	last time.Time
+	last     time.Time
 	// tried: read (or failed to be) at least once; down: the last read failed.
 	triedOnce bool
 	down      bool
