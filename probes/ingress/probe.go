@@ -464,9 +464,10 @@ type instance struct {
 	backends map[string]Backend
 	routable map[routed]bool
 	last     time.Time
-	// tried: read (or failed to be) at least once; down: the last read failed.
+	// tried: read (or failed to be) at least once; down: the last read failed, with lastErr.
 	triedOnce bool
 	down      bool
+	lastErr   string
 }
 
 type routed struct {
@@ -501,10 +502,10 @@ func (in *instance) sinceLastRead(clk clock.PassiveClock) time.Duration {
 	return clk.Since(in.last)
 }
 
-func (in *instance) failed(error) {
+func (in *instance) failed(err error) {
 	in.mu.Lock()
 	defer in.mu.Unlock()
-	in.triedOnce, in.down = true, true
+	in.triedOnce, in.down, in.lastErr = true, true, err.Error()
 }
 
 // recovered reports, once, that a read succeeded after a failure.
@@ -512,7 +513,7 @@ func (in *instance) recovered() bool {
 	in.mu.Lock()
 	defer in.mu.Unlock()
 	was := in.down
-	in.down = false
+	in.down, in.lastErr = false, ""
 	return was
 }
 
@@ -590,6 +591,8 @@ type InstanceView struct {
 	Address  string    `json:"address"`
 	LastRead time.Time `json:"last_read"`
 	Up       bool      `json:"up"`
+	// Error is why the last read failed (Up false).
+	Error    string    `json:"error,omitempty"`
 	Backends []Backend `json:"backends"`
 }
 
@@ -607,7 +610,7 @@ func (p *Probe) Snapshot() ([]InstanceView, error) {
 	out := make([]InstanceView, 0, len(ins))
 	for _, in := range ins {
 		in.mu.Lock()
-		v := InstanceView{Name: in.name, Kind: in.kind.Name, Address: in.addr, LastRead: in.last, Up: !in.last.IsZero() && !in.down}
+		v := InstanceView{Name: in.name, Kind: in.kind.Name, Address: in.addr, LastRead: in.last, Up: !in.last.IsZero() && !in.down, Error: in.lastErr}
 		for _, b := range in.backends {
 			v.Backends = append(v.Backends, b)
 		}
