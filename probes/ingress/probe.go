@@ -38,11 +38,19 @@ type Options struct {
 	Slow, Fast, Linger time.Duration
 	// Timeout bounds one read.
 	Timeout time.Duration
+	// AdminPorts override, per kind, the admin port of an annotated pod whose annotation names
+	// none (the Kind's DefaultPort otherwise).
+	AdminPorts map[string]int
+	// EnterPods lets the probe reach admin interfaces that listen only inside a proxy pod (on its
+	// loopback, or a unix socket): it needs hostPID, CAP_SYS_ADMIN and CAP_SYS_PTRACE.
+	EnterPods bool
+	// ProcRoot is where the processes are listed ("/proc"), for EnterPods.
+	ProcRoot string
 }
 
 // DefaultOptions are the flags' defaults.
 func DefaultOptions() Options {
-	return Options{Slow: 10 * time.Second, Fast: 20 * time.Millisecond, Linger: time.Second, Timeout: 2 * time.Second}
+	return Options{Slow: 10 * time.Second, Fast: 20 * time.Millisecond, Linger: time.Second, Timeout: 2 * time.Second, ProcRoot: "/proc"}
 }
 
 // Validate names the first setting out of range.
@@ -54,6 +62,14 @@ func (o Options) Validate() error {
 		return fmt.Errorf("--ingress.linger must not be negative, got %s", o.Linger)
 	case o.Timeout <= 0:
 		return fmt.Errorf("--ingress.timeout must be positive, got %s", o.Timeout)
+	}
+	for kind, port := range o.AdminPorts {
+		if _, err := Lookup(kind); err != nil {
+			return fmt.Errorf("--ingress.admin-ports: %w", err)
+		}
+		if port <= 0 || port > 65535 {
+			return fmt.Errorf("--ingress.admin-ports: %s=%d is not a port", kind, port)
+		}
 	}
 	for _, s := range o.Instances {
 		if _, _, err := parseInstance(s); err != nil {
@@ -82,12 +98,29 @@ func init() {
 			fs.DurationVar(&flagOpts.Linger, "ingress.linger", flagOpts.Linger,
 				"how long an instance stays on fast polling after the last removal it owed")
 			fs.DurationVar(&flagOpts.Timeout, "ingress.timeout", flagOpts.Timeout, "how long one read of a proxy instance may take")
+			fs.StringToIntVar(&flagOpts.AdminPorts, "ingress.admin-ports", flagOpts.AdminPorts,
+				"admin port per proxy kind for annotated pods whose "+AnnotationAdmin+" annotation names none, as kind=port (comma-separated); defaults: "+defaultPorts())
+			fs.BoolVar(&flagOpts.EnterPods, "ingress.enter-pods", flagOpts.EnterPods,
+				"reach admin interfaces that listen only inside a proxy pod (a loopback address or a unix:// socket in "+AnnotationAdmin+") by entering the pod's network namespace or filesystem; needs hostPID, CAP_SYS_ADMIN and CAP_SYS_PTRACE")
 		},
 		Validate: func() error { return flagOpts.Validate() },
 		New: func(env probes.Env) (probes.Probe, error) {
 			return New(flagOpts, env.Client, env.NodeName, env.Pending, env.Clock, env.Logger), nil
 		},
 	})
+}
+
+// defaultPorts lists each kind's default admin port, for --help.
+func defaultPorts() string {
+	var out []string
+	for _, n := range Kinds() {
+		k, _ := Lookup(n)
+		out = append(out, fmt.Sprintf("%s=%d", n, k.DefaultPort))
+	}
+	if len(out) == 0 {
+		return "none"
+	}
+	return strings.Join(out, ", ")
 }
 
 // parseInstance reads kind=address.
@@ -150,7 +183,7 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 		if err != nil {
 			return err
 		}
-		p.start(ctx, sink, &wg, k.Name+"="+addr, k, addr)
+		p.start(ctx, sink, &wg, k.Name+"="+addr, k, Target{Address: addr})
 	}
 	if p.client != nil {
 		synced, err := p.watchPods(ctx, sink, &wg)
@@ -220,21 +253,22 @@ func (p *Probe) owedBy(name string) []probes.Endpoint {
 }
 
 // start begins reading one instance, unless it is read already.
-func (p *Probe) start(ctx context.Context, sink probes.Sink, wg *sync.WaitGroup, name string, k Kind, addr string) {
+func (p *Probe) start(ctx context.Context, sink probes.Sink, wg *sync.WaitGroup, name string, k Kind, t Target) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if _, ok := p.instances[name]; ok {
 		return
 	}
-	reader, err := k.New(Target{Address: addr, Timeout: p.opts.Timeout})
+	t.Timeout = p.opts.Timeout
+	reader, err := k.New(t)
 	if err != nil {
 		sink.Error(Name, fmt.Errorf("%s: %w", name, err))
 		return
 	}
 	ictx, cancel := context.WithCancel(ctx)
-	in := newInstance(name, k, addr, reader, cancel)
+	in := newInstance(name, k, t.Address, reader, cancel)
 	p.instances[name] = in
-	p.log.Info("reading a proxy instance", "instance", name, "kind", k.Name, "address", addr)
+	p.log.Info("reading a proxy instance", "instance", name, "kind", k.Name, "address", t.Address, "inside_pod", t.Dial != nil)
 	wg.Go(func() { p.poll(ictx, sink, in) })
 	if p.synced {
 		sink.SetStatus(Name, probes.Status{Up: true, Synced: true, Inactive: false})
@@ -287,12 +321,12 @@ func (p *Probe) watchPods(ctx context.Context, sink probes.Sink, wg *sync.WaitGr
 			sink.Error(Name, &probes.InputError{Reason: "proxy_annotation", Err: fmt.Errorf("pod %s/%s: %s: %w", pod.Namespace, pod.Name, AnnotationProxy, err)})
 			return
 		}
-		addr, err := adminAddress(k, pod.Status.PodIP, pod.Annotations[AnnotationAdmin])
+		t, err := p.target(k, pod.Status.PodIP, pod.Annotations[AnnotationAdmin])
 		if err != nil {
 			sink.Error(Name, &probes.InputError{Reason: "proxy_annotation", Err: fmt.Errorf("pod %s/%s: %s: %w", pod.Namespace, pod.Name, AnnotationAdmin, err)})
 			return
 		}
-		p.start(ctx, sink, wg, name, k, addr)
+		p.start(ctx, sink, wg, name, k, t)
 	}
 	gone := func(obj any) {
 		if t, ok := obj.(cache.DeletedFinalStateUnknown); ok {
@@ -318,13 +352,33 @@ func instanceName(pod *corev1.Pod) string {
 	return pod.Annotations[AnnotationProxy] + ":" + pod.Namespace + "/" + pod.Name
 }
 
-// adminAddress is where an annotated pod's admin interface is: its IP and the annotation's port
-// (or the kind's default), or the annotation's full address.
-func adminAddress(k Kind, podIP, annotation string) (string, error) {
-	if strings.Contains(annotation, "://") {
-		return annotation, nil
+// target is how to reach an annotated pod's admin interface: its IP and the annotation's port (or
+// the kind's default), or the annotation's full address; one inside the pod (loopback, a unix
+// socket) is dialed from within the pod when --ingress.enter-pods allows.
+func (p *Probe) target(k Kind, podIP, annotation string) (Target, error) {
+	ip, err := netip.ParseAddr(podIP)
+	if err != nil {
+		return Target{}, fmt.Errorf("pod IP %q: %w", podIP, err)
 	}
-	port := k.DefaultPort
+	if !strings.Contains(annotation, "://") {
+		port := k.DefaultPort
+		if n, ok := p.opts.AdminPorts[k.Name]; ok {
+			port = n
+		}
+		addr, err := adminAddress(k.Scheme, ip, port, annotation)
+		return Target{Address: addr}, err
+	}
+	if !insidePod(annotation) {
+		return Target{Address: annotation}, nil
+	}
+	if !p.opts.EnterPods {
+		return Target{}, fmt.Errorf("%q listens inside the pod; reading it takes --ingress.enter-pods (hostPID, CAP_SYS_ADMIN, CAP_SYS_PTRACE), or serve the admin on the pod IP", annotation)
+	}
+	return Target{Address: annotation, Dial: newPodDialer(p.opts.ProcRoot, ip).DialContext}, nil
+}
+
+// adminAddress is scheme://podIP:port, the port from the annotation when it names one.
+func adminAddress(scheme string, ip netip.Addr, port int, annotation string) (string, error) {
 	if annotation != "" {
 		n, err := strconv.Atoi(annotation)
 		if err != nil || n <= 0 || n > 65535 {
@@ -332,11 +386,7 @@ func adminAddress(k Kind, podIP, annotation string) (string, error) {
 		}
 		port = n
 	}
-	ip, err := netip.ParseAddr(podIP)
-	if err != nil {
-		return "", fmt.Errorf("pod IP %q: %w", podIP, err)
-	}
-	return k.Scheme + "://" + net.JoinHostPort(ip.String(), strconv.Itoa(port)), nil
+	return scheme + "://" + net.JoinHostPort(ip.String(), strconv.Itoa(port)), nil
 }
 
 // Reaches implements probes.Dataplane: the instances that route new requests to ep (for svc, or

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -185,19 +186,46 @@ func TestProbeRecoversFromFailedReads(t *testing.T) {
 	rec.Wait(t, "up again with the removal", func() bool { return rec.Up() && len(rec.Observations()) == 1 })
 }
 
-func TestAdminAddress(t *testing.T) {
-	k := Kind{Name: "x", DefaultPort: 9000, Scheme: "http"}
-	for _, tc := range []struct{ ann, want, err string }{
-		{"", "http://10.244.1.7:9000", ""},
-		{"8080", "http://10.244.1.7:8080", ""},
-		{"tcp://10.0.0.1:9999", "tcp://10.0.0.1:9999", ""},
-		{"nine", "", "neither a port"},
-		{"70000", "", "neither a port"},
+// An annotated pod's admin address: the annotation's port, the kind's port from
+// --ingress.admin-ports, else its default, or a full address; one inside the pod only with
+// --ingress.enter-pods, and then dialed from within the pod.
+func TestTarget(t *testing.T) {
+	Register(Kind{Name: "targettest", DefaultPort: 9000, Scheme: "http"})
+	k, _ := Lookup("targettest")
+	for _, tc := range []struct {
+		ann, want, err string
+		ports          map[string]int
+		enter, inPod   bool
+	}{
+		{ann: "", want: "http://10.244.1.7:9000"},
+		{ann: "", ports: map[string]int{"targettest": 8082}, want: "http://10.244.1.7:8082"},
+		{ann: "8080", ports: map[string]int{"targettest": 8082}, want: "http://10.244.1.7:8080"},
+		{ann: "tcp://10.0.0.1:9999", want: "tcp://10.0.0.1:9999"},
+		{ann: "http://127.0.0.1:19000", err: "--ingress.enter-pods"},
+		{ann: "unix:///var/run/haproxy.sock", err: "--ingress.enter-pods"},
+		{ann: "http://127.0.0.1:19000", enter: true, want: "http://127.0.0.1:19000", inPod: true},
+		{ann: "http://localhost:19000", enter: true, want: "http://localhost:19000", inPod: true},
+		{ann: "unix:///var/run/haproxy.sock", enter: true, want: "unix:///var/run/haproxy.sock", inPod: true},
+		{ann: "nine", err: "neither a port"},
+		{ann: "70000", err: "neither a port"},
 	} {
-		got, err := adminAddress(k, "10.244.1.7", tc.ann)
-		if got != tc.want || (err == nil) != (tc.err == "") {
-			t.Errorf("adminAddress(%q) = %q, %v; want %q, error %q", tc.ann, got, err, tc.want, tc.err)
+		opts := DefaultOptions()
+		opts.AdminPorts, opts.EnterPods = tc.ports, tc.enter
+		p := New(opts, nil, "node-a", nil, clock.RealClock{}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+		got, err := p.target(k, "10.244.1.7", tc.ann)
+		if got.Address != tc.want || (got.Dial != nil) != tc.inPod || (err == nil) != (tc.err == "") || (err != nil && !strings.Contains(err.Error(), tc.err)) {
+			t.Errorf("%q (ports %v, enter %v) = %q (inside the pod: %v), %v; want %q (%v), error %q",
+				tc.ann, tc.ports, tc.enter, got.Address, got.Dial != nil, err, tc.want, tc.inPod, tc.err)
 		}
+	}
+	opts := DefaultOptions()
+	opts.AdminPorts = map[string]int{"nosuchkind": 1}
+	if err := opts.Validate(); err == nil || !strings.Contains(err.Error(), "nosuchkind") {
+		t.Errorf("an unknown kind in --ingress.admin-ports: %v", err)
+	}
+	opts.AdminPorts = map[string]int{"targettest": 0}
+	if err := opts.Validate(); err == nil {
+		t.Error("port 0 in --ingress.admin-ports is accepted")
 	}
 	if err := (Options{Fast: time.Second, Slow: time.Millisecond, Timeout: time.Second}).Validate(); err == nil {
 		t.Error("a fast interval longer than the slow one is accepted")
