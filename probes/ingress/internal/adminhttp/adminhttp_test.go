@@ -1,0 +1,86 @@
+package adminhttp
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/endpointlag/endpointlag/probes/ingress"
+)
+
+func TestGet(t *testing.T) {
+	var sawClose bool
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodGet {
+			t.Errorf("method %s", r.Method)
+		}
+		sawClose = r.Close
+		switch r.URL.Path {
+		case "/base/doc":
+			w.Header().Set("X-Next-Page", "1")
+			_, _ = w.Write([]byte(`{"ok":true}`))
+		case "/base/big":
+			_, _ = w.Write([]byte(strings.Repeat("x", 12)))
+		case "/base/moved":
+			http.Redirect(w, r, "http://example.invalid/", http.StatusFound)
+		case "/base/slow":
+			<-r.Context().Done()
+		default:
+			http.Error(w, "service not found: x@y", http.StatusNotFound)
+		}
+	}))
+	defer srv.Close()
+	c, err := New(ingress.Target{Address: srv.URL + "/base/", Timeout: 500 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.max = int64(len(`{"ok":true}`))
+	ctx := context.Background()
+
+	body, h, err := c.Get(ctx, "/doc?page=1")
+	if err != nil || string(body) != `{"ok":true}` || h.Get("X-Next-Page") != "1" {
+		t.Errorf("doc: %q %v %v", body, h, err)
+	}
+	if !sawClose {
+		t.Error("the request did not ask to close its connection")
+	}
+
+	_, _, err = c.Get(ctx, "/missing")
+	var se *StatusError
+	if !errors.As(err, &se) || se.Code != http.StatusNotFound || se.URL != srv.URL+"/base/missing" ||
+		!strings.Contains(err.Error(), "service not found: x@y") {
+		t.Errorf("missing: %v", err)
+	}
+
+	if _, _, err = c.Get(ctx, "/big"); !errors.Is(err, ErrTooLarge) || !strings.Contains(err.Error(), "/base/big") {
+		t.Errorf("big: %v", err)
+	}
+	if _, _, err = c.Get(ctx, "/moved"); !errors.As(err, &se) || se.Code != http.StatusFound {
+		t.Errorf("redirect followed or not reported: %v", err)
+	}
+	start := time.Now()
+	if _, _, err = c.Get(ctx, "/slow"); err == nil || !strings.Contains(err.Error(), "/base/slow") {
+		t.Errorf("slow: %v", err)
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("the timeout did not bound the request: %s", d)
+	}
+}
+
+func TestNewRefuses(t *testing.T) {
+	for _, tc := range []ingress.Target{
+		{Address: "tcp://10.0.0.1:9999", Timeout: time.Second},
+		{Address: "10.0.0.1:9000", Timeout: time.Second},
+		{Address: "http://", Timeout: time.Second},
+		{Address: "http://10.0.0.1:9000/?x=1", Timeout: time.Second},
+		{Address: "http://10.0.0.1:9000", Timeout: 0},
+	} {
+		if _, err := New(tc); err == nil {
+			t.Errorf("New(%+v) accepted", tc)
+		}
+	}
+}
