@@ -83,10 +83,13 @@ func (e *StatusError) Error() string {
 // bodyExcerpt is how much of an error answer a StatusError keeps.
 const bodyExcerpt = 256
 
+// URL is the address Get asks for pathQuery, for errors about its answer.
+func (c *Client) URL(pathQuery string) string { return c.base + pathQuery }
+
 // Get GETs pathQuery (a path, escaped as it must go on the wire, and its query) below the base
 // URL and returns the body of a 200 answer and its header.
 func (c *Client) Get(ctx context.Context, pathQuery string) ([]byte, http.Header, error) {
-	target := c.base + pathQuery
+	target := c.URL(pathQuery)
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, target, nil)
 	if err != nil {
 		return nil, nil, fmt.Errorf("GET %s: %w", target, err)
