@@ -2,6 +2,7 @@ package envoy
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/http"
 	"net/http/httptest"
@@ -12,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/endpointlag/endpointlag/probes"
 	"github.com/endpointlag/endpointlag/probes/ingress"
 	"github.com/endpointlag/endpointlag/probes/ingress/internal/svcname"
 )
@@ -153,6 +155,9 @@ func TestRead(t *testing.T) {
 func FuzzDecodeClusters(f *testing.F) {
 	f.Fuzz(func(t *testing.T, data []byte) {
 		backends, err := decodeClusters(data)
+		if ie := (*probes.InputError)(nil); errors.As(err, &ie) && ie.Reason == probes.ReasonPanic {
+			t.Fatal(err)
+		}
 		if err != nil {
 			return
 		}

@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/endpointlag/endpointlag/probes"
 	"github.com/endpointlag/endpointlag/probes/ingress"
 	"github.com/endpointlag/endpointlag/probes/ingress/internal/svcname"
 )
@@ -115,6 +116,9 @@ func TestRead(t *testing.T) {
 func FuzzDecodeBackends(f *testing.F) {
 	f.Fuzz(func(t *testing.T, data []byte) {
 		backends, err := decodeBackends(data)
+		if ie := (*probes.InputError)(nil); errors.As(err, &ie) && ie.Reason == probes.ReasonPanic {
+			t.Fatal(err)
+		}
 		if err != nil {
 			return
 		}

@@ -1,12 +1,14 @@
 package traefik
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
 	"testing"
 
+	"github.com/endpointlag/endpointlag/probes"
 	"github.com/endpointlag/endpointlag/probes/ingress"
 	"github.com/endpointlag/endpointlag/probes/ingress/internal/svcname"
 )
@@ -111,13 +113,20 @@ func TestServiceOf(t *testing.T) {
 func FuzzDecodeServices(f *testing.F) {
 	f.Fuzz(func(t *testing.T, data []byte) {
 		backends, err := decodeServices(data)
+		if ie := (*probes.InputError)(nil); errors.As(err, &ie) && ie.Reason == probes.ReasonPanic {
+			t.Fatal(err)
+		}
 		if err != nil {
 			return
 		}
 		for _, b := range backends {
 			checkBackend(t, b)
 		}
-		if b, ok, err := decodeService(data); err == nil && ok {
+		b, ok, err := decodeService(data)
+		if ie := (*probes.InputError)(nil); errors.As(err, &ie) && ie.Reason == probes.ReasonPanic {
+			t.Fatal(err)
+		}
+		if err == nil && ok {
 			checkBackend(t, b)
 		}
 	})
