@@ -2,43 +2,13 @@ package envoy
 
 import (
 	"context"
-	"errors"
-	"fmt"
-	"net/http"
-	"net/http/httptest"
-	"os"
-	"path/filepath"
 	"slices"
-	"strings"
 	"testing"
 	"time"
 
-	"github.com/endpointlag/endpointlag/probes"
 	"github.com/endpointlag/endpointlag/probes/ingress"
-	"github.com/endpointlag/endpointlag/probes/ingress/internal/svcname"
+	"github.com/endpointlag/endpointlag/probes/ingress/internal/readertest"
 )
-
-func readFixture(t testing.TB) []byte {
-	t.Helper()
-	b, err := os.ReadFile(filepath.Join("testdata", fixture))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b
-}
-
-func describe(backends []ingress.Backend) []string {
-	var out []string
-	for _, b := range backends {
-		if len(b.Servers) == 0 {
-			out = append(out, fmt.Sprintf("%s %q -", b.Name, b.Service.String()))
-		}
-		for _, s := range b.Servers {
-			out = append(out, fmt.Sprintf("%s %q %s %v %s", b.Name, b.Service.String(), s.Endpoint, s.Routable, s.State))
-		}
-	}
-	return out
-}
 
 var wantClusters = []string{
 	// A route's cluster names no Service.
@@ -61,11 +31,11 @@ var wantClusters = []string{
 }
 
 func TestDecodeClusters(t *testing.T) {
-	backends, err := decodeClusters(readFixture(t))
+	backends, err := decodeClusters(readertest.Fixture(t, fixture))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := describe(backends); !slices.Equal(got, wantClusters) {
+	if got := readertest.Describe(backends); !slices.Equal(got, wantClusters) {
 		t.Errorf("got\n%q\nwant\n%q", got, wantClusters)
 	}
 }
@@ -80,7 +50,7 @@ func TestDecodeStreamedShape(t *testing.T) {
 			"health_status":{"eds_health_status":"DRAINING"},"weight":1}]}]}`
 	backends, err := decodeClusters([]byte(doc))
 	want := []string{`outbound|80||web.shop.svc.cluster.local "shop/web" 10.0.0.1:80/TCP false DRAINING`}
-	if got := describe(backends); err != nil || !slices.Equal(got, want) {
+	if got := readertest.Describe(backends); err != nil || !slices.Equal(got, want) {
 		t.Errorf("got %q, %v; want %q", got, err, want)
 	}
 	for _, doc := range []string{``, `[]`, `{"cluster_statuses":{}}`, `<html></html>`} {
@@ -115,39 +85,17 @@ func TestServiceOf(t *testing.T) {
 }
 
 func TestRead(t *testing.T) {
-	body := readFixture(t)
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.Method != http.MethodGet || r.URL.Path != "/clusters" || r.URL.Query().Get("format") != "json" {
-			http.Error(w, "invalid path", http.StatusNotFound)
-			return
-		}
-		w.Header().Set("Content-Type", "application/json")
-		_, _ = w.Write(body)
-	}))
-	defer srv.Close()
 	k, err := ingress.Lookup(Kind)
-	if err != nil || k.MinInterval != MinInterval || k.DefaultPort != 19000 {
+	if err != nil || k.MinInterval != MinInterval || k.DefaultPort != 19000 || k.Scheme != "http" {
 		t.Fatal(k, err)
 	}
-	r, err := k.New(ingress.Target{Address: srv.URL, Timeout: 2 * time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
+	r := readertest.Reader(t, Kind, readertest.Serve(t, clustersPath, readertest.Fixture(t, fixture)), time.Second)
 	got, err := r.Read(context.Background())
-	if err != nil || !slices.Equal(describe(got), wantClusters) {
-		t.Errorf("Read: %q %v", describe(got), err)
+	if err != nil || !slices.Equal(readertest.Describe(got), wantClusters) {
+		t.Errorf("Read: %q %v", readertest.Describe(got), err)
 	}
 	if _, ok, err := r.ReadBackends(context.Background(), []string{"service/shop/web/8080"}); ok || err != nil {
 		t.Errorf("ReadBackends: %v %v", ok, err)
-	}
-
-	r, err = New(ingress.Target{Address: srv.URL + "/admin", Timeout: 2 * time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := r.Read(context.Background()); err == nil || !strings.Contains(err.Error(), srv.URL+"/admin/clusters?format=json") ||
-		!strings.Contains(err.Error(), "404") {
-		t.Errorf("error %v does not name the URL and status", err)
 	}
 }
 
@@ -155,29 +103,7 @@ func TestRead(t *testing.T) {
 func FuzzDecodeClusters(f *testing.F) {
 	f.Fuzz(func(t *testing.T, data []byte) {
 		backends, err := decodeClusters(data)
-		if ie := (*probes.InputError)(nil); errors.As(err, &ie) && ie.Reason == probes.ReasonPanic {
-			t.Fatal(err)
-		}
-		if err != nil {
-			return
-		}
-		for _, b := range backends {
-			if b.Name == "" {
-				t.Error("a backend without a name")
-			}
-			if s := b.Service; s.Name != "" {
-				if _, ok := svcname.Ref(s.Namespace, s.Name); !ok {
-					t.Errorf("%s: invalid Service %q", b.Name, s)
-				}
-			}
-			for _, s := range b.Servers {
-				if !s.Endpoint.Addr.IsValid() || s.Endpoint.Port == 0 || s.Endpoint.Protocol != "TCP" {
-					t.Errorf("%s: invalid endpoint %+v", b.Name, s.Endpoint)
-				}
-				if s.Routable != (s.State == "") {
-					t.Errorf("%s: %s routable %v with state %q", b.Name, s.Endpoint, s.Routable, s.State)
-				}
-			}
-		}
+		readertest.NoPanic(t, err)
+		readertest.Check(t, backends, false)
 	})
 }

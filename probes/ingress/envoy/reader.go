@@ -26,7 +26,6 @@
 package envoy
 
 import (
-	"context"
 	"fmt"
 	"time"
 
@@ -46,34 +45,11 @@ func init() {
 
 const clustersPath = "/clusters?format=json"
 
-// Reader reads one Envoy.
-type Reader struct {
-	c *adminhttp.Client
-}
-
 // New returns a reader of the admin interface at t.Address (http://host:port).
 func New(t ingress.Target) (ingress.Reader, error) {
 	c, err := adminhttp.New(t)
 	if err != nil {
 		return nil, fmt.Errorf("envoy: %w", err)
 	}
-	return &Reader{c: c}, nil
-}
-
-// Read returns every cluster.
-func (r *Reader) Read(ctx context.Context) ([]ingress.Backend, error) {
-	body, _, err := r.c.Get(ctx, clustersPath)
-	if err != nil {
-		return nil, fmt.Errorf("envoy: %w", err)
-	}
-	backends, err := decodeClusters(body)
-	if err != nil {
-		return nil, fmt.Errorf("envoy: GET %s: %w", r.c.URL(clustersPath), err)
-	}
-	return backends, nil
-}
-
-// ReadBackends is not ok: /clusters answers for all clusters only.
-func (r *Reader) ReadBackends(context.Context, []string) ([]ingress.Backend, bool, error) {
-	return nil, false, nil
+	return &adminhttp.Document{Client: c, Kind: Kind, Path: clustersPath, Decode: decodeClusters}, nil
 }

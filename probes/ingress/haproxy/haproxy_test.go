@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/endpointlag/endpointlag/probes/ingress"
+	"github.com/endpointlag/endpointlag/probes/ingress/internal/readertest"
 )
 
 var update = flag.Bool("update", false, "rewrite the testdata captures from a real HAProxy")
@@ -161,14 +162,14 @@ func TestRealHAProxy(t *testing.T) {
 		if err != nil {
 			t.Fatalf("%s: %v", addr, err)
 		}
-		if got, want := describe(all), wantAll(notFoundPort, closedPort); !slices.Equal(got, want) {
+		if got, want := readertest.Describe(all), wantAll(notFoundPort, closedPort); !slices.Equal(got, want) {
 			t.Errorf("%s: Read:\n got %q\nwant %q", addr, got, want)
 		}
 		some, ok, err := r.ReadBackends(context.Background(), captureNames)
 		if err != nil || !ok {
 			t.Fatalf("%s: %v %v", addr, ok, err)
 		}
-		if got, want := describe(some), wantBackends(notFoundPort, closedPort); !slices.Equal(got, want) {
+		if got, want := readertest.Describe(some), wantBackends(notFoundPort, closedPort); !slices.Equal(got, want) {
 			t.Errorf("%s: ReadBackends:\n got %q\nwant %q", addr, got, want)
 		}
 	}

@@ -1,40 +1,12 @@
 package haproxy
 
 import (
-	"errors"
-	"fmt"
-	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
 
-	"github.com/endpointlag/endpointlag/probes"
-	"github.com/endpointlag/endpointlag/probes/ingress"
-	"github.com/endpointlag/endpointlag/probes/ingress/internal/svcname"
+	"github.com/endpointlag/endpointlag/probes/ingress/internal/readertest"
 )
-
-func readFixture(t testing.TB, name string) []byte {
-	t.Helper()
-	b, err := os.ReadFile(filepath.Join("testdata", name))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b
-}
-
-func describe(backends []ingress.Backend) []string {
-	var out []string
-	for _, b := range backends {
-		if len(b.Servers) == 0 {
-			out = append(out, fmt.Sprintf("%s %q -", b.Name, b.Service.String()))
-		}
-		for _, s := range b.Servers {
-			out = append(out, fmt.Sprintf("%s %q %s %v %s", b.Name, b.Service.String(), s.Endpoint, s.Routable, s.State))
-		}
-	}
-	return out
-}
 
 // The ports of TestRealHAProxy's 404 server and closed port in the captures.
 const capturedNotFound, capturedClosed = "8404", "8405"
@@ -73,7 +45,7 @@ func wantBackends(notFound, closed string) []string {
 }
 
 func TestParseCapture(t *testing.T) {
-	answers, err := splitAnswers(readFixture(t, captureAll))
+	answers, err := splitAnswers(readertest.Fixture(t, captureAll))
 	if err != nil || len(answers) != 1 {
 		t.Fatalf("%d answers, %v", len(answers), err)
 	}
@@ -81,10 +53,10 @@ func TestParseCapture(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got, want := describe(all), wantAll(capturedNotFound, capturedClosed); !slices.Equal(got, want) {
+	if got, want := readertest.Describe(all), wantAll(capturedNotFound, capturedClosed); !slices.Equal(got, want) {
 		t.Errorf("got\n%q\nwant\n%q", got, want)
 	}
-	answers, err = splitAnswers(readFixture(t, captureBackends))
+	answers, err = splitAnswers(readertest.Fixture(t, captureBackends))
 	if err != nil || len(answers) != len(captureNames) || strings.TrimSpace(answers[1]) != noBackend {
 		t.Errorf("%s: %q %v", captureBackends, answers, err)
 	}
@@ -180,25 +152,11 @@ func FuzzParseState(f *testing.F) {
 		}
 		for _, a := range answers {
 			backends, err := parseState(a)
-			if ie := (*probes.InputError)(nil); errors.As(err, &ie) && ie.Reason == probes.ReasonPanic {
-				t.Fatal(err)
-			}
+			readertest.NoPanic(t, err)
+			readertest.Check(t, backends, true)
 			for _, b := range backends {
-				if b.Name == "" || strings.ContainsAny(b.Name, " \n") {
+				if strings.ContainsAny(b.Name, " \n") {
 					t.Errorf("backend name %q", b.Name)
-				}
-				if s := b.Service; s.Name != "" {
-					if _, ok := svcname.Ref(s.Namespace, s.Name); !ok {
-						t.Errorf("%s: invalid Service %q", b.Name, s)
-					}
-				}
-				for _, s := range b.Servers {
-					if !s.Endpoint.Addr.IsValid() || s.Endpoint.Protocol != "TCP" {
-						t.Errorf("%s: invalid endpoint %+v", b.Name, s.Endpoint)
-					}
-					if s.Routable != (s.State == "") {
-						t.Errorf("%s: %s routable %v with state %q", b.Name, s.Endpoint, s.Routable, s.State)
-					}
 				}
 			}
 		}

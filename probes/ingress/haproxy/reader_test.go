@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/endpointlag/endpointlag/probes/ingress"
+	"github.com/endpointlag/endpointlag/probes/ingress/internal/readertest"
 )
 
 // fakeAPI answers each connection's line of commands with answer(line), as HAProxy's runtime
@@ -54,19 +55,11 @@ func newFakeAPI(t *testing.T, answer func(line string) string) *fakeAPI {
 
 func (f *fakeAPI) reader(t *testing.T, timeout time.Duration) ingress.Reader {
 	t.Helper()
-	k, err := ingress.Lookup(Kind)
-	if err != nil || k.Scheme != "tcp" {
-		t.Fatal(k, err)
-	}
-	r, err := k.New(ingress.Target{Address: "tcp://" + f.l.Addr().String(), Timeout: timeout})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return r
+	return readertest.Reader(t, Kind, "tcp://"+f.l.Addr().String(), timeout)
 }
 
 func TestReaderOnCaptures(t *testing.T) {
-	all, some := string(readFixture(t, captureAll)), string(readFixture(t, captureBackends))
+	all, some := string(readertest.Fixture(t, captureAll)), string(readertest.Fixture(t, captureBackends))
 	backendsLine := "show servers state " + strings.Join(captureNames, ";show servers state ")
 	api := newFakeAPI(t, func(line string) string {
 		switch line {
@@ -79,12 +72,12 @@ func TestReaderOnCaptures(t *testing.T) {
 	})
 	r := api.reader(t, 2*time.Second)
 	got, err := r.Read(context.Background())
-	if want := wantAll(capturedNotFound, capturedClosed); err != nil || !slices.Equal(describe(got), want) {
-		t.Errorf("Read: %v\n got %q\nwant %q", err, describe(got), want)
+	if want := wantAll(capturedNotFound, capturedClosed); err != nil || !slices.Equal(readertest.Describe(got), want) {
+		t.Errorf("Read: %v\n got %q\nwant %q", err, readertest.Describe(got), want)
 	}
 	got, ok, err := r.ReadBackends(context.Background(), captureNames)
-	if want := wantBackends(capturedNotFound, capturedClosed); err != nil || !ok || !slices.Equal(describe(got), want) {
-		t.Errorf("ReadBackends: %v %v\n got %q\nwant %q", ok, err, describe(got), want)
+	if want := wantBackends(capturedNotFound, capturedClosed); err != nil || !ok || !slices.Equal(readertest.Describe(got), want) {
+		t.Errorf("ReadBackends: %v %v\n got %q\nwant %q", ok, err, readertest.Describe(got), want)
 	}
 	if !slices.Equal(api.lines, []string{"show servers state", backendsLine}) {
 		t.Errorf("sent %q", api.lines)
@@ -154,45 +147,27 @@ func readAll(r ingress.Reader) error {
 
 // A runtime API that never answers costs the timeout, and a cancelled context ends the read.
 func TestReaderTimeout(t *testing.T) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
 	hold := make(chan struct{})
 	defer close(hold)
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				<-hold
-				c.Close()
-			}()
-		}
-	}()
-	r, err := New(ingress.Target{Address: "tcp://" + l.Addr().String(), Timeout: 100 * time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
-	}
+	api := newFakeAPI(t, func(string) string {
+		<-hold
+		return ""
+	})
 	start := time.Now()
-	if _, err := r.Read(context.Background()); err == nil || time.Since(start) > 5*time.Second {
+	if _, err := api.reader(t, 100*time.Millisecond).Read(context.Background()); err == nil || time.Since(start) > 5*time.Second {
 		t.Errorf("no timeout: %v after %s", err, time.Since(start))
-	}
-	r, err = New(ingress.Target{Address: "tcp://" + l.Addr().String(), Timeout: time.Hour})
-	if err != nil {
-		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	time.AfterFunc(50*time.Millisecond, cancel)
-	if _, err := r.Read(ctx); err == nil || !strings.Contains(err.Error(), "context canceled") {
+	if _, err := api.reader(t, time.Hour).Read(ctx); err == nil || !strings.Contains(err.Error(), "context canceled") {
 		t.Errorf("cancel: %v", err)
 	}
 }
 
 func TestNewRefuses(t *testing.T) {
+	if k, err := ingress.Lookup(Kind); err != nil || k.Scheme != "tcp" || k.DefaultPort != 9999 {
+		t.Errorf("kind %+v, %v", k, err)
+	}
 	for _, addr := range []string{"http://10.0.0.1:9999", "tcp://10.0.0.1", "tcp://10.0.0.1:9999/x", "unix://host/x", "unix://", "10.0.0.1:9999"} {
 		if _, err := New(ingress.Target{Address: addr, Timeout: time.Second}); err == nil {
 			t.Errorf("%q accepted", addr)

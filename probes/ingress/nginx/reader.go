@@ -17,7 +17,6 @@
 package nginx
 
 import (
-	"context"
 	"fmt"
 
 	"github.com/endpointlag/endpointlag/probes/ingress"
@@ -33,34 +32,11 @@ func init() {
 
 const backendsPath = "/configuration/backends"
 
-// Reader reads one ingress-nginx controller.
-type Reader struct {
-	c *adminhttp.Client
-}
-
 // New returns a reader of the status server at t.Address (http://host:10246).
 func New(t ingress.Target) (ingress.Reader, error) {
 	c, err := adminhttp.New(t)
 	if err != nil {
 		return nil, fmt.Errorf("ingress-nginx: %w", err)
 	}
-	return &Reader{c: c}, nil
-}
-
-// Read returns every backend.
-func (r *Reader) Read(ctx context.Context) ([]ingress.Backend, error) {
-	body, _, err := r.c.Get(ctx, backendsPath)
-	if err != nil {
-		return nil, fmt.Errorf("ingress-nginx: %w", err)
-	}
-	backends, err := decodeBackends(body)
-	if err != nil {
-		return nil, fmt.Errorf("ingress-nginx: GET %s: %w", r.c.URL(backendsPath), err)
-	}
-	return backends, nil
-}
-
-// ReadBackends is not ok: ingress-nginx answers for all backends only.
-func (r *Reader) ReadBackends(context.Context, []string) ([]ingress.Backend, bool, error) {
-	return nil, false, nil
+	return &adminhttp.Document{Client: c, Kind: Kind, Path: backendsPath, Decode: decodeBackends}, nil
 }

@@ -1,16 +1,11 @@
 package traefik
 
 import (
-	"errors"
-	"fmt"
-	"os"
-	"path/filepath"
 	"slices"
 	"testing"
 
-	"github.com/endpointlag/endpointlag/probes"
 	"github.com/endpointlag/endpointlag/probes/ingress"
-	"github.com/endpointlag/endpointlag/probes/ingress/internal/svcname"
+	"github.com/endpointlag/endpointlag/probes/ingress/internal/readertest"
 )
 
 // The fixtures are answers of Traefik v3's API written in the shape of Traefik's own golden files
@@ -19,32 +14,8 @@ import (
 // kubernetescrd providers write: "<namespace>-<service>-<port>@<provider>", one server per
 // serving endpoint, fenced when terminating.
 
-func readFixture(t testing.TB, name string) []byte {
-	t.Helper()
-	b, err := os.ReadFile(filepath.Join("testdata", name))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b
-}
-
-// describe lists backends as "name service endpoint routable state", one line per server (a
-// backend without servers as "name service -").
-func describe(backends []ingress.Backend) []string {
-	var out []string
-	for _, b := range backends {
-		if len(b.Servers) == 0 {
-			out = append(out, fmt.Sprintf("%s %q -", b.Name, b.Service.String()))
-		}
-		for _, s := range b.Servers {
-			out = append(out, fmt.Sprintf("%s %q %s %v %s", b.Name, b.Service.String(), s.Endpoint, s.Routable, s.State))
-		}
-	}
-	return out
-}
-
 func TestDecodeServices(t *testing.T) {
-	backends, err := decodeServices(readFixture(t, "services.json"))
+	backends, err := decodeServices(readertest.Fixture(t, "services.json"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -64,13 +35,13 @@ func TestDecodeServices(t *testing.T) {
 		`legacy@file "" 192.0.2.10:80/TCP true `,
 		// Weighted, mirroring and internal services have no servers of their own: left out.
 	}
-	if got := describe(backends); !slices.Equal(got, want) {
+	if got := readertest.Describe(backends); !slices.Equal(got, want) {
 		t.Errorf("got\n%q\nwant\n%q", got, want)
 	}
 }
 
 func TestDecodeService(t *testing.T) {
-	b, ok, err := decodeService(readFixture(t, "service-shop-web-8080.json"))
+	b, ok, err := decodeService(readertest.Fixture(t, "service-shop-web-8080.json"))
 	if err != nil || !ok {
 		t.Fatal(ok, err)
 	}
@@ -78,7 +49,7 @@ func TestDecodeService(t *testing.T) {
 		`shop-web-8080@kubernetes "shop/web" 10.244.1.5:8080/TCP true `,
 		`shop-web-8080@kubernetes "shop/web" 10.244.2.9:8080/TCP true `,
 	}
-	if got := describe([]ingress.Backend{b}); !slices.Equal(got, want) {
+	if got := readertest.Describe([]ingress.Backend{b}); !slices.Equal(got, want) {
 		t.Errorf("got %q, want %q", got, want)
 	}
 	if _, ok, err := decodeService([]byte(`{"name":"x@file","weighted":{}}`)); ok || err != nil {
@@ -113,41 +84,12 @@ func TestServiceOf(t *testing.T) {
 func FuzzDecodeServices(f *testing.F) {
 	f.Fuzz(func(t *testing.T, data []byte) {
 		backends, err := decodeServices(data)
-		if ie := (*probes.InputError)(nil); errors.As(err, &ie) && ie.Reason == probes.ReasonPanic {
-			t.Fatal(err)
-		}
-		if err != nil {
-			return
-		}
-		for _, b := range backends {
-			checkBackend(t, b)
-		}
+		readertest.NoPanic(t, err)
+		readertest.Check(t, backends, false)
 		b, ok, err := decodeService(data)
-		if ie := (*probes.InputError)(nil); errors.As(err, &ie) && ie.Reason == probes.ReasonPanic {
-			t.Fatal(err)
-		}
-		if err == nil && ok {
-			checkBackend(t, b)
+		readertest.NoPanic(t, err)
+		if ok {
+			readertest.Check(t, []ingress.Backend{b}, false)
 		}
 	})
-}
-
-func checkBackend(t *testing.T, b ingress.Backend) {
-	t.Helper()
-	if b.Name == "" {
-		t.Error("a backend without a name")
-	}
-	if s := b.Service; s.Name != "" {
-		if _, ok := svcname.Ref(s.Namespace, s.Name); !ok {
-			t.Errorf("%s: invalid Service %q", b.Name, s)
-		}
-	}
-	for _, s := range b.Servers {
-		if !s.Endpoint.Addr.IsValid() || s.Endpoint.Port == 0 || s.Endpoint.Protocol != "TCP" {
-			t.Errorf("%s: invalid endpoint %+v", b.Name, s.Endpoint)
-		}
-		if s.Routable != (s.State == "") {
-			t.Errorf("%s: %s routable %v with state %q", b.Name, s.Endpoint, s.Routable, s.State)
-		}
-	}
 }

@@ -12,16 +12,17 @@ import (
 	"time"
 
 	"github.com/endpointlag/endpointlag/probes/ingress"
+	"github.com/endpointlag/endpointlag/probes/ingress/internal/readertest"
 )
 
 // traefikAPI serves the fixtures as Traefik's API does: the list in pages of perPage services
 // (X-Next-Page 1 on the last), one service by its escaped name, 404 for an unknown one.
 func traefikAPI(t *testing.T, perPage int) *httptest.Server {
 	var list []json.RawMessage
-	if err := json.Unmarshal(readFixture(t, "services.json"), &list); err != nil {
+	if err := json.Unmarshal(readertest.Fixture(t, "services.json"), &list); err != nil {
 		t.Fatal(err)
 	}
-	one := readFixture(t, "service-shop-web-8080.json")
+	one := readertest.Fixture(t, "service-shop-web-8080.json")
 	return httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.Method != http.MethodGet {
 			t.Errorf("%s %s", r.Method, r.URL)
@@ -50,33 +51,20 @@ func traefikAPI(t *testing.T, perPage int) *httptest.Server {
 	}))
 }
 
-func newReader(t *testing.T, addr string) ingress.Reader {
-	t.Helper()
-	k, err := ingress.Lookup(Kind)
-	if err != nil {
-		t.Fatal(err)
-	}
-	r, err := k.New(ingress.Target{Address: addr, Timeout: 2 * time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return r
-}
-
 func TestReadFollowsPages(t *testing.T) {
-	want, err := decodeServices(readFixture(t, "services.json"))
+	want, err := decodeServices(readertest.Fixture(t, "services.json"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	for _, perPage := range []int{100, 2} {
 		srv := traefikAPI(t, perPage)
-		got, err := newReader(t, srv.URL).Read(context.Background())
+		got, err := readertest.Reader(t, Kind, srv.URL, 2*time.Second).Read(context.Background())
 		srv.Close()
 		if err != nil {
 			t.Fatalf("%d per page: %v", perPage, err)
 		}
-		if !slices.Equal(describe(got), describe(want)) {
-			t.Errorf("%d per page:\n got %q\nwant %q", perPage, describe(got), describe(want))
+		if !slices.Equal(readertest.Describe(got), readertest.Describe(want)) {
+			t.Errorf("%d per page:\n got %q\nwant %q", perPage, readertest.Describe(got), readertest.Describe(want))
 		}
 	}
 }
@@ -84,7 +72,7 @@ func TestReadFollowsPages(t *testing.T) {
 func TestReadBackends(t *testing.T) {
 	srv := traefikAPI(t, 100)
 	defer srv.Close()
-	r := newReader(t, srv.URL)
+	r := readertest.Reader(t, Kind, srv.URL, 2*time.Second)
 	got, ok, err := r.ReadBackends(context.Background(), []string{"shop-web-8080@kubernetes", "shop-old-8080@kubernetes", "mirror@file"})
 	if err != nil || !ok {
 		t.Fatal(ok, err)
@@ -96,7 +84,7 @@ func TestReadBackends(t *testing.T) {
 		`shop-old-8080@kubernetes "shop/old" -`,
 		`mirror@file "" -`,
 	}
-	if d := describe(got); !slices.Equal(d, want) {
+	if d := readertest.Describe(got); !slices.Equal(d, want) {
 		t.Errorf("got %q\nwant %q", d, want)
 	}
 
@@ -107,11 +95,14 @@ func TestReadBackends(t *testing.T) {
 }
 
 func TestReadErrors(t *testing.T) {
+	if k, err := ingress.Lookup(Kind); err != nil || k.Scheme != "http" || k.DefaultPort != 8080 {
+		t.Errorf("kind %+v, %v", k, err)
+	}
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		_, _ = w.Write([]byte(`{"not":"a list"}`))
 	}))
 	defer srv.Close()
-	_, err := newReader(t, srv.URL).Read(context.Background())
+	_, err := readertest.Reader(t, Kind, srv.URL, 2*time.Second).Read(context.Background())
 	if err == nil || !strings.Contains(err.Error(), srv.URL+"/api/http/services?per_page=") {
 		t.Errorf("error %v does not say where", err)
 	}

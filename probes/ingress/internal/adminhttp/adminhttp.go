@@ -117,3 +117,32 @@ func (c *Client) Get(ctx context.Context, pathQuery string) ([]byte, http.Header
 
 // ErrTooLarge is a document larger than MaxBody.
 var ErrTooLarge = errors.New("the answer is larger than the most a reader takes")
+
+// Document reads a proxy whose backends all come in one document (Envoy's /clusters,
+// ingress-nginx's /configuration/backends): it has no cheaper query for some of them.
+type Document struct {
+	Client *Client
+	// Kind starts errors; Path (with its query) is below the client's base URL; Decode reads the
+	// body.
+	Kind   string
+	Path   string
+	Decode func([]byte) ([]ingress.Backend, error)
+}
+
+// Read returns every backend.
+func (d *Document) Read(ctx context.Context) ([]ingress.Backend, error) {
+	body, _, err := d.Client.Get(ctx, d.Path)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", d.Kind, err)
+	}
+	backends, err := d.Decode(body)
+	if err != nil {
+		return nil, fmt.Errorf("%s: GET %s: %w", d.Kind, d.Client.URL(d.Path), err)
+	}
+	return backends, nil
+}
+
+// ReadBackends is not ok: the proxy answers for all backends only.
+func (d *Document) ReadBackends(context.Context, []string) ([]ingress.Backend, bool, error) {
+	return nil, false, nil
+}

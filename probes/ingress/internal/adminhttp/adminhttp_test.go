@@ -84,3 +84,42 @@ func TestNewRefuses(t *testing.T) {
 		}
 	}
 }
+
+func TestDocument(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/admin/doc" {
+			http.NotFound(w, r)
+			return
+		}
+		_, _ = w.Write([]byte(r.URL.Query().Get("say")))
+	}))
+	defer srv.Close()
+	decode := func(b []byte) ([]ingress.Backend, error) {
+		if string(b) == "bad" {
+			return nil, errors.New("not a document")
+		}
+		return []ingress.Backend{{Name: string(b)}}, nil
+	}
+	doc := func(path string) *Document {
+		c, err := New(ingress.Target{Address: srv.URL + "/admin", Timeout: time.Second})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return &Document{Client: c, Kind: "kind", Path: path, Decode: decode}
+	}
+	got, err := doc("/doc?say=x").Read(context.Background())
+	if err != nil || len(got) != 1 || got[0].Name != "x" {
+		t.Errorf("Read: %+v %v", got, err)
+	}
+	if _, ok, err := doc("/doc?say=x").ReadBackends(context.Background(), []string{"x"}); ok || err != nil {
+		t.Errorf("ReadBackends: %v %v", ok, err)
+	}
+	for path, want := range map[string]string{
+		"/doc?say=bad": "kind: GET " + srv.URL + "/admin/doc?say=bad: not a document",
+		"/elsewhere":   "kind: GET " + srv.URL + "/admin/elsewhere: 404 Not Found",
+	} {
+		if _, err := doc(path).Read(context.Background()); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%s: error %v, want %q", path, err, want)
+		}
+	}
+}
