@@ -6,10 +6,10 @@
 //
 // A server takes no new connection, and is reported not routable, in maintenance (MAINT: the
 // HAProxy Kubernetes Ingress Controller puts a slot it frees in maintenance and points it at
-// 127.0.0.1:1, possibly after a read that still shows the old address), draining (DRAIN), down
-// (DOWN: its health check failed), soft-stopping (NOLB: a 404 to a check with disable-on-404) or
-// of weight 0. A slot the controller gives to another pod shows that pod's address: the old
-// endpoint is simply gone from it.
+// 127.0.0.1:1; a read may catch it in maintenance with the old address still), draining (DRAIN),
+// down (DOWN: its health check failed), soft-stopping (NOLB: a 404 to a check with
+// disable-on-404) or of weight 0. A slot the controller gives to another pod shows that pod's
+// address: the old endpoint is simply gone from it.
 //
 // A backend's Kubernetes Service is read from the controller's backend names (see serviceOf);
 // other names tell none.
