@@ -22,6 +22,7 @@ import (
 
 	"github.com/endpointlag/endpointlag/collector"
 	"github.com/endpointlag/endpointlag/probes"
+	"github.com/endpointlag/endpointlag/probes/ingress"
 )
 
 // restConfig loads the kubeconfig, or the in-cluster config when the path is empty.
@@ -76,17 +77,21 @@ func newDaemon(opts Options, log *slog.Logger, clk clock.WithTicker, client kube
 		return nil, err
 	}
 	d := &daemon{opts: opts, log: log, coll: coll}
+	var ing ingressView
 	env := probes.Env{NodeName: opts.NodeName, PollInterval: opts.PollInterval, Client: client, Clock: clk, Logger: log, LocalPods: coll,
-		Registerer: reg, KubeProxyURL: opts.KubeProxyURL}
+		Pending: coll, Registerer: reg, KubeProxyURL: opts.KubeProxyURL}
 	for _, f := range enabled {
 		p, err := f.New(env)
 		if err != nil {
 			return nil, fmt.Errorf("probe %s: %w", f.Name, err)
 		}
 		d.probes = append(d.probes, p)
+		if ip, ok := p.(*ingress.Probe); ok {
+			ing = ip
+		}
 		if dp, ok := p.(probes.Dataplane); ok {
 			for _, s := range f.Stages {
-				if s.Dataplane() {
+				if s.Routing() {
 					coll.SetDataplane(s, dp)
 				}
 			}
@@ -96,7 +101,7 @@ func newDaemon(opts Options, log *slog.Logger, clk clock.WithTicker, client kube
 	if err != nil {
 		return nil, fmt.Errorf("--web.listen-address: %w", err)
 	}
-	d.srv = &http.Server{Handler: newMux(coll, reg, opts.NodeName, log), ReadHeaderTimeout: 10 * time.Second}
+	d.srv = &http.Server{Handler: newMux(coll, ing, reg, opts.NodeName, log), ReadHeaderTimeout: 10 * time.Second}
 	return d, nil
 }
 

@@ -257,7 +257,7 @@ func TestFlagErrors(t *testing.T) {
 			"--web.listen-address: address nowhere: missing port in address",
 			"--node-name (or NODE_NAME) is required by --probe.kube",
 		}},
-		{[]string{"--probe.kube=false", "--probe.nftables=false", "--probe.iptables=false", "--probe.ipvs=false", "--probe.packets=false", "--node-name=n"}, []string{"no probe enabled"}},
+		{[]string{"--probe.kube=false", "--probe.nftables=false", "--probe.iptables=false", "--probe.ipvs=false", "--probe.packets=false", "--probe.ingress=false", "--node-name=n"}, []string{"no probe enabled"}},
 		{[]string{"--node-name=n", "--packets.attach=xdp"}, []string{`--packets.attach must be auto, tcx or tc, got "xdp"`}},
 		{[]string{"--node-name=n", "extra"}, []string{`unknown command "extra"`}},
 		{[]string{"--bogus"}, []string{"unknown flag: --bogus; see --help"}},

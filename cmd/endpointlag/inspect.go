@@ -25,7 +25,8 @@ import (
 )
 
 const inspectUsage = `Usage: endpointlag inspect [flags]
-       endpointlag inspect rules [flags]   (see endpointlag inspect rules --help)
+       endpointlag inspect rules [flags]     (see endpointlag inspect rules --help)
+       endpointlag inspect ingress [flags]   (see endpointlag inspect ingress --help)
 
 Prints the terminating endpoints and each one's timeline so far, as a table or as JSON.
 
@@ -47,8 +48,13 @@ type inspectOptions struct {
 }
 
 func runInspect(args []string, stdout, stderr io.Writer) int {
-	if len(args) > 0 && args[0] == "rules" {
-		return runInspectRules(args[1:], stdout, stderr)
+	if len(args) > 0 {
+		switch args[0] {
+		case "rules":
+			return runInspectRules(args[1:], stdout, stderr)
+		case "ingress":
+			return runInspectIngress(args[1:], stdout, stderr)
+		}
 	}
 	fs := pflag.NewFlagSet("endpointlag inspect", pflag.ContinueOnError)
 	fs.SetOutput(stderr)
@@ -196,12 +202,37 @@ func recordsFromAPI(ctx context.Context, o inspectOptions, stderr io.Writer) (Re
 // after endpointslice_removed, in order of first appearance.
 var stageOrder = []string{string(probes.StageDeleted), string(probes.StageEndpointSlice), string(probes.StageEndpointSliceRemoved)}
 
-// column names a stage's column: the stage, or stage/path for a path other than the ClusterIP's.
+// column names a stage's column: the stage, or stage/path for a path other than the ClusterIP's;
+// the ingress stage has a column per proxy kind, ingress/<kind>.
 func column(stage, path string) string {
 	if path == "" || path == string(probes.PathCluster) {
 		return stage
 	}
 	return stage + "/" + path
+}
+
+func stageColumn(s collector.StageView) string {
+	if s.Stage == string(probes.StageIngress) {
+		return column(s.Stage, s.Kind)
+	}
+	return column(s.Stage, s.Path)
+}
+
+// awaitedColumn names the column of an awaited entry: stage/path, or ingress@<instance>, whose
+// instance name starts with its kind ("traefik:ns/pod", "haproxy=tcp://…").
+func awaitedColumn(a string) string {
+	if stage, instance, ok := strings.Cut(a, "@"); ok {
+		return column(stage, instanceKind(instance))
+	}
+	stage, path, _ := strings.Cut(a, "/")
+	return column(stage, path)
+}
+
+func instanceKind(instance string) string {
+	if i := strings.IndexAny(instance, ":="); i >= 0 {
+		return instance[:i]
+	}
+	return instance
 }
 
 func writeTable(w io.Writer, resp RecordsResponse, now time.Time) {
@@ -217,15 +248,18 @@ func writeTable(w io.Writer, resp RecordsResponse, now time.Time) {
 	}
 	for _, r := range resp.Records {
 		for _, s := range r.Stages {
-			add(column(s.Stage, s.Path))
+			add(stageColumn(s))
 		}
 		for _, a := range r.Awaited {
-			stage, path, _ := strings.Cut(a, "/")
-			add(column(stage, path))
+			add(awaitedColumn(a))
 		}
 		for _, s := range r.NotApplicable {
 			add(s)
 		}
+	}
+	// Ingress has a column per proxy kind; a bare one only when no record has any.
+	if slices.ContainsFunc(cols, func(c string) bool { return strings.HasPrefix(c, string(probes.StageIngress)+"/") }) {
+		cols = slices.DeleteFunc(cols, func(c string) bool { return c == string(probes.StageIngress) })
 	}
 	cols = append(cols, string(probes.StageGone))
 
@@ -256,32 +290,22 @@ func writeTable(w io.Writer, resp RecordsResponse, now time.Time) {
 		"held: kube-proxy still routes to it on purpose, no ready endpoint left (KEP-1669);\n"+
 		"n/a: this node's rules never sent to it (node-local Service, topology, never ready): not awaited.\n"+
 		"/external: NodePort, external and load-balancer IP traffic, apart from the ClusterIP's.\n"+
+		"ingress/<kind>: the last of this node's proxy instances of that kind to stop sending it new\n"+
+		"requests; (n/m): n of the m instances that routed to it have stopped.\n"+
 		"CONNECTIONS: new connections that still reached the pod after T0 (late) or its address after it\n"+
 		"was gone (dead), with the last one; -o json lists each with its client.\n",
 		len(resp.Records), resp.Node, now.Format(time.TimeOnly))
 }
 
 func stageCell(r collector.RecordView, col string) string {
+	if strings.HasPrefix(col, string(probes.StageIngress)+"/") {
+		return ingressCell(r, col)
+	}
 	for _, s := range r.Stages {
-		if column(s.Stage, s.Path) != col {
+		if stageColumn(s) != col {
 			continue
 		}
-		mark := ""
-		switch {
-		case s.Initial:
-			return "*"
-		case s.Relist:
-			mark = "?"
-		case s.Fallback:
-			mark = "!"
-		}
-		switch {
-		case s.Propagation != nil:
-			return fmt.Sprintf("+%.3fs%s", *s.Propagation, mark)
-		case s.Programming != nil:
-			return fmt.Sprintf("~%.3fs%s", *s.Programming, mark)
-		}
-		return s.Time.Local().Format("15:04:05.000") + mark
+		return stageText(s)
 	}
 	stage, path, _ := strings.Cut(col, "/")
 	if path == "" {
@@ -294,6 +318,63 @@ func stageCell(r collector.RecordView, col string) string {
 		return "n/a"
 	}
 	return "-"
+}
+
+// ingressCell shows the ingress stage of one proxy kind: the last instance of that kind to stop
+// routing to the endpoint, and how many of the awaited ones have; n/a when no instance of the
+// kind routed to it.
+func ingressCell(r collector.RecordView, col string) string {
+	var last *collector.StageView
+	removedAt := map[string]bool{}
+	for i, s := range r.Stages {
+		if stageColumn(s) != col {
+			continue
+		}
+		removedAt[s.Source] = true
+		if last == nil || s.Time.After(last.Time) {
+			last = &r.Stages[i]
+		}
+	}
+	awaited, arrived := 0, 0
+	for _, a := range r.Awaited {
+		if awaitedColumn(a) != col {
+			continue
+		}
+		awaited++
+		if _, instance, _ := strings.Cut(a, "@"); removedAt[instance] {
+			arrived++
+		}
+	}
+	count := ""
+	if awaited > 1 || arrived < awaited {
+		count = fmt.Sprintf("(%d/%d)", arrived, awaited)
+	}
+	switch {
+	case last != nil:
+		return stageText(*last) + count
+	case awaited == 0:
+		return "n/a"
+	}
+	return "-" + count
+}
+
+func stageText(s collector.StageView) string {
+	mark := ""
+	switch {
+	case s.Initial:
+		return "*"
+	case s.Relist:
+		mark = "?"
+	case s.Fallback:
+		mark = "!"
+	}
+	switch {
+	case s.Propagation != nil:
+		return fmt.Sprintf("+%.3fs%s", *s.Propagation, mark)
+	case s.Programming != nil:
+		return fmt.Sprintf("~%.3fs%s", *s.Programming, mark)
+	}
+	return s.Time.Local().Format("15:04:05.000") + mark
 }
 
 // connectionsCell counts a record's late and dead connections and says when the last came.

@@ -17,6 +17,7 @@ import (
 	"github.com/spf13/pflag"
 
 	// Probes register themselves.
+	_ "github.com/endpointlag/endpointlag/probes/ingress"
 	_ "github.com/endpointlag/endpointlag/probes/iptables"
 	_ "github.com/endpointlag/endpointlag/probes/ipvs"
 	_ "github.com/endpointlag/endpointlag/probes/kube"

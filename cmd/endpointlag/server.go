@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"html/template"
 	"log/slog"
@@ -12,7 +13,20 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/endpointlag/endpointlag/collector"
+	"github.com/endpointlag/endpointlag/probes/ingress"
 )
+
+// IngressResponse is the body of GET /api/v1/ingress: the proxy instances the ingress probe reads
+// and what each routed to at its last read.
+type IngressResponse struct {
+	Node      string                 `json:"node"`
+	Instances []ingress.InstanceView `json:"instances"`
+}
+
+// ingressView is what the daemon's ingress probe shows; nil when that probe is not enabled.
+type ingressView interface {
+	Snapshot() ([]ingress.InstanceView, error)
+}
 
 // RecordsResponse is the body of GET /api/v1/records.
 type RecordsResponse struct {
@@ -26,11 +40,12 @@ var indexPage = template.Must(template.New("index").Parse(`<!doctype html>
 <ul>
 <li><a href="metrics">/metrics</a>: Prometheus metrics</li>
 <li><a href="api/v1/records">/api/v1/records</a>: terminating endpoints and their timelines (JSON; <code>endpointlag inspect</code> prints it)</li>
+<li><a href="api/v1/ingress">/api/v1/ingress</a>: the proxy instances read for the ingress stage and what each routes to (JSON; <code>endpointlag inspect ingress</code> prints it)</li>
 <li><a href="healthz">/healthz</a>, <a href="readyz">/readyz</a></li>
 </ul></body></html>
 `))
 
-func newMux(coll *collector.Collector, reg *prometheus.Registry, node string, log *slog.Logger) *http.ServeMux {
+func newMux(coll *collector.Collector, ing ingressView, reg *prometheus.Registry, node string, log *slog.Logger) *http.ServeMux {
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{
 		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelError), Registry: reg,
@@ -56,6 +71,28 @@ func newMux(coll *collector.Collector, reg *prometheus.Registry, node string, lo
 		enc.SetIndent("", "  ")
 		if err := enc.Encode(RecordsResponse{Node: node, Records: coll.Records()}); err != nil {
 			log.Debug("writing records", "err", err)
+		}
+	})
+	mux.HandleFunc("GET /api/v1/ingress", func(w http.ResponseWriter, _ *http.Request) {
+		if ing == nil {
+			http.Error(w, "the ingress probe is not enabled on this daemon (see --probes)", http.StatusNotFound)
+			return
+		}
+		resp := IngressResponse{Node: node, Instances: []ingress.InstanceView{}}
+		instances, err := ing.Snapshot()
+		switch {
+		case errors.Is(err, ingress.ErrNoInstances):
+		case err != nil:
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		default:
+			resp.Instances = instances
+		}
+		w.Header().Set("Content-Type", "application/json")
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		if err := enc.Encode(resp); err != nil {
+			log.Debug("writing ingress instances", "err", err)
 		}
 	})
 	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, _ *http.Request) {

@@ -8,6 +8,7 @@ package ingress
 import (
 	"context"
 	"fmt"
+	"net"
 	"sort"
 	"time"
 
@@ -52,6 +53,10 @@ type Target struct {
 	Address string
 	// Timeout bounds one request.
 	Timeout time.Duration
+	// Dial, when set, opens the connections (to reach an admin interface inside a pod's network
+	// namespace or filesystem): network is "tcp" or "unix", address host:port or a socket path.
+	// Nil dials from the daemon's own network namespace.
+	Dial func(ctx context.Context, network, address string) (net.Conn, error)
 }
 
 // Kind describes a proxy kind: its name (the source label of its observations) and how to read an

@@ -1,0 +1,673 @@
+package ingress
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/spf13/pflag"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/cache"
+	"k8s.io/utils/clock"
+
+	"github.com/endpointlag/endpointlag/probes"
+)
+
+// Name is the probe's registry name.
+const Name = "ingress"
+
+// Options configure the probe.
+type Options struct {
+	// Instances are proxies the pod annotations do not find (outside the cluster, or not
+	// annotated), as kind=address.
+	Instances []string
+	// Slow is the heartbeat: how often an instance is read while nothing it routes to is
+	// terminating. Fast is how often while something is, and for Linger after.
+	Slow, Fast, Linger time.Duration
+	// Timeout bounds one read.
+	Timeout time.Duration
+	// AdminPorts override, per kind, the admin port of an annotated pod whose annotation names
+	// none (the Kind's DefaultPort otherwise).
+	AdminPorts map[string]int
+	// EnterPods lets the probe reach admin interfaces that listen only inside a proxy pod (on its
+	// loopback, or a unix socket): it needs hostPID, CAP_SYS_ADMIN and CAP_SYS_PTRACE.
+	EnterPods bool
+	// ProcRoot is where the processes are listed ("/proc"), for EnterPods.
+	ProcRoot string
+}
+
+// DefaultOptions are the flags' defaults.
+func DefaultOptions() Options {
+	return Options{Slow: 10 * time.Second, Fast: 20 * time.Millisecond, Linger: time.Second, Timeout: 2 * time.Second, ProcRoot: "/proc"}
+}
+
+// Validate names the first setting out of range.
+func (o Options) Validate() error {
+	switch {
+	case o.Fast <= 0 || o.Slow < o.Fast:
+		return fmt.Errorf("--ingress.poll-fast (%s) must be positive and at most --ingress.poll-slow (%s)", o.Fast, o.Slow)
+	case o.Linger < 0:
+		return fmt.Errorf("--ingress.linger must not be negative, got %s", o.Linger)
+	case o.Timeout <= 0:
+		return fmt.Errorf("--ingress.timeout must be positive, got %s", o.Timeout)
+	}
+	for kind, port := range o.AdminPorts {
+		if _, err := Lookup(kind); err != nil {
+			return fmt.Errorf("--ingress.admin-ports: %w", err)
+		}
+		if port <= 0 || port > 65535 {
+			return fmt.Errorf("--ingress.admin-ports: %s=%d is not a port", kind, port)
+		}
+	}
+	for _, s := range o.Instances {
+		if _, _, err := parseInstance(s); err != nil {
+			return fmt.Errorf("--ingress.instances: %w", err)
+		}
+	}
+	return nil
+}
+
+var flagOpts = DefaultOptions()
+
+func init() {
+	probes.Register(probes.Factory{
+		Name:           Name,
+		Help:           "ingress and gateway proxies (Traefik, Envoy, HAProxy, ingress-nginx): the pods of this node annotated " + AnnotationProxy + ", and --ingress.instances; read with GET-only requests, slowly while nothing they route to terminates, fast while something does",
+		DefaultEnabled: true,
+		Stages:         []probes.Stage{probes.StageIngress},
+		Flags: func(fs *pflag.FlagSet) {
+			flagOpts = DefaultOptions()
+			fs.StringSliceVar(&flagOpts.Instances, "ingress.instances", flagOpts.Instances,
+				"proxies to read besides the annotated pods of this node, as kind=address (comma-separated): traefik=http://10.0.0.5:9000, haproxy=tcp://10.0.0.6:9999, haproxy=unix:///run/haproxy/api.sock")
+			fs.DurationVar(&flagOpts.Slow, "ingress.poll-slow", flagOpts.Slow,
+				"how often a proxy instance is read while nothing it routes to is terminating (a heartbeat)")
+			fs.DurationVar(&flagOpts.Fast, "ingress.poll-fast", flagOpts.Fast,
+				"how often a proxy instance is read while an endpoint it routes to is terminating and not yet removed there; the precision of its ingress stage")
+			fs.DurationVar(&flagOpts.Linger, "ingress.linger", flagOpts.Linger,
+				"how long an instance stays on fast polling after the last removal it owed")
+			fs.DurationVar(&flagOpts.Timeout, "ingress.timeout", flagOpts.Timeout, "how long one read of a proxy instance may take")
+			fs.StringToIntVar(&flagOpts.AdminPorts, "ingress.admin-ports", flagOpts.AdminPorts,
+				"admin port per proxy kind for annotated pods whose "+AnnotationAdmin+" annotation names none, as kind=port (comma-separated); defaults: "+defaultPorts())
+			fs.BoolVar(&flagOpts.EnterPods, "ingress.enter-pods", flagOpts.EnterPods,
+				"reach admin interfaces that listen only inside a proxy pod (a loopback address or a unix:// socket in "+AnnotationAdmin+") by entering the pod's network namespace or filesystem; needs hostPID, CAP_SYS_ADMIN and CAP_SYS_PTRACE")
+		},
+		Validate: func() error { return flagOpts.Validate() },
+		New: func(env probes.Env) (probes.Probe, error) {
+			return New(flagOpts, env.Client, env.NodeName, env.Pending, env.Clock, env.Logger), nil
+		},
+	})
+}
+
+// defaultPorts lists each kind's default admin port, for --help.
+func defaultPorts() string {
+	var out []string
+	for _, n := range Kinds() {
+		k, _ := Lookup(n)
+		out = append(out, fmt.Sprintf("%s=%d", n, k.DefaultPort))
+	}
+	if len(out) == 0 {
+		return "none"
+	}
+	return strings.Join(out, ", ")
+}
+
+// parseInstance reads kind=address.
+func parseInstance(s string) (Kind, string, error) {
+	kind, addr, ok := strings.Cut(s, "=")
+	if !ok || addr == "" {
+		return Kind{}, "", fmt.Errorf("%q is not kind=address", s)
+	}
+	k, err := Lookup(kind)
+	if err != nil {
+		return Kind{}, "", fmt.Errorf("%q: %w", s, err)
+	}
+	return k, addr, nil
+}
+
+// Probe reads the proxy instances of this node.
+type Probe struct {
+	opts    Options
+	client  kubernetes.Interface
+	node    string
+	pending probes.Pending
+	clock   clock.PassiveClock
+	log     *slog.Logger
+
+	mu        sync.Mutex
+	instances map[string]*instance
+	// owed is, per instance, the endpoints it still owes a removal for (from the collector).
+	owed map[string][]probes.Endpoint
+	// synced: the annotated pods were listed (or there is no API) and every instance was read
+	// once (or failed to be).
+	synced bool
+}
+
+// New returns the probe; client may be nil (then only opts.Instances are read).
+func New(opts Options, client kubernetes.Interface, node string, pending probes.Pending, clk clock.PassiveClock, log *slog.Logger) *Probe {
+	return &Probe{opts: opts, client: client, node: node, pending: pending, clock: clk, log: log.With("probe", Name),
+		instances: map[string]*instance{}, owed: map[string][]probes.Endpoint{}}
+}
+
+// Name implements probes.Probe.
+func (p *Probe) Name() string { return Name }
+
+// Run implements probes.Probe.
+func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
+	sink.SetStatus(Name, probes.Status{})
+	ctx, cancel := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer cancel()
+	defer p.stopAll()
+
+	notify := make(chan struct{}, 1)
+	if p.pending != nil {
+		p.pending.NotifyPending(notify)
+	}
+	wg.Go(func() { p.followPending(ctx, notify) })
+
+	for _, s := range p.opts.Instances {
+		k, addr, err := parseInstance(s)
+		if err != nil {
+			return err
+		}
+		p.start(ctx, sink, &wg, k.Name+"="+addr, k, Target{Address: addr})
+	}
+	if p.client != nil {
+		synced, err := p.watchPods(ctx, sink, &wg)
+		if err != nil {
+			return err
+		}
+		if !cache.WaitForCacheSync(ctx.Done(), synced) {
+			return nil
+		}
+	}
+	// Ready once every instance known now was read once (or failed to be).
+	for {
+		if p.firstReadsDone() {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	p.mu.Lock()
+	p.synced = true
+	n := len(p.instances)
+	p.mu.Unlock()
+	sink.SetStatus(Name, probes.Status{Up: true, Synced: true, Inactive: n == 0})
+	p.log.Info("synced", "instances", n)
+	<-ctx.Done()
+	return nil
+}
+
+func (p *Probe) firstReadsDone() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, in := range p.instances {
+		if !in.tried() {
+			return false
+		}
+	}
+	return true
+}
+
+// followPending keeps owed up to date and wakes the instances that owe something.
+func (p *Probe) followPending(ctx context.Context, notify <-chan struct{}) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-notify:
+		}
+		owed := p.pending.Pending(probes.StageIngress)
+		p.mu.Lock()
+		p.owed = owed
+		for name, in := range p.instances {
+			if len(owed[name]) > 0 {
+				in.wakeUp()
+			}
+		}
+		p.mu.Unlock()
+	}
+}
+
+func (p *Probe) owedBy(name string) []probes.Endpoint {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.owed[name]
+}
+
+// start begins reading one instance, unless it is read already.
+func (p *Probe) start(ctx context.Context, sink probes.Sink, wg *sync.WaitGroup, name string, k Kind, t Target) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if _, ok := p.instances[name]; ok {
+		return
+	}
+	t.Timeout = p.opts.Timeout
+	reader, err := k.New(t)
+	if err != nil {
+		sink.Error(Name, fmt.Errorf("%s: %w", name, err))
+		return
+	}
+	ictx, cancel := context.WithCancel(ctx)
+	in := newInstance(name, k, t.Address, reader, cancel)
+	p.instances[name] = in
+	p.log.Info("reading a proxy instance", "instance", name, "kind", k.Name, "address", t.Address, "inside_pod", t.Dial != nil)
+	wg.Go(func() { p.poll(ictx, sink, in) })
+	if p.synced {
+		sink.SetStatus(Name, probes.Status{Up: true, Synced: true, Inactive: false})
+	}
+}
+
+// stop ends the reading of one instance (its pod went).
+func (p *Probe) stop(sink probes.Sink, name string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	in, ok := p.instances[name]
+	if !ok {
+		return
+	}
+	in.cancel()
+	delete(p.instances, name)
+	p.log.Info("proxy instance gone", "instance", name)
+	if p.synced {
+		sink.SetStatus(Name, probes.Status{Up: true, Synced: true, Inactive: len(p.instances) == 0})
+	}
+}
+
+func (p *Probe) stopAll() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, in := range p.instances {
+		in.cancel()
+	}
+}
+
+// watchPods follows this node's pods and reads those annotated as proxies.
+func (p *Probe) watchPods(ctx context.Context, sink probes.Sink, wg *sync.WaitGroup) (cache.InformerSynced, error) {
+	f := informers.NewSharedInformerFactoryWithOptions(p.client, 0, informers.WithTweakListOptions(func(o *metav1.ListOptions) {
+		o.FieldSelector = fields.OneTermEqualSelector("spec.nodeName", p.node).String()
+	}))
+	inf := f.Core().V1().Pods().Informer()
+	seen := func(obj any) {
+		pod, ok := obj.(*corev1.Pod)
+		if !ok {
+			return
+		}
+		name := instanceName(pod)
+		kindName, annotated := pod.Annotations[AnnotationProxy]
+		if !annotated || pod.DeletionTimestamp != nil || pod.Status.Phase != corev1.PodRunning || pod.Status.PodIP == "" {
+			p.stop(sink, name)
+			return
+		}
+		k, err := Lookup(kindName)
+		if err != nil {
+			sink.Error(Name, &probes.InputError{Reason: "proxy_annotation", Err: fmt.Errorf("pod %s/%s: %s: %w", pod.Namespace, pod.Name, AnnotationProxy, err)})
+			return
+		}
+		t, err := p.target(k, pod.Status.PodIP, pod.Annotations[AnnotationAdmin])
+		if err != nil {
+			sink.Error(Name, &probes.InputError{Reason: "proxy_annotation", Err: fmt.Errorf("pod %s/%s: %s: %w", pod.Namespace, pod.Name, AnnotationAdmin, err)})
+			return
+		}
+		p.start(ctx, sink, wg, name, k, t)
+	}
+	gone := func(obj any) {
+		if t, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+			obj = t.Obj
+		}
+		if pod, ok := obj.(*corev1.Pod); ok {
+			p.stop(sink, instanceName(pod))
+		}
+	}
+	reg, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{AddFunc: seen, UpdateFunc: func(_, o any) { seen(o) }, DeleteFunc: gone})
+	if err != nil {
+		return nil, fmt.Errorf("ingress: %w", err)
+	}
+	f.Start(ctx.Done())
+	wg.Go(func() {
+		<-ctx.Done()
+		f.Shutdown()
+	})
+	return reg.HasSynced, nil
+}
+
+func instanceName(pod *corev1.Pod) string {
+	return pod.Annotations[AnnotationProxy] + ":" + pod.Namespace + "/" + pod.Name
+}
+
+// target is how to reach an annotated pod's admin interface: its IP and the annotation's port (or
+// the kind's default), or the annotation's full address; one inside the pod (loopback, a unix
+// socket) is dialed from within the pod when --ingress.enter-pods allows.
+func (p *Probe) target(k Kind, podIP, annotation string) (Target, error) {
+	ip, err := netip.ParseAddr(podIP)
+	if err != nil {
+		return Target{}, fmt.Errorf("pod IP %q: %w", podIP, err)
+	}
+	if !strings.Contains(annotation, "://") {
+		port := k.DefaultPort
+		if n, ok := p.opts.AdminPorts[k.Name]; ok {
+			port = n
+		}
+		addr, err := adminAddress(k.Scheme, ip, port, annotation)
+		return Target{Address: addr}, err
+	}
+	if !insidePod(annotation) {
+		return Target{Address: annotation}, nil
+	}
+	if !p.opts.EnterPods {
+		return Target{}, fmt.Errorf("%q listens inside the pod; reading it takes --ingress.enter-pods (hostPID, CAP_SYS_ADMIN, CAP_SYS_PTRACE), or serve the admin on the pod IP", annotation)
+	}
+	return Target{Address: annotation, Dial: newPodDialer(p.opts.ProcRoot, ip).DialContext}, nil
+}
+
+// adminAddress is scheme://podIP:port, the port from the annotation when it names one.
+func adminAddress(scheme string, ip netip.Addr, port int, annotation string) (string, error) {
+	if annotation != "" {
+		n, err := strconv.Atoi(annotation)
+		if err != nil || n <= 0 || n > 65535 {
+			return "", fmt.Errorf("%q is neither a port nor an address like http://host:port", annotation)
+		}
+		port = n
+	}
+	return scheme + "://" + net.JoinHostPort(ip.String(), strconv.Itoa(port)), nil
+}
+
+// Reaches implements probes.Dataplane: the instances that route new requests to ep (for svc, or
+// through a backend that names no Service) now. It is not ok until every instance was read once.
+func (p *Probe) Reaches(svc probes.ServiceRef, ep probes.Endpoint) ([]probes.Reach, bool) {
+	p.mu.Lock()
+	if !p.synced {
+		p.mu.Unlock()
+		return nil, false
+	}
+	ins := make([]*instance, 0, len(p.instances))
+	for _, in := range p.instances {
+		ins = append(ins, in)
+	}
+	p.mu.Unlock()
+	var out []probes.Reach
+	for _, in := range ins {
+		if in.routes(svc, ep) {
+			out = append(out, probes.Reach{Source: in.name})
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Source < out[j].Source })
+	return out, true
+}
+
+// poll reads one instance until ctx ends: slowly, or fast while it owes a removal.
+func (p *Probe) poll(ctx context.Context, sink probes.Sink, in *instance) {
+	var lingerUntil time.Time
+	interval := func(owed bool) time.Duration {
+		d := p.opts.Slow
+		if owed || p.clock.Now().Before(lingerUntil) {
+			d = p.opts.Fast
+		}
+		return max(d, in.kind.MinInterval)
+	}
+	for first := true; ; first = false {
+		owed := p.owedBy(in.name)
+		if len(owed) > 0 {
+			lingerUntil = p.clock.Now().Add(p.opts.Linger)
+		}
+		if !first {
+			t := time.NewTimer(interval(len(owed) > 0))
+			select {
+			case <-ctx.Done():
+				t.Stop()
+				return
+			case <-t.C:
+			case <-in.wake:
+				t.Stop()
+				// Woken to poll fast: the next read may wait no longer than a fast interval.
+				if !waitFor(ctx, in.sinceLastRead(p.clock), interval(true)) {
+					return
+				}
+			}
+			owed = p.owedBy(in.name)
+		}
+		p.read(ctx, sink, in, owed)
+	}
+}
+
+// waitFor sleeps until since reaches d, or returns false when ctx ends first.
+func waitFor(ctx context.Context, since, d time.Duration) bool {
+	if since >= d {
+		return true
+	}
+	t := time.NewTimer(d - since)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
+	}
+}
+
+// read reads an instance — only the backends holding what it owes, when its kind can, else all —
+// and reports the endpoints it no longer routes new requests to.
+func (p *Probe) read(ctx context.Context, sink probes.Sink, in *instance, owed []probes.Endpoint) {
+	at := p.clock.Now()
+	var (
+		backends []Backend
+		full     = true
+		err      error
+	)
+	if names := in.backendsOf(owed); len(names) > 0 {
+		var ok bool
+		backends, ok, err = in.reader.ReadBackends(ctx, names)
+		full = !ok
+	}
+	if full && err == nil {
+		backends, err = in.reader.Read(ctx)
+	}
+	if ctx.Err() != nil {
+		return
+	}
+	if err != nil {
+		in.failed(err)
+		sink.Error(Name, fmt.Errorf("%s: %w", in.name, err))
+		return
+	}
+	removed, precision, first := in.apply(at, backends, full)
+	if !first {
+		for _, r := range removed {
+			sink.Observe(probes.Observation{Stage: probes.StageIngress, Time: at, Precision: precision, Source: in.name, SourceKind: in.kind.Name,
+				Service: r.service, Endpoint: r.endpoint})
+		}
+	}
+	if in.recovered() {
+		sink.SetStatus(Name, probes.Status{Up: true})
+	}
+}
+
+// instance is one proxy being read, and what it routed to at the last read.
+type instance struct {
+	name   string
+	kind   Kind
+	addr   string
+	reader Reader
+	cancel context.CancelFunc
+	wake   chan struct{}
+
+	mu sync.Mutex
+	// backends are the last read's backends by name; routable the endpoints new requests can go
+	// to, per Service (the zero Service for backends that name none).
+	backends map[string]Backend
+	routable map[routed]bool
+	last     time.Time
+	// tried: read (or failed to be) at least once; down: the last read failed, with lastErr.
+	triedOnce bool
+	down      bool
+	lastErr   string
+}
+
+type routed struct {
+	service  probes.ServiceRef
+	endpoint probes.Endpoint
+}
+
+func newInstance(name string, k Kind, addr string, r Reader, cancel context.CancelFunc) *instance {
+	return &instance{name: name, kind: k, addr: addr, reader: r, cancel: cancel, wake: make(chan struct{}, 1),
+		backends: map[string]Backend{}, routable: map[routed]bool{}}
+}
+
+func (in *instance) wakeUp() {
+	select {
+	case in.wake <- struct{}{}:
+	default:
+	}
+}
+
+func (in *instance) tried() bool {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	return in.triedOnce
+}
+
+func (in *instance) sinceLastRead(clk clock.PassiveClock) time.Duration {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	if in.last.IsZero() {
+		return time.Hour
+	}
+	return clk.Since(in.last)
+}
+
+func (in *instance) failed(err error) {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	in.triedOnce, in.down, in.lastErr = true, true, err.Error()
+}
+
+// recovered reports, once, that a read succeeded after a failure.
+func (in *instance) recovered() bool {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	was := in.down
+	in.down, in.lastErr = false, ""
+	return was
+}
+
+// backendsOf names the backends that held any of eps at the last read.
+func (in *instance) backendsOf(eps []probes.Endpoint) []string {
+	if len(eps) == 0 {
+		return nil
+	}
+	want := map[probes.Endpoint]bool{}
+	for _, ep := range eps {
+		want[ep] = true
+	}
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	var out []string
+	for name, b := range in.backends {
+		for _, s := range b.Servers {
+			if want[s.Endpoint] {
+				out = append(out, name)
+				break
+			}
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
+// apply takes a read: all backends (full), or only some. It returns what no longer gets new
+// requests, how long since the last read (the precision), and whether this was the first read.
+func (in *instance) apply(at time.Time, backends []Backend, full bool) (removed []routed, precision time.Duration, first bool) {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	first = in.last.IsZero()
+	if !first {
+		precision = at.Sub(in.last)
+	}
+	in.triedOnce, in.last = true, at
+	if full {
+		in.backends = make(map[string]Backend, len(backends))
+	}
+	for _, b := range backends {
+		in.backends[b.Name] = b
+	}
+	next := map[routed]bool{}
+	for _, b := range in.backends {
+		for _, s := range b.Servers {
+			if s.Routable {
+				next[routed{service: b.Service, endpoint: s.Endpoint}] = true
+			}
+		}
+	}
+	for r := range in.routable {
+		if !next[r] {
+			removed = append(removed, r)
+		}
+	}
+	in.routable = next
+	return removed, precision, first
+}
+
+// routes tells whether the instance sent new requests for svc to ep at its last read.
+func (in *instance) routes(svc probes.ServiceRef, ep probes.Endpoint) bool {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	return in.routable[routed{service: svc, endpoint: ep}] || in.routable[routed{endpoint: ep}]
+}
+
+// ErrNoInstances is returned by Snapshot when nothing is read.
+var ErrNoInstances = errors.New("no proxy instance is read on this node")
+
+// InstanceView is what one instance routes to, for /api/v1/ingress and inspect.
+type InstanceView struct {
+	Name     string    `json:"name"`
+	Kind     string    `json:"kind"`
+	Address  string    `json:"address"`
+	LastRead time.Time `json:"last_read"`
+	Up       bool      `json:"up"`
+	// Error is why the last read failed (Up false).
+	Error    string    `json:"error,omitempty"`
+	Backends []Backend `json:"backends"`
+}
+
+// Snapshot lists each instance and the backends it routed to at its last read.
+func (p *Probe) Snapshot() ([]InstanceView, error) {
+	p.mu.Lock()
+	ins := make([]*instance, 0, len(p.instances))
+	for _, in := range p.instances {
+		ins = append(ins, in)
+	}
+	p.mu.Unlock()
+	if len(ins) == 0 {
+		return nil, ErrNoInstances
+	}
+	out := make([]InstanceView, 0, len(ins))
+	for _, in := range ins {
+		in.mu.Lock()
+		v := InstanceView{Name: in.name, Kind: in.kind.Name, Address: in.addr, LastRead: in.last, Up: !in.last.IsZero() && !in.down, Error: in.lastErr}
+		for _, b := range in.backends {
+			v.Backends = append(v.Backends, b)
+		}
+		in.mu.Unlock()
+		sort.Slice(v.Backends, func(i, j int) bool { return v.Backends[i].Name < v.Backends[j].Name })
+		out = append(out, v)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out, nil
+}

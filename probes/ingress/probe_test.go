@@ -1,0 +1,236 @@
+package ingress
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"net/netip"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"k8s.io/utils/clock"
+
+	"github.com/endpointlag/endpointlag/probes"
+	"github.com/endpointlag/endpointlag/probes/internal/probetest"
+)
+
+// fakeProxy is an instance of the test's own kind: its backends are set by the test, and it counts
+// the reads of each sort.
+type fakeProxy struct {
+	mu       sync.Mutex
+	backends []Backend
+	err      error
+	full     int
+	targeted [][]string
+}
+
+func (f *fakeProxy) set(bs ...Backend) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.backends = bs
+}
+
+func (f *fakeProxy) Read(context.Context) ([]Backend, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.full++
+	return slices.Clone(f.backends), f.err
+}
+
+func (f *fakeProxy) ReadBackends(_ context.Context, names []string) ([]Backend, bool, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.targeted = append(f.targeted, names)
+	var out []Backend
+	for _, b := range f.backends {
+		if slices.Contains(names, b.Name) {
+			out = append(out, b)
+		}
+	}
+	return out, true, f.err
+}
+
+func (f *fakeProxy) counts() (int, int) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.full, len(f.targeted)
+}
+
+var proxies = map[string]*fakeProxy{}
+
+func init() {
+	Register(Kind{Name: "fake", DefaultPort: 1, Scheme: "fake", New: func(t Target) (Reader, error) {
+		p, ok := proxies[t.Address]
+		if !ok {
+			return nil, errors.New("no such fake proxy " + t.Address)
+		}
+		return p, nil
+	}})
+}
+
+// fakePending is the collector's Pending, set by the test.
+type fakePending struct {
+	mu   sync.Mutex
+	owed map[string][]probes.Endpoint
+	ch   chan<- struct{}
+}
+
+func (f *fakePending) Pending(probes.Stage) map[string][]probes.Endpoint {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.owed
+}
+
+func (f *fakePending) NotifyPending(ch chan<- struct{}) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.ch = ch
+}
+
+func (f *fakePending) set(owed map[string][]probes.Endpoint) {
+	f.mu.Lock()
+	f.owed = owed
+	ch := f.ch
+	f.mu.Unlock()
+	if ch != nil {
+		ch <- struct{}{}
+	}
+}
+
+var shop = probes.ServiceRef{Namespace: "shop", Name: "web"}
+
+func ep(ip string) probes.Endpoint {
+	return probes.Endpoint{Addr: netip.MustParseAddr(ip), Port: 8080, Protocol: "TCP"}
+}
+
+func server(ip string, routable bool, state string) Server {
+	return Server{Endpoint: ep(ip), Routable: routable, State: state}
+}
+
+// The probe reads an instance once (reporting nothing), says which instances route to an
+// endpoint, polls slowly while nothing is owed and fast while something is — only the backends
+// that hold it, when the kind can — and reports a server that is no longer routable (gone, or
+// kept but fenced) as removed, with the interval as its precision.
+func TestProbeReadsAndReportsRemovals(t *testing.T) {
+	fp := &fakeProxy{}
+	proxies["one"] = fp
+	fp.set(Backend{Name: "shop-web-80", Service: shop, Servers: []Server{server("10.244.1.3", true, ""), server("10.244.1.4", true, "")}},
+		Backend{Name: "other", Servers: []Server{server("10.244.2.9", true, "")}})
+	pending := &fakePending{}
+	opts := DefaultOptions()
+	opts.Instances = []string{"fake=one"}
+	opts.Slow, opts.Fast = time.Hour, 5*time.Millisecond
+	p := New(opts, nil, "node-a", pending, clock.RealClock{}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	rec, _ := probetest.Run(t, p)
+	rec.Wait(t, "sync", rec.Synced)
+	if st := rec.Status(); st.Inactive || !st.Up {
+		t.Errorf("status %+v, want active and up", st)
+	}
+	if reach, ok := p.Reaches(shop, ep("10.244.1.4")); !ok || len(reach) != 1 || reach[0].Source != "fake=one" {
+		t.Errorf("Reaches = %+v, %v", reach, ok)
+	}
+	if reach, _ := p.Reaches(shop, ep("10.244.3.3")); len(reach) != 0 {
+		t.Errorf("an endpoint the proxy does not route to is reached: %+v", reach)
+	}
+	if full, targeted := fp.counts(); full != 1 || targeted != 0 {
+		t.Errorf("reads after sync: %d full, %d targeted; want one full", full, targeted)
+	}
+
+	// 10.244.1.4 terminates: owed. The proxy fences it; the next fast read reports it.
+	fp.set(Backend{Name: "shop-web-80", Service: shop, Servers: []Server{server("10.244.1.3", true, ""), server("10.244.1.4", false, "fenced")}},
+		Backend{Name: "other", Servers: []Server{server("10.244.2.9", true, "")}})
+	pending.set(map[string][]probes.Endpoint{"fake=one": {ep("10.244.1.4")}})
+	rec.Wait(t, "the removal", func() bool { return len(rec.Observations()) > 0 })
+	obs := rec.Observations()
+	if len(obs) != 1 {
+		t.Fatalf("observations %+v, want one", obs)
+	}
+	o := obs[0]
+	if o.Stage != probes.StageIngress || o.Source != "fake=one" || o.SourceKind != "fake" || o.Service != shop || o.Endpoint != ep("10.244.1.4") || o.Precision <= 0 {
+		t.Errorf("observation %+v", o)
+	}
+	fp.mu.Lock()
+	targeted := slices.Clone(fp.targeted)
+	fp.mu.Unlock()
+	if len(targeted) == 0 || !slices.Equal(targeted[0], []string{"shop-web-80"}) {
+		t.Errorf("targeted reads %v, want the owed endpoint's backend only", targeted)
+	}
+}
+
+// A read that fails takes the probe down and is counted; the next good read brings it up, and a
+// removal that happened meanwhile is still reported.
+func TestProbeRecoversFromFailedReads(t *testing.T) {
+	fp := &fakeProxy{}
+	proxies["two"] = fp
+	fp.set(Backend{Name: "b", Service: shop, Servers: []Server{server("10.244.1.3", true, ""), server("10.244.1.4", true, "")}})
+	pending := &fakePending{}
+	opts := DefaultOptions()
+	opts.Instances = []string{"fake=two"}
+	opts.Slow, opts.Fast = time.Hour, 5*time.Millisecond
+	p := New(opts, nil, "node-a", pending, clock.RealClock{}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	rec, _ := probetest.Run(t, p)
+	rec.Wait(t, "sync", rec.Synced)
+	fp.mu.Lock()
+	fp.err = errors.New("connection refused")
+	fp.mu.Unlock()
+	pending.set(map[string][]probes.Endpoint{"fake=two": {ep("10.244.1.4")}})
+	rec.Wait(t, "the failed read", func() bool { return len(rec.Errors()) > 0 && !rec.Up() })
+	fp.mu.Lock()
+	fp.err = nil
+	fp.backends = []Backend{{Name: "b", Service: shop, Servers: []Server{server("10.244.1.3", true, "")}}}
+	fp.mu.Unlock()
+	rec.Wait(t, "up again with the removal", func() bool { return rec.Up() && len(rec.Observations()) == 1 })
+}
+
+// An annotated pod's admin address: the annotation's port, the kind's port from
+// --ingress.admin-ports, else its default, or a full address; one inside the pod only with
+// --ingress.enter-pods, and then dialed from within the pod.
+func TestTarget(t *testing.T) {
+	Register(Kind{Name: "targettest", DefaultPort: 9000, Scheme: "http"})
+	k, _ := Lookup("targettest")
+	for _, tc := range []struct {
+		ann, want, err string
+		ports          map[string]int
+		enter, inPod   bool
+	}{
+		{ann: "", want: "http://10.244.1.7:9000"},
+		{ann: "", ports: map[string]int{"targettest": 8082}, want: "http://10.244.1.7:8082"},
+		{ann: "8080", ports: map[string]int{"targettest": 8082}, want: "http://10.244.1.7:8080"},
+		{ann: "tcp://10.0.0.1:9999", want: "tcp://10.0.0.1:9999"},
+		{ann: "http://127.0.0.1:19000", err: "--ingress.enter-pods"},
+		{ann: "unix:///var/run/haproxy.sock", err: "--ingress.enter-pods"},
+		{ann: "http://127.0.0.1:19000", enter: true, want: "http://127.0.0.1:19000", inPod: true},
+		{ann: "http://localhost:19000", enter: true, want: "http://localhost:19000", inPod: true},
+		{ann: "unix:///var/run/haproxy.sock", enter: true, want: "unix:///var/run/haproxy.sock", inPod: true},
+		{ann: "nine", err: "neither a port"},
+		{ann: "70000", err: "neither a port"},
+	} {
+		opts := DefaultOptions()
+		opts.AdminPorts, opts.EnterPods = tc.ports, tc.enter
+		p := New(opts, nil, "node-a", nil, clock.RealClock{}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+		got, err := p.target(k, "10.244.1.7", tc.ann)
+		if got.Address != tc.want || (got.Dial != nil) != tc.inPod || (err == nil) != (tc.err == "") || (err != nil && !strings.Contains(err.Error(), tc.err)) {
+			t.Errorf("%q (ports %v, enter %v) = %q (inside the pod: %v), %v; want %q (%v), error %q",
+				tc.ann, tc.ports, tc.enter, got.Address, got.Dial != nil, err, tc.want, tc.inPod, tc.err)
+		}
+	}
+	opts := DefaultOptions()
+	opts.AdminPorts = map[string]int{"nosuchkind": 1}
+	if err := opts.Validate(); err == nil || !strings.Contains(err.Error(), "nosuchkind") {
+		t.Errorf("an unknown kind in --ingress.admin-ports: %v", err)
+	}
+	opts.AdminPorts = map[string]int{"targettest": 0}
+	if err := opts.Validate(); err == nil {
+		t.Error("port 0 in --ingress.admin-ports is accepted")
+	}
+	if err := (Options{Fast: time.Second, Slow: time.Millisecond, Timeout: time.Second}).Validate(); err == nil {
+		t.Error("a fast interval longer than the slow one is accepted")
+	}
+	if err := (Options{Fast: time.Millisecond, Slow: time.Second, Timeout: time.Second, Instances: []string{"nginx"}}).Validate(); err == nil {
+		t.Error("an instance without an address is accepted")
+	}
+}
