@@ -20,9 +20,10 @@
 // updates, and /clusters walks every host of every cluster: the kind's MinInterval keeps reads of
 // one instance at least 250 ms apart however urgent. The admin port differs by control plane and
 // is bound to loopback by all of them: Envoy Gateway 19000 (the default here), Contour 9001 (a
-// listener proxying the admin's read-only paths, the admin itself being /admin/admin.sock), Istio
-// 15000, Envoy's own examples 9901. The daemon reaches it only where the proxy runs with
-// hostNetwork or the operator exposes it, on the annotation's port or address.
+// listener proxying the admin's read-only paths, the admin itself being unix:///admin/admin.sock,
+// which this reader reads too), Istio 15000, Envoy's own examples 9901. The daemon reaches such
+// an address inside the pod with --ingress.enter-pods (Target.Dial), or where the operator
+// exposes the admin on the pod IP.
 package envoy
 
 import (

@@ -114,8 +114,8 @@ func TestRealHAProxy(t *testing.T) {
 		_ = cmd.Wait()
 	})
 
-	admin := &Reader{network: "unix", addr: filepath.Join(dir, "admin.sock"), where: "admin", timeout: 2 * time.Second}
-	user := &Reader{network: "tcp", addr: api, where: "user", timeout: 2 * time.Second}
+	admin := newReader(t, "unix://"+filepath.Join(dir, "admin.sock"))
+	user := newReader(t, "tcp://"+api)
 	waitFor(t, logs.Name(), "the runtime API", func() bool {
 		_, err := user.ask(context.Background(), "show servers state static")
 		return err == nil
@@ -154,10 +154,7 @@ func TestRealHAProxy(t *testing.T) {
 
 	// The reader as the daemon makes it, over TCP and over the Unix socket.
 	for _, addr := range []string{"tcp://" + api, "unix://" + filepath.Join(dir, "admin.sock")} {
-		r, err := New(ingress.Target{Address: addr, Timeout: 2 * time.Second})
-		if err != nil {
-			t.Fatal(err)
-		}
+		r := readertest.Reader(t, Kind, addr, 2*time.Second)
 		all, err := r.Read(context.Background())
 		if err != nil {
 			t.Fatalf("%s: %v", addr, err)
@@ -173,6 +170,15 @@ func TestRealHAProxy(t *testing.T) {
 			t.Errorf("%s: ReadBackends:\n got %q\nwant %q", addr, got, want)
 		}
 	}
+}
+
+func newReader(t *testing.T, address string) *Reader {
+	t.Helper()
+	r, err := New(ingress.Target{Address: address, Timeout: 2 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r.(*Reader)
 }
 
 // rawAnswer is what HAProxy answers to line, byte for byte.

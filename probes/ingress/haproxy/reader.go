@@ -16,8 +16,8 @@
 //
 // There is no standard TCP port for the runtime API: 9999, the default here, is the one of
 // HAProxy's management guide. The Kubernetes Ingress Controller serves it on a Unix socket in its
-// pod (/var/run/haproxy-runtime-api.sock), readable from the node through a shared volume
-// (unix:///path) or a TCP "stats socket" line the operator adds.
+// pod, unix:///var/run/haproxy-runtime-api.sock, which the daemon reaches inside the pod with
+// --ingress.enter-pods (Target.Dial), or on a TCP "stats socket" line the operator adds.
 package haproxy
 
 import (
@@ -50,15 +50,20 @@ const maxLine = 8 << 10
 type Reader struct {
 	network, addr, where string
 	timeout              time.Duration
+	dial                 func(ctx context.Context, network, address string) (net.Conn, error)
 }
 
-// New returns a reader of the runtime API at t.Address: tcp://host:port or unix:///path.
+// New returns a reader of the runtime API at t.Address: tcp://host:port or unix:///path, dialed
+// by t.Dial when it is set (inside the proxy's pod).
 func New(t ingress.Target) (ingress.Reader, error) {
 	u, err := url.Parse(t.Address)
 	if err != nil {
 		return nil, fmt.Errorf("haproxy: runtime API address %q: %w", t.Address, err)
 	}
-	r := &Reader{where: t.Address, timeout: t.Timeout}
+	r := &Reader{where: t.Address, timeout: t.Timeout, dial: t.Dial}
+	if r.dial == nil {
+		r.dial = (&net.Dialer{}).DialContext
+	}
 	switch {
 	case u.Scheme == "tcp" && u.Host != "" && u.Port() != "" && (u.Path == "" || u.Path == "/"):
 		r.network, r.addr = "tcp", u.Host
@@ -162,7 +167,9 @@ func (r *Reader) ask(ctx context.Context, line string) ([]string, error) {
 	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
 		deadline = d
 	}
-	conn, err := (&net.Dialer{Deadline: deadline}).DialContext(ctx, r.network, r.addr)
+	dialCtx, cancel := context.WithDeadline(ctx, deadline)
+	defer cancel()
+	conn, err := r.dial(dialCtx, r.network, r.addr)
 	if err != nil {
 		return fail(err)
 	}

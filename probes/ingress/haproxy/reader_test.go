@@ -164,6 +164,24 @@ func TestReaderTimeout(t *testing.T) {
 	}
 }
 
+// Target.Dial, when set, opens the connection (inside the proxy's pod).
+func TestReaderDials(t *testing.T) {
+	api := newFakeAPI(t, func(string) string { return noBackend + "\n\n" })
+	var dialed string
+	r, err := New(ingress.Target{Address: "unix:///var/run/haproxy-runtime-api.sock", Timeout: time.Second,
+		Dial: func(ctx context.Context, network, address string) (net.Conn, error) {
+			dialed = network + " " + address
+			var d net.Dialer
+			return d.DialContext(ctx, "tcp", api.l.Addr().String())
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := r.ReadBackends(context.Background(), []string{"x"}); err != nil || dialed != "unix /var/run/haproxy-runtime-api.sock" {
+		t.Errorf("dialed %q: %v", dialed, err)
+	}
+}
+
 func TestNewRefuses(t *testing.T) {
 	if k, err := ingress.Lookup(Kind); err != nil || k.Scheme != "tcp" || k.DefaultPort != 9999 {
 		t.Errorf("kind %+v, %v", k, err)

@@ -11,9 +11,9 @@
 // name is unambiguous (see svcname.Dashed): the document carries the Service's spec but not its
 // name. There is no per-backend query: ReadBackends is not ok.
 //
-// The status server listens on 127.0.0.1 inside the controller's pod (nginx.tmpl): it is
-// reachable from the node only when the controller runs with hostNetwork, or through an address
-// the operator exposes it on.
+// The status server listens on 127.0.0.1 inside the controller's pod (nginx.tmpl): the daemon
+// reaches http://127.0.0.1:10246 inside the pod with --ingress.enter-pods (Target.Dial), or the
+// pod IP when the controller runs with hostNetwork.
 package nginx
 
 import (

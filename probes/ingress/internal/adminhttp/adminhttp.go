@@ -24,44 +24,57 @@ const MaxBody = 64 << 20
 
 // Client GETs documents below one base URL.
 type Client struct {
-	base   string
-	client *http.Client
-	max    int64
+	// base is where requests go; shown how errors name it (the socket, for a unix socket).
+	base, shown string
+	client      *http.Client
+	max         int64
 }
 
-// New checks the target's address (http:// or https://, a host, optionally a path prefix such as
-// Traefik's api.basePath) and timeout.
+// New checks the target's address and timeout: http:// or https://, a host, optionally a path
+// prefix such as Traefik's api.basePath; or unix:///path, a socket that speaks HTTP (Contour's
+// Envoy admin, /admin/admin.sock). Connections are opened by t.Dial when it is set (inside a
+// proxy's pod).
 func New(t ingress.Target) (*Client, error) {
 	u, err := url.Parse(t.Address)
 	if err != nil {
 		return nil, fmt.Errorf("admin address %q: %w", t.Address, err)
 	}
-	if (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.RawQuery != "" || u.Fragment != "" || u.User != nil {
-		return nil, fmt.Errorf("admin address %q: want http://host:port or https://host:port, optionally with a path", t.Address)
-	}
 	if t.Timeout <= 0 {
 		return nil, fmt.Errorf("admin address %q: the timeout must be positive, got %s", t.Address, t.Timeout)
 	}
-	dialer := &net.Dialer{Timeout: t.Timeout}
-	transport := &http.Transport{
-		Proxy:                  nil,
-		DialContext:            dialer.DialContext,
-		DisableKeepAlives:      true,
-		TLSHandshakeTimeout:    t.Timeout,
-		ResponseHeaderTimeout:  t.Timeout,
-		MaxResponseHeaderBytes: 1 << 20,
+	dial := t.Dial
+	if dial == nil {
+		dial = (&net.Dialer{Timeout: t.Timeout}).DialContext
 	}
-	return &Client{
-		base: strings.TrimSuffix(u.String(), "/"),
-		client: &http.Client{
-			Transport: transport,
-			Timeout:   t.Timeout,
-			// A redirect is answered as it is (an error below): an admin interface has no reason
-			// to send the daemon elsewhere.
-			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+	c := &Client{max: MaxBody}
+	switch {
+	case (u.Scheme == "http" || u.Scheme == "https") && u.Host != "" && u.RawQuery == "" && u.Fragment == "" && u.User == nil:
+		c.base = strings.TrimSuffix(u.String(), "/")
+		c.shown = c.base
+	case u.Scheme == "unix" && u.Host == "" && u.Path != "":
+		// Every request goes to the socket, whatever its URL's host.
+		socket, unixDial := u.Path, dial
+		dial = func(ctx context.Context, _, _ string) (net.Conn, error) { return unixDial(ctx, "unix", socket) }
+		c.base = "http://localhost"
+		c.shown = "unix://" + socket + ":"
+	default:
+		return nil, fmt.Errorf("admin address %q: want http://host:port or https://host:port (optionally with a path), or unix:///path", t.Address)
+	}
+	c.client = &http.Client{
+		Transport: &http.Transport{
+			Proxy:                  nil,
+			DialContext:            dial,
+			DisableKeepAlives:      true,
+			TLSHandshakeTimeout:    t.Timeout,
+			ResponseHeaderTimeout:  t.Timeout,
+			MaxResponseHeaderBytes: 1 << 20,
 		},
-		max: MaxBody,
-	}, nil
+		Timeout: t.Timeout,
+		// A redirect is answered as it is (an error below): an admin interface has no reason to
+		// send the daemon elsewhere.
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+	}
+	return c, nil
 }
 
 // StatusError is an answer other than 200 OK.
@@ -83,21 +96,24 @@ func (e *StatusError) Error() string {
 // bodyExcerpt is how much of an error answer a StatusError keeps.
 const bodyExcerpt = 256
 
-// URL is the address Get asks for pathQuery, for errors about its answer.
-func (c *Client) URL(pathQuery string) string { return c.base + pathQuery }
+// URL is how errors name what Get asks for pathQuery ("unix:///path:/clusters" for a socket).
+func (c *Client) URL(pathQuery string) string { return c.shown + pathQuery }
 
 // Get GETs pathQuery (a path, escaped as it must go on the wire, and its query) below the base
 // URL and returns the body of a 200 answer and its header.
 func (c *Client) Get(ctx context.Context, pathQuery string) ([]byte, http.Header, error) {
 	target := c.URL(pathQuery)
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, target, nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.base+pathQuery, nil)
 	if err != nil {
 		return nil, nil, fmt.Errorf("GET %s: %w", target, err)
 	}
 	req.Header.Set("Accept", "application/json")
 	resp, err := c.client.Do(req)
 	if err != nil {
-		// The client's error names the method and URL already.
+		if c.shown != c.base {
+			// The client's error names the request's URL, not the socket.
+			err = fmt.Errorf("GET %s: %w", target, err)
+		}
 		return nil, nil, err
 	}
 	defer resp.Body.Close()

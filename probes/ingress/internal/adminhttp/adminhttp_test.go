@@ -3,8 +3,11 @@ package adminhttp
 import (
 	"context"
 	"errors"
+	"net"
 	"net/http"
 	"net/http/httptest"
+	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -74,6 +77,7 @@ func TestGet(t *testing.T) {
 func TestNewRefuses(t *testing.T) {
 	for _, tc := range []ingress.Target{
 		{Address: "tcp://10.0.0.1:9999", Timeout: time.Second},
+		{Address: "unix://host/admin.sock", Timeout: time.Second},
 		{Address: "10.0.0.1:9000", Timeout: time.Second},
 		{Address: "http://", Timeout: time.Second},
 		{Address: "http://10.0.0.1:9000/?x=1", Timeout: time.Second},
@@ -121,5 +125,66 @@ func TestDocument(t *testing.T) {
 		if _, err := doc(path).Read(context.Background()); err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("%s: error %v, want %q", path, err, want)
 		}
+	}
+}
+
+// A unix socket speaks HTTP too (Contour's Envoy admin), and Target.Dial, when set, opens every
+// connection: with the socket's path, or the URL's host and port.
+func TestUnixSocketAndDial(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "admin.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/clusters" {
+			http.NotFound(w, r)
+			return
+		}
+		_, _ = w.Write([]byte("ok"))
+	}))
+	srv.Listener = l
+	srv.Start()
+	defer srv.Close()
+
+	var dialed []string
+	dial := func(ctx context.Context, network, address string) (net.Conn, error) {
+		dialed = append(dialed, network+" "+address)
+		var d net.Dialer
+		return d.DialContext(ctx, "unix", sock)
+	}
+	for _, tc := range []struct {
+		target ingress.Target
+		dialed []string
+	}{
+		{ingress.Target{Address: "unix://" + sock, Timeout: time.Second}, nil},
+		{ingress.Target{Address: "unix:///admin/admin.sock", Timeout: time.Second, Dial: dial}, []string{"unix /admin/admin.sock"}},
+		{ingress.Target{Address: "http://127.0.0.1:9001", Timeout: time.Second, Dial: dial}, []string{"tcp 127.0.0.1:9001"}},
+	} {
+		dialed = nil
+		c, err := New(tc.target)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if body, _, err := c.Get(context.Background(), "/clusters"); err != nil || string(body) != "ok" {
+			t.Errorf("%s: %q %v", tc.target.Address, body, err)
+		}
+		if !slices.Equal(dialed, tc.dialed) {
+			t.Errorf("%s: dialed %q, want %q", tc.target.Address, dialed, tc.dialed)
+		}
+	}
+	c, err := New(ingress.Target{Address: "unix://" + sock, Timeout: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := c.Get(context.Background(), "/missing"); err == nil || !strings.Contains(err.Error(), "GET unix://"+sock+":/missing: 404") {
+		t.Errorf("error %v does not name the socket", err)
+	}
+	c, err = New(ingress.Target{Address: "unix://" + sock + ".gone", Timeout: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := c.Get(context.Background(), "/clusters"); err == nil || !strings.Contains(err.Error(), "GET unix://"+sock+".gone:/clusters") {
+		t.Errorf("error %v does not name the socket", err)
 	}
 }
