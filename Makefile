@@ -9,8 +9,9 @@ LDFLAGS  := -X main.version=$(VERSION) -X main.revision=$(REVISION)
 
 # Debian packages the build and the tests need: a C toolchain for the race detector; clang, llvm
 # and libbpf's headers for the eBPF programs (make generate, and the staleness check in lint); the
-# lab's kube-proxy drives nft and iptables, and the lab uses ip (iproute2) for network namespaces.
-DEB_PACKAGES := gcc libc6-dev clang llvm libbpf-dev iproute2 nftables iptables conntrack
+# lab's kube-proxy drives nft and iptables, and the lab uses ip (iproute2) for network namespaces;
+# the HAProxy reader's test runs a real haproxy on 127.0.0.1.
+DEB_PACKAGES := gcc libc6-dev clang llvm libbpf-dev iproute2 nftables iptables conntrack haproxy
 
 # The lab's Kubernetes binaries, built from the Go module proxy at the version pinned in
 # lab/k8s/go.mod, are cached outside the repository, keyed by that go.mod and go.sum.

@@ -16,8 +16,12 @@ import (
 
 	"github.com/spf13/pflag"
 
-	// Probes register themselves.
+	// Probes, and the proxy kinds the ingress probe reads, register themselves.
 	_ "github.com/endpointlag/endpointlag/probes/ingress"
+	_ "github.com/endpointlag/endpointlag/probes/ingress/envoy"
+	_ "github.com/endpointlag/endpointlag/probes/ingress/haproxy"
+	_ "github.com/endpointlag/endpointlag/probes/ingress/nginx"
+	_ "github.com/endpointlag/endpointlag/probes/ingress/traefik"
 	_ "github.com/endpointlag/endpointlag/probes/iptables"
 	_ "github.com/endpointlag/endpointlag/probes/ipvs"
 	_ "github.com/endpointlag/endpointlag/probes/kube"
