@@ -34,8 +34,8 @@ type Options struct {
 	// annotated), as kind=address.
 	Instances []string
 	// Slow is the heartbeat: how often an instance is read while nothing it routes to is
-	// terminating. Fast is how often while something is, and for Linger after.
-	Slow, Fast, Linger time.Duration
+	// terminating. Fast is how often while something is; after, the interval doubles back to Slow.
+	Slow, Fast time.Duration
 	// Timeout bounds one read.
 	Timeout time.Duration
 	// AdminPorts override, per kind, the admin port of an annotated pod whose annotation names
@@ -50,7 +50,7 @@ type Options struct {
 
 // DefaultOptions are the flags' defaults.
 func DefaultOptions() Options {
-	return Options{Slow: 10 * time.Second, Fast: 20 * time.Millisecond, Linger: time.Second, Timeout: 2 * time.Second, ProcRoot: "/proc"}
+	return Options{Slow: 10 * time.Second, Fast: 20 * time.Millisecond, Timeout: 2 * time.Second, ProcRoot: "/proc"}
 }
 
 // Validate names the first setting out of range.
@@ -58,8 +58,6 @@ func (o Options) Validate() error {
 	switch {
 	case o.Fast <= 0 || o.Slow < o.Fast:
 		return fmt.Errorf("--ingress.poll-fast (%s) must be positive and at most --ingress.poll-slow (%s)", o.Fast, o.Slow)
-	case o.Linger < 0:
-		return fmt.Errorf("--ingress.linger must not be negative, got %s", o.Linger)
 	case o.Timeout <= 0:
 		return fmt.Errorf("--ingress.timeout must be positive, got %s", o.Timeout)
 	}
@@ -94,9 +92,7 @@ func init() {
 			fs.DurationVar(&flagOpts.Slow, "ingress.poll-slow", flagOpts.Slow,
 				"how often a proxy instance is read while nothing it routes to is terminating (a heartbeat)")
 			fs.DurationVar(&flagOpts.Fast, "ingress.poll-fast", flagOpts.Fast,
-				"how often a proxy instance is read while an endpoint it routes to is terminating and not yet removed there; the precision of its ingress stage")
-			fs.DurationVar(&flagOpts.Linger, "ingress.linger", flagOpts.Linger,
-				"how long an instance stays on fast polling after the last removal it owed")
+				"how often a proxy instance is read while an endpoint it routes to is terminating and not yet removed there (the precision of its ingress stage); after, the interval doubles back to --ingress.poll-slow")
 			fs.DurationVar(&flagOpts.Timeout, "ingress.timeout", flagOpts.Timeout, "how long one read of a proxy instance may take")
 			fs.StringToIntVar(&flagOpts.AdminPorts, "ingress.admin-ports", flagOpts.AdminPorts,
 				"admin port per proxy kind for annotated pods whose "+AnnotationAdmin+" annotation names none, as kind=port (comma-separated); defaults: "+defaultPorts())
@@ -412,23 +408,19 @@ func (p *Probe) Reaches(svc probes.ServiceRef, ep probes.Endpoint) ([]probes.Rea
 	return out, true
 }
 
-// poll reads one instance until ctx ends: slowly, or fast while it owes a removal.
+// poll reads one instance until ctx ends: fast while it owes a removal, then backing off
+// (doubling the interval after each read) to the slow heartbeat.
 func (p *Probe) poll(ctx context.Context, sink probes.Sink, in *instance) {
-	var lingerUntil time.Time
-	interval := func(owed bool) time.Duration {
-		d := p.opts.Slow
-		if owed || p.clock.Now().Before(lingerUntil) {
-			d = p.opts.Fast
-		}
-		return max(d, in.kind.MinInterval)
-	}
+	fast := max(p.opts.Fast, in.kind.MinInterval)
+	next := p.opts.Slow
 	for first := true; ; first = false {
 		owed := p.owedBy(in.name)
-		if len(owed) > 0 {
-			lingerUntil = p.clock.Now().Add(p.opts.Linger)
-		}
 		if !first {
-			t := time.NewTimer(interval(len(owed) > 0))
+			d := next
+			if len(owed) > 0 {
+				d = fast
+			}
+			t := time.NewTimer(max(d, in.kind.MinInterval))
 			select {
 			case <-ctx.Done():
 				t.Stop()
@@ -437,13 +429,18 @@ func (p *Probe) poll(ctx context.Context, sink probes.Sink, in *instance) {
 			case <-in.wake:
 				t.Stop()
 				// Woken to poll fast: the next read may wait no longer than a fast interval.
-				if !waitFor(ctx, in.sinceLastRead(p.clock), interval(true)) {
+				if !waitFor(ctx, in.sinceLastRead(p.clock), fast) {
 					return
 				}
 			}
 			owed = p.owedBy(in.name)
 		}
 		p.read(ctx, sink, in, owed)
+		if len(owed) > 0 {
+			next = fast
+		} else {
+			next = min(2*next, p.opts.Slow)
+		}
 	}
 }
 

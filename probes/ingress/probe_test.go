@@ -159,6 +159,16 @@ func TestProbeReadsAndReportsRemovals(t *testing.T) {
 	if len(targeted) == 0 || !slices.Equal(targeted[0], []string{"shop-web-80"}) {
 		t.Errorf("targeted reads %v, want the owed endpoint's backend only", targeted)
 	}
+
+	// Nothing owed any more: the interval doubles back towards the heartbeat (5, 10, 20, 40,
+	// 80, 160 ms: at most 6 reads in 300 ms, where polling on at 5 ms would make about 60).
+	pending.set(map[string][]probes.Endpoint{})
+	full0, targeted0 := fp.counts()
+	time.Sleep(300 * time.Millisecond)
+	full1, targeted1 := fp.counts()
+	if n := full1 - full0 + targeted1 - targeted0; n < 1 || n > 8 {
+		t.Errorf("%d reads in the 300 ms after the last owed removal; want a few, backing off", n)
+	}
 }
 
 // A read that fails takes the probe down and is counted; the next good read brings it up, and a
