@@ -460,9 +460,10 @@ func waitFor(ctx context.Context, since, d time.Duration) bool {
 }
 
 // read reads an instance — only the backends holding what it owes, when its kind can, else all —
-// and reports the endpoints it no longer routes new requests to.
+// and reports the endpoints it no longer routes new requests to, at the moment its answer came
+// (the proxy's state is from some moment of the read: by then, it was so).
 func (p *Probe) read(ctx context.Context, sink probes.Sink, in *instance, owed []probes.Endpoint) {
-	at := p.clock.Now()
+	start := p.clock.Now()
 	var (
 		backends []Backend
 		full     = true
@@ -484,7 +485,8 @@ func (p *Probe) read(ctx context.Context, sink probes.Sink, in *instance, owed [
 		sink.Error(Name, fmt.Errorf("%s: %w", in.name, err))
 		return
 	}
-	removed, precision, first := in.apply(at, backends, full)
+	at := p.clock.Now()
+	removed, precision, first := in.apply(start, at, backends, full)
 	if !first {
 		for _, r := range removed {
 			sink.Observe(probes.Observation{Stage: probes.StageIngress, Time: at, Precision: precision, Source: in.name, SourceKind: in.kind.Name,
@@ -510,7 +512,8 @@ type instance struct {
 	// to, per Service (the zero Service for backends that name none).
 	backends map[string]Backend
 	routable map[routed]bool
-	last     time.Time
+	// last is when the last read was answered; lastStart when it was sent.
+	last, lastStart time.Time
 	// tried: read (or failed to be) at least once; down: the last read failed, with lastErr.
 	triedOnce bool
 	down      bool
@@ -588,16 +591,17 @@ func (in *instance) backendsOf(eps []probes.Endpoint) []string {
 	return out
 }
 
-// apply takes a read: all backends (full), or only some. It returns what no longer gets new
-// requests, how long since the last read (the precision), and whether this was the first read.
-func (in *instance) apply(at time.Time, backends []Backend, full bool) (removed []routed, precision time.Duration, first bool) {
+// apply takes a read that started at start and was answered at at: all backends (full), or only
+// some. It returns what no longer gets new requests, how long before at it may have happened
+// (since the previous read started: the precision), and whether this was the first read.
+func (in *instance) apply(start, at time.Time, backends []Backend, full bool) (removed []routed, precision time.Duration, first bool) {
 	in.mu.Lock()
 	defer in.mu.Unlock()
 	first = in.last.IsZero()
 	if !first {
-		precision = at.Sub(in.last)
+		precision = at.Sub(in.lastStart)
 	}
-	in.triedOnce, in.last = true, at
+	in.triedOnce, in.last, in.lastStart = true, at, start
 	if full {
 		in.backends = make(map[string]Backend, len(backends))
 	}
