@@ -109,8 +109,15 @@ func TestDaemonIngressStage(t *testing.T) {
 	want := `endpointlag_propagation_seconds_count{path="",source="cmdtest",stage="ingress"} 1`
 	waitFor(t, "the ingress sample", func() bool { _, m := get(t, r.base+"/metrics"); return strings.Contains(m, want) })
 	_, m := get(t, r.base+"/metrics")
-	if line := `endpointlag_propagation_seconds_sum{path="",source="cmdtest",stage="ingress"} 1.5`; !strings.Contains(m, line) {
-		t.Errorf("/metrics lacks %q:\n%s", line, grepLines(m, `stage="ingress"`))
+	for _, line := range []string{
+		`endpointlag_propagation_seconds_sum{path="",source="cmdtest",stage="ingress"} 1.5`,
+		`endpointlag_ingress_instances{kind="cmdtest",up="true"} 1`,
+		`endpointlag_ingress_reads_total{kind="cmdtest",query="full"} `,
+		`endpointlag_probe_up{probe="ingress"} 1`,
+	} {
+		if !strings.Contains(m, line) {
+			t.Errorf("/metrics lacks %q:\n%s", line, grepLines(m, "ingress"))
+		}
 	}
 
 	var out, errOut bytes.Buffer

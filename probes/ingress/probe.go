@@ -101,7 +101,13 @@ func init() {
 		},
 		Validate: func() error { return flagOpts.Validate() },
 		New: func(env probes.Env) (probes.Probe, error) {
-			return New(flagOpts, env.Client, env.NodeName, env.Pending, env.Clock, env.Logger), nil
+			p := New(flagOpts, env.Client, env.NodeName, env.Pending, env.Clock, env.Logger)
+			if env.Registerer != nil {
+				if err := env.Registerer.Register(p.Collector()); err != nil {
+					return nil, err
+				}
+			}
+			return p, nil
 		},
 	})
 }
@@ -148,12 +154,14 @@ type Probe struct {
 	// synced: the annotated pods were listed (or there is no API) and every instance was read
 	// once (or failed to be).
 	synced bool
+	// reads counts the reads made, by kind and query, for the metrics.
+	reads map[readKey]uint64
 }
 
 // New returns the probe; client may be nil (then only opts.Instances are read).
 func New(opts Options, client kubernetes.Interface, node string, pending probes.Pending, clk clock.PassiveClock, log *slog.Logger) *Probe {
 	return &Probe{opts: opts, client: client, node: node, pending: pending, clock: clk, log: log.With("probe", Name),
-		instances: map[string]*instance{}, owed: map[string][]probes.Endpoint{}}
+		instances: map[string]*instance{}, owed: map[string][]probes.Endpoint{}, reads: map[readKey]uint64{}}
 }
 
 // Name implements probes.Probe.
@@ -473,9 +481,13 @@ func (p *Probe) read(ctx context.Context, sink probes.Sink, in *instance, owed [
 		var ok bool
 		backends, ok, err = in.reader.ReadBackends(ctx, names)
 		full = !ok
+		if ok {
+			p.counted(in.kind.Name, "targeted")
+		}
 	}
 	if full && err == nil {
 		backends, err = in.reader.Read(ctx)
+		p.counted(in.kind.Name, "full")
 	}
 	if ctx.Err() != nil {
 		return
@@ -496,6 +508,12 @@ func (p *Probe) read(ctx context.Context, sink probes.Sink, in *instance, owed [
 	if in.recovered() {
 		sink.SetStatus(Name, probes.Status{Up: true})
 	}
+}
+
+func (p *Probe) counted(kind, query string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.reads[readKey{kind, query}]++
 }
 
 // instance is one proxy being read, and what it routed to at the last read.
