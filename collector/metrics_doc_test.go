@@ -2,8 +2,10 @@ package collector
 
 import (
 	"bufio"
+	"context"
 	"errors"
 	"log/slog"
+	"net/netip"
 	"os"
 	"regexp"
 	"slices"
@@ -11,7 +13,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"k8s.io/utils/clock"
+
 	"github.com/endpointlag/endpointlag/probes"
+	"github.com/endpointlag/endpointlag/probes/ingress"
 	"github.com/endpointlag/endpointlag/probes/packets"
 )
 
@@ -52,6 +58,51 @@ func readMetricsDoc(t *testing.T) map[string]docRow {
 	return rows
 }
 
+// docProxy is a proxy of the kind "doctest": one backend, one server.
+type docProxy struct{}
+
+func (docProxy) Read(context.Context) ([]ingress.Backend, error) {
+	return []ingress.Backend{{Name: "b", Servers: []ingress.Server{{Endpoint: probes.Endpoint{Addr: netip.MustParseAddr("10.0.0.1"), Port: 80, Protocol: "TCP"}, Routable: true}}}}, nil
+}
+
+func (docProxy) ReadBackends(context.Context, []string) ([]ingress.Backend, bool, error) {
+	return nil, false, nil
+}
+
+// readIngressInstance runs an ingress probe on one instance until it has read it, with its
+// metrics in reg.
+func readIngressInstance(t *testing.T, reg *prometheus.Registry) {
+	t.Helper()
+	ingress.Register(ingress.Kind{Name: "doctest", DefaultPort: 1, Scheme: "http", New: func(ingress.Target) (ingress.Reader, error) { return docProxy{}, nil }})
+	opts := ingress.DefaultOptions()
+	opts.Instances = []string{"doctest=http://127.0.0.1:1"}
+	p := ingress.New(opts, nil, "node-a", nil, clock.RealClock{}, slog.New(slog.DiscardHandler))
+	reg.MustRegister(p.Collector())
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- p.Run(ctx, discardSink{}) }()
+	t.Cleanup(func() {
+		cancel()
+		<-done
+	})
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if _, ok := p.Reaches(probes.ServiceRef{}, probes.Endpoint{}); ok {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the ingress probe did not read its instance within 10 s")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+type discardSink struct{}
+
+func (discardSink) Observe(probes.Observation)      {}
+func (discardSink) SetStatus(string, probes.Status) {}
+func (discardSink) Error(string, error)             {}
+
 // TestMetricsDoc drives the collector until every metric it has exports a series (the packets
 // probe's metrics come with their zero values), then checks
 // that docs/metrics.md lists exactly those metrics with their types and labels.
@@ -60,8 +111,10 @@ func TestMetricsDoc(t *testing.T) {
 	if err := RegisterBuildInfo(f.reg, "v0", "abc"); err != nil {
 		t.Fatal(err)
 	}
-	// The packets probe exports its counters itself, into the same registry in the daemon.
+	// The packets and ingress probes export their own metrics, into the same registry in the
+	// daemon; the ingress probe's come once it reads an instance.
 	f.reg.MustRegister(packets.New(packets.DefaultOptions(), nil, f.clock, slog.New(slog.DiscardHandler)).Collector())
+	readIngressInstance(t, f.reg)
 	f.c.SetStatus("kube", probes.Status{Up: true, Synced: true})
 	f.c.Error("kube", errors.New("x"))
 	f.c.Observe(obs(probes.StageDeleted, 1, t0, true))
