@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -416,11 +417,14 @@ func (p *Probe) Reaches(svc probes.ServiceRef, ep probes.Endpoint) ([]probes.Rea
 	return out, true
 }
 
-// poll reads one instance until ctx ends: fast while it owes a removal, then backing off
-// (doubling the interval after each read) to the slow heartbeat.
+// poll reads one instance until ctx ends: fast while it owes a removal (only the backends that
+// hold what it owes, when its kind can), then backing off to the slow heartbeat, the interval
+// doubling at each read. While it backs off it reads the backends that held what it owed (a
+// rolling update adds and removes more endpoints there), and the heartbeat reads everything.
 func (p *Probe) poll(ctx context.Context, sink probes.Sink, in *instance) {
 	fast := max(p.opts.Fast, in.kind.MinInterval)
 	next := p.opts.Slow
+	var recent []string
 	for first := true; ; first = false {
 		owed := p.owedBy(in.name)
 		if !first {
@@ -443,13 +447,33 @@ func (p *Probe) poll(ctx context.Context, sink probes.Sink, in *instance) {
 			}
 			owed = p.owedBy(in.name)
 		}
-		p.read(ctx, sink, in, owed)
+		var names []string
+		switch {
+		case len(owed) > 0:
+			names = in.backendsOf(owed)
+			recent = mergeNames(recent, names)
+		case next < p.opts.Slow:
+			names = recent
+		default:
+			recent = nil
+		}
+		p.read(ctx, sink, in, names)
 		if len(owed) > 0 {
 			next = fast
 		} else {
 			next = min(2*next, p.opts.Slow)
 		}
 	}
+}
+
+// mergeNames adds the names of b missing from a, keeping a sorted.
+func mergeNames(a, b []string) []string {
+	for _, n := range b {
+		if i, found := slices.BinarySearch(a, n); !found {
+			a = slices.Insert(a, i, n)
+		}
+	}
+	return a
 }
 
 // waitFor sleeps until since reaches d, or returns false when ctx ends first.
@@ -467,17 +491,17 @@ func waitFor(ctx context.Context, since, d time.Duration) bool {
 	}
 }
 
-// read reads an instance — only the backends holding what it owes, when its kind can, else all —
-// and reports the endpoints it no longer routes new requests to, at the moment its answer came
-// (the proxy's state is from some moment of the read: by then, it was so).
-func (p *Probe) read(ctx context.Context, sink probes.Sink, in *instance, owed []probes.Endpoint) {
+// read reads an instance — the named backends, when its kind can, else all — and reports the
+// endpoints it no longer routes new requests to, at the moment its answer came (the proxy's state
+// is from some moment of the read: by then, it was so).
+func (p *Probe) read(ctx context.Context, sink probes.Sink, in *instance, names []string) {
 	start := p.clock.Now()
 	var (
 		backends []Backend
 		full     = true
 		err      error
 	)
-	if names := in.backendsOf(owed); len(names) > 0 {
+	if len(names) > 0 {
 		var ok bool
 		backends, ok, err = in.reader.ReadBackends(ctx, names)
 		full = !ok
@@ -498,10 +522,10 @@ func (p *Probe) read(ctx context.Context, sink probes.Sink, in *instance, owed [
 		return
 	}
 	at := p.clock.Now()
-	removed, precision, first := in.apply(start, at, backends, full)
+	removed, first := in.apply(start, at, backends, full)
 	if !first {
 		for _, r := range removed {
-			sink.Observe(probes.Observation{Stage: probes.StageIngress, Time: at, Precision: precision, Source: in.name, SourceKind: in.kind.Name,
+			sink.Observe(probes.Observation{Stage: probes.StageIngress, Time: at, Precision: r.precision, Source: in.name, SourceKind: in.kind.Name,
 				Service: r.service, Endpoint: r.endpoint})
 		}
 	}
@@ -526,12 +550,15 @@ type instance struct {
 	wake   chan struct{}
 
 	mu sync.Mutex
-	// backends are the last read's backends by name; routable the endpoints new requests can go
-	// to, per Service (the zero Service for backends that name none).
-	backends map[string]Backend
-	routable map[routed]bool
-	// last is when the last read was answered; lastStart when it was sent.
-	last, lastStart time.Time
+	// backends are the backends by name as last read, and readStart when each was last asked
+	// for; routable the endpoints new requests can go to (per Service, the zero Service for
+	// backends that name none), each with the oldest readStart of the backends that route to it:
+	// a removal found now happened after that.
+	backends  map[string]Backend
+	readStart map[string]time.Time
+	routable  map[routed]time.Time
+	// last is when the last read was answered.
+	last time.Time
 	// tried: read (or failed to be) at least once; down: the last read failed, with lastErr.
 	triedOnce bool
 	down      bool
@@ -545,7 +572,7 @@ type routed struct {
 
 func newInstance(name string, k Kind, addr string, r Reader, cancel context.CancelFunc) *instance {
 	return &instance{name: name, kind: k, addr: addr, reader: r, cancel: cancel, wake: make(chan struct{}, 1),
-		backends: map[string]Backend{}, routable: map[routed]bool{}}
+		backends: map[string]Backend{}, readStart: map[string]time.Time{}, routable: map[routed]time.Time{}}
 }
 
 func (in *instance) wakeUp() {
@@ -609,45 +636,57 @@ func (in *instance) backendsOf(eps []probes.Endpoint) []string {
 	return out
 }
 
-// apply takes a read that started at start and was answered at at: all backends (full), or only
-// some. It returns what no longer gets new requests, how long before at it may have happened
-// (since the previous read started: the precision), and whether this was the first read.
-func (in *instance) apply(start, at time.Time, backends []Backend, full bool) (removed []routed, precision time.Duration, first bool) {
+// removal is an endpoint a read found no longer routable, and how long before the read's answer
+// it may have happened (since the previous read of its backends was sent).
+type removal struct {
+	routed
+	precision time.Duration
+}
+
+// apply takes a read that was sent at start and answered at at: all backends (full), or only
+// some. It returns what no longer gets new requests, and whether this was the first read.
+func (in *instance) apply(start, at time.Time, backends []Backend, full bool) (removed []removal, first bool) {
 	in.mu.Lock()
 	defer in.mu.Unlock()
 	first = in.last.IsZero()
-	if !first {
-		precision = at.Sub(in.lastStart)
-	}
-	in.triedOnce, in.last, in.lastStart = true, at, start
+	in.triedOnce, in.last = true, at
 	if full {
 		in.backends = make(map[string]Backend, len(backends))
+		in.readStart = make(map[string]time.Time, len(backends))
 	}
 	for _, b := range backends {
 		in.backends[b.Name] = b
+		in.readStart[b.Name] = start
 	}
-	next := map[routed]bool{}
-	for _, b := range in.backends {
+	next := make(map[routed]time.Time, len(in.routable))
+	for name, b := range in.backends {
+		since := in.readStart[name]
 		for _, s := range b.Servers {
-			if s.Routable {
-				next[routed{service: b.Service, endpoint: s.Endpoint}] = true
+			if !s.Routable {
+				continue
+			}
+			r := routed{service: b.Service, endpoint: s.Endpoint}
+			if t, ok := next[r]; !ok || since.Before(t) {
+				next[r] = since
 			}
 		}
 	}
-	for r := range in.routable {
-		if !next[r] {
-			removed = append(removed, r)
+	for r, since := range in.routable {
+		if _, ok := next[r]; !ok {
+			removed = append(removed, removal{routed: r, precision: at.Sub(since)})
 		}
 	}
 	in.routable = next
-	return removed, precision, first
+	return removed, first
 }
 
 // routes tells whether the instance sent new requests for svc to ep at its last read.
 func (in *instance) routes(svc probes.ServiceRef, ep probes.Endpoint) bool {
 	in.mu.Lock()
 	defer in.mu.Unlock()
-	return in.routable[routed{service: svc, endpoint: ep}] || in.routable[routed{endpoint: ep}]
+	_, forSvc := in.routable[routed{service: svc, endpoint: ep}]
+	_, forAny := in.routable[routed{endpoint: ep}]
+	return forSvc || forAny
 }
 
 // ErrNoInstances is returned by Snapshot when nothing is read.

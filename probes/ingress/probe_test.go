@@ -161,13 +161,49 @@ func TestProbeReadsAndReportsRemovals(t *testing.T) {
 	}
 
 	// Nothing owed any more: the interval doubles back towards the heartbeat (5, 10, 20, 40,
-	// 80, 160 ms: at most 6 reads in 300 ms, where polling on at 5 ms would make about 60).
+	// 80, 160 ms: at most 6 reads in 300 ms, where polling on at 5 ms would make about 60), and
+	// those reads ask for the backend that held what was owed only; the heartbeat (an hour here)
+	// reads everything.
 	pending.set(map[string][]probes.Endpoint{})
 	full0, targeted0 := fp.counts()
 	time.Sleep(300 * time.Millisecond)
 	full1, targeted1 := fp.counts()
-	if n := full1 - full0 + targeted1 - targeted0; n < 1 || n > 8 {
-		t.Errorf("%d reads in the 300 ms after the last owed removal; want a few, backing off", n)
+	if n := targeted1 - targeted0; full1 != full0 || n < 1 || n > 8 {
+		t.Errorf("in the 300 ms after the last owed removal: %d full reads, %d targeted; want none full and a few targeted, backing off", full1-full0, n)
+	}
+	fp.mu.Lock()
+	last := fp.targeted[len(fp.targeted)-1]
+	fp.mu.Unlock()
+	if !slices.Equal(last, []string{"shop-web-80"}) {
+		t.Errorf("backing off, the probe reads %v; want the backend that held what it owed", last)
+	}
+}
+
+// A removal's precision is the time since its own backend was last read: a backend that only the
+// full reads ask for has the previous full read's age, however many targeted reads came between.
+func TestPrecisionPerBackend(t *testing.T) {
+	in := newInstance("fake=p", Kind{Name: "fake"}, "p", nil, func() {})
+	t0 := time.Date(2026, 11, 29, 12, 0, 0, 0, time.UTC)
+	at := func(ms int) time.Time { return t0.Add(time.Duration(ms) * time.Millisecond) }
+	a := Backend{Name: "a", Service: shop, Servers: []Server{server("10.244.1.1", true, "")}}
+	b := Backend{Name: "b", Service: shop, Servers: []Server{server("10.244.1.2", true, "")}}
+	if removed, first := in.apply(at(0), at(5), []Backend{a, b}, true); !first || len(removed) != 0 {
+		t.Fatalf("first read: %v, first %v", removed, first)
+	}
+	for ms := 20; ms <= 100; ms += 20 {
+		if removed, _ := in.apply(at(ms), at(ms+1), []Backend{a}, false); len(removed) != 0 {
+			t.Fatalf("a targeted read of a reports %v", removed)
+		}
+	}
+	aFenced := Backend{Name: "a", Service: shop, Servers: []Server{server("10.244.1.1", false, "fenced")}}
+	removed, _ := in.apply(at(200), at(210), []Backend{aFenced, {Name: "b", Service: shop}}, true)
+	got := map[probes.Endpoint]time.Duration{}
+	for _, r := range removed {
+		got[r.endpoint] = r.precision
+	}
+	want := map[probes.Endpoint]time.Duration{ep("10.244.1.1"): 110 * time.Millisecond, ep("10.244.1.2"): 210 * time.Millisecond}
+	if len(got) != len(want) || got[ep("10.244.1.1")] != want[ep("10.244.1.1")] || got[ep("10.244.1.2")] != want[ep("10.244.1.2")] {
+		t.Errorf("removals with precision %v, want %v", got, want)
 	}
 }
 
