@@ -139,6 +139,28 @@ func routeNodes(netns string, i, nodes int) error {
 	return nil
 }
 
+// routePods gives the control plane's namespace routes to every node's pod CIDR through that
+// node, so that programs in pods reach the API server directly (its answers find their way back)
+// as they do in a cluster whose control plane can reach pods.
+func routePods(netns string, nodes int) error {
+	h, err := ns.Handle(netns)
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	eth0, err := h.LinkByName("eth0")
+	if err != nil {
+		return err
+	}
+	for j := 1; j <= nodes; j++ {
+		r := &netlink.Route{LinkIndex: eth0.Attrs().Index, Dst: ipNet(podCIDR(j)), Gw: nodeAddr(j).AsSlice()}
+		if err := h.RouteAdd(r); err != nil {
+			return fmt.Errorf("%s: route to %s: %w", netns, podCIDR(j), err)
+		}
+	}
+	return nil
+}
+
 // plugPod creates namespace podNS with address ip, connected to node namespace nodeNS by a veth
 // whose node end is hostLink.
 func plugPod(nodeNS, podNS, hostLink string, ip netip.Addr) error {
