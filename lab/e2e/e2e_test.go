@@ -152,12 +152,13 @@ func testLab(t *testing.T, mode string) {
 		if first == nil {
 			t.Skip("the first rollout failed")
 		}
-		preStop, stage, p99 := scenario.Recommend(first.Lags)
+		rec := scenario.Recommend(first.Lags)
+		preStop := rec.PreStop
 		if preStop == 0 {
 			t.Fatal("nothing measured to size preStop from")
 		}
 		b := scenario.Behaviour{PreStop: preStop, Drain: 2 * time.Second}
-		t.Logf("preStop %s (p99 %s propagation %.3fs + %s), drain %s", preStop, stage, p99, scenario.Margin, b.Drain)
+		t.Logf("preStop %s, drain %s", rec, b.Drain)
 		if err := app.Apply(ctx, b); err != nil {
 			t.Fatal(err)
 		}

@@ -470,7 +470,7 @@ func (s *shapes) reusedAddress(t *testing.T) {
 		t.Fatal(err)
 	}
 	target := netip.AddrPortFrom(addr, 8080).String()
-	rs, err := load.Run(s.ctx, load.Config{NS: s.c.ClientNS(), Target: target, Rate: 50, Duration: time.Second, Timeout: time.Second})
+	rs, err := load.Run(s.ctx, load.Config{NS: s.c.ClientNS(), Targets: []load.Target{{Path: load.PathClusterIP, Addr: target}}, Rate: 50, Duration: time.Second, Timeout: time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
