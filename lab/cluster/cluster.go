@@ -165,11 +165,11 @@ type Cluster struct {
 	// probeAgent is the User-Agent of the kubelets' HTTP probes.
 	probeAgent string
 	// runCtx ends when the lab stops.
-	runCtx     context.Context
-	cancel     context.CancelFunc
-	wg         sync.WaitGroup
-	listeners  []net.Listener
-	client     struct {
+	runCtx    context.Context
+	cancel    context.CancelFunc
+	wg        sync.WaitGroup
+	listeners []net.Listener
+	client    struct {
 		netns string
 		ip    netip.Addr
 	}

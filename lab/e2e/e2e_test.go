@@ -52,6 +52,13 @@ func config(t *testing.T) cluster.Config {
 		StateDir:    filepath.Join(os.TempDir(), "endpointlag-e2e"),
 		Log:         slog.New(slog.NewTextHandler(testWriter{t}, nil)),
 	}
+	// The ingress proxies' binaries, for the tests that run them (see ingressConfig).
+	if _, err := os.Stat(os.Getenv("LAB_TRAEFIK")); err == nil {
+		cfg.Traefik = os.Getenv("LAB_TRAEFIK")
+	}
+	if p, err := exec.LookPath("haproxy"); err == nil {
+		cfg.HAProxy = p
+	}
 	var missing []string
 	for _, p := range []string{filepath.Join(cfg.BinDir, "kube-apiserver"), cfg.Endpointlag, cfg.Tool} {
 		if _, err := os.Stat(p); err != nil {
@@ -505,7 +512,12 @@ func labProcesses(cfg cluster.Config) []string {
 		if err != nil {
 			continue
 		}
-		if strings.HasPrefix(exe, cfg.BinDir+"/") || exe == cfg.Endpointlag || exe == cfg.Tool {
+		if strings.HasPrefix(exe, cfg.BinDir+"/") || exe == cfg.Endpointlag || exe == cfg.Tool || exe == cfg.Traefik && cfg.Traefik != "" {
+			out = append(out, pid+" "+exe)
+		}
+		// Other programs on the machine may run HAProxy: the lab's read their configuration
+		// from its state directory.
+		if cmdline, _ := os.ReadFile("/proc/" + pid + "/cmdline"); exe == cfg.HAProxy && cfg.HAProxy != "" && strings.Contains(string(cmdline), cfg.StateDir) {
 			out = append(out, pid+" "+exe)
 		}
 	}

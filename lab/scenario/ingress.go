@@ -316,11 +316,17 @@ func (in *Ingress) TraefikServers(ctx context.Context) ([]TraefikServer, error) 
 }
 
 // HAProxyServers reads `show servers state` of the app's backend through HAProxy's read-only
-// runtime socket on its pod's address, from the client pod, as endpointlag reads it.
-func (in *Ingress) HAProxyServers(ctx context.Context) ([]haproxy.ServerState, error) {
+// runtime socket on its pod's address, from the client pod, as endpointlag reads it; raw is
+// HAProxy's answer.
+func (in *Ingress) HAProxyServers(ctx context.Context) (states []haproxy.ServerState, raw string, err error) {
 	addr := net.JoinHostPort(in.HAProxy.Status.PodIP, strconv.Itoa(HAProxyUserPort))
 	rt := &haproxy.Runtime{Dial: func(ctx context.Context) (net.Conn, error) { return in.dialFromClient(ctx, addr) }}
-	return rt.ServersState(ctx, in.HAProxyBackend)
+	answers, err := rt.Exec(ctx, "show servers state "+in.HAProxyBackend)
+	if err != nil {
+		return nil, "", err
+	}
+	states, err = haproxy.ParseServersState(answers[0])
+	return states, answers[0], err
 }
 
 // Endpoints lists what each proxy would route to now: Traefik's unfenced servers and HAProxy's
@@ -340,7 +346,7 @@ func (in *Ingress) Endpoints(ctx context.Context) (traefik, haproxyReady []netip
 		}
 		traefik = append(traefik, ap)
 	}
-	states, err := in.HAProxyServers(ctx)
+	states, _, err := in.HAProxyServers(ctx)
 	if err != nil {
 		return nil, nil, err
 	}

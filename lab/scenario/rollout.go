@@ -22,7 +22,7 @@ type Rollout struct {
 	Behaviour Behaviour
 	// Deleted are the pods the rollout replaced.
 	Deleted map[types.UID]corev1.Pod
-	Load []load.Result
+	Load    []load.Result
 	// Paths are the load's paths, in the order of the app's targets; Summary counts every
 	// path's requests, ByPath each path's.
 	Paths   []string
