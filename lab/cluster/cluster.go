@@ -266,7 +266,7 @@ func (c *Cluster) network() error {
 	if err := plugUnderlay(cpNS, "cp", cpAddr); err != nil {
 		return err
 	}
-	if err := routePods(cpNS, c.cfg.Nodes); err != nil {
+	if err := routePodCIDRs(cpNS, 0, c.cfg.Nodes); err != nil {
 		return err
 	}
 	for i := 1; i <= c.cfg.Nodes; i++ {

@@ -71,6 +71,22 @@ func config(t *testing.T) cluster.Config {
 	return cfg
 }
 
+// upLab starts a lab with cfg for a test, and at its end stops it and checks that nothing of it
+// is left.
+func upLab(t *testing.T, ctx context.Context, cfg cluster.Config) *cluster.Cluster {
+	t.Helper()
+	rootLinks := linkNames(t)
+	c, err := cluster.Up(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		c.Down()
+		assertClean(t, cfg, rootLinks)
+	})
+	return c
+}
+
 type testWriter struct{ t *testing.T }
 
 func (w testWriter) Write(p []byte) (int, error) {

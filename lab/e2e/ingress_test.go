@@ -33,16 +33,8 @@ func TestIngress(t *testing.T) {
 			os.Getenv("LAB_TRAEFIK"), cfg.HAProxy)
 	}
 	cfg.Nodes = 2
-	rootLinks := linkNames(t)
 	ctx := context.Background()
-	c, err := cluster.Up(ctx, cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		c.Down()
-		assertClean(t, cfg, rootLinks)
-	}()
+	c := upLab(t, ctx, cfg)
 	app := &scenario.App{Client: c.Client, Namespace: "ing", Name: "web", Replicas: 4}
 	if err := app.Apply(ctx, scenario.Behaviour{}); err != nil {
 		t.Fatal(err)

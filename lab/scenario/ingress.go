@@ -179,53 +179,55 @@ func httpReadiness(path string, port string) *corev1.Probe {
 // traefikPod runs Traefik with its Kubernetes Ingress provider against the lab's API server;
 // providersThrottleDuration stays at its default, 2 s.
 func traefikPod(name string, api cluster.APIAccess) *corev1.Pod {
-	return &corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Namespace: IngressNamespace, Name: name, Labels: map[string]string{"app": name},
-			Annotations: map[string]string{annotationProxy: "traefik", annotationAdmin: strconv.Itoa(TraefikAdminPort)}},
-		Spec: corev1.PodSpec{Containers: []corev1.Container{{
-			Name:  "traefik",
-			Image: cluster.ImageTraefik,
-			Args: []string{
-				"--entryPoints.web.address=:" + strconv.Itoa(TraefikWebPort),
-				"--entryPoints.traefik.address=:" + strconv.Itoa(TraefikAdminPort),
-				"--api.insecure=true",
-				"--ping=true",
-				"--providers.kubernetesingress=true",
-				"--providers.kubernetesingress.endpoint=" + api.URL,
-				"--providers.kubernetesingress.token=" + api.TokenFile,
-				"--providers.kubernetesingress.certauthfilepath=" + api.CAFile,
-				"--global.checknewversion=false",
-				"--global.sendanonymoususage=false",
-				"--log.level=INFO",
-				"--log.nocolor=true",
-			},
-			Env: downwardEnv(),
-			Ports: []corev1.ContainerPort{
-				{Name: "web", ContainerPort: TraefikWebPort, Protocol: corev1.ProtocolTCP},
-				{Name: "traefik", ContainerPort: TraefikAdminPort, Protocol: corev1.ProtocolTCP},
-			},
-			ReadinessProbe: httpReadiness("/ping", "traefik"),
-		}}},
-	}
+	return proxyPod(name, "traefik", TraefikAdminPort, corev1.Container{
+		Name:  "traefik",
+		Image: cluster.ImageTraefik,
+		Args: []string{
+			"--entryPoints.web.address=:" + strconv.Itoa(TraefikWebPort),
+			"--entryPoints.traefik.address=:" + strconv.Itoa(TraefikAdminPort),
+			"--api.insecure=true",
+			"--ping=true",
+			"--providers.kubernetesingress=true",
+			"--providers.kubernetesingress.endpoint=" + api.URL,
+			"--providers.kubernetesingress.token=" + api.TokenFile,
+			"--providers.kubernetesingress.certauthfilepath=" + api.CAFile,
+			"--global.checknewversion=false",
+			"--global.sendanonymoususage=false",
+			"--log.level=INFO",
+			"--log.nocolor=true",
+		},
+		Env: downwardEnv(),
+		Ports: []corev1.ContainerPort{
+			{Name: "web", ContainerPort: TraefikWebPort, Protocol: corev1.ProtocolTCP},
+			{Name: "traefik", ContainerPort: TraefikAdminPort, Protocol: corev1.ProtocolTCP},
+		},
+		ReadinessProbe: httpReadiness("/ping", "traefik"),
+	})
 }
 
 // haproxyPod runs HAProxy in the foreground on the configuration at cfgPath.
 func haproxyPod(name, cfgPath string) *corev1.Pod {
+	return proxyPod(name, "haproxy", HAProxyUserPort, corev1.Container{
+		Name:  "haproxy",
+		Image: cluster.ImageHAProxy,
+		Args:  []string{"-db", "-f", cfgPath},
+		Env:   downwardEnv(),
+		Ports: []corev1.ContainerPort{
+			{Name: "http", ContainerPort: HAProxyHTTPPort, Protocol: corev1.ProtocolTCP},
+			{Name: "healthz", ContainerPort: HAProxyHealthzPort, Protocol: corev1.ProtocolTCP},
+			{Name: "runtime", ContainerPort: HAProxyUserPort, Protocol: corev1.ProtocolTCP},
+		},
+		ReadinessProbe: httpReadiness("/healthz", "healthz"),
+	})
+}
+
+// proxyPod is a pod in IngressNamespace running c, annotated as a proxy of kind whose admin
+// interface is on its address at port admin.
+func proxyPod(name, kind string, admin int, c corev1.Container) *corev1.Pod {
 	return &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Namespace: IngressNamespace, Name: name, Labels: map[string]string{"app": name},
-			Annotations: map[string]string{annotationProxy: "haproxy", annotationAdmin: strconv.Itoa(HAProxyUserPort)}},
-		Spec: corev1.PodSpec{Containers: []corev1.Container{{
-			Name:  "haproxy",
-			Image: cluster.ImageHAProxy,
-			Args:  []string{"-db", "-f", cfgPath},
-			Env:   downwardEnv(),
-			Ports: []corev1.ContainerPort{
-				{Name: "http", ContainerPort: HAProxyHTTPPort, Protocol: corev1.ProtocolTCP},
-				{Name: "healthz", ContainerPort: HAProxyHealthzPort, Protocol: corev1.ProtocolTCP},
-				{Name: "runtime", ContainerPort: HAProxyUserPort, Protocol: corev1.ProtocolTCP},
-			},
-			ReadinessProbe: httpReadiness("/healthz", "healthz"),
-		}}},
+			Annotations: map[string]string{annotationProxy: kind, annotationAdmin: strconv.Itoa(admin)}},
+		Spec: corev1.PodSpec{Containers: []corev1.Container{c}},
 	}
 }
 
