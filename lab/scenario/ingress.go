@@ -92,7 +92,7 @@ func DeployIngress(ctx context.Context, c *cluster.Cluster, app *App, o IngressO
 		return nil, err
 	}
 	port := svc.Spec.Ports[0]
-	in.TraefikService = fmt.Sprintf("%s-%s-%s@kubernetes", app.Namespace, app.Name, haproxy.PortKey(port))
+	in.TraefikService = traefikServiceName(app.Namespace, app.Name, port)
 	backend := haproxy.Backend{Namespace: app.Namespace, Service: app.Name, Port: haproxy.PortKey(port), Path: "/"}
 	in.HAProxyBackend = backend.Name()
 	if err := ensureNamespace(ctx, app.Client, IngressNamespace); err != nil {
@@ -137,6 +137,16 @@ func DeployIngress(ctx context.Context, c *cluster.Cluster, app *App, o IngressO
 	c.Background(in.Controller.Run)
 	app.Via = in.Targets()
 	return in, nil
+}
+
+// traefikServiceName is the name Traefik's Kubernetes Ingress provider gives the service of an
+// Ingress backend (namespace, Service, port name or else number), in its API.
+func traefikServiceName(namespace, service string, port corev1.ServicePort) string {
+	p := port.Name
+	if p == "" {
+		p = strconv.Itoa(int(port.Port))
+	}
+	return fmt.Sprintf("%s-%s-%s@kubernetes", namespace, service, p)
 }
 
 func createIngress(ctx context.Context, app *App, class, host string, port corev1.ServicePort) error {

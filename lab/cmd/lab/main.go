@@ -186,6 +186,9 @@ func down(o options) error {
 
 func demo(ctx context.Context, o options, out io.Writer) error {
 	start := time.Now()
+	if o.ingress && (o.Traefik == "" || o.HAProxy == "") {
+		return fmt.Errorf("--ingress needs Traefik and HAProxy (--traefik=%q, --haproxy=%q): make demo builds and installs them; --ingress=false leaves them out", o.Traefik, o.HAProxy)
+	}
 	fmt.Fprintf(out, "lab: starting %d nodes, kube-proxy in %s mode\n", o.Nodes, o.ProxyMode)
 	c, err := cluster.Up(ctx, o.Config)
 	if err != nil {
