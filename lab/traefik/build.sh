@@ -80,7 +80,7 @@ if [ "$mode" = tidy ]; then
 fi
 
 mkdir -p "$out"
-echo "lab: building traefik $traefik_version (a cold build takes about 6 minutes on 2 cores)..."
+echo "lab: building traefik $traefik_version (a cold build takes about 10 minutes on 2 cores)..."
 start=$(date +%s)
 pkg=github.com/traefik/traefik/v3/pkg/version
 go build -trimpath \
