@@ -9,8 +9,9 @@ LDFLAGS  := -X main.version=$(VERSION) -X main.revision=$(REVISION)
 
 # Debian packages the build and the tests need: a C toolchain for the race detector; clang, llvm
 # and libbpf's headers for the eBPF programs (make generate, and the staleness check in lint); the
-# lab's kube-proxy drives nft and iptables, and the lab uses ip (iproute2) for network namespaces;
-# the HAProxy reader's test runs a real haproxy on 127.0.0.1.
+# lab's kube-proxy drives nft and iptables, the lab uses ip (iproute2) for network namespaces and
+# runs HAProxy as one of its ingress proxies, and the HAProxy reader's test runs a real haproxy on
+# 127.0.0.1.
 DEB_PACKAGES := gcc libc6-dev clang llvm libbpf-dev iproute2 nftables iptables conntrack haproxy
 
 # The lab's Kubernetes binaries, built from the Go module proxy at the version pinned in
@@ -19,6 +20,14 @@ K8S_VERSION := $(shell sed -n 's|^\s*k8s.io/kubernetes \(v[^ ]*\).*|\1|p' lab/k8
 LAB_CACHE   ?= /var/cache/endpointlag
 LAB_BIN_DIR ?= $(LAB_CACHE)/k8s-$(K8S_VERSION)-$(shell cat lab/k8s/go.mod lab/k8s/go.sum | sha256sum | cut -c1-12)
 export LAB_BIN_DIR
+# Traefik, the lab's other ingress proxy, built from the module proxy at the version pinned in
+# lab/traefik/go.mod, cached likewise, keyed by every file of lab/traefik (go.mod, go.sum, the
+# build script and what it puts into the copies of the two dependencies it changes).
+TRAEFIK_VERSION := $(shell sed -n 's|^\s*github.com/traefik/traefik/v3 \(v[^ ]*\).*|\1|p' lab/traefik/go.mod)
+TRAEFIK_HASH    := $(shell find lab/traefik -type f | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-12)
+TRAEFIK_DIR     ?= $(LAB_CACHE)/traefik-$(TRAEFIK_VERSION)-$(TRAEFIK_HASH)
+LAB_TRAEFIK     ?= $(TRAEFIK_DIR)/traefik
+export LAB_TRAEFIK
 LAB_FLAGS ?=
 
 .PHONY: all build test unit e2e lint fmt generate check-generate deps clean lab-bins lab-tool demo lab-up lab-down
@@ -57,9 +66,11 @@ skipped:
 	@n=$$(grep -c '"Action":"skip","Package":"[^"]*","Test":' $(JSON) || true); \
 	echo "skipped tests: $$n$$( [ "$$n" -gt 0 ] && echo ' (each with its reason under === Skipped above)')"
 
-## lab-bins: build etcd, kube-apiserver, kube-controller-manager, kube-proxy (cached in LAB_BIN_DIR).
+## lab-bins: build etcd, kube-apiserver, kube-controller-manager, kube-proxy (cached in LAB_BIN_DIR)
+## and Traefik (cached in TRAEFIK_DIR).
 lab-bins:
 	lab/k8s/build.sh $(LAB_BIN_DIR)
+	lab/traefik/build.sh $(TRAEFIK_DIR)
 
 ## lab-tool: the lab's own command (bin/lab).
 lab-tool:

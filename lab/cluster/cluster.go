@@ -53,6 +53,10 @@ type Config struct {
 	Endpointlag string
 	// Tool is the lab binary: pods run `Tool serve`, the load generator `Tool load`.
 	Tool string
+	// Traefik and HAProxy are the binaries that pods of the images ImageTraefik and ImageHAProxy
+	// run; empty when the lab has none (such a pod then fails to start).
+	Traefik string
+	HAProxy string
 	// StateDir holds keys, kubeconfigs, logs and the PID records.
 	StateDir string
 	// APIPort is the loopback port of the API server's forwarder; node i's daemon is reachable
@@ -121,6 +125,11 @@ func (c *Config) validate() error {
 	if _, err := os.Stat(c.Tool); err != nil {
 		errs = append(errs, fmt.Errorf("lab binary: %w (build it with `make lab-tool`)", err))
 	}
+	for name, path := range map[string]string{"traefik": c.Traefik, "haproxy": c.HAProxy} {
+		if _, err := os.Stat(path); path != "" && err != nil {
+			errs = append(errs, fmt.Errorf("%s binary: %w (make lab-bins builds Traefik; make deps installs Debian's haproxy)", name, err))
+		}
+	}
 	if os.Geteuid() != 0 {
 		errs = append(errs, errors.New("the lab needs root (network namespaces, nftables)"))
 	}
@@ -155,10 +164,12 @@ type Cluster struct {
 	procs *procs
 	// probeAgent is the User-Agent of the kubelets' HTTP probes.
 	probeAgent string
-	cancel     context.CancelFunc
-	wg         sync.WaitGroup
-	listeners  []net.Listener
-	client     struct {
+	// runCtx ends when the lab stops.
+	runCtx    context.Context
+	cancel    context.CancelFunc
+	wg        sync.WaitGroup
+	listeners []net.Listener
+	client    struct {
 		netns string
 		ip    netip.Addr
 	}
@@ -225,7 +236,7 @@ func Up(ctx context.Context, cfg Config) (c *Cluster, err error) {
 		return nil, err
 	}
 	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	c = &Cluster{cfg: cfg, procs: &procs{dir: cfg.StateDir}, cancel: cancel}
+	c = &Cluster{cfg: cfg, procs: &procs{dir: cfg.StateDir}, runCtx: runCtx, cancel: cancel}
 	defer func() {
 		if err != nil {
 			c.Down()
@@ -253,6 +264,9 @@ func (c *Cluster) network() error {
 		return err
 	}
 	if err := plugUnderlay(cpNS, "cp", cpAddr); err != nil {
+		return err
+	}
+	if err := routePodCIDRs(cpNS, 0, c.cfg.Nodes); err != nil {
 		return err
 	}
 	for i := 1; i <= c.cfg.Nodes; i++ {
@@ -285,6 +299,10 @@ func (c *Cluster) controlPlane(ctx context.Context) error {
 		return err
 	}
 	if err := os.WriteFile(c.path("tokens.csv"), []byte(token+",admin,admin,system:masters\n"), 0o600); err != nil {
+		return err
+	}
+	// The token alone, for programs the lab runs in pods (Traefik's Kubernetes provider).
+	if err := os.WriteFile(c.path("token"), []byte(token), 0o600); err != nil {
 		return err
 	}
 	c.Kubeconfig = c.path("kubeconfig")
@@ -403,7 +421,8 @@ func (c *Cluster) startNodes(ctx, runCtx context.Context) error {
 			return err
 		}
 		n.DaemonURL = fmt.Sprintf("http://127.0.0.1:%d", port)
-		n.kubelet = newKubelet(n.Name, i+1, c.Client, c.procs, c.cfg.Tool, c.probeAgent, c.cfg.Log)
+		images := map[string]string{ImageTraefik: c.cfg.Traefik, ImageHAProxy: c.cfg.HAProxy}
+		n.kubelet = newKubelet(n.Name, i+1, c.Client, c.procs, c.cfg.Tool, images, c.probeAgent, c.cfg.Log)
 		c.wg.Go(func() { n.kubelet.run(runCtx) })
 	}
 	b := &binder{client: c.Client, nodes: c.Nodes, log: c.cfg.Log}
@@ -424,6 +443,51 @@ func (c *Cluster) startNodes(ctx, runCtx context.Context) error {
 
 // ClientNS is the network namespace of the client pod on the first node, for load generators.
 func (c *Cluster) ClientNS() string { return c.client.netns }
+
+// Log is the lab's logger.
+func (c *Cluster) Log() *slog.Logger { return c.cfg.Log }
+
+// StateDir is the lab's state directory (Config.StateDir): keys, kubeconfigs, logs, and files
+// the lab's pods read (they share the machine's file system).
+func (c *Cluster) StateDir() string { return c.cfg.StateDir }
+
+// APIAccess is how a program in a pod reaches the API server, as an in-cluster client would.
+type APIAccess struct {
+	// URL is the API server's address on the underlay, routed from every pod.
+	URL string
+	// TokenFile holds a bearer token (of the lab's admin, in system:masters).
+	TokenFile string
+	// CAFile is the API server's self-signed certificate (kube-apiserver --cert-dir), which
+	// verifies itself: it is the CA to trust.
+	CAFile string
+}
+
+// API returns how pods reach the API server.
+func (c *Cluster) API() APIAccess {
+	return APIAccess{
+		URL:       fmt.Sprintf("https://%s:6443", cpAddr),
+		TokenFile: c.path("token"),
+		CAFile:    c.path("pki/apiserver.crt"),
+	}
+}
+
+// Background runs f in a goroutine until the lab stops: f's context ends then, and Down waits
+// for f to return. For stand-ins of cluster components that tests start (the HAProxy ingress
+// controller's).
+func (c *Cluster) Background(f func(ctx context.Context)) {
+	c.wg.Go(func() { f(c.runCtx) })
+}
+
+// PodNS is the network namespace of a running pod; false when the pod has none (not started
+// yet, or gone).
+func (c *Cluster) PodNS(uid types.UID) (string, bool) {
+	for _, n := range c.Nodes {
+		if netns, ok := n.kubelet.podNS(uid); ok {
+			return netns, true
+		}
+	}
+	return "", false
+}
 
 // Node returns the node called name.
 func (c *Cluster) Node(name string) (*Node, error) {
@@ -580,11 +644,15 @@ type LoadRun struct {
 }
 
 // StartLoad runs `Tool load` in the client pod on the first node, sending cfg.Rate requests per
-// second to cfg.Target for at most cfg.Duration, and tracing failures in the node's conntrack.
+// second to each of cfg.Targets for at most cfg.Duration, and tracing failures in the node's
+// conntrack.
 func (c *Cluster) StartLoad(name string, cfg load.Config) (*LoadRun, error) {
 	out := c.path("load-" + name + ".json")
-	args := []string{"load", "--target=" + cfg.Target, fmt.Sprintf("--rate=%d", cfg.Rate), fmt.Sprintf("--first-port=%d", load.Ports.Base()),
+	args := []string{"load", fmt.Sprintf("--rate=%d", cfg.Rate), fmt.Sprintf("--first-port=%d", load.Ports.Base()),
 		"--duration=" + cfg.Duration.String(), "--conntrack-ns=" + c.Nodes[0].NS, "--out=" + out}
+	for _, t := range cfg.Targets {
+		args = append(args, "--target="+t.String())
+	}
 	if cfg.KeepAlive {
 		args = append(args, "--keep-alive")
 	}

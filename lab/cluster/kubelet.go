@@ -24,9 +24,9 @@ import (
 
 // kubelet is the lab's stand-in for one node's kubelet. It runs the pods bound to its node, one
 // goroutine each (see podrun.go): a network namespace with a veth and an address from the
-// node's pod CIDR, and a process running `lab serve`, whose readiness probes it runs and whose
-// status it reports; it restarts or completes pods whose process exits, and terminates deleted
-// ones as the kubelet does.
+// node's pod CIDR, and a process running `lab serve` or the binary of one of the lab's images
+// (images.go), whose readiness probes it runs and whose status it reports; it restarts or
+// completes pods whose process exits, and terminates deleted ones as the kubelet does.
 type kubelet struct {
 	node   string
 	idx    int
@@ -36,6 +36,8 @@ type kubelet struct {
 	procs  *procs
 	// tool is the lab binary; pods run `tool serve`.
 	tool string
+	// images maps the lab's own images to the binaries their pods run.
+	images map[string]string
 	// agent is the User-Agent of HTTP readiness probes.
 	agent string
 
@@ -43,16 +45,18 @@ type kubelet struct {
 	pods  map[types.UID]*podRun
 	inUse map[netip.Addr]bool
 	// ips is every address a pod got on this node, kept after the pod is gone.
-	ips    map[types.UID]netip.Addr
+	ips map[types.UID]netip.Addr
+	// netns is the network namespace of each pod whose sandbox exists.
+	netns  map[types.UID]string
 	nextIP int
 	seq    int
 	wg     sync.WaitGroup
 }
 
-func newKubelet(node string, idx int, client kubernetes.Interface, p *procs, tool, agent string, log *slog.Logger) *kubelet {
+func newKubelet(node string, idx int, client kubernetes.Interface, p *procs, tool string, images map[string]string, agent string, log *slog.Logger) *kubelet {
 	return &kubelet{
-		node: node, idx: idx, nodeNS: nodeNS(idx), client: client, log: log.With("kubelet", node), procs: p, tool: tool, agent: agent,
-		pods: map[types.UID]*podRun{}, inUse: map[netip.Addr]bool{}, ips: map[types.UID]netip.Addr{}, nextIP: 2,
+		node: node, idx: idx, nodeNS: nodeNS(idx), client: client, log: log.With("kubelet", node), procs: p, tool: tool, images: images, agent: agent,
+		pods: map[types.UID]*podRun{}, inUse: map[netip.Addr]bool{}, ips: map[types.UID]netip.Addr{}, netns: map[types.UID]string{}, nextIP: 2,
 	}
 }
 
@@ -174,6 +178,14 @@ func (k *kubelet) podIP(uid types.UID) (netip.Addr, bool) {
 	defer k.mu.Unlock()
 	ip, ok := k.ips[uid]
 	return ip, ok
+}
+
+// podNS is the network namespace of pod uid while its sandbox exists.
+func (k *kubelet) podNS(uid types.UID) (string, bool) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	netns, ok := k.netns[uid]
+	return netns, ok
 }
 
 // attach creates a pod network namespace on this node that runs nothing: the load generator's

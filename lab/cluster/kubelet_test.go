@@ -345,7 +345,7 @@ func TestRestartState(t *testing.T) {
 }
 
 func TestAllocate(t *testing.T) {
-	k := newKubelet("node1", 1, nil, nil, "", "", slog.New(slog.DiscardHandler))
+	k := newKubelet("node1", 1, nil, nil, "", nil, "", slog.New(slog.DiscardHandler))
 	first, _, err := k.allocate("u1", netip.Addr{})
 	if err != nil || first != netip.MustParseAddr("10.244.1.2") {
 		t.Fatalf("first address %s, %v", first, err)

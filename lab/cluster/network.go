@@ -118,6 +118,14 @@ func routeNodes(netns string, i, nodes int) error {
 	if err := ns.Sysctl(netns, "net.ipv4.ip_forward", "1"); err != nil {
 		return err
 	}
+	return routePodCIDRs(netns, i, nodes)
+}
+
+// routePodCIDRs gives namespace netns, on the underlay, routes to the pod CIDR of every node but
+// node except (0 for none) through that node. The control plane gets them all, so that programs
+// in pods reach the API server directly (its answers find their way back) as they do in a
+// cluster whose control plane can reach pods.
+func routePodCIDRs(netns string, except, nodes int) error {
 	h, err := ns.Handle(netns)
 	if err != nil {
 		return err
@@ -128,7 +136,7 @@ func routeNodes(netns string, i, nodes int) error {
 		return err
 	}
 	for j := 1; j <= nodes; j++ {
-		if j == i {
+		if j == except {
 			continue
 		}
 		r := &netlink.Route{LinkIndex: eth0.Attrs().Index, Dst: ipNet(podCIDR(j)), Gw: nodeAddr(j).AsSlice()}

@@ -85,9 +85,17 @@ func (o podOptions) serveArgs(p *corev1.Pod) []string {
 	return args
 }
 
-// servePorts are the TCP ports of all the pod's containers, in order, each once: the lab runs
-// one process per pod, listening on every port its containers declare (8080 when none does).
+// servePorts are the ports `lab serve` listens on: the lab runs one process per pod, listening
+// on every TCP port its containers declare (8080 when none does).
 func servePorts(p *corev1.Pod) []int {
+	if ports := containerPorts(p); len(ports) > 0 {
+		return ports
+	}
+	return []int{8080}
+}
+
+// containerPorts are the TCP ports of all the pod's containers, in order, each once.
+func containerPorts(p *corev1.Pod) []int {
 	var ports []int
 	for _, c := range p.Spec.Containers {
 		for _, cp := range c.Ports {
@@ -95,9 +103,6 @@ func servePorts(p *corev1.Pod) []int {
 				ports = append(ports, int(cp.ContainerPort))
 			}
 		}
-	}
-	if len(ports) == 0 {
-		return []int{8080}
 	}
 	return ports
 }

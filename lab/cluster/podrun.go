@@ -173,6 +173,9 @@ func (k *kubelet) sandbox(r *podRun) error {
 		return err
 	}
 	r.netns = netns
+	k.mu.Lock()
+	k.netns[r.pod.UID] = netns
+	k.mu.Unlock()
 	r.mu.Lock()
 	r.state.ip, r.state.sandbox = ip, true
 	r.mu.Unlock()
@@ -190,6 +193,9 @@ func (k *kubelet) removeSandbox(r *podRun) {
 	ip := r.state.ip
 	r.state.sandbox = false
 	r.mu.Unlock()
+	k.mu.Lock()
+	delete(k.netns, r.pod.UID)
+	k.mu.Unlock()
 	k.release(ip, r.netns)
 	r.netns = ""
 }
@@ -197,7 +203,8 @@ func (k *kubelet) removeSandbox(r *podRun) {
 // errExited ends the wait for a process to listen when it has exited instead.
 var errExited = errors.New("the process exited")
 
-// startProcess starts the pod's server and reports the pod running once it listens. A process
+// startProcess starts the pod's process — `lab serve`, or the binary of a lab image (see
+// images.go) — and reports the pod running once it listens. A process
 // that exits before, or does not listen in time (it is killed), ends like any other exit: the
 // caller sees r.proc.done. It fails only when the process cannot be started at all.
 func (k *kubelet) startProcess(r *podRun) error {
@@ -209,7 +216,14 @@ func (k *kubelet) startProcess(r *podRun) error {
 	if runs > 0 {
 		name += "." + strconv.Itoa(int(runs))
 	}
-	pr, err := k.procs.start(name, r.netns, k.tool, r.opts.serveArgs(pod)...)
+	spec, image, err := imageProcess(pod, k.images, r.state.ip, nodeAddr(k.idx))
+	if err != nil {
+		return err
+	}
+	if !image {
+		spec = processSpec{binary: k.tool, args: r.opts.serveArgs(pod), listen: servePorts(pod)[0]}
+	}
+	pr, err := k.procs.startEnv(name, r.netns, spec.env, spec.binary, spec.args...)
 	if err != nil {
 		return err
 	}
@@ -217,17 +231,19 @@ func (k *kubelet) startProcess(r *podRun) error {
 	r.mu.Lock()
 	r.state.start(pr.cmd.Process.Pid, time.Now())
 	r.mu.Unlock()
-	addr := netip.AddrPortFrom(r.state.ip, uint16(servePorts(pod)[0])).String()
-	err = waitFor(r.ctx, listenTimeout, pod.Name+" to listen on "+addr, func() error {
-		if done, _ := pr.exited(); done {
-			return &fatal{errExited}
-		}
-		c, err := ns.Dial(r.ctx, k.nodeNS, nil, "tcp", addr)
-		if err == nil {
-			c.Close()
-		}
-		return err
-	})
+	if spec.listen > 0 {
+		addr := netip.AddrPortFrom(r.state.ip, uint16(spec.listen)).String()
+		err = waitFor(r.ctx, listenTimeout, pod.Name+" to listen on "+addr, func() error {
+			if done, _ := pr.exited(); done {
+				return &fatal{errExited}
+			}
+			c, err := ns.Dial(r.ctx, k.nodeNS, nil, "tcp", addr)
+			if err == nil {
+				c.Close()
+			}
+			return err
+		})
+	}
 	switch {
 	case r.ctx.Err() != nil || errors.Is(err, errExited):
 		return nil

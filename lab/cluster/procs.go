@@ -36,11 +36,17 @@ const pidFile = "pids"
 
 // start runs binary in namespace netns with its output in logs/<name>.log.
 func (p *procs) start(name, netns, binary string, args ...string) (*proc, error) {
+	return p.startEnv(name, netns, nil, binary, args...)
+}
+
+// startEnv is start with the environment env (nil: this process's).
+func (p *procs) startEnv(name, netns string, env []string, binary string, args ...string) (*proc, error) {
 	logf, err := os.Create(filepath.Join(p.dir, "logs", name+".log"))
 	if err != nil {
 		return nil, err
 	}
 	cmd := ns.Command(netns, append([]string{binary}, args...)...)
+	cmd.Env = env
 	cmd.Stdout, cmd.Stderr = logf, logf
 	// The child dies with the lab process; `ip netns exec` execs the binary, which keeps it.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}

@@ -52,6 +52,13 @@ func config(t *testing.T) cluster.Config {
 		StateDir:    filepath.Join(os.TempDir(), "endpointlag-e2e"),
 		Log:         slog.New(slog.NewTextHandler(testWriter{t}, nil)),
 	}
+	// The ingress proxies' binaries, for the tests that run them (see ingressConfig).
+	if _, err := os.Stat(os.Getenv("LAB_TRAEFIK")); err == nil {
+		cfg.Traefik = os.Getenv("LAB_TRAEFIK")
+	}
+	if p, err := exec.LookPath("haproxy"); err == nil {
+		cfg.HAProxy = p
+	}
 	var missing []string
 	for _, p := range []string{filepath.Join(cfg.BinDir, "kube-apiserver"), cfg.Endpointlag, cfg.Tool} {
 		if _, err := os.Stat(p); err != nil {
@@ -62,6 +69,22 @@ func config(t *testing.T) cluster.Config {
 		t.Skipf("lab binaries missing (%s; LAB_BIN_DIR=%q): run `make e2e`", strings.Join(missing, ", "), cfg.BinDir)
 	}
 	return cfg
+}
+
+// upLab starts a lab with cfg for a test, and at its end stops it and checks that nothing of it
+// is left.
+func upLab(t *testing.T, ctx context.Context, cfg cluster.Config) *cluster.Cluster {
+	t.Helper()
+	rootLinks := linkNames(t)
+	c, err := cluster.Up(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		c.Down()
+		assertClean(t, cfg, rootLinks)
+	})
+	return c
 }
 
 type testWriter struct{ t *testing.T }
@@ -152,12 +175,13 @@ func testLab(t *testing.T, mode string) {
 		if first == nil {
 			t.Skip("the first rollout failed")
 		}
-		preStop, stage, p99 := scenario.Recommend(first.Lags)
+		rec := scenario.Recommend(first.Lags)
+		preStop := rec.PreStop
 		if preStop == 0 {
 			t.Fatal("nothing measured to size preStop from")
 		}
 		b := scenario.Behaviour{PreStop: preStop, Drain: 2 * time.Second}
-		t.Logf("preStop %s (p99 %s propagation %.3fs + %s), drain %s", preStop, stage, p99, scenario.Margin, b.Drain)
+		t.Logf("preStop %s, drain %s", rec, b.Drain)
 		if err := app.Apply(ctx, b); err != nil {
 			t.Fatal(err)
 		}
@@ -504,7 +528,12 @@ func labProcesses(cfg cluster.Config) []string {
 		if err != nil {
 			continue
 		}
-		if strings.HasPrefix(exe, cfg.BinDir+"/") || exe == cfg.Endpointlag || exe == cfg.Tool {
+		if strings.HasPrefix(exe, cfg.BinDir+"/") || exe == cfg.Endpointlag || exe == cfg.Tool || exe == cfg.Traefik && cfg.Traefik != "" {
+			out = append(out, pid+" "+exe)
+		}
+		// Other programs on the machine may run HAProxy: the lab's read their configuration
+		// from its state directory.
+		if cmdline, _ := os.ReadFile("/proc/" + pid + "/cmdline"); exe == cfg.HAProxy && cfg.HAProxy != "" && strings.Contains(string(cmdline), cfg.StateDir) {
 			out = append(out, pid+" "+exe)
 		}
 	}

@@ -470,7 +470,7 @@ func (s *shapes) reusedAddress(t *testing.T) {
 		t.Fatal(err)
 	}
 	target := netip.AddrPortFrom(addr, 8080).String()
-	rs, err := load.Run(s.ctx, load.Config{NS: s.c.ClientNS(), Target: target, Rate: 50, Duration: time.Second, Timeout: time.Second})
+	rs, err := load.Run(s.ctx, load.Config{NS: s.c.ClientNS(), Targets: []load.Target{{Path: load.PathClusterIP, Addr: target}}, Rate: 50, Duration: time.Second, Timeout: time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -567,14 +567,15 @@ func ptrTo[T any](v T) *T { return &v }
 type sliceTruth struct {
 	mu sync.Mutex
 	// byS holds each slice's pod UIDs per Service; left when each UID last left them all.
-	byS         map[string]map[string]map[string]bool
-	left        map[string]time.Time
-	terminating map[string]bool
+	byS  map[string]map[string]map[string]bool
+	left map[string]time.Time
+	// terminating is when the watch first saw each UID's endpoint terminating.
+	terminating map[string]time.Time
 	stop        func()
 }
 
 func watchSlices(ctx context.Context, c *cluster.Cluster, namespace string) (*sliceTruth, error) {
-	st := &sliceTruth{byS: map[string]map[string]map[string]bool{}, left: map[string]time.Time{}, terminating: map[string]bool{}}
+	st := &sliceTruth{byS: map[string]map[string]map[string]bool{}, left: map[string]time.Time{}, terminating: map[string]time.Time{}}
 	f := informers.NewSharedInformerFactoryWithOptions(c.Client, 0, informers.WithNamespace(namespace))
 	inf := f.Discovery().V1().EndpointSlices().Informer()
 	note := func(obj any, deleted bool) {
@@ -598,8 +599,8 @@ func watchSlices(ctx context.Context, c *cluster.Cluster, namespace string) (*sl
 			for _, ep := range s.Endpoints {
 				if ep.TargetRef != nil {
 					uids[string(ep.TargetRef.UID)] = true
-					if ep.Conditions.Terminating != nil && *ep.Conditions.Terminating {
-						st.terminating[string(ep.TargetRef.UID)] = true
+					if _, seen := st.terminating[string(ep.TargetRef.UID)]; !seen && ep.Conditions.Terminating != nil && *ep.Conditions.Terminating {
+						st.terminating[string(ep.TargetRef.UID)] = now
 					}
 				}
 			}
@@ -641,9 +642,16 @@ func (st *sliceTruth) present(svc string) map[string]bool {
 }
 
 func (st *sliceTruth) sawTerminating(uid string) bool {
+	_, ok := st.terminatingAt(uid)
+	return ok
+}
+
+// terminatingAt is when the watch first saw uid's endpoint terminating.
+func (st *sliceTruth) terminatingAt(uid string) (time.Time, bool) {
 	st.mu.Lock()
 	defer st.mu.Unlock()
-	return st.terminating[uid]
+	t, ok := st.terminating[uid]
+	return t, ok
 }
 
 func (st *sliceTruth) leftAt(uid string) (time.Time, bool) {

@@ -15,7 +15,6 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
 
-	"github.com/endpointlag/endpointlag/lab/cluster"
 	"github.com/endpointlag/endpointlag/lab/internal/ns"
 	"github.com/endpointlag/endpointlag/lab/scenario"
 )
@@ -26,16 +25,8 @@ import (
 func TestShapes(t *testing.T) {
 	cfg := config(t)
 	cfg.Nodes, cfg.Zones, cfg.MaxEndpointsPerSlice = 2, []string{"a", "b"}, 2
-	rootLinks := linkNames(t)
 	ctx := context.Background()
-	c, err := cluster.Up(ctx, cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		c.Down()
-		assertClean(t, cfg, rootLinks)
-	}()
+	c := upLab(t, ctx, cfg)
 	const namespace = "shapes"
 
 	// The zonal app comes first, while the binder spreads its pods evenly over both nodes: the
@@ -161,7 +152,7 @@ func TestShapes(t *testing.T) {
 			t.Fatal(err)
 		}
 		var seen []string
-		_, err = scenario.WaitSlices(ctx, c.Client, namespace, probed.Name, 10*time.Second, func(ss []discoveryv1.EndpointSlice) error {
+		_, err := scenario.WaitSlices(ctx, c.Client, namespace, probed.Name, 10*time.Second, func(ss []discoveryv1.EndpointSlice) error {
 			ep := findEndpoint(ss, string(victim.UID))
 			if ep == nil {
 				return fmt.Errorf("%s is not in the slices", victim.Name)

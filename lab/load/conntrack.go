@@ -12,20 +12,28 @@ import (
 )
 
 // resolver finds, in the client node's conntrack table, where kube-proxy sent each failed
-// connection. Entries of refused connections live 10 s, so it looks every 250 ms while failures
-// wait.
+// connection to a Service. Entries of refused connections live 10 s, so it looks every 250 ms
+// while failures wait.
 type resolver struct {
-	ns, target string
-	mu         sync.Mutex
-	pending    []*Result
+	ns      string
+	mu      sync.Mutex
+	pending []pendingResult
 }
 
-func (r *resolver) add(res *Result) {
-	if r.ns == "" {
+type pendingResult struct {
+	res *Result
+	// host is the address the request was sent to.
+	host string
+}
+
+// add queues a failed request sent to target (host:port).
+func (r *resolver) add(res *Result, target string) {
+	host, _, err := net.SplitHostPort(target)
+	if r.ns == "" || err != nil {
 		return
 	}
 	r.mu.Lock()
-	r.pending = append(r.pending, res)
+	r.pending = append(r.pending, pendingResult{res, host})
 	r.mu.Unlock()
 }
 
@@ -63,10 +71,6 @@ func (r *resolver) pass() {
 	if len(pending) == 0 {
 		return
 	}
-	host, _, err := net.SplitHostPort(r.target)
-	if err != nil {
-		return
-	}
 	h, err := ns.Handle(r.ns)
 	if err != nil {
 		return
@@ -76,17 +80,23 @@ func (r *resolver) pass() {
 	if err != nil {
 		return
 	}
-	byPort := map[uint16]*netlink.ConntrackFlow{}
+	type key struct {
+		host string
+		port uint16
+	}
+	byKey := map[key]*netlink.ConntrackFlow{}
 	for _, f := range flows {
-		if f.Forward.Protocol == unix.IPPROTO_TCP && f.Forward.DstIP.String() == host {
-			byPort[f.Forward.SrcPort] = f
+		// Only translated flows: a connection straight to a pod (a proxy's) has no backend
+		// here to find.
+		if f.Forward.Protocol == unix.IPPROTO_TCP && !f.Reverse.SrcIP.Equal(f.Forward.DstIP) {
+			byKey[key{f.Forward.DstIP.String(), f.Forward.SrcPort}] = f
 		}
 	}
-	for _, res := range pending {
-		if f := byPort[uint16(res.SrcPort)]; f != nil {
-			res.BackendIP = f.Reverse.SrcIP.String()
+	for _, p := range pending {
+		if f := byKey[key{p.host, uint16(p.res.SrcPort)}]; f != nil {
+			p.res.BackendIP = f.Reverse.SrcIP.String()
 			if tcp, ok := f.ProtoInfo.(*netlink.ProtoInfoTCP); ok {
-				res.TCPState = tcpStates[tcp.State]
+				p.res.TCPState = tcpStates[tcp.State]
 			}
 		}
 	}

@@ -1,5 +1,6 @@
 // Package load sends HTTP requests at a fixed rate from inside a network namespace (the lab's
-// client pod) and records every outcome: when, which backend answered, or how it failed.
+// client pod), along one or more paths to the same app (its ClusterIP, ingress proxies), and
+// records every outcome: the path, when, which backend answered, or how it failed.
 package load
 
 import (
@@ -11,7 +12,9 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -21,13 +24,62 @@ import (
 	"github.com/endpointlag/endpointlag/lab/internal/ns"
 )
 
-// Config of one load run. Runs are bounded: Duration, and at most Rate × Duration requests.
+// The paths the lab sends requests along.
+const (
+	// PathClusterIP: to the Service's ClusterIP, through the client node's kube-proxy rules.
+	PathClusterIP = "clusterip"
+	// PathTraefik and PathHAProxy: to the ingress proxy's pod IP, which forwards to a pod.
+	PathTraefik = "traefik"
+	PathHAProxy = "haproxy"
+)
+
+// Target is one path to the app.
+type Target struct {
+	// Path names it in results and reports (PathClusterIP, …).
+	Path string
+	// Addr is host:port: a Service's ClusterIP and port, a proxy's pod IP and port.
+	Addr string
+	// Host is the Host header; empty for Addr.
+	Host string
+}
+
+// String is the form ParseTarget reads: path=addr or path=addr,host=name.
+func (t Target) String() string {
+	s := t.Path + "=" + t.Addr
+	if t.Host != "" {
+		s += ",host=" + t.Host
+	}
+	return s
+}
+
+// ParseTarget reads path=addr[,host=name]; a bare addr is the clusterip path.
+func ParseTarget(s string) (Target, error) {
+	path, rest, ok := strings.Cut(s, "=")
+	if !ok {
+		path, rest = PathClusterIP, s
+	}
+	addr, host, _ := strings.Cut(rest, ",")
+	t := Target{Path: path, Addr: addr}
+	if host != "" {
+		var ok bool
+		if t.Host, ok = strings.CutPrefix(host, "host="); !ok || t.Host == "" {
+			return t, fmt.Errorf("target %q: %q is not host=NAME", s, host)
+		}
+	}
+	if _, _, err := net.SplitHostPort(addr); err != nil || path == "" {
+		return t, fmt.Errorf("target %q: want path=host:port[,host=NAME]", s)
+	}
+	return t, nil
+}
+
+// Config of one load run. Runs are bounded: Duration, and at most Rate × Duration requests per
+// target.
 type Config struct {
 	// NS is the network namespace requests are sent from; empty for this process's own.
 	NS string
-	// Target is host:port, e.g. a Service's ClusterIP and port.
-	Target string
-	// Rate is requests per second.
+	// Targets are the paths requests take, each at Rate; their Path names must differ.
+	Targets []Target
+	// Rate is requests per second on each target.
 	Rate int
 	// Duration bounds the run.
 	Duration time.Duration
@@ -43,7 +95,7 @@ type Config struct {
 	ConntrackNS string
 }
 
-// Failure kinds.
+// Failure kinds; an answer other than 200 is "http-" and its status code ("http-502").
 const (
 	Refused = "refused"
 	Reset   = "reset"
@@ -55,12 +107,15 @@ const (
 
 // Result is one request.
 type Result struct {
+	// Path is the target's.
+	Path    string
 	Start   time.Time
 	Latency time.Duration
 	// Backend is the pod that answered, empty on failure.
 	Backend string
-	// BackendIP is, for a failure, the address the client's node sent the connection to, when
-	// its conntrack table still showed it.
+	// BackendIP is, for a failure on a path through a Service (the client's node translates the
+	// address), the address the client's node sent the connection to, when its conntrack table
+	// still showed it.
 	BackendIP string
 	// TCPState is the connection's conntrack state when the failure was traced.
 	TCPState string
@@ -79,6 +134,14 @@ func Run(ctx context.Context, cfg Config) ([]Result, error) {
 	}
 	if cfg.Duration <= 0 || cfg.Duration > 30*time.Minute {
 		return nil, fmt.Errorf("duration %s is not between 0 and 30m", cfg.Duration)
+	}
+	if len(cfg.Targets) == 0 {
+		return nil, errors.New("no target")
+	}
+	for i, t := range cfg.Targets {
+		if slices.ContainsFunc(cfg.Targets[:i], func(o Target) bool { return o.Path == t.Path }) {
+			return nil, fmt.Errorf("two targets named %q", t.Path)
+		}
 	}
 	if cfg.Timeout == 0 {
 		cfg.Timeout = time.Second
@@ -99,11 +162,10 @@ func Run(ctx context.Context, cfg Config) ([]Result, error) {
 	}
 	defer tr.CloseIdleConnections()
 	client := &http.Client{Transport: tr, Timeout: cfg.Timeout}
-	url := "http://" + cfg.Target + "/"
 
 	ctx, cancel := context.WithTimeout(ctx, cfg.Duration)
 	defer cancel()
-	res := &resolver{ns: cfg.ConntrackNS, target: cfg.Target}
+	res := &resolver{ns: cfg.ConntrackNS}
 	stopResolver := res.start()
 	tick := time.NewTicker(time.Second / time.Duration(cfg.Rate))
 	defer tick.Stop()
@@ -112,29 +174,34 @@ func Run(ctx context.Context, cfg Config) ([]Result, error) {
 		results []*Result
 		wg      sync.WaitGroup
 	)
-	limit := int(cfg.Duration.Seconds()*float64(cfg.Rate)) + 1
-	for sent := 0; sent < limit; sent++ {
+	ticks := int(cfg.Duration.Seconds()*float64(cfg.Rate)) + 1
+	sent := 0
+	for range ticks {
 		select {
 		case <-ctx.Done():
-			sent = limit
-			continue
 		case <-tick.C:
 		}
-		// Each request gets its own source port (when it opens a connection), so that a failure
-		// can be traced in conntrack.
-		port := Ports.next()
-		if cfg.FirstPort != 0 {
-			port = firstPort + (cfg.FirstPort-firstPort+sent)%portRange
+		if ctx.Err() != nil {
+			break
 		}
-		wg.Go(func() {
-			r := do(client, url, port)
-			if r.Failure != "" {
-				res.add(r)
+		for _, t := range cfg.Targets {
+			// Each request gets its own source port (when it opens a connection), so that a
+			// failure can be traced in conntrack.
+			port := Ports.next()
+			if cfg.FirstPort != 0 {
+				port = firstPort + (cfg.FirstPort-firstPort+sent)%portRange
 			}
-			mu.Lock()
-			results = append(results, r)
-			mu.Unlock()
-		})
+			sent++
+			wg.Go(func() {
+				r := do(client, t, port)
+				if r.Failure != "" {
+					res.add(r, t.Addr)
+				}
+				mu.Lock()
+				results = append(results, r)
+				mu.Unlock()
+			})
+		}
 	}
 	wg.Wait()
 	stopResolver()
@@ -180,20 +247,30 @@ func reuseAddr(_, _ string, c syscall.RawConn) error {
 	return errors.Join(err, serr)
 }
 
-func do(client *http.Client, url string, port int) *Result {
-	r := &Result{Start: time.Now(), SrcPort: port}
-	req, err := http.NewRequestWithContext(context.WithValue(context.Background(), portKey{}, port), http.MethodGet, url, nil)
+// statusError is an answer other than 200 OK: a proxy's own error (502 when its backend refused
+// or reset, 503 when it has none, 504 when it timed out).
+type statusError struct {
+	code   int
+	status string
+}
+
+func (e *statusError) Error() string { return "status " + e.status }
+
+func do(client *http.Client, t Target, port int) *Result {
+	r := &Result{Path: t.Path, Start: time.Now(), SrcPort: port}
+	req, err := http.NewRequestWithContext(context.WithValue(context.Background(), portKey{}, port), http.MethodGet, "http://"+t.Addr+"/", nil)
 	if err != nil {
 		r.Failure, r.Err = Other, err.Error()
 		return r
 	}
+	req.Host = t.Host
 	resp, err := client.Do(req)
 	if err == nil {
 		var body []byte
 		body, err = io.ReadAll(io.LimitReader(resp.Body, 256))
 		resp.Body.Close()
 		if err == nil && resp.StatusCode != http.StatusOK {
-			err = fmt.Errorf("status %s", resp.Status)
+			err = &statusError{code: resp.StatusCode, status: resp.Status}
 		}
 		r.Backend = strings.TrimSpace(string(body))
 	}
@@ -207,7 +284,10 @@ func do(client *http.Client, url string, port int) *Result {
 
 func classify(err error) string {
 	var ne net.Error
+	var se *statusError
 	switch {
+	case errors.As(err, &se):
+		return "http-" + strconv.Itoa(se.code)
 	case errors.Is(err, syscall.ECONNREFUSED):
 		return Refused
 	case errors.Is(err, syscall.ECONNRESET), errors.Is(err, syscall.EPIPE), errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF):
@@ -228,7 +308,7 @@ type Summary struct {
 	Backends int
 }
 
-// Summarize counts the results.
+// Summarize counts the results, of every path.
 func Summarize(rs []Result) Summary {
 	s := Summary{Requests: len(rs), ByKind: map[string]int{}}
 	backends := map[string]bool{}
@@ -244,8 +324,33 @@ func Summarize(rs []Result) Summary {
 	return s
 }
 
-// WriteLog writes one line per failure: time, kind, the backend the connection was sent to
-// (named by names, from IP to pod, where known) and the error.
+// SummarizeByPath counts the results of each path.
+func SummarizeByPath(rs []Result) map[string]Summary {
+	byPath := map[string][]Result{}
+	for _, r := range rs {
+		byPath[r.Path] = append(byPath[r.Path], r)
+	}
+	out := map[string]Summary{}
+	for p, prs := range byPath {
+		out[p] = Summarize(prs)
+	}
+	return out
+}
+
+// LastRouted is the last request on path that backend (a pod's name) answered, by start time:
+// the proxy of that path (or the client node's kube-proxy rules) routed it to the pod between
+// its Start and Start+Latency. ok is false when the pod answered none.
+func LastRouted(rs []Result, path, backend string) (last Result, ok bool) {
+	for _, r := range rs {
+		if r.Path == path && r.Failure == "" && r.Backend == backend && (!ok || r.Start.After(last.Start)) {
+			last, ok = r, true
+		}
+	}
+	return last, ok
+}
+
+// WriteLog writes one line per failure: time, path, kind, the backend the connection was sent
+// to (named by names, from IP to pod, where known) and the error.
 func WriteLog(w io.Writer, rs []Result, names map[string]string) error {
 	bw := bufio.NewWriter(w)
 	for _, r := range rs {
@@ -259,7 +364,7 @@ func WriteLog(w io.Writer, rs []Result, names map[string]string) error {
 				backend += "(" + n + ")"
 			}
 		}
-		fmt.Fprintf(bw, "%s %s backend=%s conntrack=%s %s\n", r.Start.Format(time.RFC3339Nano), r.Failure, backend, r.TCPState, r.Err)
+		fmt.Fprintf(bw, "%s %s %s backend=%s conntrack=%s %s\n", r.Start.Format(time.RFC3339Nano), r.Path, r.Failure, backend, r.TCPState, r.Err)
 	}
 	return bw.Flush()
 }

@@ -40,7 +40,7 @@ func TestRunAgainstLoopback(t *testing.T) {
 		fmt.Fprintln(w, "pod-a")
 	}))
 	addr := srv.Listener.Addr().String()
-	rs, err := Run(context.Background(), Config{Target: addr, Rate: 100, Duration: 300 * time.Millisecond})
+	rs, err := Run(context.Background(), Config{Targets: []Target{{Path: "direct", Addr: addr}}, Rate: 100, Duration: 300 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -49,7 +49,7 @@ func TestRunAgainstLoopback(t *testing.T) {
 		t.Errorf("summary %+v, first %+v", s, rs[0])
 	}
 	srv.Close()
-	rs, err = Run(context.Background(), Config{Target: addr, Rate: 100, Duration: 100 * time.Millisecond})
+	rs, err = Run(context.Background(), Config{Targets: []Target{{Path: "direct", Addr: addr}}, Rate: 100, Duration: 100 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -59,9 +59,78 @@ func TestRunAgainstLoopback(t *testing.T) {
 }
 
 func TestRunBounds(t *testing.T) {
-	for _, c := range []Config{{Target: "x:1", Rate: 0, Duration: time.Second}, {Target: "x:1", Rate: 10, Duration: time.Hour}} {
+	for _, c := range []Config{{Targets: []Target{{Path: "a", Addr: "x:1"}}, Rate: 0, Duration: time.Second}, {Targets: []Target{{Path: "a", Addr: "x:1"}}, Rate: 10, Duration: time.Hour},
+		{Rate: 10, Duration: time.Second}, {Targets: []Target{{Path: "a", Addr: "x:1"}, {Path: "a", Addr: "y:1"}}, Rate: 10, Duration: time.Second}} {
 		if _, err := Run(context.Background(), c); err == nil {
 			t.Errorf("%+v: no error", c)
 		}
+	}
+}
+
+func TestParseTarget(t *testing.T) {
+	for in, want := range map[string]Target{
+		"10.96.0.10:80":                         {Path: PathClusterIP, Addr: "10.96.0.10:80"},
+		"haproxy=10.244.1.7:80":                 {Path: PathHAProxy, Addr: "10.244.1.7:80"},
+		"traefik=10.244.2.3:8000,host=web.demo": {Path: PathTraefik, Addr: "10.244.2.3:8000", Host: "web.demo"},
+	} {
+		got, err := ParseTarget(in)
+		if err != nil || got != want {
+			t.Errorf("ParseTarget(%q) = %+v, %v; want %+v", in, got, err, want)
+		}
+		if back, err := ParseTarget(got.String()); err != nil || back != got {
+			t.Errorf("ParseTarget(%q) = %+v, %v: String does not round trip", got.String(), back, err)
+		}
+	}
+	for _, bad := range []string{"traefik=10.244.2.3", "traefik=10.244.2.3:8000,web.demo", "=10.0.0.1:80", "traefik=1.2.3.4:80,host="} {
+		if _, err := ParseTarget(bad); err == nil {
+			t.Errorf("ParseTarget(%q): no error", bad)
+		}
+	}
+}
+
+// Two paths at once: each request carries its path, the Host header of its target, and a
+// proxy's error answer is a failure of kind http-<status>.
+func TestRunPaths(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Host != "web.demo" {
+			http.Error(w, "no route", http.StatusBadGateway)
+			return
+		}
+		fmt.Fprintln(w, "pod-a")
+	}))
+	defer srv.Close()
+	addr := srv.Listener.Addr().String()
+	rs, err := Run(context.Background(), Config{Targets: []Target{{Path: PathTraefik, Addr: addr, Host: "web.demo"}, {Path: PathHAProxy, Addr: addr}},
+		Rate: 100, Duration: 300 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	by := SummarizeByPath(rs)
+	tr, hp := by[PathTraefik], by[PathHAProxy]
+	if tr.Requests < 20 || tr.Failed != 0 || hp.Requests != tr.Requests || hp.Failed != hp.Requests || hp.ByKind["http-502"] != hp.Requests {
+		t.Errorf("by path: %+v", by)
+	}
+	if s := Summarize(rs); s.Requests != tr.Requests+hp.Requests {
+		t.Errorf("all paths: %+v", s)
+	}
+}
+
+func TestLastRouted(t *testing.T) {
+	t0 := time.Date(2026, 11, 29, 12, 0, 0, 0, time.UTC)
+	rs := []Result{
+		{Path: PathTraefik, Start: t0, Backend: "web-1"},
+		{Path: PathTraefik, Start: t0.Add(2 * time.Second), Backend: "web-1"},
+		{Path: PathTraefik, Start: t0.Add(3 * time.Second), Failure: "http-502"},
+		{Path: PathHAProxy, Start: t0.Add(4 * time.Second), Backend: "web-1"},
+		{Path: PathTraefik, Start: t0.Add(5 * time.Second), Backend: "web-2"},
+	}
+	if r, ok := LastRouted(rs, PathTraefik, "web-1"); !ok || !r.Start.Equal(t0.Add(2*time.Second)) {
+		t.Errorf("LastRouted(traefik, web-1) = %+v, %t", r, ok)
+	}
+	if r, ok := LastRouted(rs, PathHAProxy, "web-1"); !ok || !r.Start.Equal(t0.Add(4*time.Second)) {
+		t.Errorf("LastRouted(haproxy, web-1) = %+v, %t", r, ok)
+	}
+	if _, ok := LastRouted(rs, PathClusterIP, "web-1"); ok {
+		t.Error("LastRouted(clusterip, web-1) found a request on no such path")
 	}
 }

@@ -23,7 +23,11 @@ type Rollout struct {
 	// Deleted are the pods the rollout replaced.
 	Deleted map[types.UID]corev1.Pod
 	Load    []load.Result
+	// Paths are the load's paths, in the order of the app's targets; Summary counts every
+	// path's requests, ByPath each path's.
+	Paths   []string
 	Summary load.Summary
+	ByPath  map[string]load.Summary
 	// Records are every daemon's records of the deleted pods.
 	Records []report.Records
 	Lags    []report.Row
@@ -51,13 +55,18 @@ func RunRollout(ctx context.Context, c *cluster.Cluster, app *App, name string, 
 	if r.Deleted, err = app.Pods(ctx); err != nil {
 		return nil, err
 	}
-	target, err := app.ClusterIP(ctx)
+	targets, err := app.Targets(ctx)
 	if err != nil {
 		return nil, err
 	}
-	lr, err := c.StartLoad(fmt.Sprintf("%s-%d", app.Name, time.Now().UnixNano()), load.Config{Target: target, Rate: ls.Rate, Duration: 5 * time.Minute, KeepAlive: ls.KeepAlive, Timeout: ls.Timeout})
+	lr, err := c.StartLoad(fmt.Sprintf("%s-%d", app.Name, time.Now().UnixNano()), load.Config{Targets: targets, Rate: ls.Rate, Duration: 5 * time.Minute, KeepAlive: ls.KeepAlive, Timeout: ls.Timeout})
 	if err != nil {
 		return nil, err
+	}
+	var along []string
+	for _, t := range targets {
+		r.Paths = append(r.Paths, t.Path)
+		along = append(along, t.Path+" "+t.Addr)
 	}
 	stopped := false
 	defer func() {
@@ -65,7 +74,7 @@ func RunRollout(ctx context.Context, c *cluster.Cluster, app *App, name string, 
 			_, _ = lr.Stop()
 		}
 	}()
-	fmt.Fprintf(progress, "%s: load at %d req/s on %s from the client pod on %s\n", name, ls.Rate, target, c.Nodes[0].Name)
+	fmt.Fprintf(progress, "%s: load at %d req/s on each path (%s) from the client pod on %s\n", name, ls.Rate, strings.Join(along, ", "), c.Nodes[0].Name)
 	sleepCtx(ctx, 2*time.Second)
 	start := time.Now()
 	if err := app.Restart(ctx); err != nil {
@@ -95,6 +104,7 @@ func RunRollout(ctx context.Context, c *cluster.Cluster, app *App, name string, 
 		return nil, err
 	}
 	r.Summary = load.Summarize(r.Load)
+	r.ByPath = load.SummarizeByPath(r.Load)
 	for _, n := range c.Nodes {
 		recs, err := report.Fetch(ctx, n.DaemonURL)
 		if err != nil {
@@ -113,30 +123,99 @@ func RunRollout(ctx context.Context, c *cluster.Cluster, app *App, name string, 
 	return r, nil
 }
 
-// trafficStages are the stages after which no new connection reaches a terminating endpoint,
-// best first: the node's dataplane, or failing that the EndpointSlice change every dataplane
-// reacts to.
+// LastRouted is the last request on path (load.PathTraefik, …) that pod answered: the proxy of
+// that path (or, for the ClusterIP, the client node's rules) routed it to the pod between its
+// Start and Start+Latency. ok is false when the pod answered none on that path.
+func (r *Rollout) LastRouted(path, pod string) (load.Result, bool) {
+	return load.LastRouted(r.Load, path, pod)
+}
+
+// trafficStages are the stages after which no new connection reaches a terminating endpoint
+// through kube-proxy, best first: the node's dataplane, or failing that the EndpointSlice change
+// every dataplane reacts to.
 var trafficStages = []string{"nftables", "iptables", "ipvs", "endpointslice"}
+
+// ExtraStages are stages on other paths that preStop must also cover when the daemons report
+// them: "ingress", when each proxy stops sending new requests to a terminating endpoint.
+var ExtraStages = []string{"ingress"}
 
 // Margin is added to the measured lag when sizing preStop; while only the EndpointSlice stage is
 // measured it also covers kube-proxy's own sync delay (minSyncPeriod, 1 s by default).
 const Margin = time.Second
 
-// Recommend sizes preStop from a rollout: the largest p99 over nodes of the propagation lag at
-// the last traffic-stopping stage measured, plus Margin, rounded up to whole seconds.
-func Recommend(rows []report.Row) (time.Duration, string, float64) {
-	for _, stage := range trafficStages {
-		worst, found := 0.0, false
-		for _, r := range rows {
-			if r.Reference == "propagation" && r.Stage == stage && r.Stats.N > 0 {
-				worst, found = math.Max(worst, r.Stats.P99), true
-			}
-		}
-		if found {
-			return time.Duration(math.Ceil(worst+Margin.Seconds())) * time.Second, stage, worst
+// StageLag is one stage's largest p99 propagation lag over nodes, in seconds.
+type StageLag struct {
+	Stage string
+	P99   float64
+}
+
+// Recommendation is a preStop sized from a rollout.
+type Recommendation struct {
+	PreStop time.Duration
+	// Stages are the stages weighed: the last traffic-stopping stage of kube-proxy's path
+	// measured, then every extra stage (ExtraStages) the daemons reported. The slowest sized it.
+	Stages []StageLag
+}
+
+// Slowest is the stage that sized the recommendation.
+func (r Recommendation) Slowest() StageLag {
+	var s StageLag
+	for _, st := range r.Stages {
+		if st.P99 >= s.P99 {
+			s = st
 		}
 	}
-	return 0, "", 0
+	return s
+}
+
+// String explains the recommendation.
+func (r Recommendation) String() string {
+	if r.PreStop == 0 {
+		return "none: nothing measured"
+	}
+	s := r.Slowest()
+	out := fmt.Sprintf("%s = p99 propagation to the %s stage (%.3fs, worst node) + %s margin, rounded up", r.PreStop, s.Stage, s.P99, Margin)
+	if len(r.Stages) > 1 {
+		var parts []string
+		for _, st := range r.Stages {
+			parts = append(parts, fmt.Sprintf("%s %.3fs", st.Stage, st.P99))
+		}
+		return out + "; the slowest of " + strings.Join(parts, ", ")
+	}
+	return out + fmt.Sprintf("; no daemon reported an %s stage, so paths through proxies are not in it", strings.Join(ExtraStages, " or "))
+}
+
+// Recommend sizes preStop from a rollout: the largest p99 over nodes of the propagation lag at
+// the last traffic-stopping stage measured on kube-proxy's path, or at an extra stage
+// (ExtraStages) when the daemons measured one and it is slower, plus Margin, rounded up to whole
+// seconds. Without extra stages it is the rule of kube-proxy's path alone.
+func Recommend(rows []report.Row) Recommendation {
+	worst := func(stage string) (StageLag, bool) {
+		l, found := StageLag{Stage: stage}, false
+		for _, r := range rows {
+			if r.Reference == "propagation" && r.Stage == stage && r.Stats.N > 0 {
+				l.P99, found = math.Max(l.P99, r.Stats.P99), true
+			}
+		}
+		return l, found
+	}
+	var rec Recommendation
+	for _, stage := range trafficStages {
+		if l, ok := worst(stage); ok {
+			rec.Stages = append(rec.Stages, l)
+			break
+		}
+	}
+	if len(rec.Stages) == 0 {
+		return rec
+	}
+	for _, stage := range ExtraStages {
+		if l, ok := worst(stage); ok {
+			rec.Stages = append(rec.Stages, l)
+		}
+	}
+	rec.PreStop = time.Duration(math.Ceil(rec.Slowest().P99+Margin.Seconds())) * time.Second
+	return rec
 }
 
 func sleepCtx(ctx context.Context, d time.Duration) {

@@ -34,10 +34,19 @@ func TestRecommend(t *testing.T) {
 		}, 3 * time.Second, "nftables"},
 		{"whole seconds stay", []report.Row{row("propagation", "iptables", "node1", 2.0)}, 3 * time.Second, "iptables"},
 		{"nothing measured", []report.Row{row("programming", "endpointslice_removed", "node1", 1)}, 0, ""},
+		{"a slower ingress stage sizes it", []report.Row{
+			row("propagation", "nftables", "node1", 0.3),
+			row("propagation", "ingress", "node1", 1.9),
+			row("propagation", "ingress", "node2", 2.2),
+		}, 4 * time.Second, "ingress"},
+		{"a faster ingress stage does not", []report.Row{
+			row("propagation", "nftables", "node1", 1.3),
+			row("propagation", "ingress", "node2", 0.2),
+		}, 3 * time.Second, "nftables"},
 	} {
-		got, stage, _ := Recommend(tc.rows)
-		if got != tc.want || stage != tc.stage {
-			t.Errorf("%s: Recommend = %s at %q, want %s at %q", tc.name, got, stage, tc.want, tc.stage)
+		rec := Recommend(tc.rows)
+		if rec.PreStop != tc.want || rec.Slowest().Stage != tc.stage {
+			t.Errorf("%s: Recommend = %s at %q, want %s at %q", tc.name, rec.PreStop, rec.Slowest().Stage, tc.want, tc.stage)
 		}
 	}
 }

@@ -33,6 +33,9 @@ type App struct {
 	// TrafficDistribution is the Service's spec.trafficDistribution ("PreferSameZone", …); ""
 	// for none. It is set when the Service is created.
 	TrafficDistribution string
+	// Via are the paths to the app besides its ClusterIP that the load takes: the ingress
+	// proxies in front of it (DeployIngress sets them).
+	Via []load.Target
 }
 
 // Behaviour is what the app's pods do when deleted.
@@ -182,11 +185,12 @@ func (a *App) settled(ctx context.Context) error {
 	return nil
 }
 
-// WaitServing waits until requests from namespace clientNS to the Service reach every current
-// pod and the last 100 in a row succeed: the dataplane of every node on the way has caught up
-// with the app's current pods.
+// WaitServing waits until requests from namespace clientNS along each of the app's paths (its
+// ClusterIP, and Via) reach every current pod and the last 100 in a row on each succeed: the
+// dataplane of every node on the way, and every proxy, have caught up with the app's current
+// pods.
 func (a *App) WaitServing(ctx context.Context, clientNS string, timeout time.Duration) error {
-	target, err := a.ClusterIP(ctx)
+	targets, err := a.Targets(ctx)
 	if err != nil {
 		return err
 	}
@@ -199,25 +203,36 @@ func (a *App) WaitServing(ctx context.Context, clientNS string, timeout time.Dur
 		want[p.Name] = true
 	}
 	deadline := time.Now().Add(timeout)
-	seen, streak := map[string]bool{}, 0
-	for len(seen) < len(want) || streak < 100 {
-		if time.Now().After(deadline) {
-			return fmt.Errorf("%s/%s: after %s, %d of %d pods answered, last %d requests in a row succeeded", a.Namespace, a.Name, timeout, len(seen), len(want), streak)
-		}
-		rs, err := load.Run(ctx, load.Config{NS: clientNS, Target: target, Rate: 500, Duration: 100 * time.Millisecond, Timeout: 500 * time.Millisecond})
-		if err != nil {
-			return err
-		}
-		for _, r := range rs {
-			if r.Failure != "" || !want[r.Backend] {
-				streak = 0
-				continue
+	for _, t := range targets {
+		seen, streak := map[string]bool{}, 0
+		for len(seen) < len(want) || streak < 100 {
+			if time.Now().After(deadline) {
+				return fmt.Errorf("%s/%s through %s: after %s, %d of %d pods answered, last %d requests in a row succeeded", a.Namespace, a.Name, t.Path, timeout, len(seen), len(want), streak)
 			}
-			seen[r.Backend] = true
-			streak++
+			rs, err := load.Run(ctx, load.Config{NS: clientNS, Targets: []load.Target{t}, Rate: 500, Duration: 100 * time.Millisecond, Timeout: 500 * time.Millisecond})
+			if err != nil {
+				return err
+			}
+			for _, r := range rs {
+				if r.Failure != "" || !want[r.Backend] {
+					streak = 0
+					continue
+				}
+				seen[r.Backend] = true
+				streak++
+			}
 		}
 	}
 	return nil
+}
+
+// Targets are the app's paths for the load: its ClusterIP first, then Via.
+func (a *App) Targets(ctx context.Context) ([]load.Target, error) {
+	addr, err := a.ClusterIP(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return append([]load.Target{{Path: load.PathClusterIP, Addr: addr}}, a.Via...), nil
 }
 
 // ClusterIP returns the Service's ClusterIP:port.

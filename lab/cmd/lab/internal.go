@@ -54,13 +54,17 @@ func serve(args []string) (int, error) {
 	return 0, nil
 }
 
-// loadCmd is the load generator, run in the client pod: it sends requests until SIGTERM or
-// --duration, then writes every result as JSON to --out.
+// loadCmd is the load generator, run in the client pod: it sends requests along every --target
+// until SIGTERM or --duration, then writes every result as JSON to --out.
 func loadCmd(args []string) error {
 	fs := flag.NewFlagSet("lab load", flag.ContinueOnError)
 	var cfg load.Config
-	fs.StringVar(&cfg.Target, "target", "", "host:port to send requests to")
-	fs.IntVar(&cfg.Rate, "rate", 200, "requests per second")
+	fs.Func("target", "a path to send requests along: PATH=HOST:PORT[,host=NAME] (NAME: the Host header), repeated; a bare HOST:PORT is the clusterip path", func(s string) error {
+		t, err := load.ParseTarget(s)
+		cfg.Targets = append(cfg.Targets, t)
+		return err
+	})
+	fs.IntVar(&cfg.Rate, "rate", 200, "requests per second on each target")
 	fs.DurationVar(&cfg.Duration, "duration", time.Minute, "longest run")
 	fs.BoolVar(&cfg.KeepAlive, "keep-alive", false, "reuse connections")
 	fs.DurationVar(&cfg.Timeout, "timeout", time.Second, "per-request timeout")
@@ -70,7 +74,7 @@ func loadCmd(args []string) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	if cfg.Target == "" || *out == "" {
+	if len(cfg.Targets) == 0 || *out == "" {
 		return fmt.Errorf("--target and --out are required")
 	}
 	ctx, cancel := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)

@@ -40,6 +40,7 @@ type options struct {
 	rate      int
 	keepAlive bool
 	timeout   time.Duration
+	ingress   bool
 	logLevel  string
 }
 
@@ -80,7 +81,10 @@ func run(args []string) int {
 	fs.StringVar(&o.BinDir, "bin-dir", os.Getenv("LAB_BIN_DIR"), "directory with etcd, kube-apiserver, kube-controller-manager, kube-proxy (default $LAB_BIN_DIR)")
 	fs.StringVar(&o.Endpointlag, "endpointlag", "bin/endpointlag", "the endpointlag binary to run on every node")
 	fs.StringVar(&o.StateDir, "state-dir", "/run/endpointlag-lab", "keys, kubeconfigs, logs and PID records of the lab")
-	fs.IntVar(&o.rate, "rate", 200, "demo: load generator requests per second")
+	fs.StringVar(&o.Traefik, "traefik", os.Getenv("LAB_TRAEFIK"), "the traefik binary that pods of image "+cluster.ImageTraefik+" run (default $LAB_TRAEFIK; make lab-bins builds it)")
+	fs.StringVar(&o.HAProxy, "haproxy", defaultHAProxy(), "the haproxy binary that pods of image "+cluster.ImageHAProxy+" run (Debian's package haproxy)")
+	fs.BoolVar(&o.ingress, "ingress", true, "demo: put the app behind Traefik and HAProxy too, and send load through both")
+	fs.IntVar(&o.rate, "rate", 200, "demo: load generator requests per second on each path")
 	fs.DurationVar(&o.timeout, "timeout", 3*time.Second, "demo: per-request timeout of the load generator")
 	fs.BoolVar(&o.keepAlive, "keep-alive", false, "demo: reuse connections instead of one new connection per request")
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
@@ -136,6 +140,15 @@ func run(args []string) int {
 	return 0
 }
 
+// defaultHAProxy is Debian's haproxy when installed.
+func defaultHAProxy() string {
+	const debian = "/usr/sbin/haproxy"
+	if _, err := os.Stat(debian); err == nil {
+		return debian
+	}
+	return ""
+}
+
 func up(ctx context.Context, o options) error {
 	c, err := cluster.Up(ctx, o.Config)
 	if err != nil {
@@ -173,6 +186,9 @@ func down(o options) error {
 
 func demo(ctx context.Context, o options, out io.Writer) error {
 	start := time.Now()
+	if o.ingress && (o.Traefik == "" || o.HAProxy == "") {
+		return fmt.Errorf("--ingress needs Traefik and HAProxy (--traefik=%q, --haproxy=%q): make demo builds and installs them; --ingress=false leaves them out", o.Traefik, o.HAProxy)
+	}
 	fmt.Fprintf(out, "lab: starting %d nodes, kube-proxy in %s mode\n", o.Nodes, o.ProxyMode)
 	c, err := cluster.Up(ctx, o.Config)
 	if err != nil {
@@ -191,16 +207,24 @@ func demo(ctx context.Context, o options, out io.Writer) error {
 		return err
 	}
 	fmt.Fprintf(out, "lab: demo/web has 4 ready replicas behind its Service\n")
+	if o.ingress {
+		in, err := scenario.DeployIngress(ctx, c, app, scenario.IngressOptions{})
+		if err != nil {
+			return fmt.Errorf("ingress: %w", err)
+		}
+		fmt.Fprintf(out, "lab: Traefik (%s, API http://%s:%d/api/http/services) and HAProxy (%s, backend %s) route to demo/web\n",
+			in.Traefik.Status.PodIP, in.Traefik.Status.PodIP, scenario.TraefikAdminPort, in.HAProxy.Status.PodIP, in.HAProxyBackend)
+	}
 	ls := scenario.LoadSettings{Rate: o.rate, KeepAlive: o.keepAlive, Timeout: o.timeout}
 	r1, err := scenario.RunRollout(ctx, c, app, "rollout 1", first, ls, out)
 	if err != nil {
 		return err
 	}
-	preStop, stage, p99 := scenario.Recommend(r1.Lags)
-	if preStop == 0 {
+	rec := scenario.Recommend(r1.Lags)
+	if rec.PreStop == 0 {
 		return errors.New("rollout 1: endpointlag measured no propagation lag to size preStop from")
 	}
-	second := scenario.Behaviour{PreStop: preStop, Drain: 2 * time.Second}
+	second := scenario.Behaviour{PreStop: rec.PreStop, Drain: 2 * time.Second}
 	fmt.Fprintf(out, "lab: setting preStop %s and drain %s (a rollout without load)\n", second.PreStop, second.Drain)
 	if err := app.Apply(ctx, second); err != nil {
 		return err
@@ -215,7 +239,7 @@ func demo(ctx context.Context, o options, out io.Writer) error {
 	if err := saveLoadLogs(o.StateDir, r1, r2); err != nil {
 		return err
 	}
-	writeReport(out, o, c, []*scenario.Rollout{r1, r2}, preStop, stage, p99)
+	writeReport(out, o, c, []*scenario.Rollout{r1, r2}, rec)
 	fmt.Fprintf(out, "\ndemo took %s\n", time.Since(start).Round(time.Second))
 	return nil
 }

@@ -8,20 +8,31 @@ import (
 	"time"
 
 	"github.com/endpointlag/endpointlag/lab/cluster"
+	"github.com/endpointlag/endpointlag/lab/load"
 	"github.com/endpointlag/endpointlag/lab/report"
 	"github.com/endpointlag/endpointlag/lab/scenario"
 )
 
-func writeReport(w io.Writer, o options, c *cluster.Cluster, rollouts []*scenario.Rollout, preStop time.Duration, stage string, p99 float64) {
+func writeReport(w io.Writer, o options, c *cluster.Cluster, rollouts []*scenario.Rollout, rec scenario.Recommendation) {
 	fmt.Fprintf(w, "\n==== endpointlag demo report ====\n")
-	fmt.Fprintf(w, "lab: %d nodes, kube-proxy %s mode; app demo/web, 4 replicas; load %d req/s, %s\n",
-		len(c.Nodes), o.ProxyMode, o.rate, map[bool]string{true: "keep-alive", false: "a new connection per request"}[o.keepAlive])
+	paths := "its ClusterIP"
+	if len(rollouts) > 0 && len(rollouts[0].Paths) > 1 {
+		paths = strings.Join(rollouts[0].Paths, ", ")
+	}
+	fmt.Fprintf(w, "lab: %d nodes, kube-proxy %s mode; app demo/web, 4 replicas; load %d req/s on each path (%s), %s\n",
+		len(c.Nodes), o.ProxyMode, o.rate, paths, map[bool]string{true: "keep-alive", false: "a new connection per request"}[o.keepAlive])
 	for i, r := range rollouts {
 		fmt.Fprintf(w, "\n-- %s: preStop %s, on SIGTERM %s; %d pods replaced in %s --\n", r.Name,
 			r.Behaviour.PreStop, describe(r.Behaviour), len(r.Deleted), r.Took.Round(100*time.Millisecond))
 		fmt.Fprintf(w, "requests: %d, failed: %d%s\n", r.Summary.Requests, r.Summary.Failed, kinds(r.Summary.ByKind))
-		if r.Summary.Failed > 0 {
-			fmt.Fprintf(w, "failed requests went to%s, by the client node's conntrack\n", strings.TrimSuffix(strings.Replace(kinds(backendKinds(r)), " (", ": ", 1), ")"))
+		if len(r.Paths) > 1 {
+			for _, p := range r.Paths {
+				s := r.ByPath[p]
+				fmt.Fprintf(w, "  %-9s %6d requests, %4d failed%s\n", pathName(p)+":", s.Requests, s.Failed, kinds(s.ByKind))
+			}
+		}
+		if bk := backendKinds(r); len(bk) > 0 {
+			fmt.Fprintf(w, "failed requests to the ClusterIP went to%s, by the client node's conntrack\n", strings.TrimSuffix(strings.Replace(kinds(bk), " (", ": ", 1), ")"))
 		}
 		fmt.Fprintf(w, "new connections endpointlag saw reach replaced pods (eBPF, pods' nodes): %s\n", r.Connections())
 		if traced, inFlight, seen, _ := r.MatchFailures(); traced > 0 {
@@ -32,8 +43,7 @@ func writeReport(w io.Writer, o options, c *cluster.Cluster, rollouts []*scenari
 		fmt.Fprintln(w, "programming: since this node saw the EndpointSlice change):")
 		report.WriteLags(w, r.Lags)
 		if i == 0 {
-			fmt.Fprintf(w, "recommended preStop: %s = p99 propagation to the %s stage (%.3fs, worst node) + %s margin, rounded up\n",
-				preStop, stage, p99, scenario.Margin)
+			fmt.Fprintf(w, "recommended preStop: %s\n", rec)
 		}
 	}
 	fmt.Fprintf(w, "\nfailure logs: %s/failures-rollout{1,2}.log; component logs: %s/logs/\n", o.StateDir, o.StateDir)
@@ -65,8 +75,22 @@ func kinds(m map[string]int) string {
 	return " (" + strings.Join(parts, ", ") + ")"
 }
 
-// backendKinds counts the failures by where kube-proxy sent them: a pod the rollout replaced, a
-// pod that replaced it, or unknown (the conntrack entry was gone when looked up).
+// pathName is how the report names a load path.
+func pathName(p string) string {
+	switch p {
+	case load.PathClusterIP:
+		return "ClusterIP"
+	case load.PathTraefik:
+		return "Traefik"
+	case load.PathHAProxy:
+		return "HAProxy"
+	}
+	return p
+}
+
+// backendKinds counts the failures of the ClusterIP path by where kube-proxy sent them: a pod
+// the rollout replaced, a pod that replaced it, or unknown (the conntrack entry was gone when
+// looked up). A proxy's failures have no such trace: the client's node sent them to the proxy.
 func backendKinds(r *scenario.Rollout) map[string]int {
 	old := map[string]bool{}
 	for _, p := range r.Deleted {
@@ -75,7 +99,7 @@ func backendKinds(r *scenario.Rollout) map[string]int {
 	out := map[string]int{}
 	for _, res := range r.Load {
 		switch {
-		case res.Failure == "":
+		case res.Failure == "" || res.Path != load.PathClusterIP:
 		case res.BackendIP == "":
 			out["unknown"]++
 		case old[res.BackendIP]:
