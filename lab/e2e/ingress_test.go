@@ -12,27 +12,38 @@ import (
 	"testing"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/endpointlag/endpointlag/lab/cluster"
 	"github.com/endpointlag/endpointlag/lab/haproxy"
 	"github.com/endpointlag/endpointlag/lab/load"
+	"github.com/endpointlag/endpointlag/lab/report"
 	"github.com/endpointlag/endpointlag/lab/scenario"
 )
 
-// TestIngress checks the lab's ingress proxies, on one lab (nftables, two nodes): Traefik and
-// HAProxy list the app's endpoints and route to every pod; a deleted pod is fenced by Traefik
-// and its slot freed in HAProxy, and the ground truth of when each path last routed a request to
-// it falls after its deletion and within what each proxy's design allows; a rollout without
-// preStop fails requests, and one with the recommended preStop and a drain fails none on any
-// path.
+// TestIngress checks the lab's ingress proxies and the daemons' ingress stage, on one lab per
+// kube-proxy mode (two nodes): Traefik and HAProxy list the app's endpoints and route to every
+// pod; a deleted pod is fenced by Traefik and its slot freed in HAProxy, the ground truth of when
+// each path last routed a request to it falls after its deletion and within what each proxy's
+// design allows, and the daemon on each proxy's node records the proxy's ingress stage within
+// the poll interval (the observation's precision) + 20 ms of that ground truth; in a rollout
+// without preStop, every deleted pod's ingress stage is recorded for both proxies and requests
+// fail, and with the recommended preStop (which covers the ingress stage) and a drain none fails
+// on any path.
 func TestIngress(t *testing.T) {
+	for _, mode := range []string{"nftables", "iptables"} {
+		t.Run(mode, func(t *testing.T) { testIngress(t, mode) })
+	}
+}
+
+func testIngress(t *testing.T, mode string) {
 	cfg := config(t)
 	if cfg.Traefik == "" || cfg.HAProxy == "" {
 		t.Skipf("the ingress proxies' binaries are missing (LAB_TRAEFIK=%q, built by make lab-bins; haproxy %q, Debian's package, installed by make deps)",
 			os.Getenv("LAB_TRAEFIK"), cfg.HAProxy)
 	}
-	cfg.Nodes = 2
+	cfg.Nodes, cfg.ProxyMode = 2, mode
 	ctx := context.Background()
 	c := upLab(t, ctx, cfg)
 	app := &scenario.App{Client: c.Client, Namespace: "ing", Name: "web", Replicas: 4}
@@ -112,12 +123,29 @@ func TestIngress(t *testing.T) {
 		if first.Summary.Failed == 0 {
 			t.Error("a rollout of pods that exit at once failed no request: nothing was measured")
 		}
+		for _, px := range []*corev1.Pod{in.Traefik, in.HAProxy} {
+			recs := nodeRecords(t, first.Records, px.Spec.NodeName)
+			source := proxySource(px)
+			for uid, p := range first.Deleted {
+				r := findRecord(recs, string(uid))
+				switch {
+				case r == nil:
+					t.Errorf("%s's daemon has no record of %s", px.Spec.NodeName, p.Name)
+				case r.Ingress(source) == nil:
+					t.Errorf("%s's daemon has no ingress stage from %s for %s (stages %v, awaited %v, pending %v)",
+						px.Spec.NodeName, source, p.Name, stageNames(r), r.Awaited, r.Pending)
+				}
+			}
+		}
 		rec := scenario.Recommend(first.Lags)
 		if rec.PreStop == 0 {
 			t.Fatal("nothing measured to size preStop from")
 		}
 		b := scenario.Behaviour{PreStop: rec.PreStop, Drain: 2 * time.Second}
 		t.Logf("preStop %s, drain %s", rec, b.Drain)
+		if !slices.ContainsFunc(rec.Stages, func(s scenario.StageLag) bool { return strings.HasPrefix(s.Stage, "ingress/") }) {
+			t.Errorf("the recommendation weighs no ingress stage: %s", rec)
+		}
 		if err := app.Apply(ctx, b); err != nil {
 			t.Fatal(err)
 		}
@@ -171,7 +199,9 @@ func deletedPod(t *testing.T, ctx context.Context, c *cluster.Cluster, app *scen
 	if err != nil {
 		t.Fatal(err)
 	}
-	lr, err := c.StartLoad("ingress-deletion", load.Config{Targets: targets, Rate: 100, Duration: 2 * time.Minute, Timeout: 3 * time.Second})
+	// 300 requests a second on each path: a proxy balancing over the four pods sends the victim
+	// one about every 13 ms, the resolution of the ground truth.
+	lr, err := c.StartLoad("ingress-deletion", load.Config{Targets: targets, Rate: 300, Duration: 2 * time.Minute, Timeout: 3 * time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -274,6 +304,75 @@ func deletedPod(t *testing.T, ctx context.Context, c *cluster.Cluster, app *scen
 			t.Errorf("%s: %d of %d requests failed %v, though the pod kept serving through its %s preStop", path, s.Failed, s.Requests, s.ByKind, preStop)
 		}
 	}
+
+	// The daemon on each proxy's node: its ingress stage from that proxy against the ground truth.
+	for path, px := range map[string]*corev1.Pod{load.PathTraefik: in.Traefik, load.PathHAProxy: in.HAProxy} {
+		node, err := c.Node(px.Spec.NodeName)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var e *report.StageEntry
+		err = scenario.Poll(ctx, 10*time.Second, "the ingress stage", func() error {
+			recs, err := report.Fetch(ctx, node.DaemonURL)
+			if err != nil {
+				return err
+			}
+			r := findRecord(recs, string(victim.UID))
+			if r == nil {
+				return fmt.Errorf("%s's daemon has no record of %s", node.Name, victim.Name)
+			}
+			if e = r.Ingress(proxySource(px)); e == nil {
+				return fmt.Errorf("%s's daemon has no ingress stage from %s for %s (stages %v, awaited %v, pending %v)",
+					node.Name, proxySource(px), victim.Name, stageNames(r), r.Awaited, r.Pending)
+			}
+			return nil
+		})
+		if err != nil {
+			t.Error(err)
+			continue
+		}
+		last, ok := load.LastRouted(rs, path, victim.Name)
+		if !ok {
+			continue // reported above
+		}
+		d := e.Time.Sub(last.Start)
+		bound := time.Duration(e.Precision*float64(time.Second)) + 20*time.Millisecond
+		t.Logf("%s: the daemon on %s saw %s stop routing to %s %s after its last request there (precision %.1f ms, bound %s); %s after the endpoint turned terminating",
+			path, node.Name, px.Name, victim.Name, d.Round(100*time.Microsecond), e.Precision*1000, bound.Round(100*time.Microsecond), e.Time.Sub(term).Round(time.Millisecond))
+		if d < -20*time.Millisecond || d > bound {
+			t.Errorf("%s: the ingress stage is %s from the ground truth (the last request %s routed to %s), beyond −20 ms … precision + 20 ms = %s",
+				path, d.Round(100*time.Microsecond), path, victim.Name, bound.Round(100*time.Microsecond))
+		}
+	}
+}
+
+// proxySource is the name the daemons give a proxy pod's instance: kind:namespace/name.
+func proxySource(px *corev1.Pod) string {
+	return px.Annotations["endpointlag.dev/proxy"] + ":" + px.Namespace + "/" + px.Name
+}
+
+// nodeRecords is one node's records among a rollout's.
+func nodeRecords(t *testing.T, all []report.Records, node string) report.Records {
+	t.Helper()
+	for _, r := range all {
+		if r.Node == node {
+			return r
+		}
+	}
+	t.Fatalf("no records from %s", node)
+	return report.Records{}
+}
+
+func stageNames(r *report.Record) []string {
+	var out []string
+	for _, s := range r.Stages {
+		name := s.Stage
+		if s.Source != "" && s.Stage == "ingress" {
+			name += "@" + s.Source
+		}
+		out = append(out, name)
+	}
+	return out
 }
 
 func addrs(aps []netip.AddrPort) []string {

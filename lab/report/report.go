@@ -71,6 +71,10 @@ type Connection struct {
 // StageEntry is one stage of a timeline.
 type StageEntry struct {
 	Stage string `json:"stage"`
+	// Source is who saw it (for the ingress stage, the proxy instance); Kind, for the ingress
+	// stage, the proxy kind.
+	Source string `json:"source"`
+	Kind   string `json:"kind"`
 	// Path is, for dataplane stages, "cluster" or "external".
 	Path    string    `json:"path"`
 	Time    time.Time `json:"time"`
@@ -92,6 +96,25 @@ func (r *Record) StagePath(stage, path string) *StageEntry {
 		}
 	}
 	return nil
+}
+
+// Ingress returns the ingress stage entry from the proxy instance source, or nil.
+func (r *Record) Ingress(source string) *StageEntry {
+	for i := range r.Stages {
+		if r.Stages[i].Stage == "ingress" && r.Stages[i].Source == source {
+			return &r.Stages[i]
+		}
+	}
+	return nil
+}
+
+// Column names a stage as the lag table groups it: the stage, or ingress/<kind> for the ingress
+// stage (each proxy kind is a path of its own).
+func (s StageEntry) Column() string {
+	if s.Stage == "ingress" && s.Kind != "" {
+		return "ingress/" + s.Kind
+	}
+	return s.Stage
 }
 
 // Stage returns the first entry for stage, or nil.
@@ -161,10 +184,10 @@ func Lags(all []Records, keep func(Record) bool) []Row {
 			}
 			for _, s := range r.Stages {
 				if s.Propagation != nil && s.Stage != "deleted" {
-					values[[2]string{"propagation", s.Stage}] = append(values[[2]string{"propagation", s.Stage}], *s.Propagation)
+					values[[2]string{"propagation", s.Column()}] = append(values[[2]string{"propagation", s.Column()}], *s.Propagation)
 				}
 				if s.Programming != nil {
-					values[[2]string{"programming", s.Stage}] = append(values[[2]string{"programming", s.Stage}], *s.Programming)
+					values[[2]string{"programming", s.Column()}] = append(values[[2]string{"programming", s.Column()}], *s.Programming)
 				}
 			}
 		}
@@ -172,14 +195,21 @@ func Lags(all []Records, keep func(Record) bool) []Row {
 			rows = append(rows, Row{Node: rs.Node, Reference: k[0], Stage: k[1], Stats: Compute(v)})
 		}
 	}
-	order := map[string]int{"endpointslice": 0, "nftables": 1, "iptables": 1, "ipvs": 1, "endpointslice_removed": 2, "gone": 9}
+	order := map[string]int{"endpointslice": 0, "nftables": 1, "iptables": 1, "ipvs": 1, "ingress": 2, "endpointslice_removed": 3, "gone": 9}
+	rank := func(stage string) int {
+		s, _, _ := strings.Cut(stage, "/")
+		return order[s]
+	}
 	sort.Slice(rows, func(i, j int) bool {
 		a, b := rows[i], rows[j]
 		if a.Reference != b.Reference {
 			return a.Reference > b.Reference
 		}
 		if a.Stage != b.Stage {
-			return order[a.Stage] < order[b.Stage]
+			if rank(a.Stage) != rank(b.Stage) {
+				return rank(a.Stage) < rank(b.Stage)
+			}
+			return a.Stage < b.Stage
 		}
 		return a.Node < b.Node
 	})

@@ -35,8 +35,12 @@ func TestLags(t *testing.T) {
 		}
 		return r
 	}
+	withIngress := rec("a", true, f(0.01), f(1), f(0.99))
+	withIngress.Stages = append(withIngress.Stages,
+		StageEntry{Stage: "ingress", Source: "traefik:ing/t", Kind: "traefik", Programming: f(0.7)},
+		StageEntry{Stage: "ingress", Source: "haproxy:ing/h", Kind: "haproxy", Programming: f(0.1)})
 	all := []Records{
-		{Node: "node1", Records: []Record{rec("a", true, f(0.01), f(1), f(0.99)), rec("b", false, nil, nil, f(0.5)), rec("skip", true, f(9), f(9), f(9))}},
+		{Node: "node1", Records: []Record{withIngress, rec("b", false, nil, nil, f(0.5)), rec("skip", true, f(9), f(9), f(9))}},
 		{Node: "node2", Records: []Record{rec("a", false, nil, nil, f(0.98))}},
 	}
 	rows := Lags(all, func(r Record) bool { return r.Pod.UID != "skip" })
@@ -47,6 +51,8 @@ func TestLags(t *testing.T) {
 	want := []string{
 		"propagation endpointslice node1",
 		"propagation endpointslice_removed node1",
+		"programming ingress/haproxy node1",
+		"programming ingress/traefik node1",
 		"programming endpointslice_removed node1",
 		"programming endpointslice_removed node2",
 	}
@@ -58,7 +64,7 @@ func TestLags(t *testing.T) {
 			t.Errorf("row %d = %q, want %q", i, got[i], want[i])
 		}
 	}
-	if rows[2].Stats != (Stats{N: 2, P50: 0.5, P99: 0.99, Max: 0.99}) {
-		t.Errorf("node1 programming stats %+v", rows[2].Stats)
+	if rows[4].Stats != (Stats{N: 2, P50: 0.5, P99: 0.99, Max: 0.99}) {
+		t.Errorf("node1 programming stats %+v", rows[4].Stats)
 	}
 }

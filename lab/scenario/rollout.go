@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"slices"
+	"sort"
 	"strings"
 	"time"
 
@@ -136,7 +138,8 @@ func (r *Rollout) LastRouted(path, pod string) (load.Result, bool) {
 var trafficStages = []string{"nftables", "iptables", "ipvs", "endpointslice"}
 
 // ExtraStages are stages on other paths that preStop must also cover when the daemons report
-// them: "ingress", when each proxy stops sending new requests to a terminating endpoint.
+// them: "ingress", when each proxy stops sending new requests to a terminating endpoint, one
+// path per proxy kind (the lag table's ingress/<kind>).
 var ExtraStages = []string{"ingress"}
 
 // Margin is added to the measured lag when sizing preStop; while only the EndpointSlice stage is
@@ -199,6 +202,17 @@ func Recommend(rows []report.Row) Recommendation {
 		}
 		return l, found
 	}
+	// The stages the rows have under an extra stage: "ingress/traefik", "ingress/haproxy", …
+	under := func(stage string) []string {
+		var out []string
+		for _, r := range rows {
+			if (r.Stage == stage || strings.HasPrefix(r.Stage, stage+"/")) && !slices.Contains(out, r.Stage) {
+				out = append(out, r.Stage)
+			}
+		}
+		sort.Strings(out)
+		return out
+	}
 	var rec Recommendation
 	for _, stage := range trafficStages {
 		if l, ok := worst(stage); ok {
@@ -209,9 +223,11 @@ func Recommend(rows []report.Row) Recommendation {
 	if len(rec.Stages) == 0 {
 		return rec
 	}
-	for _, stage := range ExtraStages {
-		if l, ok := worst(stage); ok {
-			rec.Stages = append(rec.Stages, l)
+	for _, extra := range ExtraStages {
+		for _, stage := range under(extra) {
+			if l, ok := worst(stage); ok {
+				rec.Stages = append(rec.Stages, l)
+			}
 		}
 	}
 	rec.PreStop = time.Duration(math.Ceil(rec.Slowest().P99+Margin.Seconds())) * time.Second

@@ -39,6 +39,12 @@ func TestRecommend(t *testing.T) {
 			row("propagation", "ingress", "node1", 1.9),
 			row("propagation", "ingress", "node2", 2.2),
 		}, 4 * time.Second, "ingress"},
+		{"each proxy kind is a path of its own: the slowest sizes it", []report.Row{
+			row("propagation", "nftables", "node1", 0.8),
+			row("propagation", "ingress/haproxy", "node1", 0.2),
+			row("propagation", "ingress/traefik", "node2", 2.4),
+			row("programming", "ingress/traefik", "node1", 9),
+		}, 4 * time.Second, "ingress/traefik"},
 		{"a faster ingress stage does not", []report.Row{
 			row("propagation", "nftables", "node1", 1.3),
 			row("propagation", "ingress", "node2", 0.2),

@@ -551,12 +551,11 @@ type instance struct {
 
 	mu sync.Mutex
 	// backends are the backends by name as last read, and readStart when each was last asked
-	// for; routable the endpoints new requests can go to (per Service, the zero Service for
-	// backends that name none), each with the oldest readStart of the backends that route to it:
-	// a removal found now happened after that.
+	// for; routing counts, for each endpoint new requests can go to (per Service, the zero
+	// Service for backends that name none), the backends that route to it.
 	backends  map[string]Backend
 	readStart map[string]time.Time
-	routable  map[routed]time.Time
+	routing   map[routed]int
 	// last is when the last read was answered.
 	last time.Time
 	// tried: read (or failed to be) at least once; down: the last read failed, with lastErr.
@@ -572,7 +571,7 @@ type routed struct {
 
 func newInstance(name string, k Kind, addr string, r Reader, cancel context.CancelFunc) *instance {
 	return &instance{name: name, kind: k, addr: addr, reader: r, cancel: cancel, wake: make(chan struct{}, 1),
-		backends: map[string]Backend{}, readStart: map[string]time.Time{}, routable: map[routed]time.Time{}}
+		backends: map[string]Backend{}, readStart: map[string]time.Time{}, routing: map[routed]int{}}
 }
 
 func (in *instance) wakeUp() {
@@ -644,49 +643,79 @@ type removal struct {
 }
 
 // apply takes a read that was sent at start and answered at at: all backends (full), or only
-// some. It returns what no longer gets new requests, and whether this was the first read.
+// some. It returns what no longer gets new requests, and whether this was the first read. Its
+// work is in proportion to the backends read, not to all the instance has.
 func (in *instance) apply(start, at time.Time, backends []Backend, full bool) (removed []removal, first bool) {
 	in.mu.Lock()
 	defer in.mu.Unlock()
 	first = in.last.IsZero()
 	in.triedOnce, in.last = true, at
-	if full {
-		in.backends = make(map[string]Backend, len(backends))
-		in.readStart = make(map[string]time.Time, len(backends))
-	}
-	for _, b := range backends {
-		in.backends[b.Name] = b
-		in.readStart[b.Name] = start
-	}
-	next := make(map[routed]time.Time, len(in.routable))
-	for name, b := range in.backends {
-		since := in.readStart[name]
-		for _, s := range b.Servers {
-			if !s.Routable {
+	// dropped: what a backend read now no longer routes, with the oldest previous read of such a
+	// backend (the removal happened after it).
+	dropped := map[routed]time.Time{}
+	update := func(name string, nb *Backend) {
+		was, since := routables(in.backends[name]), in.readStart[name]
+		var now map[routed]bool
+		if nb != nil {
+			now = routables(*nb)
+			in.backends[name], in.readStart[name] = *nb, start
+		} else {
+			delete(in.backends, name)
+			delete(in.readStart, name)
+		}
+		for r := range was {
+			if now[r] {
 				continue
 			}
-			r := routed{service: b.Service, endpoint: s.Endpoint}
-			if t, ok := next[r]; !ok || since.Before(t) {
-				next[r] = since
+			if in.routing[r]--; in.routing[r] <= 0 {
+				delete(in.routing, r)
+			}
+			if t, ok := dropped[r]; !ok || since.Before(t) {
+				dropped[r] = since
+			}
+		}
+		for r := range now {
+			if !was[r] {
+				in.routing[r]++
 			}
 		}
 	}
-	for r, since := range in.routable {
-		if _, ok := next[r]; !ok {
+	read := make(map[string]bool, len(backends))
+	for i := range backends {
+		read[backends[i].Name] = true
+		update(backends[i].Name, &backends[i])
+	}
+	if full {
+		for name := range in.backends {
+			if !read[name] {
+				update(name, nil)
+			}
+		}
+	}
+	for r, since := range dropped {
+		if in.routing[r] == 0 {
 			removed = append(removed, removal{routed: r, precision: at.Sub(since)})
 		}
 	}
-	in.routable = next
 	return removed, first
+}
+
+// routables are the endpoints a backend sends new requests to.
+func routables(b Backend) map[routed]bool {
+	out := make(map[routed]bool, len(b.Servers))
+	for _, s := range b.Servers {
+		if s.Routable {
+			out[routed{service: b.Service, endpoint: s.Endpoint}] = true
+		}
+	}
+	return out
 }
 
 // routes tells whether the instance sent new requests for svc to ep at its last read.
 func (in *instance) routes(svc probes.ServiceRef, ep probes.Endpoint) bool {
 	in.mu.Lock()
 	defer in.mu.Unlock()
-	_, forSvc := in.routable[routed{service: svc, endpoint: ep}]
-	_, forAny := in.routable[routed{endpoint: ep}]
-	return forSvc || forAny
+	return in.routing[routed{service: svc, endpoint: ep}] > 0 || in.routing[routed{endpoint: ep}] > 0
 }
 
 // ErrNoInstances is returned by Snapshot when nothing is read.

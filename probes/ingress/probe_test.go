@@ -280,3 +280,37 @@ func TestTarget(t *testing.T) {
 		t.Error("an instance without an address is accepted")
 	}
 }
+
+// An endpoint two backends route to is removed when the last of them stops; a backend a full read
+// no longer finds takes its endpoints with it; a targeted read leaves the other backends alone.
+func TestRemovalAcrossBackends(t *testing.T) {
+	in := newInstance("fake=x", Kind{Name: "fake"}, "x", nil, func() {})
+	t0 := time.Date(2026, 11, 29, 12, 0, 0, 0, time.UTC)
+	at := func(ms int) time.Time { return t0.Add(time.Duration(ms) * time.Millisecond) }
+	shared := server("10.244.1.1", true, "")
+	a := Backend{Name: "a", Servers: []Server{shared}}
+	b := Backend{Name: "b", Servers: []Server{shared, server("10.244.1.2", true, "")}}
+	c := Backend{Name: "c", Servers: []Server{server("10.244.1.3", true, "")}}
+	in.apply(at(0), at(1), []Backend{a, b, c}, true)
+	endpoints := func(rs []removal) []string {
+		var out []string
+		for _, r := range rs {
+			out = append(out, r.endpoint.Addr.String())
+		}
+		slices.Sort(out)
+		return out
+	}
+	if removed, _ := in.apply(at(10), at(11), []Backend{{Name: "a"}}, false); len(removed) != 0 {
+		t.Errorf("a stops routing to the shared endpoint, b still does: removed %v", endpoints(removed))
+	}
+	if !in.routes(shop, ep("10.244.1.1")) || !in.routes(shop, ep("10.244.1.3")) {
+		t.Error("after a targeted read of a, the shared endpoint (b) or c's is no longer routed")
+	}
+	removed, _ := in.apply(at(20), at(21), []Backend{{Name: "a"}}, true)
+	if got := endpoints(removed); !slices.Equal(got, []string{"10.244.1.1", "10.244.1.2", "10.244.1.3"}) {
+		t.Errorf("a full read without b and c removed %v; want all three endpoints", got)
+	}
+	if in.routes(shop, ep("10.244.1.1")) {
+		t.Error("the shared endpoint is still routed after both its backends went")
+	}
+}
