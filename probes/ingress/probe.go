@@ -214,10 +214,27 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 	p.synced = true
 	n := len(p.instances)
 	p.mu.Unlock()
-	sink.SetStatus(Name, probes.Status{Up: true, Synced: true, Inactive: n == 0})
+	p.report(sink)
 	p.log.Info("synced", "instances", n)
 	<-ctx.Done()
 	return nil
+}
+
+// report tells the sink the probe's status, once synced: up while no instance's last read failed,
+// active while it reads any. It also makes the collector ask Reaches again about the records it
+// could not answer for before (an instance settled), so it is called without p.mu held.
+func (p *Probe) report(sink probes.Sink) {
+	p.mu.Lock()
+	synced := p.synced
+	up := true
+	for _, in := range p.instances {
+		up = up && !in.isDown()
+	}
+	n := len(p.instances)
+	p.mu.Unlock()
+	if synced {
+		sink.SetStatus(Name, probes.Status{Up: up, Synced: true, Inactive: n == 0})
+	}
 }
 
 func (p *Probe) firstReadsDone() bool {
@@ -260,40 +277,39 @@ func (p *Probe) owedBy(name string) []probes.Endpoint {
 // start begins reading one instance, unless it is read already.
 func (p *Probe) start(ctx context.Context, sink probes.Sink, wg *sync.WaitGroup, name string, k Kind, t Target) {
 	p.mu.Lock()
-	defer p.mu.Unlock()
 	if _, ok := p.instances[name]; ok {
+		p.mu.Unlock()
 		return
 	}
 	t.Timeout = p.opts.Timeout
 	reader, err := k.New(t)
 	if err != nil {
+		p.mu.Unlock()
 		sink.Error(Name, fmt.Errorf("%s: %w", name, err))
 		return
 	}
 	ictx, cancel := context.WithCancel(ctx)
-	in := newInstance(name, k, t.Address, reader, cancel)
+	in := newInstance(name, k, t.Address, reader, cancel, p.clock.Now())
 	p.instances[name] = in
 	p.log.Info("reading a proxy instance", "instance", name, "kind", k.Name, "address", t.Address, "inside_pod", t.Dial != nil)
 	wg.Go(func() { p.poll(ictx, sink, in) })
-	if p.synced {
-		sink.SetStatus(Name, probes.Status{Up: true, Synced: true, Inactive: false})
-	}
+	p.mu.Unlock()
+	p.report(sink)
 }
 
 // stop ends the reading of one instance (its pod went).
 func (p *Probe) stop(sink probes.Sink, name string) {
 	p.mu.Lock()
-	defer p.mu.Unlock()
 	in, ok := p.instances[name]
 	if !ok {
+		p.mu.Unlock()
 		return
 	}
 	in.cancel()
 	delete(p.instances, name)
 	p.log.Info("proxy instance gone", "instance", name)
-	if p.synced {
-		sink.SetStatus(Name, probes.Status{Up: true, Synced: true, Inactive: len(p.instances) == 0})
-	}
+	p.mu.Unlock()
+	p.report(sink)
 }
 
 func (p *Probe) stopAll() {
@@ -395,7 +411,9 @@ func adminAddress(scheme string, ip netip.Addr, port int, annotation string) (st
 }
 
 // Reaches implements probes.Dataplane: the instances that route new requests to ep (for svc, or
-// through a backend that names no Service) now. It is not ok until every instance was read once.
+// through a backend that names no Service) now. It is not ok while an instance is settling: not
+// read successfully yet, for at most firstReadGrace (a proxy starting up); the probe reports its
+// status when one settles, and the collector asks again.
 func (p *Probe) Reaches(svc probes.ServiceRef, ep probes.Endpoint) ([]probes.Reach, bool) {
 	p.mu.Lock()
 	if !p.synced {
@@ -407,6 +425,11 @@ func (p *Probe) Reaches(svc probes.ServiceRef, ep probes.Endpoint) ([]probes.Rea
 		ins = append(ins, in)
 	}
 	p.mu.Unlock()
+	for _, in := range ins {
+		if !in.isSettled() {
+			return nil, false
+		}
+	}
 	var out []probes.Reach
 	for _, in := range ins {
 		if in.routes(svc, ep) {
@@ -424,6 +447,7 @@ func (p *Probe) Reaches(svc probes.ServiceRef, ep probes.Endpoint) ([]probes.Rea
 func (p *Probe) poll(ctx context.Context, sink probes.Sink, in *instance) {
 	fast := max(p.opts.Fast, in.kind.MinInterval)
 	next := p.opts.Slow
+	failures := 0
 	var recent []string
 	for first := true; ; first = false {
 		owed := p.owedBy(in.name)
@@ -457,11 +481,19 @@ func (p *Probe) poll(ctx context.Context, sink probes.Sink, in *instance) {
 		default:
 			recent = nil
 		}
-		p.read(ctx, sink, in, names)
-		if len(owed) > 0 {
-			next = fast
-		} else {
-			next = min(2*next, p.opts.Slow)
+		switch ok := p.read(ctx, sink, in, names); {
+		case !ok:
+			// A proxy starting up, or one down: try again soon, then less and less often.
+			failures++
+			next = min(retryInterval<<min(failures-1, 16), p.opts.Slow)
+		case len(owed) > 0:
+			failures, next = 0, fast
+		default:
+			failures, next = 0, min(2*next, p.opts.Slow)
+		}
+		if in.settleAfter(p.clock.Now(), firstReadGrace) {
+			p.log.Warn("a proxy instance gave no answer in its first "+firstReadGrace.String()+"; what it routes to counts as nothing until it does", "instance", in.name)
+			p.report(sink)
 		}
 	}
 }
@@ -494,7 +526,7 @@ func waitFor(ctx context.Context, since, d time.Duration) bool {
 // read reads an instance — the named backends, when its kind can, else all — and reports the
 // endpoints it no longer routes new requests to, at the moment its answer came (the proxy's state
 // is from some moment of the read: by then, it was so).
-func (p *Probe) read(ctx context.Context, sink probes.Sink, in *instance, names []string) {
+func (p *Probe) read(ctx context.Context, sink probes.Sink, in *instance, names []string) bool {
 	start := p.clock.Now()
 	var (
 		backends []Backend
@@ -514,12 +546,12 @@ func (p *Probe) read(ctx context.Context, sink probes.Sink, in *instance, names 
 		p.counted(in.kind.Name, "full")
 	}
 	if ctx.Err() != nil {
-		return
+		return false
 	}
 	if err != nil {
 		in.failed(err)
 		sink.Error(Name, fmt.Errorf("%s: %w", in.name, err))
-		return
+		return false
 	}
 	at := p.clock.Now()
 	removed, first := in.apply(start, at, backends, full)
@@ -529,10 +561,19 @@ func (p *Probe) read(ctx context.Context, sink probes.Sink, in *instance, names 
 				Service: r.service, Endpoint: r.endpoint})
 		}
 	}
-	if in.recovered() {
-		sink.SetStatus(Name, probes.Status{Up: true})
+	if recovered, settled := in.succeeded(); recovered || settled {
+		p.report(sink)
 	}
+	return true
 }
+
+// firstReadGrace is how long an instance may take to answer its first read (a proxy starting up)
+// while the records that start meanwhile wait to learn whether it routes to them.
+const firstReadGrace = 30 * time.Second
+
+// retryInterval is the first wait after a failed read; it doubles with each failure after, up to
+// the heartbeat.
+const retryInterval = 100 * time.Millisecond
 
 func (p *Probe) counted(kind, query string) {
 	p.mu.Lock()
@@ -562,6 +603,10 @@ type instance struct {
 	triedOnce bool
 	down      bool
 	lastErr   string
+	// started is when reading it began; settled: read successfully once, or given up on after
+	// firstReadGrace.
+	started time.Time
+	settled bool
 }
 
 type routed struct {
@@ -569,8 +614,8 @@ type routed struct {
 	endpoint probes.Endpoint
 }
 
-func newInstance(name string, k Kind, addr string, r Reader, cancel context.CancelFunc) *instance {
-	return &instance{name: name, kind: k, addr: addr, reader: r, cancel: cancel, wake: make(chan struct{}, 1),
+func newInstance(name string, k Kind, addr string, r Reader, cancel context.CancelFunc, started time.Time) *instance {
+	return &instance{name: name, kind: k, addr: addr, reader: r, cancel: cancel, wake: make(chan struct{}, 1), started: started,
 		backends: map[string]Backend{}, readStart: map[string]time.Time{}, routing: map[routed]int{}}
 }
 
@@ -602,13 +647,38 @@ func (in *instance) failed(err error) {
 	in.triedOnce, in.down, in.lastErr = true, true, err.Error()
 }
 
-// recovered reports, once, that a read succeeded after a failure.
-func (in *instance) recovered() bool {
+// succeeded takes a successful read: it says whether it followed a failure, and whether it
+// settled the instance.
+func (in *instance) succeeded() (recovered, settled bool) {
 	in.mu.Lock()
 	defer in.mu.Unlock()
-	was := in.down
-	in.down, in.lastErr = false, ""
-	return was
+	recovered, settled = in.down, !in.settled
+	in.down, in.lastErr, in.settled = false, "", true
+	return recovered, settled
+}
+
+// settleAfter gives up waiting for the first answer once grace has passed since reading began;
+// it reports whether that happened now.
+func (in *instance) settleAfter(now time.Time, grace time.Duration) bool {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	if in.settled || now.Sub(in.started) < grace {
+		return false
+	}
+	in.settled = true
+	return true
+}
+
+func (in *instance) isSettled() bool {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	return in.settled
+}
+
+func (in *instance) isDown() bool {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	return in.down
 }
 
 // backendsOf names the backends that held any of eps at the last read.

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"k8s.io/utils/clock"
+	clocktesting "k8s.io/utils/clock/testing"
 
 	"github.com/endpointlag/endpointlag/probes"
 	"github.com/endpointlag/endpointlag/probes/internal/probetest"
@@ -182,7 +183,7 @@ func TestProbeReadsAndReportsRemovals(t *testing.T) {
 // A removal's precision is the time since its own backend was last read: a backend that only the
 // full reads ask for has the previous full read's age, however many targeted reads came between.
 func TestPrecisionPerBackend(t *testing.T) {
-	in := newInstance("fake=p", Kind{Name: "fake"}, "p", nil, func() {})
+	in := newInstance("fake=p", Kind{Name: "fake"}, "p", nil, func() {}, time.Time{})
 	t0 := time.Date(2026, 11, 29, 12, 0, 0, 0, time.UTC)
 	at := func(ms int) time.Time { return t0.Add(time.Duration(ms) * time.Millisecond) }
 	a := Backend{Name: "a", Service: shop, Servers: []Server{server("10.244.1.1", true, "")}}
@@ -284,7 +285,7 @@ func TestTarget(t *testing.T) {
 // An endpoint two backends route to is removed when the last of them stops; a backend a full read
 // no longer finds takes its endpoints with it; a targeted read leaves the other backends alone.
 func TestRemovalAcrossBackends(t *testing.T) {
-	in := newInstance("fake=x", Kind{Name: "fake"}, "x", nil, func() {})
+	in := newInstance("fake=x", Kind{Name: "fake"}, "x", nil, func() {}, time.Time{})
 	t0 := time.Date(2026, 11, 29, 12, 0, 0, 0, time.UTC)
 	at := func(ms int) time.Time { return t0.Add(time.Duration(ms) * time.Millisecond) }
 	shared := server("10.244.1.1", true, "")
@@ -312,5 +313,50 @@ func TestRemovalAcrossBackends(t *testing.T) {
 	}
 	if in.routes(shop, ep("10.244.1.1")) {
 		t.Error("the shared endpoint is still routed after both its backends went")
+	}
+}
+
+// A proxy that does not answer its first reads (starting up): it is retried soon, not at the
+// heartbeat; until it answers, whether it routes to an endpoint is undetermined (Reaches is not
+// ok) and its answer makes the probe report, for the collector to ask again. One that never
+// answers is given up on after firstReadGrace: then it routes to nothing.
+func TestProbeSettlesInstances(t *testing.T) {
+	starting := &fakeProxy{err: errors.New("404 page not found")}
+	proxies["starting"] = starting
+	never := &fakeProxy{err: errors.New("connection refused")}
+	proxies["never"] = never
+	starting.backends = []Backend{{Name: "b", Service: shop, Servers: []Server{server("10.244.1.3", true, "")}}}
+	opts := DefaultOptions()
+	opts.Instances = []string{"fake=starting"}
+	opts.Slow = time.Hour
+	clk := clocktesting.NewFakeClock(time.Date(2026, 11, 29, 12, 0, 0, 0, time.UTC))
+	p := New(opts, nil, "node-a", nil, clk, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	rec, _ := probetest.Run(t, p)
+	rec.Wait(t, "sync", rec.Synced)
+	if _, ok := p.Reaches(shop, ep("10.244.1.3")); ok {
+		t.Fatal("Reaches is ok before the instance ever answered")
+	}
+	starting.mu.Lock()
+	starting.err = nil
+	starting.mu.Unlock()
+	rec.Wait(t, "the retried first read (the heartbeat is an hour)", func() bool {
+		reach, ok := p.Reaches(shop, ep("10.244.1.3"))
+		return ok && len(reach) == 1 && rec.Up()
+	})
+
+	opts.Instances = []string{"fake=never"}
+	p = New(opts, nil, "node-a", nil, clk, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	rec, _ = probetest.Run(t, p)
+	rec.Wait(t, "sync", rec.Synced)
+	if _, ok := p.Reaches(shop, ep("10.244.1.3")); ok {
+		t.Fatal("Reaches is ok before the instance ever answered")
+	}
+	clk.Step(firstReadGrace)
+	rec.Wait(t, "giving up on the instance", func() bool {
+		reach, ok := p.Reaches(shop, ep("10.244.1.3"))
+		return ok && len(reach) == 0
+	})
+	if rec.Up() {
+		t.Error("the probe is up though its only instance never answered")
 	}
 }
