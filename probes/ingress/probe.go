@@ -425,19 +425,92 @@ func (p *Probe) Reaches(svc probes.ServiceRef, ep probes.Endpoint) ([]probes.Rea
 		ins = append(ins, in)
 	}
 	p.mu.Unlock()
+	now := p.clock.Now()
+	var out []probes.Reach
+	sure := true
 	for _, in := range ins {
-		if !in.isSettled() {
-			return nil, false
+		switch in.reaches(svc, ep, now) {
+		case reached:
+			out = append(out, probes.Reach{Source: in.name})
+		case unsure:
+			sure = false
 		}
 	}
-	var out []probes.Reach
-	for _, in := range ins {
-		if in.routes(svc, ep) {
-			out = append(out, probes.Reach{Source: in.name})
-		}
+	if !sure {
+		return nil, false
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Source < out[j].Source })
 	return out, true
+}
+
+type reachAnswer int
+
+const (
+	notReached reachAnswer = iota
+	reached
+	unsure
+)
+
+// reaches tells whether the instance routes new requests for svc to ep, by its last read. It is
+// unsure while the instance has not answered yet, and when it routes svc through backends but
+// not to ep: a new endpoint of svc it may have added since those backends were read. Then it
+// asks for them to be read (woken) and is sure once they were read after the question.
+func (in *instance) reaches(svc probes.ServiceRef, ep probes.Endpoint, now time.Time) reachAnswer {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	if !in.settled {
+		return unsure
+	}
+	if in.routing[routed{service: svc, endpoint: ep}] > 0 || in.routing[routed{endpoint: ep}] > 0 {
+		return reached
+	}
+	var names []string
+	for name, b := range in.backends {
+		if b.Service == svc && svc.Name != "" {
+			names = append(names, name)
+		}
+	}
+	if len(names) == 0 {
+		return notReached
+	}
+	key := routed{service: svc, endpoint: ep}
+	asked, ok := in.checks[key]
+	if !ok {
+		in.checks[key] = now
+		asked = now
+	}
+	fresh := true
+	for _, n := range names {
+		fresh = fresh && !in.readStart[n].Before(asked)
+	}
+	if fresh {
+		delete(in.checks, key)
+		return notReached
+	}
+	for _, n := range names {
+		in.checkNames[n] = true
+	}
+	select {
+	case in.wake <- struct{}{}:
+	default:
+	}
+	return unsure
+}
+
+// takeChecks returns, sorted, the backends Reaches asked to have read, and forgets them.
+func (in *instance) takeChecks() []string {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	if len(in.checkNames) == 0 {
+		return nil
+	}
+	out := make([]string, 0, len(in.checkNames))
+	for n := range in.checkNames {
+		out = append(out, n)
+	}
+	clear(in.checkNames)
+	sort.Strings(out)
+	return out
 }
 
 // poll reads one instance until ctx ends: fast while it owes a removal (only the backends that
@@ -451,6 +524,7 @@ func (p *Probe) poll(ctx context.Context, sink probes.Sink, in *instance) {
 	var recent []string
 	for first := true; ; first = false {
 		owed := p.owedBy(in.name)
+		woken := false
 		if !first {
 			d := next
 			if len(owed) > 0 {
@@ -464,6 +538,7 @@ func (p *Probe) poll(ctx context.Context, sink probes.Sink, in *instance) {
 			case <-t.C:
 			case <-in.wake:
 				t.Stop()
+				woken = true
 				// Woken to poll fast: the next read may wait no longer than a fast interval.
 				if !waitFor(ctx, in.sinceLastRead(p.clock), fast) {
 					return
@@ -471,19 +546,30 @@ func (p *Probe) poll(ctx context.Context, sink probes.Sink, in *instance) {
 			}
 			owed = p.owedBy(in.name)
 		}
+		// The backends Reaches asked about are read too (all are, on a full read).
+		checks := in.takeChecks()
 		var names []string
 		switch {
 		case len(owed) > 0:
 			names = in.backendsOf(owed)
 			recent = mergeNames(recent, names)
+			names = mergeNames(names, checks)
 		case next < p.opts.Slow:
-			names = recent
+			names = mergeNames(slices.Clone(recent), checks)
+		case woken && len(checks) > 0:
+			names = checks
 		default:
 			recent = nil
 		}
-		switch ok := p.read(ctx, sink, in, names); {
+		ok := p.read(ctx, sink, in, names)
+		if ok && len(checks) > 0 {
+			p.report(sink) // the collector asks Reaches again
+		}
+		switch {
 		case !ok:
-			// A proxy starting up, or one down: try again soon, then less and less often.
+			// A proxy starting up, or one down: try again soon, then less and less often. The
+			// backends Reaches asked about wait for the next read.
+			in.recheck(checks)
 			failures++
 			next = min(retryInterval<<min(failures-1, 16), p.opts.Slow)
 		case len(owed) > 0:
@@ -607,6 +693,19 @@ type instance struct {
 	// firstReadGrace.
 	started time.Time
 	settled bool
+	// checks are the endpoints Reaches could not answer for (see reaches), with when it was first
+	// asked; checkNames the backends to read for them.
+	checks     map[routed]time.Time
+	checkNames map[string]bool
+}
+
+// recheck asks again for the backends of a read that failed.
+func (in *instance) recheck(names []string) {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	for _, n := range names {
+		in.checkNames[n] = true
+	}
 }
 
 type routed struct {
@@ -616,6 +715,7 @@ type routed struct {
 
 func newInstance(name string, k Kind, addr string, r Reader, cancel context.CancelFunc, started time.Time) *instance {
 	return &instance{name: name, kind: k, addr: addr, reader: r, cancel: cancel, wake: make(chan struct{}, 1), started: started,
+		checks: map[routed]time.Time{}, checkNames: map[string]bool{},
 		backends: map[string]Backend{}, readStart: map[string]time.Time{}, routing: map[routed]int{}}
 }
 
@@ -667,12 +767,6 @@ func (in *instance) settleAfter(now time.Time, grace time.Duration) bool {
 	}
 	in.settled = true
 	return true
-}
-
-func (in *instance) isSettled() bool {
-	in.mu.Lock()
-	defer in.mu.Unlock()
-	return in.settled
 }
 
 func (in *instance) isDown() bool {
@@ -779,13 +873,6 @@ func routables(b Backend) map[routed]bool {
 		}
 	}
 	return out
-}
-
-// routes tells whether the instance sent new requests for svc to ep at its last read.
-func (in *instance) routes(svc probes.ServiceRef, ep probes.Endpoint) bool {
-	in.mu.Lock()
-	defer in.mu.Unlock()
-	return in.routing[routed{service: svc, endpoint: ep}] > 0 || in.routing[routed{endpoint: ep}] > 0
 }
 
 // ErrNoInstances is returned by Snapshot when nothing is read.

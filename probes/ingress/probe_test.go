@@ -286,6 +286,8 @@ func TestTarget(t *testing.T) {
 // no longer finds takes its endpoints with it; a targeted read leaves the other backends alone.
 func TestRemovalAcrossBackends(t *testing.T) {
 	in := newInstance("fake=x", Kind{Name: "fake"}, "x", nil, func() {}, time.Time{})
+	in.settled = true
+	routes := func(e probes.Endpoint) bool { return in.reaches(shop, e, time.Time{}) == reached }
 	t0 := time.Date(2026, 11, 29, 12, 0, 0, 0, time.UTC)
 	at := func(ms int) time.Time { return t0.Add(time.Duration(ms) * time.Millisecond) }
 	shared := server("10.244.1.1", true, "")
@@ -304,14 +306,14 @@ func TestRemovalAcrossBackends(t *testing.T) {
 	if removed, _ := in.apply(at(10), at(11), []Backend{{Name: "a"}}, false); len(removed) != 0 {
 		t.Errorf("a stops routing to the shared endpoint, b still does: removed %v", endpoints(removed))
 	}
-	if !in.routes(shop, ep("10.244.1.1")) || !in.routes(shop, ep("10.244.1.3")) {
+	if !routes(ep("10.244.1.1")) || !routes(ep("10.244.1.3")) {
 		t.Error("after a targeted read of a, the shared endpoint (b) or c's is no longer routed")
 	}
 	removed, _ := in.apply(at(20), at(21), []Backend{{Name: "a"}}, true)
 	if got := endpoints(removed); !slices.Equal(got, []string{"10.244.1.1", "10.244.1.2", "10.244.1.3"}) {
 		t.Errorf("a full read without b and c removed %v; want all three endpoints", got)
 	}
-	if in.routes(shop, ep("10.244.1.1")) {
+	if routes(ep("10.244.1.1")) {
 		t.Error("the shared endpoint is still routed after both its backends went")
 	}
 }
@@ -359,4 +361,46 @@ func TestProbeSettlesInstances(t *testing.T) {
 	if rec.Up() {
 		t.Error("the probe is up though its only instance never answered")
 	}
+}
+
+// An endpoint the last read did not show, of a Service the instance routes: the proxy may have
+// added it since. Reaches is not sure, has that Service's backends read at once (not at the
+// heartbeat), and then answers; an endpoint of a Service the instance does not route is answered
+// at once.
+func TestReachesChecksNewEndpoints(t *testing.T) {
+	fp := &fakeProxy{}
+	proxies["growing"] = fp
+	fp.set(Backend{Name: "shop-web-80", Service: shop, Servers: []Server{server("10.244.1.3", true, "")}})
+	opts := DefaultOptions()
+	opts.Instances = []string{"fake=growing"}
+	opts.Slow = time.Hour
+	p := New(opts, nil, "node-a", nil, clock.RealClock{}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	rec, _ := probetest.Run(t, p)
+	rec.Wait(t, "sync", rec.Synced)
+	other := probes.ServiceRef{Namespace: "shop", Name: "other"}
+	if reach, ok := p.Reaches(other, ep("10.244.9.9")); !ok || len(reach) != 0 {
+		t.Errorf("a Service the proxy does not route: Reaches = %v, %v; want none, sure", reach, ok)
+	}
+	fp.set(Backend{Name: "shop-web-80", Service: shop, Servers: []Server{server("10.244.1.3", true, ""), server("10.244.1.5", true, "")}})
+	if _, ok := p.Reaches(shop, ep("10.244.1.5")); ok {
+		t.Fatal("a new endpoint of a routed Service: Reaches is sure from a read that predates it")
+	}
+	rec.Wait(t, "the check's read", func() bool {
+		reach, ok := p.Reaches(shop, ep("10.244.1.5"))
+		return ok && len(reach) == 1
+	})
+	fp.mu.Lock()
+	targeted := slices.Clone(fp.targeted)
+	fp.mu.Unlock()
+	if len(targeted) == 0 || !slices.Equal(targeted[len(targeted)-1], []string{"shop-web-80"}) {
+		t.Errorf("targeted reads %v; want the routed Service's backend", targeted)
+	}
+	// An endpoint the fresh read does not have either: not routed, and sure of it once read.
+	if _, ok := p.Reaches(shop, ep("10.244.1.7")); ok {
+		t.Fatal("Reaches is sure of 10.244.1.7 without a read after the question")
+	}
+	rec.Wait(t, "the second check", func() bool {
+		reach, ok := p.Reaches(shop, ep("10.244.1.7"))
+		return ok && len(reach) == 0
+	})
 }
