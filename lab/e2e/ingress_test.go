@@ -100,9 +100,13 @@ func testIngress(t *testing.T, mode string) {
 		}
 	})
 
-	t.Run("a deleted pod: fenced by Traefik, its HAProxy slot freed, each path's last request to it after the deletion and within the proxy's bound", func(t *testing.T) {
-		deletedPod(t, ctx, c, app, in)
-	})
+	// One pod on each node: each proxy's daemon then times one pod of its own node (with
+	// propagation) and one of the other.
+	for _, node := range []string{"node1", "node2"} {
+		t.Run("a deleted pod on "+node+": fenced by Traefik, its HAProxy slot freed, each path's last request to it after the deletion and within the proxy's bound, each proxy's ingress stage on the ground truth", func(t *testing.T) {
+			deletedPod(t, ctx, c, app, in, node)
+		})
+	}
 
 	t.Run("a rollout without preStop fails requests; with the recommended preStop and a drain none fails on any path", func(t *testing.T) {
 		if err := app.Apply(ctx, scenario.Behaviour{}); err != nil {
@@ -179,7 +183,7 @@ var routeBounds = map[string]time.Duration{
 // deletedPod deletes one pod with a long preStop under load along every path and compares what
 // the load generator saw (the ground truth: the last request each path routed to the pod)
 // with the deletion, the test's own slice watch, and what the proxies' admin interfaces said.
-func deletedPod(t *testing.T, ctx context.Context, c *cluster.Cluster, app *scenario.App, in *scenario.Ingress) {
+func deletedPod(t *testing.T, ctx context.Context, c *cluster.Cluster, app *scenario.App, in *scenario.Ingress, node string) {
 	const preStop = 5 * time.Second
 	if err := app.Apply(ctx, scenario.Behaviour{PreStop: preStop, Drain: time.Second}); err != nil {
 		t.Fatal(err)
@@ -212,7 +216,7 @@ func deletedPod(t *testing.T, ctx context.Context, c *cluster.Cluster, app *scen
 		}
 	}()
 	time.Sleep(1500 * time.Millisecond)
-	victim := anyPod(t, ctx, app)
+	victim := podOn(t, ctx, app, node)
 	ep := victim.Status.PodIP + ":8080"
 	issued := time.Now()
 	if err := c.Client.CoreV1().Pods(app.Namespace).Delete(ctx, victim.Name, metav1.DeleteOptions{}); err != nil {
@@ -344,6 +348,25 @@ func deletedPod(t *testing.T, ctx context.Context, c *cluster.Cluster, app *scen
 				path, d.Round(100*time.Microsecond), path, victim.Name, bound.Round(100*time.Microsecond))
 		}
 	}
+}
+
+// podOn is one of the app's pods on node.
+func podOn(t *testing.T, ctx context.Context, app *scenario.App, node string) corev1.Pod {
+	t.Helper()
+	if err := app.WaitSettled(ctx, time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	pods, err := app.Pods(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range pods {
+		if p.Spec.NodeName == node {
+			return p
+		}
+	}
+	t.Fatalf("%s/%s has no pod on %s", app.Namespace, app.Name, node)
+	return corev1.Pod{}
 }
 
 // proxySource is the name the daemons give a proxy pod's instance: kind:namespace/name.

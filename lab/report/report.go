@@ -174,20 +174,39 @@ type Row struct {
 }
 
 // Lags gathers, per node, reference and stage, the lags of the records selected by keep.
+// Propagation is measured only on the pod's own node (the only one that knows when it was
+// deleted); for the other nodes it is composed, as a cluster-wide view does without comparing
+// two nodes' clocks: the pod's node's endpointslice propagation (deletion → that node saw the
+// slice change) + the other node's programming lag (it saw the slice change → the stage).
 func Lags(all []Records, keep func(Record) bool) []Row {
+	sliceLag := map[string]float64{} // pod UID → endpointslice propagation on its own node
+	for _, rs := range all {
+		for _, r := range rs.Records {
+			if s := r.Stage("endpointslice"); r.Local && s != nil && s.Propagation != nil {
+				sliceLag[r.Pod.UID] = *s.Propagation
+			}
+		}
+	}
 	var rows []Row
 	for _, rs := range all {
 		values := map[[2]string][]float64{}
+		add := func(ref, stage string, v float64) {
+			values[[2]string{ref, stage}] = append(values[[2]string{ref, stage}], v)
+		}
 		for _, r := range rs.Records {
 			if !keep(r) {
 				continue
 			}
+			slice, composable := sliceLag[r.Pod.UID]
 			for _, s := range r.Stages {
-				if s.Propagation != nil && s.Stage != "deleted" {
-					values[[2]string{"propagation", s.Column()}] = append(values[[2]string{"propagation", s.Column()}], *s.Propagation)
+				switch {
+				case s.Propagation != nil && s.Stage != "deleted":
+					add("propagation", s.Column(), *s.Propagation)
+				case s.Propagation == nil && s.Programming != nil && !r.Local && composable:
+					add("propagation", s.Column(), slice+*s.Programming)
 				}
 				if s.Programming != nil {
-					values[[2]string{"programming", s.Column()}] = append(values[[2]string{"programming", s.Column()}], *s.Programming)
+					add("programming", s.Column(), *s.Programming)
 				}
 			}
 		}

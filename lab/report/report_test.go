@@ -1,6 +1,7 @@
 package report
 
 import (
+	"math"
 	"testing"
 )
 
@@ -44,6 +45,8 @@ func TestLags(t *testing.T) {
 		{Node: "node2", Records: []Record{rec("a", false, nil, nil, f(0.98))}},
 	}
 	rows := Lags(all, func(r Record) bool { return r.Pod.UID != "skip" })
+	// node2's propagation for pod a is composed: a's slice lag on node1 (0.01) + node2's
+	// programming (0.98).
 	var got []string
 	for _, r := range rows {
 		got = append(got, r.Reference+" "+r.Stage+" "+r.Node)
@@ -51,6 +54,7 @@ func TestLags(t *testing.T) {
 	want := []string{
 		"propagation endpointslice node1",
 		"propagation endpointslice_removed node1",
+		"propagation endpointslice_removed node2",
 		"programming ingress/haproxy node1",
 		"programming ingress/traefik node1",
 		"programming endpointslice_removed node1",
@@ -64,7 +68,10 @@ func TestLags(t *testing.T) {
 			t.Errorf("row %d = %q, want %q", i, got[i], want[i])
 		}
 	}
-	if rows[4].Stats != (Stats{N: 2, P50: 0.5, P99: 0.99, Max: 0.99}) {
-		t.Errorf("node1 programming stats %+v", rows[4].Stats)
+	if st := rows[2].Stats; st.N != 1 || math.Abs(st.Max-0.99) > 1e-9 {
+		t.Errorf("node2 composed propagation stats %+v, want one value of 0.99", st)
+	}
+	if rows[5].Stats != (Stats{N: 2, P50: 0.5, P99: 0.99, Max: 0.99}) {
+		t.Errorf("node1 programming stats %+v", rows[5].Stats)
 	}
 }

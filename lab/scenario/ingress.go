@@ -261,9 +261,15 @@ func (in *Ingress) dialPodLoopback(pod *corev1.Pod, port int) func(context.Conte
 	}
 }
 
-// dialFromClient connects to addr from the client pod, as endpointlag would from a node.
-func (in *Ingress) dialFromClient(ctx context.Context, addr string) (net.Conn, error) {
-	return ns.Dial(ctx, in.c.ClientNS(), nil, "tcp", addr)
+// dialFromNode connects to addr from the network namespace of the node pod runs on, as
+// endpointlag does. Not from the client pod: its load generator picks its own source ports, and
+// a kernel-chosen one in use there would make one of its connections fail to bind.
+func (in *Ingress) dialFromNode(ctx context.Context, pod *corev1.Pod, addr string) (net.Conn, error) {
+	n, err := in.c.Node(pod.Spec.NodeName)
+	if err != nil {
+		return nil, err
+	}
+	return ns.Dial(ctx, n.NS, nil, "tcp", addr)
 }
 
 // TraefikServer is one server of a Traefik service, as its API lists it.
@@ -285,13 +291,13 @@ type TraefikService struct {
 	ServerStatus map[string]string `json:"serverStatus"`
 }
 
-// TraefikServices reads Traefik's API at its pod's address, from the client pod; raw is the
+// TraefikServices reads Traefik's API at its pod's address, from its node; raw is the
 // answer as it came.
 func (in *Ingress) TraefikServices(ctx context.Context) (services []TraefikService, raw []byte, err error) {
 	client := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{
 		DisableKeepAlives: true,
 		DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
-			return in.dialFromClient(ctx, addr)
+			return in.dialFromNode(ctx, in.Traefik, addr)
 		},
 	}}
 	u := "http://" + net.JoinHostPort(in.Traefik.Status.PodIP, strconv.Itoa(TraefikAdminPort)) + "/api/http/services"
@@ -328,11 +334,11 @@ func (in *Ingress) TraefikServers(ctx context.Context) ([]TraefikServer, error) 
 }
 
 // HAProxyServers reads `show servers state` of the app's backend through HAProxy's read-only
-// runtime socket on its pod's address, from the client pod, as endpointlag reads it; raw is
+// runtime socket on its pod's address, from its node, as endpointlag reads it; raw is
 // HAProxy's answer.
 func (in *Ingress) HAProxyServers(ctx context.Context) (states []haproxy.ServerState, raw string, err error) {
 	addr := net.JoinHostPort(in.HAProxy.Status.PodIP, strconv.Itoa(HAProxyUserPort))
-	rt := &haproxy.Runtime{Dial: func(ctx context.Context) (net.Conn, error) { return in.dialFromClient(ctx, addr) }}
+	rt := &haproxy.Runtime{Dial: func(ctx context.Context) (net.Conn, error) { return in.dialFromNode(ctx, in.HAProxy, addr) }}
 	answers, err := rt.Exec(ctx, "show servers state "+in.HAProxyBackend)
 	if err != nil {
 		return nil, "", err

@@ -39,8 +39,9 @@ func writeReport(w io.Writer, o options, c *cluster.Cluster, rollouts []*scenari
 			fmt.Fprintf(w, "failed requests traced to replaced pods: %d, of which endpointlag saw %d (matched by client port); %d were in flight before the deletion\n",
 				traced, seen, inFlight)
 		}
-		fmt.Fprintln(w, "lags endpointlag measured (propagation: since the pod's deletion, on the pod's node;")
-		fmt.Fprintln(w, "programming: since this node saw the EndpointSlice change):")
+		fmt.Fprintln(w, "lags endpointlag measured (propagation: since the pod's deletion, measured on the pod's node and")
+		fmt.Fprintln(w, "composed for the others: the pod's node's endpointslice lag + that node's programming lag;")
+		fmt.Fprintln(w, "programming: since this node saw the EndpointSlice change; ingress/<kind>: a proxy of that kind):")
 		report.WriteLags(w, r.Lags)
 		if i == 0 {
 			fmt.Fprintf(w, "recommended preStop: %s\n", rec)
