@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net/http"
 	"net/netip"
 	"os"
 	"slices"
@@ -97,6 +98,27 @@ func testIngress(t *testing.T, mode string) {
 		t.Logf("show servers state %s (the filled slots):\n%s", in.HAProxyBackend, filledSlots(state))
 		if err := app.WaitServing(ctx, c.ClientNS(), time.Minute); err != nil {
 			t.Fatal(err)
+		}
+		// The daemon on each proxy's node reads it at its heartbeat: its view, which
+		// inspect ingress shows, gets there too.
+		for _, px := range []*corev1.Pod{in.Traefik, in.HAProxy} {
+			n, err := c.Node(px.Spec.NodeName)
+			if err != nil {
+				t.Fatal(err)
+			}
+			err = scenario.Poll(ctx, 30*time.Second, "the daemon's view of "+px.Name, func() error {
+				got, err := daemonRoutes(n.DaemonURL, proxySource(px))
+				if err != nil {
+					return err
+				}
+				if !slices.Equal(got, want) {
+					return fmt.Errorf("%s's daemon shows %s routing to %q, want %q", n.Name, proxySource(px), got, want)
+				}
+				return nil
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
 		}
 	})
 
@@ -372,6 +394,52 @@ func podOn(t *testing.T, ctx context.Context, app *scenario.App, node string) co
 // proxySource is the name the daemons give a proxy pod's instance: kind:namespace/name.
 func proxySource(px *corev1.Pod) string {
 	return px.Annotations["endpointlag.dev/proxy"] + ":" + px.Namespace + "/" + px.Name
+}
+
+// daemonRoutes is what a daemon's /api/v1/ingress says an instance routes new requests to, as
+// sorted ip:port.
+func daemonRoutes(base, instance string) ([]string, error) {
+	resp, err := http.Get(base + "/api/v1/ingress")
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("GET %s/api/v1/ingress: %s", base, resp.Status)
+	}
+	var body struct {
+		Instances []struct {
+			Name     string `json:"name"`
+			Backends []struct {
+				Servers []struct {
+					Endpoint struct {
+						Addr netip.Addr `json:"ip"`
+						Port uint16     `json:"port"`
+					} `json:"endpoint"`
+					Routable bool `json:"routable"`
+				} `json:"servers"`
+			} `json:"backends"`
+		} `json:"instances"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&body); err != nil {
+		return nil, fmt.Errorf("GET %s/api/v1/ingress: %w", base, err)
+	}
+	for _, v := range body.Instances {
+		if v.Name != instance {
+			continue
+		}
+		var out []string
+		for _, b := range v.Backends {
+			for _, s := range b.Servers {
+				if s.Routable {
+					out = append(out, netip.AddrPortFrom(s.Endpoint.Addr, s.Endpoint.Port).String())
+				}
+			}
+		}
+		sort.Strings(out)
+		return slices.Compact(out), nil
+	}
+	return nil, fmt.Errorf("GET %s/api/v1/ingress: no instance %s", base, instance)
 }
 
 // nodeRecords is one node's records among a rollout's.

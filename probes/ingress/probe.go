@@ -452,9 +452,12 @@ const (
 )
 
 // reaches tells whether the instance routes new requests for svc to ep, by its last read. It is
-// unsure while the instance has not answered yet, and when it routes svc through backends but
-// not to ep: a new endpoint of svc it may have added since those backends were read. Then it
-// asks for them to be read (woken) and is sure once they were read after the question.
+// unsure while the instance has not answered yet, and when its last read does not route to ep:
+// when it routes svc, ep may be a new endpoint added since those backends were read, which are
+// then read (targeted); when it does not route svc at all, the proxy may have begun to since its
+// last full read (an Ingress created meanwhile), and a full read follows, at most one per
+// fullCheckEvery for all such questions. It is sure once what it asked for was read after the
+// question. An instance whose last read failed is answered for by that read.
 func (in *instance) reaches(svc probes.ServiceRef, ep probes.Endpoint, now time.Time) reachAnswer {
 	in.mu.Lock()
 	defer in.mu.Unlock()
@@ -464,14 +467,16 @@ func (in *instance) reaches(svc probes.ServiceRef, ep probes.Endpoint, now time.
 	if in.routing[routed{service: svc, endpoint: ep}] > 0 || in.routing[routed{endpoint: ep}] > 0 {
 		return reached
 	}
+	if in.down {
+		// Its admin does not answer: what it routes to is its last read, for as long as that
+		// lasts; waiting for a read could hold the records forever.
+		return notReached
+	}
 	var names []string
 	for name, b := range in.backends {
 		if b.Service == svc && svc.Name != "" {
 			names = append(names, name)
 		}
-	}
-	if len(names) == 0 {
-		return notReached
 	}
 	key := routed{service: svc, endpoint: ep}
 	asked, ok := in.checks[key]
@@ -479,13 +484,16 @@ func (in *instance) reaches(svc probes.ServiceRef, ep probes.Endpoint, now time.
 		in.checks[key] = now
 		asked = now
 	}
-	fresh := true
+	fresh := len(names) > 0 || !in.lastFull.Before(asked)
 	for _, n := range names {
 		fresh = fresh && !in.readStart[n].Before(asked)
 	}
 	if fresh {
 		delete(in.checks, key)
 		return notReached
+	}
+	if len(names) == 0 {
+		in.fullCheck = true
 	}
 	for _, n := range names {
 		in.checkNames[n] = true
@@ -495,6 +503,26 @@ func (in *instance) reaches(svc probes.ServiceRef, ep probes.Endpoint, now time.
 	default:
 	}
 	return unsure
+}
+
+// fullCheckEvery is the least time between two full reads made for questions about Services an
+// instance's last full read did not show: one read answers every question asked before it began,
+// so a burst of terminations of Services the proxy does not route costs one read.
+const fullCheckEvery = time.Second
+
+// fullCheckDue says whether a full read was asked for by reaches, and how long until one may be
+// made; at 0 it takes the request.
+func (in *instance) fullCheckDue(now time.Time) (asked bool, wait time.Duration) {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	if !in.fullCheck {
+		return false, 0
+	}
+	wait = max(fullCheckEvery-now.Sub(in.lastFull), 0)
+	if wait == 0 {
+		in.fullCheck = false
+	}
+	return true, wait
 }
 
 // takeChecks returns, sorted, the backends Reaches asked to have read, and forgets them.
@@ -530,6 +558,9 @@ func (p *Probe) poll(ctx context.Context, sink probes.Sink, in *instance) {
 			if len(owed) > 0 {
 				d = fast
 			}
+			if asked, wait := in.fullCheckDue(p.clock.Now()); asked && failures == 0 {
+				d = min(d, max(wait, fast))
+			}
 			t := time.NewTimer(max(d, in.kind.MinInterval))
 			select {
 			case <-ctx.Done():
@@ -546,10 +577,18 @@ func (p *Probe) poll(ctx context.Context, sink probes.Sink, in *instance) {
 			}
 			owed = p.owedBy(in.name)
 		}
-		// The backends Reaches asked about are read too (all are, on a full read).
+		// The backends Reaches asked about are read too (all are, on a full read); a full read it
+		// asked for is made once fullCheckEvery allows.
 		checks := in.takeChecks()
+		fullAsked, wait := in.fullCheckDue(p.clock.Now())
+		fullCheck := fullAsked && wait == 0
 		var names []string
 		switch {
+		case fullCheck:
+			names = nil
+			if len(owed) > 0 {
+				recent = mergeNames(recent, in.backendsOf(owed))
+			}
 		case len(owed) > 0:
 			names = in.backendsOf(owed)
 			recent = mergeNames(recent, names)
@@ -558,18 +597,21 @@ func (p *Probe) poll(ctx context.Context, sink probes.Sink, in *instance) {
 			names = mergeNames(slices.Clone(recent), checks)
 		case woken && len(checks) > 0:
 			names = checks
+		case woken && fullAsked:
+			// Woken for a full read that may not be made yet: the timer waits for it.
+			continue
 		default:
 			recent = nil
 		}
 		ok := p.read(ctx, sink, in, names)
-		if ok && len(checks) > 0 {
+		if ok && (len(checks) > 0 || fullCheck) {
 			p.report(sink) // the collector asks Reaches again
 		}
 		switch {
 		case !ok:
-			// A proxy starting up, or one down: try again soon, then less and less often. The
-			// backends Reaches asked about wait for the next read.
-			in.recheck(checks)
+			// A proxy starting up, or one down: try again soon, then less and less often. What
+			// Reaches asked to have read waits for the next read.
+			in.recheck(checks, fullCheck)
 			failures++
 			next = min(retryInterval<<min(failures-1, 16), p.opts.Slow)
 		case len(owed) > 0:
@@ -694,15 +736,19 @@ type instance struct {
 	started time.Time
 	settled bool
 	// checks are the endpoints Reaches could not answer for (see reaches), with when it was first
-	// asked; checkNames the backends to read for them.
+	// asked; checkNames the backends to read for them, fullCheck whether a full read is wanted.
+	// lastFull is when the last full read that was answered began.
 	checks     map[routed]time.Time
 	checkNames map[string]bool
+	fullCheck  bool
+	lastFull   time.Time
 }
 
-// recheck asks again for the backends of a read that failed.
-func (in *instance) recheck(names []string) {
+// recheck asks again for the backends (or the full read) of a read that failed.
+func (in *instance) recheck(names []string, full bool) {
 	in.mu.Lock()
 	defer in.mu.Unlock()
+	in.fullCheck = in.fullCheck || full
 	for _, n := range names {
 		in.checkNames[n] = true
 	}
@@ -814,6 +860,9 @@ func (in *instance) apply(start, at time.Time, backends []Backend, full bool) (r
 	defer in.mu.Unlock()
 	first = in.last.IsZero()
 	in.triedOnce, in.last = true, at
+	if full {
+		in.lastFull = start
+	}
 	// dropped: what a backend read now no longer routes, with the oldest previous read of such a
 	// backend (the removal happened after it).
 	dropped := map[routed]time.Time{}

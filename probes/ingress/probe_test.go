@@ -3,6 +3,7 @@ package ingress
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/netip"
@@ -377,10 +378,45 @@ func TestReachesChecksNewEndpoints(t *testing.T) {
 	p := New(opts, nil, "node-a", nil, clock.RealClock{}, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	rec, _ := probetest.Run(t, p)
 	rec.Wait(t, "sync", rec.Synced)
+	// A Service the last read did not show: the proxy may route it since (an Ingress created
+	// after the read), so Reaches is sure only after a full read that began after the question.
 	other := probes.ServiceRef{Namespace: "shop", Name: "other"}
-	if reach, ok := p.Reaches(other, ep("10.244.9.9")); !ok || len(reach) != 0 {
-		t.Errorf("a Service the proxy does not route: Reaches = %v, %v; want none, sure", reach, ok)
+	if _, ok := p.Reaches(other, ep("10.244.9.9")); ok {
+		t.Fatal("a Service the last read did not show: Reaches is sure from a read that predates the question")
 	}
+	rec.Wait(t, "the full read that shows the Service is not routed", func() bool {
+		reach, ok := p.Reaches(other, ep("10.244.9.9"))
+		return ok && len(reach) == 0
+	})
+	// Now routed by the proxy: the next question about it finds it.
+	fp.set(Backend{Name: "shop-web-80", Service: shop, Servers: []Server{server("10.244.1.3", true, "")}},
+		Backend{Name: "shop-other-80", Service: other, Servers: []Server{server("10.244.9.9", true, "")}})
+	if _, ok := p.Reaches(other, ep("10.244.9.9")); ok {
+		t.Fatal("Reaches is sure of a Service the proxy began routing after its last read")
+	}
+	rec.Wait(t, "the full read that shows the new Service", func() bool {
+		reach, ok := p.Reaches(other, ep("10.244.9.9"))
+		return ok && len(reach) == 1
+	})
+	// Many questions about Services the proxy does not route share one full read.
+	full, _ := fp.counts()
+	var unknown []probes.ServiceRef
+	for i := range 20 {
+		unknown = append(unknown, probes.ServiceRef{Namespace: "shop", Name: fmt.Sprintf("unrouted-%d", i)})
+		p.Reaches(unknown[i], ep("10.244.8.8"))
+	}
+	rec.Wait(t, "the answers about 20 unrouted Services", func() bool {
+		for _, svc := range unknown {
+			if reach, ok := p.Reaches(svc, ep("10.244.8.8")); !ok || len(reach) != 0 {
+				return false
+			}
+		}
+		return true
+	})
+	if after, _ := fp.counts(); after-full > 2 {
+		t.Errorf("%d full reads answered 20 questions asked at once; want 1 (2 if one began between them)", after-full)
+	}
+	fp.set(Backend{Name: "shop-web-80", Service: shop, Servers: []Server{server("10.244.1.3", true, "")}})
 	fp.set(Backend{Name: "shop-web-80", Service: shop, Servers: []Server{server("10.244.1.3", true, ""), server("10.244.1.5", true, "")}})
 	if _, ok := p.Reaches(shop, ep("10.244.1.5")); ok {
 		t.Fatal("a new endpoint of a routed Service: Reaches is sure from a read that predates it")
