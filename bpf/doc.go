@@ -13,4 +13,4 @@
 // (5.2). Attaching uses TCX links from 6.6 and a clsact qdisc's filters before that.
 package bpf
 
-//go:generate go tool bpf2go -tags linux -target bpfel -go-package bpf -type event -type counters -type ratelimit Endpointlag endpointlag.c -- -I./include -Wall -Werror
+//go:generate go tool bpf2go -tags linux -target bpfel -go-package bpf -type event -type counters -type ratelimit -type recent_syn Endpointlag endpointlag.c -- -I./include -Wall -Werror

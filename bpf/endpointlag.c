@@ -113,8 +113,26 @@ struct iface_stats {
 	__u64 syn_acks;
 };
 
-// The event type is kept in the object's BTF for bpf2go to generate its Go twin.
+// recent_syn is a client's SYN to a pod address no map tracks yet, kept in a per-CPU ring: when
+// user space starts tracking a terminating pod, it takes from the rings the SYNs that reached the
+// pod between its deletion and that moment, which no event could report.
+struct recent_syn {
+	struct addr saddr;
+	struct addr daddr;
+	__u64 time_ns;
+	__u16 sport;
+	__u16 dport;
+	__u32 pad;
+};
+
+// RECENT_SLOTS is each CPU's ring of recent SYNs: at 10,000 SYNs a second on a CPU it holds the
+// last 100 ms.
+#define RECENT_SLOTS 1024
+
+// The event and recent_syn types are kept in the object's BTF for bpf2go to generate their Go
+// twins.
 const struct event *unused_event __attribute__((unused));
+const struct recent_syn *unused_recent_syn __attribute__((unused));
 
 // ratelimit is one CPU's event budget in the current second, and the events it refused.
 struct ratelimit {
@@ -195,6 +213,22 @@ struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 256 * 1024);
 } events SEC(".maps");
+
+// recent is each CPU's ring of recent_syn, recent_next the number each CPU wrote so far (the
+// next slot is that modulo RECENT_SLOTS).
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct recent_syn);
+	__uint(max_entries, RECENT_SLOTS);
+} recent SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, 1);
+} recent_next SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -502,6 +536,27 @@ static __always_inline int arrive(struct __sk_buff *skb, struct pkt *p, struct c
 	return !node && p->proto == IPPROTO_TCP;
 }
 
+// remember_syn writes a client's SYN to an untracked pod address into this CPU's ring.
+static __always_inline void remember_syn(struct __sk_buff *skb, struct pkt *p, int l4)
+{
+	__u32 zero = 0;
+	__u64 *next = bpf_map_lookup_elem(&recent_next, &zero);
+	if (!next)
+		return;
+	__u32 slot = *next % RECENT_SLOTS;
+	struct recent_syn *r = bpf_map_lookup_elem(&recent, &slot);
+	if (!r)
+		return;
+	parse_l4(skb, p, l4);
+	r->saddr = p->saddr;
+	r->daddr = p->daddr;
+	r->time_ns = bpf_ktime_get_ns();
+	r->sport = p->sport;
+	r->dport = p->dport;
+	r->pad = 0;
+	*next += 1;
+}
+
 SEC("tc")
 int to_pod(struct __sk_buff *skb)
 {
@@ -509,7 +564,8 @@ int to_pod(struct __sk_buff *skb)
 	int l4 = parse_l3(skb, &p);
 	if (!l4)
 		return TC_ACT_UNSPEC;
-	if (p.proto == IPPROTO_TCP && is_syn(tcp_flags(skb, l4)) && !from_node(&p.saddr))
+	int client_syn = p.proto == IPPROTO_TCP && is_syn(tcp_flags(skb, l4)) && !from_node(&p.saddr);
+	if (client_syn)
 		count_iface(skb, 0);
 	struct counters *c = bpf_map_lookup_elem(&terminating, &p.daddr);
 	if (c) {
@@ -519,6 +575,8 @@ int to_pod(struct __sk_buff *skb)
 			__u8 one = 1;
 			bpf_map_update_elem(&syns, &f, &one, BPF_ANY);
 		}
+	} else if (client_syn) {
+		remember_syn(skb, &p, l4);
 	}
 	return TC_ACT_UNSPEC;
 }

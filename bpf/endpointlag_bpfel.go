@@ -68,6 +68,16 @@ type EndpointlagRatelimit struct {
 	Dropped  uint64
 }
 
+type EndpointlagRecentSyn struct {
+	_      structs.HostLayout
+	Saddr  EndpointlagAddr
+	Daddr  EndpointlagAddr
+	TimeNs uint64
+	Sport  uint16
+	Dport  uint16
+	Pad    uint32
+}
+
 type EndpointlagService struct {
 	_     structs.HostLayout
 	Addr  EndpointlagAddr
@@ -86,6 +96,8 @@ const (
 	EndpointlagMapIfaces          = "ifaces"
 	EndpointlagMapLimits          = "limits"
 	EndpointlagMapNodeAddrs       = "node_addrs"
+	EndpointlagMapRecent          = "recent"
+	EndpointlagMapRecentNext      = "recent_next"
 	EndpointlagMapServed          = "served"
 	EndpointlagMapSyns            = "syns"
 	EndpointlagMapTerminating     = "terminating"
@@ -96,6 +108,7 @@ const (
 	EndpointlagProgUplinkOut      = "uplink_out"
 	EndpointlagVarEventsPerSecond = "events_per_second"
 	EndpointlagVarUnusedEvent     = "unused_event"
+	EndpointlagVarUnusedRecentSyn = "unused_recent_syn"
 )
 
 // LoadEndpointlag returns the embedded CollectionSpec for Endpointlag.
@@ -156,6 +169,8 @@ type EndpointlagMapSpecs struct {
 	Ifaces      *ebpf.MapSpec `ebpf:"ifaces"`
 	Limits      *ebpf.MapSpec `ebpf:"limits"`
 	NodeAddrs   *ebpf.MapSpec `ebpf:"node_addrs"`
+	Recent      *ebpf.MapSpec `ebpf:"recent"`
+	RecentNext  *ebpf.MapSpec `ebpf:"recent_next"`
 	Served      *ebpf.MapSpec `ebpf:"served"`
 	Syns        *ebpf.MapSpec `ebpf:"syns"`
 	Terminating *ebpf.MapSpec `ebpf:"terminating"`
@@ -168,6 +183,7 @@ type EndpointlagMapSpecs struct {
 type EndpointlagVariableSpecs struct {
 	EventsPerSecond *ebpf.VariableSpec `ebpf:"events_per_second"`
 	UnusedEvent     *ebpf.VariableSpec `ebpf:"unused_event"`
+	UnusedRecentSyn *ebpf.VariableSpec `ebpf:"unused_recent_syn"`
 }
 
 // EndpointlagObjects contains all objects after they have been loaded into the kernel.
@@ -196,6 +212,8 @@ type EndpointlagMaps struct {
 	Ifaces      *ebpf.Map `ebpf:"ifaces"`
 	Limits      *ebpf.Map `ebpf:"limits"`
 	NodeAddrs   *ebpf.Map `ebpf:"node_addrs"`
+	Recent      *ebpf.Map `ebpf:"recent"`
+	RecentNext  *ebpf.Map `ebpf:"recent_next"`
 	Served      *ebpf.Map `ebpf:"served"`
 	Syns        *ebpf.Map `ebpf:"syns"`
 	Terminating *ebpf.Map `ebpf:"terminating"`
@@ -210,6 +228,8 @@ func (m *EndpointlagMaps) Close() error {
 		m.Ifaces,
 		m.Limits,
 		m.NodeAddrs,
+		m.Recent,
+		m.RecentNext,
 		m.Served,
 		m.Syns,
 		m.Terminating,
@@ -223,6 +243,7 @@ func (m *EndpointlagMaps) Close() error {
 type EndpointlagVariables struct {
 	EventsPerSecond *ebpf.Variable `ebpf:"events_per_second"`
 	UnusedEvent     *ebpf.Variable `ebpf:"unused_event"`
+	UnusedRecentSyn *ebpf.Variable `ebpf:"unused_recent_syn"`
 }
 
 // EndpointlagPrograms contains all programs after they have been loaded into the kernel.

@@ -451,6 +451,9 @@ func (c *Cluster) Log() *slog.Logger { return c.cfg.Log }
 // the lab's pods read (they share the machine's file system).
 func (c *Cluster) StateDir() string { return c.cfg.StateDir }
 
+// Tool is the lab binary the cluster runs in pods (Config.Tool).
+func (c *Cluster) Tool() string { return c.cfg.Tool }
+
 // APIAccess is how a program in a pod reaches the API server, as an in-cluster client would.
 type APIAccess struct {
 	// URL is the API server's address on the underlay, routed from every pod.

@@ -1,10 +1,14 @@
 package e2e
 
 import (
+	"bufio"
 	"context"
+	"encoding/json"
 	"fmt"
 	"math"
 	"net/netip"
+	"os"
+	"os/exec"
 	"slices"
 	"strconv"
 	"strings"
@@ -17,8 +21,6 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
-	"k8s.io/client-go/informers"
-	"k8s.io/client-go/tools/cache"
 
 	"github.com/endpointlag/endpointlag/lab/cluster"
 	"github.com/endpointlag/endpointlag/lab/load"
@@ -574,61 +576,99 @@ type sliceTruth struct {
 	stop        func()
 }
 
+// watchSlices starts `lab watch-slices` for the namespace and follows what it prints: a process of
+// its own, as the daemons are, so that the test process's load (its kubelet stand-ins tearing pods
+// down) does not delay the ground truth.
 func watchSlices(ctx context.Context, c *cluster.Cluster, namespace string) (*sliceTruth, error) {
 	st := &sliceTruth{byS: map[string]map[string]map[string]bool{}, left: map[string]time.Time{}, terminating: map[string]time.Time{}}
-	f := informers.NewSharedInformerFactoryWithOptions(c.Client, 0, informers.WithNamespace(namespace))
-	inf := f.Discovery().V1().EndpointSlices().Informer()
-	note := func(obj any, deleted bool) {
-		now := time.Now()
-		if tomb, ok := obj.(cache.DeletedFinalStateUnknown); ok {
-			obj, deleted = tomb.Obj, true
-		}
-		s, ok := obj.(*discoveryv1.EndpointSlice)
-		if !ok {
-			return
-		}
-		svc := s.Labels[discoveryv1.LabelServiceName]
-		st.mu.Lock()
-		defer st.mu.Unlock()
-		before := st.present(svc)
-		if st.byS[svc] == nil {
-			st.byS[svc] = map[string]map[string]bool{}
-		}
-		uids := map[string]bool{}
-		if !deleted {
-			for _, ep := range s.Endpoints {
-				if ep.TargetRef != nil {
-					uids[string(ep.TargetRef.UID)] = true
-					if _, seen := st.terminating[string(ep.TargetRef.UID)]; !seen && ep.Conditions.Terminating != nil && *ep.Conditions.Terminating {
-						st.terminating[string(ep.TargetRef.UID)] = now
-					}
-				}
-			}
-		}
-		st.byS[svc][s.Name] = uids
-		after := st.present(svc)
-		for uid := range before {
-			if !after[uid] {
-				st.left[uid] = now
-			}
-		}
-		for uid := range after {
-			delete(st.left, uid)
-		}
-	}
-	_, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
-		AddFunc:    func(o any) { note(o, false) },
-		UpdateFunc: func(_, o any) { note(o, false) },
-		DeleteFunc: func(o any) { note(o, true) },
-	})
+	cmd := exec.CommandContext(ctx, c.Tool(), "watch-slices", "--kubeconfig="+c.Kubeconfig, "--namespace="+namespace)
+	stdin, err := cmd.StdinPipe()
 	if err != nil {
 		return nil, err
 	}
-	stop := make(chan struct{})
-	f.Start(stop)
-	cache.WaitForCacheSync(stop, inf.HasSynced)
-	st.stop = func() { close(stop); f.Shutdown() }
-	return st, nil
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		return nil, err
+	}
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		return nil, err
+	}
+	synced := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		sc := bufio.NewScanner(stdout)
+		sc.Buffer(make([]byte, 1<<20), 1<<20)
+		first := true
+		for sc.Scan() {
+			var ev sliceEvent
+			if err := json.Unmarshal(sc.Bytes(), &ev); err != nil {
+				continue
+			}
+			if ev.Slice == "" {
+				if first {
+					first = false
+					close(synced)
+				}
+				continue
+			}
+			st.note(ev)
+		}
+	}()
+	st.stop = func() {
+		stdin.Close() // it stops when its stdin closes
+		<-done
+		_ = cmd.Wait()
+	}
+	select {
+	case <-synced:
+		return st, nil
+	case <-done:
+		_ = cmd.Wait()
+		return nil, fmt.Errorf("lab watch-slices ended before its initial list")
+	case <-time.After(30 * time.Second):
+		st.stop()
+		return nil, fmt.Errorf("lab watch-slices: no initial list in 30s")
+	}
+}
+
+// sliceEvent is one line of `lab watch-slices`.
+type sliceEvent struct {
+	At          time.Time `json:"at"`
+	Service     string    `json:"service"`
+	Slice       string    `json:"slice"`
+	Deleted     bool      `json:"deleted"`
+	Pods        []string  `json:"pods"`
+	Terminating []string  `json:"terminating"`
+}
+
+func (st *sliceTruth) note(ev sliceEvent) {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	before := st.present(ev.Service)
+	if st.byS[ev.Service] == nil {
+		st.byS[ev.Service] = map[string]map[string]bool{}
+	}
+	uids := map[string]bool{}
+	for _, uid := range ev.Pods {
+		uids[uid] = true
+	}
+	for _, uid := range ev.Terminating {
+		if _, seen := st.terminating[uid]; !seen {
+			st.terminating[uid] = ev.At
+		}
+	}
+	st.byS[ev.Service][ev.Slice] = uids
+	after := st.present(ev.Service)
+	for uid := range before {
+		if !after[uid] {
+			st.left[uid] = ev.At
+		}
+	}
+	for uid := range after {
+		delete(st.left, uid)
+	}
 }
 
 func (st *sliceTruth) present(svc string) map[string]bool {

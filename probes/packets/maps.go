@@ -135,7 +135,8 @@ func (p *Probe) reconcile(sink probes.Sink) error {
 			delete(p.reported, uid)
 		}
 	}
-	errs := []error{p.reconcileAddrs(pods), p.reconcileServed(), p.reconcileNodeAddrs()}
+	armed, err := p.reconcileAddrs(pods)
+	errs := []error{err, p.reconcileServed(), p.reconcileNodeAddrs(), p.replayRecent(armed, sink)}
 	p.reportLastConns(sink)
 	errs = append(errs, p.checkOrder())
 	p.checkRedirectPeer()
@@ -143,8 +144,13 @@ func (p *Probe) reconcile(sink probes.Sink) error {
 }
 
 // reconcileAddrs puts the collector's deleting pods' addresses into the terminating and deleted
-// maps, and takes out those it no longer lists. Called with p.mu held.
-func (p *Probe) reconcileAddrs(pods []probes.LocalPod) error {
+// maps, and takes out those it no longer lists. It returns the addresses it began to track for a
+// pod. Called with p.mu held.
+func (p *Probe) reconcileAddrs(pods []probes.LocalPod) (armed []netip.Addr, err error) {
+	before := make(map[netip.Addr]string, len(p.tracked))
+	for a, t := range p.tracked {
+		before[a] = t.pod.UID
+	}
 	want := map[netip.Addr]tracked{}
 	for _, lp := range pods {
 		for _, a := range lp.Addrs {
@@ -214,9 +220,125 @@ func (p *Probe) reconcileAddrs(pods []probes.LocalPod) error {
 				w.ifindex = p.routedTo(a)
 			}
 			p.tracked[a] = w
+			if before[a] != w.pod.UID {
+				armed = append(armed, a)
+			}
 		}
 	}
-	return errors.Join(errs...)
+	return armed, errors.Join(errs...)
+}
+
+// replayRecent reports the clients' SYNs that reached the addresses just armed after their pods'
+// deletion began (T0) and before they were armed, from the programs' per-CPU rings of recent
+// SYNs to untracked addresses: the collector and this probe learn of a deletion a moment after
+// T0, and connections in that moment would be missed otherwise. Once an address is armed the
+// programs send events for it and write no more of its SYNs to the rings, so none is reported
+// twice. A ring that wrapped past an armed pod's T0 may have lost some: counted as an overrun.
+// Called with p.mu held.
+func (p *Probe) replayRecent(armed []netip.Addr, sink probes.Sink) error {
+	if len(armed) == 0 {
+		return nil
+	}
+	cpus, err := ebpf.PossibleCPU()
+	if err != nil {
+		return fmt.Errorf("reading the recent SYNs: %w", err)
+	}
+	var next []uint64
+	if err := p.objs.RecentNext.Lookup(uint32(0), &next); err != nil {
+		return fmt.Errorf("reading the recent SYNs: %w", err)
+	}
+	slots := int(p.objs.Recent.MaxEntries())
+	syns, err := readRecent(p.objs.Recent, slots, cpus)
+	if err != nil {
+		return fmt.Errorf("reading the recent SYNs: %w", err)
+	}
+	p.monoOffset = monoOffset()
+	since := map[bpf.EndpointlagAddr]uint64{} // armed address → its pod's T0 in the programs' clock
+	for _, a := range armed {
+		t := p.tracked[a]
+		if ns := t.t0.UnixNano() - int64(p.monoOffset); ns > 0 {
+			since[addrKey(a)] = uint64(ns)
+		}
+	}
+	// A CPU whose ring wrapped holds nothing older than its oldest slot.
+	oldest := make([]uint64, cpus)
+	for cpu := range cpus {
+		if cpu >= len(next) || next[cpu] < uint64(slots) {
+			continue
+		}
+		for slot := range slots {
+			if ns := syns[slot*cpus+cpu].TimeNs; ns != 0 && (oldest[cpu] == 0 || ns < oldest[cpu]) {
+				oldest[cpu] = ns
+			}
+		}
+	}
+	for k, t0 := range since {
+		for cpu := range cpus {
+			if oldest[cpu] > t0 {
+				p.recentOverruns++
+				p.log.Warn("the ring of recent SYNs wrapped between a pod's deletion and its tracking: late connections in between may be missing", "address", keyAddr(k), "cpu", cpu)
+				break
+			}
+		}
+	}
+	for _, r := range syns {
+		t0, ok := since[r.Daddr]
+		if !ok || r.TimeNs < t0 {
+			continue
+		}
+		daddr := keyAddr(r.Daddr)
+		t := p.tracked[daddr]
+		if !t.servesPort(r.Dport) {
+			continue
+		}
+		p.replayed++
+		sink.Observe(probes.Observation{
+			Stage: probes.StageLateConnection, Time: p.wallTime(r.TimeNs), Source: Name, Pod: t.pod, Local: true,
+			Endpoint: probes.Endpoint{Addr: daddr, Port: r.Dport, Protocol: "TCP"},
+			Peer:     netip.AddrPortFrom(keyAddr(r.Saddr), r.Sport),
+		})
+	}
+	return nil
+}
+
+// readRecent reads every CPU's ring of recent SYNs: slot-major, cpus values per slot.
+func readRecent(m *ebpf.Map, slots, cpus int) ([]bpf.EndpointlagRecentSyn, error) {
+	keys := make([]uint32, slots)
+	out := make([]bpf.EndpointlagRecentSyn, slots*cpus)
+	var cursor ebpf.MapBatchCursor
+	n, err := m.BatchLookup(&cursor, keys, out, nil)
+	if err == nil || errors.Is(err, ebpf.ErrKeyNotExist) {
+		if n == slots {
+			return out, nil
+		}
+		err = fmt.Errorf("a batch of %d slots of %d", n, slots)
+	}
+	if !errors.Is(err, ebpf.ErrNotSupported) {
+		return nil, err
+	}
+	// Kernels before 5.6 have no batch lookup: one slot at a time.
+	vals := make([]bpf.EndpointlagRecentSyn, cpus)
+	for slot := range uint32(slots) {
+		if err := m.Lookup(slot, &vals); err != nil {
+			return nil, err
+		}
+		copy(out[int(slot)*cpus:], vals)
+	}
+	return out, nil
+}
+
+// servesPort reports whether the address serves TCP port, by its endpoints (all ports while they
+// are not known), as the programs' served map says.
+func (t tracked) servesPort(port uint16) bool {
+	if len(t.services) == 0 {
+		return true
+	}
+	for _, s := range t.services {
+		if s.proto == unix.IPPROTO_TCP && (s.port == port || s.port == 0) {
+			return true
+		}
+	}
+	return false
 }
 
 // reconcileServed makes the served and filtered maps say which ports each tracked address

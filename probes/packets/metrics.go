@@ -37,6 +37,8 @@ var (
 		"Interfaces the programs are attached to (role=pod|uplink).", "role")
 	reattachedDesc = desc("packet_reattachments_total",
 		"Programs attached again, first, after a CNI removed them (reason=missing) or put a program before them (reason=not_first).", "reason")
+	recentOverrunsDesc = desc("packet_recent_overruns_total",
+		"Pods whose first moments of terminating outlasted a CPU's ring of recent SYNs (the SYNs that reach a pod after its deletion and before the probe tracks its address): some of their late connections may be missing.")
 	blindDesc = desc("packet_blind_interfaces",
 		"Pod interfaces where the datapath bypasses the programs: netkit devices (reason=netkit), veths delivered to past the node's side (reason=redirect_peer).", "reason")
 )
@@ -44,7 +46,7 @@ var (
 // Describe implements prometheus.Collector.
 func (m *metrics) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{lateConnsDesc, termPacketsDesc, termBytesDesc, termErrorsDesc,
-		deadPacketsDesc, deadConnsDesc, deadErrorsDesc, eventsDroppedDesc, evictionsDesc, attachedDesc, reattachedDesc, blindDesc} {
+		deadPacketsDesc, deadConnsDesc, deadErrorsDesc, eventsDroppedDesc, evictionsDesc, attachedDesc, reattachedDesc, recentOverrunsDesc, blindDesc} {
 		ch <- d
 	}
 }
@@ -55,6 +57,9 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 	p.mu.Lock()
 	totals := p.retired
 	evictions := p.evictions
+	// Late connections taken from the rings of recent SYNs are clients' TCP connections.
+	totals[0].TcpConns += p.replayed
+	overruns := p.recentOverruns
 	reattached := map[string]float64{reasonMissing: p.reattachments[reasonMissing], reasonNotFirst: p.reattachments[reasonNotFirst]}
 	blind := map[string]float64{blindNetkit: float64(len(p.netkit)), blindRedirectPeer: float64(len(p.redirected))}
 	var dropped uint64
@@ -104,6 +109,7 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 	counter(deadErrorsDesc, d.Resets, "reset")
 	counter(deadErrorsDesc, d.Unreachables, "unreachable")
 	counter(eventsDroppedDesc, dropped)
+	counter(recentOverrunsDesc, overruns)
 	ch <- prometheus.MustNewConstMetric(evictionsDesc, prometheus.CounterValue, evictions[0], "terminating")
 	ch <- prometheus.MustNewConstMetric(evictionsDesc, prometheus.CounterValue, evictions[1], "deleted")
 	for role, n := range roles {

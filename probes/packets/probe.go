@@ -147,6 +147,10 @@ type Probe struct {
 	redirected map[int]string
 	// monoOffset turns the programs' CLOCK_MONOTONIC nanoseconds into wall time.
 	monoOffset time.Duration
+	// replayed counts the late connections taken from the rings of recent SYNs; recentOverruns
+	// the pods whose window before tracking outlasted a CPU's ring.
+	replayed       uint64
+	recentOverruns uint64
 	// subscribe starts link events (netlink.LinkSubscribeWithOptions; tests replace it).
 	subscribe func(chan<- netlink.LinkUpdate, <-chan struct{}, netlink.LinkSubscribeOptions) error
 }

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"os"
+	"runtime"
 	"slices"
 	"testing"
 	"time"
@@ -17,6 +18,7 @@ import (
 	"github.com/cilium/ebpf/rlimit"
 	"github.com/vishvananda/netlink"
 	vnetns "github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 	"k8s.io/utils/clock"
 
 	"github.com/endpointlag/endpointlag/bpf"
@@ -509,5 +511,77 @@ func TestProgramsErrors(t *testing.T) {
 	}
 	if n != 4 {
 		t.Errorf("%d events, want 4", n)
+	}
+}
+
+// A client's SYN that reaches a pod after its deletion began but before the probe tracks its
+// address (the collector and the probe learn of the deletion a moment after it) is reported as a
+// late connection once the probe tracks it, from the programs' ring of recent SYNs; one before the
+// deletion is not, and none is reported twice.
+func TestSYNsBeforeTrackingAreReported(t *testing.T) {
+	opts := DefaultOptions()
+	objs := loadObjects(t, opts)
+	pods := &fakePods{}
+	p := New(opts, pods, clock.RealClock{}, slog.New(slog.DiscardHandler))
+	p.objs = objs
+	rec := &probetest.Recorder{}
+	podAddr := netip.MustParseAddrPort("10.244.1.9:80")
+	syn := func(port uint16) {
+		t.Helper()
+		if _, err := objs.ToPod.Run(&ebpf.RunOptions{Data: packet(netip.AddrPortFrom(netip.MustParseAddr("10.244.2.7"), port), podAddr, protoTCP, flagSYN, netip.Addr{})}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	syn(40001) // before the deletion
+	time.Sleep(time.Millisecond)
+	t0 := time.Now()
+	syn(40002) // after it, before the probe tracks the address
+	syn(40003)
+	lp := probes.LocalPod{Pod: probes.PodRef{Namespace: "ns", Name: "web", UID: "u1"}, Addrs: []netip.Addr{podAddr.Addr()}, T0: t0}
+	pods.set(lp)
+	p.reconcile(rec)
+	syn(40004) // tracked now: an event of the ring buffer, not of the recent ring
+	pods.set(lp)
+	p.reconcile(rec)
+	var ports []uint16
+	for _, o := range rec.Observations() {
+		if o.Stage != probes.StageLateConnection {
+			continue
+		}
+		ports = append(ports, o.Peer.Port())
+		if o.Pod.UID != "u1" || o.Endpoint.Addr != podAddr.Addr() || o.Endpoint.Port != 80 || o.FromNode || o.Time.Before(t0) {
+			t.Errorf("late connection %+v: want pod u1, endpoint %s, from a client, after T0 %s", o, podAddr, t0.Format(time.RFC3339Nano))
+		}
+	}
+	if !slices.Equal(ports, []uint16{40002, 40003}) {
+		t.Errorf("late connections reported from the recent SYNs, by client port: %v; want [40002 40003]", ports)
+	}
+	// Counted too: the two from the rings and the one the programs counted once tracking began.
+	if got := gather(t, p)["endpointlag_late_connections_total,origin=client,protocol=tcp"]; got != 3 {
+		t.Errorf("late TCP connections from clients: %v; want 3", got)
+	}
+	// A pod whose SYNs between T0 and its tracking outnumber a CPU's ring: an overrun, counted.
+	// The thread stays on one CPU so that the SYNs fill one ring (it ends with the test, locked).
+	runtime.LockOSThread()
+	var one unix.CPUSet
+	one.Set(0)
+	if err := unix.SchedSetaffinity(0, &one); err != nil {
+		t.Fatal(err)
+	}
+	t0b := time.Now()
+	for i := range int(objs.Recent.MaxEntries()) + 10 {
+		src := netip.AddrPortFrom(netip.MustParseAddr("10.244.2.7"), uint16(20000+i))
+		if _, err := objs.ToPod.Run(&ebpf.RunOptions{Data: packet(src, netip.MustParseAddrPort("10.244.1.11:80"), protoTCP, flagSYN, netip.Addr{})}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	other := probes.LocalPod{Pod: probes.PodRef{Namespace: "ns", Name: "api", UID: "u2"}, Addrs: []netip.Addr{netip.MustParseAddr("10.244.1.10")}, T0: t0b}
+	pods.set(lp, other)
+	p.reconcile(rec)
+	if got := gather(t, p)["endpointlag_packet_recent_overruns_total"]; got != 1 {
+		t.Errorf("overruns %v; want 1", got)
+	}
+	if errs := rec.Errors(); len(errs) > 0 {
+		t.Errorf("errors: %v", errs)
 	}
 }

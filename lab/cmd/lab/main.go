@@ -28,6 +28,7 @@ Commands:
   up     start the lab and keep it running until SIGINT/SIGTERM (or lab down)
   down   stop a running lab and remove what any earlier lab left behind
   serve, load   what the lab runs inside pod namespaces (a pod's server, the load generator)
+  watch-slices  print a namespace's EndpointSlice events as JSON lines (the e2e tests' ground truth)
 
 The lab is a real control plane (etcd, kube-apiserver, kube-controller-manager) and per node
 kube-proxy and endpointlag, each node a network namespace. It needs root.
@@ -68,6 +69,12 @@ func run(args []string) int {
 	case "load":
 		if err := loadCmd(args[1:]); err != nil {
 			fmt.Fprintf(os.Stderr, "lab load: %v\n", err)
+			return 1
+		}
+		return 0
+	case "watch-slices":
+		if err := watchSlices(args[1:]); err != nil {
+			fmt.Fprintf(os.Stderr, "lab watch-slices: %v\n", err)
 			return 1
 		}
 		return 0
