@@ -17,8 +17,9 @@ import (
 
 // BenchmarkProgram measures the to_pod program per packet with BPF_PROG_TEST_RUN and repeat, the
 // terminating map holding 65,536 addresses: a miss (the usual packet, to a pod not terminating)
-// and a hit (a packet to a terminating pod: counters updated, no new connection); "empty" is a
-// program that only returns, the test run's own cost.
+// and a hit (a packet to a terminating pod: counters updated, no new connection), both TCP ACKs;
+// a client's SYN to a pod not terminating (counted per veth and written to the CPU's ring of
+// recent SYNs); "empty" is a program that only returns, the test run's own cost.
 //
 // Run: sudo go test ./probes/packets -run '^$' -bench Program
 func BenchmarkProgram(b *testing.B) {
@@ -42,16 +43,18 @@ func BenchmarkProgram(b *testing.B) {
 	defer empty.Close()
 	client := netip.MustParseAddrPort("10.244.2.7:40000")
 	for _, tc := range []struct {
-		name string
-		prog *ebpf.Program
-		dst  netip.Addr
+		name  string
+		prog  *ebpf.Program
+		dst   netip.Addr
+		flags byte
 	}{
-		{"empty", empty, netip.MustParseAddr("10.244.1.5")},
-		{"miss", objs.ToPod, netip.MustParseAddr("10.244.1.5")},
-		{"hit", objs.ToPod, netip.MustParseAddr("10.128.17.42")},
+		{"empty", empty, netip.MustParseAddr("10.244.1.5"), flagACK},
+		{"miss", objs.ToPod, netip.MustParseAddr("10.244.1.5"), flagACK},
+		{"hit", objs.ToPod, netip.MustParseAddr("10.128.17.42"), flagACK},
+		{"syn-miss", objs.ToPod, netip.MustParseAddr("10.244.1.5"), flagSYN},
 	} {
 		b.Run(tc.name, func(b *testing.B) {
-			pkt := packet(client, netip.AddrPortFrom(tc.dst, 8080), protoTCP, flagACK, netip.Addr{})
+			pkt := packet(client, netip.AddrPortFrom(tc.dst, 8080), protoTCP, tc.flags, netip.Addr{})
 			const repeat = 1_000_000
 			var total time.Duration
 			for b.Loop() {
