@@ -80,6 +80,7 @@ type podTimeline struct {
 	// t0Relist: its deletion was first seen on a relist, so T0 is only known within a gap.
 	t0Initial, t0Relist bool
 	t0API               time.Time
+	declared            *probes.Declared
 	gone                time.Time
 	records             []recordKey
 	// addrs are the pod's IPs; lastConn is the last new client connection the packets probe
@@ -305,7 +306,7 @@ func (c *Collector) podDeleted(o probes.Observation) {
 	if t == nil || !t.t0.IsZero() {
 		return
 	}
-	t.t0, t.t0Source, t.t0Initial, t.t0Relist, t.t0API = o.Time, o.Source, o.Initial, o.Relist, o.APITime
+	t.t0, t.t0Source, t.t0Initial, t.t0Relist, t.t0API, t.declared = o.Time, o.Source, o.Initial, o.Relist, o.APITime, o.Declared
 	c.setAddrs(t, o.Addrs)
 	c.localChanged()
 	// The endpoint's slice change seen before the pod's own event means that event was late: T0

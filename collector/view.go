@@ -22,6 +22,9 @@ type RecordView struct {
 	T0     *time.Time  `json:"t0,omitempty"`
 	T0API  *time.Time  `json:"t0_api,omitempty"`
 	Stages []StageView `json:"stages"`
+	// Declared is, for local pods, what the pod declares about its termination (workload,
+	// preStop, grace period).
+	Declared *probes.Declared `json:"declared,omitempty"`
 	// Serving is the endpoint's serving condition when it turned terminating; Fallback says where
 	// kube-proxy then kept routing to it because no ready endpoint was left (KEP-1669).
 	Serving  bool             `json:"serving"`
@@ -111,6 +114,7 @@ func (c *Collector) view(r *record) RecordView {
 		if !t.t0API.IsZero() {
 			v.T0API = &t.t0API
 		}
+		v.Declared = t.declared
 	}
 	for _, e := range r.stages {
 		s := StageView{Stage: string(e.stage), Source: e.source, Kind: e.kind, Path: string(e.path), Time: e.at, Precision: e.precision.Seconds(),

@@ -204,6 +204,8 @@ type Observation struct {
 	APITime time.Time
 	// Addrs are, for StageDeleted and StageGone, the pod's IP addresses.
 	Addrs []netip.Addr
+	// Declared is, for StageDeleted, what the pod declares about its termination.
+	Declared *Declared
 	// Peer is, for the connection stages, the client's address and port.
 	Peer netip.AddrPort
 	// FromNode is, for the connection stages, true when the client is one of this node's own
@@ -220,6 +222,29 @@ type Observation struct {
 	// Fallback is, for StageEndpointSlice, where kube-proxy keeps routing to the endpoint for want
 	// of a ready one; for StageFallbackEnded, the fallbacks that ended.
 	Fallback Fallback
+}
+
+// WorkloadRef is the controller a pod belongs to, in the pod's namespace: a Deployment (through
+// its ReplicaSet), a StatefulSet, a DaemonSet, or whatever else its controlling owner is; empty for
+// a pod without one.
+type WorkloadRef struct {
+	Kind string `json:"kind"`
+	Name string `json:"name"`
+}
+
+func (w WorkloadRef) String() string { return w.Kind + "/" + w.Name }
+
+// Declared is what a pod declares about its termination.
+type Declared struct {
+	Workload WorkloadRef `json:"workload"`
+	// PreStopSeconds is the longest preStop hook of its containers that is a sleep (a sleep
+	// action, or an exec of sleep N, directly or through sh -c); 0 without a hook. PreStopKnown is
+	// false when a container has a hook whose length cannot be told (an HTTP call, another
+	// command).
+	PreStopSeconds float64 `json:"prestop_seconds"`
+	PreStopKnown   bool    `json:"prestop_known"`
+	// GraceSeconds is terminationGracePeriodSeconds (its default, 30, when unset).
+	GraceSeconds float64 `json:"grace_seconds"`
 }
 
 // LocalPod is a pod of this node whose deletion began, as the collector tracks it until the

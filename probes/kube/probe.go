@@ -366,14 +366,15 @@ func (h *podHandler) pod(obj any) (*corev1.Pod, bool) {
 
 func deletedObservation(pod *corev1.Pod, now time.Time, initial bool) probes.Observation {
 	return probes.Observation{
-		Stage:   probes.StageDeleted,
-		Time:    now,
-		Source:  Name,
-		Pod:     podRef(pod),
-		Local:   true,
-		Initial: initial,
-		APITime: APIDeletionTime(pod),
-		Addrs:   deletingAddrs(pod),
+		Stage:    probes.StageDeleted,
+		Time:     now,
+		Source:   Name,
+		Pod:      podRef(pod),
+		Local:    true,
+		Initial:  initial,
+		APITime:  APIDeletionTime(pod),
+		Addrs:    deletingAddrs(pod),
+		Declared: declared(pod),
 	}
 }
 
