@@ -72,7 +72,7 @@ type Aggregator struct {
 
 	mu        sync.Mutex
 	pods      map[string]*podState
-	order     []string // pod UIDs, oldest first
+	order     []string        // pod UIDs, oldest first
 	open      map[string]bool // the pods not final yet
 	daemons   map[string]time.Time
 	workloads map[workloadKey]*workload
