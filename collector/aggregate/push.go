@@ -1,0 +1,217 @@
+package aggregate
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"k8s.io/utils/clock"
+
+	"github.com/endpointlag/endpointlag/collector"
+	"github.com/endpointlag/endpointlag/probes"
+)
+
+// PushOptions configure a daemon's pushes to the aggregator.
+type PushOptions struct {
+	// URLs are the aggregator replicas; each pod's records go to the one Shard picks.
+	URLs []string
+	// Interval is how often settled records are pushed; Heartbeat how often an empty batch tells
+	// each replica the daemon is live when there is nothing to push.
+	Interval  time.Duration
+	Heartbeat time.Duration
+	// SettleAfter is how old a record with stages still pending gets before it is pushed as it is.
+	SettleAfter time.Duration
+	// BatchSize bounds the records of one request.
+	BatchSize int
+}
+
+// DefaultPushOptions are the daemon's defaults.
+func DefaultPushOptions() PushOptions {
+	return PushOptions{Interval: 2 * time.Second, Heartbeat: 30 * time.Second, SettleAfter: time.Minute, BatchSize: 500}
+}
+
+// Validate says what is wrong, naming the daemon's flags.
+func (o PushOptions) Validate() error {
+	for _, u := range o.URLs {
+		if !strings.HasPrefix(u, "http://") && !strings.HasPrefix(u, "https://") {
+			return fmt.Errorf("--aggregator.urls: %q is not a URL like http://endpointlag-aggregate:9870", u)
+		}
+	}
+	switch {
+	case o.Interval <= 0:
+		return fmt.Errorf("--aggregator.interval must be positive, got %s", o.Interval)
+	case o.Heartbeat < o.Interval:
+		return fmt.Errorf("--aggregator.heartbeat (%s) must be at least --aggregator.interval (%s)", o.Heartbeat, o.Interval)
+	case o.SettleAfter <= 0:
+		return fmt.Errorf("--aggregator.settle-after must be positive, got %s", o.SettleAfter)
+	case o.BatchSize <= 0:
+		return fmt.Errorf("batch size must be positive, got %d", o.BatchSize)
+	}
+	return nil
+}
+
+// Pusher sends a daemon's settled records to the aggregator: each once it has no stage pending
+// (and for a pod of this node once the pod is gone, so that its connections are in), or once it is
+// SettleAfter old, and again whenever it changed since. A failed push is retried at the next
+// interval; what the aggregator got is not sent again.
+type Pusher struct {
+	opts    PushOptions
+	node    string
+	records func() []collector.RecordView
+	client  *http.Client
+	clock   clock.PassiveClock
+	log     *slog.Logger
+
+	sent     map[string]string // record key → what was pushed of it
+	lastBeat []time.Time
+	pushes   *prometheus.CounterVec
+	pushed   prometheus.Counter
+}
+
+// NewPusher returns a pusher of records (the collector's Records) for node; reg registers its
+// metrics (nil: none).
+func NewPusher(opts PushOptions, node string, records func() []collector.RecordView, reg prometheus.Registerer, clk clock.PassiveClock, log *slog.Logger) (*Pusher, error) {
+	if err := opts.Validate(); err != nil {
+		return nil, err
+	}
+	p := &Pusher{opts: opts, node: node, records: records, client: &http.Client{Timeout: 10 * time.Second}, clock: clk,
+		log: log.With("component", "aggregator-push"), sent: map[string]string{}, lastBeat: make([]time.Time, len(opts.URLs)),
+		pushes: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "endpointlag", Name: "aggregator_pushes_total",
+			Help: "Requests to the aggregator (outcome=ok|error), records and heartbeats."}, []string{"outcome"}),
+		pushed: prometheus.NewCounter(prometheus.CounterOpts{Namespace: "endpointlag", Name: "aggregator_records_pushed_total",
+			Help: "Records the aggregator accepted."}),
+	}
+	p.pushes.WithLabelValues("ok")
+	p.pushes.WithLabelValues("error")
+	if reg != nil {
+		for _, c := range []prometheus.Collector{p.pushes, p.pushed} {
+			if err := reg.Register(c); err != nil {
+				return nil, err
+			}
+		}
+	}
+	return p, nil
+}
+
+// Run pushes every Interval until ctx ends, then once more.
+func (p *Pusher) Run(ctx context.Context) {
+	t := time.NewTicker(p.opts.Interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			final, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			p.PushOnce(final)
+			cancel()
+			return
+		case <-t.C:
+			p.PushOnce(ctx)
+		}
+	}
+}
+
+// PushOnce pushes what is due now.
+func (p *Pusher) PushOnce(ctx context.Context) {
+	now := p.clock.Now()
+	recs := p.records()
+	due := make([][]collector.RecordView, len(p.opts.URLs))
+	prints := map[string]string{}
+	held := make(map[string]bool, len(recs))
+	for _, r := range recs {
+		k := pushKey(r)
+		held[k] = true
+		if !p.settled(r, now) {
+			continue
+		}
+		fp := fingerprint(r)
+		if p.sent[k] == fp {
+			continue
+		}
+		prints[k] = fp
+		i := Shard(r.Pod.UID, p.opts.URLs)
+		due[i] = append(due[i], r)
+	}
+	for k := range p.sent {
+		if !held[k] {
+			delete(p.sent, k) // expired from the collector: never sent again
+		}
+	}
+	for i, u := range p.opts.URLs {
+		if len(due[i]) == 0 && now.Sub(p.lastBeat[i]) < p.opts.Heartbeat {
+			continue
+		}
+		for start := 0; start == 0 || start < len(due[i]); start += p.opts.BatchSize {
+			batch := due[i][start:min(start+p.opts.BatchSize, len(due[i]))]
+			if err := p.post(ctx, u, Batch{Node: p.node, Records: batch}); err != nil {
+				p.pushes.WithLabelValues("error").Inc()
+				p.log.Warn("pushing records to the aggregator failed; retrying at the next interval", "url", u, "records", len(batch), "err", err)
+				break
+			}
+			p.pushes.WithLabelValues("ok").Inc()
+			p.pushed.Add(float64(len(batch)))
+			p.lastBeat[i] = now
+			for _, r := range batch {
+				k := pushKey(r)
+				p.sent[k] = prints[k]
+			}
+		}
+	}
+}
+
+// settled tells a record ready to push: nothing pending, and for a pod of this node its gone stage
+// (its connections are all in by then); or older than SettleAfter.
+func (p *Pusher) settled(r collector.RecordView, now time.Time) bool {
+	if len(r.Stages) > 0 && now.Sub(r.Stages[0].Time) >= p.opts.SettleAfter {
+		return true
+	}
+	if len(r.Pending) > 0 {
+		return false
+	}
+	if !r.Local {
+		return true
+	}
+	for _, s := range r.Stages {
+		if s.Stage == string(probes.StageGone) {
+			return true
+		}
+	}
+	return false
+}
+
+func (p *Pusher) post(ctx context.Context, u string, b Batch) error {
+	body, err := json.Marshal(b)
+	if err != nil {
+		return err
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, strings.TrimSuffix(u, "/")+"/api/v1/push", bytes.NewReader(body))
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := p.client.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusNoContent && resp.StatusCode != http.StatusOK {
+		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
+		return fmt.Errorf("%s: %s", resp.Status, strings.TrimSpace(string(msg)))
+	}
+	return nil
+}
+
+func pushKey(r collector.RecordView) string {
+	return r.Pod.UID + " " + recordKey(r)
+}
+
+// fingerprint is what changes in a record as stages and connections come.
+func fingerprint(r collector.RecordView) string {
+	return fmt.Sprintf("%d/%d/%d/%d", len(r.Stages), len(r.Connections), len(r.Pending), len(r.Awaited))
+}
