@@ -21,6 +21,7 @@ import (
 	"k8s.io/utils/clock"
 
 	"github.com/endpointlag/endpointlag/collector"
+	"github.com/endpointlag/endpointlag/collector/aggregate"
 	"github.com/endpointlag/endpointlag/probes"
 	"github.com/endpointlag/endpointlag/probes/ingress"
 )
@@ -49,6 +50,8 @@ type daemon struct {
 	probes []probes.Probe
 	srv    *http.Server
 	ln     net.Listener
+	// pusher pushes settled records to the aggregator; nil without --aggregator.urls.
+	pusher *aggregate.Pusher
 }
 
 func newDaemon(opts Options, log *slog.Logger, clk clock.WithTicker, client kubernetes.Interface) (*daemon, error) {
@@ -102,6 +105,11 @@ func newDaemon(opts Options, log *slog.Logger, clk clock.WithTicker, client kube
 		return nil, fmt.Errorf("--web.listen-address: %w", err)
 	}
 	d.srv = &http.Server{Handler: newMux(coll, ing, reg, opts.NodeName, log), ReadHeaderTimeout: 10 * time.Second}
+	if len(opts.Push.URLs) > 0 {
+		if d.pusher, err = aggregate.NewPusher(opts.Push, opts.NodeName, coll.Records, reg, clk, log); err != nil {
+			return nil, err
+		}
+	}
 	return d, nil
 }
 
@@ -122,6 +130,12 @@ func (d *daemon) run(ctx context.Context) error {
 		d.settleUnsynced(runCtx)
 		return nil
 	})
+	if d.pusher != nil {
+		g.Go(func() error {
+			d.pusher.Run(runCtx)
+			return nil
+		})
+	}
 	g.Go(func() error {
 		if err := d.srv.Serve(d.ln); !errors.Is(err, http.ErrServerClosed) {
 			return fmt.Errorf("http server: %w", err)

@@ -43,6 +43,8 @@ data.
 Usage:
   endpointlag [flags]           run the daemon (one per node, as a DaemonSet)
   endpointlag inspect [flags]   print the terminating endpoints a daemon or the API knows
+  endpointlag aggregate [flags] join every daemon's records into each pod's cluster-wide convergence
+  endpointlag advise [flags]    print each workload's recommended preStop from the aggregator
   endpointlag version           print the version
 
 Daemon flags:
@@ -58,6 +60,12 @@ func run(args []string, stdout, stderr io.Writer) int {
 		switch args[0] {
 		case "inspect":
 			return runInspect(args[1:], stdout, stderr)
+		case "advise":
+			return runAdvise(args[1:], stdout, stderr)
+		case "aggregate":
+			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+			defer stop()
+			return runAggregate(ctx, args[1:], stdout, stderr)
 		case "version":
 			fmt.Fprintf(stdout, "endpointlag %s (revision %s, %s)\n", version, revision, runtime.Version())
 			return 0

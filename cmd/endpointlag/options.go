@@ -13,6 +13,7 @@ import (
 
 	"github.com/spf13/pflag"
 
+	"github.com/endpointlag/endpointlag/collector/aggregate"
 	"github.com/endpointlag/endpointlag/probes"
 )
 
@@ -30,6 +31,8 @@ type Options struct {
 	PollInterval    time.Duration
 	SyncTimeout     time.Duration
 	KubeProxyURL    string
+	// Push configures the pushes of settled records to the aggregator (off without URLs).
+	Push aggregate.PushOptions
 	// Probes maps every registered probe to whether it runs.
 	Probes map[string]*bool
 }
@@ -56,6 +59,14 @@ func bindFlags(fs *pflag.FlagSet, o *Options) {
 		"how long /readyz waits for a probe other than kube to read its source; after that it is reported failed (and retried) and no longer holds readiness back")
 	fs.DurationVar(&o.ShutdownTimeout, "shutdown-timeout", 10*time.Second,
 		"how long SIGTERM/SIGINT waits for probes and in-flight requests before exiting")
+	o.Push = aggregate.DefaultPushOptions()
+	fs.StringSliceVar(&o.Push.URLs, "aggregator.urls", nil,
+		"the aggregator (endpointlag aggregate) replicas to push settled records to, comma-separated, e.g. http://endpointlag-aggregate:9870; each pod goes to one replica, by its UID (empty: push nothing)")
+	fs.DurationVar(&o.Push.Interval, "aggregator.interval", o.Push.Interval, "how often settled records are pushed")
+	fs.DurationVar(&o.Push.Heartbeat, "aggregator.heartbeat", o.Push.Heartbeat,
+		"how often an empty push tells each replica this daemon is live when there is nothing to push")
+	fs.DurationVar(&o.Push.SettleAfter, "aggregator.settle-after", o.Push.SettleAfter,
+		"how old a record with stages still pending gets before it is pushed as it is")
 	o.Probes = map[string]*bool{}
 	for _, f := range probes.Registered() {
 		o.Probes[f.Name] = fs.Bool("probe."+f.Name, f.DefaultEnabled, "run the "+f.Name+" probe: "+f.Help)
@@ -103,6 +114,14 @@ func (o *Options) Validate() error {
 		}
 		if f.Validate != nil {
 			errs = append(errs, f.Validate())
+		}
+	}
+	if len(o.Push.URLs) > 0 {
+		if err := o.Push.Validate(); err != nil {
+			errs = append(errs, err)
+		}
+		if o.NodeName == "" {
+			errs = append(errs, errors.New("--node-name (or NODE_NAME) is required by --aggregator.urls: the aggregator joins records by node"))
 		}
 	}
 	return errors.Join(errs...)
