@@ -11,8 +11,8 @@ LDFLAGS  := -X main.version=$(VERSION) -X main.revision=$(REVISION)
 # and libbpf's headers for the eBPF programs (make generate, and the staleness check in lint); the
 # lab's kube-proxy drives nft and iptables, the lab uses ip (iproute2) for network namespaces and
 # runs HAProxy as one of its ingress proxies, and the HAProxy reader's test runs a real haproxy on
-# 127.0.0.1.
-DEB_PACKAGES := gcc libc6-dev clang llvm libbpf-dev iproute2 nftables iptables conntrack haproxy
+# 127.0.0.1; the e2e tests open the aggregator's waterfall page in a headless chromium.
+DEB_PACKAGES := gcc libc6-dev clang llvm libbpf-dev iproute2 nftables iptables conntrack haproxy chromium
 
 # The lab's Kubernetes binaries, built from the Go module proxy at the version pinned in
 # lab/k8s/go.mod, are cached outside the repository, keyed by that go.mod and go.sum.

@@ -1,6 +1,7 @@
 package aggregate
 
 import (
+	_ "embed"
 	"encoding/json"
 	"errors"
 	"net/http"
@@ -9,6 +10,11 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
+
+// page is the aggregator's web page: the recent terminations, and one pod's waterfall.
+//
+//go:embed web/index.html
+var page []byte
 
 // maxPushBytes bounds a push's body: 500 records of a few KiB each.
 const maxPushBytes = 32 << 20
@@ -58,6 +64,13 @@ func Handler(a *Aggregator, gatherer prometheus.Gatherer) http.Handler {
 		writeJSON(w, a.Advise())
 	})
 	mux.Handle("GET /metrics", promhttp.HandlerFor(gatherer, promhttp.HandlerOpts{}))
+	servePage := func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "text/html; charset=utf-8")
+		w.Header().Set("Content-Security-Policy", "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'")
+		_, _ = w.Write(page)
+	}
+	mux.HandleFunc("GET /{$}", servePage)
+	mux.HandleFunc("GET /pod/{uid}", servePage)
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
 	return mux
 }

@@ -63,8 +63,13 @@ type Config struct {
 	// on loopback port DaemonPortBase+i.
 	APIPort        int
 	DaemonPortBase int
+	// AggregatorPort is the loopback port of the aggregator's forwarder.
+	AggregatorPort int
 	Log            *slog.Logger
 }
+
+// aggregatorPort is the aggregator's port on the control plane's address.
+const aggregatorPort = 9870
 
 // Defaults fills unset fields.
 func (c *Config) Defaults() {
@@ -82,6 +87,9 @@ func (c *Config) Defaults() {
 	}
 	if c.DaemonPortBase == 0 {
 		c.DaemonPortBase = 19860
+	}
+	if c.AggregatorPort == 0 {
+		c.AggregatorPort = 19870
 	}
 	if c.Log == nil {
 		c.Log = slog.New(slog.NewTextHandler(io.Discard, nil))
@@ -158,6 +166,8 @@ type Cluster struct {
 	cfg Config
 	// Kubeconfig is for users in the root namespace: kubectl works with it.
 	Kubeconfig string
+	// AggregatorURL reaches the aggregator (endpointlag aggregate) from the root namespace.
+	AggregatorURL string
 	Client     kubernetes.Interface
 	Nodes      []*Node
 
@@ -362,6 +372,16 @@ func (c *Cluster) controlPlane(ctx context.Context) error {
 	if _, err = c.procs.start("kube-controller-manager", cpNS, c.bin("kube-controller-manager"), kcm...); err != nil {
 		return err
 	}
+	// The aggregator, as its Deployment would run: on the control plane's address, which every
+	// node reaches. Settle and daemon timeout are short for the lab's short runs.
+	if _, err = c.procs.start("aggregate", cpNS, c.cfg.Endpointlag, "aggregate",
+		"--web.listen-address="+netip.AddrPortFrom(cpAddr, aggregatorPort).String(), "--settle=20s", "--daemon-timeout=15s", "--log.level=debug"); err != nil {
+		return err
+	}
+	if err := c.forward(c.cfg.AggregatorPort, cpNS, netip.AddrPortFrom(cpAddr, aggregatorPort).String()); err != nil {
+		return err
+	}
+	c.AggregatorURL = fmt.Sprintf("http://127.0.0.1:%d", c.cfg.AggregatorPort)
 	v, err := c.Client.Discovery().ServerVersion()
 	if err != nil {
 		return fmt.Errorf("the API server's version: %w", err)
@@ -413,7 +433,8 @@ func (c *Cluster) startNodes(ctx, runCtx context.Context) error {
 		}
 		if _, err := c.procs.start(n.Name+"-endpointlag", n.NS, c.cfg.Endpointlag,
 			"--kubeconfig="+c.path("node.kubeconfig"), "--node-name="+n.Name,
-			"--web.listen-address=127.0.0.1:9860", "--log.level=debug", "--packets.uplinks=eth0"); err != nil {
+			"--web.listen-address=127.0.0.1:9860", "--log.level=debug", "--packets.uplinks=eth0",
+			"--aggregator.urls="+fmt.Sprintf("http://%s", netip.AddrPortFrom(cpAddr, aggregatorPort)), "--aggregator.interval=500ms", "--aggregator.heartbeat=5s"); err != nil {
 			return err
 		}
 		port := c.cfg.DaemonPortBase + i + 1

@@ -16,6 +16,8 @@ import (
 	"syscall"
 	"time"
 
+	"k8s.io/apimachinery/pkg/types"
+
 	"github.com/endpointlag/endpointlag/lab/cluster"
 	"github.com/endpointlag/endpointlag/lab/load"
 	"github.com/endpointlag/endpointlag/lab/scenario"
@@ -228,10 +230,23 @@ func demo(ctx context.Context, o options, out io.Writer) error {
 		return err
 	}
 	rec := scenario.Recommend(r1.Lags)
-	if rec.PreStop == 0 {
-		return errors.New("rollout 1: endpointlag measured no propagation lag to size preStop from")
+	var uids []types.UID
+	for uid := range r1.Deleted {
+		uids = append(uids, uid)
 	}
-	second := scenario.Behaviour{PreStop: rec.PreStop, Drain: 2 * time.Second}
+	fmt.Fprintf(out, "lab: waiting for the aggregator's figures of the %d replaced pods\n", len(uids))
+	conv, err := scenario.Converged(ctx, c.AggregatorURL, uids, time.Minute)
+	if err != nil {
+		return err
+	}
+	advice, err := scenario.WorkloadAdvice(ctx, c.AggregatorURL, app.Namespace, "Deployment", app.Name)
+	if err != nil {
+		return err
+	}
+	if advice.PreStop() == 0 {
+		return errors.New("rollout 1: endpointlag measured no convergence to size preStop from")
+	}
+	second := scenario.Behaviour{PreStop: advice.PreStop(), Drain: 2 * time.Second}
 	fmt.Fprintf(out, "lab: setting preStop %s and drain %s (a rollout without load)\n", second.PreStop, second.Drain)
 	if err := app.Apply(ctx, second); err != nil {
 		return err
@@ -246,7 +261,7 @@ func demo(ctx context.Context, o options, out io.Writer) error {
 	if err := saveLoadLogs(o.StateDir, r1, r2); err != nil {
 		return err
 	}
-	writeReport(out, o, c, []*scenario.Rollout{r1, r2}, rec)
+	writeReport(out, o, c, []*scenario.Rollout{r1, r2}, demoAdvice{rec: rec, advice: advice, conv: conv})
 	fmt.Fprintf(out, "\ndemo took %s\n", time.Since(start).Round(time.Second))
 	return nil
 }

@@ -5,7 +5,10 @@ import (
 	"io"
 	"sort"
 	"strings"
+	"text/tabwriter"
 	"time"
+
+	"k8s.io/apimachinery/pkg/types"
 
 	"github.com/endpointlag/endpointlag/lab/cluster"
 	"github.com/endpointlag/endpointlag/lab/load"
@@ -13,7 +16,15 @@ import (
 	"github.com/endpointlag/endpointlag/lab/scenario"
 )
 
-func writeReport(w io.Writer, o options, c *cluster.Cluster, rollouts []*scenario.Rollout, rec scenario.Recommendation) {
+// demoAdvice is what sized rollout 2's preStop: the aggregator's advice for the app (what
+// endpointlag advise prints), each replaced pod's convergence, and the stage-by-stage view.
+type demoAdvice struct {
+	rec    scenario.Recommendation
+	advice scenario.Advice
+	conv   map[types.UID]scenario.PodConvergence
+}
+
+func writeReport(w io.Writer, o options, c *cluster.Cluster, rollouts []*scenario.Rollout, adv demoAdvice) {
 	fmt.Fprintf(w, "\n==== endpointlag demo report ====\n")
 	paths := "its ClusterIP"
 	if len(rollouts) > 0 && len(rollouts[0].Paths) > 1 {
@@ -44,7 +55,9 @@ func writeReport(w io.Writer, o options, c *cluster.Cluster, rollouts []*scenari
 		fmt.Fprintln(w, "programming: since this node saw the EndpointSlice change; ingress/<kind>: a proxy of that kind):")
 		report.WriteLags(w, r.Lags)
 		if i == 0 {
-			fmt.Fprintf(w, "recommended preStop: %s\n", rec)
+			writeConvergence(w, r, adv.conv)
+			fmt.Fprintf(w, "recommended preStop: %s\n", adv.advice)
+			fmt.Fprintf(w, "  by stage: %s\n", adv.rec)
 		}
 	}
 	fmt.Fprintf(w, "\nfailure logs: %s/failures-rollout{1,2}.log; component logs: %s/logs/\n", o.StateDir, o.StateDir)
@@ -52,6 +65,38 @@ func writeReport(w io.Writer, o options, c *cluster.Cluster, rollouts []*scenari
 	for _, n := range c.Nodes {
 		fmt.Fprintf(w, "  %s: %s/metrics\n", n.Name, n.DaemonURL)
 	}
+	fmt.Fprintf(w, "  aggregator: %s/metrics, bin/endpointlag advise --aggregator %s\n", c.AggregatorURL, c.AggregatorURL)
+}
+
+// writeConvergence prints each replaced pod's convergence as the aggregator composed it.
+func writeConvergence(w io.Writer, r *scenario.Rollout, conv map[types.UID]scenario.PodConvergence) {
+	fmt.Fprintln(w, "convergence per replaced pod (endpointlag aggregate: from the pod's deletion to the last node or")
+	fmt.Fprintln(w, "proxy at each stage, composed from same-clock differences only):")
+	type row struct {
+		name, home, nodes, all, last string
+	}
+	var rows []row
+	for uid, p := range r.Deleted {
+		pc, ok := conv[uid]
+		if !ok {
+			continue
+		}
+		rw := row{name: p.Name, home: pc.Home, nodes: strings.Join(pc.Reported, ","), all: "-", last: "-"}
+		for _, s := range pc.Convergence.Stages {
+			if s.Stage == "all" {
+				rw.all = fmt.Sprintf("%.3fs", s.Seconds)
+				rw.last = s.Source + " on " + s.Node
+			}
+		}
+		rows = append(rows, rw)
+	}
+	sort.Slice(rows, func(i, j int) bool { return rows[i].name < rows[j].name })
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(tw, "pod\tnode\treported by\tconvergence\tlast to stop\t")
+	for _, rw := range rows {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t\n", rw.name, rw.home, rw.nodes, rw.all, rw.last)
+	}
+	_ = tw.Flush()
 }
 
 func describe(b scenario.Behaviour) string {

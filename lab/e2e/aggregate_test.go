@@ -1,0 +1,203 @@
+package e2e
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"math"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"k8s.io/apimachinery/pkg/types"
+
+	"github.com/endpointlag/endpointlag/lab/scenario"
+)
+
+// TestConvergence runs a rollout under load on three nodes with the aggregator and checks each
+// replaced pod's convergence: every node reported it, it is no earlier than any node's own figure,
+// and at kube-proxy's stage it agrees with the test's own ground truth — the last node whose rules
+// (seen by nft monitor in each node) stopped sending to the pod, from the pod's T0 — within the
+// spread with which the nodes saw the same slice update (measured here on the lab's one clock)
+// plus 20 ms. endpointlag advise prints the aggregator's advice, and the waterfall page of a
+// replaced pod shows every node's bar in a real headless Chromium.
+func TestConvergence(t *testing.T) {
+	cfg := config(t)
+	cfg.Nodes, cfg.ProxyMode = 3, "nftables"
+	ctx := context.Background()
+	c := upLab(t, ctx, cfg)
+	monitors := map[string]*ruleMonitor{}
+	for _, n := range c.Nodes {
+		m, err := startRuleMonitor(n.NS, cfg.ProxyMode)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer m.stop()
+		monitors[n.Name] = m
+	}
+	app := &scenario.App{Client: c.Client, Namespace: "conv", Name: "web", Replicas: 6}
+	if err := app.Apply(ctx, scenario.Behaviour{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := app.WaitSettled(ctx, 2*time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	vip, err := app.ClusterIP(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	host, port, _ := strings.Cut(vip, ":")
+	var vipPort int
+	fmt.Sscan(port, &vipPort)
+	svc := target{vip: host, vipPort: vipPort}
+	r, err := scenario.RunRollout(ctx, c, app, "rollout", scenario.Behaviour{}, scenario.LoadSettings{Rate: 100, Timeout: 2 * time.Second}, testWriter{t})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var uids []types.UID
+	for uid := range r.Deleted {
+		uids = append(uids, uid)
+	}
+	conv, err := scenario.Converged(ctx, c.AggregatorURL, uids, 90*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var nodes []string
+	for _, n := range c.Nodes {
+		nodes = append(nodes, n.Name)
+	}
+	var spreads, diffs []float64
+	for uid, p := range r.Deleted {
+		pc := conv[uid]
+		if !slices.Equal(pc.Reported, nodes) || len(pc.Missing) > 0 {
+			t.Errorf("%s: reported by %v, missing %v; want every node", p.Name, pc.Reported, pc.Missing)
+		}
+		all, okAll := pc.Stage("all")
+		nft, okNft := pc.Stage(cfg.ProxyMode)
+		if !okAll || !okNft {
+			t.Errorf("%s: no convergence (stages %+v)", p.Name, pc.Convergence.Stages)
+			continue
+		}
+		// T0 and each node's slice change, from the daemons' own records.
+		var t0 *time.Time
+		var slice []time.Time
+		for _, recs := range r.Records {
+			for _, rec := range recs.Records {
+				if rec.Pod.UID != string(uid) {
+					continue
+				}
+				if rec.Local && rec.T0 != nil {
+					t0 = rec.T0
+					// The pod's node's own figure: the convergence is no earlier.
+					for _, s := range rec.Stages {
+						if s.Propagation != nil && isRouting(s.Stage) && *s.Propagation > all+1e-9 {
+							t.Errorf("%s: its node's %s at %.3fs, after the convergence %.3fs", p.Name, s.Stage, *s.Propagation, all)
+						}
+					}
+				}
+				if s := rec.Stage("endpointslice"); s != nil && !s.Initial {
+					slice = append(slice, s.Time)
+				}
+			}
+		}
+		if t0 == nil || len(slice) != len(nodes) {
+			t.Errorf("%s: T0 %v, slice changes seen on %d nodes", p.Name, t0, len(slice))
+			continue
+		}
+		spread := spreadOf(slice)
+		spreads = append(spreads, spread)
+		// The ground truth: the last node whose rules stopped sending to the pod.
+		var truth float64
+		var truthNode string
+		for _, n := range c.Nodes {
+			changed, reached, removed := monitors[n.Name].removedAt(at(svc, p), t0.Add(-time.Second))
+			if reached && removed && changed.Sub(*t0).Seconds() > truth {
+				truth, truthNode = changed.Sub(*t0).Seconds(), n.Name
+			}
+		}
+		d := nft - truth
+		diffs = append(diffs, d)
+		t.Logf("%s on %s: convergence %.3fs at %s (all stages %.3fs), the test's own: %.3fs (%s); slice fan-out spread %.1f ms",
+			p.Name, pc.Home, nft, cfg.ProxyMode, all, truth, truthNode, spread*1000)
+		if math.Abs(d) > spread+0.020 {
+			t.Errorf("%s: convergence at %s %.3fs, the ground truth %.3fs: off by %.1f ms, more than the spread %.1f ms + 20 ms",
+				p.Name, cfg.ProxyMode, nft, truth, d*1000, spread*1000)
+		}
+		if all < nft-1e-9 {
+			t.Errorf("%s: convergence over all stages %.3fs before the %s stage's %.3fs", p.Name, all, cfg.ProxyMode, nft)
+		}
+	}
+	t.Logf("slice fan-out spread over the nodes, %d pods: %s", len(spreads), distribution(spreads))
+	t.Logf("convergence − the test's own ground truth, %d pods: %s", len(diffs), distribution(diffs))
+
+	t.Run("endpointlag advise prints the aggregator's advice for the workload", func(t *testing.T) {
+		advice, err := scenario.WorkloadAdvice(ctx, c.AggregatorURL, app.Namespace, "Deployment", app.Name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if advice.Terminations != uint64(len(r.Deleted)) || advice.P99 == nil {
+			t.Fatalf("advice %+v; want %d terminations and a p99", advice, len(r.Deleted))
+		}
+		var out bytes.Buffer
+		cmd := exec.Command(cfg.Endpointlag, "advise", "--aggregator="+c.AggregatorURL, "-n", app.Namespace)
+		cmd.Stdout, cmd.Stderr = &out, &out
+		if err := cmd.Run(); err != nil {
+			t.Fatalf("endpointlag advise: %v\n%s", err, out.String())
+		}
+		t.Logf("endpointlag advise:\n%s", out.String())
+		want := fmt.Sprintf("%gs", *advice.Recommended)
+		if !strings.Contains(out.String(), "deployment/web") || !strings.Contains(out.String(), want) {
+			t.Errorf("advise does not show deployment/web with the recommended %s", want)
+		}
+		t.Logf("recommended preStop: %s", advice)
+	})
+
+	t.Run("the waterfall page of a replaced pod shows every node's bar", func(t *testing.T) {
+		var uid types.UID
+		for u := range r.Deleted {
+			if uid == "" || u < uid {
+				uid = u
+			}
+		}
+		shot := filepath.Join(t.TempDir(), "waterfall.png")
+		if dir := os.Getenv("LAB_SCREENSHOTS"); dir != "" {
+			shot = filepath.Join(dir, "waterfall.png")
+		}
+		got, err := renderWaterfall(ctx, c.AggregatorURL+"/pod/"+string(uid), shot)
+		if errors.Is(err, errNoBrowser) {
+			t.Skip(err)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !slices.Equal(got.Nodes, nodes) {
+			t.Errorf("bars for nodes %v, want %v", got.Nodes, nodes)
+		}
+		if got.Error != "" {
+			t.Errorf("the page says: %s", got.Error)
+		}
+		t.Logf("waterfall of %s: nodes %v, stage marks %d, screenshot %s", r.Deleted[uid].Name, got.Nodes, got.Marks, shot)
+	})
+}
+
+func isRouting(stage string) bool {
+	return stage == "nftables" || stage == "iptables" || stage == "ipvs" || stage == "ingress"
+}
+
+func spreadOf(ts []time.Time) float64 {
+	lo, hi := ts[0], ts[0]
+	for _, x := range ts {
+		if x.Before(lo) {
+			lo = x
+		}
+		if x.After(hi) {
+			hi = x
+		}
+	}
+	return hi.Sub(lo).Seconds()
+}
