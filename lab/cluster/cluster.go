@@ -168,8 +168,8 @@ type Cluster struct {
 	Kubeconfig string
 	// AggregatorURL reaches the aggregator (endpointlag aggregate) from the root namespace.
 	AggregatorURL string
-	Client     kubernetes.Interface
-	Nodes      []*Node
+	Client        kubernetes.Interface
+	Nodes         []*Node
 
 	procs *procs
 	// probeAgent is the User-Agent of the kubelets' HTTP probes.
