@@ -187,3 +187,19 @@ func fallbackName(f probes.Fallback) string {
 }
 
 func ptr[T any](v T) *T { return &v }
+
+// Settled tells a record whose timeline is done: no stage pending and, for a pod of this node,
+// its gone stage (its connections are all in by then); or one older than after, with stages still
+// pending. What pushes records elsewhere (the aggregator, traces) sends them once settled.
+func (v RecordView) Settled(now time.Time, after time.Duration) bool {
+	if len(v.Stages) > 0 && now.Sub(v.Stages[0].Time) >= after {
+		return true
+	}
+	if len(v.Pending) > 0 {
+		return false
+	}
+	if !v.Local {
+		return true
+	}
+	return slices.ContainsFunc(v.Stages, func(s StageView) bool { return s.Stage == string(probes.StageGone) })
+}

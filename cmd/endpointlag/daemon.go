@@ -22,6 +22,7 @@ import (
 
 	"github.com/endpointlag/endpointlag/collector"
 	"github.com/endpointlag/endpointlag/collector/aggregate"
+	"github.com/endpointlag/endpointlag/collector/tracing"
 	"github.com/endpointlag/endpointlag/probes"
 	"github.com/endpointlag/endpointlag/probes/ingress"
 )
@@ -52,6 +53,9 @@ type daemon struct {
 	ln     net.Listener
 	// pusher pushes settled records to the aggregator; nil without --aggregator.urls.
 	pusher *aggregate.Pusher
+	// tracer emits OpenTelemetry spans of settled records; nil unless OTEL_EXPORTER_OTLP_* names
+	// an endpoint.
+	tracer *tracing.Tracer
 }
 
 func newDaemon(opts Options, log *slog.Logger, clk clock.WithTicker, client kubernetes.Interface) (*daemon, error) {
@@ -110,6 +114,12 @@ func newDaemon(opts Options, log *slog.Logger, clk clock.WithTicker, client kube
 			return nil, err
 		}
 	}
+	if tracing.Enabled() {
+		if d.tracer, err = tracing.New(context.Background(), opts.NodeName, coll.Records, opts.Push.SettleAfter, clk, log); err != nil {
+			return nil, err
+		}
+		log.Info("tracing terminations over OTLP", "protocol", tracing.Protocol())
+	}
 	return d, nil
 }
 
@@ -133,6 +143,12 @@ func (d *daemon) run(ctx context.Context) error {
 	if d.pusher != nil {
 		g.Go(func() error {
 			d.pusher.Run(runCtx)
+			return nil
+		})
+	}
+	if d.tracer != nil {
+		g.Go(func() error {
+			d.tracer.Run(runCtx, d.opts.Push.Interval)
 			return nil
 		})
 	}

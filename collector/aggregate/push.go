@@ -15,7 +15,6 @@ import (
 	"k8s.io/utils/clock"
 
 	"github.com/endpointlag/endpointlag/collector"
-	"github.com/endpointlag/endpointlag/probes"
 )
 
 // PushOptions configure a daemon's pushes to the aggregator.
@@ -127,7 +126,7 @@ func (p *Pusher) PushOnce(ctx context.Context) {
 	for _, r := range recs {
 		k := pushKey(r)
 		held[k] = true
-		if !p.settled(r, now) {
+		if !r.Settled(now, p.opts.SettleAfter) {
 			continue
 		}
 		fp := fingerprint(r)
@@ -163,26 +162,6 @@ func (p *Pusher) PushOnce(ctx context.Context) {
 			}
 		}
 	}
-}
-
-// settled tells a record ready to push: nothing pending, and for a pod of this node its gone stage
-// (its connections are all in by then); or older than SettleAfter.
-func (p *Pusher) settled(r collector.RecordView, now time.Time) bool {
-	if len(r.Stages) > 0 && now.Sub(r.Stages[0].Time) >= p.opts.SettleAfter {
-		return true
-	}
-	if len(r.Pending) > 0 {
-		return false
-	}
-	if !r.Local {
-		return true
-	}
-	for _, s := range r.Stages {
-		if s.Stage == string(probes.StageGone) {
-			return true
-		}
-	}
-	return false
 }
 
 func (p *Pusher) post(ctx context.Context, u string, b Batch) error {
