@@ -70,6 +70,9 @@ type Aggregator struct {
 	log   *slog.Logger
 	m     *metrics
 
+	// events posts Events on workloads whose terminations outlast their preStop (nil: none).
+	events *Eventer
+
 	mu        sync.Mutex
 	pods      map[string]*podState
 	order     []string        // pod UIDs, oldest first
@@ -104,6 +107,10 @@ type sample struct {
 	at      time.Time
 	seconds float64
 }
+
+// SetEventer makes the aggregator post Events on workloads whose terminations outlast their
+// declared preStop. Call it before the first Push.
+func (a *Aggregator) SetEventer(e *Eventer) { a.events = e }
 
 // New returns an aggregator whose metrics reg registers (nil: none).
 func New(opts Options, reg prometheus.Registerer, clk clock.PassiveClock, log *slog.Logger) (*Aggregator, error) {
@@ -267,8 +274,17 @@ func (a *Aggregator) addToWorkload(c Convergence, now time.Time) {
 		}
 		w.samples = w.samples[cut:]
 	}
-	if c.Declared.PreStopKnown && (ok && all > c.Declared.PreStopSeconds || slices.ContainsFunc(c.Late, func(d float64) bool { return d > c.Declared.PreStopSeconds })) {
+	late := 0
+	for _, d := range c.Late {
+		if d > c.Declared.PreStopSeconds {
+			late++
+		}
+	}
+	if c.Declared.PreStopKnown && (ok && all > c.Declared.PreStopSeconds || late > 0) {
 		w.afterPreStop++
+		if a.events != nil {
+			a.events.note(c, all, late)
+		}
 	}
 }
 

@@ -67,12 +67,17 @@ type Convergence struct {
 
 // Seconds is the convergence at stage, and whether it was measured.
 func (c Convergence) Seconds(stage string) (float64, bool) {
+	s, ok := c.stage(stage)
+	return s.Seconds, ok
+}
+
+func (c Convergence) stage(stage string) (StageConvergence, bool) {
 	for _, s := range c.Stages {
 		if s.Stage == stage {
-			return s.Seconds, true
+			return s, true
 		}
 	}
-	return 0, false
+	return StageConvergence{}, false
 }
 
 // Compose computes a pod's convergence from each node's records of it (by node name). Without

@@ -55,6 +55,8 @@ type state Aggregator
 var (
 	heldDesc = prometheus.NewDesc("endpointlag_aggregate_pods", "Terminating pods the aggregator holds (final=true|false).", []string{"final"}, nil)
 	liveDesc = prometheus.NewDesc("endpointlag_aggregate_daemons", "Daemons heard from (a push or a heartbeat) within --daemon-timeout.", nil, nil)
+	eventsDesc = prometheus.NewDesc("endpointlag_events_total",
+		"Events on workloads whose terminations outlasted their preStop (outcome=posted|rate_limited: one per workload per --events.interval|dropped: the queue was full|error).", []string{"outcome"}, nil)
 	wlLabels = []string{"namespace", "kind", "workload"}
 	p99Desc  = prometheus.NewDesc("endpointlag_workload_convergence_p99_seconds",
 		"The p99 of the workload's pods' convergence (stage all) over the advisor's window.", wlLabels, nil)
@@ -76,7 +78,7 @@ var (
 
 // Describe implements prometheus.Collector.
 func (s *state) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{heldDesc, liveDesc, p99Desc, preStopDesc, graceDesc, recDesc, shortDesc, termsDesc, afterDesc, wlConnsDesc} {
+	for _, d := range []*prometheus.Desc{heldDesc, liveDesc, eventsDesc, p99Desc, preStopDesc, graceDesc, recDesc, shortDesc, termsDesc, afterDesc, wlConnsDesc} {
 		ch <- d
 	}
 }
@@ -96,6 +98,11 @@ func (s *state) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(heldDesc, prometheus.GaugeValue, float64(final), "true")
 	ch <- prometheus.MustNewConstMetric(heldDesc, prometheus.GaugeValue, float64(held-final), "false")
 	ch <- prometheus.MustNewConstMetric(liveDesc, prometheus.GaugeValue, float64(live))
+	if a.events != nil {
+		for outcome, n := range a.events.counts() {
+			ch <- prometheus.MustNewConstMetric(eventsDesc, prometheus.CounterValue, float64(n), outcome)
+		}
+	}
 	for _, ad := range a.Advise() {
 		l := []string{ad.Namespace, ad.Workload.Kind, ad.Workload.Name}
 		gauge := func(d *prometheus.Desc, v *float64) {

@@ -175,8 +175,10 @@ func TestFirstAmongTCPrograms(t *testing.T) {
 			case "detached":
 				l.detachFirst(t, "vpod", false)
 			case "qdisc replaced":
+				// A CNI deletes the qdisc and makes a new one. The probe may make it first, in
+				// between (it reconciles every 20 ms here): replace takes either.
 				run(t, "tc", "-n", l.node, "qdisc", "del", "dev", "vpod", "clsact")
-				run(t, "tc", "-n", l.node, "qdisc", "add", "dev", "vpod", "clsact")
+				run(t, "tc", "-n", l.node, "qdisc", "replace", "dev", "vpod", "clsact")
 			}
 			if tc.reason != "" {
 				key := "endpointlag_packet_reattachments_total,reason=" + tc.reason
