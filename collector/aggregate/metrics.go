@@ -53,8 +53,8 @@ func (m *metrics) register(reg prometheus.Registerer) error {
 type state Aggregator
 
 var (
-	heldDesc = prometheus.NewDesc("endpointlag_aggregate_pods", "Terminating pods the aggregator holds (final=true|false).", []string{"final"}, nil)
-	liveDesc = prometheus.NewDesc("endpointlag_aggregate_daemons", "Daemons heard from (a push or a heartbeat) within --daemon-timeout.", nil, nil)
+	heldDesc   = prometheus.NewDesc("endpointlag_aggregate_pods", "Terminating pods the aggregator holds (final=true|false).", []string{"final"}, nil)
+	liveDesc   = prometheus.NewDesc("endpointlag_aggregate_daemons", "Daemons heard from (a push or a heartbeat) within --daemon-timeout.", nil, nil)
 	eventsDesc = prometheus.NewDesc("endpointlag_events_total",
 		"Events on workloads whose terminations outlasted their preStop (outcome=posted|rate_limited: one per workload per --events.interval|dropped: the queue was full|error).", []string{"outcome"}, nil)
 	wlLabels = []string{"namespace", "kind", "workload"}
