@@ -589,16 +589,22 @@ func (p *Probe) poll(ctx context.Context, sink probes.Sink, in *instance) {
 			if len(owed) > 0 {
 				recent = mergeNames(recent, in.backendsOf(owed))
 			}
-		case len(owed) > 0:
+		case len(owed) > 0 && len(in.backendsOf(owed)) > 0:
 			names = in.backendsOf(owed)
 			recent = mergeNames(recent, names)
 			names = mergeNames(names, checks)
+		case len(owed) > 0 && len(checks) == 0:
+			// Owed, but no backend lists them any more: their removals were seen and the
+			// collector has not taken them yet. Nothing to read.
+			continue
 		case next < p.opts.Slow:
 			names = mergeNames(slices.Clone(recent), checks)
 		case woken && len(checks) > 0:
 			names = checks
-		case woken && fullAsked:
-			// Woken for a full read that may not be made yet: the timer waits for it.
+		case woken:
+			// Woken for a full read that may not be made yet (the timer waits for it), or for
+			// an owed removal the collector has taken meanwhile: nothing to read now. The
+			// heartbeat's full read comes from the timer.
 			continue
 		default:
 			recent = nil

@@ -28,6 +28,8 @@ type fakeProxy struct {
 	err      error
 	full     int
 	targeted [][]string
+	// reads lists every read, for the failure messages.
+	reads []string
 }
 
 func (f *fakeProxy) set(bs ...Backend) {
@@ -40,6 +42,7 @@ func (f *fakeProxy) Read(context.Context) ([]Backend, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.full++
+	f.reads = append(f.reads, time.Now().Format("15:04:05.000")+" full")
 	return slices.Clone(f.backends), f.err
 }
 
@@ -47,6 +50,7 @@ func (f *fakeProxy) ReadBackends(_ context.Context, names []string) ([]Backend, 
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.targeted = append(f.targeted, names)
+	f.reads = append(f.reads, time.Now().Format("15:04:05.000")+" "+strings.Join(names, ","))
 	var out []Backend
 	for _, b := range f.backends {
 		if slices.Contains(names, b.Name) {
@@ -138,10 +142,15 @@ func TestProbeReadsAndReportsRemovals(t *testing.T) {
 	if reach, ok := p.Reaches(shop, ep("10.244.1.4")); !ok || len(reach) != 1 || reach[0].Source != "fake=one" {
 		t.Errorf("Reaches = %+v, %v", reach, ok)
 	}
-	// (An endpoint of a routed Service that the last read did not list has its backend read.)
+	// An endpoint of a routed Service that the last read did not list has its backend read, and
+	// is then known not to be routed.
 	if reach, _ := p.Reaches(shop, ep("10.244.3.3")); len(reach) != 0 {
 		t.Errorf("an endpoint the proxy does not route to is reached: %+v", reach)
 	}
+	rec.Wait(t, "the check of 10.244.3.3", func() bool {
+		reach, ok := p.Reaches(shop, ep("10.244.3.3"))
+		return ok && len(reach) == 0
+	})
 
 	// 10.244.1.4 terminates: owed. The proxy fences it; the next fast read reports it.
 	fp.set(Backend{Name: "shop-web-80", Service: shop, Servers: []Server{server("10.244.1.3", true, ""), server("10.244.1.4", false, "fenced")}},
@@ -172,7 +181,10 @@ func TestProbeReadsAndReportsRemovals(t *testing.T) {
 	time.Sleep(300 * time.Millisecond)
 	full1, targeted1 := fp.counts()
 	if n := targeted1 - targeted0; full1 != full0 || n < 1 || n > 8 {
-		t.Errorf("in the 300 ms after the last owed removal: %d full reads, %d targeted; want none full and a few targeted, backing off", full1-full0, n)
+		fp.mu.Lock()
+		reads := slices.Clone(fp.reads)
+		fp.mu.Unlock()
+		t.Errorf("in the 300 ms after the last owed removal: %d full reads, %d targeted; want none full and a few targeted, backing off; every read:\n%s", full1-full0, n, strings.Join(reads, "\n"))
 	}
 	fp.mu.Lock()
 	last := fp.targeted[len(fp.targeted)-1]
