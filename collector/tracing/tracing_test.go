@@ -114,8 +114,6 @@ var (
 
 func at(s float64) time.Time { return t0.Add(time.Duration(s * float64(time.Second))) }
 
-func f(v float64) *float64 { return &v }
-
 // Two nodes' tracers, over gRPC and over HTTP: one trace, whose ID is the pod's UID, with the
 // pod's node's root span and every node's stage spans under it, each from the node's own reference
 // to its stage; traced once.
