@@ -36,7 +36,7 @@ import (
 )
 
 // config returns the lab's configuration, or why the lab cannot run here.
-func config(t *testing.T) cluster.Config {
+func config(t testing.TB) cluster.Config {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("the lab needs root (network namespaces, nftables)")
@@ -73,7 +73,7 @@ func config(t *testing.T) cluster.Config {
 
 // upLab starts a lab with cfg for a test, and at its end stops it and checks that nothing of it
 // is left.
-func upLab(t *testing.T, ctx context.Context, cfg cluster.Config) *cluster.Cluster {
+func upLab(t testing.TB, ctx context.Context, cfg cluster.Config) *cluster.Cluster {
 	t.Helper()
 	rootLinks := linkNames(t)
 	c, err := cluster.Up(ctx, cfg)
@@ -87,7 +87,7 @@ func upLab(t *testing.T, ctx context.Context, cfg cluster.Config) *cluster.Clust
 	return c
 }
 
-type testWriter struct{ t *testing.T }
+type testWriter struct{ t testing.TB }
 
 func (w testWriter) Write(p []byte) (int, error) {
 	w.t.Log(strings.TrimRight(string(p), "\n"))
@@ -480,7 +480,7 @@ func distribution(vs []float64) string {
 	return fmt.Sprintf("min %.1f ms, p50 %.1f ms, p90 %.1f ms, max %.1f ms", s[0]*1000, q(0.5), q(0.9), s[len(s)-1]*1000)
 }
 
-func linkNames(t *testing.T) string {
+func linkNames(t testing.TB) string {
 	t.Helper()
 	out, err := exec.Command("ip", "-o", "link", "show").Output()
 	if err != nil {
@@ -498,7 +498,7 @@ func linkNames(t *testing.T) string {
 
 // assertClean checks that no lab namespace, no new root link and no process running one of the
 // lab's binaries remain.
-func assertClean(t *testing.T, cfg cluster.Config, rootLinks string) {
+func assertClean(t testing.TB, cfg cluster.Config, rootLinks string) {
 	t.Helper()
 	left, err := ns.List()
 	if err != nil {
