@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"os"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -16,6 +17,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/spf13/pflag"
+	"k8s.io/client-go/kubernetes"
 	"k8s.io/utils/clock"
 
 	"github.com/endpointlag/endpointlag/collector"
@@ -49,6 +51,10 @@ func runAggregate(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	fs.IntVar(&opts.MaxWorkloads, "max-workloads", opts.MaxWorkloads, "most workloads with figures (and metric labels) of their own; more are counted in endpointlag_workloads_dropped_total")
 	fs.DurationVar(&opts.Window, "advisor.window", opts.Window, "how far back the advisor's p99 looks")
 	fs.IntVar(&opts.MaxSamples, "advisor.samples", opts.MaxSamples, "most terminations per workload the advisor's p99 keeps")
+	events := fs.Bool("events", true,
+		"post a Warning Event (TerminationOutlastedPreStop) on a workload whose pod was still routed to, or reached by new connections, after its declared preStop; needs the API (--kubeconfig or in-cluster) and RBAC events: create")
+	eventsInterval := fs.Duration("events.interval", 10*time.Minute, "at most one Event per workload this often")
+	kubeconfig := fs.String("kubeconfig", os.Getenv("KUBECONFIG"), "path to a kubeconfig for the Events; empty means the in-cluster service account (default $KUBECONFIG)")
 	logLevel := fs.String("log.level", "info", "log level: debug, info, warn or error")
 	logFormat := fs.String("log.format", "text", "log format: text or json")
 	fs.Usage = func() {
@@ -68,6 +74,9 @@ func runAggregate(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	if err := opts.Validate(); err != nil {
 		errs = append(errs, err)
 	}
+	if *eventsInterval <= 0 {
+		errs = append(errs, fmt.Errorf("--events.interval must be positive, got %s", *eventsInterval))
+	}
 	if err := errors.Join(errs...); err != nil {
 		fmt.Fprintf(stderr, "endpointlag aggregate: %v\n", err)
 		return 2
@@ -83,6 +92,22 @@ func runAggregate(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	if err != nil {
 		fmt.Fprintf(stderr, "endpointlag aggregate: %v\n", err)
 		return 1
+	}
+	if *events {
+		cfg, err := restConfig(*kubeconfig)
+		if err != nil {
+			fmt.Fprintf(stderr, "endpointlag aggregate: --events: %v (--events=false runs without the API)\n", err)
+			return 1
+		}
+		cfg.UserAgent = "endpointlag-aggregate/" + version
+		client, err := kubernetes.NewForConfig(cfg)
+		if err != nil {
+			fmt.Fprintf(stderr, "endpointlag aggregate: kubernetes client: %v\n", err)
+			return 1
+		}
+		ev := aggregate.NewEventer(client, *eventsInterval, clock.RealClock{}, log)
+		agg.SetEventer(ev)
+		go ev.Run(ctx)
 	}
 	ln, err := net.Listen("tcp", *listen)
 	if err != nil {

@@ -1,14 +1,18 @@
 package main
 
 import (
+	"fmt"
 	"os"
+	"reflect"
 	"slices"
+	"strings"
 	"testing"
 
 	"github.com/spf13/pflag"
 	jsonpatch "gopkg.in/evanphx/json-patch.v4"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
 	"sigs.k8s.io/yaml"
 )
 
@@ -92,4 +96,47 @@ func checkDaemonSet(t *testing.T, where string, b []byte) appsv1.DaemonSet {
 		t.Errorf("%s args %q: %v", where, c.Args, err)
 	}
 	return ds
+}
+
+// The aggregator's RBAC is events: create, nothing more; its Deployment runs the aggregate
+// command, and the DaemonSet pushes to its Service.
+func TestAggregateManifest(t *testing.T) {
+	b, err := os.ReadFile("../../deploy/base/aggregate.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var role rbacv1.ClusterRole
+	var dep appsv1.Deployment
+	var svc corev1.Service
+	for _, doc := range strings.Split(string(b), "\n---\n") {
+		var meta struct{ Kind string }
+		if err := yaml.Unmarshal([]byte(doc), &meta); err != nil {
+			t.Fatal(err)
+		}
+		switch meta.Kind {
+		case "ClusterRole":
+			err = yaml.UnmarshalStrict([]byte(doc), &role)
+		case "Deployment":
+			err = yaml.UnmarshalStrict([]byte(doc), &dep)
+		case "Service":
+			err = yaml.UnmarshalStrict([]byte(doc), &svc)
+		}
+		if err != nil {
+			t.Fatalf("%s: %v", meta.Kind, err)
+		}
+	}
+	want := []rbacv1.PolicyRule{{APIGroups: []string{""}, Resources: []string{"events"}, Verbs: []string{"create"}}}
+	if !reflect.DeepEqual(role.Rules, want) {
+		t.Errorf("the aggregator's ClusterRole grants %+v, want events: create only", role.Rules)
+	}
+	if args := dep.Spec.Template.Spec.Containers[0].Args; len(args) == 0 || args[0] != "aggregate" {
+		t.Errorf("the aggregator's Deployment runs %q", args)
+	}
+	ds, err := os.ReadFile("../../deploy/base/daemonset.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := fmt.Sprintf("--aggregator.urls=http://%s.endpointlag.svc:%d", svc.Name, svc.Spec.Ports[0].Port); !strings.Contains(string(ds), want) {
+		t.Errorf("the DaemonSet does not push to the aggregator's Service (%s)", want)
+	}
 }

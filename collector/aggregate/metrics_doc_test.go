@@ -9,8 +9,10 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"k8s.io/client-go/kubernetes/fake"
 	clocktesting "k8s.io/utils/clock/testing"
 
 	"github.com/endpointlag/endpointlag/collector"
@@ -27,6 +29,7 @@ func TestMetricsDoc(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	a.SetEventer(NewEventer(fake.NewClientset(), time.Minute, clk, slog.New(slog.DiscardHandler)))
 	push(t, a, "node2")
 	h, r := podRecords("u1", "web", 1, 0.5)
 	push(t, a, "node1", h)

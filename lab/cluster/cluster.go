@@ -375,7 +375,8 @@ func (c *Cluster) controlPlane(ctx context.Context) error {
 	// The aggregator, as its Deployment would run: on the control plane's address, which every
 	// node reaches. Settle and daemon timeout are short for the lab's short runs.
 	if _, err = c.procs.start("aggregate", cpNS, c.cfg.Endpointlag, "aggregate",
-		"--web.listen-address="+netip.AddrPortFrom(cpAddr, aggregatorPort).String(), "--settle=20s", "--daemon-timeout=15s", "--log.level=debug"); err != nil {
+		"--web.listen-address="+netip.AddrPortFrom(cpAddr, aggregatorPort).String(), "--settle=20s", "--daemon-timeout=15s", "--log.level=debug",
+		"--kubeconfig="+c.path("cp.kubeconfig")); err != nil {
 		return err
 	}
 	if err := c.forward(c.cfg.AggregatorPort, cpNS, netip.AddrPortFrom(cpAddr, aggregatorPort).String()); err != nil {

@@ -14,6 +14,8 @@ import (
 	"testing"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 
 	"github.com/endpointlag/endpointlag/lab/scenario"
@@ -155,6 +157,27 @@ func TestConvergence(t *testing.T) {
 			t.Errorf("advise does not show deployment/web with the recommended %s", want)
 		}
 		t.Logf("recommended preStop: %s", advice)
+		// No preStop, every pod outlasted it: one Warning Event on the Deployment (the others
+		// rate-limited).
+		var evs []corev1.Event
+		err = scenario.Poll(ctx, 20*time.Second, "the aggregator's Event", func() error {
+			l, err := c.Client.CoreV1().Events(app.Namespace).List(ctx, metav1.ListOptions{FieldSelector: "reason=TerminationOutlastedPreStop"})
+			if err != nil {
+				return err
+			}
+			if evs = l.Items; len(evs) == 0 {
+				return fmt.Errorf("no Event yet")
+			}
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		e := evs[0]
+		if len(evs) != 1 || e.InvolvedObject.Kind != "Deployment" || e.InvolvedObject.Name != app.Name || e.Type != corev1.EventTypeWarning {
+			t.Errorf("Events %+v; want one Warning on Deployment %s", evs, app.Name)
+		}
+		t.Logf("Event on %s/%s: %s", e.InvolvedObject.Kind, e.InvolvedObject.Name, e.Message)
 	})
 
 	t.Run("the waterfall page of a replaced pod shows every node's bar", func(t *testing.T) {
