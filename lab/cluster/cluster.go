@@ -68,8 +68,12 @@ type Config struct {
 	Log            *slog.Logger
 }
 
-// aggregatorPort is the aggregator's port on the control plane's address.
-const aggregatorPort = 9870
+// aggregatorPort is the aggregator's port on the control plane's address, otlpPort the OTLP
+// receiver's.
+const (
+	aggregatorPort = 9870
+	otlpPort       = 4317
+)
 
 // Defaults fills unset fields.
 func (c *Config) Defaults() {
@@ -168,6 +172,8 @@ type Cluster struct {
 	Kubeconfig string
 	// AggregatorURL reaches the aggregator (endpointlag aggregate) from the root namespace.
 	AggregatorURL string
+	// TracesFile is where the lab's OTLP receiver writes the daemons' spans, a JSON line each.
+	TracesFile string
 	Client        kubernetes.Interface
 	Nodes         []*Node
 
@@ -383,6 +389,12 @@ func (c *Cluster) controlPlane(ctx context.Context) error {
 		return err
 	}
 	c.AggregatorURL = fmt.Sprintf("http://127.0.0.1:%d", c.cfg.AggregatorPort)
+	// An OTLP receiver for the daemons' traces (built on the OTLP protos; see lab otlp-receiver).
+	c.TracesFile = c.path("traces.jsonl")
+	if _, err = c.procs.start("otlp-receiver", cpNS, c.cfg.Tool, "otlp-receiver",
+		"--listen="+netip.AddrPortFrom(cpAddr, otlpPort).String(), "--out="+c.TracesFile); err != nil {
+		return err
+	}
 	v, err := c.Client.Discovery().ServerVersion()
 	if err != nil {
 		return fmt.Errorf("the API server's version: %w", err)
@@ -432,7 +444,9 @@ func (c *Cluster) startNodes(ctx, runCtx context.Context) error {
 		}); err != nil {
 			return err
 		}
-		if _, err := c.procs.start(n.Name+"-endpointlag", n.NS, c.cfg.Endpointlag,
+		otlp := append(os.Environ(), "OTEL_EXPORTER_OTLP_ENDPOINT=http://"+netip.AddrPortFrom(cpAddr, otlpPort).String(),
+			"OTEL_EXPORTER_OTLP_PROTOCOL=grpc", "OTEL_EXPORTER_OTLP_INSECURE=true", "OTEL_BSP_SCHEDULE_DELAY=500")
+		if _, err := c.procs.startEnv(n.Name+"-endpointlag", n.NS, otlp, c.cfg.Endpointlag,
 			"--kubeconfig="+c.path("node.kubeconfig"), "--node-name="+n.Name,
 			"--web.listen-address=127.0.0.1:9860", "--log.level=debug", "--packets.uplinks=eth0",
 			"--aggregator.urls="+fmt.Sprintf("http://%s", netip.AddrPortFrom(cpAddr, aggregatorPort)), "--aggregator.interval=500ms", "--aggregator.heartbeat=5s"); err != nil {

@@ -3,6 +3,7 @@ package e2e
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"math"
@@ -178,6 +179,63 @@ func TestConvergence(t *testing.T) {
 			t.Errorf("Events %+v; want one Warning on Deployment %s", evs, app.Name)
 		}
 		t.Logf("Event on %s/%s: %s", e.InvolvedObject.Kind, e.InvolvedObject.Name, e.Message)
+	})
+
+	t.Run("one trace per replaced pod, with spans from every node under the pod's node's root", func(t *testing.T) {
+		type span struct {
+			TraceID string `json:"trace_id"`
+			SpanID  string `json:"span_id"`
+			Parent  string `json:"parent"`
+			Name    string `json:"name"`
+			Node    string `json:"node"`
+			PodUID  string `json:"pod_uid"`
+		}
+		byTrace := map[string][]span{}
+		err := scenario.Poll(ctx, 30*time.Second, "every replaced pod's trace from every node", func() error {
+			raw, err := os.ReadFile(c.TracesFile)
+			if err != nil {
+				return err
+			}
+			byTrace = map[string][]span{}
+			for _, line := range strings.Split(strings.TrimSpace(string(raw)), "\n") {
+				var s span
+				if json.Unmarshal([]byte(line), &s) == nil {
+					byTrace[s.TraceID] = append(byTrace[s.TraceID], s)
+				}
+			}
+			for uid, p := range r.Deleted {
+				seen := map[string]bool{}
+				for _, s := range byTrace[strings.ReplaceAll(string(uid), "-", "")] {
+					seen[s.Node] = true
+				}
+				if len(seen) != len(nodes) {
+					return fmt.Errorf("%s's trace has spans from %d nodes", p.Name, len(seen))
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for uid, p := range r.Deleted {
+			spans := byTrace[strings.ReplaceAll(string(uid), "-", "")]
+			var root span
+			for _, s := range spans {
+				if s.Name == "pod termination" {
+					root = s
+				}
+			}
+			if root.SpanID == "" || root.Node != conv[uid].Home || root.Parent != "" {
+				t.Errorf("%s: root span %+v; want one from its node %s", p.Name, root, conv[uid].Home)
+				continue
+			}
+			for _, s := range spans {
+				if s.PodUID != string(uid) || (s.Name != "pod termination" && s.Parent != root.SpanID) {
+					t.Errorf("%s: span %+v not under the root %s", p.Name, s, root.SpanID)
+				}
+			}
+			t.Logf("%s: trace %s, %d spans from %d nodes", p.Name, root.TraceID, len(spans), len(nodes))
+		}
 	})
 
 	t.Run("the waterfall page of a replaced pod shows every node's bar", func(t *testing.T) {

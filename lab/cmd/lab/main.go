@@ -31,6 +31,7 @@ Commands:
   down   stop a running lab and remove what any earlier lab left behind
   serve, load   what the lab runs inside pod namespaces (a pod's server, the load generator)
   watch-slices  print a namespace's EndpointSlice events as JSON lines (the e2e tests' ground truth)
+  otlp-receiver receive the daemons' traces over OTLP/gRPC, writing each span as a JSON line
 
 The lab is a real control plane (etcd, kube-apiserver, kube-controller-manager) and per node
 kube-proxy and endpointlag, each node a network namespace. It needs root.
@@ -71,6 +72,12 @@ func run(args []string) int {
 	case "load":
 		if err := loadCmd(args[1:]); err != nil {
 			fmt.Fprintf(os.Stderr, "lab load: %v\n", err)
+			return 1
+		}
+		return 0
+	case "otlp-receiver":
+		if err := otlpReceiver(args[1:]); err != nil {
+			fmt.Fprintf(os.Stderr, "lab otlp-receiver: %v\n", err)
 			return 1
 		}
 		return 0
