@@ -174,8 +174,8 @@ type Cluster struct {
 	AggregatorURL string
 	// TracesFile is where the lab's OTLP receiver writes the daemons' spans, a JSON line each.
 	TracesFile string
-	Client        kubernetes.Interface
-	Nodes         []*Node
+	Client     kubernetes.Interface
+	Nodes      []*Node
 
 	procs *procs
 	// probeAgent is the User-Agent of the kubelets' HTTP probes.
