@@ -28,6 +28,13 @@ TRAEFIK_HASH    := $(shell find lab/traefik -type f | LC_ALL=C sort | xargs sha2
 TRAEFIK_DIR     ?= $(LAB_CACHE)/traefik-$(TRAEFIK_VERSION)-$(TRAEFIK_HASH)
 LAB_TRAEFIK     ?= $(TRAEFIK_DIR)/traefik
 export LAB_TRAEFIK
+# The lab's OpenTelemetry Collector (the daemons' traces go to it), built from the module proxy at
+# the version pinned in lab/otelcol/go.mod, cached likewise, keyed by every file of lab/otelcol.
+OTELCOL_VERSION := $(shell sed -n 's|^\s*go.opentelemetry.io/collector/otelcol \(v[^ ]*\).*|\1|p' lab/otelcol/go.mod)
+OTELCOL_HASH    := $(shell find lab/otelcol -type f | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-12)
+OTELCOL_DIR     ?= $(LAB_CACHE)/otelcol-$(OTELCOL_VERSION)-$(OTELCOL_HASH)
+LAB_OTELCOL     ?= $(OTELCOL_DIR)/otelcol
+export LAB_OTELCOL
 LAB_FLAGS ?=
 
 .PHONY: all build test unit e2e lint fmt generate check-generate deps clean lab-bins lab-tool demo lab-up lab-down
@@ -66,11 +73,12 @@ skipped:
 	@n=$$(grep -c '"Action":"skip","Package":"[^"]*","Test":' $(JSON) || true); \
 	echo "skipped tests: $$n$$( [ "$$n" -gt 0 ] && echo ' (each with its reason under === Skipped above)')"
 
-## lab-bins: build etcd, kube-apiserver, kube-controller-manager, kube-proxy (cached in LAB_BIN_DIR)
-## and Traefik (cached in TRAEFIK_DIR).
+## lab-bins: build etcd, kube-apiserver, kube-controller-manager, kube-proxy (cached in LAB_BIN_DIR),
+## Traefik (cached in TRAEFIK_DIR) and the OpenTelemetry Collector (cached in OTELCOL_DIR).
 lab-bins:
 	lab/k8s/build.sh $(LAB_BIN_DIR)
 	lab/traefik/build.sh $(TRAEFIK_DIR)
+	lab/otelcol/build.sh $(OTELCOL_DIR)
 
 ## lab-tool: the lab's own command (bin/lab).
 lab-tool:

@@ -57,6 +57,9 @@ type Config struct {
 	// run; empty when the lab has none (such a pod then fails to start).
 	Traefik string
 	HAProxy string
+	// Otelcol is the OpenTelemetry Collector binary (lab/otelcol) the daemons export their traces
+	// to; empty: no traces.
+	Otelcol string
 	// StateDir holds keys, kubeconfigs, logs and the PID records.
 	StateDir string
 	// APIPort is the loopback port of the API server's forwarder; node i's daemon is reachable
@@ -68,8 +71,28 @@ type Config struct {
 	Log            *slog.Logger
 }
 
-// aggregatorPort is the aggregator's port on the control plane's address, otlpPort the OTLP
-// receiver's.
+// otelcolConfig is the lab collector's configuration: OTLP over gRPC in, a file out.
+const otelcolConfig = `receivers:
+  otlp:
+    protocols:
+      grpc:
+        endpoint: %s
+exporters:
+  file:
+    path: %s
+    flush_interval: 100ms
+service:
+  pipelines:
+    traces:
+      receivers: [otlp]
+      exporters: [file]
+  telemetry:
+    metrics:
+      level: none
+`
+
+// aggregatorPort is the aggregator's port on the control plane's address, otlpPort the
+// collector's.
 const (
 	aggregatorPort = 9870
 	otlpPort       = 4317
@@ -172,7 +195,8 @@ type Cluster struct {
 	Kubeconfig string
 	// AggregatorURL reaches the aggregator (endpointlag aggregate) from the root namespace.
 	AggregatorURL string
-	// TracesFile is where the lab's OTLP receiver writes the daemons' spans, a JSON line each.
+	// TracesFile is where the lab's OpenTelemetry Collector writes the daemons' spans (its file
+	// exporter: an OTLP JSON request per line); empty without Config.Otelcol.
 	TracesFile string
 	Client     kubernetes.Interface
 	Nodes      []*Node
@@ -389,11 +413,16 @@ func (c *Cluster) controlPlane(ctx context.Context) error {
 		return err
 	}
 	c.AggregatorURL = fmt.Sprintf("http://127.0.0.1:%d", c.cfg.AggregatorPort)
-	// An OTLP receiver for the daemons' traces (built on the OTLP protos; see lab otlp-receiver).
-	c.TracesFile = c.path("traces.jsonl")
-	if _, err = c.procs.start("otlp-receiver", cpNS, c.cfg.Tool, "otlp-receiver",
-		"--listen="+netip.AddrPortFrom(cpAddr, otlpPort).String(), "--out="+c.TracesFile); err != nil {
-		return err
+	// A real OpenTelemetry Collector for the daemons' traces, writing what it receives to a file.
+	if c.cfg.Otelcol != "" {
+		c.TracesFile = c.path("traces.json")
+		conf := c.path("otelcol.yaml")
+		if err := os.WriteFile(conf, fmt.Appendf(nil, otelcolConfig, netip.AddrPortFrom(cpAddr, otlpPort), c.TracesFile), 0o600); err != nil {
+			return err
+		}
+		if _, err = c.procs.start("otelcol", cpNS, c.cfg.Otelcol, "--config="+conf); err != nil {
+			return err
+		}
 	}
 	v, err := c.Client.Discovery().ServerVersion()
 	if err != nil {
@@ -444,9 +473,12 @@ func (c *Cluster) startNodes(ctx, runCtx context.Context) error {
 		}); err != nil {
 			return err
 		}
-		otlp := append(os.Environ(), "OTEL_EXPORTER_OTLP_ENDPOINT=http://"+netip.AddrPortFrom(cpAddr, otlpPort).String(),
-			"OTEL_EXPORTER_OTLP_PROTOCOL=grpc", "OTEL_EXPORTER_OTLP_INSECURE=true", "OTEL_BSP_SCHEDULE_DELAY=500")
-		if _, err := c.procs.startEnv(n.Name+"-endpointlag", n.NS, otlp, c.cfg.Endpointlag,
+		var env []string
+		if c.TracesFile != "" {
+			env = append(os.Environ(), "OTEL_EXPORTER_OTLP_ENDPOINT=http://"+netip.AddrPortFrom(cpAddr, otlpPort).String(),
+				"OTEL_EXPORTER_OTLP_PROTOCOL=grpc", "OTEL_EXPORTER_OTLP_INSECURE=true", "OTEL_BSP_SCHEDULE_DELAY=500")
+		}
+		if _, err := c.procs.startEnv(n.Name+"-endpointlag", n.NS, env, c.cfg.Endpointlag,
 			"--kubeconfig="+c.path("node.kubeconfig"), "--node-name="+n.Name,
 			"--web.listen-address=127.0.0.1:9860", "--log.level=debug", "--packets.uplinks=eth0",
 			"--aggregator.urls="+fmt.Sprintf("http://%s", netip.AddrPortFrom(cpAddr, aggregatorPort)), "--aggregator.interval=500ms", "--aggregator.heartbeat=5s"); err != nil {

@@ -181,14 +181,64 @@ func TestConvergence(t *testing.T) {
 		t.Logf("Event on %s/%s: %s", e.InvolvedObject.Kind, e.InvolvedObject.Name, e.Message)
 	})
 
-	t.Run("one trace per replaced pod, with spans from every node under the pod's node's root", func(t *testing.T) {
+	t.Run("one trace per replaced pod, with spans from every node under the pod's node's root, in a real OpenTelemetry Collector", func(t *testing.T) {
+		if c.TracesFile == "" {
+			t.Skip("no OpenTelemetry Collector (LAB_OTELCOL, built by make lab-bins)")
+		}
 		type span struct {
-			TraceID string `json:"trace_id"`
-			SpanID  string `json:"span_id"`
-			Parent  string `json:"parent"`
-			Name    string `json:"name"`
-			Node    string `json:"node"`
-			PodUID  string `json:"pod_uid"`
+			TraceID string
+			SpanID  string
+			Parent  string
+			Name    string
+			Node    string
+			PodUID  string
+		}
+		// The collector's file exporter writes an OTLP JSON request per line.
+		type kv struct {
+			Key   string `json:"key"`
+			Value struct {
+				S string `json:"stringValue"`
+			} `json:"value"`
+		}
+		attr := func(kvs []kv, key string) string {
+			for _, a := range kvs {
+				if a.Key == key {
+					return a.Value.S
+				}
+			}
+			return ""
+		}
+		parse := func(line string) []span {
+			var req struct {
+				ResourceSpans []struct {
+					Resource struct {
+						Attributes []kv `json:"attributes"`
+					} `json:"resource"`
+					ScopeSpans []struct {
+						Spans []struct {
+							TraceID    string `json:"traceId"`
+							SpanID     string `json:"spanId"`
+							Parent     string `json:"parentSpanId"`
+							Name       string `json:"name"`
+							Attributes []kv   `json:"attributes"`
+						} `json:"spans"`
+					} `json:"scopeSpans"`
+				} `json:"resourceSpans"`
+			}
+			if json.Unmarshal([]byte(line), &req) != nil {
+				return nil
+			}
+			var out []span
+			for _, rs := range req.ResourceSpans {
+				node := attr(rs.Resource.Attributes, "k8s.node.name")
+				for _, ss := range rs.ScopeSpans {
+					for _, sp := range ss.Spans {
+						out = append(out, span{TraceID: sp.TraceID, SpanID: sp.SpanID, Parent: sp.Parent, Name: sp.Name, Node: node,
+							PodUID: attr(sp.Attributes, "k8s.pod.uid")})
+					}
+				}
+			}
+			return out
 		}
 		byTrace := map[string][]span{}
 		err := scenario.Poll(ctx, 30*time.Second, "every replaced pod's trace from every node", func() error {
@@ -198,8 +248,7 @@ func TestConvergence(t *testing.T) {
 			}
 			byTrace = map[string][]span{}
 			for _, line := range strings.Split(strings.TrimSpace(string(raw)), "\n") {
-				var s span
-				if json.Unmarshal([]byte(line), &s) == nil {
+				for _, s := range parse(line) {
 					byTrace[s.TraceID] = append(byTrace[s.TraceID], s)
 				}
 			}

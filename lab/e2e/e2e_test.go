@@ -59,6 +59,9 @@ func config(t testing.TB) cluster.Config {
 	if p, err := exec.LookPath("haproxy"); err == nil {
 		cfg.HAProxy = p
 	}
+	if _, err := os.Stat(os.Getenv("LAB_OTELCOL")); err == nil {
+		cfg.Otelcol = os.Getenv("LAB_OTELCOL")
+	}
 	var missing []string
 	for _, p := range []string{filepath.Join(cfg.BinDir, "kube-apiserver"), cfg.Endpointlag, cfg.Tool} {
 		if _, err := os.Stat(p); err != nil {

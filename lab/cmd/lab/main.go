@@ -31,7 +31,6 @@ Commands:
   down   stop a running lab and remove what any earlier lab left behind
   serve, load   what the lab runs inside pod namespaces (a pod's server, the load generator)
   watch-slices  print a namespace's EndpointSlice events as JSON lines (the e2e tests' ground truth)
-  otlp-receiver receive the daemons' traces over OTLP/gRPC, writing each span as a JSON line
 
 The lab is a real control plane (etcd, kube-apiserver, kube-controller-manager) and per node
 kube-proxy and endpointlag, each node a network namespace. It needs root.
@@ -75,12 +74,6 @@ func run(args []string) int {
 			return 1
 		}
 		return 0
-	case "otlp-receiver":
-		if err := otlpReceiver(args[1:]); err != nil {
-			fmt.Fprintf(os.Stderr, "lab otlp-receiver: %v\n", err)
-			return 1
-		}
-		return 0
 	case "watch-slices":
 		if err := watchSlices(args[1:]); err != nil {
 			fmt.Fprintf(os.Stderr, "lab watch-slices: %v\n", err)
@@ -98,6 +91,7 @@ func run(args []string) int {
 	fs.StringVar(&o.Endpointlag, "endpointlag", "bin/endpointlag", "the endpointlag binary to run on every node")
 	fs.StringVar(&o.StateDir, "state-dir", "/run/endpointlag-lab", "keys, kubeconfigs, logs and PID records of the lab")
 	fs.StringVar(&o.Traefik, "traefik", os.Getenv("LAB_TRAEFIK"), "the traefik binary that pods of image "+cluster.ImageTraefik+" run (default $LAB_TRAEFIK; make lab-bins builds it)")
+	fs.StringVar(&o.Otelcol, "otelcol", os.Getenv("LAB_OTELCOL"), "the OpenTelemetry Collector the daemons export their traces to (default $LAB_OTELCOL; make lab-bins builds it; empty: no traces)")
 	fs.StringVar(&o.HAProxy, "haproxy", defaultHAProxy(), "the haproxy binary that pods of image "+cluster.ImageHAProxy+" run (Debian's package haproxy)")
 	fs.BoolVar(&o.ingress, "ingress", true, "demo: put the app behind Traefik and HAProxy too, and send load through both")
 	fs.IntVar(&o.rate, "rate", 200, "demo: load generator requests per second on each path")
