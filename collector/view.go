@@ -188,6 +188,11 @@ func fallbackName(f probes.Fallback) string {
 
 func ptr[T any](v T) *T { return &v }
 
+// Key identifies the record among every node's: its pod, Service and endpoint.
+func (v RecordView) Key() string {
+	return v.Pod.UID + " " + v.Service.String() + " " + v.Endpoint.String()
+}
+
 // Settled tells a record whose timeline is done: no stage pending and, for a pod of this node,
 // its gone stage (its connections are all in by then); or one older than after, with stages still
 // pending. What pushes records elsewhere (the aggregator, traces) sends them once settled.

@@ -8,7 +8,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"net/url"
 	"os"
 	"strings"
 	"text/tabwriter"
@@ -202,29 +201,8 @@ func runAdvise(args []string, stdout, stderr io.Writer) int {
 }
 
 func adviceFrom(ctx context.Context, base string) ([]aggregate.Advice, error) {
-	u, err := url.Parse(base)
-	if err != nil || u.Scheme == "" || u.Host == "" {
-		return nil, fmt.Errorf("--aggregator %q is not a URL like http://127.0.0.1:9870", base)
-	}
-	u = u.JoinPath("api/v1/advice")
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
-	if err != nil {
-		return nil, err
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return nil, fmt.Errorf("asking the aggregator: %w (is endpointlag aggregate running? --aggregator sets its address)", err)
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		body, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
-		return nil, fmt.Errorf("%s answered %s: %s", u, resp.Status, strings.TrimSpace(string(body)))
-	}
 	var ads []aggregate.Advice
-	if err := json.NewDecoder(resp.Body).Decode(&ads); err != nil {
-		return nil, fmt.Errorf("%s: decoding the answer: %w", u, err)
-	}
-	return ads, nil
+	return ads, aggregatorServer.getJSON(ctx, base, "api/v1/advice", &ads)
 }
 
 func writeAdvice(w io.Writer, ads []aggregate.Advice) {

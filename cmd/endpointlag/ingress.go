@@ -5,8 +5,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net/http"
-	"net/url"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -86,28 +84,7 @@ func runInspectIngress(args []string, stdout, stderr io.Writer) int {
 
 func ingressFromDaemon(ctx context.Context, base string) (IngressResponse, error) {
 	var resp IngressResponse
-	u, err := url.Parse(base)
-	if err != nil || u.Scheme == "" || u.Host == "" {
-		return resp, fmt.Errorf("--daemon %q is not a URL like http://127.0.0.1:9860", base)
-	}
-	u = u.JoinPath("api/v1/ingress")
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
-	if err != nil {
-		return resp, err
-	}
-	r, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return resp, fmt.Errorf("asking the daemon: %w (is it running? --daemon sets its address)", err)
-	}
-	defer r.Body.Close()
-	if r.StatusCode != http.StatusOK {
-		body, _ := io.ReadAll(io.LimitReader(r.Body, 512))
-		return resp, fmt.Errorf("%s answered %s: %s", u, r.Status, strings.TrimSpace(string(body)))
-	}
-	if err := json.NewDecoder(r.Body).Decode(&resp); err != nil {
-		return resp, fmt.Errorf("%s: decoding the answer: %w", u, err)
-	}
-	return resp, nil
+	return resp, daemonServer.getJSON(ctx, base, "api/v1/ingress", &resp)
 }
 
 func writeIngressInstances(w io.Writer, resp IngressResponse, now time.Time) {

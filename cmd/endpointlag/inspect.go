@@ -5,8 +5,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net/http"
-	"net/url"
 	"os"
 	"slices"
 	"strings"
@@ -116,28 +114,9 @@ func defaultKubeconfig() string {
 
 func recordsFromDaemon(ctx context.Context, base string) (RecordsResponse, error) {
 	var resp RecordsResponse
-	u, err := url.Parse(base)
-	if err != nil || u.Scheme == "" || u.Host == "" {
-		return resp, fmt.Errorf("--daemon %q is not a URL like http://127.0.0.1:9860", base)
-	}
-	u = u.JoinPath("api/v1/records")
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
-	if err != nil {
-		return resp, err
-	}
-	r, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return resp, fmt.Errorf("asking the daemon: %w (is it running? --daemon sets its address, --api asks the API instead)", err)
-	}
-	defer r.Body.Close()
-	if r.StatusCode != http.StatusOK {
-		body, _ := io.ReadAll(io.LimitReader(r.Body, 512))
-		return resp, fmt.Errorf("%s answered %s: %s", u, r.Status, strings.TrimSpace(string(body)))
-	}
-	if err := json.NewDecoder(r.Body).Decode(&resp); err != nil {
-		return resp, fmt.Errorf("%s: decoding the answer: %w", u, err)
-	}
-	return resp, nil
+	s := daemonServer
+	s.unreachable = "asking the daemon: %w (is it running? --daemon sets its address, --api asks the API instead)"
+	return resp, s.getJSON(ctx, base, "api/v1/records", &resp)
 }
 
 // recordsFromAPI builds timelines from what the API shows now: each terminating endpoint, and its

@@ -82,6 +82,7 @@ type Aggregator struct {
 }
 
 type podState struct {
+	uid    string
 	first  time.Time
 	byNode map[string]map[string]collector.RecordView // node → record key → record
 	final  bool
@@ -146,7 +147,7 @@ func (a *Aggregator) Push(b Batch) error {
 		p := a.pods[uid]
 		if p == nil {
 			a.evict()
-			p = &podState{first: now, byNode: map[string]map[string]collector.RecordView{}}
+			p = &podState{uid: uid, first: now, byNode: map[string]map[string]collector.RecordView{}}
 			a.pods[uid] = p
 			a.order = append(a.order, uid)
 			a.open[uid] = true
@@ -158,7 +159,7 @@ func (a *Aggregator) Push(b Batch) error {
 		if p.byNode[b.Node] == nil {
 			p.byNode[b.Node] = map[string]collector.RecordView{}
 		}
-		p.byNode[b.Node][recordKey(r)] = r
+		p.byNode[b.Node][r.Key()] = r
 		touched[uid] = true
 	}
 	a.m.reports.Add(float64(len(b.Records)))
@@ -223,14 +224,8 @@ func (a *Aggregator) settle(now time.Time, uids map[string]bool, timeouts bool) 
 // held.
 func (a *Aggregator) finalize(p *podState, missing []string, now time.Time) {
 	p.final, p.missing = true, missing
-	delete(a.open, uidOf(p))
-	byNode := make(map[string][]collector.RecordView, len(p.byNode))
-	for n, recs := range p.byNode {
-		for _, r := range recs {
-			byNode[n] = append(byNode[n], r)
-		}
-	}
-	p.conv, p.ok = Compose(byNode)
+	delete(a.open, p.uid)
+	p.conv, p.ok = p.compose()
 	switch {
 	case !p.ok:
 		a.m.pods.WithLabelValues("no_home").Inc()
@@ -331,7 +326,8 @@ func (a *Aggregator) Pods(limit int) []PodSummary {
 	var out []PodSummary
 	for i := len(a.order) - 1; i >= 0 && len(out) < limit; i-- {
 		if p := a.pods[a.order[i]]; p != nil {
-			out = append(out, a.summary(a.order[i], p))
+			sum, _ := a.summary(p)
+			out = append(out, sum)
 		}
 	}
 	return out
@@ -345,21 +341,12 @@ func (a *Aggregator) Pod(uid string) (PodDetail, bool) {
 	if p == nil {
 		return PodDetail{}, false
 	}
-	d := PodDetail{PodSummary: a.summary(uid, p), Convergence: p.conv}
-	if !p.final {
-		byNode := map[string][]collector.RecordView{}
-		for n, recs := range p.byNode {
-			for _, r := range recs {
-				byNode[n] = append(byNode[n], r)
-			}
-		}
-		d.Convergence, _ = Compose(byNode)
-	}
-	return d, true
+	s, c := a.summary(p)
+	return PodDetail{PodSummary: s, Convergence: c}, true
 }
 
-// summary is called with a.mu held.
-func (a *Aggregator) summary(uid string, p *podState) PodSummary {
+// summary sums a pod up, with its figure (so far, when not final). Called with a.mu held.
+func (a *Aggregator) summary(p *podState) (PodSummary, Convergence) {
 	s := PodSummary{First: p.first, Final: p.final, Missing: p.missing}
 	for n, recs := range p.byNode {
 		s.Reported = append(s.Reported, n)
@@ -373,22 +360,27 @@ func (a *Aggregator) summary(uid string, p *podState) PodSummary {
 			}
 		}
 	}
-	s.Pod.UID = uid
+	s.Pod.UID = p.uid
 	sort.Strings(s.Reported)
 	c := p.conv
 	if !p.final {
-		byNode := map[string][]collector.RecordView{}
-		for n, recs := range p.byNode {
-			for _, r := range recs {
-				byNode[n] = append(byNode[n], r)
-			}
-		}
-		c, _ = Compose(byNode)
+		c, _ = p.compose()
 	}
 	if v, ok := c.Seconds(StageAll); ok {
 		s.Seconds = &v
 	}
-	return s
+	return s, c
+}
+
+// compose computes the pod's figure from the records held.
+func (p *podState) compose() (Convergence, bool) {
+	byNode := make(map[string][]collector.RecordView, len(p.byNode))
+	for n, recs := range p.byNode {
+		for _, r := range recs {
+			byNode[n] = append(byNode[n], r)
+		}
+	}
+	return Compose(byNode)
 }
 
 // Advice is one workload's figures over the window, as /api/v1/advice gives them. Samples lets
@@ -496,14 +488,4 @@ func Merge(parts ...[]Advice) []Advice {
 	}
 	SortAdvice(out)
 	return out
-}
-
-// uidOf is the pod UID of a pod's records.
-func uidOf(p *podState) string {
-	for _, recs := range p.byNode {
-		for _, r := range recs {
-			return r.Pod.UID
-		}
-	}
-	return ""
 }

@@ -97,7 +97,7 @@ func Compose(byNode map[string][]collector.RecordView) (c Convergence, ok bool) 
 			}
 			for _, s := range r.Stages {
 				if s.Stage == string(probes.StageEndpointSlice) && s.Propagation != nil {
-					sliceLag[recordKey(r)] = *s.Propagation
+					sliceLag[r.Key()] = *s.Propagation
 					minLag = math.Min(minLag, *s.Propagation)
 				}
 			}
@@ -127,7 +127,7 @@ func Compose(byNode map[string][]collector.RecordView) (c Convergence, ok bool) 
 	}
 	for node, recs := range byNode {
 		for _, r := range recs {
-			lagThere, known := sliceLag[recordKey(r)]
+			lagThere, known := sliceLag[r.Key()]
 			if !known {
 				lagThere, known = minLag, !math.IsInf(minLag, 1)
 			}
@@ -150,7 +150,7 @@ func Compose(byNode map[string][]collector.RecordView) (c Convergence, ok bool) 
 				c.Timeline = append(c.Timeline, NodeStage{Node: node, Stage: s.Stage, Source: s.Source, Path: s.Path, Seconds: secs})
 				sc := StageConvergence{Seconds: secs, Node: node, Source: s.Source}
 				note(s.Stage, sc)
-				if routing(s.Stage) {
+				if probes.Stage(s.Stage).Routing() {
 					note(StageAll, sc)
 				}
 			}
@@ -171,13 +171,4 @@ func Compose(byNode map[string][]collector.RecordView) (c Convergence, ok bool) 
 	sort.Float64s(c.Late)
 	sort.Float64s(c.Dead)
 	return c, true
-}
-
-// routing tells the stages after which a node or proxy sends the endpoint no new connection.
-func routing(stage string) bool {
-	return probes.Stage(stage).Routing()
-}
-
-func recordKey(r collector.RecordView) string {
-	return r.Service.String() + " " + r.Endpoint.String()
 }

@@ -124,7 +124,7 @@ func (p *Pusher) PushOnce(ctx context.Context) {
 	prints := map[string]string{}
 	held := make(map[string]bool, len(recs))
 	for _, r := range recs {
-		k := pushKey(r)
+		k := r.Key()
 		held[k] = true
 		if !r.Settled(now, p.opts.SettleAfter) {
 			continue
@@ -157,7 +157,7 @@ func (p *Pusher) PushOnce(ctx context.Context) {
 			p.pushed.Add(float64(len(batch)))
 			p.lastBeat[i] = now
 			for _, r := range batch {
-				k := pushKey(r)
+				k := r.Key()
 				p.sent[k] = prints[k]
 			}
 		}
@@ -184,10 +184,6 @@ func (p *Pusher) post(ctx context.Context, u string, b Batch) error {
 		return fmt.Errorf("%s: %s", resp.Status, strings.TrimSpace(string(msg)))
 	}
 	return nil
-}
-
-func pushKey(r collector.RecordView) string {
-	return r.Pod.UID + " " + recordKey(r)
 }
 
 // fingerprint is what changes in a record as stages and connections come.

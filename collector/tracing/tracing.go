@@ -130,7 +130,7 @@ func (t *Tracer) Once() {
 	defer t.mu.Unlock()
 	held := make(map[string]bool, len(recs))
 	for _, r := range recs {
-		k := r.Pod.UID + " " + r.Service.String() + " " + r.Endpoint.String()
+		k := r.Key()
 		held[k] = true
 		if t.sent[k] || !r.Settled(now, t.settleAfter) {
 			continue

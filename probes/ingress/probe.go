@@ -582,17 +582,15 @@ func (p *Probe) poll(ctx context.Context, sink probes.Sink, in *instance) {
 		checks := in.takeChecks()
 		fullAsked, wait := in.fullCheckDue(p.clock.Now())
 		fullCheck := fullAsked && wait == 0
+		// The backends that list what is owed (none when nothing is).
+		holding := in.backendsOf(owed)
 		var names []string
 		switch {
 		case fullCheck:
-			names = nil
-			if len(owed) > 0 {
-				recent = mergeNames(recent, in.backendsOf(owed))
-			}
-		case len(owed) > 0 && len(in.backendsOf(owed)) > 0:
-			names = in.backendsOf(owed)
-			recent = mergeNames(recent, names)
-			names = mergeNames(names, checks)
+			recent = mergeNames(recent, holding)
+		case len(holding) > 0:
+			recent = mergeNames(recent, holding)
+			names = mergeNames(holding, checks)
 		case len(owed) > 0 && len(checks) == 0:
 			// Owed, but no backend lists them any more: their removals were seen and the
 			// collector has not taken them yet. Nothing to read.
