@@ -361,12 +361,16 @@ func deletedPod(t *testing.T, ctx context.Context, c *cluster.Cluster, app *scen
 		if !ok {
 			continue // reported above
 		}
+		// The proxy stopped routing to the pod after the last request it routed there and before
+		// the one it would have sent there next: the ground truth is as precise as the longest
+		// interval between the path's requests to the pod, measured over the load before.
+		gap := load.RoutedGap(rs, path, victim.Name, issued.Add(-time.Second), last.Start)
 		d := e.Time.Sub(last.Start)
-		bound := time.Duration(e.Precision*float64(time.Second)) + 20*time.Millisecond
-		t.Logf("%s: the daemon on %s saw %s stop routing to %s %s after its last request there (precision %.1f ms, bound %s); %s after the endpoint turned terminating",
-			path, node.Name, px.Name, victim.Name, d.Round(100*time.Microsecond), e.Precision*1000, bound.Round(100*time.Microsecond), e.Time.Sub(term).Round(time.Millisecond))
+		bound := time.Duration(e.Precision*float64(time.Second)) + gap + 20*time.Millisecond
+		t.Logf("%s: the daemon on %s saw %s stop routing to %s %s after its last request there (precision %.1f ms, the path's requests to it at most %s apart, bound %s); %s after the endpoint turned terminating",
+			path, node.Name, px.Name, victim.Name, d.Round(100*time.Microsecond), e.Precision*1000, gap.Round(100*time.Microsecond), bound.Round(100*time.Microsecond), e.Time.Sub(term).Round(time.Millisecond))
 		if d < -20*time.Millisecond || d > bound {
-			t.Errorf("%s: the ingress stage is %s from the ground truth (the last request %s routed to %s), beyond −20 ms … precision + 20 ms = %s",
+			t.Errorf("%s: the ingress stage is %s from the ground truth (the last request %s routed to %s), beyond −20 ms … precision + request interval + 20 ms = %s",
 				path, d.Round(100*time.Microsecond), path, victim.Name, bound.Round(100*time.Microsecond))
 		}
 	}

@@ -349,6 +349,25 @@ func LastRouted(rs []Result, path, backend string) (last Result, ok bool) {
 	return last, ok
 }
 
+// RoutedGap is the longest interval between consecutive requests that path routed to backend
+// among those that started in [from, to]: how precisely the last of them (LastRouted) dates the
+// moment the path stopped routing there, which lies between that request and the one the path
+// would have sent next.
+func RoutedGap(rs []Result, path, backend string, from, to time.Time) time.Duration {
+	var starts []time.Time
+	for _, r := range rs {
+		if r.Path == path && r.Failure == "" && r.Backend == backend && !r.Start.Before(from) && !r.Start.After(to) {
+			starts = append(starts, r.Start)
+		}
+	}
+	slices.SortFunc(starts, func(a, b time.Time) int { return a.Compare(b) })
+	var gap time.Duration
+	for i := 1; i < len(starts); i++ {
+		gap = max(gap, starts[i].Sub(starts[i-1]))
+	}
+	return gap
+}
+
 // WriteLog writes one line per failure: time, path, kind, the backend the connection was sent
 // to (named by names, from IP to pod, where known) and the error.
 func WriteLog(w io.Writer, rs []Result, names map[string]string) error {

@@ -134,3 +134,31 @@ func TestLastRouted(t *testing.T) {
 		t.Error("LastRouted(clusterip, web-1) found a request on no such path")
 	}
 }
+
+func TestRoutedGap(t *testing.T) {
+	t0 := time.Date(2026, 11, 29, 12, 0, 0, 0, time.UTC)
+	at := func(ms int) time.Time { return t0.Add(time.Duration(ms) * time.Millisecond) }
+	rs := []Result{
+		{Path: PathTraefik, Start: at(80), Backend: "web-1"},
+		{Path: PathTraefik, Start: at(0), Backend: "web-1"},
+		{Path: PathTraefik, Start: at(40), Backend: "web-1"},
+		{Path: PathTraefik, Start: at(60), Backend: "web-2"},
+		{Path: PathTraefik, Start: at(150), Failure: "http-502"},
+		{Path: PathHAProxy, Start: at(100), Backend: "web-1"},
+		{Path: PathTraefik, Start: at(135), Backend: "web-1"},
+		{Path: PathTraefik, Start: at(400), Backend: "web-1"},
+	}
+	for _, c := range []struct {
+		from, to int
+		want     time.Duration
+	}{
+		{0, 200, 55 * time.Millisecond},  // 0, 40, 80, 135: out of order, other pods, paths and failures ignored
+		{0, 100, 40 * time.Millisecond},  // the window bounds what counts
+		{50, 100, 0},                     // a single request: no interval
+		{0, 500, 265 * time.Millisecond}, // 135 → 400
+	} {
+		if got := RoutedGap(rs, PathTraefik, "web-1", at(c.from), at(c.to)); got != c.want {
+			t.Errorf("RoutedGap(traefik, web-1, %d ms, %d ms) = %s, want %s", c.from, c.to, got, c.want)
+		}
+	}
+}
