@@ -64,6 +64,8 @@ type stageEntry struct {
 	// back on purpose (KEP-1669). Neither is sampled as lag.
 	relist   bool
 	fallback bool
+	// slice is the EndpointSlice change of a slice stage (namespace/name@resourceVersion).
+	slice string
 	// progDone and propDone say the sample against each reference was taken (or, for relist
 	// and fallback entries, counted apart).
 	progDone, propDone bool
@@ -372,7 +374,7 @@ func (c *Collector) addStage(r *record, o probes.Observation) {
 			return
 		}
 	}
-	e := stageEntry{stage: o.Stage, source: o.Source, kind: o.SourceKind, path: o.Path, at: o.Time, precision: o.Precision, initial: o.Initial, relist: o.Relist}
+	e := stageEntry{stage: o.Stage, source: o.Source, kind: o.SourceKind, path: o.Path, at: o.Time, precision: o.Precision, initial: o.Initial, relist: o.Relist, slice: o.Slice}
 	if o.Stage.Dataplane() {
 		for _, a := range r.awaits {
 			if a.stage == o.Stage && a.path == o.Path && r.heldAtStart(a) {

@@ -69,9 +69,12 @@ type StageView struct {
 	// Initial: the daemon found the endpoint already at this stage when it started. Relist: first
 	// seen on a re-read after a gap. Fallback: a removal kube-proxy held back while no ready
 	// endpoint was left. None of them is sampled as lag.
-	Initial     bool     `json:"initial,omitempty"`
-	Relist      bool     `json:"relist,omitempty"`
-	Fallback    bool     `json:"fallback,omitempty"`
+	Initial  bool `json:"initial,omitempty"`
+	Relist   bool `json:"relist,omitempty"`
+	Fallback bool `json:"fallback,omitempty"`
+	// Slice is, for the EndpointSlice stages, the slice change that showed it:
+	// namespace/name@resourceVersion.
+	Slice       string   `json:"slice,omitempty"`
 	Programming *float64 `json:"programming_seconds,omitempty"`
 	Propagation *float64 `json:"propagation_seconds,omitempty"`
 }
@@ -118,7 +121,7 @@ func (c *Collector) view(r *record) RecordView {
 	}
 	for _, e := range r.stages {
 		s := StageView{Stage: string(e.stage), Source: e.source, Kind: e.kind, Path: string(e.path), Time: e.at, Precision: e.precision.Seconds(),
-			Initial: e.initial, Relist: e.relist, Fallback: e.fallback}
+			Initial: e.initial, Relist: e.relist, Fallback: e.fallback, Slice: e.slice}
 		if e.unsampled() == "" && !e.initial {
 			if hasProg && e.stage != probes.StageEndpointSlice {
 				s.Programming = ptr(lag(e.at, progRef))

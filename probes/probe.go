@@ -213,6 +213,9 @@ type Observation struct {
 	FromNode bool
 	// Path is, for dataplane stages, the path on which the rules stopped sending to the endpoint.
 	Path Path
+	// Slice is, for the EndpointSlice stages, the slice change that showed it, as
+	// namespace/name@resourceVersion: which write of the endpointslice controller it was.
+	Slice string
 	// Relist is true when the change was first seen on a re-read after a gap (a watch that broke
 	// and relisted, a dataplane resync after lost kernel messages): it happened within Precision
 	// before Time, and is not sampled as live lag.

@@ -31,6 +31,9 @@ func (b *binder) run(ctx context.Context) {
 		}
 		target := b.owner(pod)
 		if target == "" {
+			target = requiredNode(pod)
+		}
+		if target == "" {
 			load := map[string]int{}
 			for _, o := range inf.GetStore().List() {
 				if p := o.(*corev1.Pod); p.Spec.NodeName != "" && p.DeletionTimestamp == nil && !podTerminal(p) {
@@ -68,6 +71,23 @@ func (b *binder) owner(pod *corev1.Pod) string {
 	for _, n := range b.nodes {
 		if n.PodCIDR.Contains(ip) {
 			return n.Name
+		}
+	}
+	return ""
+}
+
+// requiredNode is the node a pod's required node affinity names by its metadata.name field, as
+// the DaemonSet controller pins each of its pods to one node; "" when it names none.
+func requiredNode(pod *corev1.Pod) string {
+	a := pod.Spec.Affinity
+	if a == nil || a.NodeAffinity == nil || a.NodeAffinity.RequiredDuringSchedulingIgnoredDuringExecution == nil {
+		return ""
+	}
+	for _, term := range a.NodeAffinity.RequiredDuringSchedulingIgnoredDuringExecution.NodeSelectorTerms {
+		for _, f := range term.MatchFields {
+			if f.Key == "metadata.name" && f.Operator == corev1.NodeSelectorOpIn && len(f.Values) == 1 {
+				return f.Values[0]
+			}
 		}
 	}
 	return ""

@@ -7,6 +7,7 @@ package cluster
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -17,6 +18,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -32,6 +34,7 @@ import (
 
 	"github.com/endpointlag/endpointlag/lab/internal/ns"
 	"github.com/endpointlag/endpointlag/lab/load"
+	"github.com/endpointlag/endpointlag/lab/report"
 )
 
 // Config chooses the lab's shape.
@@ -60,15 +63,22 @@ type Config struct {
 	// Otelcol is the OpenTelemetry Collector binary (lab/otelcol) the daemons export their traces
 	// to; empty: no traces.
 	Otelcol string
+	// Install: the lab starts no endpointlag of its own. The test installs it as users do (the
+	// Helm chart or the kustomize base), and the kubelets run the DaemonSet's and the
+	// aggregator's pods (image ImageEndpointlag runs Endpointlag) with the ServiceAccount, the
+	// RBAC and the capabilities the manifests give them. Node.DaemonURL then reaches port
+	// DaemonPort of the node's address (hostNetwork), in whatever scheme the manifests serve.
+	Install bool
 	// StateDir holds keys, kubeconfigs, logs and the PID records.
 	StateDir string
 	// APIPort is the loopback port of the API server's forwarder; node i's daemon is reachable
 	// on loopback port DaemonPortBase+i.
 	APIPort        int
 	DaemonPortBase int
-	// AggregatorPort is the loopback port of the aggregator's forwarder.
-	AggregatorPort int
-	Log            *slog.Logger
+	// AggregatorPort is the loopback port of the aggregator's forwarder, PrometheusPort that of
+	// Prometheus's (StartPrometheus).
+	AggregatorPort, PrometheusPort int
+	Log                            *slog.Logger
 }
 
 // otelcolConfig is the lab collector's configuration: OTLP over gRPC in, a file out.
@@ -117,6 +127,9 @@ func (c *Config) Defaults() {
 	}
 	if c.AggregatorPort == 0 {
 		c.AggregatorPort = 19870
+	}
+	if c.PrometheusPort == 0 {
+		c.PrometheusPort = 19090
 	}
 	if c.Log == nil {
 		c.Log = slog.New(slog.NewTextHandler(io.Discard, nil))
@@ -191,6 +204,9 @@ type Node struct {
 // Cluster is a running lab.
 type Cluster struct {
 	cfg Config
+	// daemonToken is what Records sends (SetDaemonToken).
+	daemonMu    sync.Mutex
+	daemonToken string
 	// Kubeconfig is for users in the root namespace: kubectl works with it.
 	Kubeconfig string
 	// AggregatorURL reaches the aggregator (endpointlag aggregate) from the root namespace.
@@ -228,6 +244,9 @@ func Cleanup(stateDir string, log *slog.Logger) error {
 	killed, err := killLeftovers(stateDir)
 	if err != nil {
 		return fmt.Errorf("ending leftover processes: %w", err)
+	}
+	if err := removeMountPoints(stateDir); err != nil {
+		return fmt.Errorf("removing leftover mount points: %w", err)
 	}
 	names, err := ns.List()
 	if err != nil {
@@ -341,10 +360,6 @@ func (c *Cluster) controlPlane(ctx context.Context) error {
 	if err := os.WriteFile(c.path("tokens.csv"), []byte(token+",admin,admin,system:masters\n"), 0o600); err != nil {
 		return err
 	}
-	// The token alone, for programs the lab runs in pods (Traefik's Kubernetes provider).
-	if err := os.WriteFile(c.path("token"), []byte(token), 0o600); err != nil {
-		return err
-	}
 	c.Kubeconfig = c.path("kubeconfig")
 	for path, server := range map[string]string{
 		c.Kubeconfig:              fmt.Sprintf("https://127.0.0.1:%d", c.cfg.APIPort),
@@ -393,14 +408,17 @@ func (c *Cluster) controlPlane(ctx context.Context) error {
 		return err
 	}
 	kcm := []string{"--kubeconfig=" + c.path("cp.kubeconfig"),
-		"--controllers=endpointslice,endpointslicemirroring,serviceaccount,serviceaccount-token,namespace,garbagecollector,deployment,replicaset",
-		"--service-account-private-key-file=" + saKey, "--use-service-account-credentials=false",
+		"--controllers=endpointslice,endpointslicemirroring,serviceaccount,serviceaccount-token,namespace,garbagecollector,deployment,replicaset,daemonset,root-ca-cert-publisher",
+		"--service-account-private-key-file=" + saKey, "--root-ca-file=" + c.path("pki/apiserver.crt"), "--use-service-account-credentials=false",
 		"--leader-elect=false", "--secure-port=0"}
 	if c.cfg.MaxEndpointsPerSlice > 0 {
 		kcm = append(kcm, fmt.Sprintf("--max-endpoints-per-slice=%d", c.cfg.MaxEndpointsPerSlice))
 	}
 	if _, err = c.procs.start("kube-controller-manager", cpNS, c.bin("kube-controller-manager"), kcm...); err != nil {
 		return err
+	}
+	if c.cfg.Install {
+		return c.controlPlaneTools(ctx)
 	}
 	// The aggregator, as its Deployment would run: on the control plane's address, which every
 	// node reaches. Settle and daemon timeout are short for the lab's short runs.
@@ -413,6 +431,12 @@ func (c *Cluster) controlPlane(ctx context.Context) error {
 		return err
 	}
 	c.AggregatorURL = fmt.Sprintf("http://127.0.0.1:%d", c.cfg.AggregatorPort)
+	return c.controlPlaneTools(ctx)
+}
+
+// controlPlaneTools starts the OpenTelemetry Collector (when the lab has one) and waits for what
+// pods need of the control plane.
+func (c *Cluster) controlPlaneTools(ctx context.Context) error {
 	// A real OpenTelemetry Collector for the daemons' traces, writing what it receives to a file.
 	if c.cfg.Otelcol != "" {
 		c.TracesFile = c.path("traces.json")
@@ -420,7 +444,7 @@ func (c *Cluster) controlPlane(ctx context.Context) error {
 		if err := os.WriteFile(conf, fmt.Appendf(nil, otelcolConfig, netip.AddrPortFrom(cpAddr, otlpPort), c.TracesFile), 0o600); err != nil {
 			return err
 		}
-		if _, err = c.procs.start("otelcol", cpNS, c.cfg.Otelcol, "--config="+conf); err != nil {
+		if _, err := c.procs.start("otelcol", cpNS, c.cfg.Otelcol, "--config="+conf); err != nil {
 			return err
 		}
 	}
@@ -439,7 +463,8 @@ func (c *Cluster) controlPlane(ctx context.Context) error {
 func (c *Cluster) startNodes(ctx, runCtx context.Context) error {
 	for i, n := range c.Nodes {
 		node := &corev1.Node{
-			ObjectMeta: metav1.ObjectMeta{Name: n.Name, Labels: map[string]string{corev1.LabelHostname: n.Name}},
+			// The labels every kubelet sets on its node.
+			ObjectMeta: metav1.ObjectMeta{Name: n.Name, Labels: map[string]string{corev1.LabelHostname: n.Name, corev1.LabelOSStable: "linux", corev1.LabelArchStable: runtime.GOARCH}},
 			Spec:       corev1.NodeSpec{PodCIDR: n.PodCIDR.String(), PodCIDRs: []string{n.PodCIDR.String()}},
 		}
 		if n.Zone != "" {
@@ -473,6 +498,17 @@ func (c *Cluster) startNodes(ctx, runCtx context.Context) error {
 		}); err != nil {
 			return err
 		}
+		port := c.cfg.DaemonPortBase + i + 1
+		images := map[string]string{ImageTraefik: c.cfg.Traefik, ImageHAProxy: c.cfg.HAProxy, ImageEndpointlag: c.cfg.Endpointlag}
+		n.kubelet = newKubelet(n.Name, i+1, c.Client, c.procs, c.cfg.Tool, images, c.probeAgent, c.cfg.Log)
+		if c.cfg.Install {
+			if err := c.forward(port, n.NS, netip.AddrPortFrom(n.Addr, DaemonPort).String()); err != nil {
+				return err
+			}
+			n.DaemonURL = fmt.Sprintf("https://127.0.0.1:%d", port)
+			c.wg.Go(func() { n.kubelet.run(runCtx) })
+			continue
+		}
 		var env []string
 		if c.TracesFile != "" {
 			env = append(os.Environ(), "OTEL_EXPORTER_OTLP_ENDPOINT=http://"+netip.AddrPortFrom(cpAddr, otlpPort).String(),
@@ -480,17 +516,14 @@ func (c *Cluster) startNodes(ctx, runCtx context.Context) error {
 		}
 		if _, err := c.procs.startEnv(n.Name+"-endpointlag", n.NS, env, c.cfg.Endpointlag,
 			"--kubeconfig="+c.path("node.kubeconfig"), "--node-name="+n.Name,
-			"--web.listen-address=127.0.0.1:9860", "--log.level=debug", "--packets.uplinks=eth0",
+			fmt.Sprintf("--web.listen-address=127.0.0.1:%d", DaemonPort), "--log.level=debug", "--packets.uplinks=eth0",
 			"--aggregator.urls="+fmt.Sprintf("http://%s", netip.AddrPortFrom(cpAddr, aggregatorPort)), "--aggregator.interval=500ms", "--aggregator.heartbeat=5s"); err != nil {
 			return err
 		}
-		port := c.cfg.DaemonPortBase + i + 1
-		if err := c.forward(port, n.NS, "127.0.0.1:9860"); err != nil {
+		if err := c.forward(port, n.NS, fmt.Sprintf("127.0.0.1:%d", DaemonPort)); err != nil {
 			return err
 		}
 		n.DaemonURL = fmt.Sprintf("http://127.0.0.1:%d", port)
-		images := map[string]string{ImageTraefik: c.cfg.Traefik, ImageHAProxy: c.cfg.HAProxy}
-		n.kubelet = newKubelet(n.Name, i+1, c.Client, c.procs, c.cfg.Tool, images, c.probeAgent, c.cfg.Log)
 		c.wg.Go(func() { n.kubelet.run(runCtx) })
 	}
 	b := &binder{client: c.Client, nodes: c.Nodes, log: c.cfg.Log}
@@ -500,6 +533,9 @@ func (c *Cluster) startNodes(ctx, runCtx context.Context) error {
 		return fmt.Errorf("client pod: %w", err)
 	}
 	for _, n := range c.Nodes {
+		if c.cfg.Install {
+			break
+		}
 		if err := waitFor(ctx, 60*time.Second, n.Name+"'s endpointlag to be ready", func() error {
 			return httpOK(ctx, "", n.DaemonURL+"/readyz")
 		}); err != nil {
@@ -521,26 +557,6 @@ func (c *Cluster) StateDir() string { return c.cfg.StateDir }
 
 // Tool is the lab binary the cluster runs in pods (Config.Tool).
 func (c *Cluster) Tool() string { return c.cfg.Tool }
-
-// APIAccess is how a program in a pod reaches the API server, as an in-cluster client would.
-type APIAccess struct {
-	// URL is the API server's address on the underlay, routed from every pod.
-	URL string
-	// TokenFile holds a bearer token (of the lab's admin, in system:masters).
-	TokenFile string
-	// CAFile is the API server's self-signed certificate (kube-apiserver --cert-dir), which
-	// verifies itself: it is the CA to trust.
-	CAFile string
-}
-
-// API returns how pods reach the API server.
-func (c *Cluster) API() APIAccess {
-	return APIAccess{
-		URL:       fmt.Sprintf("https://%s:6443", cpAddr),
-		TokenFile: c.path("token"),
-		CAFile:    c.path("pki/apiserver.crt"),
-	}
-}
 
 // Background runs f in a goroutine until the lab stops: f's context ends then, and Down waits
 // for f to return. For stand-ins of cluster components that tests start (the HAProxy ingress
@@ -648,6 +664,9 @@ func (c *Cluster) Down() {
 	}
 	c.wg.Wait()
 	c.procs.stopAll(5 * time.Second)
+	if err := removeMountPoints(c.cfg.StateDir); err != nil {
+		c.cfg.Log.Warn("removing mount points", "err", err)
+	}
 	names, _ := ns.List()
 	for _, n := range names {
 		if err := ns.Delete(n); err != nil {
@@ -760,3 +779,23 @@ func (l *LoadRun) Stop() ([]load.Result, error) {
 	load.Ports.Skip(len(rs))
 	return rs, nil
 }
+
+// SetDaemonToken makes Records send token, the bearer token of a ServiceAccount allowed to read
+// the daemons: with Install, they check their callers as the manifests run them.
+func (c *Cluster) SetDaemonToken(token string) {
+	c.daemonMu.Lock()
+	defer c.daemonMu.Unlock()
+	c.daemonToken = token
+}
+
+// Records reads the records of node n's daemon. With Install the daemons serve TLS with a
+// self-signed certificate, which is not verified, and check the token SetDaemonToken gave.
+func (c *Cluster) Records(ctx context.Context, n *Node) (report.Records, error) {
+	c.daemonMu.Lock()
+	token := c.daemonToken
+	c.daemonMu.Unlock()
+	return report.FetchWith(ctx, DaemonClient, token, n.DaemonURL)
+}
+
+// DaemonClient reaches the daemons: over TLS it accepts their self-signed certificates.
+var DaemonClient = &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}}

@@ -22,7 +22,13 @@ const (
 	ImageTraefik = "lab/traefik"
 	// ImageHAProxy runs Config.HAProxy.
 	ImageHAProxy = "lab/haproxy"
+	// ImageEndpointlag runs Config.Endpointlag: the repository the Helm chart and the
+	// kustomize base name by default.
+	ImageEndpointlag = "endpointlag/endpointlag"
 )
+
+// DaemonPort is the port the daemon serves on (its default --web.listen-address).
+const DaemonPort = 9860
 
 // imageRepo is an image reference without its tag or digest: "lab/traefik:v3" → "lab/traefik".
 func imageRepo(image string) string {
@@ -51,8 +57,9 @@ type processSpec struct {
 
 // imageProcess returns what pod's first container runs when its image is one of images (image
 // repository → binary); ok is false for any other image, which runs `lab serve`. ip is the
-// pod's address and host its node's, for the downward API.
-func imageProcess(pod *corev1.Pod, images map[string]string, ip, host netip.Addr) (spec processSpec, ok bool, err error) {
+// pod's address and host its node's, for the downward API; base is the environment the kubelet
+// gives every container (KEY=value), before the container's own.
+func imageProcess(pod *corev1.Pod, images map[string]string, ip, host netip.Addr, base ...string) (spec processSpec, ok bool, err error) {
 	if len(pod.Spec.Containers) == 0 {
 		return spec, false, nil
 	}
@@ -64,7 +71,7 @@ func imageProcess(pod *corev1.Pod, images map[string]string, ip, host netip.Addr
 	if binary == "" {
 		return spec, true, fmt.Errorf("image %s: %w", c.Image, errNoBinary)
 	}
-	env, err := containerEnv(pod, c, ip, host)
+	env, err := containerEnv(pod, c, ip, host, base)
 	if err != nil {
 		return spec, true, err
 	}
@@ -98,13 +105,22 @@ func imageProcess(pod *corev1.Pod, images map[string]string, ip, host netip.Addr
 // environment, then the container's env in order, each value expanded with the variables
 // defined before it, as the kubelet does. Values from the downward API (fieldRef) are supported;
 // other sources (ConfigMaps, Secrets, resources, envFrom) are not.
-func containerEnv(pod *corev1.Pod, c *corev1.Container, ip, host netip.Addr) ([]string, error) {
+func containerEnv(pod *corev1.Pod, c *corev1.Container, ip, host netip.Addr, base []string) ([]string, error) {
+	hostname := pod.Name
+	if pod.Spec.HostNetwork {
+		hostname = pod.Spec.NodeName
+	}
 	vars := map[string]string{
 		"PATH":     "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
 		"HOME":     "/root",
-		"HOSTNAME": pod.Name,
+		"HOSTNAME": hostname,
 	}
 	order := []string{"PATH", "HOME", "HOSTNAME"}
+	for _, kv := range base {
+		k, v, _ := strings.Cut(kv, "=")
+		vars[k] = v
+		order = append(order, k)
+	}
 	if len(c.EnvFrom) > 0 {
 		return nil, fmt.Errorf("container %s: envFrom is not supported by the lab's kubelet", c.Name)
 	}

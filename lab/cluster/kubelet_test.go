@@ -384,3 +384,25 @@ func TestBinderOwner(t *testing.T) {
 		}
 	}
 }
+
+// A DaemonSet's pod is bound to the node its required node affinity names, nothing else is.
+func TestRequiredNode(t *testing.T) {
+	pinned := &corev1.Pod{Spec: corev1.PodSpec{Affinity: &corev1.Affinity{NodeAffinity: &corev1.NodeAffinity{
+		RequiredDuringSchedulingIgnoredDuringExecution: &corev1.NodeSelector{NodeSelectorTerms: []corev1.NodeSelectorTerm{{
+			MatchFields: []corev1.NodeSelectorRequirement{{Key: "metadata.name", Operator: corev1.NodeSelectorOpIn, Values: []string{"node2"}}},
+		}}},
+	}}}}
+	if got := requiredNode(pinned); got != "node2" {
+		t.Errorf("requiredNode(a DaemonSet's pod) = %q, want node2", got)
+	}
+	labels := &corev1.Pod{Spec: corev1.PodSpec{Affinity: &corev1.Affinity{NodeAffinity: &corev1.NodeAffinity{
+		RequiredDuringSchedulingIgnoredDuringExecution: &corev1.NodeSelector{NodeSelectorTerms: []corev1.NodeSelectorTerm{{
+			MatchExpressions: []corev1.NodeSelectorRequirement{{Key: "zone", Operator: corev1.NodeSelectorOpIn, Values: []string{"a"}}},
+		}}},
+	}}}}
+	for name, p := range map[string]*corev1.Pod{"no affinity": {}, "a label affinity": labels} {
+		if got := requiredNode(p); got != "" {
+			t.Errorf("requiredNode(%s) = %q, want none", name, got)
+		}
+	}
+}

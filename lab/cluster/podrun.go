@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -31,8 +32,12 @@ type podRun struct {
 	deletionOnce sync.Once
 
 	// Only the pod's goroutine touches these.
-	opts    podOptions
-	netns   string
+	opts  podOptions
+	netns string
+	// kubeEnv and mounts are, for a pod of one of the lab's images, the API server's address
+	// every container gets and the bind mounts of its volumes (volumes.go).
+	kubeEnv []string
+	mounts  []mount
 	proc    *proc
 	probes  []*probeSpec
 	probers []*prober
@@ -74,7 +79,7 @@ func (k *kubelet) live(r *podRun) {
 		return
 	}
 	k.readProbes(r)
-	if !k.startSandbox(r) {
+	if !k.startSandbox(r) || !k.setUpVolumes(r) {
 		return
 	}
 	for {
@@ -146,12 +151,40 @@ func (k *kubelet) readProbes(r *podRun) {
 // startSandbox makes the pod's network namespace and address, retrying as the kubelet does
 // until it works, the pod is deleted (its object then goes at once) or the lab stops.
 func (k *kubelet) startSandbox(r *podRun) bool {
+	return k.retry(r, "FailedCreatePodSandBox", func() error { return k.sandbox(r) })
+}
+
+// setUpVolumes writes the volumes and the environment of a pod that runs one of the lab's
+// images (volumes.go), retrying as the kubelet does — a ConfigMap the pod mounts may not be
+// published yet — until it works, the pod is deleted or the lab stops.
+func (k *kubelet) setUpVolumes(r *podRun) bool {
+	c := &r.pod.Spec.Containers[0]
+	if k.images[imageRepo(c.Image)] == "" {
+		return true
+	}
+	return k.retry(r, "FailedMount", func() error {
+		env, err := k.kubernetesEnv(r.ctx)
+		if err != nil {
+			return err
+		}
+		mounts, err := k.podMounts(r.ctx, r.pod, c)
+		if err != nil {
+			return err
+		}
+		r.kubeEnv, r.mounts = env, mounts
+		return nil
+	})
+}
+
+// retry runs f until it succeeds (true), the pod is deleted (its object then goes at once) or
+// the lab stops, with an event of reason after each failure.
+func (k *kubelet) retry(r *podRun, reason string, f func() error) bool {
 	for {
-		err := k.sandbox(r)
+		err := f()
 		if err == nil {
 			return true
 		}
-		k.event(r.ctx, r.pod, corev1.EventTypeWarning, "FailedCreatePodSandBox", fmt.Sprintf("%v; retrying in %s", err, sandboxRetry))
+		k.event(r.ctx, r.pod, corev1.EventTypeWarning, reason, fmt.Sprintf("%v; retrying in %s", err, sandboxRetry))
 		select {
 		case <-r.ctx.Done():
 			return false
@@ -164,6 +197,14 @@ func (k *kubelet) startSandbox(r *podRun) bool {
 }
 
 func (k *kubelet) sandbox(r *podRun) error {
+	if r.pod.Spec.HostNetwork {
+		// The node's own namespace and address: nothing to make, nothing to free.
+		r.netns = k.nodeNS
+		r.mu.Lock()
+		r.state.ip, r.state.sandbox = nodeAddr(k.idx), true
+		r.mu.Unlock()
+		return nil
+	}
 	ip, netns, err := k.allocate(r.pod.UID, r.opts.ip)
 	if err != nil {
 		return err
@@ -193,6 +234,10 @@ func (k *kubelet) removeSandbox(r *podRun) {
 	ip := r.state.ip
 	r.state.sandbox = false
 	r.mu.Unlock()
+	if r.pod.Spec.HostNetwork {
+		r.netns = ""
+		return
+	}
 	k.mu.Lock()
 	delete(k.netns, r.pod.UID)
 	k.mu.Unlock()
@@ -216,12 +261,27 @@ func (k *kubelet) startProcess(r *podRun) error {
 	if runs > 0 {
 		name += "." + strconv.Itoa(int(runs))
 	}
-	spec, image, err := imageProcess(pod, k.images, r.state.ip, nodeAddr(k.idx))
+	spec, image, err := imageProcess(pod, k.images, r.state.ip, nodeAddr(k.idx), r.kubeEnv...)
 	if err != nil {
 		return err
 	}
-	if !image {
+	switch {
+	case !image:
 		spec = processSpec{binary: k.tool, args: r.opts.serveArgs(pod), listen: servePorts(pod)[0]}
+	case len(r.mounts) > 0 || dropsAll(&pod.Spec.Containers[0]):
+		args := []string{"exec-mounted"}
+		if c := &pod.Spec.Containers[0]; dropsAll(c) {
+			var add []string
+			for _, a := range c.SecurityContext.Capabilities.Add {
+				add = append(add, string(a))
+			}
+			args = append(args, "--caps="+strings.Join(add, ","))
+		}
+		for _, m := range r.mounts {
+			args = append(args, "--bind="+m.src+":"+m.dst)
+		}
+		spec.args = append(append(append(args, "--"), spec.binary), spec.args...)
+		spec.binary = k.tool
 	}
 	pr, err := k.procs.startEnv(name, r.netns, spec.env, spec.binary, spec.args...)
 	if err != nil {
@@ -416,4 +476,12 @@ func preStopSeconds(pod *corev1.Pod) time.Duration {
 		}
 	}
 	return 0
+}
+
+// dropsAll is whether container c drops every capability (and adds back the ones it names): the
+// lab then runs its process with exactly those, so that a manifest missing one fails here too.
+// Other securityContexts run with the lab's own capabilities.
+func dropsAll(c *corev1.Container) bool {
+	sc := c.SecurityContext
+	return sc != nil && sc.Capabilities != nil && slices.Contains(sc.Capabilities.Drop, "ALL")
 }

@@ -36,7 +36,7 @@ func TestConvergence(t *testing.T) {
 	c := upLab(t, ctx, cfg)
 	monitors := map[string]*ruleMonitor{}
 	for _, n := range c.Nodes {
-		m, err := startRuleMonitor(n.NS, cfg.ProxyMode)
+		m, err := startRuleMonitor(c.Tool(), n.NS, cfg.ProxyMode)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -310,7 +310,7 @@ func groundTruth(t *testing.T, ctx context.Context, c *cluster.Cluster, app *sce
 	}
 	monitors := map[string]*ruleMonitor{}
 	for _, n := range c.Nodes {
-		m, err := startRuleMonitor(n.NS, dataplaneStage)
+		m, err := startRuleMonitor(c.Tool(), n.NS, dataplaneStage)
 		if err != nil {
 			t.Fatal(err)
 		}

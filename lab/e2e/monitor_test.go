@@ -33,15 +33,17 @@ type ruleLine struct {
 	line string
 }
 
-func startRuleMonitor(netns, mode string) (*ruleMonitor, error) {
+func startRuleMonitor(tool, netns, mode string) (*ruleMonitor, error) {
 	table := "kube-proxy"
 	if mode == "iptables" {
 		table = "nat"
 	}
 	// Line-buffered: piped, nft would hold lines in its stdio buffer and the times would come late.
 	// Real-time scheduled (SCHED_FIFO, the lowest priority): on the busy 2-core lab machine a
-	// normally scheduled nft printed a change over 20 ms after the daemon had seen it.
-	cmd := ns.Command(netns, "chrt", "--fifo", "1", "stdbuf", "-oL", "nft", "-a", "monitor")
+	// normally scheduled nft printed a change over 20 ms after the daemon had seen it. Each line
+	// is timed by `lab stamp`, real-time scheduled with it, as it reads it: timed here, in the
+	// test process, lines came over 20 ms late on a loaded machine.
+	cmd := ns.Command(netns, "chrt", "--fifo", "1", tool, "stamp", "--", "stdbuf", "-oL", "nft", "-a", "monitor")
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	out, err := cmd.StdoutPipe()
 	if err != nil {
@@ -56,9 +58,13 @@ func startRuleMonitor(netns, mode string) (*ruleMonitor, error) {
 		sc := bufio.NewScanner(out)
 		sc.Buffer(make([]byte, 1<<20), 1<<20)
 		for sc.Scan() {
-			now := time.Now()
+			ts, line, ok := strings.Cut(sc.Text(), "\t")
+			at, err := time.Parse(time.RFC3339Nano, ts)
+			if !ok || err != nil {
+				continue
+			}
 			m.mu.Lock()
-			m.seen = append(m.seen, ruleLine{now, sc.Text()})
+			m.seen = append(m.seen, ruleLine{at, line})
 			m.mu.Unlock()
 		}
 	}()

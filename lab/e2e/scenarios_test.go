@@ -45,7 +45,7 @@ const shapesNS = "shapes"
 func runShapes(t *testing.T, ctx context.Context, c *cluster.Cluster, mode string) {
 	s := &shapes{ctx: ctx, c: c, mode: mode, monitors: map[string]*ruleMonitor{}}
 	for _, n := range c.Nodes {
-		m, err := startRuleMonitor(n.NS, mode)
+		m, err := startRuleMonitor(c.Tool(), n.NS, mode)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -412,8 +412,9 @@ func (s *shapes) scaleDown(t *testing.T) {
 			continue
 		}
 		s.checkDeletion(t, svc, p, issued)
-		// Left every slice when the test's own watch says, not at a move between slices.
-		var left time.Time
+		// Left every slice in the slice change the test's own watch says, not at a move between
+		// slices: the same write of the endpointslice controller, named by its resourceVersion.
+		var left leave
 		if err := scenario.Poll(s.ctx, 10*time.Second, p.Name+" to leave its slices", func() error {
 			var ok bool
 			if left, ok = s.slices.leftAt(string(uid)); !ok {
@@ -434,15 +435,17 @@ func (s *shapes) scaleDown(t *testing.T) {
 			if r == nil {
 				continue
 			}
-			d := r.Stage("endpointslice_removed").Time.Sub(left).Seconds()
-			diffs = append(diffs, d)
-			if math.Abs(d) > 0.020 {
-				t.Errorf("%s on %s: endpointslice_removed at %s, the test's watch saw it leave every slice at %s: off by %.1f ms",
-					p.Name, n.Name, r.Stage("endpointslice_removed").Time.Format("15:04:05.000"), left.Format("15:04:05.000"), d*1000)
+			removed := r.Stage("endpointslice_removed")
+			diffs = append(diffs, removed.Time.Sub(left.at).Seconds())
+			if removed.Slice != left.change {
+				t.Errorf("%s on %s: endpointslice_removed at %s in slice change %s, the test's watch saw it leave every slice at %s in %s",
+					p.Name, n.Name, removed.Time.Format("15:04:05.000"), removed.Slice, left.at.Format("15:04:05.000"), left.change)
 			}
 		}
 	}
-	t.Logf("endpointslice_removed − the test's own watch, %d (pod, node) pairs: %s", len(diffs), distribution(diffs))
+	// Two processes' watches of the same write: on a loaded machine the API server's fan-out to
+	// its watchers can spread by more than 100 ms, so the times are shown, not compared.
+	t.Logf("endpointslice_removed − the test's own watch of the same slice change, %d (pod, node) pairs: %s", len(diffs), distribution(diffs))
 }
 
 func (s *shapes) reusedAddress(t *testing.T) {
@@ -570,7 +573,7 @@ type sliceTruth struct {
 	mu sync.Mutex
 	// byS holds each slice's pod UIDs per Service; left when each UID last left them all.
 	byS  map[string]map[string]map[string]bool
-	left map[string]time.Time
+	left map[string]leave
 	// terminating is when the watch first saw each UID's endpoint terminating.
 	terminating map[string]time.Time
 	stop        func()
@@ -580,7 +583,7 @@ type sliceTruth struct {
 // its own, as the daemons are, so that the test process's load (its kubelet stand-ins tearing pods
 // down) does not delay the ground truth.
 func watchSlices(ctx context.Context, c *cluster.Cluster, namespace string) (*sliceTruth, error) {
-	st := &sliceTruth{byS: map[string]map[string]map[string]bool{}, left: map[string]time.Time{}, terminating: map[string]time.Time{}}
+	st := &sliceTruth{byS: map[string]map[string]map[string]bool{}, left: map[string]leave{}, terminating: map[string]time.Time{}}
 	cmd := exec.CommandContext(ctx, c.Tool(), "watch-slices", "--kubeconfig="+c.Kubeconfig, "--namespace="+namespace)
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
@@ -638,6 +641,7 @@ type sliceEvent struct {
 	At          time.Time `json:"at"`
 	Service     string    `json:"service"`
 	Slice       string    `json:"slice"`
+	Change      string    `json:"change"`
 	Deleted     bool      `json:"deleted"`
 	Pods        []string  `json:"pods"`
 	Terminating []string  `json:"terminating"`
@@ -663,7 +667,7 @@ func (st *sliceTruth) note(ev sliceEvent) {
 	after := st.present(ev.Service)
 	for uid := range before {
 		if !after[uid] {
-			st.left[uid] = ev.At
+			st.left[uid] = leave{ev.At, ev.Change}
 		}
 	}
 	for uid := range after {
@@ -694,7 +698,14 @@ func (st *sliceTruth) terminatingAt(uid string) (time.Time, bool) {
 	return t, ok
 }
 
-func (st *sliceTruth) leftAt(uid string) (time.Time, bool) {
+// leave is when the test's watch saw a pod's endpoint leave every slice of its Service, and in
+// which slice change.
+type leave struct {
+	at     time.Time
+	change string
+}
+
+func (st *sliceTruth) leftAt(uid string) (leave, bool) {
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	t, ok := st.left[uid]

@@ -81,8 +81,10 @@ type StageEntry struct {
 	Initial bool      `json:"initial"`
 	// Relist: first seen on a re-read after a gap; Fallback: a removal kube-proxy held back while
 	// no ready endpoint was left. Neither has a lag.
-	Relist      bool     `json:"relist"`
-	Fallback    bool     `json:"fallback"`
+	Relist   bool `json:"relist"`
+	Fallback bool `json:"fallback"`
+	// Slice is, for the EndpointSlice stages, the slice change: namespace/name@resourceVersion.
+	Slice       string   `json:"slice"`
 	Precision   float64  `json:"precision_seconds"`
 	Programming *float64 `json:"programming_seconds"`
 	Propagation *float64 `json:"propagation_seconds"`
@@ -129,12 +131,21 @@ func (r *Record) Stage(stage string) *StageEntry {
 
 // Fetch reads one daemon's records.
 func Fetch(ctx context.Context, baseURL string) (Records, error) {
+	return FetchWith(ctx, http.DefaultClient, "", baseURL)
+}
+
+// FetchWith reads one daemon's records with client, sending token as a bearer token when set (a
+// daemon that checks its callers, as the manifests run it).
+func FetchWith(ctx context.Context, client *http.Client, token, baseURL string) (Records, error) {
 	var out Records
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, baseURL+"/api/v1/records", nil)
 	if err != nil {
 		return out, err
 	}
-	resp, err := http.DefaultClient.Do(req)
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
+	resp, err := client.Do(req)
 	if err != nil {
 		return out, err
 	}

@@ -16,9 +16,11 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	netv1 "k8s.io/api/networking/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/client-go/kubernetes"
 	"k8s.io/utils/ptr"
 
 	"github.com/endpointlag/endpointlag/lab/cluster"
@@ -115,7 +117,10 @@ func DeployIngress(ctx context.Context, c *cluster.Cluster, app *App, o IngressO
 	if err := os.WriteFile(cfgPath, []byte(cfg.Render()), 0o644); err != nil {
 		return nil, err
 	}
-	pods := []*corev1.Pod{traefikPod(app.Name+"-traefik", c.API()), haproxyPod(app.Name+"-haproxy", cfgPath)}
+	if err := traefikRBAC(ctx, app.Client); err != nil {
+		return nil, fmt.Errorf("the RBAC of Traefik: %w", err)
+	}
+	pods := []*corev1.Pod{traefikPod(app.Name + "-traefik"), haproxyPod(app.Name+"-haproxy", cfgPath)}
 	for _, p := range pods {
 		if _, err := app.Client.CoreV1().Pods(IngressNamespace).Create(ctx, p, metav1.CreateOptions{}); err != nil {
 			return nil, fmt.Errorf("creating pod %s/%s: %w", IngressNamespace, p.Name, err)
@@ -186,10 +191,42 @@ func httpReadiness(path string, port string) *corev1.Probe {
 	}
 }
 
-// traefikPod runs Traefik with its Kubernetes Ingress provider against the lab's API server;
+// traefikServiceAccount is the ServiceAccount Traefik's pods run as: its Kubernetes Ingress
+// provider talks to the API server in-cluster, with that account's token and RBAC.
+const traefikServiceAccount = "traefik"
+
+// traefikRBAC creates Traefik's ServiceAccount and grants it what Traefik's own Helm chart grants
+// its Kubernetes Ingress provider: reading Services, EndpointSlices, Secrets, Ingresses and
+// IngressClasses, and writing Ingress status.
+func traefikRBAC(ctx context.Context, client kubernetes.Interface) error {
+	sa := &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Namespace: IngressNamespace, Name: traefikServiceAccount}}
+	if _, err := client.CoreV1().ServiceAccounts(IngressNamespace).Create(ctx, sa, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+		return err
+	}
+	read := []string{"get", "list", "watch"}
+	role := &rbacv1.ClusterRole{ObjectMeta: metav1.ObjectMeta{Name: "lab-traefik"}, Rules: []rbacv1.PolicyRule{
+		{APIGroups: []string{""}, Resources: []string{"services", "secrets", "nodes"}, Verbs: read},
+		{APIGroups: []string{"discovery.k8s.io"}, Resources: []string{"endpointslices"}, Verbs: read},
+		{APIGroups: []string{"networking.k8s.io"}, Resources: []string{"ingresses", "ingressclasses"}, Verbs: read},
+		{APIGroups: []string{"networking.k8s.io"}, Resources: []string{"ingresses/status"}, Verbs: []string{"update"}},
+	}}
+	if _, err := client.RbacV1().ClusterRoles().Create(ctx, role, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+		return err
+	}
+	binding := &rbacv1.ClusterRoleBinding{ObjectMeta: metav1.ObjectMeta{Name: "lab-traefik"},
+		RoleRef:  rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "ClusterRole", Name: role.Name},
+		Subjects: []rbacv1.Subject{{Kind: rbacv1.ServiceAccountKind, Namespace: IngressNamespace, Name: traefikServiceAccount}}}
+	if _, err := client.RbacV1().ClusterRoleBindings().Create(ctx, binding, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+		return err
+	}
+	return nil
+}
+
+// traefikPod runs Traefik with its Kubernetes Ingress provider against the lab's API server, in
+// the cluster as its Helm chart runs it (the ServiceAccount's token, the kubernetes Service);
 // providersThrottleDuration stays at its default, 2 s.
-func traefikPod(name string, api cluster.APIAccess) *corev1.Pod {
-	return proxyPod(name, "traefik", TraefikAdminPort, corev1.Container{
+func traefikPod(name string) *corev1.Pod {
+	p := proxyPod(name, "traefik", TraefikAdminPort, corev1.Container{
 		Name:  "traefik",
 		Image: cluster.ImageTraefik,
 		Args: []string{
@@ -198,9 +235,6 @@ func traefikPod(name string, api cluster.APIAccess) *corev1.Pod {
 			"--api.insecure=true",
 			"--ping=true",
 			"--providers.kubernetesingress=true",
-			"--providers.kubernetesingress.endpoint=" + api.URL,
-			"--providers.kubernetesingress.token=" + api.TokenFile,
-			"--providers.kubernetesingress.certauthfilepath=" + api.CAFile,
 			"--global.checknewversion=false",
 			"--global.sendanonymoususage=false",
 			"--log.level=INFO",
@@ -213,6 +247,8 @@ func traefikPod(name string, api cluster.APIAccess) *corev1.Pod {
 		},
 		ReadinessProbe: httpReadiness("/ping", "traefik"),
 	})
+	p.Spec.ServiceAccountName = traefikServiceAccount
+	return p
 }
 
 // haproxyPod runs HAProxy in the foreground on the configuration at cfgPath.

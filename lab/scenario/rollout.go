@@ -108,7 +108,7 @@ func RunRollout(ctx context.Context, c *cluster.Cluster, app *App, name string, 
 	r.Summary = load.Summarize(r.Load)
 	r.ByPath = load.SummarizeByPath(r.Load)
 	for _, n := range c.Nodes {
-		recs, err := report.Fetch(ctx, n.DaemonURL)
+		recs, err := c.Records(ctx, n)
 		if err != nil {
 			return nil, fmt.Errorf("%s's daemon: %w", n.Name, err)
 		}

@@ -203,6 +203,7 @@ func (h *sliceHandler) apply(obj any, deleted, initial bool) {
 	}
 	h.sink.SetStatus(Name, probes.Status{Up: true})
 	key := s.Namespace + "/" + s.Name
+	ev.slice = key + "@" + s.ResourceVersion
 	var entry *sliceEntry
 	if !deleted {
 		var errs []error
@@ -249,6 +250,7 @@ func (h *sliceHandler) observe(changes []change) {
 			NotProxied: c.notProxied,
 			Initial:    c.initial,
 			Relist:     c.relist,
+			Slice:      c.slice,
 			Serving:    c.info.serving,
 			Fallback:   c.fallback,
 		})

@@ -280,10 +280,20 @@ func TestDeletionTimeline(t *testing.T) {
 	}
 
 	h.clock.Step(1500 * time.Millisecond)
-	h.updateSlice(slice("web-abc", "web", ep{remote, "ready"}))
+	removal := slice("web-abc", "web", ep{remote, "ready"})
+	removal.ResourceVersion = "4711"
+	h.updateSlice(removal)
 	h.waitValue(1, "endpointlag_tracked_records")
 	h.settle()
 	h.waitHist(1, prop, probes.StageEndpointSliceRemoved)
+	// The record names the slice write that removed the endpoint.
+	for _, r := range h.coll.Records() {
+		for _, st := range r.Stages {
+			if st.Stage == string(probes.StageEndpointSliceRemoved) && st.Slice != ns+"/web-abc@4711" {
+				t.Errorf("the endpointslice_removed stage names slice change %q, want %s/web-abc@4711", st.Slice, ns)
+			}
+		}
+	}
 	h.expectHist(prop, probes.StageEndpointSliceRemoved, 1, 1.540)
 	h.expectHist(prog, probes.StageEndpointSliceRemoved, 1, 1.500)
 

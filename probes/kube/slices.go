@@ -186,6 +186,8 @@ type change struct {
 // event is the slice event a change comes from: when it was seen, and whether on a relist (with
 // the gap the relist closes as precision) or on the informer's first list.
 type event struct {
+	// slice is the change's EndpointSlice as namespace/name@resourceVersion.
+	slice     string
 	at        time.Time
 	relist    bool
 	precision time.Duration

@@ -31,6 +31,8 @@ Commands:
   down   stop a running lab and remove what any earlier lab left behind
   serve, load   what the lab runs inside pod namespaces (a pod's server, the load generator)
   watch-slices  print a namespace's EndpointSlice events as JSON lines (the e2e tests' ground truth)
+  exec-mounted  bind-mount a pod's volumes and execute its process (the lab's kubelet runs it)
+  stamp         run a command, printing each line of its output with the time it was read
 
 The lab is a real control plane (etcd, kube-apiserver, kube-controller-manager) and per node
 kube-proxy and endpointlag, each node a network namespace. It needs root.
@@ -74,6 +76,16 @@ func run(args []string) int {
 			return 1
 		}
 		return 0
+	case "stamp":
+		if err := stamp(args[1:]); err != nil {
+			fmt.Fprintf(os.Stderr, "lab stamp: %v\n", err)
+			return 1
+		}
+		return 0
+	case "exec-mounted":
+		err := execMounted(args[1:])
+		fmt.Fprintf(os.Stderr, "lab exec-mounted: %v\n", err)
+		return 1
 	case "watch-slices":
 		if err := watchSlices(args[1:]); err != nil {
 			fmt.Fprintf(os.Stderr, "lab watch-slices: %v\n", err)

@@ -24,7 +24,10 @@ type SliceEvent struct {
 	At      time.Time `json:"at"`
 	Service string    `json:"service"`
 	Slice   string    `json:"slice"`
-	Deleted bool      `json:"deleted,omitempty"`
+	// Change is the slice's namespace/name@resourceVersion, as the daemon's records name a
+	// slice change.
+	Change  string `json:"change"`
+	Deleted bool   `json:"deleted,omitempty"`
 	// Pods are the UIDs of the pods the slice lists, Terminating those listed terminating.
 	Pods        []string `json:"pods"`
 	Terminating []string `json:"terminating,omitempty"`
@@ -70,7 +73,8 @@ func watchSlices(args []string) error {
 		if !ok {
 			return
 		}
-		ev := SliceEvent{At: now, Service: s.Labels[discoveryv1.LabelServiceName], Slice: s.Name, Deleted: deleted, Pods: []string{}}
+		ev := SliceEvent{At: now, Service: s.Labels[discoveryv1.LabelServiceName], Slice: s.Name, Change: s.Namespace + "/" + s.Name + "@" + s.ResourceVersion,
+			Deleted: deleted, Pods: []string{}}
 		if !deleted {
 			for _, ep := range s.Endpoints {
 				if ep.TargetRef == nil {
