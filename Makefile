@@ -11,8 +11,10 @@ LDFLAGS  := -X main.version=$(VERSION) -X main.revision=$(REVISION)
 # and libbpf's headers for the eBPF programs (make generate, and the staleness check in lint); the
 # lab's kube-proxy drives nft and iptables, the lab uses ip (iproute2) for network namespaces and
 # runs HAProxy as one of its ingress proxies, and the HAProxy reader's test runs a real haproxy on
-# 127.0.0.1; the e2e tests open the aggregator's waterfall page in a headless chromium.
-DEB_PACKAGES := gcc libc6-dev clang llvm libbpf-dev iproute2 nftables iptables conntrack haproxy chromium
+# 127.0.0.1; the e2e tests open the aggregator's waterfall page in a headless chromium; prometheus
+# (its promtool) checks and unit-tests the alerting rules, and the install test's Prometheus scrapes
+# the lab's daemons, evaluates those rules and answers the dashboards' queries.
+DEB_PACKAGES := gcc libc6-dev clang llvm libbpf-dev iproute2 nftables iptables conntrack haproxy chromium prometheus
 
 # The lab's Kubernetes binaries, built from the Go module proxy at the version pinned in
 # lab/k8s/go.mod, are cached outside the repository, keyed by that go.mod and go.sum.
@@ -54,6 +56,7 @@ deps:
 	fi
 	$(GO) mod download
 	cd lab && $(GO) mod download
+	cd dashboards && $(GO) mod download
 
 ## test: unit tests (race detector on), then the lab's end-to-end tests (root); prints how many
 ## tests skipped and why.
@@ -101,21 +104,25 @@ lab-up: deps build lab-bins lab-tool
 lab-down: lab-tool
 	bin/lab down
 
-## lint: gofmt, go vet, staticcheck, and generated eBPF objects up to date.
+## lint: gofmt, go vet, staticcheck, generated eBPF objects and dashboards up to date, the dashboards'
+## lint rules, and the alerting rules checked and unit-tested with promtool.
 lint: deps check-generate
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 	$(GO) tool staticcheck ./...
 	cd lab && $(GO) vet ./... && $(GO) tool staticcheck ./...
+	cd dashboards && $(GO) vet ./... && $(GO) tool staticcheck ./... && $(GO) test -count=1 ./...
+	deploy/rules/check.sh
 
 fmt:
 	gofmt -w $$(git ls-files '*.go')
 
 ## generate: regenerate generated code (bpf/: the eBPF object and its Go bindings, with bpf2go
-## and Debian's clang).
+## and Debian's clang; dashboards/*.json from their Go source, with grafana-foundation-sdk).
 generate:
 	$(GO) generate ./...
+	cd dashboards && $(GO) run .
 
 ## check-generate: fail when bpf/'s committed object or bindings differ from what endpointlag.c
 ## compiles to (they are regenerated in place, ready to commit).

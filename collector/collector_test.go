@@ -7,6 +7,7 @@ import (
 	"math"
 	"net/netip"
 	"runtime"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -506,5 +507,21 @@ func TestLocalPodsAndLastConnection(t *testing.T) {
 	f.c.Sweep()
 	if got := f.c.LocalPods(); len(got) != 0 || len(f.c.byAddr) != 0 {
 		t.Errorf("after the horizon: %+v, %d addresses indexed", got, len(f.c.byAddr))
+	}
+}
+
+// Both outcomes of expired records are exported at 0 before any record expires, so that the
+// first expiry is an increase Prometheus sees.
+func TestExpiredOutcomesExportedFromTheStart(t *testing.T) {
+	f := newFixture(t, Options{})
+	var outcomes []string
+	for _, m := range f.family("endpointlag_records_expired_total").GetMetric() {
+		outcomes = append(outcomes, label(m, "outcome"))
+		if v := m.GetCounter().GetValue(); v != 0 {
+			t.Errorf("outcome %s starts at %g", label(m, "outcome"), v)
+		}
+	}
+	if !slices.Equal(outcomes, []string{"complete", "incomplete"}) {
+		t.Errorf("outcomes exported at start: %v, want complete and incomplete", outcomes)
 	}
 }

@@ -104,6 +104,11 @@ func newMetrics(c *Collector) *metrics {
 }
 
 func (m *metrics) register(reg prometheus.Registerer) error {
+	// Both outcomes are exported from the start, at 0: a series born at 1 on the first expiry
+	// would be invisible to increase(), and so to the alert on incomplete records.
+	for _, outcome := range []string{"complete", "incomplete"} {
+		m.expired.WithLabelValues(outcome)
+	}
 	return errors.Join(
 		reg.Register(m.propagation),
 		reg.Register(m.programming),
