@@ -19,6 +19,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/utils/clock"
 
+	"github.com/endpointlag/endpointlag/cmd/endpointlag/internal/webserver"
 	"github.com/endpointlag/endpointlag/collector"
 	"github.com/endpointlag/endpointlag/collector/aggregate"
 )
@@ -41,7 +42,9 @@ func runAggregate(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	fs := pflag.NewFlagSet("endpointlag aggregate", pflag.ContinueOnError)
 	fs.SetOutput(stderr)
 	opts := aggregate.DefaultOptions()
-	listen := fs.String("web.listen-address", ":9870", "address for the push API, /api/v1/*, /metrics and /healthz")
+	listen := fs.String("web.listen-address", ":9870", "address for the push API, /api/v1/*, /metrics, /healthz and the web page")
+	var web webserver.Options
+	web.Bind(fs)
 	fs.IntVar(&opts.MaxPods, "max-pods", opts.MaxPods, "most terminating pods held; the oldest go first (made final), counted")
 	fs.DurationVar(&opts.Settle, "settle", opts.Settle,
 		"how long after a pod's first report its figure waits for the live daemons that have not reported it (it is final as soon as all did)")
@@ -53,7 +56,8 @@ func runAggregate(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	events := fs.Bool("events", true,
 		"post a Warning Event (TerminationOutlastedPreStop) on a workload whose pod was still routed to, or reached by new connections, after its declared preStop; needs the API (--kubeconfig or in-cluster) and RBAC events: create")
 	eventsInterval := fs.Duration("events.interval", 10*time.Minute, "at most one Event per workload this often")
-	kubeconfig := fs.String("kubeconfig", os.Getenv("KUBECONFIG"), "path to a kubeconfig for the Events; empty means the in-cluster service account (default $KUBECONFIG)")
+	kubeconfig := fs.String("kubeconfig", os.Getenv("KUBECONFIG"),
+		"path to a kubeconfig for the Events and --web.auth=kubernetes; empty means the in-cluster service account (default $KUBECONFIG)")
 	logLevel := fs.String("log.level", "info", "log level: debug, info, warn or error")
 	logFormat := fs.String("log.format", "text", "log format: text or json")
 	fs.Usage = func() {
@@ -76,6 +80,10 @@ func runAggregate(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	if *eventsInterval <= 0 {
 		errs = append(errs, fmt.Errorf("--events.interval must be positive, got %s", *eventsInterval))
 	}
+	if _, _, err := net.SplitHostPort(*listen); err != nil {
+		errs = append(errs, fmt.Errorf("--web.listen-address: %w", err))
+	}
+	errs = append(errs, web.Validate())
 	if err := errors.Join(errs...); err != nil {
 		fmt.Fprintf(stderr, "endpointlag aggregate: %v\n", err)
 		return 2
@@ -92,21 +100,36 @@ func runAggregate(ctx context.Context, args []string, stdout, stderr io.Writer) 
 		fmt.Fprintf(stderr, "endpointlag aggregate: %v\n", err)
 		return 1
 	}
-	if *events {
+	var authClient kubernetes.Interface
+	if *events || web.Auth == webserver.AuthKubernetes {
 		cfg, err := restConfig(*kubeconfig)
 		if err != nil {
-			fmt.Fprintf(stderr, "endpointlag aggregate: --events: %v (--events=false runs without the API)\n", err)
+			fmt.Fprintf(stderr, "endpointlag aggregate: --events or --web.auth=kubernetes: %v (--events=false --web.auth=none runs without the API)\n", err)
 			return 1
 		}
 		cfg.UserAgent = "endpointlag-aggregate/" + version
-		client, err := kubernetes.NewForConfig(cfg)
-		if err != nil {
-			fmt.Fprintf(stderr, "endpointlag aggregate: kubernetes client: %v\n", err)
-			return 1
+		if *events {
+			client, err := kubernetes.NewForConfig(cfg)
+			if err != nil {
+				fmt.Fprintf(stderr, "endpointlag aggregate: kubernetes client: %v\n", err)
+				return 1
+			}
+			ev := aggregate.NewEventer(client, *eventsInterval, clock.RealClock{}, log)
+			agg.SetEventer(ev)
+			go ev.Run(ctx)
 		}
-		ev := aggregate.NewEventer(client, *eventsInterval, clock.RealClock{}, log)
-		agg.SetEventer(ev)
-		go ev.Run(ctx)
+		if web.Auth == webserver.AuthKubernetes {
+			if authClient, err = delegationClient(cfg); err != nil {
+				fmt.Fprintf(stderr, "endpointlag aggregate: %v\n", err)
+				return 1
+			}
+		}
+	}
+	host, _, _ := net.SplitHostPort(*listen)
+	ws, err := webserver.New(web, host, authClient, clock.RealClock{}, log)
+	if err != nil {
+		fmt.Fprintf(stderr, "endpointlag aggregate: %v\n", err)
+		return 1
 	}
 	ln, err := net.Listen("tcp", *listen)
 	if err != nil {
@@ -116,7 +139,7 @@ func runAggregate(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	srv := &http.Server{Handler: aggregate.Handler(agg, reg), ReadHeaderTimeout: 10 * time.Second}
 	log.Info("aggregating", "version", version, "listen", ln.Addr().String(), "settle", opts.Settle, "max_pods", opts.MaxPods)
 	served := make(chan error, 1)
-	go func() { served <- srv.Serve(ln) }()
+	go func() { served <- ws.Serve(ln, srv) }()
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
 	for {
@@ -155,6 +178,8 @@ func runAdvise(args []string, stdout, stderr io.Writer) int {
 	output := fs.StringP("output", "o", "table", "output format: table or json")
 	namespace := fs.StringP("namespace", "n", "", "only this namespace (default all)")
 	timeout := fs.Duration("timeout", 10*time.Second, "how long to wait for the answers")
+	var auth clientAuth
+	auth.bind(fs, "", "the aggregator")
 	fs.Usage = func() {
 		fmt.Fprint(stderr, adviseUsage)
 		fs.PrintDefaults()
@@ -166,11 +191,20 @@ func runAdvise(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "endpointlag advise: -o %q: use table or json\n", *output)
 		return 2
 	}
+	if err := auth.validate(*urls...); err != nil {
+		fmt.Fprintf(stderr, "endpointlag advise: %v\n", err)
+		return 2
+	}
+	client, err := auth.client()
+	if err != nil {
+		fmt.Fprintf(stderr, "endpointlag advise: %v\n", err)
+		return 1
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
 	defer cancel()
 	var parts [][]aggregate.Advice
 	for _, u := range *urls {
-		ads, err := adviceFrom(ctx, u)
+		ads, err := adviceFrom(ctx, client, u)
 		if err != nil {
 			fmt.Fprintf(stderr, "endpointlag advise: %v\n", err)
 			return 1
@@ -200,9 +234,9 @@ func runAdvise(args []string, stdout, stderr io.Writer) int {
 	return 0
 }
 
-func adviceFrom(ctx context.Context, base string) ([]aggregate.Advice, error) {
+func adviceFrom(ctx context.Context, client *http.Client, base string) ([]aggregate.Advice, error) {
 	var ads []aggregate.Advice
-	return ads, aggregatorServer.getJSON(ctx, base, "api/v1/advice", &ads)
+	return ads, aggregatorServer.getJSON(ctx, client, base, "api/v1/advice", &ads)
 }
 
 func writeAdvice(w io.Writer, ads []aggregate.Advice) {

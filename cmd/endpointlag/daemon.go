@@ -20,6 +20,7 @@ import (
 	"k8s.io/klog/v2"
 	"k8s.io/utils/clock"
 
+	"github.com/endpointlag/endpointlag/cmd/endpointlag/internal/webserver"
 	"github.com/endpointlag/endpointlag/collector"
 	"github.com/endpointlag/endpointlag/collector/aggregate"
 	"github.com/endpointlag/endpointlag/collector/tracing"
@@ -43,6 +44,20 @@ func restConfig(kubeconfig string) (*rest.Config, error) {
 	return cfg, nil
 }
 
+// delegationClient is a client of cfg's API server for the TokenReviews and SubjectAccessReviews
+// of --web.auth=kubernetes: apart from the probes' client, so that a burst of requests to check
+// neither waits for nor slows the watches, and with the high rate limits Kubernetes components
+// give theirs (their answers are cached, see internal/webserver).
+func delegationClient(cfg *rest.Config) (kubernetes.Interface, error) {
+	cfg = rest.CopyConfig(cfg)
+	cfg.QPS, cfg.Burst = 200, 400
+	client, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("kubernetes client for --web.auth=kubernetes: %w", err)
+	}
+	return client, nil
+}
+
 // daemon is the wired program: probes feeding the collector, and the HTTP server publishing it.
 type daemon struct {
 	opts   Options
@@ -51,6 +66,7 @@ type daemon struct {
 	probes []probes.Probe
 	srv    *http.Server
 	ln     net.Listener
+	web    *webserver.Server
 	// pusher pushes settled records to the aggregator; nil without --aggregator.urls.
 	pusher *aggregate.Pusher
 	// tracer emits OpenTelemetry spans of settled records; nil unless OTEL_EXPORTER_OTLP_* names
@@ -58,7 +74,9 @@ type daemon struct {
 	tracer *tracing.Tracer
 }
 
-func newDaemon(opts Options, log *slog.Logger, clk clock.WithTicker, client kubernetes.Interface) (*daemon, error) {
+// newDaemon wires the daemon: client is the API the probes read, authClient the one asked the
+// TokenReviews and SubjectAccessReviews of --web.auth=kubernetes (nil without it).
+func newDaemon(opts Options, log *slog.Logger, clk clock.WithTicker, client, authClient kubernetes.Interface) (*daemon, error) {
 	enabled := opts.enabled()
 	copts := collector.Options{Horizon: opts.Horizon, MaxRecords: opts.MaxRecords, SweepInterval: opts.SweepInterval, StageProbe: map[probes.Stage]string{}}
 	for _, f := range enabled {
@@ -104,12 +122,19 @@ func newDaemon(opts Options, log *slog.Logger, clk clock.WithTicker, client kube
 			}
 		}
 	}
+	host, _, _ := net.SplitHostPort(opts.ListenAddress)
+	if d.web, err = webserver.New(opts.Web, host, authClient, clk, log); err != nil {
+		return nil, err
+	}
 	d.ln, err = net.Listen("tcp", opts.ListenAddress)
 	if err != nil {
 		return nil, fmt.Errorf("--web.listen-address: %w", err)
 	}
 	d.srv = &http.Server{Handler: newMux(coll, ing, reg, opts.NodeName, log), ReadHeaderTimeout: 10 * time.Second}
 	if len(opts.Push.URLs) > 0 {
+		if opts.Push.Transport, err = opts.PushAuth.transport(); err != nil {
+			return nil, err
+		}
 		if d.pusher, err = aggregate.NewPusher(opts.Push, opts.NodeName, coll.Records, reg, clk, log); err != nil {
 			return nil, err
 		}
@@ -153,7 +178,7 @@ func (d *daemon) run(ctx context.Context) error {
 		})
 	}
 	g.Go(func() error {
-		if err := d.srv.Serve(d.ln); !errors.Is(err, http.ErrServerClosed) {
+		if err := d.web.Serve(d.ln, d.srv); !errors.Is(err, http.ErrServerClosed) {
 			return fmt.Errorf("http server: %w", err)
 		}
 		return nil
@@ -256,11 +281,12 @@ func (d *daemon) settleUnsynced(ctx context.Context) {
 func runDaemon(ctx context.Context, opts Options, logOut io.Writer) error {
 	log := newLogger(logOut, opts.LogLevel, opts.LogFormat)
 	klog.SetSlogLogger(log.With("component", "client-go"))
-	var client kubernetes.Interface
+	needsAPI := opts.Web.Auth == webserver.AuthKubernetes
 	for _, f := range opts.enabled() {
-		if !f.NeedsAPI {
-			continue
-		}
+		needsAPI = needsAPI || f.NeedsAPI
+	}
+	var client, authClient kubernetes.Interface
+	if needsAPI {
 		cfg, err := restConfig(opts.Kubeconfig)
 		if err != nil {
 			return err
@@ -269,9 +295,13 @@ func runDaemon(ctx context.Context, opts Options, logOut io.Writer) error {
 		if client, err = kubernetes.NewForConfig(cfg); err != nil {
 			return fmt.Errorf("kubernetes client: %w", err)
 		}
-		break
+		if opts.Web.Auth == webserver.AuthKubernetes {
+			if authClient, err = delegationClient(cfg); err != nil {
+				return err
+			}
+		}
 	}
-	d, err := newDaemon(opts, log, clock.RealClock{}, client)
+	d, err := newDaemon(opts, log, clock.RealClock{}, client, authClient)
 	if err != nil {
 		return err
 	}

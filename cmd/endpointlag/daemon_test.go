@@ -68,7 +68,7 @@ type running struct {
 func startDaemon(t *testing.T, opts Options, clk clock.WithTicker, client kubernetes.Interface) *running {
 	t.Helper()
 	logs := &syncBuffer{}
-	d, err := newDaemon(opts, slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})), clk, client)
+	d, err := newDaemon(opts, slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})), clk, client, client)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -2,7 +2,9 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -21,8 +23,9 @@ var (
 	aggregatorServer = server{"--aggregator", "http://127.0.0.1:9870", "asking the aggregator: %w (is endpointlag aggregate running? --aggregator sets its address)"}
 )
 
-// getJSON GETs path below base and decodes the answer into v, with errors that name the flag.
-func (s server) getJSON(ctx context.Context, base, path string, v any) error {
+// getJSON GETs path below base with client and decodes the answer into v, with errors that name
+// the flag to change.
+func (s server) getJSON(ctx context.Context, client *http.Client, base, path string, v any) error {
 	u, err := url.Parse(base)
 	if err != nil || u.Scheme == "" || u.Host == "" {
 		return fmt.Errorf("%s %q is not a URL like %s", s.flag, base, s.example)
@@ -32,14 +35,27 @@ func (s server) getJSON(ctx context.Context, base, path string, v any) error {
 	if err != nil {
 		return err
 	}
-	r, err := http.DefaultClient.Do(req)
+	r, err := client.Do(req)
 	if err != nil {
+		var verify *tls.CertificateVerificationError
+		if errors.As(err, &verify) {
+			return fmt.Errorf("%s: %w (--ca-file names the CA that signed the server's certificate; --insecure-skip-tls-verify skips the check, e.g. for a self-signed one)", u, err)
+		}
 		return fmt.Errorf(s.unreachable, err)
 	}
 	defer r.Body.Close()
 	if r.StatusCode != http.StatusOK {
 		body, _ := io.ReadAll(io.LimitReader(r.Body, 512))
-		return fmt.Errorf("%s answered %s: %s", u, r.Status, strings.TrimSpace(string(body)))
+		err := fmt.Errorf("%s answered %s: %s", u, r.Status, strings.TrimSpace(string(body)))
+		switch r.StatusCode {
+		case http.StatusUnauthorized:
+			if strings.HasPrefix(r.Header.Get("WWW-Authenticate"), "Bearer") {
+				return fmt.Errorf("%w (the server runs with --web.auth=kubernetes: --token-file names a file with a Kubernetes token, e.g. from kubectl create token)", err)
+			}
+		case http.StatusForbidden:
+			return fmt.Errorf("%w (the token's user needs RBAC get on this path as a nonResourceURL: see docs/security.md)", err)
+		}
+		return err
 	}
 	if err := json.NewDecoder(r.Body).Decode(v); err != nil {
 		return fmt.Errorf("%s: decoding the answer: %w", u, err)

@@ -33,6 +33,8 @@ func runInspectIngress(args []string, stdout, stderr io.Writer) int {
 	output := fs.StringP("output", "o", "table", "output format: table, wide (one row per server) or json")
 	service := fs.String("service", "", "only the backends of this Service (namespace/name)")
 	timeout := fs.Duration("timeout", 10*time.Second, "how long to wait for an answer")
+	var auth clientAuth
+	auth.bind(fs, "", "the daemon")
 	fs.Usage = func() {
 		fmt.Fprint(stderr, ingressUsage)
 		fs.PrintDefaults()
@@ -48,9 +50,13 @@ func runInspectIngress(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "endpointlag inspect ingress: --service %q: use namespace/name\n", *service)
 		return 2
 	}
+	if err := auth.validate(*daemon); err != nil {
+		fmt.Fprintf(stderr, "endpointlag inspect ingress: %v\n", err)
+		return 2
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
 	defer cancel()
-	resp, err := ingressFromDaemon(ctx, *daemon)
+	resp, err := ingressFromDaemon(ctx, auth, *daemon)
 	if err != nil {
 		fmt.Fprintf(stderr, "endpointlag inspect ingress: %v\n", err)
 		return 1
@@ -82,9 +88,13 @@ func runInspectIngress(args []string, stdout, stderr io.Writer) int {
 	return 0
 }
 
-func ingressFromDaemon(ctx context.Context, base string) (IngressResponse, error) {
+func ingressFromDaemon(ctx context.Context, auth clientAuth, base string) (IngressResponse, error) {
 	var resp IngressResponse
-	return resp, daemonServer.getJSON(ctx, base, "api/v1/ingress", &resp)
+	client, err := auth.client()
+	if err != nil {
+		return resp, err
+	}
+	return resp, daemonServer.getJSON(ctx, client, base, "api/v1/ingress", &resp)
 }
 
 func writeIngressInstances(w io.Writer, resp IngressResponse, now time.Time) {

@@ -43,6 +43,7 @@ type inspectOptions struct {
 	namespace  string
 	output     string
 	timeout    time.Duration
+	auth       clientAuth
 }
 
 func runInspect(args []string, stdout, stderr io.Writer) int {
@@ -63,6 +64,7 @@ func runInspect(args []string, stdout, stderr io.Writer) int {
 	fs.StringVarP(&o.namespace, "namespace", "n", "", "only this namespace (default all)")
 	fs.StringVarP(&o.output, "output", "o", "table", "output format: table or json")
 	fs.DurationVar(&o.timeout, "timeout", 10*time.Second, "how long to wait for an answer")
+	o.auth.bind(fs, "", "the daemon")
 	fs.Usage = func() {
 		fmt.Fprint(stderr, inspectUsage)
 		fs.PrintDefaults()
@@ -74,6 +76,12 @@ func runInspect(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "endpointlag inspect: -o %q: use table or json\n", o.output)
 		return 2
 	}
+	if !o.api {
+		if err := o.auth.validate(o.daemon); err != nil {
+			fmt.Fprintf(stderr, "endpointlag inspect: %v\n", err)
+			return 2
+		}
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), o.timeout)
 	defer cancel()
 	var (
@@ -83,7 +91,7 @@ func runInspect(args []string, stdout, stderr io.Writer) int {
 	if o.api {
 		resp, err = recordsFromAPI(ctx, o, stderr)
 	} else {
-		resp, err = recordsFromDaemon(ctx, o.daemon)
+		resp, err = recordsFromDaemon(ctx, o.auth, o.daemon)
 	}
 	if err != nil {
 		fmt.Fprintf(stderr, "endpointlag inspect: %v\n", err)
@@ -112,11 +120,15 @@ func defaultKubeconfig() string {
 	return clientcmd.RecommendedHomeFile
 }
 
-func recordsFromDaemon(ctx context.Context, base string) (RecordsResponse, error) {
+func recordsFromDaemon(ctx context.Context, auth clientAuth, base string) (RecordsResponse, error) {
 	var resp RecordsResponse
+	client, err := auth.client()
+	if err != nil {
+		return resp, err
+	}
 	s := daemonServer
 	s.unreachable = "asking the daemon: %w (is it running? --daemon sets its address, --api asks the API instead)"
-	return resp, s.getJSON(ctx, base, "api/v1/records", &resp)
+	return resp, s.getJSON(ctx, client, base, "api/v1/records", &resp)
 }
 
 // recordsFromAPI builds timelines from what the API shows now: each terminating endpoint, and its

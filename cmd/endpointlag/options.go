@@ -13,15 +13,19 @@ import (
 
 	"github.com/spf13/pflag"
 
+	"github.com/endpointlag/endpointlag/cmd/endpointlag/internal/webserver"
 	"github.com/endpointlag/endpointlag/collector/aggregate"
 	"github.com/endpointlag/endpointlag/probes"
 )
 
 // Options are the daemon's settings; flags are bound in one place, bindFlags.
 type Options struct {
-	Kubeconfig      string
-	NodeName        string
-	ListenAddress   string
+	Kubeconfig    string
+	NodeName      string
+	ListenAddress string
+	// Web says how the HTTP endpoints are served: plainly, over TLS, behind Kubernetes
+	// authentication and authorization, or per a web configuration file.
+	Web             webserver.Options
 	LogLevel        string
 	LogFormat       string
 	Horizon         time.Duration
@@ -33,6 +37,8 @@ type Options struct {
 	KubeProxyURL    string
 	// Push configures the pushes of settled records to the aggregator (off without URLs).
 	Push aggregate.PushOptions
+	// PushAuth is how the pushes reach an aggregator run with --web.auth=kubernetes.
+	PushAuth clientAuth
 	// Probes maps every registered probe to whether it runs.
 	Probes map[string]*bool
 }
@@ -43,7 +49,8 @@ func bindFlags(fs *pflag.FlagSet, o *Options) {
 	fs.StringVar(&o.NodeName, "node-name", os.Getenv("NODE_NAME"),
 		"name of the node this daemon runs on, from the downward API (default $NODE_NAME)")
 	fs.StringVar(&o.ListenAddress, "web.listen-address", ":9860",
-		"address for /metrics, /healthz, /readyz and /api/v1/records")
+		"address for /metrics, /healthz, /readyz, /api/v1/records and /api/v1/ingress")
+	o.Web.Bind(fs)
 	fs.StringVar(&o.LogLevel, "log.level", "info", "log level: debug, info, warn or error")
 	fs.StringVar(&o.LogFormat, "log.format", "text", "log format: text or json")
 	fs.DurationVar(&o.Horizon, "record.horizon", 10*time.Minute,
@@ -61,12 +68,13 @@ func bindFlags(fs *pflag.FlagSet, o *Options) {
 		"how long SIGTERM/SIGINT waits for probes and in-flight requests before exiting")
 	o.Push = aggregate.DefaultPushOptions()
 	fs.StringSliceVar(&o.Push.URLs, "aggregator.urls", nil,
-		"the aggregator (endpointlag aggregate) replicas to push settled records to, comma-separated, e.g. http://endpointlag-aggregate:9870; each pod goes to one replica, by its UID (empty: push nothing)")
+		"the aggregator (endpointlag aggregate) replicas to push settled records to, comma-separated, e.g. http://endpointlag-aggregate:9870 (https:// for one run with --web.auth=kubernetes or TLS, see --aggregator.token-file); each pod goes to one replica, by its UID (empty: push nothing)")
 	fs.DurationVar(&o.Push.Interval, "aggregator.interval", o.Push.Interval, "how often settled records are pushed")
 	fs.DurationVar(&o.Push.Heartbeat, "aggregator.heartbeat", o.Push.Heartbeat,
 		"how often an empty push tells each replica this daemon is live when there is nothing to push")
 	fs.DurationVar(&o.Push.SettleAfter, "aggregator.settle-after", o.Push.SettleAfter,
 		"how old a record with stages still pending gets before it is pushed as it is")
+	o.PushAuth.bind(fs, "aggregator.", "the aggregator")
 	o.Probes = map[string]*bool{}
 	for _, f := range probes.Registered() {
 		o.Probes[f.Name] = fs.Bool("probe."+f.Name, f.DefaultEnabled, "run the "+f.Name+" probe: "+f.Help)
@@ -88,6 +96,7 @@ func (o *Options) Validate() error {
 	if _, _, err := net.SplitHostPort(o.ListenAddress); err != nil {
 		errs = append(errs, fmt.Errorf("--web.listen-address: %w", err))
 	}
+	errs = append(errs, o.Web.Validate())
 	if o.KubeProxyURL != "" {
 		if u, err := url.Parse(o.KubeProxyURL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
 			errs = append(errs, fmt.Errorf("--dataplane.kube-proxy-url: %q is not a URL like %s", o.KubeProxyURL, probes.DefaultKubeProxyURL))
@@ -120,6 +129,7 @@ func (o *Options) Validate() error {
 		if err := o.Push.Validate(); err != nil {
 			errs = append(errs, err)
 		}
+		errs = append(errs, o.PushAuth.validate(o.Push.URLs...))
 		if o.NodeName == "" {
 			errs = append(errs, errors.New("--node-name (or NODE_NAME) is required by --aggregator.urls: the aggregator joins records by node"))
 		}

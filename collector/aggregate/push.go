@@ -29,6 +29,9 @@ type PushOptions struct {
 	SettleAfter time.Duration
 	// BatchSize bounds the records of one request.
 	BatchSize int
+	// Transport carries the pushes, with the TLS settings and the credentials an aggregator run
+	// with --web.auth=kubernetes wants; nil is http.DefaultTransport.
+	Transport http.RoundTripper
 }
 
 // DefaultPushOptions are the daemon's defaults.
@@ -80,7 +83,7 @@ func NewPusher(opts PushOptions, node string, records func() []collector.RecordV
 	if err := opts.Validate(); err != nil {
 		return nil, err
 	}
-	p := &Pusher{opts: opts, node: node, records: records, client: &http.Client{Timeout: 10 * time.Second}, clock: clk,
+	p := &Pusher{opts: opts, node: node, records: records, client: &http.Client{Timeout: 10 * time.Second, Transport: opts.Transport}, clock: clk,
 		log: log.With("component", "aggregator-push"), sent: map[string]string{}, lastBeat: make([]time.Time, len(opts.URLs)),
 		pushes: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "endpointlag", Name: "aggregator_pushes_total",
 			Help: "Requests to the aggregator (outcome=ok|error), records and heartbeats."}, []string{"outcome"}),
