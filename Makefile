@@ -37,9 +37,25 @@ OTELCOL_HASH    := $(shell find lab/otelcol -type f | LC_ALL=C sort | xargs sha2
 OTELCOL_DIR     ?= $(LAB_CACHE)/otelcol-$(OTELCOL_VERSION)-$(OTELCOL_HASH)
 LAB_OTELCOL     ?= $(OTELCOL_DIR)/otelcol
 export LAB_OTELCOL
+# helm, for deploy/helm/endpointlag (make generate renders deploy/base from it, the tests lint and
+# render it), built from the module proxy at the version deploy/tools/go.mod pins (its tool
+# directive), cached like the lab's tools, keyed by that go.mod and go.sum.
+HELM_VERSION := $(shell sed -n 's|^\s*helm.sh/helm/v3 \(v[^ ]*\).*|\1|p' deploy/tools/go.mod)
+HELM_DIR     ?= $(LAB_CACHE)/helm-$(HELM_VERSION)-$(shell cat deploy/tools/go.mod deploy/tools/go.sum | sha256sum | cut -c1-12)
+HELM         ?= $(HELM_DIR)/helm
+LAB_HELM     ?= $(HELM)
+export HELM LAB_HELM
+# The Prometheus Operator's CRDs (ServiceMonitor, PodMonitor, PrometheusRule) at the version of its
+# API module in deploy/tools/go.mod, from the module proxy: the install test applies them first.
+PROMETHEUS_OPERATOR_VERSION := $(shell sed -n 's|^\s*github.com/prometheus-operator/prometheus-operator/pkg/apis/monitoring \(v[^ ]*\).*|\1|p' deploy/tools/go.mod)
+LAB_PROMETHEUS_CRDS ?= $(LAB_CACHE)/prometheus-operator-crds-$(PROMETHEUS_OPERATOR_VERSION)
+export LAB_PROMETHEUS_CRDS
+# make image: the image's architecture (arm64 only on an arm64 machine) and its files' time.
+IMAGE_ARCH        ?= amd64
+SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || echo 0)
 LAB_FLAGS ?=
 
-.PHONY: all build test unit e2e lint fmt generate check-generate deps clean lab-bins lab-tool demo lab-up lab-down
+.PHONY: all build test unit e2e lint fmt generate check-generate deps clean lab-bins lab-tool demo lab-up lab-down helm crds image
 
 all: build
 
@@ -57,17 +73,20 @@ deps:
 	$(GO) mod download
 	cd lab && $(GO) mod download
 	cd dashboards && $(GO) mod download
+	cd deploy/tools && $(GO) mod download
 
 ## test: unit tests (race detector on), then the lab's end-to-end tests (root); prints how many
 ## tests skipped and why.
 test: unit e2e
 
-unit: deps
+unit: deps helm
 	@mkdir -p bin
 	$(GO) tool gotestsum --format testname --format-hide-empty-pkg --jsonfile bin/unit.json -- -race -count=1 ./...
+	cd deploy/tools && $$($(GO) -C ../.. tool -n gotestsum) --format testname --format-hide-empty-pkg --jsonfile ../../bin/tools.json -- -race -count=1 ./...
 	@$(MAKE) -s skipped JSON=bin/unit.json
+	@$(MAKE) -s skipped JSON=bin/tools.json
 
-e2e: deps build lab-bins lab-tool
+e2e: deps build lab-bins helm crds lab-tool
 	cd lab && $(GO) tool gotestsum --format testname --format-hide-empty-pkg --jsonfile ../bin/e2e.json -- \
 		-count=1 -timeout 20m ./...
 	@$(MAKE) -s skipped JSON=bin/e2e.json
@@ -82,6 +101,20 @@ lab-bins:
 	lab/k8s/build.sh $(LAB_BIN_DIR)
 	lab/traefik/build.sh $(TRAEFIK_DIR)
 	lab/otelcol/build.sh $(OTELCOL_DIR)
+
+## helm: build helm (cached in HELM_DIR); crds: fetch the Prometheus Operator's CRDs.
+helm:
+	deploy/tools/build-helm.sh $(HELM_DIR)
+
+crds:
+	deploy/tools/crds.sh $(LAB_PROMETHEUS_CRDS)
+
+## image: the image without Docker, reproducibly: the OCI layout bin/image and bin/image.tar; prints
+## the digest and writes bin/image.digest (docs/install.md says what it holds).
+image: deps
+	@mkdir -p bin
+	cd deploy/tools && $(GO) run ./image -src ../.. -arch $(IMAGE_ARCH) -version $(VERSION) -revision $(REVISION) \
+		-source-date-epoch $(SOURCE_DATE_EPOCH) -out ../../bin/image -archive ../../bin/image.tar -digest-file ../../bin/image.digest
 
 ## lab-tool: the lab's own command (bin/lab).
 lab-tool:
@@ -113,6 +146,7 @@ lint: deps check-generate
 	$(GO) tool staticcheck ./...
 	cd lab && $(GO) vet ./... && $(GO) tool staticcheck ./...
 	cd dashboards && $(GO) vet ./... && $(GO) tool staticcheck ./... && $(GO) test -count=1 ./...
+	cd deploy/tools && $(GO) vet ./... && $$($(GO) -C ../.. tool -n staticcheck) ./...
 	deploy/rules/check.sh
 
 fmt:
@@ -120,15 +154,17 @@ fmt:
 
 ## generate: regenerate generated code (bpf/: the eBPF object and its Go bindings, with bpf2go
 ## and Debian's clang; dashboards/*.json from their Go source, with grafana-foundation-sdk).
-generate:
+generate: helm
 	$(GO) generate ./...
 	cd dashboards && $(GO) run .
+	cd deploy/tools && $(GO) run ./render -helm $(HELM)
 
 ## check-generate: fail when bpf/'s committed object or bindings differ from what endpointlag.c
 ## compiles to (they are regenerated in place, ready to commit).
-check-generate: deps
+check-generate: deps helm
 	$(GO) generate ./bpf
 	@git diff --exit-code --stat -- bpf/ || { echo "bpf/: the committed generated files were stale; regenerated, commit them"; exit 1; }
+	cd deploy/tools && $(GO) run ./render -helm $(HELM) -check
 
 clean:
 	rm -rf bin

@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"os"
+	"path/filepath"
 	"reflect"
 	"slices"
 	"strings"
@@ -31,11 +32,45 @@ func TestDeployedArgsAreValid(t *testing.T) {
 // deploy/overlays/enter-pods adds --ingress.enter-pods and exactly what it needs: hostPID,
 // SYS_ADMIN and SYS_PTRACE.
 func TestEnterPodsOverlay(t *testing.T) {
+	ds := checkDaemonSet(t, "deploy/overlays/enter-pods", patchedDaemonSet(t, "../../deploy/overlays/enter-pods/enter-pods.yaml"))
+	c := ds.Spec.Template.Spec.Containers[0]
+	if !ds.Spec.Template.Spec.HostPID || !slices.Contains(c.Args, "--ingress.enter-pods") {
+		t.Errorf("the overlay lacks hostPID or --ingress.enter-pods: hostPID %v, args %q", ds.Spec.Template.Spec.HostPID, c.Args)
+	}
+	caps := c.SecurityContext.Capabilities.Add
+	for _, want := range []corev1.Capability{"SYS_ADMIN", "SYS_PTRACE", "NET_ADMIN", "BPF"} {
+		if !slices.Contains(caps, want) {
+			t.Errorf("the overlay's capabilities %v lack %s", caps, want)
+		}
+	}
+}
+
+// deploy/overlays/no-auth serves and pushes plain HTTP: no --web.auth, no token, HTTP probes.
+// (deploy/tools' tests compare the whole overlay with the chart's auth.enabled=false.)
+func TestNoAuthOverlay(t *testing.T) {
+	ds := checkDaemonSet(t, "deploy/overlays/no-auth", patchedDaemonSet(t, "../../deploy/overlays/no-auth/daemonset.yaml"))
+	c := ds.Spec.Template.Spec.Containers[0]
+	for _, a := range c.Args {
+		if strings.HasPrefix(a, "--web.auth") || strings.HasPrefix(a, "--aggregator.token-file") || strings.HasPrefix(a, "--aggregator.insecure") {
+			t.Errorf("the overlay keeps %s", a)
+		}
+	}
+	if !slices.Contains(c.Args, "--aggregator.urls=http://endpointlag-aggregate.endpointlag.svc:9870") {
+		t.Errorf("the overlay does not push over HTTP: %q", c.Args)
+	}
+	if c.ReadinessProbe.HTTPGet.Scheme != corev1.URISchemeHTTP || c.LivenessProbe.HTTPGet.Scheme != corev1.URISchemeHTTP {
+		t.Error("the overlay's probes are not HTTP")
+	}
+}
+
+// patchedDaemonSet applies an overlay's JSON patch (RFC 6902) to the base DaemonSet.
+func patchedDaemonSet(t *testing.T, patchFile string) []byte {
+	t.Helper()
 	base, err := os.ReadFile("../../deploy/base/daemonset.yaml")
 	if err != nil {
 		t.Fatal(err)
 	}
-	patchYAML, err := os.ReadFile("../../deploy/overlays/enter-pods/enter-pods.yaml")
+	patchYAML, err := os.ReadFile(patchFile)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -49,23 +84,13 @@ func TestEnterPodsOverlay(t *testing.T) {
 	}
 	patch, err := jsonpatch.DecodePatch(patchJSON)
 	if err != nil {
-		t.Fatalf("enter-pods.yaml: %v", err)
+		t.Fatalf("%s: %v", patchFile, err)
 	}
 	patched, err := patch.Apply(baseJSON)
 	if err != nil {
-		t.Fatalf("enter-pods.yaml does not apply to the base DaemonSet: %v", err)
+		t.Fatalf("%s does not apply to the base DaemonSet: %v", patchFile, err)
 	}
-	ds := checkDaemonSet(t, "deploy/overlays/enter-pods", patched)
-	c := ds.Spec.Template.Spec.Containers[0]
-	if !ds.Spec.Template.Spec.HostPID || !slices.Contains(c.Args, "--ingress.enter-pods") {
-		t.Errorf("the overlay lacks hostPID or --ingress.enter-pods: hostPID %v, args %q", ds.Spec.Template.Spec.HostPID, c.Args)
-	}
-	caps := c.SecurityContext.Capabilities.Add
-	for _, want := range []corev1.Capability{"SYS_ADMIN", "SYS_PTRACE", "NET_ADMIN", "BPF"} {
-		if !slices.Contains(caps, want) {
-			t.Errorf("the overlay's capabilities %v lack %s", caps, want)
-		}
-	}
+	return patched
 }
 
 // checkDaemonSet decodes a DaemonSet strictly and checks that its container's args parse and
@@ -89,7 +114,7 @@ func checkDaemonSet(t *testing.T, where string, b []byte) appsv1.DaemonSet {
 	fs := pflag.NewFlagSet("endpointlag", pflag.ContinueOnError)
 	var opts Options
 	bindFlags(fs, &opts)
-	if err := fs.Parse(c.Args); err != nil {
+	if err := fs.Parse(inPodFiles(t, c.Args)); err != nil {
 		t.Fatalf("%s args %q: %v", where, c.Args, err)
 	}
 	if err := opts.Validate(); err != nil {
@@ -98,8 +123,26 @@ func checkDaemonSet(t *testing.T, where string, b []byte) appsv1.DaemonSet {
 	return ds
 }
 
-// The aggregator's RBAC is events: create, nothing more; its Deployment runs the aggregate
-// command, and the DaemonSet pushes to its Service.
+// inPodFiles replaces the paths of the files the kubelet mounts into the pod (the ServiceAccount's
+// token) with files of the same kind, so that Validate, which reads them, can run here.
+func inPodFiles(t *testing.T, args []string) []string {
+	t.Helper()
+	const token = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+	out := slices.Clone(args)
+	for i, a := range out {
+		if name, path, ok := strings.Cut(a, "="); ok && path == token {
+			f := filepath.Join(t.TempDir(), "token")
+			if err := os.WriteFile(f, []byte("a-token"), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			out[i] = name + "=" + f
+		}
+	}
+	return out
+}
+
+// The aggregator's own ClusterRole is events: create, nothing more; its Deployment runs the
+// aggregate command, and the DaemonSet pushes to its Service (over HTTPS: --web.auth=kubernetes).
 func TestAggregateManifest(t *testing.T) {
 	b, err := os.ReadFile("../../deploy/base/aggregate.yaml")
 	if err != nil {
@@ -115,7 +158,10 @@ func TestAggregateManifest(t *testing.T) {
 		}
 		switch meta.Kind {
 		case "ClusterRole":
-			err = yaml.UnmarshalStrict([]byte(doc), &role)
+			var r rbacv1.ClusterRole
+			if err = yaml.UnmarshalStrict([]byte(doc), &r); err == nil && r.Name == "endpointlag-aggregate" {
+				role = r
+			}
 		case "Deployment":
 			err = yaml.UnmarshalStrict([]byte(doc), &dep)
 		case "Service":
@@ -136,7 +182,7 @@ func TestAggregateManifest(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if want := fmt.Sprintf("--aggregator.urls=http://%s.endpointlag.svc:%d", svc.Name, svc.Spec.Ports[0].Port); !strings.Contains(string(ds), want) {
+	if want := fmt.Sprintf("--aggregator.urls=https://%s.endpointlag.svc:%d", svc.Name, svc.Spec.Ports[0].Port); !strings.Contains(string(ds), want) {
 		t.Errorf("the DaemonSet does not push to the aggregator's Service (%s)", want)
 	}
 }

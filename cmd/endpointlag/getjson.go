@@ -53,7 +53,7 @@ func (s server) getJSON(ctx context.Context, client *http.Client, base, path str
 				return fmt.Errorf("%w (the server runs with --web.auth=kubernetes: --token-file names a file with a Kubernetes token, e.g. from kubectl create token)", err)
 			}
 		case http.StatusForbidden:
-			return fmt.Errorf("%w (the token's user needs RBAC get on this path as a nonResourceURL: see docs/security.md)", err)
+			return fmt.Errorf("%w (the token's user needs RBAC get on the resource of apiGroup endpointlag.dev this path names, as the ClusterRole endpointlag-api-reader grants: see docs/security.md)", err)
 		}
 		return err
 	}

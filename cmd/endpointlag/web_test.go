@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -32,7 +33,8 @@ import (
 
 // reviews makes a fake clientset answer TokenReviews from tokens (token → user name) and
 // SubjectAccessReviews from grants ("user verb path", a path ending in * matching as RBAC's
-// nonResourceURLs do), and records what it was asked.
+// nonResourceURLs do, or "user verb resource.group", resource * for any), and records what it
+// was asked.
 type reviews struct {
 	mu     sync.Mutex
 	tokens []string
@@ -63,6 +65,10 @@ func fakeReviews(client *fake.Clientset, tokens map[string]string, grants ...str
 				sar.Status.Allowed = sar.Status.Allowed || g == asked || wildcard && strings.HasPrefix(asked, prefix)
 			}
 		}
+		if ra := sar.Spec.ResourceAttributes; ra != nil {
+			prefix := sar.Spec.User + " " + ra.Verb + " "
+			sar.Status.Allowed = slices.Contains(grants, prefix+ra.Resource+"."+ra.Group) || slices.Contains(grants, prefix+"*."+ra.Group)
+		}
 		return true, sar, nil
 	})
 	return r
@@ -90,7 +96,7 @@ func TestProtectedDaemonAndInspect(t *testing.T) {
 	const prometheus = "system:serviceaccount:monitoring:prometheus"
 	client := fake.NewClientset()
 	fakeReviews(client, map[string]string{"prometheus-token": prometheus, "alice-token": "alice", "bob-token": "bob"},
-		prometheus+" get /api/v1/records", prometheus+" get /metrics", "bob get /api/v1/*")
+		prometheus+" get records.endpointlag.dev", prometheus+" get /metrics", "bob get *.endpointlag.dev")
 	opts := testOptions()
 	opts.Web.Auth = webserver.AuthKubernetes
 	r := startDaemon(t, opts, clock.RealClock{}, client)
@@ -135,7 +141,7 @@ func TestProtectedDaemonAndInspect(t *testing.T) {
 	}
 	resp.Body.Close()
 	if resp.StatusCode != http.StatusForbidden {
-		t.Errorf("/metrics for a user granted /api/v1/* only: %s", resp.Status)
+		t.Errorf("/metrics for a user granted the API only: %s", resp.Status)
 	}
 
 	conn, err := tls.Dial("tcp", addr, &tls.Config{InsecureSkipVerify: true})
@@ -176,7 +182,7 @@ func TestProtectedDaemonAndInspect(t *testing.T) {
 func TestPushToProtectedAggregator(t *testing.T) {
 	const daemonSA = "system:serviceaccount:endpointlag:endpointlag"
 	client := fake.NewClientset()
-	rev := fakeReviews(client, map[string]string{"token-1": daemonSA, "token-2": daemonSA}, daemonSA+" post /api/v1/push")
+	rev := fakeReviews(client, map[string]string{"token-1": daemonSA, "token-2": daemonSA}, daemonSA+" create push.endpointlag.dev")
 	log := slog.New(slog.DiscardHandler)
 	reg := prometheus.NewRegistry()
 	agg, err := aggregate.New(aggregate.DefaultOptions(), reg, clock.RealClock{}, log)
@@ -254,8 +260,8 @@ func TestPushToProtectedAggregator(t *testing.T) {
 		t.Errorf("tokens reviewed %q, want token-1 then the rotated token-2", tokens)
 	}
 	for _, s := range sars {
-		if s.User != daemonSA || s.NonResourceAttributes == nil || *s.NonResourceAttributes != (authorizationv1.NonResourceAttributes{Path: "/api/v1/push", Verb: "post"}) {
-			t.Errorf("SubjectAccessReview %+v, want %s post /api/v1/push", s, daemonSA)
+		if s.User != daemonSA || s.ResourceAttributes == nil || *s.ResourceAttributes != (authorizationv1.ResourceAttributes{Group: "endpointlag.dev", Version: "v1", Resource: "push", Verb: "create"}) {
+			t.Errorf("SubjectAccessReview %+v, want %s create push.endpointlag.dev", s, daemonSA)
 		}
 	}
 

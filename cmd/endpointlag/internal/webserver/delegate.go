@@ -28,6 +28,38 @@ const (
 	reviewTimeout = 10 * time.Second
 )
 
+// APIGroup is the group of the virtual resources the /api/v1/... endpoints are authorized as:
+// GET /api/v1/records is "get records.endpointlag.dev", POST /api/v1/push "create
+// push.endpointlag.dev", GET /api/v1/pods/<uid> "get pods.endpointlag.dev named <uid>". Not as
+// non-resource URLs: Kubernetes' built-in role system:discovery lets every authenticated user
+// get the non-resource URLs /api/*, so any token at all would have read the records.
+const APIGroup = "endpointlag.dev"
+
+// resourceVerbs maps an HTTP method to the verb the API server gives a request for a resource.
+var resourceVerbs = map[string]string{"get": "get", "head": "get", "post": "create", "put": "update", "patch": "patch", "delete": "delete"}
+
+// attributes are what a request is authorized as: a resource of APIGroup for the API paths, a
+// non-resource URL (its path and lower-case method) for any other.
+func attributes(verb, path string) (*authorizationv1.ResourceAttributes, *authorizationv1.NonResourceAttributes) {
+	rest, ok := strings.CutPrefix(path, "/api/")
+	if !ok {
+		return nil, &authorizationv1.NonResourceAttributes{Path: path, Verb: verb}
+	}
+	ra := &authorizationv1.ResourceAttributes{Group: APIGroup, Verb: resourceVerbs[verb]}
+	if ra.Verb == "" {
+		ra.Verb = verb
+	}
+	parts := strings.SplitN(rest, "/", 3)
+	ra.Version = parts[0]
+	if len(parts) > 1 {
+		ra.Resource = parts[1]
+	}
+	if len(parts) > 2 {
+		ra.Name = parts[2]
+	}
+	return ra, nil
+}
+
 // openPaths are served to anyone: the kubelet's probes carry no token.
 var openPaths = map[string]bool{"/healthz": true, "/readyz": true}
 
@@ -37,7 +69,8 @@ var errUnauthenticated = errors.New("unauthenticated")
 // delegated guards a handler the way Kubernetes components guard theirs: the request's bearer
 // token is checked with a TokenReview, then the request is authorized with a SubjectAccessReview
 // of its path and verb as a non-resource URL — the attributes the API server gives such a
-// request, so that RBAC's nonResourceURLs rules apply to it.
+// request, so that RBAC's nonResourceURLs rules apply to it — or, for the API paths, as a
+// resource of APIGroup (see attributes).
 type delegated struct {
 	client kubernetes.Interface
 	next   http.Handler
@@ -77,7 +110,11 @@ func (d *delegated) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "Service Unavailable: the Kubernetes API server cannot check the token now", http.StatusServiceUnavailable)
 		return
 	}
-	dec, err := d.authorize(r.Context(), user, verb, r.URL.Path)
+	ra, nra := attributes(verb, r.URL.Path)
+	if ra != nil {
+		verb = ra.Verb
+	}
+	dec, err := d.authorize(r.Context(), user, ra, nra)
 	if err != nil {
 		d.log.Error("cannot authorize a request: the API server did not answer the SubjectAccessReview", "user", user.Username, "path", r.URL.Path, "verb", verb, "err", err)
 		http.Error(w, "Service Unavailable: the Kubernetes API server cannot authorize the request now", http.StatusServiceUnavailable)
@@ -129,11 +166,11 @@ func (d *delegated) authenticate(ctx context.Context, header string) (*authentic
 	return &user, nil
 }
 
-// authorize asks whether user may verb the non-resource URL path.
-func (d *delegated) authorize(ctx context.Context, user *authenticationv1.UserInfo, verb, path string) (decision, error) {
+// authorize asks whether user may do what the attributes say.
+func (d *delegated) authorize(ctx context.Context, user *authenticationv1.UserInfo, ra *authorizationv1.ResourceAttributes, nra *authorizationv1.NonResourceAttributes) (decision, error) {
 	spec := authorizationv1.SubjectAccessReviewSpec{
 		User: user.Username, UID: user.UID, Groups: user.Groups,
-		NonResourceAttributes: &authorizationv1.NonResourceAttributes{Path: path, Verb: verb},
+		ResourceAttributes: ra, NonResourceAttributes: nra,
 	}
 	if len(user.Extra) > 0 {
 		spec.Extra = make(map[string]authorizationv1.ExtraValue, len(user.Extra))
@@ -159,7 +196,7 @@ func (d *delegated) authorize(ctx context.Context, user *authenticationv1.UserIn
 		return decision{}, fmt.Errorf("creating a SubjectAccessReview: %w", err)
 	}
 	if review.Status.EvaluationError != "" {
-		d.log.Warn("the SubjectAccessReview reported an evaluation error", "user", user.Username, "path", path, "verb", verb,
+		d.log.Warn("the SubjectAccessReview reported an evaluation error", "user", user.Username, "resource", ra, "non_resource", nra,
 			"allowed", review.Status.Allowed, "err", review.Status.EvaluationError)
 	}
 	dec := decision{allowed: review.Status.Allowed && !review.Status.Denied, reason: review.Status.Reason}

@@ -45,7 +45,7 @@ type fakeAPI struct {
 	*fake.Clientset
 	mu           sync.Mutex
 	tokens       map[string]authenticationv1.UserInfo
-	rules        map[string][]string // user → "verb path" it may; a path ending in * is a prefix
+	rules        map[string][]string // user → "verb path" it may (a path ending in * is a prefix), or "verb group/resource" (resource * for any)
 	fail         error               // when set, every review fails with it
 	tokenReviews []string            // the tokens reviewed
 	sars         []authorizationv1.SubjectAccessReviewSpec
@@ -55,8 +55,10 @@ func newFakeAPI() *fakeAPI {
 	f := &fakeAPI{Clientset: fake.NewClientset(),
 		tokens: map[string]authenticationv1.UserInfo{"prometheus-token": prometheus, "daemon-token": daemonSA, "alice-token": alice},
 		rules: map[string][]string{
-			prometheus.Username: {"get /metrics", "get /api/v1/*"},
-			daemonSA.Username:   {"post /api/v1/push"},
+			prometheus.Username: {"get /metrics", "get endpointlag.dev/*"},
+			daemonSA.Username:   {"create endpointlag.dev/push"},
+			// What Kubernetes' system:discovery role grants every authenticated user.
+			alice.Username: {"get /api/*", "get /apis/*"},
 		},
 	}
 	f.PrependReactor("create", "tokenreviews", func(a k8stesting.Action) (bool, runtime.Object, error) {
@@ -82,10 +84,13 @@ func newFakeAPI() *fakeAPI {
 		if f.fail != nil {
 			return true, nil, f.fail
 		}
-		nr := sar.Spec.NonResourceAttributes
+		nr, ra := sar.Spec.NonResourceAttributes, sar.Spec.ResourceAttributes
 		for _, rule := range f.rules[sar.Spec.User] {
 			verb, path, _ := strings.Cut(rule, " ")
-			if nr != nil && nr.Verb == verb && (nr.Path == path || strings.HasSuffix(path, "*") && strings.HasPrefix(nr.Path, strings.TrimSuffix(path, "*"))) {
+			group, resource, isResource := strings.Cut(path, "/")
+			nonResourceOK := nr != nil && nr.Verb == verb && (nr.Path == path || strings.HasSuffix(path, "*") && strings.HasPrefix(nr.Path, strings.TrimSuffix(path, "*")))
+			resourceOK := isResource && group != "" && ra != nil && ra.Verb == verb && ra.Group == group && (resource == "*" || ra.Resource == resource)
+			if nonResourceOK || resourceOK {
 				sar.Status = authorizationv1.SubjectAccessReviewStatus{Allowed: true, Reason: "RBAC: allowed by ClusterRoleBinding"}
 				return true, sar, nil
 			}
@@ -205,6 +210,7 @@ func TestKubernetesAuth(t *testing.T) {
 		{"a verb the rules do not grant", "POST", "/metrics", "Bearer prometheus-token", http.StatusForbidden, "verb=post"},
 		{"the push", "POST", "/api/v1/push", "Bearer daemon-token", http.StatusOK, "POST /api/v1/push"},
 		{"the push's path with get", "GET", "/api/v1/push", "Bearer daemon-token", http.StatusForbidden, "verb=get"},
+		{"a non-resource rule for /api/* (Kubernetes' system:discovery) does not open the API", "GET", "/api/v1/records", "Bearer alice-token", http.StatusForbidden, "verb=get"},
 		{"healthz open", "GET", "/healthz", "", http.StatusOK, "GET /healthz"},
 		{"readyz open", "GET", "/readyz", "", http.StatusOK, "GET /readyz"},
 		{"readyz open with a bad token", "GET", "/readyz", "Bearer forged-token", http.StatusOK, "GET /readyz"},
@@ -222,7 +228,7 @@ func TestKubernetesAuth(t *testing.T) {
 	api.mu.Lock()
 	defer api.mu.Unlock()
 	for _, spec := range api.sars {
-		if p := spec.NonResourceAttributes.Path; p == "/healthz" || p == "/readyz" {
+		if nr := spec.NonResourceAttributes; nr != nil && (nr.Path == "/healthz" || nr.Path == "/readyz") {
 			t.Errorf("an open path was authorized: %+v", spec)
 		}
 	}
@@ -238,8 +244,9 @@ func TestKubernetesAuth(t *testing.T) {
 	}
 }
 
-// The SubjectAccessReview carries the request's path and lower-case method as a non-resource
-// request, and the user exactly as the TokenReview described it: name, UID, groups and extra.
+// The SubjectAccessReview carries an API path as a resource of APIGroup (its verb as the API
+// server names it), and the user exactly as the TokenReview described it: name, UID, groups and
+// extra.
 func TestSubjectAccessReviewAttributes(t *testing.T) {
 	api := newFakeAPI()
 	s := serve(t, Options{Auth: AuthKubernetes}, api, clock.RealClock{})
@@ -256,22 +263,17 @@ func TestSubjectAccessReviewAttributes(t *testing.T) {
 				"authentication.kubernetes.io/pod-name": {"prometheus-0"},
 				"authentication.kubernetes.io/pod-uid":  {"5d2e6a41-pod"},
 			},
-			NonResourceAttributes: &authorizationv1.NonResourceAttributes{Path: "/api/v1/pods/0d8c", Verb: "get"},
+			ResourceAttributes: &authorizationv1.ResourceAttributes{Group: APIGroup, Version: "v1", Resource: "pods", Name: "0d8c", Verb: "get"},
 		},
 		{
 			User: daemonSA.Username, UID: daemonSA.UID, Groups: daemonSA.Groups,
-			NonResourceAttributes: &authorizationv1.NonResourceAttributes{Path: "/api/v1/push", Verb: "post"},
+			ResourceAttributes: &authorizationv1.ResourceAttributes{Group: APIGroup, Version: "v1", Resource: "push", Verb: "create"},
 		},
 	}
 	api.mu.Lock()
 	defer api.mu.Unlock()
 	if !reflect.DeepEqual(api.sars, want) {
 		t.Errorf("SubjectAccessReviews sent:\n%+v\nwant:\n%+v", api.sars, want)
-	}
-	for _, spec := range api.sars {
-		if spec.ResourceAttributes != nil {
-			t.Errorf("a SubjectAccessReview with resource attributes: %+v", spec)
-		}
 	}
 }
 
