@@ -151,6 +151,19 @@ func New(opts Options, clk clock.WithTicker, log *slog.Logger, reg prometheus.Re
 	for _, p := range opts.Probes {
 		c.status[p] = probes.Status{}
 		c.m.probeUp.WithLabelValues(p).Set(0)
+		// Counters start at 0, so that the first failure or unsampled stage is an increase
+		// Prometheus sees and a dashboard shows a healthy 0 rather than nothing.
+		c.m.probeErrors.WithLabelValues(p, "source")
+	}
+	for _, st := range opts.Stages {
+		if st.Dataplane() {
+			for _, path := range []probes.Path{probes.PathCluster, probes.PathExternal} {
+				c.m.unsampled.WithLabelValues(string(st), string(path), "fallback")
+				c.m.unsampled.WithLabelValues(string(st), string(path), "relist")
+			}
+		} else if st == probes.StageEndpointSliceRemoved {
+			c.m.unsampled.WithLabelValues(string(st), "", "relist")
+		}
 	}
 	return c, nil
 }

@@ -126,10 +126,10 @@ func advice(b *board) {
 	})
 	b.timeseries(panel{
 		title:       "Terminations that outlasted preStop",
-		description: "Terminations per interval whose convergence, or a late client connection, came after the workload's declared preStop had ended (each also posts a TerminationOutlastedPreStop Event).",
+		description: "Terminations per interval whose convergence, or a late client connection, came after the workload's declared preStop had ended (each also posts a TerminationOutlastedPreStop Event); a line at 0 is a workload that terminated pods and none outlasted it.",
 		unit:        "short", width: 12, height: 8,
 		targets: []target{{
-			expr:   sumBy(increase(aggregator("endpointlag_workload_terminations_after_prestop_total")), "namespace", "kind", "workload") + " > 0",
+			expr:   sumBy(increase(aggregator("endpointlag_workload_terminations_after_prestop_total")), "namespace", "kind", "workload"),
 			legend: "{{namespace}}/{{workload}} ({{kind}})",
 		}},
 	})
@@ -138,7 +138,7 @@ func advice(b *board) {
 		description: "Per interval, new client connections that reached the workload's terminating pods (type=late) or their addresses once gone (type=dead).",
 		unit:        "short", width: 12, height: 8,
 		targets: []target{{
-			expr:   sumBy(increase(aggregator("endpointlag_workload_connections_total")), "namespace", "kind", "workload", "type") + " > 0",
+			expr:   sumBy(increase(aggregator("endpointlag_workload_connections_total")), "namespace", "kind", "workload", "type"),
 			legend: "{{namespace}}/{{workload}} ({{kind}}) {{type}}",
 		}},
 	})
@@ -234,10 +234,10 @@ func blindInterfaces(b *board, width uint32) {
 	b.timeseries(panel{
 		title: "Pod interfaces the packets probe cannot see",
 		description: "Pod interfaces where the datapath bypasses the eBPF programs (netkit devices, veths delivered to with bpf_redirect_peer): " +
-			"their pods' late connections are not counted.",
+			"their pods' late connections are not counted. 0: every pod interface is seen.",
 		unit: "short", width: width, height: 8,
 		targets: []target{{
-			expr:   sumBy(daemon("endpointlag_packet_blind_interfaces"), "node", "reason") + " > 0",
+			expr:   sumBy(daemon("endpointlag_packet_blind_interfaces"), "node", "reason"),
 			legend: "{{node}} {{reason}}",
 		}},
 	})

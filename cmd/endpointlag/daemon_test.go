@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"syscall"
@@ -227,7 +228,7 @@ func TestUnreachableAPIServer(t *testing.T) {
 	r := startDaemon(t, testOptions(), clock.RealClock{}, client)
 	waitFor(t, "a counted probe error", func() bool {
 		_, m := get(t, r.base+"/metrics")
-		return strings.Contains(m, `endpointlag_probe_errors_total{probe="kube",reason="source"}`)
+		return regexp.MustCompile(`endpointlag_probe_errors_total\{probe="kube",reason="source"\} [1-9]`).MatchString(m)
 	})
 	code, body := get(t, r.base+"/readyz")
 	if code != http.StatusServiceUnavailable || !strings.Contains(body, "waiting for probes to sync: kube") {

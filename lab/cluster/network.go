@@ -112,13 +112,32 @@ func moveAndConfigure(from *netlink.Handle, name, netns string, addr netip.Prefi
 	return target.LinkSetUp(link)
 }
 
-// routeNodes gives node i routes to the other nodes' pod CIDRs through the underlay, and turns
-// on forwarding.
+// routeNodes gives node i routes to the other nodes' pod CIDRs through the underlay and one for
+// the Service CIDR, and turns on forwarding. A node's own processes (hostNetwork pods: the
+// daemons as the DaemonSet runs them) reach a ClusterIP — the kubernetes Service, for their
+// in-cluster configuration — only if a route takes the packet to the output hook, where
+// kube-proxy's rules rewrite it; a real node's default route does that.
 func routeNodes(netns string, i, nodes int) error {
 	if err := ns.Sysctl(netns, "net.ipv4.ip_forward", "1"); err != nil {
 		return err
 	}
-	return routePodCIDRs(netns, i, nodes)
+	if err := routePodCIDRs(netns, i, nodes); err != nil {
+		return err
+	}
+	h, err := ns.Handle(netns)
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	eth0, err := h.LinkByName("eth0")
+	if err != nil {
+		return err
+	}
+	svc := netip.MustParsePrefix(serviceCIDR)
+	if err := h.RouteAdd(&netlink.Route{LinkIndex: eth0.Attrs().Index, Dst: ipNet(svc), Scope: netlink.SCOPE_LINK}); err != nil {
+		return fmt.Errorf("%s: route to the Service CIDR %s: %w", netns, svc, err)
+	}
+	return nil
 }
 
 // routePodCIDRs gives namespace netns, on the underlay, routes to the pod CIDR of every node but

@@ -2,11 +2,11 @@ package cluster
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net/http"
 	"net/netip"
 	"os"
-	"strings"
 	"time"
 )
 
@@ -18,60 +18,69 @@ const prometheusPort = 9090
 type PrometheusConfig struct {
 	// Binary is the prometheus binary (Debian's package prometheus).
 	Binary string
-	// Token is the bearer token Prometheus sends to the API server (service discovery) and to
-	// the daemons it scrapes: a ServiceAccount's, so that what it may do is what RBAC grants.
+	// Token is the bearer token Prometheus sends to the targets: a ServiceAccount's, so that
+	// what it may read is what RBAC grants.
 	Token string
-	// Namespace and PodSelector choose the daemons' pods, found with Kubernetes service
-	// discovery as the chart's PodMonitor finds them.
-	Namespace, PodSelector string
-	// Port is the pods' port name to scrape.
-	Port string
-	// RuleFiles are evaluated every EvaluationInterval; ScrapeInterval is how often each pod is
-	// scraped.
+	// Jobs are the scrape jobs.
+	Jobs []ScrapeJob
+	// RuleFiles are evaluated every EvaluationInterval; ScrapeInterval is how often each target
+	// is scraped.
 	RuleFiles                          []string
 	ScrapeInterval, EvaluationInterval time.Duration
 }
 
-// prometheusConfig mirrors the chart's PodMonitor: pods of the namespace with the selector's
-// labels, the named port over HTTPS with the ServiceAccount's token, the daemon's self-signed
-// certificate not verified, and the target labels the dashboards and alerts group by (node,
-// namespace, pod, job).
-const prometheusConfig = `global:
-  scrape_interval: %[1]s
-  evaluation_interval: %[2]s
-rule_files: [%[3]s]
-scrape_configs:
-- job_name: endpointlag
-  scheme: https
-  authorization:
-    credentials_file: %[4]s
-  tls_config:
-    insecure_skip_verify: true
-  kubernetes_sd_configs:
-  - role: pod
-    api_server: https://%[5]s
-    authorization:
-      credentials_file: %[4]s
-    tls_config:
-      ca_file: %[6]s
-    namespaces:
-      names: [%[7]s]
-    selectors:
-    - role: pod
-      label: %[8]q
-  relabel_configs:
-  - source_labels: [__meta_kubernetes_pod_container_port_name]
-    regex: %[9]s
-    action: keep
-  - source_labels: [__meta_kubernetes_pod_node_name]
-    target_label: node
-  - source_labels: [__meta_kubernetes_namespace]
-    target_label: namespace
-  - source_labels: [__meta_kubernetes_pod_name]
-    target_label: pod
-  - target_label: job
-    replacement: endpointlag
-`
+// ScrapeJob is one job: its targets (host:port, scraped over HTTPS with the token, their
+// self-signed certificates not verified), each with its target labels.
+type ScrapeJob struct {
+	Name string
+	// HonorLabels keeps the scraped series' own labels over the target's (the aggregator's
+	// per-workload namespace label).
+	HonorLabels bool
+	Targets     []ScrapeTarget
+}
+
+// ScrapeTarget is a target's address and labels.
+type ScrapeTarget struct {
+	Addr   string
+	Labels map[string]string
+}
+
+// prometheusConfig writes the configuration: Debian's Prometheus is built without Kubernetes
+// service discovery, so the targets are listed with the labels the chart's PodMonitor and
+// ServiceMonitor relabelings give them (node, namespace, pod, job).
+func prometheusConfig(cfg PrometheusConfig, tokenFile string) ([]byte, error) {
+	type static struct {
+		Targets []string          `json:"targets"`
+		Labels  map[string]string `json:"labels"`
+	}
+	type job struct {
+		Name          string         `json:"job_name"`
+		Scheme        string         `json:"scheme"`
+		HonorLabels   bool           `json:"honor_labels"`
+		Authorization map[string]any `json:"authorization"`
+		TLS           map[string]any `json:"tls_config"`
+		Static        []static       `json:"static_configs"`
+	}
+	type global struct {
+		Scrape string `json:"scrape_interval"`
+		Eval   string `json:"evaluation_interval"`
+	}
+	conf := struct {
+		Global global   `json:"global"`
+		Rules  []string `json:"rule_files"`
+		Jobs   []job    `json:"scrape_configs"`
+	}{Global: global{cfg.ScrapeInterval.String(), cfg.EvaluationInterval.String()}, Rules: cfg.RuleFiles}
+	for _, j := range cfg.Jobs {
+		pj := job{Name: j.Name, Scheme: "https", HonorLabels: j.HonorLabels,
+			Authorization: map[string]any{"credentials_file": tokenFile}, TLS: map[string]any{"insecure_skip_verify": true}}
+		for _, t := range j.Targets {
+			pj.Static = append(pj.Static, static{Targets: []string{t.Addr}, Labels: t.Labels})
+		}
+		conf.Jobs = append(conf.Jobs, pj)
+	}
+	// JSON is YAML.
+	return json.MarshalIndent(conf, "", "  ")
+}
 
 // StartPrometheus runs a real Prometheus in the control plane's namespace and returns the
 // loopback URL of its API.
@@ -80,14 +89,12 @@ func (c *Cluster) StartPrometheus(ctx context.Context, cfg PrometheusConfig) (st
 	if err := os.WriteFile(tokenFile, []byte(cfg.Token), 0o600); err != nil {
 		return "", err
 	}
-	rules := make([]string, len(cfg.RuleFiles))
-	for i, f := range cfg.RuleFiles {
-		rules[i] = fmt.Sprintf("%q", f)
+	body, err := prometheusConfig(cfg, tokenFile)
+	if err != nil {
+		return "", err
 	}
 	conf := c.path("prometheus.yml")
-	body := fmt.Sprintf(prometheusConfig, cfg.ScrapeInterval, cfg.EvaluationInterval, strings.Join(rules, ", "), tokenFile,
-		netip.AddrPortFrom(cpAddr, 6443), c.path("pki/apiserver.crt"), cfg.Namespace, cfg.PodSelector, cfg.Port)
-	if err := os.WriteFile(conf, []byte(body), 0o600); err != nil {
+	if err := os.WriteFile(conf, body, 0o600); err != nil {
 		return "", err
 	}
 	listen := netip.AddrPortFrom(cpAddr, prometheusPort).String()

@@ -16,7 +16,6 @@ import (
 	"testing"
 	"time"
 
-	appsv1 "k8s.io/api/apps/v1"
 	authenticationv1 "k8s.io/api/authentication/v1"
 	authorizationv1 "k8s.io/api/authorization/v1"
 	corev1 "k8s.io/api/core/v1"
@@ -42,9 +41,10 @@ const (
 
 // TestInstall installs endpointlag as a user does — the Prometheus Operator's CRDs, then the Helm
 // chart with every toggle on — and the lab's kubelets run the DaemonSet's pods with the
-// ServiceAccount, RBAC and capabilities the chart gives them. It skips, saying why, without
-// helm ($LAB_HELM), the CRDs ($LAB_PROMETHEUS_CRDS; `make e2e` provides both) or Debian's
-// prometheus.
+// ServiceAccount, RBAC and capabilities the chart gives them; the app behind Traefik and HAProxy
+// under load, a real Prometheus scraping the daemons and evaluating the chart's alerting rules.
+// It skips, saying why, without helm ($LAB_HELM), the CRDs ($LAB_PROMETHEUS_CRDS; `make e2e`
+// provides both), the ingress proxies or Debian's prometheus.
 func TestInstall(t *testing.T) {
 	cfg := config(t)
 	helm, crdDir := os.Getenv("LAB_HELM"), os.Getenv("LAB_PROMETHEUS_CRDS")
@@ -54,11 +54,15 @@ func TestInstall(t *testing.T) {
 	if _, err := os.Stat(crdDir); err != nil {
 		t.Skipf("no Prometheus Operator CRDs (LAB_PROMETHEUS_CRDS=%q): run `make e2e`, which fetches them", crdDir)
 	}
+	if cfg.Traefik == "" || cfg.HAProxy == "" {
+		t.Skipf("the ingress proxies' binaries are missing (LAB_TRAEFIK=%q, built by make lab-bins; haproxy %q, Debian's package, installed by make deps)",
+			os.Getenv("LAB_TRAEFIK"), cfg.HAProxy)
+	}
 	promBin, err := exec.LookPath("prometheus")
 	if err != nil {
 		t.Skip("no prometheus: install Debian's package prometheus (make deps does)")
 	}
-	cfg.Install = true
+	cfg.Install, cfg.ProxyMode = true, "nftables"
 	ctx, cancel := context.WithTimeout(context.Background(), 12*time.Minute)
 	defer cancel()
 	c := upLab(t, ctx, cfg)
@@ -92,16 +96,21 @@ func TestInstall(t *testing.T) {
 	if err := ap.WaitCRDs(ctx, crds, time.Minute); err != nil {
 		t.Fatal(err)
 	}
-	rendered, err := scenario.HelmTemplate(ctx, helm, chartDir, "endpointlag", installNS,
-		"namespace.create=true", "serviceMonitor.enabled=true", "podMonitor.enabled=true", "prometheusRule.enabled=true",
-		"dashboards.enabled=true", "packets.uplinks={eth0}", "log.level=debug")
-	if err != nil {
-		t.Fatal(err)
+	render := func(set ...string) []*unstructured.Unstructured {
+		t.Helper()
+		set = append([]string{"namespace.create=true", "serviceMonitor.enabled=true", "podMonitor.enabled=true", "prometheusRule.enabled=true",
+			"dashboards.enabled=true", "packets.uplinks={eth0}", "log.level=debug"}, set...)
+		rendered, err := scenario.HelmTemplate(ctx, helm, chartDir, "endpointlag", installNS, set...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		objs, err := scenario.Decode(rendered)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return objs
 	}
-	chart, err := scenario.Decode(rendered)
-	if err != nil {
-		t.Fatal(err)
-	}
+	chart := render()
 	kustomized, err := scenario.Kustomize(kustomizeBase)
 	if err != nil {
 		t.Fatal(err)
@@ -135,6 +144,25 @@ func TestInstall(t *testing.T) {
 		}
 	})
 
+	// The daemons run on the nodes' network, where the lab has no cluster DNS: as a user whose
+	// nodes cannot resolve Service names does, they are given the aggregator Service's ClusterIP.
+	var aggSvc []*unstructured.Unstructured
+	for _, o := range chart {
+		if o.GetKind() == "Service" && strings.HasSuffix(o.GetName(), "-aggregate") {
+			aggSvc = append(aggSvc, o)
+		}
+	}
+	if len(aggSvc) != 1 {
+		t.Fatalf("the chart renders %d aggregator Services, want 1", len(aggSvc))
+	}
+	if err := ap.Apply(ctx, aggSvc, false); err != nil {
+		t.Fatal(err)
+	}
+	svc, err := c.Client.CoreV1().Services(installNS).Get(ctx, aggSvc[0].GetName(), metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	chart = render(fmt.Sprintf("aggregator.url=https://%s:%d", svc.Spec.ClusterIP, svc.Spec.Ports[0].Port))
 	if err := ap.Apply(ctx, chart, false); err != nil {
 		t.Fatal(err)
 	}
@@ -144,8 +172,9 @@ func TestInstall(t *testing.T) {
 		if err != nil {
 			return err
 		}
-		if s := got.Status; s.DesiredNumberScheduled != int32(len(c.Nodes)) || s.NumberReady != s.DesiredNumberScheduled {
-			return fmt.Errorf("desired %d, ready %d (of %d nodes)", s.DesiredNumberScheduled, s.NumberReady, len(c.Nodes))
+		if s := got.Status; s.ObservedGeneration != got.Generation || s.DesiredNumberScheduled != int32(len(c.Nodes)) ||
+			s.NumberReady != s.DesiredNumberScheduled || s.UpdatedNumberScheduled != s.DesiredNumberScheduled {
+			return fmt.Errorf("desired %d, ready %d, updated %d (of %d nodes)", s.DesiredNumberScheduled, s.NumberReady, s.UpdatedNumberScheduled, len(c.Nodes))
 		}
 		return nil
 	}); err != nil {
@@ -217,70 +246,137 @@ func TestInstall(t *testing.T) {
 
 	c.SetDaemonToken(inspector)
 	app := &scenario.App{Client: c.Client, Namespace: "inst", Name: "web", Replicas: 4}
+	// The pods a rollout replaces terminate as they were made: the sized ones first.
+	sizedBehaviour := scenario.Behaviour{PreStop: 4 * time.Second, Drain: 2 * time.Second}
+	if err := app.Apply(ctx, sizedBehaviour); err != nil {
+		t.Fatal(err)
+	}
+	if err := app.WaitSettled(ctx, 2*time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := scenario.DeployIngress(ctx, c, app, scenario.IngressOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	// Prometheus scrapes from here on, evaluating the chart's alerting rules with every `for:` at
+	// 5 s (the thresholds are the users'; promtool's unit tests check the real durations).
+	promURL, err := c.StartPrometheus(ctx, cluster.PrometheusConfig{
+		Binary: promBin, Token: promToken, Jobs: scrapeJobs(t, ctx, c),
+		RuleFiles: []string{shortenedRules(t)}, ScrapeInterval: 2 * time.Second, EvaluationInterval: time.Second,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := scenario.Poll(ctx, time.Minute, "every daemon and the aggregator to be scraped", func() error {
+		res, err := promQuery(ctx, promURL, `up == 1`)
+		if err != nil {
+			return err
+		}
+		if len(res) != len(c.Nodes)+1 {
+			return fmt.Errorf("%d of %d targets up", len(res), len(c.Nodes)+1)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	load := scenario.LoadSettings{Rate: 100, Timeout: 2 * time.Second}
+
+	t.Run("a rollout with a sized preStop and a drain fails no request and fires no alert", func(t *testing.T) {
+		sized, err := scenario.RunRollout(ctx, c, app, "sized", sizedBehaviour, load, testWriter{t})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if sized.Summary.Failed > 0 {
+			t.Errorf("%d of %d requests failed %v", sized.Summary.Failed, sized.Summary.Requests, sized.Summary.ByKind)
+		}
+		// Past every shortened `for:` and a few evaluations.
+		time.Sleep(15 * time.Second)
+		firing, err := alerts(ctx, promURL)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, a := range firing {
+			t.Errorf("alert firing: %v", a)
+		}
+	})
+
 	if err := app.Apply(ctx, scenario.Behaviour{}); err != nil {
 		t.Fatal(err)
 	}
 	if err := app.WaitSettled(ctx, 2*time.Minute); err != nil {
 		t.Fatal(err)
 	}
-	r, err := scenario.RunRollout(ctx, c, app, "rollout", scenario.Behaviour{}, scenario.LoadSettings{Rate: 100, Timeout: 2 * time.Second}, testWriter{t})
+	r, err := scenario.RunRollout(ctx, c, app, "rollout", scenario.Behaviour{}, load, testWriter{t})
 	if err != nil {
 		t.Fatal(err)
 	}
 
-	t.Run("with only that RBAC and those capabilities, every daemon records every replaced pod's slice and dataplane stages", func(t *testing.T) {
-		dataplane := cfg.ProxyMode
+	t.Run("with only that RBAC and those capabilities, every daemon records every replaced pod's slice, dataplane and ingress stages", func(t *testing.T) {
 		for _, recs := range r.Records {
 			for uid, p := range r.Deleted {
 				rec := findRecord(recs, string(uid))
 				switch {
 				case rec == nil:
 					t.Errorf("%s's daemon has no record of %s", recs.Node, p.Name)
-				case rec.Stage("endpointslice") == nil || rec.Stage(dataplane) == nil:
-					t.Errorf("%s's daemon recorded %s's stages %v, want endpointslice and %s", recs.Node, p.Name, stageNames(rec), dataplane)
+				case rec.Stage("endpointslice") == nil || rec.Stage(cfg.ProxyMode) == nil:
+					t.Errorf("%s's daemon recorded %s's stages %v, want endpointslice and %s", recs.Node, p.Name, stageNames(rec), cfg.ProxyMode)
 				}
 			}
+		}
+		ingress := 0
+		for _, recs := range r.Records {
+			for _, rec := range recs.Records {
+				if rec.Stage("ingress") != nil {
+					ingress++
+				}
+			}
+		}
+		if ingress == 0 {
+			t.Error("no daemon recorded an ingress stage from Traefik or HAProxy")
 		}
 		if s := r.Connections(); s.Dead+s.Late == 0 {
 			t.Errorf("a rollout without preStop under load, and no late or dead connection recorded: the packets probe did not run (%s)", s)
 		}
 		for _, p := range pods.Items {
-			b, err := os.ReadFile(filepath.Join(c.StateDir(), "logs", "pod-"+p.Name+".log"))
-			if err != nil {
-				t.Error(err)
-				continue
+			logs, _ := filepath.Glob(filepath.Join(c.StateDir(), "logs", "pod-"+p.Name+"*.log"))
+			if len(logs) == 0 {
+				t.Errorf("no log of %s", p.Name)
 			}
-			for _, line := range strings.Split(string(b), "\n") {
-				if strings.Contains(line, "forbidden") || strings.Contains(line, "operation not permitted") {
-					t.Errorf("%s: %s", p.Name, line)
+			for _, l := range logs {
+				b, err := os.ReadFile(l)
+				if err != nil {
+					t.Error(err)
+					continue
+				}
+				// The API server's word for a request RBAC refused, and the kernel's for a
+				// missing capability (the daemon's own 403s to the test's callers are not it).
+				for _, line := range strings.Split(string(b), "\n") {
+					if strings.Contains(line, "is forbidden") || strings.Contains(line, "operation not permitted") {
+						t.Errorf("%s: %s", filepath.Base(l), line)
+					}
 				}
 			}
 		}
 	})
 
-	t.Run("a real Prometheus scrapes every daemon with its ServiceAccount's token, and every dashboard panel's query returns data", func(t *testing.T) {
-		grantDiscovery(t, ctx, c.Client)
-		rules := shortenedRules(t)
-		promURL, err := c.StartPrometheus(ctx, cluster.PrometheusConfig{
-			Binary: promBin, Token: promToken, Namespace: installNS, PodSelector: "app.kubernetes.io/name=endpointlag",
-			Port: "metrics", RuleFiles: []string{rules}, ScrapeInterval: 2 * time.Second, EvaluationInterval: time.Second,
-		})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := scenario.Poll(ctx, time.Minute, "every daemon to be scraped", func() error {
-			res, err := promQuery(ctx, promURL, `up{job="endpointlag"} == 1`)
+	t.Run("the rollout without preStop fires EndpointlagNewConnectionsToGonePods", func(t *testing.T) {
+		if err := scenario.Poll(ctx, time.Minute, "the alert", func() error {
+			firing, err := alerts(ctx, promURL)
 			if err != nil {
 				return err
 			}
-			if len(res) != len(c.Nodes) {
-				return fmt.Errorf("%d of %d daemons up", len(res), len(c.Nodes))
+			for _, a := range firing {
+				if a["alertname"] == "EndpointlagNewConnectionsToGonePods" {
+					t.Logf("firing: %v", a)
+					return nil
+				}
 			}
-			return nil
+			return fmt.Errorf("firing: %v", firing)
 		}); err != nil {
-			t.Fatal(err)
+			t.Error(err)
 		}
-		time.Sleep(5 * time.Second)
+	})
+
+	t.Run("every dashboard panel's query returns data from that Prometheus", func(t *testing.T) {
 		var empty []string
 		n := 0
 		for _, q := range dashboardQueries(t) {
@@ -298,6 +394,108 @@ func TestInstall(t *testing.T) {
 			t.Errorf("no data: %s", e)
 		}
 	})
+
+	t.Run("a SIGSTOPped kube-proxy fires EndpointlagDataplaneProgrammingStuck for its node only", func(t *testing.T) {
+		stuck := c.Nodes[len(c.Nodes)-1].Name
+		if err := c.PauseKubeProxy(stuck); err != nil {
+			t.Fatal(err)
+		}
+		defer func() {
+			if err := c.ResumeKubeProxy(stuck); err != nil {
+				t.Error(err)
+			}
+		}()
+		pods, err := app.Pods(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, p := range pods {
+			if err := c.Client.CoreV1().Pods(app.Namespace).Delete(ctx, p.Name, metav1.DeleteOptions{}); err != nil {
+				t.Fatal(err)
+			}
+			break
+		}
+		// The threshold is the users' 30 s of oldest pending, then the shortened `for:`.
+		if err := scenario.Poll(ctx, 90*time.Second, "the alert on "+stuck, func() error {
+			firing, err := alerts(ctx, promURL)
+			if err != nil {
+				return err
+			}
+			var nodes []string
+			for _, a := range firing {
+				if a["alertname"] == "EndpointlagDataplaneProgrammingStuck" {
+					nodes = append(nodes, a["node"])
+				}
+			}
+			if len(nodes) == 0 {
+				return fmt.Errorf("not firing")
+			}
+			if len(nodes) != 1 || nodes[0] != stuck {
+				t.Errorf("EndpointlagDataplaneProgrammingStuck fires for %v, want %s only", nodes, stuck)
+			}
+			return nil
+		}); err != nil {
+			t.Error(err)
+		}
+	})
+}
+
+// alerts are the labels of the alerts Prometheus has firing.
+func alerts(ctx context.Context, base string) ([]map[string]string, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, base+"/api/v1/alerts", nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	var r struct {
+		Data struct {
+			Alerts []struct {
+				Labels map[string]string `json:"labels"`
+				State  string            `json:"state"`
+			} `json:"alerts"`
+		} `json:"data"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&r); err != nil {
+		return nil, err
+	}
+	var out []map[string]string
+	for _, a := range r.Data.Alerts {
+		if a.State == "firing" {
+			out = append(out, a.Labels)
+		}
+	}
+	return out, nil
+}
+
+// scrapeJobs are the chart's pods as its PodMonitors select them, with the target labels their
+// relabelings give: the daemons (job endpointlag, on their node's address) and the aggregator
+// (job endpointlag-aggregate, its own labels kept).
+func scrapeJobs(t *testing.T, ctx context.Context, c *cluster.Cluster) []cluster.ScrapeJob {
+	t.Helper()
+	jobs := []cluster.ScrapeJob{{Name: "endpointlag"}, {Name: "endpointlag-aggregate", HonorLabels: true}}
+	for i, sel := range []string{"app.kubernetes.io/name=endpointlag", "app.kubernetes.io/name=endpointlag-aggregate"} {
+		pods, err := c.Client.CoreV1().Pods(installNS).List(ctx, metav1.ListOptions{LabelSelector: sel})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, p := range pods.Items {
+			if p.DeletionTimestamp != nil || p.Status.PodIP == "" || len(p.Spec.Containers) == 0 || len(p.Spec.Containers[0].Ports) == 0 {
+				continue
+			}
+			jobs[i].Targets = append(jobs[i].Targets, cluster.ScrapeTarget{
+				Addr:   fmt.Sprintf("%s:%d", p.Status.PodIP, p.Spec.Containers[0].Ports[0].ContainerPort),
+				Labels: map[string]string{"node": p.Spec.NodeName, "namespace": p.Namespace, "pod": p.Name},
+			})
+		}
+		if len(jobs[i].Targets) == 0 {
+			t.Fatalf("no pod %s to scrape", sel)
+		}
+	}
+	return jobs
 }
 
 func kinds(objs []*unstructured.Unstructured) string {
@@ -333,10 +531,8 @@ func daemonServiceAccount(t *testing.T, c *cluster.Cluster, name string) string 
 	if err != nil {
 		t.Fatal(err)
 	}
-	return serviceAccountName(ds)
+	return ds.Spec.Template.Spec.ServiceAccountName
 }
-
-func serviceAccountName(ds *appsv1.DaemonSet) string { return ds.Spec.Template.Spec.ServiceAccountName }
 
 // serviceAccountToken creates the ServiceAccount (and its namespace) if needed and returns a
 // token of it.
@@ -367,23 +563,6 @@ func bindClusterRole(t *testing.T, ctx context.Context, client kubernetes.Interf
 	}
 }
 
-// grantDiscovery lets Prometheus's ServiceAccount find the daemons' pods, as kube-prometheus
-// grants its Prometheus in the namespaces it monitors.
-func grantDiscovery(t *testing.T, ctx context.Context, client kubernetes.Interface) {
-	t.Helper()
-	role := &rbacv1.Role{ObjectMeta: metav1.ObjectMeta{Namespace: installNS, Name: "prometheus-discovery"},
-		Rules: []rbacv1.PolicyRule{{APIGroups: []string{""}, Resources: []string{"pods", "services", "endpoints"}, Verbs: []string{"get", "list", "watch"}}}}
-	if _, err := client.RbacV1().Roles(installNS).Create(ctx, role, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	b := &rbacv1.RoleBinding{ObjectMeta: metav1.ObjectMeta{Namespace: installNS, Name: "prometheus-discovery"},
-		RoleRef:  rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "Role", Name: role.Name},
-		Subjects: []rbacv1.Subject{{Kind: rbacv1.ServiceAccountKind, Namespace: promNS, Name: promSA}}}
-	if _, err := client.RbacV1().RoleBindings(installNS).Create(ctx, b, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
-}
-
 func status(t *testing.T, ctx context.Context, u, token string) int {
 	t.Helper()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
@@ -409,11 +588,14 @@ func logPodLogs(t *testing.T, c *cluster.Cluster, ns string) {
 		return
 	}
 	for _, p := range pods.Items {
-		b, _ := os.ReadFile(filepath.Join(c.StateDir(), "logs", "pod-"+p.Name+".log"))
-		if len(b) > 3000 {
-			b = b[len(b)-3000:]
+		logs, _ := filepath.Glob(filepath.Join(c.StateDir(), "logs", "pod-"+p.Name+"*.log"))
+		for _, l := range logs {
+			b, _ := os.ReadFile(l)
+			if len(b) > 3000 {
+				b = b[len(b)-3000:]
+			}
+			t.Logf("pod %s on %q, phase %s; %s ends:\n%s", p.Name, p.Spec.NodeName, p.Status.Phase, filepath.Base(l), b)
 		}
-		t.Logf("pod %s on %q, phase %s; its log ends:\n%s", p.Name, p.Spec.NodeName, p.Status.Phase, b)
 	}
 }
 

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"runtime"
+	"syscall"
 	"time"
 )
 
@@ -19,6 +21,9 @@ func stamp(args []string) error {
 	}
 	cmd := exec.Command(args[1], args[2:]...)
 	cmd.Stderr = os.Stderr
+	// The command ends with this process: whoever stops the monitor stops this one.
+	runtime.LockOSThread()
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		return err
