@@ -37,6 +37,16 @@ type target struct {
 	format prometheus.PromQueryFormat
 }
 
+// sumTarget sums expr by labels, one series per combination of their values, named by them.
+func sumTarget(expr string, labels ...string) target {
+	return target{expr: sumBy(expr, labels...), legend: legendOf(labels...)}
+}
+
+// maxTarget is sumTarget with the maximum.
+func maxTarget(expr string, labels ...string) target {
+	return target{expr: maxBy(expr, labels...), legend: legendOf(labels...)}
+}
+
 // panelBuilder is what the SDK's panel builders of every kind have in common.
 type panelBuilder[B any] interface {
 	cog.Builder[dashboard.Panel]

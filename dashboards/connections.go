@@ -9,10 +9,7 @@ func lateConnections(b *board, width uint32) {
 		description: "New connections (TCP SYN without ACK, new UDP flows) to a port a pod serves that reached it after its deletion began. " +
 			"origin=client: from elsewhere, each one a client that a stale route sent to a terminating pod; origin=node: from the node's own addresses (the kubelet's probes).",
 		unit: "cps", width: width, height: 8,
-		targets: []target{{
-			expr:   sumBy(rate(daemon("endpointlag_late_connections_total")), "origin", "protocol"),
-			legend: "{{origin}} {{protocol}}",
-		}},
+		targets: []target{sumTarget(rate(daemon("endpointlag_late_connections_total")), "origin", "protocol")},
 	})
 }
 
@@ -21,10 +18,7 @@ func lateConnectionsByNode(b *board, width uint32) {
 		title:       "Late client connections by node",
 		description: "Late connections from clients (origin=client) to the terminating pods of each node.",
 		unit:        "cps", width: width, height: 8,
-		targets: []target{{
-			expr:   sumBy(rate(daemon("endpointlag_late_connections_total", `origin="client"`)), "node"),
-			legend: "{{node}}",
-		}},
+		targets: []target{sumTarget(rate(daemon("endpointlag_late_connections_total", `origin="client"`)), "node")},
 	})
 }
 
@@ -34,7 +28,7 @@ func lastConnection(b *board, width uint32) {
 		description: "Per pod, the pod's deletion to the last new client connection that still reached it (0 when none did), read when the pod is gone. " +
 			"A preStop longer than this would have served every one of them.",
 		unit: "s", width: width, height: 8,
-		targets: quantileTargets(daemon("endpointlag_last_connection_seconds_bucket"), ""),
+		targets: quantileTargets(daemon("endpointlag_last_connection_seconds_bucket")),
 	})
 }
 
@@ -44,10 +38,7 @@ func terminatingErrors(b *board, width uint32) {
 		description: "Errors that pods sent back to clients after their deletion began, on ports their endpoints serve: " +
 			"refused (a TCP RST to a new connection: nothing listens any more), reset (a TCP RST ending a connection), unreachable (ICMP). Each is a client that got an error.",
 		unit: "cps", width: width, height: 8,
-		targets: []target{{
-			expr:   sumBy(rate(daemon("endpointlag_terminating_errors_total")), "kind"),
-			legend: "{{kind}}",
-		}},
+		targets: []target{sumTarget(rate(daemon("endpointlag_terminating_errors_total")), "kind")},
 	})
 }
 
@@ -57,10 +48,7 @@ func deadConnections(b *board, width uint32) {
 		description: "New connections to the address of a pod of the node that is already gone (arriving on the uplinks, or from another pod of the node), " +
 			"to ports its endpoints served: routes that outlived the pod.",
 		unit: "cps", width: width, height: 8,
-		targets: []target{{
-			expr:   sumBy(rate(daemon("endpointlag_dead_endpoint_connections_total")), "origin", "protocol"),
-			legend: "{{origin}} {{protocol}}",
-		}},
+		targets: []target{sumTarget(rate(daemon("endpointlag_dead_endpoint_connections_total")), "origin", "protocol")},
 	})
 }
 
@@ -69,9 +57,6 @@ func deadErrors(b *board, width uint32) {
 		title:       "Errors about addresses of pods already gone",
 		description: "TCP resets and ICMP destination-unreachable messages the node sent out of its uplinks to clients about ports of its pods already gone.",
 		unit:        "cps", width: width, height: 8,
-		targets: []target{{
-			expr:   sumBy(rate(daemon("endpointlag_dead_endpoint_errors_total")), "kind"),
-			legend: "{{kind}}",
-		}},
+		targets: []target{sumTarget(rate(daemon("endpointlag_dead_endpoint_errors_total")), "kind")},
 	})
 }

@@ -2,10 +2,10 @@ package main
 
 // Panels of the daemons' own health: scrapes, probes, what was not measured, the process.
 
-// ofDaemonJobs keeps the series of expr whose job runs daemons (only daemons export
-// endpointlag_tracked_records): with job=All, up and process_* are otherwise every job's.
+// ofDaemonJobs keeps the series of expr whose job runs daemons: with job=All, up and process_*
+// are otherwise every job's.
 func ofDaemonJobs(expr string) string {
-	return expr + " and on (job) " + selector("endpointlag_tracked_records", []string{matchJob, matchCluster})
+	return expr + " and on (job) " + daemonTargets()
 }
 
 // ofEndpointlag keeps the series of expr whose target exports endpointlag_build_info: the
@@ -14,37 +14,26 @@ func ofEndpointlag(expr string) string {
 	return expr + " and on (job, instance) " + daemon("endpointlag_build_info")
 }
 
-func pendingEndpoints(b *board, width uint32, byNode bool) {
-	title, legend, labels := "Endpoints pending by stage", "{{stage}}", []string{"stage"}
+// pending draws the terminating endpoints not yet removed, and the oldest one's age, by stage or,
+// with byNode, by node and stage.
+func pending(b *board, width uint32, byNode bool) {
+	labels := []string{"stage"}
 	if byNode {
-		title, legend, labels = "Endpoints pending by node", "{{node}} {{stage}}", []string{"node", "stage"}
+		labels = []string{"node", "stage"}
 	}
 	b.timeseries(panel{
-		title: title,
+		title: "Endpoints pending by " + labels[0],
 		description: "Terminating endpoints not yet removed at the stage. A dataplane stage is awaited only where this node's rules routed to the endpoint, " +
 			"and not while kube-proxy keeps routing to it on purpose because no ready endpoint is left (KEP-1669).",
 		unit: "short", width: width, height: 8,
-		targets: []target{{
-			expr:   sumBy(daemon("endpointlag_pending_endpoints", matchStage), labels...),
-			legend: legend,
-		}},
+		targets: []target{sumTarget(daemon("endpointlag_pending_endpoints", matchStage), labels...)},
 	})
-}
-
-func oldestPending(b *board, width uint32, byNode bool) {
-	title, legend, labels := "Oldest pending by stage", "{{stage}}", []string{"stage"}
-	if byNode {
-		title, legend, labels = "Oldest pending by node", "{{node}} {{stage}}", []string{"node", "stage"}
-	}
 	b.timeseries(panel{
-		title: title,
+		title: "Oldest pending by " + labels[0],
 		description: "Age of the oldest terminating endpoint not yet removed at the stage, since its node saw it turn terminating. " +
 			"Growing for a dataplane stage: that node's kube-proxy is late or stuck.",
 		unit: "s", width: width, height: 8,
-		targets: []target{{
-			expr:   maxBy(daemon("endpointlag_oldest_pending_seconds", matchStage), labels...),
-			legend: legend,
-		}},
+		targets: []target{maxTarget(daemon("endpointlag_oldest_pending_seconds", matchStage), labels...)},
 	})
 }
 
@@ -54,10 +43,7 @@ func unsampled(b *board, width uint32) {
 		description: "Stages kept out of the lag histograms: reason=fallback (kube-proxy held the endpoint on purpose while no ready endpoint was left), " +
 			"reason=relist (first seen on a re-read after a gap, so known only to within it).",
 		unit: "cps", width: width, height: 8,
-		targets: []target{{
-			expr:   sumBy(rate(daemon("endpointlag_unsampled_total", matchStage)), "stage", "path", "reason"),
-			legend: "{{stage}} {{path}} {{reason}}",
-		}},
+		targets: []target{sumTarget(rate(daemon("endpointlag_unsampled_total", matchStage)), "stage", "path", "reason")},
 	})
 }
 
@@ -67,10 +53,7 @@ func probeErrors(b *board, width uint32) {
 		description: "Probe failures: reason=source (reading the source failed), or the kind of input skipped " +
 			"(no_service_label, no_target_ref, bad_address, proxy_annotation).",
 		unit: "cps", width: width, height: 8,
-		targets: []target{{
-			expr:   sumBy(rate(daemon("endpointlag_probe_errors_total")), "probe", "reason"),
-			legend: "{{probe}} {{reason}}",
-		}},
+		targets: []target{sumTarget(rate(daemon("endpointlag_probe_errors_total")), "probe", "reason")},
 	})
 }
 
@@ -130,7 +113,7 @@ func versions(b *board, width uint32) {
 		description: "How many targets run each build (endpointlag_build_info).",
 		unit:        "short", width: width, height: 6,
 		targets: []target{{
-			expr:   "count by (job, version, revision, goversion) (" + daemon("endpointlag_build_info") + ")",
+			expr:   countBy(daemon("endpointlag_build_info"), "job", "version", "revision", "goversion"),
 			legend: "targets",
 		}},
 	}, "")

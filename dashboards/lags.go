@@ -42,16 +42,16 @@ func (r reference) heatmap(b *board) {
 // quantiles draws p50, p90 and p99 of the lag per stage and, with detail, per path (dataplane
 // stages: cluster or external) and proxy kind (the ingress stage).
 func (r reference) quantiles(b *board, width uint32, detail bool) {
-	labels, legend := []string{"stage"}, "{{stage}}"
+	labels := []string{"stage"}
 	if detail {
-		labels, legend = []string{"stage", "path", "source"}, "{{stage}} {{path}} {{source}}"
+		labels = append(labels, "path", "source")
 	}
 	b.timeseries(panel{
 		title: r.title + " p50 / p90 / p99 by stage",
 		description: "Quantiles of the lag from " + r.from + ", over the selected nodes. " +
 			"Only intervals in which endpoints reached a stage have a value.",
 		unit: "s", width: width, height: 9,
-		targets: quantileTargets(r.buckets(), legend, labels...),
+		targets: quantileTargets(r.buckets(), labels...),
 	})
 }
 
@@ -61,9 +61,6 @@ func (r reference) byNode(b *board) {
 		title:       r.title + " p99 by node",
 		description: "The p99 lag from " + r.from + ", per node and stage.",
 		unit:        "s", width: 12, height: 9,
-		targets: []target{{
-			expr:   quantile(0.99, r.buckets(), "node", "stage"),
-			legend: "{{node}} {{stage}}",
-		}},
+		targets: []target{{expr: quantile(0.99, r.buckets(), "node", "stage"), legend: legendOf("node", "stage")}},
 	})
 }

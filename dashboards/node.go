@@ -19,8 +19,7 @@ func node() *board {
 	programming.quantiles(b, 24, true)
 
 	b.row("Pending and unsampled")
-	pendingEndpoints(b, 6, false)
-	oldestPending(b, 6, false)
+	pending(b, 6, false)
 	unsampled(b, 6)
 	expired(b, 6)
 
@@ -48,34 +47,12 @@ func node() *board {
 	return b
 }
 
-func nodeSummary(b *board) {
-	stat := func(title, description, unit, calc string, alertAt float64, expr string) {
-		b.stat(panel{title: title, description: description, unit: unit, width: 4, height: 4,
-			targets: []target{{expr: expr}}}, calc, alertAt)
-	}
-	stat("Daemon down", "1 when the last scrape of this node's daemon failed.",
-		"short", "lastNotNull", 1, zeroIfNone("count("+ofDaemonJobs(daemon("up")+" == 0")+")"))
-	stat("Probes down", "Probes of this node's daemon that cannot read their source now.",
-		"short", "lastNotNull", 1, zeroIfNone("count("+daemon("endpointlag_probe_up")+" == 0)"))
-	stat("Endpoints pending", "Terminating endpoints not yet removed at some stage on this node, now.",
-		"short", "lastNotNull", 0, sumBy(daemon("endpointlag_pending_endpoints", matchStage)))
-	stat("Oldest pending", "The age of the oldest terminating endpoint not yet removed at some stage on this node, now.",
-		"s", "lastNotNull", 0, maxBy(daemon("endpointlag_oldest_pending_seconds", matchStage)))
-	stat("Late client connections", "The highest rate, over the time range, of new client connections that reached this node's pods after their deletion began.",
-		"cps", "max", 0, sumBy(rate(daemon("endpointlag_late_connections_total", `origin="client"`))))
-	stat("Errors to clients", "The highest rate, over the time range, of errors (refused, reset, unreachable) this node's terminating pods sent to clients.",
-		"cps", "max", 0, sumBy(rate(daemon("endpointlag_terminating_errors_total"))))
-}
-
 func expired(b *board, width uint32) {
 	b.timeseries(panel{
 		title:       "Records expired",
 		description: "Records removed after --record.horizon: outcome=complete had every stage, outcome=incomplete had stages still pending.",
 		unit:        "cps", width: width, height: 8,
-		targets: []target{{
-			expr:   sumBy(rate(daemon("endpointlag_records_expired_total")), "outcome"),
-			legend: "{{outcome}}",
-		}},
+		targets: []target{sumTarget(rate(daemon("endpointlag_records_expired_total")), "outcome")},
 	})
 }
 
@@ -84,14 +61,14 @@ func probeStates(b *board) {
 		title:       "Probe up",
 		description: "Per probe: up while it can read its source, down after a failure until it reads again.",
 		unit:        "none", width: 12, height: 7,
-		targets: []target{{expr: maxBy(daemon("endpointlag_probe_up"), "probe"), legend: "{{probe}}"}},
+		targets: []target{maxTarget(daemon("endpointlag_probe_up"), "probe")},
 	}, "down", "up")
 	b.states(panel{
 		title: "Probe active",
 		description: "Per probe: active while its source exists on this node and its stages are awaited (a dataplane probe: the node runs kube-proxy in its mode); " +
 			"inactive otherwise, or failed and retried.",
 		unit: "none", width: 12, height: 7,
-		targets: []target{{expr: maxBy(daemon("endpointlag_probe_active"), "probe"), legend: "{{probe}}"}},
+		targets: []target{maxTarget(daemon("endpointlag_probe_active"), "probe")},
 	}, "inactive", "active")
 }
 
@@ -109,10 +86,7 @@ func ingressProbe(b *board) {
 		title:       "Ingress proxy reads",
 		description: "Reads of the proxies' admin APIs: query=full (every backend: the heartbeat, and kinds without a targeted query), query=targeted (only the backends holding an endpoint still owed): the polling's cost on the proxies.",
 		unit:        "reqps", width: 8, height: 8,
-		targets: []target{{
-			expr:   sumBy(rate(daemon("endpointlag_ingress_reads_total")), "kind", "query"),
-			legend: "{{kind}} {{query}}",
-		}},
+		targets: []target{sumTarget(rate(daemon("endpointlag_ingress_reads_total")), "kind", "query")},
 	})
 }
 
@@ -139,14 +113,14 @@ func packetPrograms(b *board) {
 		title:       "Attached interfaces",
 		description: "Interfaces the eBPF programs are attached to: role=pod (host side of pod veths), role=uplink.",
 		unit:        "short", width: 8, height: 8,
-		targets: []target{{expr: sumBy(daemon("endpointlag_packet_attachments"), "role"), legend: "{{role}}"}},
+		targets: []target{sumTarget(daemon("endpointlag_packet_attachments"), "role")},
 	})
 	b.timeseries(panel{
 		title: "Programs attached again",
 		description: "Programs attached again, first, because a CNI removed them (reason=missing) or put a program before them (reason=not_first). " +
 			"A steady rise: a CNI and endpointlag take turns at the head.",
 		unit: "cps", width: 8, height: 8,
-		targets: []target{{expr: sumBy(rate(daemon("endpointlag_packet_reattachments_total")), "reason"), legend: "{{reason}}"}},
+		targets: []target{sumTarget(rate(daemon("endpointlag_packet_reattachments_total")), "reason")},
 	})
 	blindInterfaces(b, 12)
 	b.timeseries(panel{

@@ -21,10 +21,8 @@ func overview() *board {
 	programming.byNode(b)
 
 	b.row("Pending endpoints")
-	pendingEndpoints(b, 6, false)
-	oldestPending(b, 6, false)
-	pendingEndpoints(b, 6, true)
-	oldestPending(b, 6, true)
+	pending(b, 6, false)
+	pending(b, 6, true)
 
 	b.row("Late and dead-endpoint connections")
 	lateConnections(b, 8)
@@ -56,36 +54,13 @@ func overview() *board {
 	return b
 }
 
-func summary(b *board) {
-	stat := func(title, description, unit, calc string, alertAt float64, expr string) {
-		b.stat(panel{title: title, description: description, unit: unit, width: 3, height: 4,
-			targets: []target{{expr: expr}}}, calc, alertAt)
-	}
-	stat("Worst p99 convergence", "The highest p99, over the time range, of the pod's deletion to the last node or proxy that stopped sending it new connections (aggregator, stage all).",
-		"s", "max", 0, quantile(0.99, aggregator("endpointlag_convergence_seconds_bucket", `stage="all"`)))
-	stat("Workloads short of preStop", "Workloads whose recommended preStop (p99 convergence + 1 s) is longer than the one they declare.",
-		"short", "lastNotNull", 1, zeroIfNone("count("+maxBy(aggregator("endpointlag_workload_prestop_shortfall_seconds"), "namespace", "kind", "workload")+" > 0)"))
-	stat("Late client connections", "The highest rate, over the time range, of new client connections that reached pods after their deletion began.",
-		"cps", "max", 0, sumBy(rate(daemon("endpointlag_late_connections_total", `origin="client"`))))
-	stat("Errors to clients", "The highest rate, over the time range, of errors (refused, reset, unreachable) terminating pods sent to clients.",
-		"cps", "max", 0, sumBy(rate(daemon("endpointlag_terminating_errors_total"))))
-	stat("Endpoints pending", "Terminating endpoints not yet removed at some stage, now.",
-		"short", "lastNotNull", 0, sumBy(daemon("endpointlag_pending_endpoints", matchStage)))
-	stat("Oldest pending", "The age of the oldest terminating endpoint not yet removed at some stage, now.",
-		"s", "lastNotNull", 0, maxBy(daemon("endpointlag_oldest_pending_seconds", matchStage)))
-	stat("Daemons down", "Daemon targets whose last scrape failed.",
-		"short", "lastNotNull", 1, zeroIfNone("count("+ofDaemonJobs(daemon("up")+" == 0")+")"))
-	stat("Probes down", "Probes, over all daemons, that cannot read their source now.",
-		"short", "lastNotNull", 1, zeroIfNone("count("+daemon("endpointlag_probe_up")+" == 0)"))
-}
-
 func convergence(b *board) {
 	b.timeseries(panel{
 		title: "Convergence p50 / p90 / p99 by stage",
 		description: "The pod's deletion to the moment the last node or proxy reached the stage, composed by the aggregator from same-clock differences only. " +
 			"stage=all: the last routing stage of any, when the last one stopped sending the pod new connections: what preStop has to cover.",
 		unit: "s", width: 12, height: 9,
-		targets: quantileTargets(aggregator("endpointlag_convergence_seconds_bucket"), "{{stage}}", "stage"),
+		targets: quantileTargets(aggregator("endpointlag_convergence_seconds_bucket"), "stage"),
 	})
 	b.heatmap(panel{
 		title:       "Convergence (all routing stages)",
@@ -100,6 +75,9 @@ func convergence(b *board) {
 func workloadGauge(metric string) string {
 	return maxBy(aggregator(metric), "namespace", "kind", "workload")
 }
+
+// workloadLegend names a workload by its namespace, kind and workload labels.
+const workloadLegend = "{{namespace}}/{{workload}} ({{kind}})"
 
 func advice(b *board) {
 	b.table(panel{
@@ -121,7 +99,7 @@ func advice(b *board) {
 		unit:        "s", width: 12, height: 8,
 		targets: []target{{
 			expr:   workloadGauge("endpointlag_workload_prestop_shortfall_seconds") + " > 0",
-			legend: "{{namespace}}/{{workload}} ({{kind}})",
+			legend: workloadLegend,
 		}},
 	})
 	b.timeseries(panel{
@@ -130,7 +108,7 @@ func advice(b *board) {
 		unit:        "short", width: 12, height: 8,
 		targets: []target{{
 			expr:   sumBy(increase(aggregator("endpointlag_workload_terminations_after_prestop_total")), "namespace", "kind", "workload"),
-			legend: "{{namespace}}/{{workload}} ({{kind}})",
+			legend: workloadLegend,
 		}},
 	})
 	b.timeseries(panel{
@@ -139,7 +117,7 @@ func advice(b *board) {
 		unit:        "short", width: 12, height: 8,
 		targets: []target{{
 			expr:   sumBy(increase(aggregator("endpointlag_workload_connections_total")), "namespace", "kind", "workload", "type"),
-			legend: "{{namespace}}/{{workload}} ({{kind}}) {{type}}",
+			legend: workloadLegend + " {{type}}",
 		}},
 	})
 	b.timeseries(panel{
@@ -147,10 +125,7 @@ func advice(b *board) {
 		description: "Terminations whose figure became final per interval: complete (every live daemon reported), missing_nodes (some had not by --settle), " +
 			"no_home (the pod's node never reported: no figure).",
 		unit: "short", width: 12, height: 8,
-		targets: []target{{
-			expr:   sumBy(increase(aggregator("endpointlag_convergence_pods_total")), "outcome"),
-			legend: "{{outcome}}",
-		}},
+		targets: []target{sumTarget(increase(aggregator("endpointlag_convergence_pods_total")), "outcome")},
 	})
 }
 
@@ -161,7 +136,7 @@ func aggregatorHealth(b *board) {
 		unit:        "short", width: 8, height: 8,
 		targets: []target{
 			{expr: aggregator("endpointlag_aggregate_daemons"), legend: "heard by {{instance}}"},
-			{expr: "count(" + daemon("endpointlag_tracked_records") + ")", legend: "daemons scraped and up"},
+			{expr: countBy(daemon("endpointlag_tracked_records")), legend: "daemons scraped and up"},
 		},
 	})
 	b.timeseries(panel{
@@ -195,10 +170,7 @@ func aggregatorHealth(b *board) {
 		title:       "Events on workloads",
 		description: "TerminationOutlastedPreStop Events per interval: posted, rate_limited (one per workload per --events.interval), dropped (queue full), error.",
 		unit:        "short", width: 12, height: 8,
-		targets: []target{{
-			expr:   sumBy(increase(aggregator("endpointlag_events_total")), "outcome"),
-			legend: "{{outcome}}",
-		}},
+		targets: []target{sumTarget(increase(aggregator("endpointlag_events_total")), "outcome")},
 	})
 }
 
@@ -209,7 +181,7 @@ func scrapes(b *board) {
 		unit:        "short", width: 8, height: 8,
 		targets: []target{
 			{expr: sumBy(ofDaemonJobs(daemon("up")), "job"), legend: "{{job}} up"},
-			{expr: "count by (job) (" + ofDaemonJobs(daemon("up")) + ")", legend: "{{job}} scraped"},
+			{expr: countBy(ofDaemonJobs(daemon("up")), "job"), legend: "{{job}} scraped"},
 		},
 	})
 }
@@ -219,14 +191,14 @@ func probeCounts(b *board) {
 		title:       "Probes up (nodes)",
 		description: "Per probe, the nodes where it can read its source.",
 		unit:        "short", width: 8, height: 8,
-		targets: []target{{expr: sumBy(daemon("endpointlag_probe_up"), "probe"), legend: "{{probe}}"}},
+		targets: []target{sumTarget(daemon("endpointlag_probe_up"), "probe")},
 	})
 	b.timeseries(panel{
 		title: "Probes active (nodes)",
 		description: "Per probe, the nodes where its source exists and its stages are awaited (a dataplane probe: the node runs kube-proxy in its mode). " +
 			"No active dataplane probe on a node (Cilium's kube-proxy replacement, say): no dataplane stage is measured there.",
 		unit: "short", width: 8, height: 8,
-		targets: []target{{expr: sumBy(daemon("endpointlag_probe_active"), "probe"), legend: "{{probe}}"}},
+		targets: []target{sumTarget(daemon("endpointlag_probe_active"), "probe")},
 	})
 }
 
@@ -236,9 +208,6 @@ func blindInterfaces(b *board, width uint32) {
 		description: "Pod interfaces where the datapath bypasses the eBPF programs (netkit devices, veths delivered to with bpf_redirect_peer): " +
 			"their pods' late connections are not counted. 0: every pod interface is seen.",
 		unit: "short", width: width, height: 8,
-		targets: []target{{
-			expr:   sumBy(daemon("endpointlag_packet_blind_interfaces"), "node", "reason"),
-			legend: "{{node}} {{reason}}",
-		}},
+		targets: []target{sumTarget(daemon("endpointlag_packet_blind_interfaces"), "node", "reason")},
 	})
 }

@@ -26,6 +26,12 @@ func aggregator(metric string, extra ...string) string {
 	return selector(metric, append([]string{matchJob, matchCluster}, extra...))
 }
 
+// daemonTargets has one series per daemon on the chosen jobs and clusters: only daemons export
+// endpointlag_tracked_records. Its node labels are the nodes that run one.
+func daemonTargets() string {
+	return selector("endpointlag_tracked_records", []string{matchJob, matchCluster})
+}
+
 func selector(metric string, matchers []string) string {
 	return metric + "{" + strings.Join(matchers, ", ") + "}"
 }
@@ -48,6 +54,11 @@ func sumBy(expr string, labels ...string) string {
 // maxBy takes the maximum of expr by labels.
 func maxBy(expr string, labels ...string) string {
 	return aggregate("max", expr, labels)
+}
+
+// countBy counts the series of expr by labels.
+func countBy(expr string, labels ...string) string {
+	return aggregate("count", expr, labels)
 }
 
 func aggregate(op, expr string, labels []string) string {
@@ -75,11 +86,20 @@ var quantiles = []struct {
 }{{0.5, "p50"}, {0.9, "p90"}, {0.99, "p99"}}
 
 // quantileTargets draws p50, p90 and p99 of a histogram, kept apart by labels; the legend names
-// the quantile and then legend (a Grafana legend format over those labels).
-func quantileTargets(bucketSel, legend string, labels ...string) []target {
+// the quantile and then the labels' values.
+func quantileTargets(bucketSel string, labels ...string) []target {
 	ts := make([]target, 0, len(quantiles))
 	for _, q := range quantiles {
-		ts = append(ts, target{expr: quantile(q.q, bucketSel, labels...), legend: strings.TrimSpace(q.name + " " + legend)})
+		ts = append(ts, target{expr: quantile(q.q, bucketSel, labels...), legend: strings.TrimSpace(q.name + " " + legendOf(labels...))})
 	}
 	return ts
+}
+
+// legendOf is the Grafana legend format that shows the values of labels, space-separated.
+func legendOf(labels ...string) string {
+	fields := make([]string, len(labels))
+	for i, l := range labels {
+		fields[i] = "{{" + l + "}}"
+	}
+	return strings.Join(fields, " ")
 }

@@ -63,24 +63,19 @@ func jobVariable(jobs ...string) *dashboard.QueryVariableBuilder {
 		})
 }
 
-// nodeSource lists the nodes that run a daemon (only daemons export endpointlag_tracked_records).
-func nodeSource() string {
-	return selector("endpointlag_tracked_records", []string{matchJob, matchCluster})
-}
-
 // nodesVariable selects any number of nodes, All by default (".*": series without a node label
 // too, when the scrape does not set it).
 func nodesVariable() *dashboard.QueryVariableBuilder {
 	return all(labelVariable("node", "Node",
 		"The nodes whose daemons to show: the node label the scrape sets from the pod's node name.",
-		nodeSource()), ".*")
+		daemonTargets()), ".*")
 }
 
 // nodeVariable selects one node; Grafana starts with the first.
 func nodeVariable() *dashboard.QueryVariableBuilder {
 	return labelVariable("node", "Node",
 		"The node whose daemon to show: the node label the scrape sets from the pod's node name.",
-		nodeSource())
+		daemonTargets())
 }
 
 // stageVariable lists the stages the chosen daemons measured (the lag histograms' stage label);

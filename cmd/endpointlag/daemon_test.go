@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
-	"log/slog"
 	"net"
 	"net/http"
 	"os"
@@ -28,26 +27,9 @@ import (
 	clocktesting "k8s.io/utils/clock/testing"
 	"k8s.io/utils/ptr"
 
+	"github.com/endpointlag/endpointlag/cmd/endpointlag/internal/testutil"
 	"github.com/endpointlag/endpointlag/probes"
 )
-
-// syncBuffer is a log sink safe for the daemon's goroutines.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 func testOptions() Options {
 	on := true
@@ -60,7 +42,7 @@ func testOptions() Options {
 
 type running struct {
 	base string
-	logs *syncBuffer
+	logs *testutil.SyncBuffer
 	stop context.CancelFunc
 	done chan struct{}
 	err  error // set before done is closed
@@ -68,8 +50,8 @@ type running struct {
 
 func startDaemon(t *testing.T, opts Options, clk clock.WithTicker, client kubernetes.Interface) *running {
 	t.Helper()
-	logs := &syncBuffer{}
-	d, err := newDaemon(opts, slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})), clk, client, client)
+	logs := &testutil.SyncBuffer{}
+	d, err := newDaemon(opts, testutil.DebugLogger(logs), clk, client, client)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -329,7 +311,7 @@ func TestSIGTERM(t *testing.T) {
 	if err := os.WriteFile(kubeconfig, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	stderr := &syncBuffer{}
+	stderr := &testutil.SyncBuffer{}
 	code := make(chan int, 1)
 	go func() {
 		// The packets probe would attach to this machine's veths: not in a unit test.

@@ -11,73 +11,25 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	authenticationv1 "k8s.io/api/authentication/v1"
 	authorizationv1 "k8s.io/api/authorization/v1"
-	"k8s.io/apimachinery/pkg/runtime"
-	"k8s.io/client-go/kubernetes/fake"
-	k8stesting "k8s.io/client-go/testing"
 	"k8s.io/utils/clock"
 	clocktesting "k8s.io/utils/clock/testing"
 
+	"github.com/endpointlag/endpointlag/cmd/endpointlag/internal/testutil"
 	"github.com/endpointlag/endpointlag/cmd/endpointlag/internal/webserver"
 	"github.com/endpointlag/endpointlag/collector"
 	"github.com/endpointlag/endpointlag/collector/aggregate"
 )
 
-// reviews makes a fake clientset answer TokenReviews from tokens (token → user name) and
-// SubjectAccessReviews from grants ("user verb path", a path ending in * matching as RBAC's
-// nonResourceURLs do, or "user verb resource.group", resource * for any), and records what it
-// was asked.
-type reviews struct {
-	mu     sync.Mutex
-	tokens []string
-	sars   []authorizationv1.SubjectAccessReviewSpec
-}
-
-func fakeReviews(client *fake.Clientset, tokens map[string]string, grants ...string) *reviews {
-	r := &reviews{}
-	client.PrependReactor("create", "tokenreviews", func(a k8stesting.Action) (bool, runtime.Object, error) {
-		tr := a.(k8stesting.CreateAction).GetObject().(*authenticationv1.TokenReview).DeepCopy()
-		r.mu.Lock()
-		defer r.mu.Unlock()
-		r.tokens = append(r.tokens, tr.Spec.Token)
-		if user, ok := tokens[tr.Spec.Token]; ok {
-			tr.Status = authenticationv1.TokenReviewStatus{Authenticated: true, User: authenticationv1.UserInfo{Username: user, Groups: []string{"system:authenticated"}}}
-		}
-		return true, tr, nil
-	})
-	client.PrependReactor("create", "subjectaccessreviews", func(a k8stesting.Action) (bool, runtime.Object, error) {
-		sar := a.(k8stesting.CreateAction).GetObject().(*authorizationv1.SubjectAccessReview).DeepCopy()
-		r.mu.Lock()
-		defer r.mu.Unlock()
-		r.sars = append(r.sars, sar.Spec)
-		if nr := sar.Spec.NonResourceAttributes; nr != nil {
-			asked := sar.Spec.User + " " + nr.Verb + " " + nr.Path
-			for _, g := range grants {
-				prefix, wildcard := strings.CutSuffix(g, "*")
-				sar.Status.Allowed = sar.Status.Allowed || g == asked || wildcard && strings.HasPrefix(asked, prefix)
-			}
-		}
-		if ra := sar.Spec.ResourceAttributes; ra != nil {
-			prefix := sar.Spec.User + " " + ra.Verb + " "
-			sar.Status.Allowed = slices.Contains(grants, prefix+ra.Resource+"."+ra.Group) || slices.Contains(grants, prefix+"*."+ra.Group)
-		}
-		return true, sar, nil
-	})
-	return r
-}
-
-func (r *reviews) seen() ([]string, []authorizationv1.SubjectAccessReviewSpec) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return append([]string(nil), r.tokens...), append([]authorizationv1.SubjectAccessReviewSpec(nil), r.sars...)
+// reviewer is a user as a TokenReview of the tests describes it.
+func reviewer(name string) authenticationv1.UserInfo {
+	return authenticationv1.UserInfo{Username: name, Groups: []string{"system:authenticated"}}
 }
 
 func writeFile(t *testing.T, dir, name, content string) string {
@@ -94,12 +46,12 @@ func writeFile(t *testing.T, dir, name, content string) string {
 // verification, and says which flag is missing otherwise.
 func TestProtectedDaemonAndInspect(t *testing.T) {
 	const prometheus = "system:serviceaccount:monitoring:prometheus"
-	client := fake.NewClientset()
-	fakeReviews(client, map[string]string{"prometheus-token": prometheus, "alice-token": "alice", "bob-token": "bob"},
-		prometheus+" get records.endpointlag.dev", prometheus+" get /metrics", "bob get *.endpointlag.dev")
+	api := testutil.NewReviewAPI(
+		map[string]authenticationv1.UserInfo{"prometheus-token": reviewer(prometheus), "alice-token": reviewer("alice"), "bob-token": reviewer("bob")},
+		map[string][]string{prometheus: {"get endpointlag.dev/records", "get /metrics"}, "bob": {"get endpointlag.dev/*"}})
 	opts := testOptions()
 	opts.Web.Auth = webserver.AuthKubernetes
-	r := startDaemon(t, opts, clock.RealClock{}, client)
+	r := startDaemon(t, opts, clock.RealClock{}, api.Clientset)
 	base := "https" + strings.TrimPrefix(r.base, "http")
 	addr := strings.TrimPrefix(base, "https://")
 	skipVerify := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}}
@@ -181,15 +133,15 @@ func TestProtectedDaemonAndInspect(t *testing.T) {
 // Without a token it is refused and counts an error.
 func TestPushToProtectedAggregator(t *testing.T) {
 	const daemonSA = "system:serviceaccount:endpointlag:endpointlag"
-	client := fake.NewClientset()
-	rev := fakeReviews(client, map[string]string{"token-1": daemonSA, "token-2": daemonSA}, daemonSA+" create push.endpointlag.dev")
+	api := testutil.NewReviewAPI(map[string]authenticationv1.UserInfo{"token-1": reviewer(daemonSA), "token-2": reviewer(daemonSA)},
+		map[string][]string{daemonSA: {"create endpointlag.dev/push"}})
 	log := slog.New(slog.DiscardHandler)
 	reg := prometheus.NewRegistry()
 	agg, err := aggregate.New(aggregate.DefaultOptions(), reg, clock.RealClock{}, log)
 	if err != nil {
 		t.Fatal(err)
 	}
-	ws, err := webserver.New(webserver.Options{Auth: webserver.AuthKubernetes}, "127.0.0.1", client, clock.RealClock{}, log)
+	ws, err := webserver.New(webserver.Options{Auth: webserver.AuthKubernetes}, "127.0.0.1", api, clock.RealClock{}, log)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -255,7 +207,7 @@ func TestPushToProtectedAggregator(t *testing.T) {
 	if ok := outcome(preg, "ok"); ok != 2 {
 		t.Errorf("%v pushes accepted, want 2", ok)
 	}
-	tokens, sars := rev.seen()
+	tokens, sars := api.Seen()
 	if strings.Join(tokens, ",") != "token-1,token-2" {
 		t.Errorf("tokens reviewed %q, want token-1 then the rotated token-2", tokens)
 	}

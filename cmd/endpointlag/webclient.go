@@ -94,11 +94,8 @@ func (c clientAuth) transport() (http.RoundTripper, error) {
 	return rt, nil
 }
 
-// client is an http.Client with the transport; nil settings give http.DefaultClient.
+// client is an http.Client with the transport (http.DefaultTransport without settings).
 func (c clientAuth) client() (*http.Client, error) {
-	if c.tokenFile == "" && c.caFile == "" && !c.insecure {
-		return http.DefaultClient, nil
-	}
 	rt, err := c.transport()
 	if err != nil {
 		return nil, err

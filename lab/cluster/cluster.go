@@ -19,6 +19,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -799,3 +800,17 @@ func (c *Cluster) Records(ctx context.Context, n *Node) (report.Records, error) 
 
 // DaemonClient reaches the daemons: over TLS it accepts their self-signed certificates.
 var DaemonClient = &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}}
+
+// PodLogs are the log files of pod name's process, one per start (the kubelet's restarts get
+// name.1, name.2, …), in that order.
+func (c *Cluster) PodLogs(name string) []string {
+	restarts, _ := filepath.Glob(c.path("logs/pod-" + name + ".[0-9]*.log"))
+	sort.Slice(restarts, func(i, j int) bool {
+		return len(restarts[i]) < len(restarts[j]) || len(restarts[i]) == len(restarts[j]) && restarts[i] < restarts[j]
+	})
+	first := c.path("logs/pod-" + name + ".log")
+	if _, err := os.Stat(first); err != nil {
+		return restarts
+	}
+	return append([]string{first}, restarts...)
+}

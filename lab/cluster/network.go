@@ -121,30 +121,14 @@ func routeNodes(netns string, i, nodes int) error {
 	if err := ns.Sysctl(netns, "net.ipv4.ip_forward", "1"); err != nil {
 		return err
 	}
-	if err := routePodCIDRs(netns, i, nodes); err != nil {
-		return err
-	}
-	h, err := ns.Handle(netns)
-	if err != nil {
-		return err
-	}
-	defer h.Close()
-	eth0, err := h.LinkByName("eth0")
-	if err != nil {
-		return err
-	}
-	svc := netip.MustParsePrefix(serviceCIDR)
-	if err := h.RouteAdd(&netlink.Route{LinkIndex: eth0.Attrs().Index, Dst: ipNet(svc), Scope: netlink.SCOPE_LINK}); err != nil {
-		return fmt.Errorf("%s: route to the Service CIDR %s: %w", netns, svc, err)
-	}
-	return nil
+	return routePodCIDRs(netns, i, nodes, netip.MustParsePrefix(serviceCIDR))
 }
 
 // routePodCIDRs gives namespace netns, on the underlay, routes to the pod CIDR of every node but
-// node except (0 for none) through that node. The control plane gets them all, so that programs
-// in pods reach the API server directly (its answers find their way back) as they do in a
-// cluster whose control plane can reach pods.
-func routePodCIDRs(netns string, except, nodes int) error {
+// node except (0 for none) through that node, and on-link routes to the prefixes onLink. The
+// control plane gets every pod CIDR, so that programs in pods reach the API server directly (its
+// answers find their way back) as they do in a cluster whose control plane can reach pods.
+func routePodCIDRs(netns string, except, nodes int, onLink ...netip.Prefix) error {
 	h, err := ns.Handle(netns)
 	if err != nil {
 		return err
@@ -161,6 +145,11 @@ func routePodCIDRs(netns string, except, nodes int) error {
 		r := &netlink.Route{LinkIndex: eth0.Attrs().Index, Dst: ipNet(podCIDR(j)), Gw: nodeAddr(j).AsSlice()}
 		if err := h.RouteAdd(r); err != nil {
 			return fmt.Errorf("%s: route to %s: %w", netns, podCIDR(j), err)
+		}
+	}
+	for _, p := range onLink {
+		if err := h.RouteAdd(&netlink.Route{LinkIndex: eth0.Attrs().Index, Dst: ipNet(p), Scope: netlink.SCOPE_LINK}); err != nil {
+			return fmt.Errorf("%s: route to %s: %w", netns, p, err)
 		}
 	}
 	return nil

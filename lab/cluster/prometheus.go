@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"net/http"
 	"net/netip"
 	"os"
 	"time"
@@ -111,15 +110,7 @@ func (c *Cluster) StartPrometheus(ctx context.Context, cfg PrometheusConfig) (st
 		if done, perr := p.exited(); done {
 			return &fatal{fmt.Errorf("prometheus exited (%v); see %s", perr, c.path("logs/prometheus.log"))}
 		}
-		resp, err := http.Get(url + "/-/ready")
-		if err != nil {
-			return err
-		}
-		resp.Body.Close()
-		if resp.StatusCode != http.StatusOK {
-			return fmt.Errorf("%s/-/ready: %s", url, resp.Status)
-		}
-		return nil
+		return httpOK(ctx, "", url+"/-/ready")
 	})
 	return url, err
 }

@@ -337,7 +337,7 @@ func TestInstall(t *testing.T) {
 			t.Errorf("a rollout without preStop under load, and no late or dead connection recorded: the packets probe did not run (%s)", s)
 		}
 		for _, p := range pods.Items {
-			logs, _ := filepath.Glob(filepath.Join(c.StateDir(), "logs", "pod-"+p.Name+"*.log"))
+			logs := c.PodLogs(p.Name)
 			if len(logs) == 0 {
 				t.Errorf("no log of %s", p.Name)
 			}
@@ -538,7 +538,7 @@ func daemonServiceAccount(t *testing.T, c *cluster.Cluster, name string) string 
 // token of it.
 func serviceAccountToken(t *testing.T, ctx context.Context, client kubernetes.Interface, ns, name string) string {
 	t.Helper()
-	if _, err := client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+	if err := scenario.EnsureNamespace(ctx, client, ns); err != nil {
 		t.Fatal(err)
 	}
 	sa := &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name}}
@@ -588,8 +588,7 @@ func logPodLogs(t *testing.T, c *cluster.Cluster, ns string) {
 		return
 	}
 	for _, p := range pods.Items {
-		logs, _ := filepath.Glob(filepath.Join(c.StateDir(), "logs", "pod-"+p.Name+"*.log"))
-		for _, l := range logs {
+		for _, l := range c.PodLogs(p.Name) {
 			b, _ := os.ReadFile(l)
 			if len(b) > 3000 {
 				b = b[len(b)-3000:]

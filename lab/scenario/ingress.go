@@ -97,7 +97,7 @@ func DeployIngress(ctx context.Context, c *cluster.Cluster, app *App, o IngressO
 	in.TraefikService = traefikServiceName(app.Namespace, app.Name, port)
 	backend := haproxy.Backend{Namespace: app.Namespace, Service: app.Name, Port: haproxy.PortKey(port), Path: "/"}
 	in.HAProxyBackend = backend.Name()
-	if err := ensureNamespace(ctx, app.Client, IngressNamespace); err != nil {
+	if err := EnsureNamespace(ctx, app.Client, IngressNamespace); err != nil {
 		return nil, err
 	}
 	for class, controller := range map[string]string{"traefik": "traefik.io/ingress-controller", "haproxy": "haproxy.org/ingress-controller/haproxy"} {
@@ -129,7 +129,7 @@ func DeployIngress(ctx context.Context, c *cluster.Cluster, app *App, o IngressO
 	ready := make([]*corev1.Pod, len(pods))
 	for i, p := range pods {
 		if ready[i], err = WaitPodReady(ctx, app.Client, IngressNamespace, p.Name, true, 90*time.Second); err != nil {
-			return nil, fmt.Errorf("%w (its log: %s)", err, filepath.Join(c.StateDir(), "logs", "pod-"+p.Name+".log"))
+			return nil, fmt.Errorf("%w (its log: %s)", err, strings.Join(c.PodLogs(p.Name), ", "))
 		}
 	}
 	in.Traefik, in.HAProxy = ready[0], ready[1]

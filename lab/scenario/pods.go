@@ -65,7 +65,7 @@ func (p Pod) Object() *corev1.Pod {
 
 // CreatePod creates the pod, and its namespace if missing.
 func CreatePod(ctx context.Context, client kubernetes.Interface, p Pod) (*corev1.Pod, error) {
-	if err := ensureNamespace(ctx, client, p.Namespace); err != nil {
+	if err := EnsureNamespace(ctx, client, p.Namespace); err != nil {
 		return nil, err
 	}
 	created, err := client.CoreV1().Pods(p.Namespace).Create(ctx, p.Object(), metav1.CreateOptions{})

@@ -76,7 +76,8 @@ func container(b Behaviour, probe *corev1.Probe) corev1.Container {
 	return c
 }
 
-func ensureNamespace(ctx context.Context, client kubernetes.Interface, name string) error {
+// EnsureNamespace creates namespace name unless it exists.
+func EnsureNamespace(ctx context.Context, client kubernetes.Interface, name string) error {
 	ns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: name}}
 	if _, err := client.CoreV1().Namespaces().Create(ctx, ns, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
 		return err
@@ -88,7 +89,7 @@ func (a *App) labels() map[string]string { return map[string]string{"app": a.Nam
 
 // Apply creates or updates the namespace, Service and Deployment with behaviour b.
 func (a *App) Apply(ctx context.Context, b Behaviour) error {
-	if err := ensureNamespace(ctx, a.Client, a.Namespace); err != nil {
+	if err := EnsureNamespace(ctx, a.Client, a.Namespace); err != nil {
 		return err
 	}
 	svc := &corev1.Service{

@@ -9,6 +9,7 @@ import (
 	"reflect"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 
 	monitoringv1 "github.com/prometheus-operator/prometheus-operator/pkg/apis/monitoring/v1"
@@ -24,6 +25,9 @@ func TestMain(m *testing.M) {
 	code := m.Run()
 	if binPath != "" {
 		_ = os.RemoveAll(filepath.Dir(binPath))
+	}
+	if valuesChartDir != "" {
+		_ = os.RemoveAll(valuesChartDir)
 	}
 	os.Exit(code)
 }
@@ -161,22 +165,12 @@ type values struct {
 }
 
 // valuesOf returns the values a rendering used, as helm merged the chart's defaults and args: it
-// renders a copy of the chart (links followed) with one more template, which prints .Values.
+// renders valuesChart, a copy of the chart with one more template, which prints .Values.
 func valuesOf(t *testing.T, helm string, args []string) values {
 	t.Helper()
-	dir := t.TempDir()
-	cp := exec.Command("cp", "-rL", chartDir, dir)
-	if out, err := cp.CombinedOutput(); err != nil {
-		t.Fatalf("cp: %v %s", err, out)
-	}
-	chart := filepath.Join(dir, filepath.Base(chartDir))
-	if err := os.WriteFile(filepath.Join(chart, "templates", "zz-values.yaml"), []byte("values: {{ toJson .Values }}\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	all := append([]string{"template", manifests.Release, chart, "--namespace", manifests.Namespace, "--show-only", "templates/zz-values.yaml"}, args...)
-	out, err := exec.Command(helm, all...).Output()
+	out, err := manifests.Template(helm, valuesChart(t), append([]string{"--show-only", "templates/zz-values.yaml"}, args...)...)
 	if err != nil {
-		t.Fatalf("helm %q: %v", all, err)
+		t.Fatal(err)
 	}
 	var doc struct{ Values json.RawMessage }
 	if err := yaml.Unmarshal(out, &doc); err != nil {
@@ -187,6 +181,32 @@ func valuesOf(t *testing.T, helm string, args []string) values {
 		t.Fatal(err)
 	}
 	return v
+}
+
+var (
+	valuesChartOnce sync.Once
+	valuesChartDir  string // the copy's directory; TestMain removes it
+	valuesChartErr  error
+)
+
+// valuesChart copies the chart once (links followed) and adds templates/zz-values.yaml to the copy.
+func valuesChart(t *testing.T) string {
+	t.Helper()
+	valuesChartOnce.Do(func() {
+		if valuesChartDir, valuesChartErr = os.MkdirTemp("", "endpointlag-chart-values"); valuesChartErr != nil {
+			return
+		}
+		if out, err := exec.Command("cp", "-rL", chartDir, valuesChartDir).CombinedOutput(); err != nil {
+			valuesChartErr = fmt.Errorf("cp: %v %s", err, out)
+			return
+		}
+		valuesChartErr = os.WriteFile(filepath.Join(valuesChartDir, filepath.Base(chartDir), "templates", "zz-values.yaml"),
+			[]byte("values: {{ toJson .Values }}\n"), 0o644)
+	})
+	if valuesChartErr != nil {
+		t.Fatal(valuesChartErr)
+	}
+	return filepath.Join(valuesChartDir, filepath.Base(chartDir))
 }
 
 func checkObjects(t *testing.T, o *Objects, v values) {
@@ -653,28 +673,11 @@ func TestPackage(t *testing.T) {
 	if len(tgz) != 1 {
 		t.Fatalf("helm package made %v", tgz)
 	}
-	objs := decode(t, "the packaged chart", helmDocsOf(t, helm, tgz[0], "--set", "prometheusRule.enabled=true", "--set", "dashboards.enabled=true"))
+	objs := decode(t, "the packaged chart", renderDocs(t, helm, tgz[0], "--set", "prometheusRule.enabled=true", "--set", "dashboards.enabled=true"))
 	files, _ := filepath.Glob(filepath.Join(dashboardsDir, "*.json"))
 	if len(objs.PrometheusRules) != 1 || len(objs.ConfigMaps) != len(files) {
 		t.Errorf("the packaged chart renders %d PrometheusRules and %d dashboards, want 1 and %d", len(objs.PrometheusRules), len(objs.ConfigMaps), len(files))
 	}
-}
-
-func helmDocsOf(t *testing.T, helm, chart string, args ...string) [][]byte {
-	t.Helper()
-	out, err := manifests.Template(helm, chart, args...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	docs, err := manifests.SplitBySource(out)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var bodies [][]byte
-	for _, d := range docs {
-		bodies = append(bodies, d.Body)
-	}
-	return bodies
 }
 
 func envVar(c corev1.Container, name string) *corev1.EnvVar {

@@ -19,8 +19,6 @@ import (
 	"github.com/endpointlag/endpointlag/deploy/tools/internal/manifests"
 )
 
-var yamlMarshal = yaml.Marshal
-
 // deploy/base is the chart rendered at its defaults (make generate; make lint checks it too).
 func TestBaseIsTheChart(t *testing.T) {
 	helm := helmBin(t)
@@ -62,13 +60,7 @@ func kustomize(t *testing.T, dir string) *Objects {
 // The base and every overlay render, and each overlay is the chart with the matching values.
 func TestKustomize(t *testing.T) {
 	helm := helmBin(t)
-	base := func(more ...string) []string {
-		var args []string
-		for _, v := range manifests.BaseValues {
-			args = append(args, "--set", v)
-		}
-		return append(args, more...)
-	}
+	base := func(more ...string) []string { return append(manifests.BaseArgs(), more...) }
 	want := map[string][]string{
 		baseDir:                                  base(),
 		filepath.Join(overlaysDir, "no-auth"):    base("--set", "auth.enabled=false"),
@@ -104,7 +96,7 @@ func diffYAML(t *testing.T, want, got any) string {
 	dir := t.TempDir()
 	a, b := filepath.Join(dir, "chart.yaml"), filepath.Join(dir, "kustomize.yaml")
 	for f, v := range map[string]any{a: want, b: got} {
-		y, err := yamlMarshal(v)
+		y, err := yaml.Marshal(v)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -152,10 +152,31 @@ func strictAppend[T any](doc []byte, list *[]T) error {
 	return nil
 }
 
-// helmDocs renders the chart with helm template and more arguments, and splits its output.
+// helmDocs renders the chart with helm template and more arguments, and splits its output. Each
+// rendering is made once: the tests that check the same variants share it.
 func helmDocs(t *testing.T, helm string, args ...string) [][]byte {
 	t.Helper()
-	out, err := manifests.Template(helm, chartDir, args...)
+	key := strings.Join(args, "\x00")
+	renderedMu.Lock()
+	defer renderedMu.Unlock()
+	if docs, ok := rendered[key]; ok {
+		return docs
+	}
+	docs := renderDocs(t, helm, chartDir, args...)
+	rendered[key] = docs
+	return docs
+}
+
+var (
+	renderedMu sync.Mutex
+	rendered   = map[string][][]byte{}
+)
+
+// renderDocs renders chart (a directory or a packaged chart) with helm template and more
+// arguments, and returns its objects' documents.
+func renderDocs(t *testing.T, helm, chart string, args ...string) [][]byte {
+	t.Helper()
+	out, err := manifests.Template(helm, chart, args...)
 	if err != nil {
 		t.Fatal(err)
 	}

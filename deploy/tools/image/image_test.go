@@ -196,7 +196,6 @@ func TestImage(t *testing.T) {
 
 	// Every ELF file's libraries and loader are in the image (resolved inside it, not here).
 	ma := multiarch[o.Arch]
-	libDirs := []string{"/lib/" + ma.triplet, "/usr/lib/" + ma.triplet, "/lib", "/usr/lib"}
 	elves := 0
 	for name, data := range contents {
 		f, err := elf.NewFile(bytes.NewReader(data))
@@ -207,7 +206,7 @@ func TestImage(t *testing.T) {
 		libs, _ := f.ImportedLibraries()
 		for _, lib := range libs {
 			found := false
-			for _, d := range libDirs {
+			for _, d := range libDirs(ma.triplet) {
 				if _, err := root.resolve(path.Join(d, lib)); err == nil {
 					found = true
 					break

@@ -160,6 +160,12 @@ var multiarch = map[string]struct {
 	"arm64": {"aarch64-linux-gnu", elf.EM_AARCH64},
 }
 
+// libDirs are the directories the ELF loader searches for a library after a file's run path:
+// Debian's multiarch directories (triplet: multiarch's) and the plain ones.
+func libDirs(triplet string) []string {
+	return []string{"/lib/" + triplet, "/usr/lib/" + triplet, "/lib", "/usr/lib"}
+}
+
 // addELFClosure adds ELF files and, transitively, the shared libraries they need (DT_NEEDED,
 // searched as the loader does: DT_RUNPATH or DT_RPATH, then Debian's multiarch and plain library
 // directories) and their program interpreter. All must be built for machine.
@@ -168,7 +174,7 @@ func (fs rootfs) addELFClosure(files []string, arch string) error {
 	if !ok {
 		return fmt.Errorf("no Debian multiarch directory known for %s", arch)
 	}
-	dirs := []string{"/lib/" + ma.triplet, "/usr/lib/" + ma.triplet, "/lib", "/usr/lib"}
+	dirs := libDirs(ma.triplet)
 	seen := map[string]bool{}
 	queue := slices.Clone(files)
 	for len(queue) > 0 {
@@ -192,9 +198,10 @@ func (fs rootfs) addELFClosure(files []string, arch string) error {
 		if interp != "" {
 			queue = append(queue, interp)
 		}
+		search := append(expandOrigin(runpath, filepath.Dir(real)), dirs...)
 		for _, lib := range needed {
 			found := ""
-			for _, d := range append(expandOrigin(runpath, filepath.Dir(real)), dirs...) {
+			for _, d := range search {
 				if _, err := os.Stat(filepath.Join(d, lib)); err == nil {
 					found = filepath.Join(d, lib)
 					break
@@ -244,9 +251,10 @@ func elfDeps(file string, machine elf.Machine) (needed []string, interp string, 
 }
 
 func expandOrigin(dirs []string, origin string) []string {
+	r := strings.NewReplacer("$ORIGIN", origin, "${ORIGIN}", origin)
 	out := make([]string, 0, len(dirs))
 	for _, d := range dirs {
-		out = append(out, strings.NewReplacer("$ORIGIN", origin, "${ORIGIN}", origin).Replace(d))
+		out = append(out, r.Replace(d))
 	}
 	return out
 }

@@ -1,27 +1,23 @@
 package webserver
 
 import (
-	"bytes"
 	"crypto/tls"
 	"errors"
 	"io"
-	"log/slog"
 	"net"
 	"net/http"
 	"reflect"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	authenticationv1 "k8s.io/api/authentication/v1"
 	authorizationv1 "k8s.io/api/authorization/v1"
-	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/kubernetes/fake"
-	k8stesting "k8s.io/client-go/testing"
 	"k8s.io/utils/clock"
 	clocktesting "k8s.io/utils/clock/testing"
+
+	"github.com/endpointlag/endpointlag/cmd/endpointlag/internal/testutil"
 )
 
 // The users of the tests' tokens, as a TokenReview describes them.
@@ -39,96 +35,16 @@ var (
 	alice = authenticationv1.UserInfo{Username: "alice", Groups: []string{"system:authenticated"}}
 )
 
-// fakeAPI answers TokenReviews from its tokens and SubjectAccessReviews from its rules, the way
-// the API server and RBAC would, and records what it was asked.
-type fakeAPI struct {
-	*fake.Clientset
-	mu           sync.Mutex
-	tokens       map[string]authenticationv1.UserInfo
-	rules        map[string][]string // user → "verb path" it may (a path ending in * is a prefix), or "verb group/resource" (resource * for any)
-	fail         error               // when set, every review fails with it
-	tokenReviews []string            // the tokens reviewed
-	sars         []authorizationv1.SubjectAccessReviewSpec
-}
-
-func newFakeAPI() *fakeAPI {
-	f := &fakeAPI{Clientset: fake.NewClientset(),
-		tokens: map[string]authenticationv1.UserInfo{"prometheus-token": prometheus, "daemon-token": daemonSA, "alice-token": alice},
-		rules: map[string][]string{
+// newFakeAPI answers the reviews of the tests' tokens and users.
+func newFakeAPI() *testutil.ReviewAPI {
+	return testutil.NewReviewAPI(
+		map[string]authenticationv1.UserInfo{"prometheus-token": prometheus, "daemon-token": daemonSA, "alice-token": alice},
+		map[string][]string{
 			prometheus.Username: {"get /metrics", "get endpointlag.dev/*"},
 			daemonSA.Username:   {"create endpointlag.dev/push"},
 			// What Kubernetes' system:discovery role grants every authenticated user.
 			alice.Username: {"get /api/*", "get /apis/*"},
-		},
-	}
-	f.PrependReactor("create", "tokenreviews", func(a k8stesting.Action) (bool, runtime.Object, error) {
-		tr := a.(k8stesting.CreateAction).GetObject().(*authenticationv1.TokenReview).DeepCopy()
-		f.mu.Lock()
-		defer f.mu.Unlock()
-		f.tokenReviews = append(f.tokenReviews, tr.Spec.Token)
-		if f.fail != nil {
-			return true, nil, f.fail
-		}
-		if u, ok := f.tokens[tr.Spec.Token]; ok {
-			tr.Status = authenticationv1.TokenReviewStatus{Authenticated: true, User: u}
-		} else {
-			tr.Status = authenticationv1.TokenReviewStatus{Error: "invalid bearer token"}
-		}
-		return true, tr, nil
-	})
-	f.PrependReactor("create", "subjectaccessreviews", func(a k8stesting.Action) (bool, runtime.Object, error) {
-		sar := a.(k8stesting.CreateAction).GetObject().(*authorizationv1.SubjectAccessReview).DeepCopy()
-		f.mu.Lock()
-		defer f.mu.Unlock()
-		f.sars = append(f.sars, sar.Spec)
-		if f.fail != nil {
-			return true, nil, f.fail
-		}
-		nr, ra := sar.Spec.NonResourceAttributes, sar.Spec.ResourceAttributes
-		for _, rule := range f.rules[sar.Spec.User] {
-			verb, path, _ := strings.Cut(rule, " ")
-			group, resource, isResource := strings.Cut(path, "/")
-			nonResourceOK := nr != nil && nr.Verb == verb && (nr.Path == path || strings.HasSuffix(path, "*") && strings.HasPrefix(nr.Path, strings.TrimSuffix(path, "*")))
-			resourceOK := isResource && group != "" && ra != nil && ra.Verb == verb && ra.Group == group && (resource == "*" || ra.Resource == resource)
-			if nonResourceOK || resourceOK {
-				sar.Status = authorizationv1.SubjectAccessReviewStatus{Allowed: true, Reason: "RBAC: allowed by ClusterRoleBinding"}
-				return true, sar, nil
-			}
-		}
-		return true, sar, nil
-	})
-	return f
-}
-
-// calls returns how many TokenReviews and SubjectAccessReviews were asked so far.
-func (f *fakeAPI) calls() (int, int) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	return len(f.tokenReviews), len(f.sars)
-}
-
-func (f *fakeAPI) setFail(err error) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	f.fail = err
-}
-
-// syncBuffer is a log sink safe for the server's goroutines.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
+		})
 }
 
 // echo answers every request with its method and path.
@@ -138,14 +54,14 @@ var echo = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 
 type served struct {
 	addr string
-	logs *syncBuffer
+	logs *testutil.SyncBuffer
 }
 
 // serve runs a Server of opts on a loopback port until the test ends.
 func serve(t *testing.T, opts Options, client kubernetes.Interface, clk clock.PassiveClock) served {
 	t.Helper()
-	logs := &syncBuffer{}
-	s, err := New(opts, "127.0.0.1", client, clk, slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})))
+	logs := &testutil.SyncBuffer{}
+	s, err := New(opts, "127.0.0.1", client, clk, testutil.DebugLogger(logs))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -225,14 +141,13 @@ func TestKubernetesAuth(t *testing.T) {
 			}
 		})
 	}
-	api.mu.Lock()
-	defer api.mu.Unlock()
-	for _, spec := range api.sars {
+	tokens, sars := api.Seen()
+	for _, spec := range sars {
 		if nr := spec.NonResourceAttributes; nr != nil && (nr.Path == "/healthz" || nr.Path == "/readyz") {
 			t.Errorf("an open path was authorized: %+v", spec)
 		}
 	}
-	for _, tok := range api.tokenReviews {
+	for _, tok := range tokens {
 		if tok == "" {
 			t.Error("a TokenReview of an empty token was sent")
 		}
@@ -270,10 +185,8 @@ func TestSubjectAccessReviewAttributes(t *testing.T) {
 			ResourceAttributes: &authorizationv1.ResourceAttributes{Group: APIGroup, Version: "v1", Resource: "push", Verb: "create"},
 		},
 	}
-	api.mu.Lock()
-	defer api.mu.Unlock()
-	if !reflect.DeepEqual(api.sars, want) {
-		t.Errorf("SubjectAccessReviews sent:\n%+v\nwant:\n%+v", api.sars, want)
+	if _, sars := api.Seen(); !reflect.DeepEqual(sars, want) {
+		t.Errorf("SubjectAccessReviews sent:\n%+v\nwant:\n%+v", sars, want)
 	}
 }
 
@@ -286,7 +199,7 @@ func TestAuthCache(t *testing.T) {
 	base := "https://" + s.addr
 	check := func(what string, wantTR, wantSAR int) {
 		t.Helper()
-		if tr, sar := api.calls(); tr != wantTR || sar != wantSAR {
+		if tr, sar := api.Calls(); tr != wantTR || sar != wantSAR {
 			t.Errorf("%s: %d TokenReviews and %d SubjectAccessReviews, want %d and %d", what, tr, sar, wantTR, wantSAR)
 		}
 	}
@@ -325,25 +238,25 @@ func TestAPIServerUnavailable(t *testing.T) {
 	api := newFakeAPI()
 	s := serve(t, Options{Auth: AuthKubernetes}, api, clock.RealClock{})
 	base := "https://" + s.addr
-	api.setFail(errors.New("connection refused"))
+	api.SetFail(errors.New("connection refused"))
 	if code, _, body := do(t, "GET", base+"/metrics", "Bearer prometheus-token"); code != http.StatusServiceUnavailable || !strings.Contains(body, "cannot check the token") {
 		t.Errorf("TokenReview failing: %d %q, want 503", code, body)
 	}
 	if !strings.Contains(s.logs.String(), "TokenReview") || !strings.Contains(s.logs.String(), "connection refused") {
 		t.Errorf("the failure is not logged:\n%s", s.logs.String())
 	}
-	api.setFail(nil)
+	api.SetFail(nil)
 	if code, _, _ := do(t, "GET", base+"/metrics", "Bearer prometheus-token"); code != http.StatusOK {
 		t.Errorf("API back: %d, want 200", code)
 	}
-	api.setFail(errors.New("etcdserver: request timed out"))
+	api.SetFail(errors.New("etcdserver: request timed out"))
 	if code, _, body := do(t, "GET", base+"/api/v1/records", "Bearer prometheus-token"); code != http.StatusServiceUnavailable || !strings.Contains(body, "cannot authorize") {
 		t.Errorf("SubjectAccessReview failing: %d %q, want 503", code, body)
 	}
 	if !strings.Contains(s.logs.String(), "SubjectAccessReview") || !strings.Contains(s.logs.String(), "etcdserver: request timed out") {
 		t.Errorf("the failure is not logged:\n%s", s.logs.String())
 	}
-	api.setFail(nil)
+	api.SetFail(nil)
 	if code, _, _ := do(t, "GET", base+"/api/v1/records", "Bearer prometheus-token"); code != http.StatusOK {
 		t.Errorf("API back: %d, want 200", code)
 	}

@@ -33,8 +33,9 @@ type Options struct {
 // Bind binds the options to the --web.* flags of fs, besides --web.listen-address.
 func (o *Options) Bind(fs *pflag.FlagSet) {
 	fs.StringVar(&o.Auth, "web.auth", AuthNone,
-		"who may use the HTTP endpoints: none (anyone), or kubernetes: the request's bearer token is checked with a TokenReview and the request authorized with a SubjectAccessReview "+
-			"for its path as a non-resource URL and its method as the verb (get, post), as Kubernetes components do, so RBAC nonResourceURLs rules grant access; "+
+		"who may use the HTTP endpoints: none (anyone), or kubernetes: the request's bearer token is checked with a TokenReview and the request authorized with a SubjectAccessReview, "+
+			"as Kubernetes components do: /api/v1/<resource> as that resource of the API group "+APIGroup+" (GET as get, POST as create), any other path, such as /metrics, "+
+			"as a non-resource URL with the lower-case method as the verb, so RBAC rules on "+APIGroup+" and nonResourceURLs grant access; "+
 			"/healthz and /readyz stay open for the kubelet's probes. kubernetes is always served over TLS (--web.tls-cert-file, else a self-signed certificate made at start) "+
 			"and needs RBAC create on tokenreviews and subjectaccessreviews (the ClusterRole system:auth-delegator); see docs/security.md")
 	fs.StringVar(&o.TLSCertFile, "web.tls-cert-file", "",

@@ -148,3 +148,102 @@ app.kubernetes.io/component: aggregator
 {{- if $pm }}{{ $pm }}{{ else if $sm }}{{ $sm }}{{ end }}
 {{- end }}
 {{- end }}
+
+{{/* What the ServiceMonitors and PodMonitors scrape, as a JSON list (fromJsonArray): the daemons
+and, with aggregator.enabled, the aggregator. */}}
+{{- define "endpointlag.monitorTargets" -}}
+{{- $targets := list (dict "name" (include "endpointlag.fullname" .) "job" "endpointlag" "labels" (include "endpointlag.labels" .) "selector" (include "endpointlag.selectorLabels" .) "port" "metrics" "honorLabels" false) }}
+{{- if .Values.aggregator.enabled }}
+{{- $targets = append $targets (dict "name" (include "endpointlag.aggregatorName" .) "job" "endpointlag-aggregate" "labels" (include "endpointlag.aggregatorLabels" .) "selector" (include "endpointlag.aggregatorSelectorLabels" .) "port" "http" "honorLabels" true) }}
+{{- end }}
+{{- toJson $targets }}
+{{- end }}
+
+{{/* A ServiceMonitor or PodMonitor of one of endpointlag.monitorTargets. A dict: root (the
+chart's context), kind, endpoints (the spec's key of the endpoint list), monitor (the values:
+serviceMonitor or podMonitor), target, and bearerTokenFile (Prometheus's token file to send
+instead of the scraper's token; empty: the scraper's). */}}
+{{- define "endpointlag.monitor" -}}
+{{- $root := .root }}
+{{- $mon := .monitor }}
+{{- $ns := include "endpointlag.namespace" $root }}
+{{- $monNS := default $ns $mon.namespace }}
+apiVersion: monitoring.coreos.com/v1
+kind: {{ .kind }}
+metadata:
+  name: {{ .target.name }}
+  namespace: {{ $monNS }}
+  labels:
+    {{- .target.labels | nindent 4 }}
+    {{- with $mon.labels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+spec:
+  {{- if ne $monNS $ns }}
+  namespaceSelector:
+    matchNames: [{{ $ns }}]
+  {{- end }}
+  selector:
+    matchLabels:
+      {{- .target.selector | nindent 6 }}
+  {{ .endpoints }}:
+  - port: {{ .target.port }}
+    path: /metrics
+    interval: {{ $mon.interval }}
+    scrapeTimeout: {{ $mon.scrapeTimeout }}
+    {{- if .target.honorLabels }}
+    # The workload metrics' namespace label is the workload's, not the aggregator's.
+    honorLabels: true
+    {{- end }}
+    {{- if $root.Values.auth.enabled }}
+    scheme: https
+    {{- if .bearerTokenFile }}
+    bearerTokenFile: {{ .bearerTokenFile }}
+    {{- else }}
+    authorization:
+      type: Bearer
+      credentials:
+        name: {{ include "endpointlag.scraperName" $root }}-token
+        key: token
+    {{- end }}
+    {{- with $mon.tlsConfig }}
+    tlsConfig:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+    {{- else }}
+    scheme: http
+    {{- end }}
+    relabelings:
+    - action: replace
+      sourceLabels: [__meta_kubernetes_pod_node_name]
+      targetLabel: node
+    - action: replace
+      replacement: {{ .target.job }}
+      targetLabel: job
+    {{- with $mon.relabelings }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+    {{- with $mon.metricRelabelings }}
+    metricRelabelings:
+      {{- toYaml . | nindent 4 }}
+    {{- end }}
+{{- end }}
+
+{{/* A ClusterRoleBinding of one ServiceAccount to a ClusterRole. A dict: name, labels (YAML),
+role, account and namespace (the ServiceAccount's). */}}
+{{- define "endpointlag.clusterRoleBinding" -}}
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata:
+  name: {{ .name }}
+  labels:
+    {{- .labels | nindent 4 }}
+roleRef:
+  apiGroup: rbac.authorization.k8s.io
+  kind: ClusterRole
+  name: {{ .role }}
+subjects:
+- kind: ServiceAccount
+  name: {{ .account }}
+  namespace: {{ .namespace }}
+{{- end }}

@@ -16,6 +16,15 @@ import (
 // namespace (labelled for Pod Security Admission), and no label says Helm manages its objects.
 var BaseValues = []string{"namespace.create=true", "helmLabels=false"}
 
+// BaseArgs returns BaseValues as helm's arguments (--set name=value...).
+func BaseArgs() []string {
+	var args []string
+	for _, v := range BaseValues {
+		args = append(args, "--set", v)
+	}
+	return args
+}
+
 // Release and Namespace are the release name and namespace deploy/base is rendered with; the
 // release name is the chart's, so that every object is named endpointlag or endpointlag-<part>.
 const (
@@ -40,11 +49,7 @@ func Template(helm, chart string, more ...string) ([]byte, error) {
 // Render returns deploy/base's files by name: one per template of the chart that renders
 // something at the defaults, and kustomization.yaml listing them.
 func Render(helm, chart string) (map[string][]byte, error) {
-	var set []string
-	for _, v := range BaseValues {
-		set = append(set, "--set", v)
-	}
-	out, err := Template(helm, chart, set...)
+	out, err := Template(helm, chart, BaseArgs()...)
 	if err != nil {
 		return nil, err
 	}
