@@ -14,9 +14,10 @@
 // roughly when: both are kept in the timeline but never sampled or used as a reference.
 //
 // The files split the work: records.go starts records and says what each awaits (a dataplane
-// stage only where this node's rules reached the endpoint), join.go joins dataplane removals to
-// records (and keeps early ones as orphans), sample.go turns stages into histogram samples,
-// expire.go sweeps records past the horizon, localpods.go serves the packets probe.
+// stage only where this node's rules reached the endpoint), budget.go keeps them within their
+// caps (trusted, untrusted, per namespace), join.go joins dataplane removals to records (and
+// keeps early ones as orphans), sample.go turns stages into histogram samples, expire.go sweeps
+// records past the horizon, localpods.go serves the packets probe.
 package collector
 
 import (
@@ -40,8 +41,17 @@ import (
 type Options struct {
 	// Horizon is how long a record is kept after it was created.
 	Horizon time.Duration
-	// MaxRecords caps the endpoint records, and separately the pod timelines, held at once.
+	// MaxRecords caps the endpoint records trusted observations started, and separately the pod
+	// timelines, held at once.
 	MaxRecords int
+	// MaxUntrustedRecords caps, apart from MaxRecords, the records started by observations of
+	// slices no trusted controller manages (probes.Observation.Untrusted), and the pod timelines
+	// those start: they never take a place trusted records or pods may use. 0 means
+	// DefaultMaxUntrustedRecords.
+	MaxUntrustedRecords int
+	// MaxRecordsPerNamespace caps the records (trusted or not) of one namespace held at once, so
+	// that one namespace's burst cannot starve the others; 0: no cap.
+	MaxRecordsPerNamespace int
 	// SweepInterval is how often expired records are removed.
 	SweepInterval time.Duration
 	// Stages are the removal stages the enabled probes report after `endpointslice`; a record is
@@ -58,6 +68,9 @@ type Options struct {
 	StageProbe map[probes.Stage]string
 }
 
+// DefaultMaxUntrustedRecords is MaxUntrustedRecords when it is 0.
+const DefaultMaxUntrustedRecords = 1000
+
 // Validate reports the first option that is out of range.
 func (o Options) Validate() error {
 	switch {
@@ -65,6 +78,10 @@ func (o Options) Validate() error {
 		return fmt.Errorf("record horizon must be positive, got %s", o.Horizon)
 	case o.MaxRecords <= 0:
 		return fmt.Errorf("max records must be positive, got %d", o.MaxRecords)
+	case o.MaxUntrustedRecords < 0:
+		return fmt.Errorf("max untrusted records must not be negative, got %d", o.MaxUntrustedRecords)
+	case o.MaxRecordsPerNamespace < 0:
+		return fmt.Errorf("max records per namespace must not be negative (0: no cap), got %d", o.MaxRecordsPerNamespace)
 	case o.SweepInterval <= 0:
 		return fmt.Errorf("sweep interval must be positive, got %s", o.SweepInterval)
 	}
@@ -82,6 +99,9 @@ type Collector struct {
 
 	mu      sync.Mutex
 	records map[recordKey]*record
+	// budgets count the records (and pod timelines) against MaxRecords, MaxUntrustedRecords and
+	// MaxRecordsPerNamespace.
+	budgets budgets
 	pods    map[string]*podTimeline
 	// queue holds records and pod timelines in creation order, for expiry.
 	queue []queued
@@ -127,11 +147,15 @@ func New(opts Options, clk clock.WithTicker, log *slog.Logger, reg prometheus.Re
 	if err := opts.Validate(); err != nil {
 		return nil, err
 	}
+	if opts.MaxUntrustedRecords == 0 {
+		opts.MaxUntrustedRecords = DefaultMaxUntrustedRecords
+	}
 	c := &Collector{
 		opts:         opts,
 		clock:        clk,
 		log:          log,
 		records:      map[recordKey]*record{},
+		budgets:      budgets{byNamespace: map[string]int{}},
 		pods:         map[string]*podTimeline{},
 		byEndpoint:   map[probes.Endpoint][]recordKey{},
 		orphans:      newOrphans(),

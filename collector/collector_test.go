@@ -294,7 +294,7 @@ func TestBurstCapAndExpiry(t *testing.T) {
 		t.Errorf("tracked records = %g, want %d", got, limit)
 	}
 	// Each pod over the limit is dropped once as a pod and once as a record.
-	if got := f.value("endpointlag_records_dropped_total"); got != 2*(burst-limit) {
+	if got := f.value("endpointlag_records_dropped_total", "reason", "max"); got != 2*(burst-limit) {
 		t.Errorf("dropped = %g, want %d", got, 2*(burst-limit))
 	}
 	if got := f.value("endpointlag_pending_endpoints", "stage", "endpointslice_removed"); got != limit {
@@ -332,6 +332,198 @@ func TestBurstCapAndExpiry(t *testing.T) {
 	}
 }
 
+// untrusted is a slice observation of a slice no trusted controller manages.
+func untrusted(o probes.Observation) probes.Observation {
+	o.Untrusted = true
+	return o
+}
+
+// inNamespace puts o's slice (its Service) and pod in ns.
+func inNamespace(o probes.Observation, ns string) probes.Observation {
+	o.Service.Namespace, o.Pod.Namespace = ns, ns
+	return o
+}
+
+// tracking tells whether a record of pod i is held, and whether it is untrusted.
+func (f *fixture) tracking(i int) (held, untrusted bool) {
+	f.t.Helper()
+	for _, r := range f.c.Records() {
+		if r.Pod.UID == pod(i).UID {
+			return true, r.Untrusted
+		}
+	}
+	return false, false
+}
+
+// A flood of made-up terminating endpoints (slices no trusted controller manages) fills only
+// its own budget: real terminations arriving after it are all tracked, up to --record.max.
+func TestUntrustedFloodLeavesRoomForTrusted(t *testing.T) {
+	const limit, untrustedLimit, flood = 10, 5, 100
+	f := newFixture(t, Options{MaxRecords: limit, MaxUntrustedRecords: untrustedLimit})
+	for i := range flood {
+		f.c.Observe(untrusted(obs(probes.StageEndpointSlice, i, t0, false)))
+	}
+	for i := flood; i < flood+limit; i++ {
+		f.c.Observe(obs(probes.StageEndpointSlice, i, t0.Add(time.Second), false))
+		if held, _ := f.tracking(i); !held {
+			t.Fatalf("the real termination of pod %d after the flood is not tracked", i)
+		}
+	}
+	if got := f.value("endpointlag_tracked_records"); got != limit+untrustedLimit {
+		t.Errorf("tracked records = %g, want %d", got, limit+untrustedLimit)
+	}
+	if got := f.value("endpointlag_untrusted_records"); got != untrustedLimit {
+		t.Errorf("untrusted records = %g, want %d", got, untrustedLimit)
+	}
+	// Only trusted records filling --record.max drop a trusted one.
+	f.c.Observe(obs(probes.StageEndpointSlice, flood+limit, t0.Add(time.Second), false))
+	for reason, want := range map[string]float64{"untrusted": flood - untrustedLimit, "max": 1, "namespace": 0} {
+		if got := f.value("endpointlag_records_dropped_total", "reason", reason); got != want {
+			t.Errorf("records_dropped_total{reason=%q} = %g, want %g", reason, got, want)
+		}
+	}
+	// An untrusted observation still joins a record a trusted one started.
+	f.c.Observe(untrusted(obs(probes.StageEndpointSliceRemoved, flood, t0.Add(2*time.Second), false)))
+	if n, _ := f.histogram("endpointlag_programming_seconds", probes.StageEndpointSliceRemoved); n != 1 {
+		t.Errorf("the untrusted removal did not join the trusted record: %d samples", n)
+	}
+}
+
+// Made-up slices can say their made-up pods run on this node: the pod timelines their records
+// start are held with those records, not against the pods' --record.max, so a real pod's
+// deletion still gets its timeline (T0, and so propagation).
+func TestUntrustedLocalFloodLeavesRoomForPods(t *testing.T) {
+	const limit, untrustedLimit = 2, 5
+	f := newFixture(t, Options{MaxRecords: limit, MaxUntrustedRecords: untrustedLimit})
+	for i := range 2 * untrustedLimit {
+		f.c.Observe(untrusted(obs(probes.StageEndpointSlice, i, t0, true)))
+	}
+	for i := 100; i < 100+limit; i++ {
+		f.c.Observe(obs(probes.StageDeleted, i, t0.Add(time.Second), true))
+		f.c.Observe(obs(probes.StageEndpointSlice, i, t0.Add(1100*time.Millisecond), true))
+	}
+	if n, _ := f.histogram("endpointlag_propagation_seconds", probes.StageEndpointSlice); n != limit {
+		t.Errorf("propagation samples of real local pods = %d, want %d", n, limit)
+	}
+	if got := f.value("endpointlag_tracked_pods"); got != limit+untrustedLimit {
+		t.Errorf("tracked pods = %g, want %d", got, limit+untrustedLimit)
+	}
+	// Trusted pods alone fill --record.max now.
+	f.c.Observe(obs(probes.StageDeleted, 200, t0.Add(time.Second), true))
+	for reason, want := range map[string]float64{"untrusted": untrustedLimit, "max": 1} {
+		if got := f.value("endpointlag_records_dropped_total", "reason", reason); got != want {
+			t.Errorf("records_dropped_total{reason=%q} = %g, want %g", reason, got, want)
+		}
+	}
+}
+
+// One namespace's burst is cut at --record.max-per-namespace while other namespaces still start
+// records. A made-up slice counts in its own namespace, whichever pods it names.
+func TestNamespaceCap(t *testing.T) {
+	const perNamespace, burst = 3, 10
+	f := newFixture(t, Options{MaxRecordsPerNamespace: perNamespace, MaxUntrustedRecords: 100})
+	for i := range burst {
+		f.c.Observe(inNamespace(obs(probes.StageEndpointSlice, i, t0, false), "batch"))
+	}
+	if got := f.value("endpointlag_records_dropped_total", "reason", "namespace"); got != burst-perNamespace {
+		t.Errorf("records_dropped_total{reason=namespace} = %g, want %d", got, burst-perNamespace)
+	}
+	for i := burst; i < burst+perNamespace; i++ {
+		forged := untrusted(inNamespace(obs(probes.StageEndpointSlice, i, t0, false), "evil"))
+		forged.Pod.Namespace = "shop" // a made-up pod of another namespace
+		f.c.Observe(forged)
+	}
+	f.c.Observe(inNamespace(obs(probes.StageEndpointSlice, 100, t0, false), "shop"))
+	if held, _ := f.tracking(100); !held {
+		t.Error("a termination in another namespace was not tracked after one namespace's burst")
+	}
+	f.c.Observe(inNamespace(obs(probes.StageEndpointSlice, 101, t0, false), "batch"))
+	if held, _ := f.tracking(101); held {
+		t.Error("namespace batch holds more than --record.max-per-namespace records")
+	}
+	if got, want := f.value("endpointlag_tracked_records"), float64(2*perNamespace+1); got != want {
+		t.Errorf("tracked records = %g, want %g", got, want)
+	}
+	if got := f.value("endpointlag_records_dropped_total", "reason", "max"); got != 0 {
+		t.Errorf("records_dropped_total{reason=max} = %g, want 0", got)
+	}
+}
+
+// Records that expire give their places back: to their namespace and to the untrusted budget.
+func TestExpiryReleasesBudgets(t *testing.T) {
+	f := newFixture(t, Options{Horizon: time.Minute, MaxRecordsPerNamespace: 2, MaxUntrustedRecords: 1})
+	f.c.Observe(inNamespace(obs(probes.StageEndpointSlice, 1, t0, false), "batch"))
+	f.c.Observe(inNamespace(obs(probes.StageEndpointSlice, 2, t0, false), "batch"))
+	f.c.Observe(untrusted(inNamespace(obs(probes.StageEndpointSlice, 3, t0, false), "evil")))
+	f.c.Observe(inNamespace(obs(probes.StageEndpointSlice, 4, t0, false), "batch"))
+	f.c.Observe(untrusted(inNamespace(obs(probes.StageEndpointSlice, 5, t0, false), "evil")))
+	for _, i := range []int{4, 5} {
+		if held, _ := f.tracking(i); held {
+			t.Fatalf("pod %d tracked over the caps", i)
+		}
+	}
+
+	f.clock.Step(time.Minute)
+	f.c.Sweep()
+	if got := f.value("endpointlag_untrusted_records"); got != 0 {
+		t.Errorf("untrusted records after expiry = %g, want 0", got)
+	}
+	now := f.clock.Now()
+	f.c.Observe(inNamespace(obs(probes.StageEndpointSlice, 6, now, false), "batch"))
+	f.c.Observe(inNamespace(obs(probes.StageEndpointSlice, 7, now, false), "batch"))
+	f.c.Observe(untrusted(inNamespace(obs(probes.StageEndpointSlice, 8, now, false), "evil")))
+	for _, i := range []int{6, 7, 8} {
+		if held, _ := f.tracking(i); !held {
+			t.Errorf("pod %d is not tracked after the records before it expired", i)
+		}
+	}
+	if got := f.value("endpointlag_records_dropped_total", "reason", "namespace"); got != 1 {
+		t.Errorf("records_dropped_total{reason=namespace} = %g, want 1", got)
+	}
+	if got := f.value("endpointlag_records_dropped_total", "reason", "untrusted"); got != 1 {
+		t.Errorf("records_dropped_total{reason=untrusted} = %g, want 1", got)
+	}
+}
+
+// A made-up slice that shows a real endpoint terminating first does not keep its record in the
+// untrusted budget: the trusted slice's change makes it trusted, and frees its untrusted place.
+// While trusted records fill --record.max it stays untrusted, and tracked.
+func TestTrustedObservationTrustsRecord(t *testing.T) {
+	f := newFixture(t, Options{MaxRecords: 2, MaxUntrustedRecords: 1})
+	f.c.Observe(untrusted(obs(probes.StageEndpointSlice, 1, t0, false)))
+	f.c.Observe(untrusted(obs(probes.StageEndpointSlice, 2, t0, false))) // over the untrusted budget
+	if held, untrusted := f.tracking(1); !held || !untrusted {
+		t.Fatalf("pod 1: held %v, untrusted %v; want an untrusted record", held, untrusted)
+	}
+	f.c.Observe(obs(probes.StageEndpointSlice, 1, t0.Add(time.Millisecond), false))
+	if held, untrusted := f.tracking(1); !held || untrusted {
+		t.Errorf("pod 1 after its trusted slice change: held %v, untrusted %v; want a trusted record", held, untrusted)
+	}
+	if got := f.value("endpointlag_untrusted_records"); got != 0 {
+		t.Errorf("untrusted records = %g, want 0", got)
+	}
+	f.c.Observe(untrusted(obs(probes.StageEndpointSlice, 3, t0, false)))
+	if held, _ := f.tracking(3); !held {
+		t.Error("the untrusted place pod 1's record left was not freed")
+	}
+	// Pod 1's record counts as trusted now: one more trusted fills --record.max.
+	f.c.Observe(obs(probes.StageEndpointSlice, 4, t0, false))
+	f.c.Observe(obs(probes.StageEndpointSlice, 5, t0, false))
+	if held, _ := f.tracking(5); held {
+		t.Error("pod 5 tracked beyond --record.max trusted records")
+	}
+	// Pod 3's record cannot move into a full trusted budget: it stays untrusted and tracked.
+	f.c.Observe(obs(probes.StageEndpointSlice, 3, t0.Add(time.Millisecond), false))
+	if held, untrusted := f.tracking(3); !held || !untrusted {
+		t.Errorf("pod 3 with the trusted budget full: held %v, untrusted %v; want an untrusted record", held, untrusted)
+	}
+	for reason, want := range map[string]float64{"untrusted": 1, "max": 1} {
+		if got := f.value("endpointlag_records_dropped_total", "reason", reason); got != want {
+			t.Errorf("records_dropped_total{reason=%q} = %g, want %g", reason, got, want)
+		}
+	}
+}
+
 func TestProbeStatusAndErrors(t *testing.T) {
 	f := newFixture(t, Options{Probes: []string{"kube"}})
 	if ok, waiting := f.c.Ready(); ok || strings.Join(waiting, ",") != "kube" {
@@ -357,10 +549,15 @@ func TestProbeStatusAndErrors(t *testing.T) {
 }
 
 func TestOptionsValidate(t *testing.T) {
+	if err := (Options{Horizon: time.Second, MaxRecords: 2, MaxUntrustedRecords: 5, MaxRecordsPerNamespace: 1, SweepInterval: time.Second}).Validate(); err != nil {
+		t.Errorf("valid options: %v", err)
+	}
 	for _, o := range []Options{
 		{Horizon: 0, MaxRecords: 1, SweepInterval: time.Second},
 		{Horizon: time.Second, MaxRecords: 0, SweepInterval: time.Second},
 		{Horizon: time.Second, MaxRecords: 1, SweepInterval: 0},
+		{Horizon: time.Second, MaxRecords: 2, MaxUntrustedRecords: -1, SweepInterval: time.Second},
+		{Horizon: time.Second, MaxRecords: 2, MaxRecordsPerNamespace: -1, SweepInterval: time.Second},
 	} {
 		if err := o.Validate(); err == nil {
 			t.Errorf("%+v: no error", o)

@@ -18,6 +18,9 @@ func (c *Collector) Sweep() {
 			if t := c.pods[q.key.uid]; t != nil {
 				c.dropAddrs(t)
 				c.localChanged()
+				if t.untrusted {
+					c.budgets.untrustedPods--
+				}
 			}
 			delete(c.pods, q.key.uid)
 			continue
@@ -32,6 +35,7 @@ func (c *Collector) Sweep() {
 				c.pendingChanged()
 			}
 			delete(c.records, q.key)
+			c.release(r)
 			for s := range c.undetermined {
 				delete(c.undetermined[s], q.key)
 			}
@@ -57,6 +61,7 @@ func (c *Collector) Sweep() {
 			pods[k] = t
 		}
 		c.pods = pods
+		c.budgets.rebuildNamespaces()
 	}
 }
 

@@ -25,18 +25,20 @@ type metrics struct {
 	// lastConnection is T0 → the last new connection that reached a pod of this node.
 	lastConnection prometheus.Histogram
 	// unsampled counts the stages kept out of the histograms, by reason.
-	unsampled      *prometheus.CounterVec
-	dropped        prometheus.Counter
+	unsampled *prometheus.CounterVec
+	// dropped counts the records and pod timelines not started, by reason (budget.go).
+	dropped        *prometheus.CounterVec
 	orphansDropped prometheus.Counter
 	expired        *prometheus.CounterVec
 	probeUp        *prometheus.GaugeVec
 	probeErrors    *prometheus.CounterVec
 
-	pendingDesc *prometheus.Desc
-	oldestDesc  *prometheus.Desc
-	trackedDesc *prometheus.Desc
-	podsDesc    *prometheus.Desc
-	activeDesc  *prometheus.Desc
+	pendingDesc   *prometheus.Desc
+	oldestDesc    *prometheus.Desc
+	trackedDesc   *prometheus.Desc
+	untrustedDesc *prometheus.Desc
+	podsDesc      *prometheus.Desc
+	activeDesc    *prometheus.Desc
 }
 
 func newMetrics(c *Collector) *metrics {
@@ -65,11 +67,11 @@ func newMetrics(c *Collector) *metrics {
 			Name:      "unsampled_total",
 			Help:      "Stages seen but kept out of the lag histograms: reason=relist (first seen on a re-read after a gap, known only to within it), reason=fallback (a dataplane removal kube-proxy held back on purpose while no ready endpoint was left, KEP-1669).",
 		}, []string{"stage", "path", "reason"}),
-		dropped: prometheus.NewCounter(prometheus.CounterOpts{
+		dropped: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: namespace,
 			Name:      "records_dropped_total",
-			Help:      "Terminating endpoints and pods not tracked because the record limit was reached.",
-		}),
+			Help:      "Terminating endpoints and pods not tracked, by reason: max (trusted records, or deleting pods, filled --record.max), untrusted (records of slices no trusted controller manages filled --record.max-untrusted), namespace (the namespace held --record.max-per-namespace records).",
+		}, []string{"reason"}),
 		orphansDropped: prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: namespace,
 			Name:      "orphans_dropped_total",
@@ -96,6 +98,8 @@ func newMetrics(c *Collector) *metrics {
 			"Age of the oldest terminating endpoint not yet removed at the stage, since this node saw it terminate.", []string{"stage"}, nil),
 		trackedDesc: prometheus.NewDesc(namespace+"_tracked_records",
 			"Terminating endpoint records held in memory.", nil, nil),
+		untrustedDesc: prometheus.NewDesc(namespace+"_untrusted_records",
+			"Of those, the records started by slices no trusted controller manages (held within --record.max-untrusted).", nil, nil),
 		podsDesc: prometheus.NewDesc(namespace+"_tracked_pods",
 			"Deleting pods of this node held in memory.", nil, nil),
 		activeDesc: prometheus.NewDesc(namespace+"_probe_active",
@@ -108,6 +112,9 @@ func (m *metrics) register(reg prometheus.Registerer) error {
 	// would be invisible to increase(), and so to the alert on incomplete records.
 	for _, outcome := range []string{"complete", "incomplete"} {
 		m.expired.WithLabelValues(outcome)
+	}
+	for _, reason := range dropReasons {
+		m.dropped.WithLabelValues(reason)
 	}
 	return errors.Join(
 		reg.Register(m.propagation),
@@ -128,6 +135,7 @@ func (m *metrics) Describe(ch chan<- *prometheus.Desc) {
 	ch <- m.pendingDesc
 	ch <- m.oldestDesc
 	ch <- m.trackedDesc
+	ch <- m.untrustedDesc
 	ch <- m.podsDesc
 	ch <- m.activeDesc
 }
@@ -146,7 +154,7 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 			oldest[s] = max(oldest[s], now.Sub(since[i]).Seconds(), 0)
 		}
 	}
-	records, pods := len(c.records), len(c.pods)
+	records, untrusted, pods := len(c.records), c.budgets.untrusted, len(c.pods)
 	var awaited []probes.Stage
 	for _, s := range c.opts.Stages {
 		if !c.status[c.opts.StageProbe[s]].Inactive {
@@ -169,6 +177,7 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(m.oldestDesc, prometheus.GaugeValue, oldest[s], string(s))
 	}
 	ch <- prometheus.MustNewConstMetric(m.trackedDesc, prometheus.GaugeValue, float64(records))
+	ch <- prometheus.MustNewConstMetric(m.untrustedDesc, prometheus.GaugeValue, float64(untrusted))
 	ch <- prometheus.MustNewConstMetric(m.podsDesc, prometheus.GaugeValue, float64(pods))
 }
 

@@ -15,7 +15,11 @@ type record struct {
 	local bool
 	// notProxied: kube-proxy does not program the Service, so no dataplane stage is awaited.
 	notProxied bool
-	created    time.Time
+	// untrusted: an observation of a slice no trusted controller manages started the record, and
+	// no trusted one has shown the endpoint terminating since; it is held within
+	// MaxUntrustedRecords (budget.go).
+	untrusted bool
+	created   time.Time
 	// timeline is the pod's deletion timeline; nil for pods on other nodes.
 	timeline *podTimeline
 	stages   []stageEntry
@@ -75,7 +79,10 @@ type stageEntry struct {
 type podTimeline struct {
 	pod     probes.PodRef
 	created time.Time
-	t0      time.Time
+	// untrusted: a record an untrusted observation started created it, and neither the pod's
+	// deletion nor a trusted record has shown the pod since; it is not counted against MaxRecords.
+	untrusted bool
+	t0        time.Time
 	// t0Source is the probe that reported the deletion.
 	t0Source string
 	// t0Initial: the pod was already terminating when the daemon started, so T0 is unknown;
@@ -94,21 +101,30 @@ type podTimeline struct {
 }
 
 // record returns the record an endpoint observation belongs to, creating and starting it when
-// create is set. It returns nil when the record does not exist (and is not to be created) or the
-// cap is reached.
+// create is set (the observation shows the endpoint turn terminating). It returns nil when the
+// record does not exist (and is not to be created) or its budget is spent (budget.go): trusted
+// records are held within MaxRecords, those an untrusted observation starts within
+// MaxUntrustedRecords, and no namespace holds more than MaxRecordsPerNamespace.
+//
+// An untrusted observation joins an existing record as any other does. A trusted one that would
+// have started the record makes a record an untrusted one started trusted (trust).
 func (c *Collector) record(o probes.Observation, create bool) *record {
 	k := recordKey{uid: o.Pod.UID, service: o.Service, endpoint: o.Endpoint}
 	if r, ok := c.records[k]; ok || !create {
+		if ok && create && r.untrusted && !o.Untrusted {
+			c.trust(r)
+		}
 		return r
 	}
-	if len(c.records) >= c.opts.MaxRecords {
-		c.m.dropped.Inc()
+	if reason, ok := c.admit(o, k); !ok {
+		c.m.dropped.WithLabelValues(reason).Inc()
 		return nil
 	}
 	now := c.clock.Now()
-	r := &record{key: k, pod: o.Pod, local: o.Local, notProxied: o.NotProxied, created: now, serving: o.Serving, fallback: o.Fallback}
+	r := &record{key: k, pod: o.Pod, local: o.Local, notProxied: o.NotProxied, untrusted: o.Untrusted, created: now, serving: o.Serving, fallback: o.Fallback}
+	c.hold(r)
 	if o.Local {
-		r.timeline = c.timeline(o.Pod, now)
+		r.timeline = c.timeline(o.Pod, now, o.Untrusted)
 		if r.timeline != nil {
 			r.timeline.records = append(r.timeline.records, k)
 		}
@@ -288,15 +304,25 @@ func (c *Collector) fallbackEnded(o probes.Observation) {
 }
 
 // timeline returns the local pod's timeline, creating it; nil when the cap is reached.
-func (c *Collector) timeline(pod probes.PodRef, now time.Time) *podTimeline {
+// untrusted: a record an untrusted observation starts asks for it (a made-up slice can say its
+// made-up pods run here). Such a timeline is not counted against MaxRecords, which caps the
+// others: it is held because its record is, within MaxUntrustedRecords, and expires with it.
+// The pod's own deletion, or a trusted record, makes it trusted (trustTimeline).
+func (c *Collector) timeline(pod probes.PodRef, now time.Time, untrusted bool) *podTimeline {
 	if t, ok := c.pods[pod.UID]; ok {
+		if t.untrusted && !untrusted {
+			c.trustTimeline(t)
+		}
 		return t
 	}
-	if len(c.pods) >= c.opts.MaxRecords {
-		c.m.dropped.Inc()
+	if !untrusted && len(c.pods)-c.budgets.untrustedPods >= c.opts.MaxRecords {
+		c.m.dropped.WithLabelValues(dropMax).Inc()
 		return nil
 	}
-	t := &podTimeline{pod: pod, created: now}
+	t := &podTimeline{pod: pod, created: now, untrusted: untrusted}
+	if untrusted {
+		c.budgets.untrustedPods++
+	}
 	c.pods[pod.UID] = t
 	c.queue = append(c.queue, queued{created: now, key: recordKey{uid: pod.UID}, pod: true})
 	return t
@@ -304,7 +330,7 @@ func (c *Collector) timeline(pod probes.PodRef, now time.Time) *podTimeline {
 
 func (c *Collector) podDeleted(o probes.Observation) {
 	c.dropLive(o.Pod.UID)
-	t := c.timeline(o.Pod, c.clock.Now())
+	t := c.timeline(o.Pod, c.clock.Now(), false)
 	if t == nil || !t.t0.IsZero() {
 		return
 	}

@@ -17,6 +17,10 @@ type RecordView struct {
 	Endpoint probes.Endpoint   `json:"endpoint"`
 	// Local is true when the pod runs on the reporting node, so T0 and propagation are known.
 	Local bool `json:"local"`
+	// Untrusted is true when a slice no trusted controller manages started the record (and no
+	// trusted slice has shown the endpoint terminating since): it is held within
+	// --record.max-untrusted.
+	Untrusted bool `json:"untrusted,omitempty"`
 	// T0 is when the pod got its deletionTimestamp as this daemon saw it; T0API is the API
 	// server's own value (1 s precision).
 	T0     *time.Time  `json:"t0,omitempty"`
@@ -99,7 +103,7 @@ func (c *Collector) Records() []RecordView {
 }
 
 func (c *Collector) view(r *record) RecordView {
-	v := RecordView{Pod: r.pod, Service: r.key.service, Endpoint: r.key.endpoint, Local: r.local, Serving: r.serving}
+	v := RecordView{Pod: r.pod, Service: r.key.service, Endpoint: r.key.endpoint, Local: r.local, Untrusted: r.untrusted, Serving: r.serving}
 	if r.fallback.Any() {
 		v.Fallback = &r.fallback
 	}

@@ -60,11 +60,12 @@ func probeErrors(b *board, width uint32) {
 func recordsLost(b *board, width uint32) {
 	b.timeseries(panel{
 		title: "Records dropped or expired incomplete",
-		description: "Terminations the daemons could not measure in full: records not tracked at --record.max, dataplane removals dropped while waiting for their record, " +
+		description: "Terminations the daemons could not measure in full: records not tracked, by reason (max: --record.max; untrusted: --record.max-untrusted, " +
+			"records of EndpointSlices no trusted controller manages; namespace: --record.max-per-namespace), dataplane removals dropped while waiting for their record, " +
 			"and records that reached --record.horizon with stages still pending.",
 		unit: "cps", width: width, height: 8,
 		targets: []target{
-			{expr: sumBy(rate(daemon("endpointlag_records_dropped_total"))), legend: "dropped at --record.max"},
+			{expr: sumBy(rate(daemon("endpointlag_records_dropped_total")), "reason"), legend: "dropped: {{reason}}"},
 			{expr: sumBy(rate(daemon("endpointlag_orphans_dropped_total"))), legend: "early removals dropped"},
 			{expr: sumBy(rate(daemon("endpointlag_records_expired_total", `outcome="incomplete"`))), legend: "expired incomplete"},
 		},

@@ -216,6 +216,11 @@ type Observation struct {
 	// Slice is, for the EndpointSlice stages, the slice change that showed it, as
 	// namespace/name@resourceVersion: which write of the endpointslice controller it was.
 	Slice string
+	// Untrusted is, for the EndpointSlice stages, true when the slice is not managed by a
+	// controller the daemon trusts (its endpointslice.kubernetes.io/managed-by label is not one
+	// of --kube.trusted-managers): anyone allowed to write EndpointSlices in a namespace can
+	// make one up, with made-up pods. Records it starts are held within a budget of their own.
+	Untrusted bool
 	// Relist is true when the change was first seen on a re-read after a gap (a watch that broke
 	// and relisted, a dataplane resync after lost kernel messages): it happened within Precision
 	// before Time, and is not sampled as live lag.

@@ -14,6 +14,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/endpointlag/endpointlag/cmd/endpointlag/internal/webserver"
+	"github.com/endpointlag/endpointlag/collector"
 	"github.com/endpointlag/endpointlag/collector/aggregate"
 	"github.com/endpointlag/endpointlag/probes"
 )
@@ -35,6 +36,9 @@ type Options struct {
 	PollInterval    time.Duration
 	SyncTimeout     time.Duration
 	KubeProxyURL    string
+	// MaxUntrustedRecords and MaxRecordsPerNamespace are collector.Options'.
+	MaxUntrustedRecords    int
+	MaxRecordsPerNamespace int
 	// Push configures the pushes of settled records to the aggregator (off without URLs).
 	Push aggregate.PushOptions
 	// PushAuth is how the pushes reach an aggregator run with --web.auth=kubernetes.
@@ -56,7 +60,11 @@ func bindFlags(fs *pflag.FlagSet, o *Options) {
 	fs.DurationVar(&o.Horizon, "record.horizon", 10*time.Minute,
 		"how long a terminating endpoint's record is kept; stages seen later are not joined")
 	fs.IntVar(&o.MaxRecords, "record.max", 50000,
-		"most endpoint records (and, separately, deleting pods) held at once; more are dropped and counted")
+		"most endpoint records (and, separately, deleting pods) held at once; more are dropped and counted. Records of untrusted slices (see --record.max-untrusted) do not count")
+	fs.IntVar(&o.MaxUntrustedRecords, "record.max-untrusted", collector.DefaultMaxUntrustedRecords,
+		"most endpoint records (and the deleting pods they name) held at once that were started by EndpointSlices no trusted controller manages (see --kube.trusted-managers: anyone allowed to write slices in a namespace can make them up, with made-up pods), in a budget of their own that never takes a place --record.max keeps for the others; more are dropped and counted. A trusted slice showing the same endpoint terminating moves its record to --record.max")
+	fs.IntVar(&o.MaxRecordsPerNamespace, "record.max-per-namespace", 10000,
+		"most endpoint records of one namespace held at once, trusted or not, so that one namespace's burst (a mass deletion, or made-up slices) cannot starve the others; a record counts in the namespace of the EndpointSlice that started it, the pod's own for the endpointslice controller's; more are dropped and counted (0: no cap)")
 	fs.DurationVar(&o.SweepInterval, "record.sweep-interval", 10*time.Second, "how often expired records are removed")
 	fs.DurationVar(&o.PollInterval, "dataplane.poll-interval", time.Second,
 		"how often sources without change events are read (IPVS, iptables legacy backend); also their precision")
@@ -112,6 +120,12 @@ func (o *Options) Validate() error {
 	}
 	if o.MaxRecords <= 0 {
 		errs = append(errs, fmt.Errorf("--record.max must be positive, got %d", o.MaxRecords))
+	}
+	if o.MaxUntrustedRecords <= 0 {
+		errs = append(errs, fmt.Errorf("--record.max-untrusted must be positive, got %d", o.MaxUntrustedRecords))
+	}
+	if o.MaxRecordsPerNamespace < 0 {
+		errs = append(errs, fmt.Errorf("--record.max-per-namespace must not be negative (0: no cap), got %d", o.MaxRecordsPerNamespace))
 	}
 	enabled := o.enabled()
 	if len(enabled) == 0 {

@@ -64,6 +64,8 @@ type Config struct {
 	// Otelcol is the OpenTelemetry Collector binary (lab/otelcol) the daemons export their traces
 	// to; empty: no traces.
 	Otelcol string
+	// DaemonArgs are added to the arguments of every node's endpointlag (without Install).
+	DaemonArgs []string
 	// Install: the lab starts no endpointlag of its own. The test installs it as users do (the
 	// Helm chart or the kustomize base), and the kubelets run the DaemonSet's and the
 	// aggregator's pods (image ImageEndpointlag runs Endpointlag) with the ServiceAccount, the
@@ -200,6 +202,8 @@ type Node struct {
 	DaemonURL string
 	kubelet   *kubelet
 	kubeProxy *proc
+	// daemon is the node's endpointlag; nil with Config.Install.
+	daemon *proc
 }
 
 // Cluster is a running lab.
@@ -219,6 +223,8 @@ type Cluster struct {
 	Nodes      []*Node
 
 	procs *procs
+	// api is the API server's process.
+	api *proc
 	// probeAgent is the User-Agent of the kubelets' HTTP probes.
 	probeAgent string
 	// runCtx ends when the lab stops.
@@ -388,6 +394,7 @@ func (c *Cluster) controlPlane(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	c.api = api
 	if err := c.forward(c.cfg.APIPort, cpNS, "127.0.0.1:6443"); err != nil {
 		return err
 	}
@@ -515,10 +522,11 @@ func (c *Cluster) startNodes(ctx, runCtx context.Context) error {
 			env = append(os.Environ(), "OTEL_EXPORTER_OTLP_ENDPOINT=http://"+netip.AddrPortFrom(cpAddr, otlpPort).String(),
 				"OTEL_EXPORTER_OTLP_PROTOCOL=grpc", "OTEL_EXPORTER_OTLP_INSECURE=true", "OTEL_BSP_SCHEDULE_DELAY=500")
 		}
-		if _, err := c.procs.startEnv(n.Name+"-endpointlag", n.NS, env, c.cfg.Endpointlag,
-			"--kubeconfig="+c.path("node.kubeconfig"), "--node-name="+n.Name,
+		args := append([]string{"--kubeconfig=" + c.path("node.kubeconfig"), "--node-name=" + n.Name,
 			fmt.Sprintf("--web.listen-address=127.0.0.1:%d", DaemonPort), "--log.level=debug", "--packets.uplinks=eth0",
-			"--aggregator.urls="+fmt.Sprintf("http://%s", netip.AddrPortFrom(cpAddr, aggregatorPort)), "--aggregator.interval=500ms", "--aggregator.heartbeat=5s"); err != nil {
+			"--aggregator.urls=" + fmt.Sprintf("http://%s", netip.AddrPortFrom(cpAddr, aggregatorPort)), "--aggregator.interval=500ms", "--aggregator.heartbeat=5s"},
+			c.cfg.DaemonArgs...)
+		if n.daemon, err = c.procs.startEnv(n.Name+"-endpointlag", n.NS, env, c.cfg.Endpointlag, args...); err != nil {
 			return err
 		}
 		if err := c.forward(port, n.NS, fmt.Sprintf("127.0.0.1:%d", DaemonPort)); err != nil {
@@ -597,6 +605,90 @@ func (c *Cluster) PauseKubeProxy(node string) error {
 func (c *Cluster) ResumeKubeProxy(node string) error {
 	return c.signalKubeProxy(node, syscall.SIGCONT)
 }
+
+// RestartKubeProxy ends node's kube-proxy with SIGTERM and starts it again, waiting until it
+// serves its health check.
+func (c *Cluster) RestartKubeProxy(ctx context.Context, node string) error {
+	n, err := c.Node(node)
+	if err != nil {
+		return err
+	}
+	if n.kubeProxy, err = c.procs.restart(n.kubeProxy, syscall.SIGTERM, 30*time.Second); err != nil {
+		return err
+	}
+	return waitFor(ctx, 2*time.Minute, node+"'s kube-proxy to sync again", func() error {
+		if done, perr := n.kubeProxy.exited(); done {
+			return &fatal{fmt.Errorf("%s's kube-proxy exited (%v); see %s", node, perr, c.path("logs/"+node+"-kube-proxy.log"))}
+		}
+		return httpOK(ctx, n.NS, "http://127.0.0.1:10256/healthz")
+	})
+}
+
+// RestartDaemon ends node's endpointlag with sig (SIGTERM: a graceful stop; SIGKILL: a crash)
+// and starts it again, waiting until it is ready, at most timeout.
+func (c *Cluster) RestartDaemon(ctx context.Context, node string, sig syscall.Signal, timeout time.Duration) error {
+	n, err := c.Node(node)
+	if err != nil {
+		return err
+	}
+	if n.daemon == nil {
+		return fmt.Errorf("%s runs no endpointlag of the lab's (Config.Install)", node)
+	}
+	if n.daemon, err = c.procs.restart(n.daemon, sig, 30*time.Second); err != nil {
+		return err
+	}
+	return waitFor(ctx, timeout, node+"'s endpointlag to be ready again", func() error {
+		if done, perr := n.daemon.exited(); done {
+			return &fatal{fmt.Errorf("%s's endpointlag exited (%v); see %s", node, perr, c.path("logs/"+node+"-endpointlag.log"))}
+		}
+		return httpOK(ctx, "", n.DaemonURL+"/readyz")
+	})
+}
+
+// RestartAPIServer stops the API server (SIGTERM), keeps it down for down, and starts it again,
+// waiting until it is ready. Watches break; a client that comes back after changes were made
+// without it relists (the new server's watch cache starts after them: 410 Gone).
+func (c *Cluster) RestartAPIServer(ctx context.Context, down time.Duration) error {
+	if err := c.api.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		return fmt.Errorf("SIGTERM to kube-apiserver: %w", err)
+	}
+	select {
+	case <-c.api.done:
+	case <-time.After(time.Minute):
+		c.api.kill()
+	}
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-time.After(down):
+	}
+	var err error
+	if c.api, err = c.procs.restart(c.api, syscall.SIGTERM, 0); err != nil {
+		return err
+	}
+	return waitFor(ctx, 2*time.Minute, "the API server to be ready again", func() error {
+		if done, perr := c.api.exited(); done {
+			return &fatal{fmt.Errorf("kube-apiserver exited (%v); see %s", perr, c.path("logs/kube-apiserver.log"))}
+		}
+		_, err := c.Client.Discovery().RESTClient().Get().AbsPath("/readyz").DoRaw(ctx)
+		return err
+	})
+}
+
+// PIDs returns the process IDs of node's kube-proxy and endpointlag (0 without the lab's own).
+func (c *Cluster) PIDs(node string) (kubeProxy, daemon int, err error) {
+	n, err := c.Node(node)
+	if err != nil {
+		return 0, 0, err
+	}
+	if n.daemon != nil {
+		daemon = n.daemon.pid()
+	}
+	return n.kubeProxy.pid(), daemon, nil
+}
+
+// APIServerAddr is the API server's address as the nodes reach it.
+func APIServerAddr() netip.AddrPort { return netip.AddrPortFrom(cpAddr, 6443) }
 
 func (c *Cluster) signalKubeProxy(node string, sig syscall.Signal) error {
 	n, err := c.Node(node)

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -30,6 +31,13 @@ type proc struct {
 	cmd  *exec.Cmd
 	done chan struct{}
 	err  error
+	// spec is how it was started, for restart.
+	spec procSpec
+}
+
+type procSpec struct {
+	netns, binary string
+	env, args     []string
 }
 
 const pidFile = "pids"
@@ -41,12 +49,41 @@ func (p *procs) start(name, netns, binary string, args ...string) (*proc, error)
 
 // startEnv is start with the environment env (nil: this process's).
 func (p *procs) startEnv(name, netns string, env []string, binary string, args ...string) (*proc, error) {
-	logf, err := os.Create(filepath.Join(p.dir, "logs", name+".log"))
+	return p.run(name, procSpec{netns: netns, binary: binary, env: env, args: args}, os.O_TRUNC)
+}
+
+// restart ends pr with sig (SIGKILL when it has not ended after grace) and starts it again as it
+// was started, its output appended to the same log.
+func (p *procs) restart(pr *proc, sig syscall.Signal, grace time.Duration) (*proc, error) {
+	if done, _ := pr.exited(); !done {
+		_ = pr.cmd.Process.Signal(sig)
+		_ = pr.cmd.Process.Signal(syscall.SIGCONT)
+		select {
+		case <-pr.done:
+		case <-time.After(grace):
+			pr.kill()
+		}
+	}
+	p.mu.Lock()
+	p.list = slices.DeleteFunc(p.list, func(q *proc) bool { return q == pr })
+	p.mu.Unlock()
+	return p.run(pr.name, pr.spec, os.O_APPEND)
+}
+
+// pid is the process's PID.
+func (pr *proc) pid() int { return pr.cmd.Process.Pid }
+
+func (p *procs) run(name string, spec procSpec, mode int) (*proc, error) {
+	logf, err := os.OpenFile(filepath.Join(p.dir, "logs", name+".log"), os.O_CREATE|os.O_WRONLY|mode, 0o644)
 	if err != nil {
 		return nil, err
 	}
-	cmd := ns.Command(netns, append([]string{binary}, args...)...)
-	cmd.Env = env
+	if mode == os.O_APPEND {
+		fmt.Fprintf(logf, "--- lab: restarted at %s\n", time.Now().Format(time.RFC3339Nano))
+	}
+	binary := spec.binary
+	cmd := ns.Command(spec.netns, append([]string{binary}, spec.args...)...)
+	cmd.Env = spec.env
 	cmd.Stdout, cmd.Stderr = logf, logf
 	// The child dies with the lab process; `ip netns exec` execs the binary, which keeps it.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
@@ -54,7 +91,7 @@ func (p *procs) startEnv(name, netns string, env []string, binary string, args .
 		logf.Close()
 		return nil, fmt.Errorf("starting %s: %w", name, err)
 	}
-	pr := &proc{name: name, cmd: cmd, done: make(chan struct{})}
+	pr := &proc{name: name, cmd: cmd, done: make(chan struct{}), spec: spec}
 	go func() {
 		pr.err = cmd.Wait()
 		logf.Close()

@@ -23,7 +23,7 @@ func Terminating(slices []discoveryv1.EndpointSlice) ([]TerminatingEndpoint, []e
 	var errs []error
 	for i := range slices {
 		s := &slices[i]
-		entry, perrs := parseSlice(s)
+		entry, perrs := parseSlice(s, true)
 		errs = append(errs, perrs...)
 		t.apply(s.Namespace+"/"+s.Name, entry, event{})
 	}

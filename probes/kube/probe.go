@@ -24,6 +24,8 @@ import (
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/utils/clock"
 
+	"github.com/spf13/pflag"
+
 	"github.com/endpointlag/endpointlag/probes"
 )
 
@@ -37,14 +39,27 @@ func init() {
 		DefaultEnabled: true,
 		Stages:         []probes.Stage{probes.StageEndpointSliceRemoved},
 		NeedsAPI:       true,
+		Flags: func(fs *pflag.FlagSet) {
+			flagOpts = DefaultOptions()
+			fs.StringVar(&flagOpts.SliceSelector, "kube.endpointslice-selector", flagOpts.SliceSelector,
+				"label selector of the EndpointSlices watched; the default is kube-proxy's (no headless Services, no Services of another proxy). Empty watches every slice, e.g. to measure headless Services behind ingress proxies, at the cost of their slices' memory and traffic")
+			fs.StringSliceVar(&flagOpts.TrustedManagers, "kube.trusted-managers", flagOpts.TrustedManagers,
+				"endpointslice.kubernetes.io/managed-by values of the EndpointSlices whose endpoints are trusted (comma-separated); terminations in other slices, which anyone allowed to write EndpointSlices in a namespace can make up, are held within --record.max-untrusted")
+		},
+		Validate: func() error { return flagOpts.Validate() },
 		New: func(env probes.Env) (probes.Probe, error) {
-			return New(env.Client, env.NodeName, env.Clock, env.Logger)
+			return New(flagOpts, env.Client, env.NodeName, env.Clock, env.Logger)
 		},
 	})
 }
 
+// flagOpts are the options the flags set.
+var flagOpts = DefaultOptions()
+
 // Probe watches EndpointSlices and this node's pods.
 type Probe struct {
+	opts   Options
+	slices *sliceTransform
 	client kubernetes.Interface
 	node   string
 	clock  clock.PassiveClock
@@ -54,14 +69,21 @@ type Probe struct {
 }
 
 // New returns the probe for node.
-func New(client kubernetes.Interface, node string, clk clock.PassiveClock, log *slog.Logger) (*Probe, error) {
+func New(opts Options, client kubernetes.Interface, node string, clk clock.PassiveClock, log *slog.Logger) (*Probe, error) {
 	if client == nil {
 		return nil, errors.New("the kube probe needs a Kubernetes client")
 	}
 	if node == "" {
 		return nil, errors.New("the kube probe needs the node name (--node-name or NODE_NAME)")
 	}
-	return &Probe{client: client, node: node, clock: clk, log: log.With("probe", Name)}, nil
+	if err := opts.Validate(); err != nil {
+		return nil, err
+	}
+	tr, err := newSliceTransform(opts)
+	if err != nil {
+		return nil, err
+	}
+	return &Probe{opts: opts, slices: tr, client: client, node: node, clock: clk, log: log.With("probe", Name)}, nil
 }
 
 // Name implements probes.Probe.
@@ -79,9 +101,11 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 
 	sliceLW := &cache.ListWatch{
 		ListWithContextFunc: func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
+			o.LabelSelector = p.opts.SliceSelector
 			return p.client.DiscoveryV1().EndpointSlices(metav1.NamespaceAll).List(ctx, o)
 		},
 		WatchFuncWithContext: func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) {
+			o.LabelSelector = p.opts.SliceSelector
 			return p.client.DiscoveryV1().EndpointSlices(metav1.NamespaceAll).Watch(ctx, o)
 		},
 	}
@@ -101,13 +125,14 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 
 	var synced []cache.InformerSynced
 	for _, h := range []struct {
-		inf     cache.SharedIndexInformer
-		handler cache.ResourceEventHandler
+		inf       cache.SharedIndexInformer
+		transform cache.TransformFunc
+		handler   cache.ResourceEventHandler
 	}{
-		{sliceInf, cache.ResourceEventHandlerDetailedFuncs{AddFunc: slices.add, UpdateFunc: slices.update, DeleteFunc: slices.delete}},
-		{podInf, cache.ResourceEventHandlerDetailedFuncs{AddFunc: pods.add, UpdateFunc: pods.update, DeleteFunc: pods.delete}},
+		{sliceInf, p.slices.transform, cache.ResourceEventHandlerDetailedFuncs{AddFunc: slices.add, UpdateFunc: slices.update, DeleteFunc: slices.delete}},
+		{podInf, stripManagedFields, cache.ResourceEventHandlerDetailedFuncs{AddFunc: pods.add, UpdateFunc: pods.update, DeleteFunc: pods.delete}},
 	} {
-		if err := h.inf.SetTransform(stripManagedFields); err != nil {
+		if err := h.inf.SetTransform(h.transform); err != nil {
 			return fmt.Errorf("kube probe: %w", err)
 		}
 		if err := h.inf.SetWatchErrorHandlerWithContext(func(_ context.Context, r *cache.Reflector, err error) {
@@ -196,7 +221,7 @@ func (h *sliceHandler) apply(obj any, deleted, initial bool) {
 	if tomb, ok := obj.(cache.DeletedFinalStateUnknown); ok {
 		obj, deleted = tomb.Obj, true
 	}
-	s, ok := obj.(*discoveryv1.EndpointSlice)
+	s, ok := obj.(*sliceObject)
 	if !ok {
 		h.sink.Error(Name, fmt.Errorf("slice informer delivered %T", obj))
 		return
@@ -206,9 +231,8 @@ func (h *sliceHandler) apply(obj any, deleted, initial bool) {
 	ev.slice = key + "@" + s.ResourceVersion
 	var entry *sliceEntry
 	if !deleted {
-		var errs []error
-		entry, errs = parseSlice(s)
-		h.report(key, errs)
+		entry = s.entry
+		h.report(key, s.errs)
 	} else {
 		delete(h.reported, key)
 	}
@@ -251,6 +275,7 @@ func (h *sliceHandler) observe(changes []change) {
 			Initial:    c.initial,
 			Relist:     c.relist,
 			Slice:      c.slice,
+			Untrusted:  c.info.untrusted,
 			Serving:    c.info.serving,
 			Fallback:   c.fallback,
 		})

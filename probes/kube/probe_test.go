@@ -5,9 +5,11 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"math"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -20,6 +22,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/watch"
@@ -30,6 +33,7 @@ import (
 
 	"github.com/endpointlag/endpointlag/collector"
 	"github.com/endpointlag/endpointlag/probes"
+	"github.com/endpointlag/endpointlag/probes/internal/probetest"
 	"github.com/endpointlag/endpointlag/probes/kube"
 )
 
@@ -97,7 +101,7 @@ func newHarnessWithDataplane(t *testing.T, client *fake.Clientset, dp probes.Dat
 	}
 	srv := httptest.NewServer(promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	h.scrape = srv.URL
-	p, err := kube.New(h.client, node, h.clock, log)
+	p, err := kube.New(kube.DefaultOptions(), h.client, node, h.clock, log)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -698,5 +702,70 @@ func TestEndpointLeavingWithoutTerminatingPhase(t *testing.T) {
 	r := h.coll.Records()[0]
 	if r.Pod.UID != "uid-a" || len(r.Stages) != 2 || !r.Stages[0].Time.Equal(start.Add(time.Second)) || r.Stages[1].Stage != string(probes.StageEndpointSliceRemoved) {
 		t.Errorf("record %+v, want uid-a turning terminating and removed at +1s", r)
+	}
+}
+
+// Like kube-proxy, the probe lists and watches the slices of proxied Services only (the server
+// selects; the probe checks again, as a fake client does not select watches), and it marks the
+// terminations of slices no trusted controller manages.
+func TestSliceSelectionAndTrust(t *testing.T) {
+	a, b, c := pod("a", "uid-a", other, "10.0.0.1"), pod("b", "uid-b", other, "10.0.0.2"), pod("c", "uid-c", other, "10.0.0.3")
+	managed := slice("web-1", "web", ep{a, "terminating"})
+	managed.Labels[discoveryv1.LabelManagedBy] = "endpointslice-controller.k8s.io"
+	forged := slice("forged-1", "forged", ep{b, "terminating"})
+	forged.Labels[discoveryv1.LabelManagedBy] = "someone"
+	headless := slice("db-1", "db", ep{c, "terminating"})
+	headless.Labels[corev1.IsHeadlessService] = ""
+	client := fake.NewClientset()
+	p, err := kube.New(kube.DefaultOptions(), client, node, clocktesting.NewFakeClock(start), slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec, stop := probetest.Run(t, p)
+	rec.Wait(t, "the probe to sync", rec.Synced)
+	for _, s := range []*discoveryv1.EndpointSlice{headless, forged, managed} {
+		if _, err := client.DiscoveryV1().EndpointSlices(ns).Create(context.Background(), s, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	rec.Wait(t, "the managed slice's termination", func() bool { return kube.SliceEvents(p) == 3 })
+	stop()
+	got := map[string]bool{}
+	for _, o := range rec.Observations() {
+		if o.Stage == probes.StageEndpointSlice {
+			got[o.Service.Name] = o.Untrusted
+		}
+	}
+	if want := map[string]bool{"web": false, "forged": true}; !maps.Equal(got, want) {
+		t.Errorf("terminations by Service (true: untrusted) = %v, want %v", got, want)
+	}
+	want, err := labels.Parse(kube.KubeProxySliceSelector)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lists := 0
+	for _, a := range client.Actions() {
+		if l, ok := a.(k8stesting.ListAction); ok && l.GetResource().Resource == "endpointslices" {
+			lists++
+			if sel := l.GetListRestrictions().Labels.String(); sel != want.String() {
+				t.Errorf("slices listed with selector %q, want kube-proxy's %q", sel, want)
+			}
+		}
+	}
+	if lists == 0 {
+		t.Error("no list of EndpointSlices recorded")
+	}
+}
+
+func TestOptionsValidate(t *testing.T) {
+	o := kube.DefaultOptions()
+	o.SliceSelector = "a in (b"
+	if err := o.Validate(); err == nil || !strings.Contains(err.Error(), "--kube.endpointslice-selector") {
+		t.Errorf("a broken selector: %v, want an error naming the flag", err)
+	}
+	o = kube.DefaultOptions()
+	o.TrustedManagers = []string{"x", " "}
+	if err := o.Validate(); err == nil || !strings.Contains(err.Error(), "--kube.trusted-managers") {
+		t.Errorf("an empty manager: %v, want an error naming the flag", err)
 	}
 }

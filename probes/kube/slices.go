@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/netip"
 	"time"
+	"unique"
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
@@ -46,6 +47,8 @@ type epInfo struct {
 	portName string
 	cond     condition
 	serving  bool
+	// untrusted: the endpoint's slice is not managed by a trusted controller.
+	untrusted bool
 }
 
 // sliceEntry is what one EndpointSlice says about its Service's endpoints.
@@ -56,10 +59,14 @@ type sliceEntry struct {
 	eps        map[epKey]epInfo
 }
 
-// parseSlice turns an EndpointSlice into the endpoints it lists. FQDN slices have no addresses to
-// track and give (nil, nil). Endpoints that cannot be attributed to a pod are skipped and reported;
-// a slice with no Service is skipped whole.
-func parseSlice(s *discoveryv1.EndpointSlice) (*sliceEntry, []error) {
+// parseSlice turns an EndpointSlice into the endpoints it lists, marked untrusted unless trusted.
+// FQDN slices have no addresses to track and give (nil, nil). Endpoints that cannot be attributed
+// to a pod are skipped and reported; a slice with no Service is skipped whole.
+//
+// The entry is all that is kept of the slice (the informer's transform makes it, and the tracker
+// holds the same entry), so the strings many endpoints share — namespaces, nodes, port names,
+// the Service — are interned.
+func parseSlice(s *discoveryv1.EndpointSlice, trusted bool) (*sliceEntry, []error) {
 	if s.AddressType != discoveryv1.AddressTypeIPv4 && s.AddressType != discoveryv1.AddressTypeIPv6 {
 		return nil, nil
 	}
@@ -70,8 +77,9 @@ func parseSlice(s *discoveryv1.EndpointSlice) (*sliceEntry, []error) {
 	}
 	_, headless := s.Labels[corev1.IsHeadlessService]
 	_, otherProxy := s.Labels["service.kubernetes.io/service-proxy-name"]
+	ns := intern(s.Namespace)
 	e := &sliceEntry{
-		service:    probes.ServiceRef{Namespace: s.Namespace, Name: svc},
+		service:    probes.ServiceRef{Namespace: ns, Name: intern(svc)},
 		notProxied: headless || otherProxy,
 		eps:        make(map[epKey]epInfo, len(s.Endpoints)*max(len(s.Ports), 1)),
 	}
@@ -96,15 +104,16 @@ func parseSlice(s *discoveryv1.EndpointSlice) (*sliceEntry, []error) {
 			continue
 		}
 		info := epInfo{
-			pod:     probes.PodRef{Namespace: ref.Namespace, Name: ref.Name, UID: string(ref.UID)},
-			cond:    endpointCondition(ep.Conditions),
-			serving: ep.Conditions.Serving == nil || *ep.Conditions.Serving,
+			pod:       probes.PodRef{Namespace: ns, Name: ref.Name, UID: string(ref.UID)},
+			cond:      endpointCondition(ep.Conditions),
+			serving:   ep.Conditions.Serving == nil || *ep.Conditions.Serving,
+			untrusted: !trusted,
 		}
-		if info.pod.Namespace == "" {
-			info.pod.Namespace = s.Namespace
+		if ref.Namespace != "" && ref.Namespace != ns {
+			info.pod.Namespace = intern(ref.Namespace)
 		}
 		if ep.NodeName != nil {
-			info.node = *ep.NodeName
+			info.node = intern(*ep.NodeName)
 		}
 		for _, p := range ports {
 			p.ep.Addr = addr
@@ -144,10 +153,10 @@ func slicePorts(ports []discoveryv1.EndpointPort) []slicePort {
 	for _, p := range ports {
 		sp := slicePort{ep: probes.Endpoint{Protocol: string(corev1.ProtocolTCP)}}
 		if p.Name != nil {
-			sp.name = *p.Name
+			sp.name = intern(*p.Name)
 		}
 		if p.Protocol != nil {
-			sp.ep.Protocol = string(*p.Protocol)
+			sp.ep.Protocol = intern(string(*p.Protocol))
 		}
 		if p.Port != nil && *p.Port > 0 && *p.Port <= 65535 {
 			sp.ep.Port = uint16(*p.Port)
@@ -156,6 +165,9 @@ func slicePorts(ports []discoveryv1.EndpointPort) []slicePort {
 	}
 	return out
 }
+
+// intern returns the one copy of s that all slices share.
+func intern(s string) string { return unique.Make(s).Value() }
 
 // endpointCondition reads the conditions as the API defines them: a nil ready means ready, a nil
 // terminating means not terminating. Terminating wins over ready (publishNotReadyAddresses keeps

@@ -95,7 +95,7 @@ func TestParseSlice(t *testing.T) {
 			errText: `EndpointSlice shop/web-manual: 2 endpoint(s) skipped (first: "10.244.1.300" is not an IPv4 address)`},
 	} {
 		t.Run(tc.file, func(t *testing.T) {
-			e, errs := parseSlice(loadSlice(t, tc.file))
+			e, errs := parseSlice(loadSlice(t, tc.file), true)
 			if got := describe(e); !slices.Equal(got, tc.want) {
 				t.Errorf("endpoints:\n got %q\nwant %q", got, tc.want)
 			}
@@ -386,7 +386,7 @@ func FuzzParseSlice(f *testing.F) {
 		if yaml.Unmarshal(data, &s) != nil {
 			return
 		}
-		e, errs := parseSlice(&s)
+		e, errs := parseSlice(&s, true)
 		for _, err := range errs {
 			var ie *probes.InputError
 			if !errors.As(err, &ie) || ie.Reason == "" {
