@@ -189,6 +189,9 @@ func New(opts Options, clk clock.WithTicker, log *slog.Logger, reg prometheus.Re
 			c.m.unsampled.WithLabelValues(string(st), "", "relist")
 		}
 	}
+	for _, st := range []probes.Stage{probes.StageDeleted, probes.StageGone} {
+		c.m.unsampled.WithLabelValues(string(st), "", "relist")
+	}
 	return c, nil
 }
 

@@ -299,6 +299,29 @@ func TestRelistsAreNotLag(t *testing.T) {
 	if fam := f.family("endpointlag_propagation_seconds"); fam != nil {
 		t.Errorf("propagation measured from a relisted deletion: %v", fam)
 	}
+	if got := f.value("endpointlag_unsampled_total", "stage", "deleted", "path", "", "reason", "relist"); got != 1 {
+		t.Errorf("unsampled{deleted, relist} = %g, want 1: a deletion first seen on a relist is counted", got)
+	}
+	gone := obs(probes.StageGone, 2, t0.Add(2*time.Second), true)
+	gone.Relist = true
+	f.c.Observe(gone)
+	if got := f.value("endpointlag_unsampled_total", "stage", "gone", "path", "", "reason", "relist"); got != 1 {
+		t.Errorf("unsampled{gone, relist} = %g, want 1", got)
+	}
+	goneSeen := false
+	for _, r := range f.c.Records() {
+		for _, s := range r.Stages {
+			if s.Stage == string(probes.StageGone) {
+				goneSeen = true
+				if !s.Relist || s.Propagation != nil {
+					t.Errorf("a pod's removal first seen on a relist shows as %+v", s)
+				}
+			}
+		}
+	}
+	if !goneSeen {
+		t.Error("no record shows the pod's removal")
+	}
 	for _, r := range f.c.Records() {
 		if r.Endpoint == endpoint(1) && !slices.ContainsFunc(r.Stages, func(s StageView) bool { return s.Relist && s.Precision == 3 }) {
 			t.Errorf("record %+v shows no relisted stage", r)

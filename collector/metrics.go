@@ -65,7 +65,7 @@ func newMetrics(c *Collector) *metrics {
 		unsampled: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: namespace,
 			Name:      "unsampled_total",
-			Help:      "Stages seen but kept out of the lag histograms: reason=relist (first seen on a re-read after a gap, known only to within it), reason=fallback (a dataplane removal kube-proxy held back on purpose while no ready endpoint was left, KEP-1669).",
+			Help:      "Stages seen but kept out of the lag histograms: reason=relist (first seen on a re-read after a gap, known only to within it; stage=deleted or gone: a pod whose deletion or removal a relist showed first, none of whose propagation lags is sampled), reason=fallback (a dataplane removal kube-proxy held back on purpose while no ready endpoint was left, KEP-1669).",
 		}, []string{"stage", "path", "reason"}),
 		dropped: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: namespace,

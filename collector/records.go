@@ -91,7 +91,9 @@ type podTimeline struct {
 	t0API               time.Time
 	declared            *probes.Declared
 	gone                time.Time
-	records             []recordKey
+	// goneRelist: the pod object's removal was first seen on a relist.
+	goneRelist bool
+	records    []recordKey
 	// addrs are the pod's IPs; lastConn is the last new client connection the packets probe
 	// reported an event for, conns the first connections it reported.
 	addrs       []netip.Addr
@@ -335,6 +337,10 @@ func (c *Collector) podDeleted(o probes.Observation) {
 		return
 	}
 	t.t0, t.t0Source, t.t0Initial, t.t0Relist, t.t0API, t.declared = o.Time, o.Source, o.Initial, o.Relist, o.APITime, o.Declared
+	if o.Relist && !o.Initial {
+		// No T0: none of the pod's stages is sampled against it. Counted like the stages.
+		c.m.unsampled.WithLabelValues(string(probes.StageDeleted), "", reasonRelist).Inc()
+	}
 	c.setAddrs(t, o.Addrs)
 	c.localChanged()
 	// The endpoint's slice change seen before the pod's own event means that event was late: T0
@@ -360,7 +366,10 @@ func (c *Collector) podDeleted(o probes.Observation) {
 func (c *Collector) podGone(o probes.Observation) {
 	c.dropLive(o.Pod.UID)
 	if t := c.pods[o.Pod.UID]; t != nil && t.gone.IsZero() {
-		t.gone = o.Time
+		t.gone, t.goneRelist = o.Time, o.Relist
+		if o.Relist {
+			c.m.unsampled.WithLabelValues(string(probes.StageGone), "", reasonRelist).Inc()
+		}
 		c.setAddrs(t, o.Addrs)
 		c.localChanged()
 		c.log.Debug("pod gone", "pod", o.Pod, "uid", o.Pod.UID)

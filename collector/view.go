@@ -83,15 +83,22 @@ type StageView struct {
 	Propagation *float64 `json:"propagation_seconds,omitempty"`
 }
 
-// Records returns every record held, oldest first. The views are built under the lock; encoding
-// them is the caller's, without it.
-func (c *Collector) Records() []RecordView {
+// Views is Records in no order, for readers that sort or select themselves (the pusher, every
+// push interval): sorting every record costs as much again as viewing it.
+func (c *Collector) Views() []RecordView {
 	c.mu.Lock()
+	defer c.mu.Unlock()
 	out := make([]RecordView, 0, len(c.records))
 	for _, r := range c.records {
 		out = append(out, c.view(r))
 	}
-	c.mu.Unlock()
+	return out
+}
+
+// Records returns every record held, oldest first. The views are built under the lock; encoding
+// them is the caller's, without it.
+func (c *Collector) Records() []RecordView {
+	out := c.Views()
 	sort.Slice(out, func(i, j int) bool {
 		a, b := out[i], out[j]
 		if !a.Stages[0].Time.Equal(b.Stages[0].Time) {
@@ -145,8 +152,8 @@ func (c *Collector) view(r *record) RecordView {
 		}
 	}
 	if t := r.timeline; t != nil && !t.gone.IsZero() {
-		s := StageView{Stage: string(probes.StageGone), Source: t.t0Source, Time: t.gone}
-		if hasT0 {
+		s := StageView{Stage: string(probes.StageGone), Source: t.t0Source, Time: t.gone, Relist: t.goneRelist}
+		if hasT0 && !t.goneRelist {
 			s.Propagation = ptr(lag(t.gone, t0))
 		}
 		v.Stages = append(v.Stages, s)

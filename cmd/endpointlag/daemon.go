@@ -136,12 +136,16 @@ func newDaemon(opts Options, log *slog.Logger, clk clock.WithTicker, client, aut
 	if err != nil {
 		return nil, fmt.Errorf("--web.listen-address: %w", err)
 	}
-	d.srv = &http.Server{Handler: newMux(coll, ing, reg, opts.NodeName, log), ReadHeaderTimeout: 10 * time.Second}
+	mux := newMux(coll, ing, reg, opts.NodeName, log)
+	if opts.EnableProfiling {
+		serveProfiles(mux)
+	}
+	d.srv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	if len(opts.Push.URLs) > 0 {
 		if opts.Push.Transport, err = opts.PushAuth.transport(); err != nil {
 			return nil, err
 		}
-		if d.pusher, err = aggregate.NewPusher(opts.Push, opts.NodeName, coll.Records, reg, clk, log); err != nil {
+		if d.pusher, err = aggregate.NewPusher(opts.Push, opts.NodeName, coll.Views, reg, clk, log); err != nil {
 			return nil, err
 		}
 	}

@@ -406,3 +406,17 @@ func grepLines(text, substr string) string {
 	}
 	return strings.Join(out, "\n")
 }
+
+// Go's profiles are served only with --web.enable-profiling.
+func TestProfiling(t *testing.T) {
+	clk := clocktesting.NewFakeClock(time.Date(2026, 11, 29, 12, 0, 0, 0, time.UTC))
+	for _, on := range []bool{false, true} {
+		opts := testOptions()
+		opts.EnableProfiling = on
+		r := startDaemon(t, opts, clk, fake.NewClientset())
+		code, body := get(t, r.base+"/debug/pprof/")
+		if on && (code != http.StatusOK || !strings.Contains(body, "goroutine")) || !on && code != http.StatusNotFound {
+			t.Errorf("--web.enable-profiling=%v: /debug/pprof/ answered %d", on, code)
+		}
+	}
+}

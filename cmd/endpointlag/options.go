@@ -27,6 +27,8 @@ type Options struct {
 	// Web says how the HTTP endpoints are served: plainly, over TLS, behind Kubernetes
 	// authentication and authorization, or per a web configuration file.
 	Web             webserver.Options
+	// EnableProfiling serves Go's runtime profiles under /debug/pprof/.
+	EnableProfiling bool
 	LogLevel        string
 	LogFormat       string
 	Horizon         time.Duration
@@ -55,6 +57,8 @@ func bindFlags(fs *pflag.FlagSet, o *Options) {
 	fs.StringVar(&o.ListenAddress, "web.listen-address", ":9860",
 		"address for /metrics, /healthz, /readyz, /api/v1/records and /api/v1/ingress")
 	o.Web.Bind(fs)
+	fs.BoolVar(&o.EnableProfiling, "web.enable-profiling", false,
+		"serve Go's runtime profiles (CPU, heap, goroutines) under /debug/pprof/, as kube-proxy's enableProfiling does; behind --web.auth like every path")
 	fs.StringVar(&o.LogLevel, "log.level", "info", "log level: debug, info, warn or error")
 	fs.StringVar(&o.LogFormat, "log.format", "text", "log format: text or json")
 	fs.DurationVar(&o.Horizon, "record.horizon", 10*time.Minute,

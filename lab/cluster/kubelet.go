@@ -229,9 +229,11 @@ func (k *kubelet) event(ctx context.Context, p *corev1.Pod, typ, reason, message
 
 // deleteObject deletes the pod object for good, as the kubelet does once the containers are gone.
 func (k *kubelet) deleteObject(ctx context.Context, pod *corev1.Pod) {
-	err := k.client.CoreV1().Pods(pod.Namespace).Delete(ctx, pod.Name, metav1.DeleteOptions{
-		GracePeriodSeconds: ptr.To[int64](0),
-		Preconditions:      &metav1.Preconditions{UID: &pod.UID},
+	err := retryUnavailable(ctx, func() error {
+		return k.client.CoreV1().Pods(pod.Namespace).Delete(ctx, pod.Name, metav1.DeleteOptions{
+			GracePeriodSeconds: ptr.To[int64](0),
+			Preconditions:      &metav1.Preconditions{UID: &pod.UID},
+		})
 	})
 	if err != nil && !apierrors.IsNotFound(err) && !apierrors.IsConflict(err) && !errors.Is(err, context.Canceled) {
 		k.log.Warn("deleting pod object", "pod", pod.Name, "err", err)

@@ -13,6 +13,8 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	utilnet "k8s.io/apimachinery/pkg/util/net"
 
 	"github.com/endpointlag/endpointlag/lab/internal/ns"
 )
@@ -444,9 +446,34 @@ func (k *kubelet) teardown(r *podRun) {
 }
 
 func (k *kubelet) writeStatusOrLog(r *podRun) {
-	if err := k.writeStatus(r.ctx, r); err != nil && r.ctx.Err() == nil {
+	if err := retryUnavailable(r.ctx, func() error { return k.writeStatus(r.ctx, r) }); err != nil && r.ctx.Err() == nil {
 		k.log.Warn("writing pod status", "pod", r.pod.Namespace+"/"+r.pod.Name, "err", err)
 	}
+}
+
+// retryUnavailable runs f until it returns no error or one that retrying cannot mend, backing off
+// while the API server cannot be reached or is not ready (restarted, as the faults tests do): a
+// real kubelet retries its writes on its next sync.
+func retryUnavailable(ctx context.Context, f func() error) error {
+	delay := 100 * time.Millisecond
+	for deadline := time.Now().Add(2 * time.Minute); ; {
+		err := f()
+		if err == nil || !unavailable(err) || time.Now().After(deadline) {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(delay):
+		}
+		delay = min(2*delay, 2*time.Second)
+	}
+}
+
+func unavailable(err error) bool {
+	return utilnet.IsConnectionRefused(err) || utilnet.IsConnectionReset(err) || utilnet.IsProbableEOF(err) ||
+		apierrors.IsServiceUnavailable(err) || apierrors.IsServerTimeout(err) || apierrors.IsTimeout(err) ||
+		apierrors.IsTooManyRequests(err) || apierrors.IsInternalError(err)
 }
 
 // exitCode is a finished process's exit code; a process killed by a signal gets 128 plus the

@@ -4,10 +4,13 @@ import (
 	"bufio"
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/netip"
 	"os"
+	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -25,6 +28,7 @@ import (
 
 	"github.com/endpointlag/endpointlag/lab/cluster"
 	"github.com/endpointlag/endpointlag/lab/internal/ns"
+	"github.com/endpointlag/endpointlag/lab/load"
 	"github.com/endpointlag/endpointlag/lab/scenario"
 )
 
@@ -248,11 +252,14 @@ func scaleSlice(namespace string, i, endpoints int) *discoveryv1.EndpointSlice {
 	return s
 }
 
-// churn replaces 100 endpoints a second for d: every 50 ms one slice gets 5 new ready endpoints
-// while 5 of its ready ones turn terminating, and the slice changed a second earlier loses its
-// terminating ones. It returns the terminations written.
-func churn(b *testing.B, ctx context.Context, client kubernetes.Interface, slices []*discoveryv1.EndpointSlice, d time.Duration) int {
-	const every, per, lag = 50 * time.Millisecond, 5, 20
+// churn replaces rate endpoints a second for d: at every tick one slice gets 5 new ready
+// endpoints while 5 of its ready ones turn terminating, and the slice changed a second earlier
+// loses its terminating ones (at 100 a second, a tick every 50 ms). Every minute it calls
+// minute. It returns the terminations written.
+func churn(b *testing.B, ctx context.Context, client kubernetes.Interface, slices []*discoveryv1.EndpointSlice, rate int, d time.Duration, minute func(int)) int {
+	const per = 5
+	every := time.Second * per / time.Duration(rate)
+	lag := int(time.Second / every)
 	update := func(s *discoveryv1.EndpointSlice) *discoveryv1.EndpointSlice {
 		got, err := client.DiscoveryV1().EndpointSlices(s.Namespace).Update(ctx, s, metav1.UpdateOptions{})
 		if err != nil {
@@ -262,9 +269,14 @@ func churn(b *testing.B, ctx context.Context, client kubernetes.Interface, slice
 	}
 	t := time.NewTicker(every)
 	defer t.Stop()
-	end, terminations := time.Now().Add(d), 0
+	start := time.Now()
+	end, terminations, minutes := start.Add(d), 0, 0
 	for n := 0; time.Now().Before(end); n++ {
 		<-t.C
+		if m := int(time.Since(start) / time.Minute); m > minutes {
+			minutes = m
+			minute(m)
+		}
 		i := n % len(slices)
 		s := slices[i].DeepCopy()
 		turned := 0
@@ -333,8 +345,12 @@ func scaleRun(b *testing.B, mode string) {
 	rest, churnFor := envDuration(b, "BENCH_REST", time.Minute), envDuration(b, "BENCH_CHURN", time.Minute)
 	cfg := config(b)
 	cfg.Nodes, cfg.ProxyMode = 1, mode
-	cfg.DaemonArgs = []string{"--log.level=info",
+	// The chart's settings where the lab's differ: info logs, pushes every 2 s.
+	cfg.DaemonArgs = []string{"--log.level=info", "--aggregator.interval=2s", "--aggregator.heartbeat=30s",
 		"--kube.trusted-managers=endpointslice-controller.k8s.io,endpointslicemirroring-controller.k8s.io," + scaleManager}
+	if os.Getenv("BENCH_PROFILE") != "" {
+		cfg.DaemonArgs = append(cfg.DaemonArgs, "--web.enable-profiling")
+	}
 	if v, ok := os.LookupEnv("BENCH_DAEMON_ARGS"); ok {
 		cfg.DaemonArgs = strings.Fields(v)
 	}
@@ -388,16 +404,71 @@ func scaleRun(b *testing.B, mode string) {
 	restEnd := s.sample()
 	restTook := time.Since(restAt)
 
+	// BENCH_ROLLOUTS: a real Deployment of 4 pods on the node, under load, restarted at that
+	// interval through the churn, so that the packets probe sees late connections too.
+	var app *scenario.App
+	var lr *cluster.LoadRun
+	if every := os.Getenv("BENCH_ROLLOUTS"); every != "" {
+		app, lr = scaleApp(b, ctx, c)
+		interval := envDuration(b, "BENCH_ROLLOUTS", 0)
+		stopRollouts := make(chan struct{})
+		defer close(stopRollouts)
+		go func() {
+			t := time.NewTicker(interval)
+			defer t.Stop()
+			for {
+				select {
+				case <-stopRollouts:
+					return
+				case <-t.C:
+					if err := app.Restart(ctx); err != nil {
+						b.Errorf("restarting the app: %v", err)
+					}
+				}
+			}
+		}()
+	}
+	// BENCH_FLOOD: from minute 10 of the churn, two windows of that length, the second with
+	// GET /api/v1/records in a loop from 8 clients: the slice stage's delay against the
+	// benchmark's own watch, without and with the flood.
+	floodDone := make(chan floodResult, 1)
+	if os.Getenv("BENCH_FLOOD") != "" {
+		window := envDuration(b, "BENCH_FLOOD", 0)
+		truth, err := watchSlices(ctx, c, namespace)
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer truth.stop()
+		go func() { floodDone <- flood(b, ctx, c, node, truth, 10*time.Minute, window) }()
+	} else {
+		close(floodDone)
+	}
 	churnAt := time.Now()
-	terminations := churn(b, ctx, client, slices, churnFor)
+	if dir := os.Getenv("BENCH_PROFILE"); dir != "" {
+		// endpointlag's CPU profile of the churn, for go tool pprof.
+		go saveProfile(b, fmt.Sprintf("%s/debug/pprof/profile?seconds=%d", node.DaemonURL, int(churnFor.Seconds())-1), filepath.Join(dir, "endpointlag-"+mode+".pprof"))
+	}
+	rate := envInt(b, "BENCH_RATE", 100)
+	terminations := churn(b, ctx, client, slices, rate, churnFor, func(m int) {
+		smp := s.sample()
+		b.Logf("churn, minute %d: RSS kube-proxy %.1f MiB, endpointlag %.1f MiB", m, float64(smp[0].rssKiB)/1024, float64(smp[1].rssKiB)/1024)
+	})
 	churnEnd := s.sample()
+	if lr != nil {
+		res, err := lr.Stop()
+		if err != nil {
+			b.Fatal(err)
+		}
+		sum := load.Summarize(res)
+		b.Logf("the app's load: %d requests, %d failed", sum.Requests, sum.Failed)
+	}
 	churnTook := time.Since(churnAt)
 	// The records settle: kube-proxy's last syncs, the last removals.
 	time.Sleep(10 * time.Second)
 	settled := s.sample()
 
 	pct := func(a, z procSample, d time.Duration) float64 { return 100 * float64(z.cpu-a.cpu) / float64(d) }
-	rate := func(a, z procSample, d time.Duration) float64 {
+	kibps := func(a, z procSample, d time.Duration) float64 {
 		return float64(z.apiBytes-a.apiBytes) / d.Seconds() / 1024
 	}
 	type row struct {
@@ -414,9 +485,9 @@ func scaleRun(b *testing.B, mode string) {
 	add("RSS after the initial sync", "MiB", func(i int) float64 { return float64(synced[i].rssKiB) / 1024 })
 	add("RSS at rest", "MiB", func(i int) float64 { return float64(restEnd[i].rssKiB) / 1024 })
 	add("CPU at rest", "% of a core", func(i int) float64 { return pct(restStart[i], restEnd[i], restTook) })
-	add("API bytes received at rest", "KiB/s", func(i int) float64 { return rate(restStart[i], restEnd[i], restTook) })
-	add("CPU while 100 endpoints/s are replaced", "% of a core", func(i int) float64 { return pct(restEnd[i], churnEnd[i], churnTook) })
-	add("API bytes received while 100 endpoints/s are replaced", "KiB/s", func(i int) float64 { return rate(restEnd[i], churnEnd[i], churnTook) })
+	add("API bytes received at rest", "KiB/s", func(i int) float64 { return kibps(restStart[i], restEnd[i], restTook) })
+	add(fmt.Sprintf("CPU while %d endpoints/s are replaced", rate), "% of a core", func(i int) float64 { return pct(restEnd[i], churnEnd[i], churnTook) })
+	add(fmt.Sprintf("API bytes received while %d endpoints/s are replaced", rate), "KiB/s", func(i int) float64 { return kibps(restEnd[i], churnEnd[i], churnTook) })
 	add("RSS after the churn, settled", "MiB", func(i int) float64 { return float64(settled[i].rssKiB) / 1024 })
 	var tab strings.Builder
 	fmt.Fprintf(&tab, "\n| %s, %d Services / %d endpoints, %d terminations in %s | kube-proxy | endpointlag | endpointlag / kube-proxy |\n|---|---|---|---|\n",
@@ -429,6 +500,167 @@ func scaleRun(b *testing.B, mode string) {
 		fmt.Fprintf(&tab, "| %s | %.2f %s | %.2f %s | %s |\n", r.name, r.v[0], r.unit, r.v[1], r.unit, ratio)
 	}
 	b.Log(tab.String())
+	if f, ok := <-floodDone; ok {
+		for i, name := range []string{"without a flood", "with 8 clients reading /api/v1/records in a loop"} {
+			d := f.delays[i]
+			b.Logf("slice stage − the benchmark's own watch, %s: n=%d p50 %.1f ms, p99 %.1f ms, max %.1f ms",
+				name, len(d), quantileMs(d, 0.5), quantileMs(d, 0.99), quantileMs(d, 1))
+		}
+		b.Logf("the flood: %d requests answered, %.1f MiB each on average, %d failed", f.requests, f.meanMiB, f.failed)
+	}
+	var late float64
+	recs, err := c.Records(ctx, node)
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, r := range recs.Records {
+		late += float64(len(r.Connections))
+	}
+	for _, m := range []string{"endpointlag_records_dropped_total", "endpointlag_packet_events_dropped_total", "endpointlag_late_connections_total",
+		"endpointlag_packet_recent_overruns_total", "endpointlag_records_expired_total"} {
+		b.Logf("%s = %v", m, scrapeSum(b, node.DaemonURL, m))
+	}
+	b.Logf("late connections in the records (from the ring buffer): %v; records held: %d", late, len(recs.Records))
 	b.ReportMetric(float64(settled[1].rssKiB)/float64(settled[0].rssKiB), "rss-ratio")
 	b.ReportMetric(float64(synced[1].apiBytes)/float64(max(synced[0].apiBytes, 1)), "sync-bytes-ratio")
+}
+
+func saveProfile(b *testing.B, url, path string) {
+	resp, err := http.Get(url)
+	if err != nil {
+		b.Errorf("profile: %v", err)
+		return
+	}
+	defer resp.Body.Close()
+	f, err := os.Create(path)
+	if err != nil {
+		b.Errorf("profile: %v", err)
+		return
+	}
+	defer f.Close()
+	if _, err := io.Copy(f, resp.Body); err != nil {
+		b.Errorf("profile: %v", err)
+	}
+}
+
+// scaleApp runs a Deployment of 4 pods behind its ClusterIP with load from the client pod.
+func scaleApp(b *testing.B, ctx context.Context, c *cluster.Cluster) (*scenario.App, *cluster.LoadRun) {
+	app := &scenario.App{Client: c.Client, Namespace: "churn", Name: "web", Replicas: 4}
+	if err := app.Apply(ctx, scenario.Behaviour{}); err != nil {
+		b.Fatal(err)
+	}
+	if err := app.WaitSettled(ctx, 2*time.Minute); err != nil {
+		b.Fatal(err)
+	}
+	if err := app.WaitServing(ctx, c.ClientNS(), time.Minute); err != nil {
+		b.Fatal(err)
+	}
+	targets, err := app.Targets(ctx)
+	if err != nil {
+		b.Fatal(err)
+	}
+	lr, err := c.StartLoad("churn", load.Config{Targets: targets, Rate: 50, Duration: time.Hour, Timeout: time.Second})
+	if err != nil {
+		b.Fatal(err)
+	}
+	return app, lr
+}
+
+// scrapeSum sums every series of a daemon's metric.
+func scrapeSum(b *testing.B, base, name string) float64 {
+	resp, err := http.Get(base + "/metrics")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var sum float64
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(nil, 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		if strings.HasPrefix(line, name+"{") || strings.HasPrefix(line, name+" ") {
+			f := strings.Fields(line)
+			v, _ := strconv.ParseFloat(f[len(f)-1], 64)
+			sum += v
+		}
+	}
+	return sum
+}
+
+type floodResult struct {
+	// delays are the slice stage's delays against the benchmark's own watch, without and with
+	// the flood, in ms.
+	delays           [2][]float64
+	requests, failed int
+	meanMiB          float64
+}
+
+// flood waits start, then measures two windows of length window: without, then with 8 clients
+// reading /api/v1/records in a loop. A termination belongs to the window its truth falls in.
+func flood(b *testing.B, ctx context.Context, c *cluster.Cluster, node *cluster.Node, truth *sliceTruth, start, window time.Duration) floodResult {
+	var res floodResult
+	time.Sleep(start)
+	windows := [2][2]time.Time{{time.Now(), time.Now().Add(window)}}
+	time.Sleep(window)
+	windows[1] = [2]time.Time{time.Now(), time.Now().Add(window)}
+	var mu sync.Mutex
+	var bytes int64
+	var wg sync.WaitGroup
+	for range 8 {
+		wg.Go(func() {
+			for time.Now().Before(windows[1][1]) {
+				resp, err := http.Get(node.DaemonURL + "/api/v1/records")
+				n := int64(0)
+				if err == nil {
+					n, err = io.Copy(io.Discard, resp.Body)
+					resp.Body.Close()
+				}
+				mu.Lock()
+				if err != nil {
+					res.failed++
+				} else {
+					res.requests++
+					bytes += n
+				}
+				mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+	time.Sleep(5 * time.Second) // the last terminations' records
+	recs, err := c.Records(ctx, node)
+	if err != nil {
+		b.Errorf("records: %v", err)
+		return res
+	}
+	for _, r := range recs.Records {
+		at, ok := truth.terminatingAt(r.Pod.UID)
+		if !ok {
+			continue
+		}
+		for _, st := range r.Stages {
+			if st.Stage != "endpointslice" {
+				continue
+			}
+			for i, w := range windows {
+				if !at.Before(w[0]) && at.Before(w[1]) {
+					res.delays[i] = append(res.delays[i], float64(st.Time.Sub(at))/float64(time.Millisecond))
+				}
+			}
+		}
+	}
+	if res.requests > 0 {
+		res.meanMiB = float64(bytes) / float64(res.requests) / (1 << 20)
+	}
+	return res
+}
+
+// quantileMs is the q-quantile of vs (nearest rank), 0 for none.
+func quantileMs(vs []float64, q float64) float64 {
+	if len(vs) == 0 {
+		return 0
+	}
+	s := slices.Clone(vs)
+	slices.Sort(s)
+	return s[min(int(q*float64(len(s))), len(s)-1)]
 }

@@ -49,6 +49,13 @@ type LoadSettings struct {
 // RunRollout restarts the app under load and collects what the load generator and the daemons
 // saw. The load starts 2 s before the restart and stops 2 s after the app has settled.
 func RunRollout(ctx context.Context, c *cluster.Cluster, app *App, name string, b Behaviour, ls LoadSettings, progress io.Writer) (*Rollout, error) {
+	return RunRolloutWith(ctx, c, app, name, b, ls, progress, nil)
+}
+
+// RunRolloutWith is RunRollout with a fault: during, when set, runs right after the rollout
+// started (a restart of the API server, of a daemon, of kube-proxy), and the rollout is waited
+// for once it returned.
+func RunRolloutWith(ctx context.Context, c *cluster.Cluster, app *App, name string, b Behaviour, ls LoadSettings, progress io.Writer, during func(context.Context) error) (*Rollout, error) {
 	r := &Rollout{Name: name, Behaviour: b}
 	if err := app.WaitServing(ctx, c.ClientNS(), time.Minute); err != nil {
 		return nil, err
@@ -83,6 +90,11 @@ func RunRollout(ctx context.Context, c *cluster.Cluster, app *App, name string, 
 		return nil, err
 	}
 	fmt.Fprintf(progress, "%s: rollout restart of %s/%s (preStop %s, on SIGTERM: %s)\n", name, app.Namespace, app.Name, b.PreStop, b.annotation())
+	if during != nil {
+		if err := during(ctx); err != nil {
+			return nil, err
+		}
+	}
 	if err := app.WaitSettled(ctx, 3*time.Minute); err != nil {
 		return nil, err
 	}
