@@ -26,7 +26,7 @@ type Options struct {
 	ListenAddress string
 	// Web says how the HTTP endpoints are served: plainly, over TLS, behind Kubernetes
 	// authentication and authorization, or per a web configuration file.
-	Web             webserver.Options
+	Web webserver.Options
 	// EnableProfiling serves Go's runtime profiles under /debug/pprof/.
 	EnableProfiling bool
 	LogLevel        string
