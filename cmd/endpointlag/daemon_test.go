@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -418,5 +419,46 @@ func TestProfiling(t *testing.T) {
 		if on && (code != http.StatusOK || !strings.Contains(body, "goroutine")) || !on && code != http.StatusNotFound {
 			t.Errorf("--web.enable-profiling=%v: /debug/pprof/ answered %d", on, code)
 		}
+	}
+}
+
+func TestLimitConcurrent(t *testing.T) {
+	entered, release := make(chan struct{}), make(chan struct{})
+	h := limitConcurrent(2, func(w http.ResponseWriter, _ *http.Request) {
+		entered <- struct{}{}
+		<-release
+	})
+	srv := httptest.NewServer(h)
+	defer srv.Close()
+	codes := make(chan int, 2)
+	for range 2 {
+		go func() {
+			resp, err := http.Get(srv.URL)
+			if err != nil {
+				codes <- 0
+				return
+			}
+			resp.Body.Close()
+			codes <- resp.StatusCode
+		}()
+		<-entered
+	}
+	resp, err := http.Get(srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusTooManyRequests || resp.Header.Get("Retry-After") == "" {
+		t.Errorf("a third request at once: %s, Retry-After %q; want 429 with Retry-After", resp.Status, resp.Header.Get("Retry-After"))
+	}
+	close(release)
+	for range 2 {
+		if c := <-codes; c != http.StatusOK {
+			t.Errorf("a request within the limit: %d", c)
+		}
+	}
+	go func() { <-entered }()
+	if resp, err := http.Get(srv.URL); err != nil || resp.StatusCode != http.StatusOK {
+		t.Errorf("after the others ended: %v %v", resp, err)
 	}
 }

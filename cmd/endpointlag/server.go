@@ -46,6 +46,11 @@ var indexPage = template.Must(template.New("index").Parse(`<!doctype html>
 </ul></body></html>
 `))
 
+// maxRecordsRequests bounds the /api/v1/records requests answered at once: each views every
+// record under the collector's lock, which the probes' observations wait for, and holds its
+// JSON in memory.
+const maxRecordsRequests = 2
+
 func newMux(coll *collector.Collector, ing ingressView, reg *prometheus.Registry, node string, log *slog.Logger) *http.ServeMux {
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{
@@ -66,14 +71,14 @@ func newMux(coll *collector.Collector, ing ingressView, reg *prometheus.Registry
 		}
 		fmt.Fprintln(w, "ok")
 	})
-	mux.HandleFunc("GET /api/v1/records", func(w http.ResponseWriter, _ *http.Request) {
+	mux.HandleFunc("GET /api/v1/records", limitConcurrent(maxRecordsRequests, func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
 		enc := json.NewEncoder(w)
 		enc.SetIndent("", "  ")
 		if err := enc.Encode(RecordsResponse{Node: node, Records: coll.Records()}); err != nil {
 			log.Debug("writing records", "err", err)
 		}
-	})
+	}))
 	mux.HandleFunc("GET /api/v1/ingress", func(w http.ResponseWriter, _ *http.Request) {
 		if ing == nil {
 			http.Error(w, "the ingress probe is not enabled on this daemon (see --probes)", http.StatusNotFound)
@@ -112,4 +117,20 @@ func serveProfiles(mux *http.ServeMux) {
 	mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
 	mux.HandleFunc("GET /debug/pprof/symbol", pprof.Symbol)
 	mux.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
+}
+
+// limitConcurrent answers 429 Too Many Requests, with Retry-After, to requests beyond n at once.
+func limitConcurrent(n int, h http.HandlerFunc) http.HandlerFunc {
+	slots := make(chan struct{}, n)
+	return func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case slots <- struct{}{}:
+			defer func() { <-slots }()
+		default:
+			w.Header().Set("Retry-After", "1")
+			http.Error(w, fmt.Sprintf("%d requests for %s are being answered; try again", n, r.URL.Path), http.StatusTooManyRequests)
+			return
+		}
+		h(w, r)
+	}
 }

@@ -79,7 +79,7 @@ func New(opts Options, client kubernetes.Interface, node string, clk clock.Passi
 	if err := opts.Validate(); err != nil {
 		return nil, err
 	}
-	tr, err := newSliceTransform(opts)
+	tr, err := newSliceTransform(opts, clk)
 	if err != nil {
 		return nil, err
 	}
@@ -130,7 +130,7 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 		handler   cache.ResourceEventHandler
 	}{
 		{sliceInf, p.slices.transform, cache.ResourceEventHandlerDetailedFuncs{AddFunc: slices.add, UpdateFunc: slices.update, DeleteFunc: slices.delete}},
-		{podInf, stripManagedFields, cache.ResourceEventHandlerDetailedFuncs{AddFunc: pods.add, UpdateFunc: pods.update, DeleteFunc: pods.delete}},
+		{podInf, podTransform(p.clock), cache.ResourceEventHandlerDetailedFuncs{AddFunc: pods.add, UpdateFunc: pods.update, DeleteFunc: pods.delete}},
 	} {
 		if err := h.inf.SetTransform(h.transform); err != nil {
 			return fmt.Errorf("kube probe: %w", err)
@@ -188,14 +188,6 @@ func (p *Probe) waitForSync(ctx context.Context, sink probes.Sink, synced []cach
 	}
 }
 
-// stripManagedFields drops what the probe never reads from cached objects.
-func stripManagedFields(obj any) (any, error) {
-	if m, ok := obj.(metav1.Object); ok {
-		m.SetManagedFields(nil)
-	}
-	return obj, nil
-}
-
 // sliceHandler runs on the slice informer's single handler goroutine; its removals are reported
 // by settle, on another, hence the lock around the tracker.
 type sliceHandler struct {
@@ -218,13 +210,19 @@ func (h *sliceHandler) apply(obj any, deleted, initial bool) {
 	if relist, gap := h.relists.seen(obj); relist && !initial {
 		ev.relist, ev.precision = true, gap
 	}
-	if tomb, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+	tomb, isTomb := obj.(cache.DeletedFinalStateUnknown)
+	if isTomb {
 		obj, deleted = tomb.Obj, true
 	}
 	s, ok := obj.(*sliceObject)
 	if !ok {
 		h.sink.Error(Name, fmt.Errorf("slice informer delivered %T", obj))
 		return
+	}
+	if !isTomb && !s.seen.IsZero() {
+		// When the event arrived, not when this handler got to it (a tombstone's object is
+		// the last one seen before it: its time is not the deletion's).
+		ev.at = s.seen
 	}
 	h.sink.SetStatus(Name, probes.Status{Up: true})
 	key := s.Namespace + "/" + s.Name
@@ -316,13 +314,13 @@ func (h *podHandler) update(_, obj any)         { h.seen(obj, false) }
 
 func (h *podHandler) seen(obj any, initial bool) {
 	relist, gap := h.relists.seen(obj)
-	pod, ok := h.pod(obj)
+	pod, at, ok := h.pod(obj)
 	if !ok {
 		return
 	}
 	uid := string(pod.UID)
 	if pod.DeletionTimestamp == nil {
-		h.liveAddrs(pod)
+		h.liveAddrs(pod, at)
 		return
 	}
 	if h.deleted[uid] {
@@ -330,7 +328,7 @@ func (h *podHandler) seen(obj any, initial bool) {
 	}
 	h.deleted[uid] = true
 	delete(h.live, uid)
-	o := deletedObservation(pod, h.probe.clock.Now(), initial)
+	o := deletedObservation(pod, at, initial)
 	if relist && !initial {
 		o.Relist, o.Precision = true, gap
 	}
@@ -339,7 +337,7 @@ func (h *podHandler) seen(obj any, initial bool) {
 
 // liveAddrs reports the addresses a live pod holds when they change: a running pod's, none for
 // one that completed or failed (its sandbox, and so its address, is gone).
-func (h *podHandler) liveAddrs(pod *corev1.Pod) {
+func (h *podHandler) liveAddrs(pod *corev1.Pod, at time.Time) {
 	uid := string(pod.UID)
 	var addrs []netip.Addr
 	if !terminal(pod) {
@@ -353,18 +351,21 @@ func (h *podHandler) liveAddrs(pod *corev1.Pod) {
 	} else {
 		h.live[uid] = addrs
 	}
-	h.sink.Observe(probes.Observation{Stage: probes.StagePodAddresses, Time: h.probe.clock.Now(), Source: Name, Pod: podRef(pod), Local: true, Addrs: addrs})
+	h.sink.Observe(probes.Observation{Stage: probes.StagePodAddresses, Time: at, Source: Name, Pod: podRef(pod), Local: true, Addrs: addrs})
 }
 
 func (h *podHandler) delete(obj any) {
-	now := h.probe.clock.Now()
 	relist, gap := h.relists.seen(obj)
-	if tomb, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+	tomb, isTomb := obj.(cache.DeletedFinalStateUnknown)
+	if isTomb {
 		obj = tomb.Obj
 	}
-	pod, ok := h.pod(obj)
+	pod, now, ok := h.pod(obj)
 	if !ok {
 		return
+	}
+	if isTomb {
+		now = h.probe.clock.Now()
 	}
 	uid := string(pod.UID)
 	if !h.deleted[uid] {
@@ -379,16 +380,16 @@ func (h *podHandler) delete(obj any) {
 	h.sink.Observe(gone)
 }
 
-// pod unpacks an informer object and keeps only pods of this node; the field selector already
-// does, this guards against a server or fake that ignores it.
-func (h *podHandler) pod(obj any) (*corev1.Pod, bool) {
-	pod, ok := obj.(*corev1.Pod)
+// pod unpacks an informer object, with when its event arrived, and keeps only pods of this node;
+// the field selector already does, this guards against a server or fake that ignores it.
+func (h *podHandler) pod(obj any) (*corev1.Pod, time.Time, bool) {
+	po, ok := obj.(*podObject)
 	if !ok {
 		h.sink.Error(Name, fmt.Errorf("pod informer delivered %T", obj))
-		return nil, false
+		return nil, time.Time{}, false
 	}
 	h.sink.SetStatus(Name, probes.Status{Up: true})
-	return pod, pod.Spec.NodeName == h.probe.node
+	return po.Pod, po.seen, po.Spec.NodeName == h.probe.node
 }
 
 func deletedObservation(pod *corev1.Pod, now time.Time, initial bool) probes.Observation {

@@ -769,3 +769,61 @@ func TestOptionsValidate(t *testing.T) {
 		t.Errorf("an empty manager: %v, want an error naming the flag", err)
 	}
 }
+
+// blockingSink holds the first observation until released, as a collector busy serving a large
+// /api/v1/records would.
+type blockingSink struct {
+	*probetest.Recorder
+	once    sync.Once
+	blocked chan struct{}
+	release chan struct{}
+}
+
+func (s *blockingSink) Observe(o probes.Observation) {
+	s.once.Do(func() {
+		close(s.blocked)
+		<-s.release
+	})
+	s.Recorder.Observe(o)
+}
+
+// A change is stamped when its watch event arrives, not when the handler, held up by a busy
+// sink, gets to it.
+func TestChangesAreStampedOnArrival(t *testing.T) {
+	clk := clocktesting.NewFakeClock(start)
+	client := fake.NewClientset()
+	p, err := kube.New(kube.DefaultOptions(), client, node, clk, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	sink := &blockingSink{Recorder: &probetest.Recorder{}, blocked: make(chan struct{}), release: make(chan struct{})}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- p.Run(ctx, sink) }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Error(err)
+		}
+	}()
+	sink.Wait(t, "the probe to sync", sink.Synced)
+	a, b := pod("a", "uid-a", other, "10.0.0.1"), pod("b", "uid-b", other, "10.0.0.2")
+	for _, s := range []*discoveryv1.EndpointSlice{slice("a-1", "a", ep{a, "terminating"}), slice("b-1", "b", ep{b, "terminating"})} {
+		if _, err := client.DiscoveryV1().EndpointSlices(ns).Create(context.Background(), s, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		if s.Name == "a-1" {
+			<-sink.blocked // the handler is stuck in the first observation
+			clk.Step(time.Second)
+		}
+	}
+	time.Sleep(time.Second) // the second event reaches the informer while the handler is stuck
+	clk.Step(5 * time.Second)
+	close(sink.release)
+	sink.Wait(t, "both terminations", func() bool { return len(sink.Observations()) >= 2 })
+	for _, o := range sink.Observations() {
+		if o.Service.Name == "b" && !o.Time.Equal(start.Add(time.Second)) {
+			t.Errorf("b's termination stamped %s after the start, want 1s: when its event arrived, not when the handler was free", o.Time.Sub(start))
+		}
+	}
+}
