@@ -13,7 +13,11 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/utils/ptr"
 
 	"github.com/endpointlag/endpointlag/lab/cluster"
 	"github.com/endpointlag/endpointlag/lab/report"
@@ -29,6 +33,8 @@ import (
 func TestFaults(t *testing.T) {
 	cfg := config(t)
 	cfg.Nodes, cfg.ProxyMode = 2, "nftables"
+	// Small budgets, for the made-up slices.
+	cfg.DaemonArgs = []string{"--record.max-untrusted=20", "--record.max-per-namespace=30"}
 	ctx := context.Background()
 	c := upLab(t, ctx, cfg)
 	app := &scenario.App{Client: c.Client, Namespace: "faults", Name: "web", Replicas: 4}
@@ -131,6 +137,42 @@ func TestFaults(t *testing.T) {
 			}
 		})
 	}
+
+	t.Run("made-up EndpointSlices fill only their budgets; real terminations are still recorded", func(t *testing.T) {
+		// 40 made-up terminating endpoints in a slice no trusted controller manages, and 40 in
+		// one that claims to be the endpointslice controller's, each in a namespace of its own.
+		for _, f := range []struct{ namespace, manager string }{{"forged-a", "someone"}, {"forged-b", "endpointslice-controller.k8s.io"}} {
+			if err := scenario.EnsureNamespace(ctx, c.Client, f.namespace); err != nil {
+				t.Fatal(err)
+			}
+			s := forgedSlice(f.namespace, f.manager, 40)
+			if _, err := c.Client.DiscoveryV1().EndpointSlices(f.namespace).Create(ctx, s, metav1.CreateOptions{}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		for _, n := range c.Nodes {
+			want := map[string]float64{"untrusted": 20, "namespace": 10}
+			if err := waitUntil(ctx, 30*time.Second, n.Name+"'s drops of made-up records", func() bool {
+				for reason, v := range want {
+					if metricSum(t, n.DaemonURL, "endpointlag_records_dropped_total", "reason", reason) != v {
+						return false
+					}
+				}
+				return true
+			}); err != nil {
+				t.Errorf("%s: %v: dropped untrusted %v (want 20 of 40, --record.max-untrusted=20), namespace %v (want 10 of 40, --record.max-per-namespace=30)", n.Name, err,
+					metricSum(t, n.DaemonURL, "endpointlag_records_dropped_total", "reason", "untrusted"),
+					metricSum(t, n.DaemonURL, "endpointlag_records_dropped_total", "reason", "namespace"))
+			}
+			if got := metricValue(t, n.DaemonURL, "endpointlag_untrusted_records"); got != 20 {
+				t.Errorf("%s: %v untrusted records held, want 20", n.Name, got)
+			}
+		}
+		before := current(t)
+		r := rollout(t, func(ctx context.Context) error { return afterFirstDeletion(before) })
+		complete(t, c, r)
+		consistent(t, c)
+	})
 
 	t.Run("node1's kube-proxy restarted mid-rollout: every removal recorded", func(t *testing.T) {
 		before := current(t)
@@ -264,8 +306,8 @@ func consistent(t *testing.T, c *cluster.Cluster) {
 		if got := metricSum(t, n.DaemonURL, "endpointlag_unsampled_total", "reason", "relist"); int(got) != relist {
 			t.Errorf("%s: endpointlag_unsampled_total{reason=\"relist\"} is %v, its records have %d stages first seen on a relist", n.Name, got, relist)
 		}
-		if got := metricSum(t, n.DaemonURL, "endpointlag_records_dropped_total"); got != 0 {
-			t.Errorf("%s: %v records dropped", n.Name, got)
+		if got := metricSum(t, n.DaemonURL, "endpointlag_records_dropped_total", "reason", "max"); got != 0 {
+			t.Errorf("%s: %v records dropped at --record.max", n.Name, got)
 		}
 		if got := metricValue(t, n.DaemonURL, "endpointlag_probe_up", "probe", "kube"); got != 1 {
 			t.Errorf("%s: the kube probe is not up (%v)", n.Name, got)
@@ -311,4 +353,24 @@ func endpointlagPrograms(t *testing.T) int {
 		}
 		p.Close()
 	}
+}
+
+// forgedSlice lists n made-up pods, terminating, on no node of the lab, as managed by manager.
+func forgedSlice(namespace, manager string, n int) *discoveryv1.EndpointSlice {
+	s := &discoveryv1.EndpointSlice{
+		ObjectMeta: metav1.ObjectMeta{Namespace: namespace, Name: "made-up", Labels: map[string]string{
+			discoveryv1.LabelServiceName: "made-up", discoveryv1.LabelManagedBy: manager}},
+		AddressType: discoveryv1.AddressTypeIPv4,
+		Ports:       []discoveryv1.EndpointPort{{Name: ptr.To("http"), Port: ptr.To[int32](80), Protocol: ptr.To(corev1.ProtocolTCP)}},
+	}
+	for i := range n {
+		name := fmt.Sprintf("made-up-%d", i)
+		s.Endpoints = append(s.Endpoints, discoveryv1.Endpoint{
+			Addresses:  []string{fmt.Sprintf("100.127.%d.%d", i/250, i%250+1)},
+			Conditions: discoveryv1.EndpointConditions{Ready: ptr.To(false), Serving: ptr.To(true), Terminating: ptr.To(true)},
+			NodeName:   ptr.To("elsewhere"),
+			TargetRef:  &corev1.ObjectReference{Kind: "Pod", Namespace: namespace, Name: name, UID: types.UID(namespace + "-" + name)},
+		})
+	}
+	return s
 }

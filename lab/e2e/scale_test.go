@@ -355,6 +355,11 @@ func scaleRun(b *testing.B, mode string) {
 	if os.Getenv("BENCH_PROFILE") != "" {
 		cfg.DaemonArgs = append(cfg.DaemonArgs, "--web.enable-profiling")
 	}
+	// BENCH_ENDPOINTLAG: another build of the daemon (an earlier commit's, say), with its own
+	// BENCH_DAEMON_ARGS when its flags differ.
+	if v := os.Getenv("BENCH_ENDPOINTLAG"); v != "" {
+		cfg.Endpointlag = v
+	}
 	if v, ok := os.LookupEnv("BENCH_DAEMON_ARGS"); ok {
 		cfg.DaemonArgs = strings.Fields(v)
 	}

@@ -152,6 +152,8 @@ type Probe struct {
 	instances map[string]*instance
 	// owed is, per instance, the endpoints it still owes a removal for (from the collector).
 	owed map[string][]probes.Endpoint
+	// notify tells followPending that what is owed may have changed.
+	notify chan struct{}
 	// synced: the annotated pods were listed (or there is no API) and every instance was read
 	// once (or failed to be).
 	synced bool
@@ -162,7 +164,7 @@ type Probe struct {
 // New returns the probe; client may be nil (then only opts.Instances are read).
 func New(opts Options, client kubernetes.Interface, node string, pending probes.Pending, clk clock.PassiveClock, log *slog.Logger) *Probe {
 	return &Probe{opts: opts, client: client, node: node, pending: pending, clock: clk, log: log.With("probe", Name),
-		instances: map[string]*instance{}, owed: map[string][]probes.Endpoint{}, reads: map[readKey]uint64{}}
+		instances: map[string]*instance{}, owed: map[string][]probes.Endpoint{}, reads: map[readKey]uint64{}, notify: make(chan struct{}, 1)}
 }
 
 // Name implements probes.Probe.
@@ -177,11 +179,10 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 	defer cancel()
 	defer p.stopAll()
 
-	notify := make(chan struct{}, 1)
 	if p.pending != nil {
-		p.pending.NotifyPending(notify)
+		p.pending.NotifyPending(p.notify)
 	}
-	wg.Go(func() { p.followPending(ctx, notify) })
+	wg.Go(func() { p.followPending(ctx, p.notify) })
 
 	for _, s := range p.opts.Instances {
 		k, addr, err := parseInstance(s)
@@ -256,6 +257,14 @@ func (p *Probe) followPending(ctx context.Context, notify <-chan struct{}) {
 			return
 		case <-notify:
 		}
+		p.mu.Lock()
+		idle := len(p.instances) == 0
+		p.mu.Unlock()
+		if idle || p.pending == nil {
+			// Nothing to wake: spare the collector a pass over every record at each change.
+			// An instance that starts asks again (start).
+			continue
+		}
 		owed := p.pending.Pending(probes.StageIngress)
 		p.mu.Lock()
 		p.owed = owed
@@ -294,7 +303,16 @@ func (p *Probe) start(ctx context.Context, sink probes.Sink, wg *sync.WaitGroup,
 	p.log.Info("reading a proxy instance", "instance", name, "kind", k.Name, "address", t.Address, "inside_pod", t.Dial != nil)
 	wg.Go(func() { p.poll(ictx, sink, in) })
 	p.mu.Unlock()
+	p.askPending()
 	p.report(sink)
+}
+
+// askPending has followPending read what is owed now.
+func (p *Probe) askPending() {
+	select {
+	case p.notify <- struct{}{}:
+	default: // a notification is already waiting
+	}
 }
 
 // stop ends the reading of one instance (its pod went).
