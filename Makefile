@@ -55,7 +55,7 @@ IMAGE_ARCH        ?= amd64
 SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || echo 0)
 LAB_FLAGS ?=
 
-.PHONY: all build test unit e2e lint fmt generate check-generate deps clean lab-bins lab-tool demo lab-up lab-down helm crds image
+.PHONY: all build test unit e2e lint fmt generate check-generate deps clean lab-bins lab-tool demo lab-up lab-down helm crds image fuzz
 
 all: build
 
@@ -140,6 +140,18 @@ lab-up: deps build lab-bins lab-tool
 
 lab-down: lab-tool
 	bin/lab down
+
+## fuzz: every fuzz target of the module, one after the other, FUZZTIME each (1,000,000
+## executions), on FUZZ_PARALLEL workers; not part of test. Narrow it with FUZZ_PKGS (./probes/...).
+FUZZTIME ?= 1000000x
+FUZZ_PARALLEL ?= 1
+FUZZ_PKGS ?= ./...
+fuzz: deps
+	@set -e; $(GO) test -list '^Fuzz' $(FUZZ_PKGS) | awk '/^Fuzz/ {t[n++]=$$1} /^ok / {for (i = 0; i < n; i++) print $$2, t[i]; n = 0}' | \
+	while read -r pkg target; do \
+		echo "== $$pkg $$target ($(FUZZTIME))"; \
+		$(GO) test $$pkg -run '^$$' -fuzz "^$$target\$$" -fuzztime $(FUZZTIME) -parallel $(FUZZ_PARALLEL) </dev/null; \
+	done
 
 ## lint: gofmt, go vet, staticcheck, generated eBPF objects and dashboards up to date, the dashboards'
 ## lint rules, and the alerting rules checked and unit-tested with promtool.

@@ -461,7 +461,8 @@ func scaleRun(b *testing.B, mode string) {
 	rate := envInt(b, "BENCH_RATE", 100)
 	terminations := churn(b, ctx, client, slices, rate, churnFor, func(m int) {
 		smp := s.sample()
-		b.Logf("churn, minute %d: RSS kube-proxy %.1f MiB, endpointlag %.1f MiB", m, float64(smp[0].rssKiB)/1024, float64(smp[1].rssKiB)/1024)
+		b.Logf("churn, minute %d: RSS kube-proxy %.1f MiB, endpointlag %.1f MiB holding %v records", m, float64(smp[0].rssKiB)/1024, float64(smp[1].rssKiB)/1024,
+			scrapeSum(b, node.DaemonURL, "endpointlag_tracked_records"))
 	})
 	churnEnd := s.sample()
 	if lr != nil {
