@@ -67,7 +67,7 @@ func bindFlags(fs *pflag.FlagSet, o *Options) {
 		"most endpoint records (and, separately, deleting pods) held at once; more are dropped and counted. Records of untrusted slices (see --record.max-untrusted) do not count")
 	fs.IntVar(&o.MaxUntrustedRecords, "record.max-untrusted", collector.DefaultMaxUntrustedRecords,
 		"most endpoint records (and the deleting pods they name) held at once that were started by EndpointSlices no trusted controller manages (see --kube.trusted-managers: anyone allowed to write slices in a namespace can make them up, with made-up pods), in a budget of their own that never takes a place --record.max keeps for the others; more are dropped and counted. A trusted slice showing the same endpoint terminating moves its record to --record.max")
-	fs.IntVar(&o.MaxRecordsPerNamespace, "record.max-per-namespace", 10000,
+	fs.IntVar(&o.MaxRecordsPerNamespace, "record.max-per-namespace", 25000,
 		"most endpoint records of one namespace held at once, trusted or not, so that one namespace's burst (a mass deletion, or made-up slices) cannot starve the others; a record counts in the namespace of the EndpointSlice that started it, the pod's own for the endpointslice controller's; more are dropped and counted (0: no cap)")
 	fs.DurationVar(&o.SweepInterval, "record.sweep-interval", 10*time.Second, "how often expired records are removed")
 	fs.DurationVar(&o.PollInterval, "dataplane.poll-interval", time.Second,
