@@ -359,10 +359,12 @@ func isNodeAddr(n *cluster.Node, a netip.Addr) bool {
 }
 
 func (s *shapes) scaleDown(t *testing.T) {
-	// A preStop keeps the endpoints terminating for a second, so that every node sees them so (an
-	// endpoint that leaves its slice without a terminating phase is measured on its pod's node
-	// only).
-	behaviour := scenario.Behaviour{PreStop: time.Second}
+	// A preStop keeps the endpoints terminating for five seconds, so that every node sees them so
+	// (an endpoint that leaves its slice without a terminating phase is measured on its pod's node
+	// only). Not one: with three slices to rewrite, the endpointslice controller often finds its
+	// slice cache out of date and retries after one second, then two, and an endpoint whose pod
+	// is gone by then leaves its slice without ever being written as terminating (CI saw this).
+	behaviour := scenario.Behaviour{PreStop: 5 * time.Second}
 	app := &scenario.App{Client: s.c.Client, Namespace: shapesNS, Name: "many", Replicas: 12}
 	if err := app.Apply(s.ctx, behaviour); err != nil {
 		t.Fatal(err)
