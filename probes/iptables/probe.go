@@ -13,8 +13,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"math/rand/v2"
+	"os"
 	"os/exec"
 	"slices"
 	"strings"
@@ -26,6 +28,7 @@ import (
 	"k8s.io/utils/clock"
 
 	"github.com/endpointlag/endpointlag/probes"
+	"github.com/endpointlag/endpointlag/probes/internal/inns"
 	"github.com/endpointlag/endpointlag/probes/internal/nfmon"
 	"github.com/endpointlag/endpointlag/probes/internal/proxymode"
 	"github.com/endpointlag/endpointlag/probes/internal/rulegraph"
@@ -72,6 +75,8 @@ type Probe struct {
 	KubeProxy proxymode.Asker
 	// run executes a legacy save command; tests replace it to run in another namespace.
 	run func(ctx context.Context, name string, args ...string) ([]byte, error)
+	// legacyNAT tells whether the legacy backend has a nat table; tests that fake run fake it too.
+	legacyNAT func() (bool, error)
 	// netns names the network namespace (none: the current one), nsfd too (-1: the current one).
 	netns []nftables.ConnOption
 	nsfd  int
@@ -87,12 +92,35 @@ func New(opts Options, clk clock.PassiveClock, log *slog.Logger) *Probe {
 	if opts.PollInterval <= 0 {
 		opts.PollInterval = time.Second
 	}
-	return &Probe{
+	p := &Probe{
 		opts: opts, clock: clk, log: log.With("probe", Name), nsfd: -1,
 		run: func(ctx context.Context, name string, args ...string) ([]byte, error) {
 			return exec.CommandContext(ctx, name, args...).Output()
 		},
 	}
+	p.legacyNAT = p.hasLegacyNAT
+	return p
+}
+
+// hasLegacyNAT tells whether the legacy backend holds a nat table in the probe's namespace: the
+// kernel lists a namespace's x_tables tables in /proc/net/ip_tables_names once they exist, and
+// without a nat table iptables-legacy-save has nothing to show. Detect asks every poll interval
+// on a node whose kube-proxy is in nftables mode: a read of that list where the save is a fork
+// and an exec.
+func (p *Probe) hasLegacyNAT() (bool, error) {
+	var names []byte
+	err := inns.Do(p.nsfd, func() error {
+		var err error
+		names, err = os.ReadFile("/proc/thread-self/net/ip_tables_names")
+		return err
+	})
+	switch {
+	case errors.Is(err, fs.ErrNotExist): // ip_tables is not loaded: no legacy table at all
+		return false, nil
+	case err != nil:
+		return false, err
+	}
+	return slices.Contains(strings.Fields(string(names)), natTable), nil
 }
 
 // conn opens a netlink connection for reading, kept open across requests.
@@ -125,6 +153,10 @@ func (p *Probe) Detect(ctx context.Context) (Backend, error) {
 				return BackendNFT, nil
 			}
 		}
+	}
+	// The list of tables is only a shortcut: when it cannot be read, the save tells.
+	if nat, err := p.legacyNAT(); err == nil && !nat {
+		return "", errors.Join(errs...)
 	}
 	out, err := p.run(ctx, legacySave[0], "-t", "nat")
 	switch {

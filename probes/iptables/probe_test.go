@@ -332,6 +332,7 @@ func TestIPVSModeTableIsNotIptablesMode(t *testing.T) {
 // looking healthy and inactive.
 func TestDetectReportsWhatItCannotRead(t *testing.T) {
 	p := New(Options{}, clock.RealClock{}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	p.legacyNAT = func() (bool, error) { return true, nil }
 	p.run = func(context.Context, string, ...string) ([]byte, error) {
 		return nil, errors.New("iptables-legacy-save: Permission denied (you must be root)")
 	}
@@ -343,6 +344,40 @@ func TestDetectReportsWhatItCannotRead(t *testing.T) {
 		if _, err := p.Detect(context.Background()); err != nil {
 			t.Errorf("no legacy iptables installed is not an error: %v", err)
 		}
+	}
+}
+
+// On a node without legacy rules (kube-proxy in nftables mode or not started yet) Detect does not
+// run iptables-legacy-save at every poll: the namespace's list of x_tables tables has no nat
+// table. Once kube-proxy's legacy chains exist, it finds them.
+func TestDetectRunsLegacySaveOnlyWithANatTable(t *testing.T) {
+	ns, fd := probetest.Netns(t, nsPrefix+"nolegacy-", "iptables-legacy", "iptables-legacy-save")
+	p := New(Options{}, clock.RealClock{}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	inNamespace(p, fd)
+	var saves int
+	p.run = func(ctx context.Context, name string, args ...string) ([]byte, error) {
+		saves++
+		return exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", ns, name}, args...)...).Output()
+	}
+	for range 3 {
+		if b, err := p.Detect(context.Background()); b != "" || err != nil {
+			t.Fatalf("an empty namespace: Detect = %q, %v", b, err)
+		}
+	}
+	if saves != 0 {
+		t.Errorf("without a legacy nat table, Detect ran iptables-legacy-save %d times", saves)
+	}
+	if nat, err := p.hasLegacyNAT(); nat || err != nil {
+		t.Errorf("an empty namespace: hasLegacyNAT = %v, %v", nat, err)
+	}
+	if out, err := exec.Command("ip", "netns", "exec", ns, "iptables-legacy", "-t", "nat", "-N", rootChains[0]).CombinedOutput(); err != nil {
+		t.Fatalf("iptables-legacy -N %s: %v: %s", rootChains[0], err, out)
+	}
+	if nat, err := p.hasLegacyNAT(); !nat || err != nil {
+		t.Errorf("with kube-proxy's chain in the legacy nat table: hasLegacyNAT = %v, %v", nat, err)
+	}
+	if b, err := p.Detect(context.Background()); b != BackendLegacy || err != nil || saves != 1 {
+		t.Errorf("with kube-proxy's chain in the legacy nat table: Detect = %q, %v after %d saves; want legacy after 1", b, err, saves)
 	}
 }
 
@@ -429,6 +464,7 @@ func TestUpAgainAfterAFailedRead(t *testing.T) {
 	)
 	p := New(Options{PollInterval: 20 * time.Millisecond}, clock.RealClock{}, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	inNamespace(p, fd)
+	p.legacyNAT = func() (bool, error) { return true, nil }
 	p.run = func(_ context.Context, name string, _ ...string) ([]byte, error) {
 		if name != legacySave[0] {
 			return nil, nil

@@ -3,13 +3,14 @@ package packets
 import (
 	"errors"
 	"fmt"
-	"runtime"
 	"strings"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/endpointlag/endpointlag/probes/internal/inns"
 )
 
 // Attach modes.
@@ -49,23 +50,7 @@ type netns struct {
 	fd int // -1: the current namespace
 }
 
-func (n netns) do(f func() error) error {
-	if n.fd < 0 {
-		return f()
-	}
-	errc := make(chan error, 1)
-	go func() {
-		// The thread is never unlocked, so it ends with this goroutine and no other code runs
-		// in the namespace.
-		runtime.LockOSThread()
-		if err := unix.Setns(n.fd, unix.CLONE_NEWNET); err != nil {
-			errc <- fmt.Errorf("entering the network namespace: %w", err)
-			return
-		}
-		errc <- f()
-	}()
-	return <-errc
-}
+func (n netns) do(f func() error) error { return inns.Do(n.fd, f) }
 
 // attachment is one program on one direction of one interface.
 type attachment struct {
