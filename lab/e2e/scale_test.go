@@ -386,9 +386,12 @@ func scaleRun(b *testing.B, mode string) {
 	if err := c.RestartKubeProxy(ctx, node.Name); err != nil {
 		b.Fatal(err)
 	}
+	// BENCH_SYNC_TIMEOUT: how long kube-proxy may take (iptables mode at 10,000 Services: one
+	// iptables-restore of ~300,000 rules).
+	syncTimeout := envDuration(b, "BENCH_SYNC_TIMEOUT", 20*time.Minute)
 	for !kubeProxySynced(ctx, node.NS) {
-		if time.Since(start) > 20*time.Minute {
-			b.Fatal("kube-proxy did not finish a full sync in 20 minutes")
+		if time.Since(start) > syncTimeout {
+			b.Fatalf("kube-proxy did not finish a full sync in %s (BENCH_SYNC_TIMEOUT)", syncTimeout)
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
@@ -412,6 +415,7 @@ func scaleRun(b *testing.B, mode string) {
 	time.Sleep(rest)
 	restEnd := s.sample()
 	restTook := time.Since(restAt)
+	heap(b, node.DaemonURL, "at rest")
 
 	// BENCH_ROLLOUTS: a real Deployment of 4 pods on the node, under load, restarted at that
 	// interval through the churn, so that the packets probe sees late connections too.
@@ -477,6 +481,7 @@ func scaleRun(b *testing.B, mode string) {
 	// The records settle: kube-proxy's last syncs, the last removals.
 	time.Sleep(10 * time.Second)
 	settled := s.sample()
+	heap(b, node.DaemonURL, "after the churn")
 
 	pct := func(a, z procSample, d time.Duration) float64 { return 100 * float64(z.cpu-a.cpu) / float64(d) }
 	kibps := func(a, z procSample, d time.Duration) float64 {
@@ -534,6 +539,19 @@ func scaleRun(b *testing.B, mode string) {
 	b.Logf("late connections in the records (from the ring buffer): %v; records held: %d", late, len(recs.Records))
 	b.ReportMetric(float64(settled[1].rssKiB)/float64(settled[0].rssKiB), "rss-ratio")
 	b.ReportMetric(float64(synced[1].apiBytes)/float64(max(synced[0].apiBytes, 1)), "sync-bytes-ratio")
+}
+
+// heap logs where the daemon's RSS goes from the Go runtime's view of its heap: live objects,
+// free spans the runtime keeps and what it gave back to the kernel; with BENCH_PROFILE, the heap
+// profile too.
+func heap(b *testing.B, base, when string) {
+	mib := func(m string) float64 { return scrapeSum(b, base, m) / (1 << 20) }
+	b.Logf("endpointlag's Go heap %s: in use %.1f MiB, idle %.1f MiB of which released %.1f MiB, stacks %.1f MiB, runtime %.1f MiB",
+		when, mib("go_memstats_heap_inuse_bytes"), mib("go_memstats_heap_idle_bytes"), mib("go_memstats_heap_released_bytes"),
+		mib("go_memstats_stack_inuse_bytes"), mib("go_memstats_other_sys_bytes")+mib("go_memstats_mspan_inuse_bytes")+mib("go_memstats_gc_sys_bytes"))
+	if dir := os.Getenv("BENCH_PROFILE"); dir != "" {
+		saveProfile(b, base+"/debug/pprof/heap", filepath.Join(dir, "endpointlag-heap-"+strings.ReplaceAll(when, " ", "-")+".pprof"))
+	}
 }
 
 func saveProfile(b *testing.B, url, path string) {

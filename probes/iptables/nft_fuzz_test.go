@@ -265,17 +265,17 @@ func FuzzReaderApply(f *testing.F) {
 			checkCounts(t, rd)
 			whole := newReader()
 			for _, fam := range []uint8{unix.NFPROTO_IPV4, unix.NFPROTO_IPV6} {
-				next := map[string]map[uint64]rule{}
+				next := map[string]chainRules{}
 				for chain, rules := range tables[fam] {
-					byHandle := map[uint64]rule{}
+					var read []handleRule
 					for h, raw := range rules {
 						exprs, err := nfmon.DecodeExprs(fam, raw)
 						if err != nil {
 							t.Fatalf("a rule the reader took does not decode: %v", err)
 						}
-						byHandle[h] = ruleFromExprs(chain, exprs).stored()
+						read = append(read, handleRule{h, ruleFromExprs(chain, exprs).stored()})
 					}
-					next[chain] = byHandle
+					next[chain] = byHandle(read)
 				}
 				whole.replace(fam, next)
 			}

@@ -111,13 +111,13 @@ func TestEntryRulesAreCounted(t *testing.T) {
 	ep := func(last byte) rule {
 		return rule{target: "DNAT", proto: "TCP", dnat: netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 0, 0, last}), 80)}
 	}
-	tables := func(entry ...rule) map[string]map[uint64]rule {
-		return map[string]map[uint64]rule{
-			"KUBE-SERVICES": numbered(map[string][]rule{"": entry})[""],
-			"KUBE-SVC-A":    {0: {target: "KUBE-SEP-A", jump: true}},
-			"KUBE-SEP-A":    {0: ep(1)},
-			"KUBE-SVC-B":    {0: ep(2)},
-		}
+	tables := func(entry ...rule) map[string]chainRules {
+		return numbered(map[string][]rule{
+			"KUBE-SERVICES": entry,
+			"KUBE-SVC-A":    {{target: "KUBE-SEP-A", jump: true}},
+			"KUBE-SEP-A":    {ep(1)},
+			"KUBE-SVC-B":    {ep(2)},
+		})
 	}
 	rd := newReader()
 	state := rulegraph.NewState()
@@ -198,4 +198,28 @@ func FuzzParseSave(f *testing.F) {
 			}
 		}
 	})
+}
+
+// A chain's rules stay in handle order whatever order they are added, replaced and deleted in.
+func TestChainRulesKeepHandleOrder(t *testing.T) {
+	r := func(target string) rule { return rule{target: target, jump: true} }
+	var c chainRules
+	for _, h := range []uint64{5, 2, 9} {
+		c = c.with(h, r(fmt.Sprint("KUBE-SEP-", h)))
+	}
+	c = c.with(2, r("KUBE-SEP-2b"))
+	var ok bool
+	if c, ok = c.without(5); !ok {
+		t.Error("handle 5 was not found")
+	}
+	if _, ok = c.without(7); ok {
+		t.Error("handle 7, never added, was found")
+	}
+	got := fmt.Sprint(c)
+	if want := fmt.Sprint(chainRules{{2, r("KUBE-SEP-2b")}, {9, r("KUBE-SEP-9")}}); got != want {
+		t.Errorf("chain %s, want %s", got, want)
+	}
+	if got := byHandle([]handleRule{{9, r("b")}, {2, r("a")}}); got[0].handle != 2 || got[1].handle != 9 {
+		t.Errorf("byHandle = %v, want handles 2, 9", got)
+	}
 }

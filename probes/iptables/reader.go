@@ -2,10 +2,10 @@ package iptables
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
-	"maps"
 	"slices"
 
 	"github.com/google/nftables"
@@ -28,7 +28,7 @@ type reader struct {
 	g *rulegraph.Graph
 	// chains holds the rules of every chain but the entry chains, entries those of the entry
 	// chains.
-	chains  map[uint8]map[string]map[uint64]rule
+	chains  map[uint8]map[string]chainRules
 	entries map[uint8]map[string]map[uint64]*entryRule
 	// targets are the service chains entry rules jump to; cache the entry rules read from the
 	// monitor, by raw expressions.
@@ -75,7 +75,7 @@ type rootCount struct {
 
 func newReader() *reader {
 	return &reader{
-		g: rulegraph.New(policy), chains: map[uint8]map[string]map[uint64]rule{}, entries: map[uint8]map[string]map[uint64]*entryRule{},
+		g: rulegraph.New(policy), chains: map[uint8]map[string]chainRules{}, entries: map[uint8]map[string]map[uint64]*entryRule{},
 		targets: map[uint8]map[string]*target{}, cache: map[uint8]map[string]*entryRule{}, changed: map[rulegraph.Key]bool{},
 	}
 }
@@ -155,7 +155,7 @@ func preferred(a, b rulegraph.Root) bool {
 func (rd *reader) flush() {
 	for k := range rd.changed {
 		if rules, ok := rd.chains[k.Family][k.Chain]; ok {
-			rd.g.SetChain(k, chainOf(ordered(rules)))
+			rd.g.SetChain(k, chainOf(rules.rules()))
 		} else {
 			rd.g.SetChain(k, nil)
 		}
@@ -191,32 +191,71 @@ func (rd *reader) flush() {
 	rd.unused = rd.unused[:0]
 }
 
-// ordered lists a chain's rules in handle order, which is the order they were added.
-func ordered(rules map[uint64]rule) []rule {
-	handles := slices.Sorted(maps.Keys(rules))
-	out := make([]rule, len(handles))
-	for i, h := range handles {
-		out[i] = rules[h]
+// chainRules is a chain's rules in handle order, which is the order they were added. A slice,
+// not a map by handle: most chains hold two or three rules (every KUBE-SEP- chain two), and a map
+// of so few costs ~1 KiB where the slice costs a tenth of that; at 2,000 Services those maps were
+// most of the daemon's heap.
+type chainRules []handleRule
+
+type handleRule struct {
+	handle uint64
+	rule   rule
+}
+
+func (c chainRules) find(h uint64) (int, bool) {
+	return slices.BinarySearchFunc(c, h, func(r handleRule, h uint64) int { return cmp.Compare(r.handle, h) })
+}
+
+// with returns the chain with rule r at handle h, added or replacing the rule there.
+func (c chainRules) with(h uint64, r rule) chainRules {
+	i, ok := c.find(h)
+	if ok {
+		c[i].rule = r
+		return c
+	}
+	return slices.Insert(c, i, handleRule{h, r})
+}
+
+// without returns the chain without the rule at handle h, and whether there was one.
+func (c chainRules) without(h uint64) (chainRules, bool) {
+	i, ok := c.find(h)
+	if !ok {
+		return c, false
+	}
+	return slices.Delete(c, i, i+1), true
+}
+
+func (c chainRules) rules() []rule {
+	out := make([]rule, len(c))
+	for i, hr := range c {
+		out[i] = hr.rule
 	}
 	return out
 }
 
+// byHandle makes a chain of rules read with their handles, in any order.
+func byHandle(rules []handleRule) chainRules {
+	c := chainRules(rules)
+	slices.SortFunc(c, func(a, b handleRule) int { return cmp.Compare(a.handle, b.handle) })
+	return c
+}
+
 // numbered keys each chain's rules by their position, as handles do for the nf_tables backend.
-func numbered(chains map[string][]rule) map[string]map[uint64]rule {
-	out := make(map[string]map[uint64]rule, len(chains))
+func numbered(chains map[string][]rule) map[string]chainRules {
+	out := make(map[string]chainRules, len(chains))
 	for name, rules := range chains {
-		byIndex := make(map[uint64]rule, len(rules))
+		c := make(chainRules, len(rules))
 		for i, r := range rules {
-			byIndex[uint64(i)] = r
+			c[i] = handleRule{uint64(i), r}
 		}
-		out[name] = byIndex
+		out[name] = c
 	}
 	return out
 }
 
 // replace makes one family's tables what was read (entry chains' rules with their comments);
 // only chains that differ reach the graph.
-func (rd *reader) replace(fam uint8, next map[string]map[uint64]rule) {
+func (rd *reader) replace(fam uint8, next map[string]chainRules) {
 	for name := range rd.chains[fam] {
 		if _, ok := next[name]; !ok {
 			rd.changed[rulegraph.Key{Family: fam, Chain: name}] = true
@@ -227,7 +266,7 @@ func (rd *reader) replace(fam uint8, next map[string]map[uint64]rule) {
 			rd.count(er, -1)
 		}
 	}
-	chains := map[string]map[uint64]rule{}
+	chains := map[string]chainRules{}
 	entries := map[string]map[uint64]*entryRule{}
 	for name, rules := range next {
 		if !isEntry(name) {
@@ -235,13 +274,13 @@ func (rd *reader) replace(fam uint8, next map[string]map[uint64]rule) {
 			rd.changed[rulegraph.Key{Family: fam, Chain: name}] = true
 			continue
 		}
-		byHandle := make(map[uint64]*entryRule, len(rules))
-		for h, r := range rules {
-			er := newEntryRule(fam, r)
+		ers := make(map[uint64]*entryRule, len(rules))
+		for _, hr := range rules {
+			er := newEntryRule(fam, hr.rule)
 			rd.count(er, 1)
-			byHandle[h] = er
+			ers[hr.handle] = er
 		}
-		entries[name] = byHandle
+		entries[name] = ers
 	}
 	rd.chains[fam], rd.entries[fam] = chains, entries
 }
@@ -254,7 +293,7 @@ func (rd *reader) resync(conn *nftables.Conn) (err error) {
 	rd.cache = map[uint8]map[string]*entryRule{}
 	var errs []error
 	for _, fam := range families {
-		next := map[string]map[uint64]rule{}
+		next := map[string]chainRules{}
 		chains, err := conn.ListChainsOfTableFamily(fam)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("listing %s chains: %w", familyName(fam), err))
@@ -269,11 +308,11 @@ func (rd *reader) resync(conn *nftables.Conn) (err error) {
 				errs = append(errs, fmt.Errorf("reading %s nat chain %s: %w", familyName(fam), c.Name, err))
 				continue
 			}
-			byHandle := make(map[uint64]rule, len(rules))
-			for _, r := range rules {
-				byHandle[r.Handle] = ruleFromExprs(c.Name, r.Exprs).stored()
+			read := make([]handleRule, len(rules))
+			for i, r := range rules {
+				read[i] = handleRule{r.Handle, ruleFromExprs(c.Name, r.Exprs).stored()}
 			}
-			next[c.Name] = byHandle
+			next[c.Name] = byHandle(read)
 		}
 		rd.replace(uint8(fam), next)
 	}
@@ -335,7 +374,7 @@ func (rd *reader) follow(changes []nfmon.RawChange) (touched bool, err error) {
 func (rd *reader) applyOne(c nfmon.RawChange) error {
 	fam := c.Family
 	if rd.chains[fam] == nil {
-		rd.chains[fam] = map[string]map[uint64]rule{}
+		rd.chains[fam] = map[string]chainRules{}
 		rd.entries[fam] = map[string]map[uint64]*entryRule{}
 	}
 	entry := isEntry(c.Chain)
@@ -362,12 +401,7 @@ func (rd *reader) applyOne(c nfmon.RawChange) error {
 		if err != nil {
 			return err
 		}
-		rules := rd.chains[fam][c.Chain]
-		if rules == nil {
-			rules = map[uint64]rule{}
-			rd.chains[fam][c.Chain] = rules
-		}
-		rules[c.Handle] = ruleFromExprs(c.Chain, exprs).stored()
+		rd.chains[fam][c.Chain] = rd.chains[fam][c.Chain].with(c.Handle, ruleFromExprs(c.Chain, exprs).stored())
 		rd.changed[rulegraph.Key{Family: fam, Chain: c.Chain}] = true
 	case unix.NFT_MSG_DELRULE:
 		if entry {
@@ -377,17 +411,19 @@ func (rd *reader) applyOne(c nfmon.RawChange) error {
 			}
 			return nil
 		}
-		if _, ok := rd.chains[fam][c.Chain][c.Handle]; ok {
-			delete(rd.chains[fam][c.Chain], c.Handle)
-			rd.changed[rulegraph.Key{Family: fam, Chain: c.Chain}] = true
+		if rules, ok := rd.chains[fam][c.Chain]; ok {
+			if rules, ok = rules.without(c.Handle); ok {
+				rd.chains[fam][c.Chain] = rules
+				rd.changed[rulegraph.Key{Family: fam, Chain: c.Chain}] = true
+			}
 		}
 	case unix.NFT_MSG_NEWCHAIN:
 		if entry {
 			if rd.entries[fam][c.Chain] == nil {
 				rd.entries[fam][c.Chain] = map[uint64]*entryRule{}
 			}
-		} else if rd.chains[fam][c.Chain] == nil {
-			rd.chains[fam][c.Chain] = map[uint64]rule{}
+		} else if _, ok := rd.chains[fam][c.Chain]; !ok {
+			rd.chains[fam][c.Chain] = nil
 			rd.changed[rulegraph.Key{Family: fam, Chain: c.Chain}] = true
 		}
 	case unix.NFT_MSG_DELCHAIN:

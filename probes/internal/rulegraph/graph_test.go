@@ -167,3 +167,33 @@ func TestPathsAreJudgedApart(t *testing.T) {
 		t.Errorf("snapshot %+v", snap)
 	}
 }
+
+// A set of roots holds each root once, small or large, and empties whatever it grew to.
+func TestRootSet(t *testing.T) {
+	var s rootSet
+	var keys []Key
+	for i := range 3 * fewRoots {
+		k := Key{Family: 2, Chain: fmt.Sprint("KUBE-SVC-", i)}
+		keys = append(keys, k)
+		s = s.with(k).with(k)
+		if s.len() != i+1 {
+			t.Fatalf("after %d roots, each added twice: len %d", i+1, s.len())
+		}
+	}
+	seen := map[Key]int{}
+	s.each(func(k Key) { seen[k]++ })
+	if len(seen) != len(keys) {
+		t.Errorf("each gave %d roots, want %d", len(seen), len(keys))
+	}
+	for _, k := range keys {
+		s = s.without(k)
+	}
+	if s.len() != 0 {
+		t.Errorf("every root removed, len %d", s.len())
+	}
+	var small rootSet
+	small = small.with(keys[0]).with(keys[1]).without(keys[0])
+	if small.len() != 1 || small.few[0] != keys[1] {
+		t.Errorf("small set %+v, want %v alone", small, keys[1])
+	}
+}
