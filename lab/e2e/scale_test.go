@@ -412,6 +412,10 @@ func scaleRun(b *testing.B, mode string) {
 	time.Sleep(rest / 2)
 	restStart := s.sample()
 	restAt := time.Now()
+	if dir := os.Getenv("BENCH_PROFILE"); dir != "" && rest >= 2*time.Second {
+		// endpointlag's CPU profile at rest.
+		go saveProfile(b, fmt.Sprintf("%s/debug/pprof/profile?seconds=%d", node.DaemonURL, int(rest.Seconds())-1), filepath.Join(dir, "endpointlag-"+mode+"-rest.pprof"))
+	}
 	time.Sleep(rest)
 	restEnd := s.sample()
 	restTook := time.Since(restAt)
