@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -455,6 +456,61 @@ var exprKinds = map[string]func() expr.Any{
 	"target":    func() expr.Any { return &expr.Target{} },
 }
 
+// checkNATRanges refuses an xtables NAT target of the old IPv4 layout (one range count, then the
+// ranges) that counts more ranges than its bytes could hold: google/nftables allocates the count
+// it reads before reading the ranges, and a count of 2^60 is a fatal out-of-memory, not an error
+// (FuzzDecodeExprs found it). The kernel accepts one range only, so the monitor never sees such a
+// target from it; the check keeps a decoder from trusting a count. The layouts are the ones
+// google/nftables' xt.Unmarshal picks: SNAT and MASQUERADE, DNAT and REDIRECT of revision 0.
+func checkNATRanges(family uint8, data []byte) error {
+	if family != unix.NFPROTO_IPV4 {
+		return nil
+	}
+	var (
+		name, info []byte
+		rev        uint32
+	)
+	err := attrs(data, func(at uint16, v []byte) {
+		switch at {
+		case unix.NFTA_TARGET_NAME:
+			name = cstring(v)
+		case unix.NFTA_TARGET_REV:
+			if len(v) == 4 {
+				rev = binary.BigEndian.Uint32(v)
+			}
+		case unix.NFTA_TARGET_INFO:
+			info = v
+		}
+	})
+	if err != nil {
+		return err
+	}
+	switch string(name) {
+	case "SNAT", "MASQUERADE":
+	case "DNAT", "REDIRECT":
+		if rev != 0 {
+			return nil
+		}
+	default:
+		return nil
+	}
+	// The count is a native uint at the start of the info (google/nftables' alignedbuff.Uint).
+	const size = strconv.IntSize / 8
+	if len(info) < size {
+		return nil // too short to hold a count: xt.Unmarshal says so
+	}
+	var count uint64
+	if size == 8 {
+		count = binary.NativeEndian.Uint64(info)
+	} else {
+		count = uint64(binary.NativeEndian.Uint32(info))
+	}
+	if count > uint64(len(info)) {
+		return fmt.Errorf("%s target: %d NAT ranges in %d bytes", name, count, len(info))
+	}
+	return nil
+}
+
 // DecodeExprs reads a rule's raw expressions, keeping the kinds that decide where a packet goes
 // (meta, cmp, payload, immediate and verdicts, xtables match and target); others are skipped.
 // It walks the attributes as the monitor does; only the expressions kept are unmarshalled.
@@ -479,6 +535,12 @@ func DecodeExprs(family uint8, raw []byte) ([]expr.Any, error) {
 		kind, ok := exprKinds[string(name)]
 		if !ok {
 			return
+		}
+		if string(name) == "target" {
+			if err := checkNATRanges(family, data); err != nil {
+				errs = append(errs, err)
+				return
+			}
 		}
 		e := kind()
 		if err := expr.Unmarshal(family, data, e); err != nil {
