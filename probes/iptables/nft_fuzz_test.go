@@ -380,7 +380,7 @@ func checkCounts(t *testing.T, rd *reader) {
 				if er.ok {
 					jumps[er.target]++
 				}
-				if er.exprs != "" {
+				if er.cached {
 					refs[er]++
 				}
 			}

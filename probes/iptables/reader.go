@@ -50,9 +50,11 @@ type entryRule struct {
 	target string
 	root   rulegraph.Root
 	ok     bool
-	// exprs is the cache key of a rule read from the monitor; refs counts its handles.
-	exprs string
-	refs  int
+	// cached is set for a rule read from the monitor: exprs is its cache key (empty for a rule
+	// of no expressions) and refs counts its handles.
+	cached bool
+	exprs  string
+	refs   int
 	// t is the target's counter, looked up again once it is gone.
 	t *target
 }
@@ -456,7 +458,7 @@ func (rd *reader) dropChain(fam uint8, name string) {
 // forgotten at the flush.
 func (rd *reader) drop(er *entryRule) {
 	rd.count(er, -1)
-	if er.exprs == "" {
+	if !er.cached {
 		return
 	}
 	if er.refs--; er.refs <= 0 {
@@ -476,7 +478,7 @@ func (rd *reader) entryRule(c nfmon.RawChange) (*entryRule, error) {
 		return nil, err
 	}
 	er := newEntryRule(c.Family, ruleFromExprs(c.Chain, exprs))
-	er.exprs, er.refs = string(c.Exprs), 1
+	er.cached, er.exprs, er.refs = true, string(c.Exprs), 1
 	if rd.cache[c.Family] == nil {
 		rd.cache[c.Family] = map[string]*entryRule{}
 	}

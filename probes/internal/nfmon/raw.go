@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -458,7 +457,7 @@ var exprKinds = map[string]func() expr.Any{
 
 // checkNATRanges refuses an xtables NAT target of the old IPv4 layout (one range count, then the
 // ranges) that counts more ranges than its bytes could hold: google/nftables allocates the count
-// it reads before reading the ranges, and a count of 2^60 is a fatal out-of-memory, not an error
+// it reads before reading the ranges, and a count of 2^32-1 is a fatal out-of-memory, not an error
 // (FuzzDecodeExprs found it). The kernel accepts one range only, so the monitor never sees such a
 // target from it; the check keeps a decoder from trusting a count. The layouts are the ones
 // google/nftables' xt.Unmarshal picks: SNAT and MASQUERADE, DNAT and REDIRECT of revision 0.
@@ -494,21 +493,21 @@ func checkNATRanges(family uint8, data []byte) error {
 	default:
 		return nil
 	}
-	// The count is a native uint at the start of the info (google/nftables' alignedbuff.Uint).
-	const size = strconv.IntSize / 8
-	if len(info) < size {
+	// The count is the kernel's unsigned int at the start of the info, native endian.
+	if len(info) < 4 {
 		return nil // too short to hold a count: xt.Unmarshal says so
 	}
-	var count uint64
-	if size == 8 {
-		count = binary.NativeEndian.Uint64(info)
-	} else {
-		count = uint64(binary.NativeEndian.Uint32(info))
-	}
-	if count > uint64(len(info)) {
+	if count := binary.NativeEndian.Uint32(info); count > uint32(len(info)) {
 		return fmt.Errorf("%s target: %d NAT ranges in %d bytes", name, count, len(info))
 	}
 	return nil
+}
+
+// unmarshal is google/nftables' expr.Unmarshal with its panics made errors: it trusts lengths
+// (a verdict of fewer than 8 bytes panics, FuzzDecodeRaw found it).
+func unmarshal(family uint8, data []byte, e expr.Any) (err error) {
+	defer probes.Recover(&err)
+	return expr.Unmarshal(family, data, e)
 }
 
 // DecodeExprs reads a rule's raw expressions, keeping the kinds that decide where a packet goes
@@ -543,14 +542,14 @@ func DecodeExprs(family uint8, raw []byte) ([]expr.Any, error) {
 			}
 		}
 		e := kind()
-		if err := expr.Unmarshal(family, data, e); err != nil {
+		if err := unmarshal(family, data, e); err != nil {
 			errs = append(errs, fmt.Errorf("%s expression: %w", name, err))
 			return
 		}
 		// A verdict is an immediate into the verdict register.
 		if imm, ok := e.(*expr.Immediate); ok && imm.Register == unix.NFT_REG_VERDICT && len(imm.Data) == 0 {
 			e = &expr.Verdict{}
-			if err := expr.Unmarshal(family, data, e); err != nil {
+			if err := unmarshal(family, data, e); err != nil {
 				errs = append(errs, fmt.Errorf("verdict: %w", err))
 				return
 			}
