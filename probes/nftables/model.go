@@ -107,7 +107,7 @@ func evalRule(r *nftables.Rule, sets setLookup, out *rulegraph.Chain) error {
 			}
 		case *expr.Verdict:
 			if e.Kind == expr.VerdictJump || e.Kind == expr.VerdictGoto {
-				out.Jumps = append(out.Jumps, e.Chain)
+				out.Jumps = append(out.Jumps, verdictChain(e.Chain))
 			}
 		case *expr.Lookup:
 			if !e.IsDestRegSet || e.Invert {
@@ -161,12 +161,21 @@ func evalRule(r *nftables.Rule, sets setLookup, out *rulegraph.Chain) error {
 	return nil
 }
 
+// verdictChain is a verdict's chain as the kernel means it: a netlink string ends at its first NUL.
+// decodeVerdict trimmed trailing NULs only, and google/nftables trims them from both ends, so a
+// name with one inside came through whole (FuzzReadChain found it).
+func verdictChain(s string) string {
+	s, _, _ = strings.Cut(s, "\x00")
+	return s
+}
+
 // elementTarget returns the chain a verdict-map element jumps or goes to. google/nftables v0.3.0
 // leaves VerdictData empty when it reads elements and puts the raw nested verdict attributes
 // (NFTA_VERDICT_CODE, NFTA_VERDICT_CHAIN) in Val; both forms are read.
 func elementTarget(el nftables.SetElement) (string, bool) {
 	if v := el.VerdictData; v != nil {
-		return v.Chain, (v.Kind == expr.VerdictJump || v.Kind == expr.VerdictGoto) && v.Chain != ""
+		chain := verdictChain(v.Chain)
+		return chain, (v.Kind == expr.VerdictJump || v.Kind == expr.VerdictGoto) && chain != ""
 	}
 	code, chain, ok := decodeVerdict(el.Val)
 	return chain, ok && (code == unix.NFT_JUMP || code == unix.NFT_GOTO) && chain != ""
@@ -187,7 +196,7 @@ func decodeVerdict(b []byte) (code int32, chain string, ok bool) {
 				code, seenCode = int32(binary.BigEndian.Uint32(ad.Bytes())), true
 			}
 		case unix.NFTA_VERDICT_CHAIN:
-			chain = strings.TrimRight(string(ad.Bytes()), "\x00")
+			chain = verdictChain(string(ad.Bytes()))
 		}
 	}
 	return code, chain, ad.Err() == nil && seenCode
