@@ -620,7 +620,7 @@ func TestKilledLabIsCleanedUpByTheNext(t *testing.T) {
 	assertClean(t, cfg, rootLinks)
 }
 
-func metricsText(t *testing.T, base string) string {
+func metricsText(t testing.TB, base string) string {
 	t.Helper()
 	resp, err := http.Get(base + "/metrics")
 	if err != nil {

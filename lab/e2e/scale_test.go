@@ -387,7 +387,7 @@ func scaleRun(b *testing.B, mode string) {
 		b.Fatal(err)
 	}
 	// BENCH_SYNC_TIMEOUT: how long kube-proxy may take (iptables mode at 10,000 Services: one
-	// iptables-restore of ~300,000 rules).
+	// iptables-restore of every chain, over 110,000).
 	syncTimeout := envDuration(b, "BENCH_SYNC_TIMEOUT", 20*time.Minute)
 	for !kubeProxySynced(ctx, node.NS) {
 		if time.Since(start) > syncTimeout {
@@ -470,7 +470,7 @@ func scaleRun(b *testing.B, mode string) {
 	terminations := churn(b, ctx, client, slices, rate, churnFor, func(m int) {
 		smp := s.sample()
 		b.Logf("churn, minute %d: RSS kube-proxy %.1f MiB, endpointlag %.1f MiB holding %v records", m, float64(smp[0].rssKiB)/1024, float64(smp[1].rssKiB)/1024,
-			scrapeSum(b, node.DaemonURL, "endpointlag_tracked_records"))
+			metricSum(b, node.DaemonURL, "endpointlag_tracked_records"))
 	})
 	churnEnd := s.sample()
 	if lr != nil {
@@ -536,9 +536,10 @@ func scaleRun(b *testing.B, mode string) {
 	for _, r := range recs.Records {
 		late += float64(len(r.Connections))
 	}
+	metrics := metricsText(b, node.DaemonURL)
 	for _, m := range []string{"endpointlag_records_dropped_total", "endpointlag_packet_events_dropped_total", "endpointlag_late_connections_total",
 		"endpointlag_packet_recent_overruns_total", "endpointlag_records_expired_total"} {
-		b.Logf("%s = %v", m, scrapeSum(b, node.DaemonURL, m))
+		b.Logf("%s = %v", m, seriesSum(b, metrics, m))
 	}
 	b.Logf("late connections in the records (from the ring buffer): %v; records held: %d", late, len(recs.Records))
 	b.ReportMetric(float64(settled[1].rssKiB)/float64(settled[0].rssKiB), "rss-ratio")
@@ -549,7 +550,8 @@ func scaleRun(b *testing.B, mode string) {
 // free spans the runtime keeps and what it gave back to the kernel; with BENCH_PROFILE, the heap
 // profile too.
 func heap(b *testing.B, base, when string) {
-	mib := func(m string) float64 { return scrapeSum(b, base, m) / (1 << 20) }
+	metrics := metricsText(b, base)
+	mib := func(m string) float64 { return seriesSum(b, metrics, m) / (1 << 20) }
 	b.Logf("endpointlag's Go heap %s: in use %.1f MiB, idle %.1f MiB of which released %.1f MiB, stacks %.1f MiB, runtime %.1f MiB",
 		when, mib("go_memstats_heap_inuse_bytes"), mib("go_memstats_heap_idle_bytes"), mib("go_memstats_heap_released_bytes"),
 		mib("go_memstats_stack_inuse_bytes"), mib("go_memstats_other_sys_bytes")+mib("go_memstats_mspan_inuse_bytes")+mib("go_memstats_gc_sys_bytes"))
@@ -597,27 +599,6 @@ func scaleApp(b *testing.B, ctx context.Context, c *cluster.Cluster) (*scenario.
 		b.Fatal(err)
 	}
 	return app, lr
-}
-
-// scrapeSum sums every series of a daemon's metric.
-func scrapeSum(b *testing.B, base, name string) float64 {
-	resp, err := http.Get(base + "/metrics")
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer resp.Body.Close()
-	var sum float64
-	sc := bufio.NewScanner(resp.Body)
-	sc.Buffer(nil, 1<<20)
-	for sc.Scan() {
-		line := sc.Text()
-		if strings.HasPrefix(line, name+"{") || strings.HasPrefix(line, name+" ") {
-			f := strings.Fields(line)
-			v, _ := strconv.ParseFloat(f[len(f)-1], 64)
-			sum += v
-		}
-	}
-	return sum
 }
 
 type floodResult struct {

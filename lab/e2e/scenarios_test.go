@@ -716,7 +716,7 @@ func (st *sliceTruth) leftAt(uid string) (leave, bool) {
 
 // metricValue scrapes a daemon's /metrics and returns the value of the first series of name whose
 // labels include the given pairs (0 when there is none).
-func metricValue(t *testing.T, base, name string, labels ...string) float64 {
+func metricValue(t testing.TB, base, name string, labels ...string) float64 {
 	t.Helper()
 	vs := metricValues(t, base, name, labels...)
 	if len(vs) == 0 {
@@ -726,19 +726,32 @@ func metricValue(t *testing.T, base, name string, labels ...string) float64 {
 }
 
 // metricSum is the sum over every series of name whose labels include the given pairs.
-func metricSum(t *testing.T, base, name string, labels ...string) float64 {
+func metricSum(t testing.TB, base, name string, labels ...string) float64 {
+	t.Helper()
+	return seriesSum(t, metricsText(t, base), name, labels...)
+}
+
+// seriesSum is metricSum over /metrics text already read.
+func seriesSum(t testing.TB, text, name string, labels ...string) float64 {
 	t.Helper()
 	var sum float64
-	for _, v := range metricValues(t, base, name, labels...) {
+	for _, v := range seriesValues(t, text, name, labels...) {
 		sum += v
 	}
 	return sum
 }
 
-func metricValues(t *testing.T, base, name string, labels ...string) []float64 {
+func metricValues(t testing.TB, base, name string, labels ...string) []float64 {
+	t.Helper()
+	return seriesValues(t, metricsText(t, base), name, labels...)
+}
+
+// seriesValues are the values in /metrics text of every series of name whose labels include the
+// given pairs.
+func seriesValues(t testing.TB, text, name string, labels ...string) []float64 {
 	t.Helper()
 	var out []float64
-	for _, line := range strings.Split(metricsText(t, base), "\n") {
+	for _, line := range strings.Split(text, "\n") {
 		if !strings.HasPrefix(line, name+"{") && !strings.HasPrefix(line, name+" ") {
 			continue
 		}

@@ -146,7 +146,7 @@ func FuzzRuleFromExprs(f *testing.F) {
 		})) {
 			t.Errorf("DNAT destination %s from %#v", ru.dnat, exprs)
 		}
-		c := chainOf([]rule{ru.stored()})
+		c := chainOf(chainRules{{rule: ru.stored()}})
 		for _, d := range c.DNATs {
 			if !d.Dest.Addr().IsValid() || d.Protocol == "" {
 				t.Errorf("DNAT %+v", d)

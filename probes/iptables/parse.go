@@ -211,9 +211,10 @@ func serviceFromComment(c string) (probes.ServiceRef, bool) {
 
 // chainOf is what a chain's rules do for the graph: the chains they jump to and where they DNAT.
 // A DNAT rule without -p is TCP, iptables' default for a port.
-func chainOf(rules []rule) *rulegraph.Chain {
+func chainOf(rules chainRules) *rulegraph.Chain {
 	c := &rulegraph.Chain{}
-	for _, r := range rules {
+	for _, hr := range rules {
+		r := hr.rule
 		switch {
 		case r.jump:
 			c.Jumps = append(c.Jumps, r.target)

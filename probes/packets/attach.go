@@ -44,14 +44,6 @@ const (
 	reasonNotFirst = "not_first"
 )
 
-// netns runs kernel requests in the network namespace the probe watches: directly in its own,
-// or on an OS thread moved into another (tests).
-type netns struct {
-	fd int // -1: the current namespace
-}
-
-func (n netns) do(f func() error) error { return inns.Do(n.fd, f) }
-
 // attachment is one program on one direction of one interface.
 type attachment struct {
 	ifindex int
@@ -94,7 +86,7 @@ func (p *Probe) attach(ifindex int, ifname, name string, prog *ebpf.Program, ing
 	a := &attachment{ifindex: ifindex, ifname: ifname, program: name, prog: prog, ingress: ingress}
 	var err error
 	if p.opts.Attach != AttachTC {
-		err = p.ns.do(func() error {
+		err = inns.Do(p.nsfd, func() error {
 			l, err := link.AttachTCX(link.TCXOptions{Interface: ifindex, Program: prog, Attach: tcxType(ingress), Anchor: link.Head()})
 			a.link = l
 			return err
@@ -210,7 +202,7 @@ func (p *Probe) position(a *attachment) (string, error) {
 	want := p.progIDs[a.program]
 	if a.link != nil {
 		var res *link.QueryResult
-		err := p.ns.do(func() error {
+		err := inns.Do(p.nsfd, func() error {
 			var err error
 			res, err = link.QueryPrograms(link.QueryOptions{Target: a.ifindex, Attach: tcxType(a.ingress)})
 			return err

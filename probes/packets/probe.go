@@ -112,8 +112,10 @@ type Probe struct {
 	pods  probes.LocalPods
 	clock clock.PassiveClock
 	log   *slog.Logger
-	ns    netns
-	nl    *netlink.Handle
+	// nsfd is the network namespace the probe watches (-1: its own); kernel requests go there
+	// through inns.Do.
+	nsfd int
+	nl   *netlink.Handle
 
 	mu      sync.Mutex
 	objs    *bpf.EndpointlagObjects
@@ -157,7 +159,7 @@ type Probe struct {
 
 // New returns the probe for the current network namespace.
 func New(opts Options, pods probes.LocalPods, clk clock.PassiveClock, log *slog.Logger) *Probe {
-	return &Probe{opts: opts, pods: pods, clock: clk, log: log.With("probe", Name), ns: netns{fd: -1},
+	return &Probe{opts: opts, pods: pods, clock: clk, log: log.With("probe", Name), nsfd: -1,
 		tracked: map[netip.Addr]tracked{}, overLimit: map[netip.Addr]bool{}, vethGone: map[netip.Addr]string{},
 		served: map[service]bool{}, filtered: map[netip.Addr]bool{}, nodeAddrs: map[netip.Addr]bool{},
 		lastConns: map[string]*lastConn{}, reported: map[string]bool{}, progIDs: map[string]ebpf.ProgramID{},
@@ -168,7 +170,7 @@ func New(opts Options, pods probes.LocalPods, clk clock.PassiveClock, log *slog.
 // NewInNamespace returns the probe for the network namespace open as fd.
 func NewInNamespace(fd int, opts Options, pods probes.LocalPods, clk clock.PassiveClock, log *slog.Logger) *Probe {
 	p := New(opts, pods, clk, log)
-	p.ns = netns{fd: fd}
+	p.nsfd = fd
 	return p
 }
 
@@ -206,10 +208,10 @@ func (p *Probe) load() (*bpf.EndpointlagObjects, error) {
 func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 	sink.SetStatus(Name, probes.Status{})
 	var err error
-	if p.ns.fd < 0 {
+	if p.nsfd < 0 {
 		p.nl, err = netlink.NewHandle()
 	} else {
-		p.nl, err = netlink.NewHandleAt(vnetns.NsHandle(p.ns.fd))
+		p.nl, err = netlink.NewHandleAt(vnetns.NsHandle(p.nsfd))
 	}
 	if err != nil {
 		return fmt.Errorf("packets: netlink: %w", err)
@@ -325,8 +327,8 @@ func (p *Probe) subscribeLinks(errs chan<- error) (links chan netlink.LinkUpdate
 		default:
 		}
 	}}
-	if p.ns.fd >= 0 {
-		h := vnetns.NsHandle(p.ns.fd)
+	if p.nsfd >= 0 {
+		h := vnetns.NsHandle(p.nsfd)
 		opts.Namespace = &h
 	}
 	if err := p.subscribe(links, done, opts); err != nil {

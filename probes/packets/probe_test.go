@@ -23,6 +23,7 @@ import (
 	"k8s.io/utils/clock"
 
 	"github.com/endpointlag/endpointlag/probes"
+	"github.com/endpointlag/endpointlag/probes/internal/inns"
 	"github.com/endpointlag/endpointlag/probes/internal/probetest"
 )
 
@@ -60,7 +61,7 @@ func (f *fakePods) set(pods ...probes.LocalPod) {
 // inNS runs f on a thread in the network namespace open as fd: sockets it opens stay there.
 func inNS(t testing.TB, fd *os.File, f func() error) {
 	t.Helper()
-	if err := (netns{fd: int(fd.Fd())}).do(f); err != nil {
+	if err := inns.Do(int(fd.Fd()), f); err != nil {
 		t.Fatal(err)
 	}
 }
