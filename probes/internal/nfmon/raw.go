@@ -244,8 +244,29 @@ type receiver struct {
 	slab []byte
 }
 
+// held, while set, is a channel every receiver waits on before its next read (HoldReceiving).
+var held atomic.Pointer[chan struct{}]
+
+// HoldReceiving makes every monitor wait before its next read from its socket until release is
+// called. Tests use it with a small ReceiveBuffer to have the kernel drop messages for certain:
+// a reader that drains as fast as the kernel notifies would otherwise sometimes keep up.
+func HoldReceiving() (release func()) {
+	ch := make(chan struct{})
+	held.Store(&ch)
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			held.Store(nil)
+			close(ch)
+		})
+	}
+}
+
 // next returns the next datagram's bytes and when it was read.
 func (r *receiver) next() ([]byte, time.Time, error) {
+	if ch := held.Load(); ch != nil {
+		<-*ch
+	}
 	if len(r.slab) < maxDatagram {
 		r.slab = make([]byte, slabSize)
 	}
