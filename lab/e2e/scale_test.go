@@ -318,6 +318,21 @@ func slicesDeleteTerminating(eps []discoveryv1.Endpoint) []discoveryv1.Endpoint 
 
 // kubeProxySynced reports whether node's kube-proxy finished a full sync since it started.
 func kubeProxySynced(ctx context.Context, netns string) bool {
+	text, err := kubeProxyMetrics(ctx, netns)
+	if err != nil {
+		return false
+	}
+	for line := range strings.SplitSeq(text, "\n") {
+		if v, ok := strings.CutPrefix(line, `kubeproxy_sync_full_proxy_rules_duration_seconds_count{ip_family="IPv4"} `); ok {
+			n, _ := strconv.ParseFloat(v, 64)
+			return n >= 1
+		}
+	}
+	return false
+}
+
+// kubeProxyMetrics reads the /metrics of the kube-proxy in netns.
+func kubeProxyMetrics(ctx context.Context, netns string) (string, error) {
 	client := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{
 		DisableKeepAlives: true,
 		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
@@ -326,22 +341,27 @@ func kubeProxySynced(ctx context.Context, netns string) bool {
 	}}
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://127.0.0.1:10249/metrics", nil)
 	if err != nil {
-		return false
+		return "", err
 	}
 	resp, err := client.Do(req)
 	if err != nil {
-		return false
+		return "", err
 	}
 	defer resp.Body.Close()
-	sc := bufio.NewScanner(resp.Body)
-	sc.Buffer(nil, 1<<20)
-	for sc.Scan() {
-		if v, ok := strings.CutPrefix(sc.Text(), `kubeproxy_sync_full_proxy_rules_duration_seconds_count{ip_family="IPv4"} `); ok {
-			n, _ := strconv.ParseFloat(v, 64)
-			return n >= 1
-		}
+	if resp.StatusCode != http.StatusOK {
+		return "", fmt.Errorf("kube-proxy's /metrics: %s", resp.Status)
 	}
-	return false
+	b, err := io.ReadAll(resp.Body)
+	return string(b), err
+}
+
+// gcCycles counts the Go collections of kube-proxy and endpointlag so far, from their /metrics.
+func gcCycles(b *testing.B, ctx context.Context, node *cluster.Node) [2]float64 {
+	text, err := kubeProxyMetrics(ctx, node.NS)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return [2]float64{seriesSum(b, text, "go_gc_duration_seconds_count"), metricSum(b, node.DaemonURL, "go_gc_duration_seconds_count")}
 }
 
 func scaleRun(b *testing.B, mode string) {
@@ -410,6 +430,7 @@ func scaleRun(b *testing.B, mode string) {
 	b.Logf("synced: kube-proxy %s, endpointlag %s", syncKP.Round(time.Millisecond), syncEL.Round(time.Millisecond))
 
 	time.Sleep(rest / 2)
+	gcStart := gcCycles(b, ctx, node)
 	restStart := s.sample()
 	restAt := time.Now()
 	if dir := os.Getenv("BENCH_PROFILE"); dir != "" && rest >= 2*time.Second {
@@ -419,6 +440,8 @@ func scaleRun(b *testing.B, mode string) {
 	time.Sleep(rest)
 	restEnd := s.sample()
 	restTook := time.Since(restAt)
+	gcEnd := gcCycles(b, ctx, node)
+	b.Logf("Go collections at rest: kube-proxy %.0f, endpointlag %.0f in %s", gcEnd[0]-gcStart[0], gcEnd[1]-gcStart[1], restTook.Round(time.Second))
 	heap(b, node.DaemonURL, "at rest")
 
 	// BENCH_ROLLOUTS: a real Deployment of 4 pods on the node, under load, restarted at that

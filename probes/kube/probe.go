@@ -96,7 +96,8 @@ func (p *Probe) Name() string { return Name }
 func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 	sink.SetStatus(Name, probes.Status{})
 	sliceRelists, podRelists := newRelists(p.clock), newRelists(p.clock)
-	slices := &sliceHandler{probe: p, sink: sink, tracker: newSliceTracker(p.node), reported: map[string]string{}, relists: sliceRelists}
+	slices := &sliceHandler{probe: p, sink: sink, tracker: newSliceTracker(p.node), reported: map[string]string{}, relists: sliceRelists,
+		deferred: make(chan struct{}, 1)}
 	pods := &podHandler{probe: p, sink: sink, deleted: map[string]bool{}, live: map[string][]netip.Addr{}, relists: podRelists}
 
 	sliceLW := &cache.ListWatch{
@@ -196,6 +197,9 @@ type sliceHandler struct {
 	relists *relists
 	mu      sync.Mutex
 	tracker *sliceTracker
+	// deferred wakes settle when a removal starts waiting: with none waiting it sleeps, so that a
+	// node at rest does not wake five times a second for nothing.
+	deferred chan struct{}
 	// reported remembers the input errors already reported per slice, so that a bad slice is
 	// reported when it turns bad, not at every update.
 	reported map[string]string
@@ -236,24 +240,51 @@ func (h *sliceHandler) apply(obj any, deleted, initial bool) {
 	}
 	h.mu.Lock()
 	changes := h.tracker.apply(key, entry, ev)
+	waiting := len(h.tracker.deferred) > 0
 	h.mu.Unlock()
+	if waiting {
+		select {
+		case h.deferred <- struct{}{}:
+		default: // settle is awake already or will be
+		}
+	}
 	h.observe(changes)
 	h.probe.sliceEvents.Add(1)
 }
 
-// settle reports the removals that waited long enough to be sure, until ctx is done.
+// settle reports the removals that waited long enough to be sure, until ctx is done. It checks
+// five times per RemovalSettle while removals wait, and sleeps while none does.
 func (h *sliceHandler) settle(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-h.deferred:
+		}
+		if !h.flushWhileWaiting(ctx) {
+			return
+		}
+	}
+}
+
+// flushWhileWaiting flushes every RemovalSettle/5 until no removal waits (true) or ctx is done
+// (false).
+func (h *sliceHandler) flushWhileWaiting(ctx context.Context) bool {
 	t := time.NewTicker(RemovalSettle / 5)
 	defer t.Stop()
 	for {
 		select {
 		case <-ctx.Done():
-			return
+			return false
 		case <-t.C:
-			h.mu.Lock()
-			changes := h.tracker.flush(h.probe.clock.Now())
-			h.mu.Unlock()
-			h.observe(changes)
+		}
+		h.mu.Lock()
+		changes := h.tracker.flush(h.probe.clock.Now())
+		waiting := len(h.tracker.deferred) > 0
+		h.mu.Unlock()
+		h.observe(changes)
+		if !waiting {
+			return true
 		}
 	}
 }
