@@ -105,6 +105,8 @@ type Collector struct {
 	pods    map[string]*podTimeline
 	// queue holds records and pod timelines in creation order, for expiry.
 	queue []queued
+	// lastID numbers the records as they start (Digest.ID).
+	lastID uint64
 	// peak is the largest size of records since the map was last rebuilt; Go maps never shrink,
 	// so the sweep rebuilds it once it has emptied to a quarter of that.
 	peak int

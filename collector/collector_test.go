@@ -48,7 +48,38 @@ func newFixture(t *testing.T, opts Options) *fixture {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &fixture{t: t, c: c, reg: reg, clock: clk}
+	f := &fixture{t: t, c: c, reg: reg, clock: clk}
+	t.Cleanup(f.checkDigests)
+	return f
+}
+
+// checkDigests checks, at the end of every test, that each record's digest (what the pusher and
+// the tracer decide by without viewing the record) tells what its view tells: settled with no
+// wait, not settled yet, and settled an hour on.
+func (f *fixture) checkDigests() {
+	f.t.Helper()
+	now := f.clock.Now()
+	type age struct {
+		now   time.Time
+		after time.Duration
+	}
+	f.c.mu.Lock()
+	defer f.c.mu.Unlock()
+	for _, r := range f.c.records {
+		v := f.c.view(r)
+		ages := []age{{now, 0}, {now, time.Hour}, {now.Add(time.Hour), time.Hour}}
+		if len(v.Stages) > 0 {
+			// Settled by age from the first stage on, not a nanosecond before.
+			first := now.Sub(v.Stages[0].Time)
+			ages = append(ages, age{now, first}, age{now, first + 1})
+		}
+		for _, at := range ages {
+			want := Digest{ID: r.id, Settled: v.Settled(at.now, at.after), Print: v.Print()}
+			if got := f.c.digest(r, at.now, at.after); got != want {
+				f.t.Errorf("record %s, settled after %s at %s: digest %+v, but its view tells %+v", v.Key(), at.after, at.now.Format(time.StampMilli), got, want)
+			}
+		}
+	}
 }
 
 // histogram returns the sample count and sum of name{stage} over every path, as a scrape would

@@ -10,7 +10,9 @@ import (
 
 // record is one terminating endpoint's timeline.
 type record struct {
-	key   recordKey
+	key recordKey
+	// id names the record among every record this collector held (Digest.ID).
+	id    uint64
 	pod   probes.PodRef
 	local bool
 	// notProxied: kube-proxy does not program the Service, so no dataplane stage is awaited.
@@ -123,7 +125,8 @@ func (c *Collector) record(o probes.Observation, create bool) *record {
 		return nil
 	}
 	now := c.clock.Now()
-	r := &record{key: k, pod: o.Pod, local: o.Local, notProxied: o.NotProxied, untrusted: o.Untrusted, created: now, serving: o.Serving, fallback: o.Fallback}
+	c.lastID++
+	r := &record{key: k, id: c.lastID, pod: o.Pod, local: o.Local, notProxied: o.NotProxied, untrusted: o.Untrusted, created: now, serving: o.Serving, fallback: o.Fallback}
 	c.hold(r)
 	if o.Local {
 		r.timeline = c.timeline(o.Pod, now, o.Untrusted)

@@ -83,22 +83,15 @@ type StageView struct {
 	Propagation *float64 `json:"propagation_seconds,omitempty"`
 }
 
-// Views is Records in no order, for readers that sort or select themselves (the pusher, every
-// push interval): sorting every record costs as much again as viewing it.
-func (c *Collector) Views() []RecordView {
+// Records returns every record held, oldest first. The views are built under the lock; encoding
+// them is the caller's, without it.
+func (c *Collector) Records() []RecordView {
 	c.mu.Lock()
-	defer c.mu.Unlock()
 	out := make([]RecordView, 0, len(c.records))
 	for _, r := range c.records {
 		out = append(out, c.view(r))
 	}
-	return out
-}
-
-// Records returns every record held, oldest first. The views are built under the lock; encoding
-// them is the caller's, without it.
-func (c *Collector) Records() []RecordView {
-	out := c.Views()
+	c.mu.Unlock()
 	sort.Slice(out, func(i, j int) bool {
 		a, b := out[i], out[j]
 		if !a.Stages[0].Time.Equal(b.Stages[0].Time) {
@@ -107,6 +100,86 @@ func (c *Collector) Records() []RecordView {
 		return a.Endpoint.String()+a.Service.String() < b.Endpoint.String()+b.Service.String()
 	})
 	return out
+}
+
+// Print is what changes in a record's view as its timeline fills: the counts of its Stages,
+// Connections, Pending and Awaited. What sends each settled record once, and again when it
+// changed, compares prints.
+type Print struct{ Stages, Connections, Pending, Awaited int }
+
+// Print returns the view's print.
+func (v RecordView) Print() Print {
+	return Print{Stages: len(v.Stages), Connections: len(v.Connections), Pending: len(v.Pending), Awaited: len(v.Awaited)}
+}
+
+// Digest is what a reader of settled records (the pusher, the tracer) needs to decide whether
+// to view a record: viewing every record held at every push cost as much as all the rest of a
+// node at rest after a rollout, and held a second copy of every record while it lasted.
+type Digest struct {
+	// ID names the record among every record the collector held: a record that expired and
+	// started again has a new one.
+	ID      uint64
+	Settled bool
+	Print   Print
+}
+
+// Selector is ViewsWhere's signature, for readers that take it.
+type Selector func(now time.Time, settleAfter time.Duration, want func(Digest) bool) []RecordView
+
+// ViewsWhere returns the views of the records want accepts, in the order it accepted them.
+// Settled in a digest is RecordView.Settled(now, settleAfter). want sees the digest of every
+// record held, under the collector's lock: it must not call the collector.
+func (c *Collector) ViewsWhere(now time.Time, settleAfter time.Duration, want func(Digest) bool) []RecordView {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var out []RecordView
+	for _, r := range c.records {
+		if want(c.digest(r, now, settleAfter)) {
+			out = append(out, c.view(r))
+		}
+	}
+	return out
+}
+
+// digest is what the record's view would tell of it, counted without building the view.
+func (c *Collector) digest(r *record, now time.Time, settleAfter time.Duration) Digest {
+	var (
+		first  time.Time
+		stages int
+		gone   bool
+	)
+	at := func(t time.Time) {
+		if stages == 0 || t.Before(first) {
+			first = t
+		}
+		stages++
+	}
+	t := r.timeline
+	if t != nil && !t.t0.IsZero() {
+		at(t.t0)
+	}
+	for _, e := range r.stages {
+		at(e.at)
+	}
+	for _, ended := range []time.Time{r.clusterEnded, r.localEnded} {
+		if !ended.IsZero() {
+			at(ended)
+		}
+	}
+	if t != nil && !t.gone.IsZero() {
+		at(t.gone)
+		gone = true
+	}
+	d := Digest{ID: r.id, Print: Print{Stages: stages, Pending: len(c.pendingStages(r)), Awaited: len(r.awaits)}}
+	if t != nil {
+		for _, cn := range t.conns {
+			if cn.endpoint == r.key.endpoint {
+				d.Print.Connections++
+			}
+		}
+	}
+	d.Settled = settled(now, settleAfter, first, stages > 0, d.Print.Pending > 0, r.local, gone)
+	return d
 }
 
 func (c *Collector) view(r *record) RecordView {
@@ -211,14 +284,21 @@ func (v RecordView) Key() string {
 // its gone stage (its connections are all in by then); or one older than after, with stages still
 // pending. What pushes records elsewhere (the aggregator, traces) sends them once settled.
 func (v RecordView) Settled(now time.Time, after time.Duration) bool {
-	if len(v.Stages) > 0 && now.Sub(v.Stages[0].Time) >= after {
-		return true
+	var first time.Time
+	if len(v.Stages) > 0 {
+		first = v.Stages[0].Time
 	}
-	if len(v.Pending) > 0 {
+	gone := slices.ContainsFunc(v.Stages, func(s StageView) bool { return s.Stage == string(probes.StageGone) })
+	return settled(now, after, first, len(v.Stages) > 0, len(v.Pending) > 0, v.Local, gone)
+}
+
+// settled is Settled of a record whose first stage came at first (if it has any).
+func settled(now time.Time, after time.Duration, first time.Time, hasStages, pending, local, gone bool) bool {
+	switch {
+	case hasStages && now.Sub(first) >= after:
+		return true
+	case pending:
 		return false
 	}
-	if !v.Local {
-		return true
-	}
-	return slices.ContainsFunc(v.Stages, func(s StageView) bool { return s.Stage == string(probes.StageGone) })
+	return !local || gone
 }

@@ -23,8 +23,8 @@ import (
 
 	"github.com/endpointlag/endpointlag/cmd/endpointlag/internal/testutil"
 	"github.com/endpointlag/endpointlag/cmd/endpointlag/internal/webserver"
-	"github.com/endpointlag/endpointlag/collector"
 	"github.com/endpointlag/endpointlag/collector/aggregate"
+	"github.com/endpointlag/endpointlag/collector/collectortest"
 )
 
 // reviewer is a user as a TokenReview of the tests describes it.
@@ -174,7 +174,7 @@ func TestPushToProtectedAggregator(t *testing.T) {
 		}
 		clk := clocktesting.NewFakeClock(time.Now())
 		preg := prometheus.NewRegistry()
-		p, err := aggregate.NewPusher(opts, "node1", func() []collector.RecordView { return nil }, preg, clk, log)
+		p, err := aggregate.NewPusher(opts, "node1", new(collectortest.Views).Select, preg, clk, log)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -11,11 +11,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/endpointlag/endpointlag/collector/collectortest"
 	"github.com/prometheus/client_golang/prometheus"
 	"k8s.io/client-go/kubernetes/fake"
 	clocktesting "k8s.io/utils/clock/testing"
-
-	"github.com/endpointlag/endpointlag/collector"
 )
 
 var docRow = regexp.MustCompile("^\\| `(endpointlag_[a-z0-9_]+)` \\| ([a-z]+) \\|([^|]*)\\|")
@@ -36,7 +35,7 @@ func TestMetricsDoc(t *testing.T) {
 	push(t, a, "node2", r)
 	popts := DefaultPushOptions()
 	popts.URLs = []string{"http://127.0.0.1:1"}
-	p, err := NewPusher(popts, "node1", func() []collector.RecordView { return nil }, reg, clk, slog.New(slog.DiscardHandler))
+	p, err := NewPusher(popts, "node1", new(collectortest.Views).Select, reg, clk, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}

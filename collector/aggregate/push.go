@@ -66,34 +66,42 @@ func (o PushOptions) Validate() error {
 type Pusher struct {
 	opts    PushOptions
 	node    string
-	records func() []collector.RecordView
+	records collector.Selector
 	client  *http.Client
 	clock   clock.PassiveClock
 	log     *slog.Logger
 
-	sent     map[string]string // record key → what was pushed of it
+	// sent is what the aggregator got of each record (by Digest.ID) and at which push the
+	// record was last held (pushes counts them): an entry not held at a push is dropped.
+	sent     map[uint64]sentRecord
+	pushes   uint64
 	lastBeat []time.Time
-	pushes   *prometheus.CounterVec
+	requests *prometheus.CounterVec
 	pushed   prometheus.Counter
 }
 
-// NewPusher returns a pusher of records (the collector's Records) for node; reg registers its
+type sentRecord struct {
+	print collector.Print
+	held  uint64
+}
+
+// NewPusher returns a pusher of records (the collector's ViewsWhere) for node; reg registers its
 // metrics (nil: none).
-func NewPusher(opts PushOptions, node string, records func() []collector.RecordView, reg prometheus.Registerer, clk clock.PassiveClock, log *slog.Logger) (*Pusher, error) {
+func NewPusher(opts PushOptions, node string, records collector.Selector, reg prometheus.Registerer, clk clock.PassiveClock, log *slog.Logger) (*Pusher, error) {
 	if err := opts.Validate(); err != nil {
 		return nil, err
 	}
 	p := &Pusher{opts: opts, node: node, records: records, client: &http.Client{Timeout: 10 * time.Second, Transport: opts.Transport}, clock: clk,
-		log: log.With("component", "aggregator-push"), sent: map[string]string{}, lastBeat: make([]time.Time, len(opts.URLs)),
-		pushes: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "endpointlag", Name: "aggregator_pushes_total",
+		log: log.With("component", "aggregator-push"), sent: map[uint64]sentRecord{}, lastBeat: make([]time.Time, len(opts.URLs)),
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "endpointlag", Name: "aggregator_pushes_total",
 			Help: "Requests to the aggregator (outcome=ok|error), records and heartbeats."}, []string{"outcome"}),
 		pushed: prometheus.NewCounter(prometheus.CounterOpts{Namespace: "endpointlag", Name: "aggregator_records_pushed_total",
 			Help: "Records the aggregator accepted."}),
 	}
-	p.pushes.WithLabelValues("ok")
-	p.pushes.WithLabelValues("error")
+	p.requests.WithLabelValues("ok")
+	p.requests.WithLabelValues("error")
 	if reg != nil {
-		for _, c := range []prometheus.Collector{p.pushes, p.pushed} {
+		for _, c := range []prometheus.Collector{p.requests, p.pushed} {
 			if err := reg.Register(c); err != nil {
 				return nil, err
 			}
@@ -119,49 +127,54 @@ func (p *Pusher) Run(ctx context.Context) {
 	}
 }
 
-// PushOnce pushes what is due now.
+// PushOnce pushes what is due now: the records settled since the last push, or changed since
+// they were pushed. Only those are viewed.
 func (p *Pusher) PushOnce(ctx context.Context) {
 	now := p.clock.Now()
-	recs := p.records()
-	due := make([][]collector.RecordView, len(p.opts.URLs))
-	prints := map[string]string{}
-	held := make(map[string]bool, len(recs))
-	for _, r := range recs {
-		k := r.Key()
-		held[k] = true
-		if !r.Settled(now, p.opts.SettleAfter) {
-			continue
+	p.pushes++
+	var digests []collector.Digest
+	recs := p.records(now, p.opts.SettleAfter, func(d collector.Digest) bool {
+		s, ok := p.sent[d.ID]
+		if ok {
+			s.held = p.pushes
+			p.sent[d.ID] = s
 		}
-		fp := fingerprint(r)
-		if p.sent[k] == fp {
-			continue
+		if !d.Settled || ok && s.print == d.Print {
+			return false
 		}
-		prints[k] = fp
-		i := Shard(r.Pod.UID, p.opts.URLs)
-		due[i] = append(due[i], r)
+		digests = append(digests, d)
+		return true
+	})
+	for id, s := range p.sent {
+		if s.held != p.pushes {
+			delete(p.sent, id) // expired from the collector: never sent again
+		}
 	}
-	for k := range p.sent {
-		if !held[k] {
-			delete(p.sent, k) // expired from the collector: never sent again
-		}
+	due := make([][]int, len(p.opts.URLs))
+	for i, r := range recs {
+		shard := Shard(r.Pod.UID, p.opts.URLs)
+		due[shard] = append(due[shard], i)
 	}
 	for i, u := range p.opts.URLs {
 		if len(due[i]) == 0 && now.Sub(p.lastBeat[i]) < p.opts.Heartbeat {
 			continue
 		}
 		for start := 0; start == 0 || start < len(due[i]); start += p.opts.BatchSize {
-			batch := due[i][start:min(start+p.opts.BatchSize, len(due[i]))]
+			idx := due[i][start:min(start+p.opts.BatchSize, len(due[i]))]
+			batch := make([]collector.RecordView, len(idx))
+			for j, k := range idx {
+				batch[j] = recs[k]
+			}
 			if err := p.post(ctx, u, Batch{Node: p.node, Records: batch}); err != nil {
-				p.pushes.WithLabelValues("error").Inc()
+				p.requests.WithLabelValues("error").Inc()
 				p.log.Warn("pushing records to the aggregator failed; retrying at the next interval", "url", u, "records", len(batch), "err", err)
 				break
 			}
-			p.pushes.WithLabelValues("ok").Inc()
+			p.requests.WithLabelValues("ok").Inc()
 			p.pushed.Add(float64(len(batch)))
 			p.lastBeat[i] = now
-			for _, r := range batch {
-				k := r.Key()
-				p.sent[k] = prints[k]
+			for _, k := range idx {
+				p.sent[digests[k].ID] = sentRecord{print: digests[k].Print, held: p.pushes}
 			}
 		}
 	}
@@ -187,9 +200,4 @@ func (p *Pusher) post(ctx context.Context, u string, b Batch) error {
 		return fmt.Errorf("%s: %s", resp.Status, strings.TrimSpace(string(msg)))
 	}
 	return nil
-}
-
-// fingerprint is what changes in a record as stages and connections come.
-func fingerprint(r collector.RecordView) string {
-	return fmt.Sprintf("%d/%d/%d/%d", len(r.Stages), len(r.Connections), len(r.Pending), len(r.Awaited))
 }

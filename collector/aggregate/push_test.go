@@ -14,6 +14,7 @@ import (
 	clocktesting "k8s.io/utils/clock/testing"
 
 	"github.com/endpointlag/endpointlag/collector"
+	"github.com/endpointlag/endpointlag/collector/collectortest"
 )
 
 // replica is an aggregator behind a real HTTP server, counting the batches it got.
@@ -62,23 +63,12 @@ func TestPusher(t *testing.T) {
 	clk := clocktesting.NewFakeClock(t0)
 	reps := []*replica{newReplica(t, clk), newReplica(t, clk)}
 	urls := []string{reps[0].srv.URL, reps[1].srv.URL}
-	var (
-		mu   sync.Mutex
-		recs []collector.RecordView
-	)
-	set := func(rs ...collector.RecordView) {
-		mu.Lock()
-		defer mu.Unlock()
-		recs = rs
-	}
+	var views collectortest.Views
+	set := views.Set
 	opts := DefaultPushOptions()
 	opts.URLs = urls
 	reg := prometheus.NewRegistry()
-	p, err := NewPusher(opts, "node1", func() []collector.RecordView {
-		mu.Lock()
-		defer mu.Unlock()
-		return append([]collector.RecordView(nil), recs...)
-	}, reg, clk, slog.New(slog.DiscardHandler))
+	p, err := NewPusher(opts, "node1", views.Select, reg, clk, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -112,10 +102,13 @@ func TestPusher(t *testing.T) {
 			t.Errorf("replica %d got no heartbeat", i)
 		}
 	}
-	before := reps[0].count() + reps[1].count()
+	before, viewed := reps[0].count()+reps[1].count(), views.Viewed()
 	p.PushOnce(ctx) // nothing changed, heartbeats not due
 	if after := reps[0].count() + reps[1].count(); after != before {
 		t.Errorf("%d requests when nothing changed", after-before)
+	}
+	if n := views.Viewed() - viewed; n != 0 {
+		t.Errorf("%d records viewed when nothing changed; want none", n)
 	}
 	// A connection more: pushed again.
 	gone.Connections = append(gone.Connections, collector.ConnectionView{Time: at(0.2), Kind: "late"})

@@ -55,20 +55,23 @@ func Protocol() string {
 // Tracer turns settled records into spans.
 type Tracer struct {
 	node        string
-	records     func() []collector.RecordView
+	records     collector.Selector
 	settleAfter time.Duration
 	clock       clock.PassiveClock
 	log         *slog.Logger
 	tp          *sdktrace.TracerProvider
 	tracer      trace.Tracer
 
-	mu   sync.Mutex
-	sent map[string]bool // record keys already traced
+	mu sync.Mutex
+	// sent are the records already traced (by Digest.ID), with the round (rounds counts them) at
+	// which each was last held: an entry not held in a round is dropped.
+	sent   map[uint64]uint64
+	rounds uint64
 }
 
 // New returns a tracer exporting over the protocol the environment names; records is the
-// collector's Records. Stop flushes it.
-func New(ctx context.Context, node string, records func() []collector.RecordView, settleAfter time.Duration, clk clock.PassiveClock, log *slog.Logger) (*Tracer, error) {
+// collector's ViewsWhere. Stop flushes it.
+func New(ctx context.Context, node string, records collector.Selector, settleAfter time.Duration, clk clock.PassiveClock, log *slog.Logger) (*Tracer, error) {
 	var (
 		exp sdktrace.SpanExporter
 		err error
@@ -96,7 +99,7 @@ func New(ctx context.Context, node string, records func() []collector.RecordView
 	}
 	tp := sdktrace.NewTracerProvider(sdktrace.WithBatcher(exp), sdktrace.WithResource(res), sdktrace.WithIDGenerator(ids{}))
 	return &Tracer{node: node, records: records, settleAfter: settleAfter, clock: clk, log: log.With("component", "tracing"),
-		tp: tp, tracer: tp.Tracer("github.com/endpointlag/endpointlag"), sent: map[string]bool{}}, nil
+		tp: tp, tracer: tp.Tracer("github.com/endpointlag/endpointlag"), sent: map[uint64]uint64{}}, nil
 }
 
 // Run traces settled records every interval until ctx ends, then flushes.
@@ -122,26 +125,25 @@ func (t *Tracer) Run(ctx context.Context, interval time.Duration) {
 // Flush exports the spans ended so far.
 func (t *Tracer) Flush(ctx context.Context) error { return t.tp.ForceFlush(ctx) }
 
-// Once traces the records settled since the last call.
+// Once traces the records settled since the last call. Only those are viewed.
 func (t *Tracer) Once() {
-	now := t.clock.Now()
-	recs := t.records()
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	held := make(map[string]bool, len(recs))
-	for _, r := range recs {
-		k := r.Key()
-		held[k] = true
-		if t.sent[k] || !r.Settled(now, t.settleAfter) {
-			continue
+	t.rounds++
+	recs := t.records(t.clock.Now(), t.settleAfter, func(d collector.Digest) bool {
+		_, traced := t.sent[d.ID]
+		if traced || d.Settled {
+			t.sent[d.ID] = t.rounds
 		}
-		t.sent[k] = true
-		t.trace(r)
+		return !traced && d.Settled
+	})
+	for id, round := range t.sent {
+		if round != t.rounds {
+			delete(t.sent, id)
+		}
 	}
-	for k := range t.sent {
-		if !held[k] {
-			delete(t.sent, k)
-		}
+	for _, r := range recs {
+		t.trace(r)
 	}
 }
 

@@ -20,6 +20,7 @@ import (
 	clocktesting "k8s.io/utils/clock/testing"
 
 	"github.com/endpointlag/endpointlag/collector"
+	"github.com/endpointlag/endpointlag/collector/collectortest"
 	"github.com/endpointlag/endpointlag/probes"
 )
 
@@ -143,12 +144,17 @@ func TestTracesJoinAcrossNodes(t *testing.T) {
 			clk := clocktesting.NewFakeClock(at(1))
 			ctx := context.Background()
 			for node, rec := range map[string]collector.RecordView{"node1": home, "node2": remote} {
-				tr, err := New(ctx, node, func() []collector.RecordView { return []collector.RecordView{rec} }, time.Minute, clk, slog.New(slog.DiscardHandler))
+				var views collectortest.Views
+				views.Set(rec)
+				tr, err := New(ctx, node, views.Select, time.Minute, clk, slog.New(slog.DiscardHandler))
 				if err != nil {
 					t.Fatal(err)
 				}
 				tr.Once()
 				tr.Once() // nothing new
+				if n := views.Viewed(); n != 1 {
+					t.Errorf("%s: %d views for one record traced once", node, n)
+				}
 				if err := tr.Flush(ctx); err != nil {
 					t.Fatal(err)
 				}

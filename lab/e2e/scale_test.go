@@ -509,6 +509,15 @@ func scaleRun(b *testing.B, mode string) {
 	time.Sleep(10 * time.Second)
 	settled := s.sample()
 	heap(b, node.DaemonURL, "after the churn")
+	// At rest again, now holding the churn's records, as a node does for --record.horizon after
+	// any rollout: what costs per record held, not per change, shows here.
+	heldAt := time.Now()
+	if dir := os.Getenv("BENCH_PROFILE"); dir != "" && rest >= 2*time.Second {
+		go saveProfile(b, fmt.Sprintf("%s/debug/pprof/profile?seconds=%d", node.DaemonURL, int(rest.Seconds())-1), filepath.Join(dir, "endpointlag-"+mode+"-held.pprof"))
+	}
+	time.Sleep(rest)
+	held := s.sample()
+	heldTook := time.Since(heldAt)
 
 	pct := func(a, z procSample, d time.Duration) float64 { return 100 * float64(z.cpu-a.cpu) / float64(d) }
 	kibps := func(a, z procSample, d time.Duration) float64 {
@@ -532,6 +541,8 @@ func scaleRun(b *testing.B, mode string) {
 	add(fmt.Sprintf("CPU while %d endpoints/s are replaced", rate), "% of a core", func(i int) float64 { return pct(restEnd[i], churnEnd[i], churnTook) })
 	add(fmt.Sprintf("API bytes received while %d endpoints/s are replaced", rate), "KiB/s", func(i int) float64 { return kibps(restEnd[i], churnEnd[i], churnTook) })
 	add("RSS after the churn, settled", "MiB", func(i int) float64 { return float64(settled[i].rssKiB) / 1024 })
+	add("CPU at rest after the churn, its records held", "% of a core", func(i int) float64 { return pct(settled[i], held[i], heldTook) })
+	add("RSS at rest after the churn", "MiB", func(i int) float64 { return float64(held[i].rssKiB) / 1024 })
 	var tab strings.Builder
 	fmt.Fprintf(&tab, "\n| %s, %d Services / %d endpoints, %d terminations in %s | kube-proxy | endpointlag | endpointlag / kube-proxy |\n|---|---|---|---|\n",
 		mode, services, services*endpoints, terminations, churnTook.Round(time.Second))
