@@ -433,10 +433,7 @@ func scaleRun(b *testing.B, mode string) {
 	gcStart := gcCycles(b, ctx, node)
 	restStart := s.sample()
 	restAt := time.Now()
-	if dir := os.Getenv("BENCH_PROFILE"); dir != "" && rest >= 2*time.Second {
-		// endpointlag's CPU profile at rest.
-		go saveProfile(b, fmt.Sprintf("%s/debug/pprof/profile?seconds=%d", node.DaemonURL, int(rest.Seconds())-1), filepath.Join(dir, "endpointlag-"+mode+"-rest.pprof"))
-	}
+	cpuProfile(b, node.DaemonURL, rest, mode+"-rest")
 	time.Sleep(rest)
 	restEnd := s.sample()
 	restTook := time.Since(restAt)
@@ -485,10 +482,7 @@ func scaleRun(b *testing.B, mode string) {
 		close(floodDone)
 	}
 	churnAt := time.Now()
-	if dir := os.Getenv("BENCH_PROFILE"); dir != "" {
-		// endpointlag's CPU profile of the churn, for go tool pprof.
-		go saveProfile(b, fmt.Sprintf("%s/debug/pprof/profile?seconds=%d", node.DaemonURL, int(churnFor.Seconds())-1), filepath.Join(dir, "endpointlag-"+mode+".pprof"))
-	}
+	cpuProfile(b, node.DaemonURL, churnFor, mode)
 	rate := envInt(b, "BENCH_RATE", 100)
 	terminations := churn(b, ctx, client, slices, rate, churnFor, func(m int) {
 		smp := s.sample()
@@ -512,9 +506,7 @@ func scaleRun(b *testing.B, mode string) {
 	// At rest again, now holding the churn's records, as a node does for --record.horizon after
 	// any rollout: what costs per record held, not per change, shows here.
 	heldAt := time.Now()
-	if dir := os.Getenv("BENCH_PROFILE"); dir != "" && rest >= 2*time.Second {
-		go saveProfile(b, fmt.Sprintf("%s/debug/pprof/profile?seconds=%d", node.DaemonURL, int(rest.Seconds())-1), filepath.Join(dir, "endpointlag-"+mode+"-held.pprof"))
-	}
+	cpuProfile(b, node.DaemonURL, rest, mode+"-held")
 	time.Sleep(rest)
 	held := s.sample()
 	heldTook := time.Since(heldAt)
@@ -591,6 +583,14 @@ func heap(b *testing.B, base, when string) {
 		mib("go_memstats_stack_inuse_bytes"), mib("go_memstats_other_sys_bytes")+mib("go_memstats_mspan_inuse_bytes")+mib("go_memstats_gc_sys_bytes"))
 	if dir := os.Getenv("BENCH_PROFILE"); dir != "" {
 		saveProfile(b, base+"/debug/pprof/heap", filepath.Join(dir, "endpointlag-heap-"+strings.ReplaceAll(when, " ", "-")+".pprof"))
+	}
+}
+
+// cpuProfile saves, with BENCH_PROFILE, the daemon's CPU profile over the next d (less a second)
+// as endpointlag-<name>.pprof, in the background.
+func cpuProfile(b *testing.B, base string, d time.Duration, name string) {
+	if dir := os.Getenv("BENCH_PROFILE"); dir != "" && d >= 2*time.Second {
+		go saveProfile(b, fmt.Sprintf("%s/debug/pprof/profile?seconds=%d", base, int(d.Seconds())-1), filepath.Join(dir, "endpointlag-"+name+".pprof"))
 	}
 }
 
