@@ -107,6 +107,10 @@ type Collector struct {
 	queue []queued
 	// lastID numbers the records as they start (Digest.ID).
 	lastID uint64
+	// rev moves on with every change that may change a record's digest (an observation, a
+	// probe's status; an expiry changes no record it leaves): digests counted at the same rev
+	// are still right.
+	rev uint64
 	// peak is the largest size of records since the map was last rebuilt; Go maps never shrink,
 	// so the sweep rebuilds it once it has emptied to a quarter of that.
 	peak int
@@ -233,6 +237,7 @@ func (c *Collector) Healthy() error {
 func (c *Collector) Observe(o probes.Observation) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	c.rev++
 	switch o.Stage {
 	case probes.StageDeleted:
 		c.podDeleted(o)
@@ -261,6 +266,9 @@ func (c *Collector) SetStatus(probe string, s probes.Status) {
 	defer c.mu.Unlock()
 	prev, had := c.status[probe]
 	s.Synced = s.Synced || prev.Synced
+	if s != prev {
+		c.rev++
+	}
 	c.status[probe] = s
 	if s.Up {
 		delete(c.failed, probe)
@@ -269,8 +277,8 @@ func (c *Collector) SetStatus(probe string, s probes.Status) {
 		c.log.Info("probe activity changed", "probe", probe, "active", !s.Inactive)
 	}
 	c.m.probeUp.WithLabelValues(probe).Set(boolFloat(s.Up))
-	if s.Synced {
-		c.resolveUndetermined(probe, s)
+	if s.Synced && c.resolveUndetermined(probe, s) {
+		c.rev++
 	}
 }
 

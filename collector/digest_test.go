@@ -11,8 +11,8 @@ import (
 
 // Digests tell what views tell through every kind of change a record sees: random sequences of
 // slice changes on two ports of each pod's address, dataplane removals on both paths, fallbacks
-// and their ends, deletions, gone pods, connections to either port, a probe going inactive and
-// back, time passing and sweeps. checkDigests runs after every step.
+// and their ends, deletions, gone pods, connections to either port, a probe syncing late, going
+// inactive and back, time passing and sweeps. checkDigests runs after every step.
 func TestDigestsTellWhatViewsTell(t *testing.T) {
 	for seed := range uint64(100) {
 		rng := rand.New(rand.NewPCG(seed, 7))
@@ -21,7 +21,9 @@ func TestDigestsTellWhatViewsTell(t *testing.T) {
 			StageProbe: map[probes.Stage]string{probes.StageNftables: "nftables", probes.StageEndpointSliceRemoved: "kube", probes.StageLateConnection: "packets"}})
 		f.c.SetDataplane(probes.StageNftables, dp)
 		for _, p := range []string{"kube", "nftables", "packets"} {
-			f.c.SetStatus(p, probes.Status{Up: true, Synced: true})
+			// Half the runs start before the nftables probe read its rules: the records
+			// started until then are undetermined for it.
+			f.c.SetStatus(p, probes.Status{Up: true, Synced: p != "nftables" || seed%2 == 0})
 		}
 		ep := func(i, port int) probes.Endpoint {
 			e := endpoint(i)
@@ -63,7 +65,12 @@ func TestDigestsTellWhatViewsTell(t *testing.T) {
 				o = probes.Observation{Stage: probes.StageLateConnection, Time: now, Source: "packets", Endpoint: ep(i, port),
 					Peer: netip.AddrPortFrom(netip.MustParseAddr("10.99.0.1"), uint16(40000+rng.IntN(100))), FromNode: rng.IntN(4) == 0}
 			case 7:
-				f.c.SetStatus("nftables", probes.Status{Up: true, Synced: true, Inactive: rng.IntN(2) == 0})
+				// The rules read, or not yet readable (the records started meanwhile stay
+				// undetermined until a status report finds them readable).
+				dp.mu.Lock()
+				dp.synced = rng.IntN(3) > 0
+				dp.mu.Unlock()
+				f.c.SetStatus("nftables", probes.Status{Up: true, Synced: true, Inactive: rng.IntN(4) == 0})
 				o.Stage = ""
 			case 8:
 				f.clock.Step(time.Duration(rng.IntN(5000)) * time.Millisecond)

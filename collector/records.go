@@ -12,9 +12,11 @@ import (
 type record struct {
 	key recordKey
 	// id names the record among every record this collector held (Digest.ID).
-	id    uint64
-	pod   probes.PodRef
-	local bool
+	id uint64
+	// counted is what digest counted of the record, at rev counted.rev.
+	counted counted
+	pod     probes.PodRef
+	local   bool
 	// notProxied: kube-proxy does not program the Service, so no dataplane stage is awaited.
 	notProxied bool
 	// untrusted: an observation of a slice no trusted controller manages started the record, and
@@ -199,8 +201,8 @@ func (c *Collector) markUndetermined(s probes.Stage, k recordKey) {
 
 // resolveUndetermined asks a probe that has now read its rules about the records that started
 // before it had: what it reaches is awaited, the rest does not apply (an inactive probe's stage
-// applies nowhere).
-func (c *Collector) resolveUndetermined(probe string, s probes.Status) {
+// applies nowhere). It tells whether it changed a record.
+func (c *Collector) resolveUndetermined(probe string, s probes.Status) (changed bool) {
 	for stage, keys := range c.undetermined {
 		if c.opts.StageProbe[stage] != probe || len(keys) == 0 {
 			continue
@@ -220,6 +222,7 @@ func (c *Collector) resolveUndetermined(probe string, s probes.Status) {
 					r.addAwait(await{stage: stage, path: rc.Path, source: rc.Source, policy: rc.Policy})
 				}
 			}
+			changed = true
 			r.undetermined = slices.DeleteFunc(r.undetermined, func(x probes.Stage) bool { return x == stage })
 			if len(r.undetermined) == 0 {
 				r.fallback = relevantFallback(r.fallback, r.awaits)
@@ -227,6 +230,7 @@ func (c *Collector) resolveUndetermined(probe string, s probes.Status) {
 			delete(keys, k)
 		}
 	}
+	return changed
 }
 
 // relevantFallback keeps of f the fallbacks a policy chain reaching the endpoint here is subject

@@ -141,18 +141,32 @@ func (c *Collector) ViewsWhere(now time.Time, settleAfter time.Duration, want fu
 	return out
 }
 
+// counted is what a record's digest counts, kept until the collector's rev moves on: at rest
+// after a rollout, the pusher's look at every record held costs a comparison each.
+type counted struct {
+	rev   uint64
+	first time.Time
+	print Print
+	gone  bool
+}
+
 // digest is what the record's view would tell of it, counted without building the view.
 func (c *Collector) digest(r *record, now time.Time, settleAfter time.Duration) Digest {
-	var (
-		first  time.Time
-		stages int
-		gone   bool
-	)
+	if r.counted.rev != c.rev {
+		r.counted = c.count(r)
+	}
+	n := r.counted
+	return Digest{ID: r.id, Print: n.print,
+		Settled: settled(now, settleAfter, n.first, n.print.Stages > 0, n.print.Pending > 0, r.local, n.gone)}
+}
+
+func (c *Collector) count(r *record) counted {
+	n := counted{rev: c.rev, print: Print{Pending: len(c.pendingStages(r)), Awaited: len(r.awaits)}}
 	at := func(t time.Time) {
-		if stages == 0 || t.Before(first) {
-			first = t
+		if n.print.Stages == 0 || t.Before(n.first) {
+			n.first = t
 		}
-		stages++
+		n.print.Stages++
 	}
 	t := r.timeline
 	if t != nil && !t.t0.IsZero() {
@@ -168,18 +182,16 @@ func (c *Collector) digest(r *record, now time.Time, settleAfter time.Duration) 
 	}
 	if t != nil && !t.gone.IsZero() {
 		at(t.gone)
-		gone = true
+		n.gone = true
 	}
-	d := Digest{ID: r.id, Print: Print{Stages: stages, Pending: len(c.pendingStages(r)), Awaited: len(r.awaits)}}
 	if t != nil {
 		for _, cn := range t.conns {
 			if cn.endpoint == r.key.endpoint {
-				d.Print.Connections++
+				n.print.Connections++
 			}
 		}
 	}
-	d.Settled = settled(now, settleAfter, first, stages > 0, d.Print.Pending > 0, r.local, gone)
-	return d
+	return n
 }
 
 func (c *Collector) view(r *record) RecordView {
