@@ -227,6 +227,7 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 	var (
 		backend  Backend
 		reported string
+		wait     = p.opts.PollInterval
 	)
 	for {
 		b, err := p.Detect(ctx)
@@ -245,8 +246,9 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 		select {
 		case <-ctx.Done():
 			return nil
-		case <-time.After(jitter(p.opts.PollInterval)):
+		case <-time.After(jitter(wait)):
 		}
+		wait = absentWait(wait, p.opts.PollInterval)
 	}
 	p.log.Info("kube-proxy's iptables rules found", "backend", backend)
 	a := &activity{probe: p, sink: sink}
@@ -384,6 +386,19 @@ func (p *Probe) runLegacy(ctx context.Context, a *activity) error {
 }
 
 // jitter spreads polls of many nodes: ±10 %.
+// absentPolls is how many poll intervals apart the probe looks for kube-proxy's chains once they
+// have been absent for a while: on a node whose kube-proxy runs another mode, the look was half
+// of the daemon's CPU at rest (docs/benchmarks.md). kube-proxy writes its chains when it starts:
+// on a node that switches to iptables mode, the probe finds them at most this many intervals late
+// (kube-proxy's restart and first sync take longer).
+const absentPolls = 10
+
+// absentWait is the wait before the next look for the chains after a wait of prev: twice as long,
+// up to absentPolls intervals.
+func absentWait(prev, interval time.Duration) time.Duration {
+	return min(2*prev, absentPolls*interval)
+}
+
 func jitter(d time.Duration) time.Duration {
 	return d - d/10 + rand.N(d/5+1)
 }
