@@ -74,7 +74,7 @@ func (f *fixture) checkDigests() {
 			ages = append(ages, age{now, first}, age{now, first + 1})
 		}
 		for _, at := range ages {
-			want := Digest{ID: r.id, Settled: v.Settled(at.now, at.after), Print: v.Print()}
+			want := v.Digest(r.id, at.now, at.after)
 			if got := f.c.digest(r, at.now, at.after); got != want {
 				f.t.Errorf("record %s, settled after %s at %s: digest %+v, but its view tells %+v", v.Key(), at.after, at.now.Format(time.StampMilli), got, want)
 			}

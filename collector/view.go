@@ -120,11 +120,36 @@ type Digest struct {
 	// started again has a new one.
 	ID      uint64
 	Settled bool
-	Print   Print
+	// SettlesAt is, for a record not settled, when it settles by age if nothing else changes
+	// (zero: settled, or no stage yet).
+	SettlesAt time.Time
+	Print     Print
 }
 
-// Selector is ViewsWhere's signature, for readers that take it.
-type Selector func(now time.Time, settleAfter time.Duration, want func(Digest) bool) []RecordView
+// Source is what readers of settled records read: the collector, or views a test made.
+type Source interface {
+	// Rev moves on whenever a digest may have changed: with the same Rev, the digests are the
+	// same but for records settling by age (Digest.SettlesAt).
+	Rev() uint64
+	// ViewsWhere returns the views of the records want accepts.
+	ViewsWhere(now time.Time, settleAfter time.Duration, want func(Digest) bool) []RecordView
+}
+
+// Digest is the view's digest, for a record of that ID.
+func (v RecordView) Digest(id uint64, now time.Time, settleAfter time.Duration) Digest {
+	d := Digest{ID: id, Settled: v.Settled(now, settleAfter), Print: v.Print()}
+	if !d.Settled && len(v.Stages) > 0 {
+		d.SettlesAt = v.Stages[0].Time.Add(settleAfter)
+	}
+	return d
+}
+
+// Rev implements Source.
+func (c *Collector) Rev() uint64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.rev
+}
 
 // ViewsWhere returns the views of the records want accepts, in the order it accepted them.
 // Settled in a digest is RecordView.Settled(now, settleAfter). want sees the digest of every
@@ -156,8 +181,12 @@ func (c *Collector) digest(r *record, now time.Time, settleAfter time.Duration) 
 		r.counted = c.count(r)
 	}
 	n := r.counted
-	return Digest{ID: r.id, Print: n.print,
+	d := Digest{ID: r.id, Print: n.print,
 		Settled: settled(now, settleAfter, n.first, n.print.Stages > 0, n.print.Pending > 0, r.local, n.gone)}
+	if !d.Settled && n.print.Stages > 0 {
+		d.SettlesAt = n.first.Add(settleAfter)
+	}
+	return d
 }
 
 func (c *Collector) count(r *record) counted {

@@ -145,12 +145,12 @@ func newDaemon(opts Options, log *slog.Logger, clk clock.WithTicker, client, aut
 		if opts.Push.Transport, err = opts.PushAuth.transport(); err != nil {
 			return nil, err
 		}
-		if d.pusher, err = aggregate.NewPusher(opts.Push, opts.NodeName, coll.ViewsWhere, reg, clk, log); err != nil {
+		if d.pusher, err = aggregate.NewPusher(opts.Push, opts.NodeName, coll, reg, clk, log); err != nil {
 			return nil, err
 		}
 	}
 	if tracing.Enabled() {
-		if d.tracer, err = tracing.New(context.Background(), opts.NodeName, coll.ViewsWhere, opts.Push.SettleAfter, clk, log); err != nil {
+		if d.tracer, err = tracing.New(context.Background(), opts.NodeName, coll, opts.Push.SettleAfter, clk, log); err != nil {
 			return nil, err
 		}
 		log.Info("tracing terminations over OTLP", "protocol", tracing.Protocol())

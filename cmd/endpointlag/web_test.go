@@ -174,7 +174,7 @@ func TestPushToProtectedAggregator(t *testing.T) {
 		}
 		clk := clocktesting.NewFakeClock(time.Now())
 		preg := prometheus.NewRegistry()
-		p, err := aggregate.NewPusher(opts, "node1", new(collectortest.Views).Select, preg, clk, log)
+		p, err := aggregate.NewPusher(opts, "node1", new(collectortest.Views), preg, clk, log)
 		if err != nil {
 			t.Fatal(err)
 		}

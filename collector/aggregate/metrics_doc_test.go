@@ -35,7 +35,7 @@ func TestMetricsDoc(t *testing.T) {
 	push(t, a, "node2", r)
 	popts := DefaultPushOptions()
 	popts.URLs = []string{"http://127.0.0.1:1"}
-	p, err := NewPusher(popts, "node1", new(collectortest.Views).Select, reg, clk, slog.New(slog.DiscardHandler))
+	p, err := NewPusher(popts, "node1", new(collectortest.Views), reg, clk, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -66,15 +66,20 @@ func (o PushOptions) Validate() error {
 type Pusher struct {
 	opts    PushOptions
 	node    string
-	records collector.Selector
+	records collector.Source
 	client  *http.Client
 	clock   clock.PassiveClock
 	log     *slog.Logger
 
-	// sent is what the aggregator got of each record (by Digest.ID) and at which push the
-	// record was last held (pushes counts them): an entry not held at a push is dropped.
-	sent     map[uint64]sentRecord
-	pushes   uint64
+	// sent is what the aggregator got of each record (by Digest.ID) and at which look the
+	// record was last held (looks counts them): an entry not held at a look is dropped.
+	sent  map[uint64]sentRecord
+	looks uint64
+	// Nothing can be due while the source's Rev is still rev, before settles (the first record
+	// to settle by age; zero: none) and unless a push failed (stale).
+	rev      uint64
+	settles  time.Time
+	stale    bool
 	lastBeat []time.Time
 	requests *prometheus.CounterVec
 	pushed   prometheus.Counter
@@ -85,14 +90,14 @@ type sentRecord struct {
 	held  uint64
 }
 
-// NewPusher returns a pusher of records (the collector's ViewsWhere) for node; reg registers its
-// metrics (nil: none).
-func NewPusher(opts PushOptions, node string, records collector.Selector, reg prometheus.Registerer, clk clock.PassiveClock, log *slog.Logger) (*Pusher, error) {
+// NewPusher returns a pusher of records (the collector) for node; reg registers its metrics (nil:
+// none).
+func NewPusher(opts PushOptions, node string, records collector.Source, reg prometheus.Registerer, clk clock.PassiveClock, log *slog.Logger) (*Pusher, error) {
 	if err := opts.Validate(); err != nil {
 		return nil, err
 	}
 	p := &Pusher{opts: opts, node: node, records: records, client: &http.Client{Timeout: 10 * time.Second, Transport: opts.Transport}, clock: clk,
-		log: log.With("component", "aggregator-push"), sent: map[uint64]sentRecord{}, lastBeat: make([]time.Time, len(opts.URLs)),
+		log: log.With("component", "aggregator-push"), sent: map[uint64]sentRecord{}, stale: true, lastBeat: make([]time.Time, len(opts.URLs)),
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "endpointlag", Name: "aggregator_pushes_total",
 			Help: "Requests to the aggregator (outcome=ok|error), records and heartbeats."}, []string{"outcome"}),
 		pushed: prometheus.NewCounter(prometheus.CounterOpts{Namespace: "endpointlag", Name: "aggregator_records_pushed_total",
@@ -128,27 +133,16 @@ func (p *Pusher) Run(ctx context.Context) {
 }
 
 // PushOnce pushes what is due now: the records settled since the last push, or changed since
-// they were pushed. Only those are viewed.
+// they were pushed. It looks at the records only when something may be due, and views only those.
 func (p *Pusher) PushOnce(ctx context.Context) {
 	now := p.clock.Now()
-	p.pushes++
-	var digests []collector.Digest
-	recs := p.records(now, p.opts.SettleAfter, func(d collector.Digest) bool {
-		s, ok := p.sent[d.ID]
-		if ok {
-			s.held = p.pushes
-			p.sent[d.ID] = s
-		}
-		if !d.Settled || ok && s.print == d.Print {
-			return false
-		}
-		digests = append(digests, d)
-		return true
-	})
-	for id, s := range p.sent {
-		if s.held != p.pushes {
-			delete(p.sent, id) // expired from the collector: never sent again
-		}
+	var (
+		recs    []collector.RecordView
+		digests []collector.Digest
+	)
+	if rev := p.records.Rev(); p.stale || rev != p.rev || !p.settles.IsZero() && !now.Before(p.settles) {
+		p.rev, p.stale = rev, false
+		recs, digests = p.due(now)
 	}
 	due := make([][]int, len(p.opts.URLs))
 	for i, r := range recs {
@@ -166,6 +160,7 @@ func (p *Pusher) PushOnce(ctx context.Context) {
 				batch[j] = recs[k]
 			}
 			if err := p.post(ctx, u, Batch{Node: p.node, Records: batch}); err != nil {
+				p.stale = true
 				p.requests.WithLabelValues("error").Inc()
 				p.log.Warn("pushing records to the aggregator failed; retrying at the next interval", "url", u, "records", len(batch), "err", err)
 				break
@@ -174,10 +169,39 @@ func (p *Pusher) PushOnce(ctx context.Context) {
 			p.pushed.Add(float64(len(batch)))
 			p.lastBeat[i] = now
 			for _, k := range idx {
-				p.sent[digests[k].ID] = sentRecord{print: digests[k].Print, held: p.pushes}
+				p.sent[digests[k].ID] = sentRecord{print: digests[k].Print, held: p.looks}
 			}
 		}
 	}
+}
+
+// due views the records due now, with their digests, and notes when the first of the others
+// settles by age.
+func (p *Pusher) due(now time.Time) ([]collector.RecordView, []collector.Digest) {
+	p.looks++
+	p.settles = time.Time{}
+	var digests []collector.Digest
+	recs := p.records.ViewsWhere(now, p.opts.SettleAfter, func(d collector.Digest) bool {
+		s, ok := p.sent[d.ID]
+		if ok {
+			s.held = p.looks
+			p.sent[d.ID] = s
+		}
+		if !d.SettlesAt.IsZero() && (p.settles.IsZero() || d.SettlesAt.Before(p.settles)) {
+			p.settles = d.SettlesAt
+		}
+		if !d.Settled || ok && s.print == d.Print {
+			return false
+		}
+		digests = append(digests, d)
+		return true
+	})
+	for id, s := range p.sent {
+		if s.held != p.looks {
+			delete(p.sent, id) // expired from the collector: never sent again
+		}
+	}
+	return recs, digests
 }
 
 func (p *Pusher) post(ctx context.Context, u string, b Batch) error {

@@ -68,7 +68,7 @@ func TestPusher(t *testing.T) {
 	opts := DefaultPushOptions()
 	opts.URLs = urls
 	reg := prometheus.NewRegistry()
-	p, err := NewPusher(opts, "node1", views.Select, reg, clk, slog.New(slog.DiscardHandler))
+	p, err := NewPusher(opts, "node1", &views, reg, clk, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -102,13 +102,14 @@ func TestPusher(t *testing.T) {
 			t.Errorf("replica %d got no heartbeat", i)
 		}
 	}
-	before, viewed := reps[0].count()+reps[1].count(), views.Viewed()
-	p.PushOnce(ctx) // nothing changed, heartbeats not due
+	before := reps[0].count() + reps[1].count()
+	viewed, walks := views.Viewed()
+	p.PushOnce(ctx) // nothing changed, heartbeats not due, the pending record not old enough
 	if after := reps[0].count() + reps[1].count(); after != before {
 		t.Errorf("%d requests when nothing changed", after-before)
 	}
-	if n := views.Viewed() - viewed; n != 0 {
-		t.Errorf("%d records viewed when nothing changed; want none", n)
+	if v, w := views.Viewed(); v != viewed || w != walks {
+		t.Errorf("%d records viewed in %d walks when nothing changed; want none", v-viewed, w-walks)
 	}
 	// A connection more: pushed again.
 	gone.Connections = append(gone.Connections, collector.ConnectionView{Time: at(0.2), Kind: "late"})

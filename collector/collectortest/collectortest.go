@@ -1,5 +1,5 @@
 // Package collectortest serves record views made by a test to what reads a collector's records
-// through collector.Selector (the pusher, the tracer).
+// through collector.Source (the pusher, the tracer).
 package collectortest
 
 import (
@@ -15,6 +15,8 @@ type Views struct {
 	mu     sync.Mutex
 	views  []collector.RecordView
 	ids    map[string]uint64
+	rev    uint64
+	walks  int
 	viewed int
 }
 
@@ -23,12 +25,21 @@ func (v *Views) Set(views ...collector.RecordView) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	v.views = append([]collector.RecordView(nil), views...)
+	v.rev++
 }
 
-// Select is a collector.Selector over the views held.
-func (v *Views) Select(now time.Time, settleAfter time.Duration, want func(collector.Digest) bool) []collector.RecordView {
+// Rev implements collector.Source: it moves on at every Set.
+func (v *Views) Rev() uint64 {
 	v.mu.Lock()
 	defer v.mu.Unlock()
+	return v.rev
+}
+
+// ViewsWhere implements collector.Source over the views held.
+func (v *Views) ViewsWhere(now time.Time, settleAfter time.Duration, want func(collector.Digest) bool) []collector.RecordView {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.walks++
 	if v.ids == nil {
 		v.ids = map[string]uint64{}
 	}
@@ -39,7 +50,7 @@ func (v *Views) Select(now time.Time, settleAfter time.Duration, want func(colle
 			id = uint64(len(v.ids) + 1)
 			v.ids[r.Key()] = id
 		}
-		if want(collector.Digest{ID: id, Settled: r.Settled(now, settleAfter), Print: r.Print()}) {
+		if want(r.Digest(id, now, settleAfter)) {
 			out = append(out, r)
 		}
 	}
@@ -47,10 +58,10 @@ func (v *Views) Select(now time.Time, settleAfter time.Duration, want func(colle
 	return out
 }
 
-// Viewed counts the views Select returned so far: what a reader viewed, where a collector builds
-// each view it returns.
-func (v *Views) Viewed() int {
+// Viewed counts the views ViewsWhere returned so far (a collector builds each), and Walks its
+// calls (a collector looks at the digest of every record held at each).
+func (v *Views) Viewed() (views, walks int) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	return v.viewed
+	return v.viewed, v.walks
 }

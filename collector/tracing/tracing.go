@@ -55,7 +55,7 @@ func Protocol() string {
 // Tracer turns settled records into spans.
 type Tracer struct {
 	node        string
-	records     collector.Selector
+	records     collector.Source
 	settleAfter time.Duration
 	clock       clock.PassiveClock
 	log         *slog.Logger
@@ -63,15 +63,20 @@ type Tracer struct {
 	tracer      trace.Tracer
 
 	mu sync.Mutex
-	// sent are the records already traced (by Digest.ID), with the round (rounds counts them) at
-	// which each was last held: an entry not held in a round is dropped.
-	sent   map[uint64]uint64
-	rounds uint64
+	// sent are the records already traced (by Digest.ID), with the look (looks counts them) at
+	// which each was last held: an entry not held at a look is dropped.
+	sent  map[uint64]uint64
+	looks uint64
+	// Nothing new can have settled while the source's Rev is still rev (looked: since the last
+	// look) and before settles (the first record to settle by age; zero: none).
+	rev     uint64
+	looked  bool
+	settles time.Time
 }
 
 // New returns a tracer exporting over the protocol the environment names; records is the
-// collector's ViewsWhere. Stop flushes it.
-func New(ctx context.Context, node string, records collector.Selector, settleAfter time.Duration, clk clock.PassiveClock, log *slog.Logger) (*Tracer, error) {
+// collector. Stop flushes it.
+func New(ctx context.Context, node string, records collector.Source, settleAfter time.Duration, clk clock.PassiveClock, log *slog.Logger) (*Tracer, error) {
 	var (
 		exp sdktrace.SpanExporter
 		err error
@@ -125,20 +130,30 @@ func (t *Tracer) Run(ctx context.Context, interval time.Duration) {
 // Flush exports the spans ended so far.
 func (t *Tracer) Flush(ctx context.Context) error { return t.tp.ForceFlush(ctx) }
 
-// Once traces the records settled since the last call. Only those are viewed.
+// Once traces the records settled since the last call. It looks at the records only when
+// something may have settled, and views only those.
 func (t *Tracer) Once() {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	t.rounds++
-	recs := t.records(t.clock.Now(), t.settleAfter, func(d collector.Digest) bool {
+	now := t.clock.Now()
+	rev := t.records.Rev()
+	if t.looked && rev == t.rev && (t.settles.IsZero() || now.Before(t.settles)) {
+		return
+	}
+	t.rev, t.looked, t.settles = rev, true, time.Time{}
+	t.looks++
+	recs := t.records.ViewsWhere(now, t.settleAfter, func(d collector.Digest) bool {
+		if !d.SettlesAt.IsZero() && (t.settles.IsZero() || d.SettlesAt.Before(t.settles)) {
+			t.settles = d.SettlesAt
+		}
 		_, traced := t.sent[d.ID]
 		if traced || d.Settled {
-			t.sent[d.ID] = t.rounds
+			t.sent[d.ID] = t.looks
 		}
 		return !traced && d.Settled
 	})
-	for id, round := range t.sent {
-		if round != t.rounds {
+	for id, look := range t.sent {
+		if look != t.looks {
 			delete(t.sent, id)
 		}
 	}

@@ -146,14 +146,14 @@ func TestTracesJoinAcrossNodes(t *testing.T) {
 			for node, rec := range map[string]collector.RecordView{"node1": home, "node2": remote} {
 				var views collectortest.Views
 				views.Set(rec)
-				tr, err := New(ctx, node, views.Select, time.Minute, clk, slog.New(slog.DiscardHandler))
+				tr, err := New(ctx, node, &views, time.Minute, clk, slog.New(slog.DiscardHandler))
 				if err != nil {
 					t.Fatal(err)
 				}
 				tr.Once()
 				tr.Once() // nothing new
-				if n := views.Viewed(); n != 1 {
-					t.Errorf("%s: %d views for one record traced once", node, n)
+				if n, walks := views.Viewed(); n != 1 || walks != 1 {
+					t.Errorf("%s: %d views in %d walks for one record traced once, nothing changed since; want 1 in 1", node, n, walks)
 				}
 				if err := tr.Flush(ctx); err != nil {
 					t.Fatal(err)
@@ -226,5 +226,33 @@ func TestTraceID(t *testing.T) {
 	}
 	if _, ok := TraceID(""); ok {
 		t.Error("a trace ID for no UID")
+	}
+}
+
+// A record still pending is traced once it is settleAfter old, with nothing else changed, and
+// looked at again only then.
+func TestTracesRecordsSettledByAge(t *testing.T) {
+	_, endpoint := startReceiver(t, "http/protobuf")
+	t.Setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+	t.Setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+	t.Setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
+	var views collectortest.Views
+	views.Set(collector.RecordView{Pod: pod, Service: svc, Endpoint: ep, Pending: []string{"nftables"},
+		Stages: []collector.StageView{{Stage: "endpointslice", Source: "kube", Time: t0}}})
+	clk := clocktesting.NewFakeClock(at(1))
+	tr, err := New(context.Background(), "node2", &views, time.Minute, clk, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr.Once()
+	clk.Step(30 * time.Second)
+	tr.Once()
+	if n, walks := views.Viewed(); n != 0 || walks != 1 {
+		t.Errorf("before it settled: %d views in %d walks; want none in 1", n, walks)
+	}
+	clk.Step(30 * time.Second)
+	tr.Once()
+	if n, walks := views.Viewed(); n != 1 || walks != 2 {
+		t.Errorf("once settled by age: %d views in %d walks; want 1 in 2", n, walks)
 	}
 }
