@@ -113,8 +113,9 @@ func (v RecordView) Print() Print {
 }
 
 // Digest is what a reader of settled records (the pusher, the tracer) needs to decide whether
-// to view a record: viewing every record held at every push cost as much as all the rest of a
-// node at rest after a rollout, and held a second copy of every record while it lasted.
+// to view a record. Viewing every record held at every push took 2.22 % of a core at rest with
+// 6,000 records held, against 0.12 % with digests (docs/benchmarks.md), and held a second copy
+// of every record while it lasted.
 type Digest struct {
 	// ID names the record among every record the collector held: a record that expired and
 	// started again has a new one.
@@ -166,8 +167,8 @@ func (c *Collector) ViewsWhere(now time.Time, settleAfter time.Duration, want fu
 	return out
 }
 
-// counted is what a record's digest counts, kept until the collector's rev moves on: at rest
-// after a rollout, the pusher's look at every record held costs a comparison each.
+// counted is what a record's digest counts, kept until the collector's rev moves on: a look at
+// every record held costs a comparison each while nothing changes.
 type counted struct {
 	rev   uint64
 	first time.Time
