@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -33,20 +34,24 @@ func TestClassify(t *testing.T) {
 	}
 }
 
-// Against a local server: every request is counted, successes name the backend, and a server that
-// stops answering shows up as failures of the right kind.
+// Against a local server: every request is counted (as many as the server answered), successes
+// name the backend, and a server that stops answering shows up as failures of the right kind. How
+// many requests the ticker sends in the time is not asserted: CI's loaded machine once sent 4 of
+// the 30 in 300 ms, and with the lab running beside it none at all, so it runs for a second.
 func TestRunAgainstLoopback(t *testing.T) {
+	var served atomic.Int64
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		served.Add(1)
 		fmt.Fprintln(w, "pod-a")
 	}))
 	addr := srv.Listener.Addr().String()
-	rs, err := Run(context.Background(), Config{Targets: []Target{{Path: "direct", Addr: addr}}, Rate: 100, Duration: 300 * time.Millisecond})
+	rs, err := Run(context.Background(), Config{Targets: []Target{{Path: "direct", Addr: addr}}, Rate: 100, Duration: time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
 	s := Summarize(rs)
-	if s.Requests < 20 || s.Failed != 0 || s.Backends != 1 || rs[0].Backend != "pod-a" {
-		t.Errorf("summary %+v, first %+v", s, rs[0])
+	if s.Requests == 0 || int64(s.Requests) != served.Load() || s.Failed != 0 || s.Backends != 1 || rs[0].Backend != "pod-a" {
+		t.Fatalf("summary %+v (the server answered %d), results %+v", s, served.Load(), rs)
 	}
 	srv.Close()
 	rs, err = Run(context.Background(), Config{Targets: []Target{{Path: "direct", Addr: addr}}, Rate: 100, Duration: 100 * time.Millisecond})
@@ -91,7 +96,9 @@ func TestParseTarget(t *testing.T) {
 // Two paths at once: each request carries its path, the Host header of its target, and a
 // proxy's error answer is a failure of kind http-<status>.
 func TestRunPaths(t *testing.T) {
+	var served atomic.Int64
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		served.Add(1)
 		if r.Host != "web.demo" {
 			http.Error(w, "no route", http.StatusBadGateway)
 			return
@@ -101,17 +108,17 @@ func TestRunPaths(t *testing.T) {
 	defer srv.Close()
 	addr := srv.Listener.Addr().String()
 	rs, err := Run(context.Background(), Config{Targets: []Target{{Path: PathTraefik, Addr: addr, Host: "web.demo"}, {Path: PathHAProxy, Addr: addr}},
-		Rate: 100, Duration: 300 * time.Millisecond})
+		Rate: 100, Duration: time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
 	by := SummarizeByPath(rs)
 	tr, hp := by[PathTraefik], by[PathHAProxy]
-	if tr.Requests < 20 || tr.Failed != 0 || hp.Requests != tr.Requests || hp.Failed != hp.Requests || hp.ByKind["http-502"] != hp.Requests {
+	if tr.Requests == 0 || tr.Failed != 0 || hp.Requests != tr.Requests || hp.Failed != hp.Requests || hp.ByKind["http-502"] != hp.Requests {
 		t.Errorf("by path: %+v", by)
 	}
-	if s := Summarize(rs); s.Requests != tr.Requests+hp.Requests {
-		t.Errorf("all paths: %+v", s)
+	if s := Summarize(rs); s.Requests != tr.Requests+hp.Requests || int64(s.Requests) != served.Load() {
+		t.Errorf("all paths: %+v (the server answered %d)", s, served.Load())
 	}
 }
 
