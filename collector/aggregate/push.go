@@ -64,30 +64,16 @@ func (o PushOptions) Validate() error {
 // SettleAfter old, and again whenever it changed since. A failed push is retried at the next
 // interval; what the aggregator got is not sent again.
 type Pusher struct {
-	opts    PushOptions
-	node    string
-	records collector.Source
-	client  *http.Client
-	clock   clock.PassiveClock
-	log     *slog.Logger
+	opts   PushOptions
+	node   string
+	follow *collector.Follower
+	client *http.Client
+	clock  clock.PassiveClock
+	log    *slog.Logger
 
-	// sent is what the aggregator got of each record (by Digest.ID) and at which look the
-	// record was last held (looks counts them): an entry not held at a look is dropped.
-	sent  map[uint64]sentRecord
-	looks uint64
-	// Nothing can be due while the source's Rev is still rev, before settles (the first record
-	// to settle by age; zero: none) and unless a push failed (stale).
-	rev      uint64
-	settles  time.Time
-	stale    bool
 	lastBeat []time.Time
 	requests *prometheus.CounterVec
 	pushed   prometheus.Counter
-}
-
-type sentRecord struct {
-	print collector.Print
-	held  uint64
 }
 
 // NewPusher returns a pusher of records (the collector) for node; reg registers its metrics (nil:
@@ -96,8 +82,8 @@ func NewPusher(opts PushOptions, node string, records collector.Source, reg prom
 	if err := opts.Validate(); err != nil {
 		return nil, err
 	}
-	p := &Pusher{opts: opts, node: node, records: records, client: &http.Client{Timeout: 10 * time.Second, Transport: opts.Transport}, clock: clk,
-		log: log.With("component", "aggregator-push"), sent: map[uint64]sentRecord{}, stale: true, lastBeat: make([]time.Time, len(opts.URLs)),
+	p := &Pusher{opts: opts, node: node, follow: collector.NewFollower(records, opts.SettleAfter, true), client: &http.Client{Timeout: 10 * time.Second, Transport: opts.Transport}, clock: clk,
+		log: log.With("component", "aggregator-push"), lastBeat: make([]time.Time, len(opts.URLs)),
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "endpointlag", Name: "aggregator_pushes_total",
 			Help: "Requests to the aggregator (outcome=ok|error), records and heartbeats."}, []string{"outcome"}),
 		pushed: prometheus.NewCounter(prometheus.CounterOpts{Namespace: "endpointlag", Name: "aggregator_records_pushed_total",
@@ -136,14 +122,7 @@ func (p *Pusher) Run(ctx context.Context) {
 // they were pushed. It looks at the records only when something may be due, and views only those.
 func (p *Pusher) PushOnce(ctx context.Context) {
 	now := p.clock.Now()
-	var (
-		recs    []collector.RecordView
-		digests []collector.Digest
-	)
-	if rev := p.records.Rev(); p.stale || rev != p.rev || !p.settles.IsZero() && !now.Before(p.settles) {
-		p.rev, p.stale = rev, false
-		recs, digests = p.due(now)
-	}
+	recs, digests := p.follow.Due(now)
 	due := make([][]int, len(p.opts.URLs))
 	for i, r := range recs {
 		shard := Shard(r.Pod.UID, p.opts.URLs)
@@ -160,7 +139,7 @@ func (p *Pusher) PushOnce(ctx context.Context) {
 				batch[j] = recs[k]
 			}
 			if err := p.post(ctx, u, Batch{Node: p.node, Records: batch}); err != nil {
-				p.stale = true
+				p.follow.Retry()
 				p.requests.WithLabelValues("error").Inc()
 				p.log.Warn("pushing records to the aggregator failed; retrying at the next interval", "url", u, "records", len(batch), "err", err)
 				break
@@ -169,39 +148,10 @@ func (p *Pusher) PushOnce(ctx context.Context) {
 			p.pushed.Add(float64(len(batch)))
 			p.lastBeat[i] = now
 			for _, k := range idx {
-				p.sent[digests[k].ID] = sentRecord{print: digests[k].Print, held: p.looks}
+				p.follow.Sent(digests[k])
 			}
 		}
 	}
-}
-
-// due views the records due now, with their digests, and notes when the first of the others
-// settles by age.
-func (p *Pusher) due(now time.Time) ([]collector.RecordView, []collector.Digest) {
-	p.looks++
-	p.settles = time.Time{}
-	var digests []collector.Digest
-	recs := p.records.ViewsWhere(now, p.opts.SettleAfter, func(d collector.Digest) bool {
-		s, ok := p.sent[d.ID]
-		if ok {
-			s.held = p.looks
-			p.sent[d.ID] = s
-		}
-		if !d.SettlesAt.IsZero() && (p.settles.IsZero() || d.SettlesAt.Before(p.settles)) {
-			p.settles = d.SettlesAt
-		}
-		if !d.Settled || ok && s.print == d.Print {
-			return false
-		}
-		digests = append(digests, d)
-		return true
-	})
-	for id, s := range p.sent {
-		if s.held != p.looks {
-			delete(p.sent, id) // expired from the collector: never sent again
-		}
-	}
-	return recs, digests
 }
 
 func (p *Pusher) post(ctx context.Context, u string, b Batch) error {

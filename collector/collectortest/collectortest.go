@@ -58,8 +58,8 @@ func (v *Views) ViewsWhere(now time.Time, settleAfter time.Duration, want func(c
 	return out
 }
 
-// Viewed counts the views ViewsWhere returned so far (a collector builds each), and Walks its
-// calls (a collector looks at the digest of every record held at each).
+// Viewed counts the views ViewsWhere returned so far (a collector builds each) and its calls,
+// walks (a collector looks at the digest of every record held at each).
 func (v *Views) Viewed() (views, walks int) {
 	v.mu.Lock()
 	defer v.mu.Unlock()

@@ -54,24 +54,14 @@ func Protocol() string {
 
 // Tracer turns settled records into spans.
 type Tracer struct {
-	node        string
-	records     collector.Source
-	settleAfter time.Duration
-	clock       clock.PassiveClock
-	log         *slog.Logger
-	tp          *sdktrace.TracerProvider
-	tracer      trace.Tracer
+	node   string
+	clock  clock.PassiveClock
+	log    *slog.Logger
+	tp     *sdktrace.TracerProvider
+	tracer trace.Tracer
 
-	mu sync.Mutex
-	// sent are the records already traced (by Digest.ID), with the look (looks counts them) at
-	// which each was last held: an entry not held at a look is dropped.
-	sent  map[uint64]uint64
-	looks uint64
-	// Nothing new can have settled while the source's Rev is still rev (looked: since the last
-	// look) and before settles (the first record to settle by age; zero: none).
-	rev     uint64
-	looked  bool
-	settles time.Time
+	mu     sync.Mutex
+	follow *collector.Follower
 }
 
 // New returns a tracer exporting over the protocol the environment names; records is the
@@ -103,8 +93,8 @@ func New(ctx context.Context, node string, records collector.Source, settleAfter
 		}
 	}
 	tp := sdktrace.NewTracerProvider(sdktrace.WithBatcher(exp), sdktrace.WithResource(res), sdktrace.WithIDGenerator(ids{}))
-	return &Tracer{node: node, records: records, settleAfter: settleAfter, clock: clk, log: log.With("component", "tracing"),
-		tp: tp, tracer: tp.Tracer("github.com/endpointlag/endpointlag"), sent: map[uint64]uint64{}}, nil
+	return &Tracer{node: node, follow: collector.NewFollower(records, settleAfter, false), clock: clk, log: log.With("component", "tracing"),
+		tp: tp, tracer: tp.Tracer("github.com/endpointlag/endpointlag")}, nil
 }
 
 // Run traces settled records every interval until ctx ends, then flushes.
@@ -135,29 +125,9 @@ func (t *Tracer) Flush(ctx context.Context) error { return t.tp.ForceFlush(ctx) 
 func (t *Tracer) Once() {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	now := t.clock.Now()
-	rev := t.records.Rev()
-	if t.looked && rev == t.rev && (t.settles.IsZero() || now.Before(t.settles)) {
-		return
-	}
-	t.rev, t.looked, t.settles = rev, true, time.Time{}
-	t.looks++
-	recs := t.records.ViewsWhere(now, t.settleAfter, func(d collector.Digest) bool {
-		if !d.SettlesAt.IsZero() && (t.settles.IsZero() || d.SettlesAt.Before(t.settles)) {
-			t.settles = d.SettlesAt
-		}
-		_, traced := t.sent[d.ID]
-		if traced || d.Settled {
-			t.sent[d.ID] = t.looks
-		}
-		return !traced && d.Settled
-	})
-	for id, look := range t.sent {
-		if look != t.looks {
-			delete(t.sent, id)
-		}
-	}
-	for _, r := range recs {
+	recs, digests := t.follow.Due(t.clock.Now())
+	for i, r := range recs {
+		t.follow.Sent(digests[i])
 		t.trace(r)
 	}
 }

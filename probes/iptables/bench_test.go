@@ -7,11 +7,13 @@ import (
 	"io"
 	"log/slog"
 	"math/rand/v2"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
 	"runtime/pprof"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -295,4 +297,29 @@ func (d *deliveries) wait(b *testing.B, key string) time.Time {
 	}
 	b.Fatalf("no observation of %s", key)
 	return time.Time{}
+}
+
+// BenchmarkChainOfTwoRules reports the heap one chain of two rules keeps (every KUBE-SEP- chain
+// holds two): as the reader keeps it, a slice in handle order, and as a map by handle, which the
+// reader used before (docs/benchmarks.md).
+//
+// Run: go test ./probes/iptables -run '^$' -bench ChainOfTwoRules -benchtime 100000x
+func BenchmarkChainOfTwoRules(b *testing.B) {
+	sep := "KUBE-SEP-ABCDEFGHIJKLMNOP"
+	two := []handleRule{
+		{handle: 7, rule: rule{chain: sep, target: "KUBE-MARK-MASQ", jump: true}},
+		{handle: 8, rule: rule{chain: sep, target: "DNAT", proto: "TCP", dnat: netip.MustParseAddrPort("10.244.1.4:8080")}},
+	}
+	b.Run("slice", func(b *testing.B) {
+		probetest.HeapPer(b, func() chainRules { return byHandle(slices.Clone(two)) })
+	})
+	b.Run("map", func(b *testing.B) {
+		probetest.HeapPer(b, func() map[uint64]rule {
+			m := map[uint64]rule{}
+			for _, hr := range two {
+				m[hr.handle] = hr.rule
+			}
+			return m
+		})
+	})
 }

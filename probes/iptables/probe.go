@@ -385,7 +385,6 @@ func (p *Probe) runLegacy(ctx context.Context, a *activity) error {
 	}
 }
 
-// jitter spreads polls of many nodes: ±10 %.
 // absentPolls is how many poll intervals apart the probe looks for kube-proxy's chains once they
 // have been absent for a while: on a node whose kube-proxy runs another mode, the look was half
 // of the daemon's CPU at rest (docs/benchmarks.md). kube-proxy writes its chains when it starts:
@@ -399,6 +398,7 @@ func absentWait(prev, interval time.Duration) time.Duration {
 	return min(2*prev, absentPolls*interval)
 }
 
+// jitter spreads polls of many nodes: ±10 %.
 func jitter(d time.Duration) time.Duration {
 	return d - d/10 + rand.N(d/5+1)
 }

@@ -333,8 +333,6 @@ func TestIPVSModeTableIsNotIptablesMode(t *testing.T) {
 	}
 }
 
-// Without the privilege to read the nat table the probe says so (an error, counted) instead of
-// looking healthy and inactive.
 // While kube-proxy's chains are absent, the probe looks for them less and less often: at the
 // poll interval first, then twice as long each time, up to absentPolls intervals.
 func TestAbsentWaitGrowsToItsCap(t *testing.T) {
@@ -349,6 +347,8 @@ func TestAbsentWaitGrowsToItsCap(t *testing.T) {
 	}
 }
 
+// Without the privilege to read the nat table the probe says so (an error, counted) instead of
+// looking healthy and inactive.
 func TestDetectReportsWhatItCannotRead(t *testing.T) {
 	p := New(Options{}, clock.RealClock{}, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	p.legacyNAT = func() (bool, error) { return true, nil }

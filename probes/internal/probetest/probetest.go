@@ -10,6 +10,7 @@ import (
 	"math"
 	"os"
 	"os/exec"
+	"runtime"
 	"runtime/debug"
 	"sort"
 	"strconv"
@@ -294,4 +295,22 @@ func Churn(d, interval time.Duration, change func(n int)) ChurnResult {
 	r.Busy = CPUTime() - cpu0 - r.Idle - measuring
 	r.RSS1 = RSSKiB()
 	return r
+}
+
+// HeapPer reports, as the benchmark's metric "heap-B/op", the heap that each of b.N values build
+// returns keeps alive, measured with runtime.MemStats around all of them: what a structure costs
+// held by the thousand, which allocations per operation do not tell (a map's buckets outlive its
+// inserts' garbage). Run it with -benchtime Nx for a fixed count.
+func HeapPer[T any](b *testing.B, build func() T) {
+	keep := make([]T, b.N)
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	for i := range keep {
+		keep[i] = build()
+	}
+	runtime.GC()
+	runtime.ReadMemStats(&after)
+	b.ReportMetric(float64(after.HeapAlloc-before.HeapAlloc)/float64(b.N), "heap-B/op")
+	runtime.KeepAlive(keep)
 }

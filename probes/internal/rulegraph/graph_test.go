@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/endpointlag/endpointlag/probes"
+	"github.com/endpointlag/endpointlag/probes/internal/probetest"
 )
 
 func dnat(s string) Target { return Target{Dest: netip.MustParseAddrPort(s)} }
@@ -196,4 +197,19 @@ func TestRootSet(t *testing.T) {
 	if small.len() != 1 || small.few[0] != keys[1] {
 		t.Errorf("small set %+v, want %v alone", small, keys[1])
 	}
+}
+
+// BenchmarkSetOfOneRoot reports the heap a set of one root keeps (most chains are passed by one
+// root's walk): as the graph keeps it, a slice while small, and as the map it used before
+// (docs/benchmarks.md).
+//
+// Run: go test ./probes/internal/rulegraph -run '^$' -bench SetOfOneRoot -benchtime 100000x
+func BenchmarkSetOfOneRoot(b *testing.B) {
+	root := Key{Family: 2, Chain: "KUBE-SVC-ABCDEFGHIJKLMNOP"}
+	b.Run("slice", func(b *testing.B) {
+		probetest.HeapPer(b, func() rootSet { return rootSet{}.with(root) })
+	})
+	b.Run("map", func(b *testing.B) {
+		probetest.HeapPer(b, func() map[Key]bool { return map[Key]bool{root: true} })
+	})
 }
