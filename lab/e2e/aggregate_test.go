@@ -40,7 +40,7 @@ func TestConvergence(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		defer m.stop()
+		defer m.stop(t)
 		monitors[n.Name] = m
 	}
 	app := &scenario.App{Client: c.Client, Namespace: "conv", Name: "web", Replicas: 6}

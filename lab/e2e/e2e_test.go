@@ -314,7 +314,7 @@ func groundTruth(t *testing.T, ctx context.Context, c *cluster.Cluster, app *sce
 		if err != nil {
 			t.Fatal(err)
 		}
-		defer m.stop()
+		defer m.stop(t)
 		monitors[n.Name] = m
 	}
 

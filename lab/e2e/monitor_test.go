@@ -1,13 +1,12 @@
 package e2e
 
 import (
-	"bufio"
+	"errors"
 	"fmt"
-	"os/exec"
 	"regexp"
 	"strings"
 	"sync"
-	"syscall"
+	"testing"
 	"time"
 
 	"github.com/endpointlag/endpointlag/lab/internal/ns"
@@ -19,13 +18,12 @@ import (
 // generation, whether the rules send a Service's ClusterIP traffic to an endpoint. It shares no
 // code with the daemon: it reads what the nft command prints.
 type ruleMonitor struct {
-	cmd   *exec.Cmd
+	lines *lineProcess
 	table string // "kube-proxy" (nftables mode) or "nat" (iptables mode, nf_tables backend)
 	// start is the table as listed when the monitor started.
 	start *nftState
 	mu    sync.Mutex
 	seen  []ruleLine
-	done  chan struct{}
 }
 
 type ruleLine struct {
@@ -44,45 +42,30 @@ func startRuleMonitor(tool, netns, mode string) (*ruleMonitor, error) {
 	// is timed by `lab stamp`, real-time scheduled with it, as it reads it: timed here, in the
 	// test process, lines came over 20 ms late on a loaded machine.
 	cmd := ns.Command(netns, "chrt", "--fifo", "1", tool, "stamp", "--", "stdbuf", "-oL", "nft", "-a", "monitor")
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	out, err := cmd.StdoutPipe()
+	m := &ruleMonitor{table: table}
+	lines, err := startLines(cmd, func(at time.Time, line string) {
+		m.mu.Lock()
+		m.seen = append(m.seen, ruleLine{at, line})
+		m.mu.Unlock()
+	})
 	if err != nil {
-		return nil, err
-	}
-	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("nft monitor in %s: %w", netns, err)
 	}
-	m := &ruleMonitor{cmd: cmd, table: table, done: make(chan struct{})}
-	go func() {
-		defer close(m.done)
-		sc := bufio.NewScanner(out)
-		sc.Buffer(make([]byte, 1<<20), 1<<20)
-		for sc.Scan() {
-			ts, line, ok := strings.Cut(sc.Text(), "\t")
-			at, err := time.Parse(time.RFC3339Nano, ts)
-			if !ok || err != nil {
-				continue
-			}
-			m.mu.Lock()
-			m.seen = append(m.seen, ruleLine{at, line})
-			m.mu.Unlock()
-		}
-	}()
+	m.lines = lines
 	// Listed after the monitor started: a change in between is both in the listing and among the
 	// lines, and replaying it again changes nothing.
 	listing, err := ns.Command(netns, "nft", "-a", "list", "table", "ip", table).Output()
 	if err != nil {
-		m.stop()
-		return nil, fmt.Errorf("nft list in %s: %w", netns, err)
+		return nil, errors.Join(fmt.Errorf("nft list in %s: %w", netns, err), m.lines.stop())
 	}
 	m.start = parseListing(table, string(listing))
 	return m, nil
 }
 
-func (m *ruleMonitor) stop() {
-	_ = m.cmd.Process.Kill()
-	<-m.done
-	_ = m.cmd.Wait()
+func (m *ruleMonitor) stop(t testing.TB) {
+	if err := m.lines.stop(); err != nil {
+		t.Error(err)
+	}
 }
 
 // replay applies the monitor's lines to a copy of the starting state and calls f after each

@@ -49,7 +49,7 @@ func runShapes(t *testing.T, ctx context.Context, c *cluster.Cluster, mode strin
 		if err != nil {
 			t.Fatal(err)
 		}
-		defer m.stop()
+		defer m.stop(t)
 		s.monitors[n.Name] = m
 	}
 	var err error

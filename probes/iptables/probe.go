@@ -15,7 +15,6 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
-	"math/rand/v2"
 	"os"
 	"os/exec"
 	"slices"
@@ -30,6 +29,7 @@ import (
 	"github.com/endpointlag/endpointlag/probes"
 	"github.com/endpointlag/endpointlag/probes/internal/inns"
 	"github.com/endpointlag/endpointlag/probes/internal/nfmon"
+	"github.com/endpointlag/endpointlag/probes/internal/poll"
 	"github.com/endpointlag/endpointlag/probes/internal/proxymode"
 	"github.com/endpointlag/endpointlag/probes/internal/rulegraph"
 )
@@ -227,7 +227,7 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 	var (
 		backend  Backend
 		reported string
-		wait     = p.opts.PollInterval
+		wait     = poll.Backoff{Interval: p.opts.PollInterval}
 	)
 	for {
 		b, err := p.Detect(ctx)
@@ -246,9 +246,8 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 		select {
 		case <-ctx.Done():
 			return nil
-		case <-time.After(jitter(wait)):
+		case <-time.After(poll.Jitter(wait.Next(true))):
 		}
-		wait = absentWait(wait, p.opts.PollInterval)
 	}
 	p.log.Info("kube-proxy's iptables rules found", "backend", backend)
 	a := &activity{probe: p, sink: sink}
@@ -373,7 +372,7 @@ func (p *Probe) runLegacy(ctx context.Context, a *activity) error {
 		select {
 		case <-ctx.Done():
 			return nil
-		case <-time.After(jitter(p.opts.PollInterval)):
+		case <-time.After(poll.Jitter(p.opts.PollInterval)):
 			now := p.clock.Now()
 			if err := rd.poll(ctx, p.run); err != nil {
 				sink.Error(Name, err)
@@ -383,24 +382,6 @@ func (p *Probe) runLegacy(ctx context.Context, a *activity) error {
 			a.report(ctx, rd)
 		}
 	}
-}
-
-// absentPolls is how many poll intervals apart the probe looks for kube-proxy's chains once they
-// have been absent for a while: on a node whose kube-proxy runs another mode, the look was half
-// of the daemon's CPU at rest (docs/benchmarks.md). kube-proxy writes its chains when it starts:
-// on a node that switches to iptables mode, the probe finds them at most this many intervals late
-// (kube-proxy's restart and first sync take longer).
-const absentPolls = 10
-
-// absentWait is the wait before the next look for the chains after a wait of prev: twice as long,
-// up to absentPolls intervals.
-func absentWait(prev, interval time.Duration) time.Duration {
-	return min(2*prev, absentPolls*interval)
-}
-
-// jitter spreads polls of many nodes: ±10 %.
-func jitter(d time.Duration) time.Duration {
-	return d - d/10 + rand.N(d/5+1)
 }
 
 // publish brings the state up to date and reports the endpoints no longer reachable; with a zero

@@ -333,20 +333,6 @@ func TestIPVSModeTableIsNotIptablesMode(t *testing.T) {
 	}
 }
 
-// While kube-proxy's chains are absent, the probe looks for them less and less often: at the
-// poll interval first, then twice as long each time, up to absentPolls intervals.
-func TestAbsentWaitGrowsToItsCap(t *testing.T) {
-	var got []time.Duration
-	for wait, i := time.Second, 0; i < 6; i++ {
-		got = append(got, wait)
-		wait = absentWait(wait, time.Second)
-	}
-	want := []time.Duration{time.Second, 2 * time.Second, 4 * time.Second, 8 * time.Second, 10 * time.Second, 10 * time.Second}
-	if !slices.Equal(got, want) {
-		t.Errorf("waits %v, want %v", got, want)
-	}
-}
-
 // Without the privilege to read the nat table the probe says so (an error, counted) instead of
 // looking healthy and inactive.
 func TestDetectReportsWhatItCannotRead(t *testing.T) {

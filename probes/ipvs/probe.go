@@ -13,7 +13,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
 	"net"
 	"net/netip"
 	"os"
@@ -26,6 +25,7 @@ import (
 	"k8s.io/utils/clock"
 
 	"github.com/endpointlag/endpointlag/probes"
+	"github.com/endpointlag/endpointlag/probes/internal/poll"
 	"github.com/endpointlag/endpointlag/probes/internal/proxymode"
 )
 
@@ -218,6 +218,8 @@ type Probe struct {
 	// (tests replace them: this project's machines have no IPVS).
 	read  func() (table, error)
 	dummy func() bool
+	// after is time.After; tests see the waits through it.
+	after func(time.Duration) <-chan time.Time
 
 	mu sync.Mutex
 	// reached are the endpoints some virtual server sends to, at the last read; nil before it.
@@ -238,7 +240,7 @@ func New(interval time.Duration, clk clock.PassiveClock, log *slog.Logger) *Prob
 	if interval <= 0 {
 		interval = time.Second
 	}
-	return &Probe{interval: interval, clock: clk, log: log.With("probe", Name), read: read, dummy: hasDummyInterface}
+	return &Probe{interval: interval, clock: clk, log: log.With("probe", Name), read: read, dummy: hasDummyInterface, after: time.After}
 }
 
 // Reaches implements probes.Dataplane. IPVS names no Services: an endpoint is reached when any
@@ -347,19 +349,23 @@ func nested(b []byte, typ uint16) ([]byte, error) {
 }
 
 // Run implements probes.Probe. It stays inactive while the kernel has no IPVS or the node has no
-// kube-ipvs0 interface, checking again at every poll, and while kube-proxy names another mode.
+// kube-ipvs0 interface, and while kube-proxy names another mode; while inactive it reads less
+// and less often, down to once every poll.AbsentPolls intervals (poll.Backoff).
 func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 	sink.SetStatus(Name, probes.Status{Up: true, Synced: true, Inactive: true})
 	var (
 		prev     table
 		evidence bool
 		active   bool
+		wait     = poll.Backoff{Interval: p.interval}
 	)
 	for {
 		now := p.clock.Now()
 		next, err := p.read()
+		idle := false
 		switch {
 		case errors.Is(err, errNoIPVS):
+			idle = true
 			sink.SetStatus(Name, probes.Status{Up: true, Synced: true, Inactive: true})
 		case err != nil:
 			sink.Error(Name, err)
@@ -372,6 +378,7 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 				}
 				p.log.Info("kube-proxy's IPVS interface", "present", e, "active", active)
 			}
+			idle = !active
 			sink.SetStatus(Name, probes.Status{Up: true, Synced: true, Inactive: !active})
 			if prev != nil {
 				for _, ep := range removed(prev, next) {
@@ -384,7 +391,7 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 		select {
 		case <-ctx.Done():
 			return nil
-		case <-time.After(p.interval - p.interval/10 + rand.N(p.interval/5+1)):
+		case <-p.after(poll.Jitter(wait.Next(idle))):
 		}
 	}
 }

@@ -247,3 +247,56 @@ func TestActiveOnlyInKubeProxysIPVSMode(t *testing.T) {
 		})
 	}
 }
+
+// While inactive (no IPVS in the kernel, or no kube-ipvs0) the probe reads less and less often,
+// and at every poll interval again once kube-proxy's IPVS mode shows up.
+func TestReadsLessOftenWhileInactive(t *testing.T) {
+	vs := virtualServer{af: unix.AF_INET, protocol: unix.IPPROTO_TCP, addr: netip.MustParseAddr("10.96.0.10"), port: 80}
+	servers := table{}
+	servers.add(vs, realServer{addr: netip.MustParseAddr("10.0.1.1"), port: 80, weight: 1})
+	// Each read: whether IPVS is there, and whether kube-ipvs0 is.
+	script := []struct{ ipvs, dummy bool }{
+		{false, false}, {false, false}, {false, false}, {false, false}, {false, false}, {false, false},
+		{true, true}, {true, true},
+		{true, false}, {true, false},
+	}
+	p := New(time.Second, clock.RealClock{}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var n int
+	p.read = func() (table, error) {
+		if n == len(script) {
+			cancel()
+			<-ctx.Done()
+			return nil, errNoIPVS
+		}
+		if !script[n].ipvs {
+			return nil, errNoIPVS
+		}
+		return servers, nil
+	}
+	p.dummy = func() bool { return script[n].dummy }
+	var waits []time.Duration
+	p.after = func(d time.Duration) <-chan time.Time {
+		if n < len(script) {
+			waits = append(waits, d)
+			n++
+		}
+		ch := make(chan time.Time, 1)
+		ch <- time.Time{}
+		return ch
+	}
+	if err := p.Run(ctx, &statusSink{}); err != nil {
+		t.Fatal(err)
+	}
+	s := time.Second
+	want := []time.Duration{s, 2 * s, 4 * s, 8 * s, 10 * s, 10 * s, s, s, s, 2 * s}
+	if len(waits) != len(want) {
+		t.Fatalf("waits %v, want about %v", waits, want)
+	}
+	for i, w := range want {
+		if waits[i] < w-w/10 || waits[i] > w+w/10 {
+			t.Errorf("wait %d after %+v: %s, want %s ± 10 %%", i, script[i], waits[i], w)
+		}
+	}
+}
