@@ -107,7 +107,6 @@ func groupState(pgid int) string {
 	return strings.Join(found, "; ")
 }
 
-
 // TestLinesStopEndsChildrenHoldingThePipe: a command whose child still holds its stdout (as `lab
 // stamp`'s `nft monitor` may) is stopped in whole, and the lines it printed before are kept.
 func TestLinesStopEndsChildrenHoldingThePipe(t *testing.T) {
