@@ -6,12 +6,15 @@
 package probes
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"log/slog"
 	"net/netip"
 	"runtime/debug"
+	"slices"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -416,17 +419,19 @@ func EndpointList(set map[Endpoint]bool) []Endpoint {
 	for ep := range set {
 		out = append(out, ep)
 	}
-	sort.Slice(out, func(i, j int) bool {
-		a, b := out[i], out[j]
-		if c := a.Addr.Compare(b.Addr); c != 0 {
-			return c < 0
-		}
-		if a.Port != b.Port {
-			return a.Port < b.Port
-		}
-		return a.Protocol < b.Protocol
-	})
+	slices.SortFunc(out, CompareEndpoints)
 	return out
+}
+
+// CompareEndpoints orders endpoints by address, port and protocol.
+func CompareEndpoints(a, b Endpoint) int {
+	if c := a.Addr.Compare(b.Addr); c != 0 {
+		return c
+	}
+	if c := cmp.Compare(a.Port, b.Port); c != 0 {
+		return c
+	}
+	return strings.Compare(a.Protocol, b.Protocol)
 }
 
 // SortServiceEndpoints orders by Service, then path, then chain.

@@ -31,7 +31,8 @@ func Terminating(slices []discoveryv1.EndpointSlice) ([]TerminatingEndpoint, []e
 	seen := map[change]bool{}
 	for svc, entries := range t.services {
 		for _, e := range entries {
-			for k := range e.eps {
+			for _, x := range e.eps {
+				k := x.key
 				m := t.merged(svc, k)
 				c := change{service: svc, key: k, info: m.info}
 				if m.info.cond != terminating || seen[c] {

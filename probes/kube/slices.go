@@ -3,6 +3,8 @@ package kube
 import (
 	"fmt"
 	"net/netip"
+	"slices"
+	"strings"
 	"time"
 	"unique"
 
@@ -56,7 +58,50 @@ type sliceEntry struct {
 	service probes.ServiceRef
 	// notProxied: kube-proxy does not program the Service (headless, or another proxy's).
 	notProxied bool
-	eps        map[epKey]epInfo
+	eps        sliceEPs
+}
+
+// sliceEP is one endpoint of a slice: a pod's address and port.
+type sliceEP struct {
+	key  epKey
+	info epInfo
+}
+
+// sliceEPs are a slice's endpoints, each key once, ordered by compareKeys. Every node keeps
+// every proxied endpoint of the cluster here: as a sorted slice they take about half the heap a
+// map did (BenchmarkSliceEntryOfTen), and the garbage collector goes through them at every
+// cycle.
+type sliceEPs []sliceEP
+
+func compareKeys(a, b epKey) int {
+	if c := strings.Compare(a.uid, b.uid); c != 0 {
+		return c
+	}
+	return probes.CompareEndpoints(a.endpoint, b.endpoint)
+}
+
+// newSliceEPs orders eps (in place) and keeps the last of each key, as a map assigned them in
+// order would.
+func newSliceEPs(eps []sliceEP) sliceEPs {
+	slices.SortStableFunc(eps, func(a, b sliceEP) int { return compareKeys(a.key, b.key) })
+	out := eps[:0]
+	for _, x := range eps {
+		if n := len(out); n > 0 && out[n-1].key == x.key {
+			out[n-1] = x
+			continue
+		}
+		out = append(out, x)
+	}
+	return slices.Clip(out)
+}
+
+// get returns what the slice says of the endpoint k, and whether it lists it.
+func (s sliceEPs) get(k epKey) (epInfo, bool) {
+	i, ok := slices.BinarySearchFunc(s, k, func(x sliceEP, k epKey) int { return compareKeys(x.key, k) })
+	if !ok {
+		return epInfo{}, false
+	}
+	return s[i].info, true
 }
 
 // parseSlice turns an EndpointSlice into the endpoints it lists, marked untrusted unless trusted.
@@ -81,8 +126,8 @@ func parseSlice(s *discoveryv1.EndpointSlice, trusted bool) (*sliceEntry, []erro
 	e := &sliceEntry{
 		service:    probes.ServiceRef{Namespace: ns, Name: intern(svc)},
 		notProxied: headless || otherProxy,
-		eps:        make(map[epKey]epInfo, len(s.Endpoints)*max(len(s.Ports), 1)),
 	}
+	eps := make([]sliceEP, 0, len(s.Endpoints)*max(len(s.Ports), 1))
 	ports := slicePorts(s.Ports)
 	var noRef, badAddr []string
 	for i := range s.Endpoints {
@@ -118,9 +163,10 @@ func parseSlice(s *discoveryv1.EndpointSlice, trusted bool) (*sliceEntry, []erro
 		for _, p := range ports {
 			p.ep.Addr = addr
 			info.portName = p.name
-			e.eps[epKey{uid: info.pod.UID, endpoint: p.ep}] = info
+			eps = append(eps, sliceEP{epKey{uid: info.pod.UID, endpoint: p.ep}, info})
 		}
 	}
+	e.eps = newSliceEPs(eps)
 	var errs []error
 	// Only the endpointslice controller promises a Pod behind every endpoint; slices of the
 	// API server's own Service, mirrored or hand-made ones list addresses without pods, which
@@ -257,8 +303,8 @@ func (t *sliceTracker) apply(name string, next *sliceEntry, ev event) []change {
 		if e == nil {
 			continue
 		}
-		for k := range e.eps {
-			c := candidate{e.service, k}
+		for _, x := range e.eps {
+			c := candidate{e.service, x.key}
 			if !seen[c] {
 				seen[c] = true
 				cands = append(cands, c)
@@ -401,11 +447,12 @@ func (t *sliceTracker) fallbackOf(k epKey, info epInfo, ready map[portKey]readyC
 func (t *sliceTracker) ready(svc probes.ServiceRef) map[portKey]readyCount {
 	out := map[portKey]readyCount{}
 	for _, e := range t.services[svc] {
-		for k, info := range e.eps {
-			if info.cond != ready {
+		for _, x := range e.eps {
+			if x.info.cond != ready {
 				continue
 			}
-			pk := portKey{info.portName, k.endpoint.Protocol, k.endpoint.Addr.Is4()}
+			info := x.info
+			pk := portKey{info.portName, x.key.endpoint.Protocol, x.key.endpoint.Addr.Is4()}
 			n := out[pk]
 			n.cluster++
 			if info.node == t.node {
@@ -447,7 +494,7 @@ type merged struct {
 func (t *sliceTracker) merged(svc probes.ServiceRef, k epKey) merged {
 	var m merged
 	for _, e := range t.services[svc] {
-		info, ok := e.eps[k]
+		info, ok := e.eps.get(k)
 		if !ok {
 			continue
 		}

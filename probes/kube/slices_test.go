@@ -15,6 +15,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/endpointlag/endpointlag/probes"
+	"github.com/endpointlag/endpointlag/probes/internal/probetest"
 )
 
 func loadSlice(t testing.TB, name string) *discoveryv1.EndpointSlice {
@@ -38,8 +39,8 @@ func describe(e *sliceEntry) []string {
 		return nil
 	}
 	var out []string
-	for k, info := range e.eps {
-		out = append(out, fmt.Sprintf("%s %s %s@%s %s", e.service, k.endpoint, info.pod, info.node, condNames[info.cond]))
+	for _, x := range e.eps {
+		out = append(out, fmt.Sprintf("%s %s %s@%s %s", e.service, x.key.endpoint, x.info.pod, x.info.node, condNames[x.info.cond]))
 	}
 	slices.Sort(out)
 	return out
@@ -112,7 +113,8 @@ func TestParseSlice(t *testing.T) {
 // entry builds a slice entry of Service shop/web, one endpoint per spec "uid ip condition
 // [serving|not-serving [node]]".
 func entry(eps ...string) *sliceEntry {
-	e := &sliceEntry{service: probes.ServiceRef{Namespace: "shop", Name: "web"}, eps: map[epKey]epInfo{}}
+	e := &sliceEntry{service: probes.ServiceRef{Namespace: "shop", Name: "web"}}
+	var all []sliceEP
 	for _, spec := range eps {
 		f := strings.Fields(spec)
 		var c condition
@@ -132,8 +134,9 @@ func entry(eps ...string) *sliceEntry {
 		}
 		ep := probes.Endpoint{Port: 80, Protocol: "TCP"}
 		ep.Addr = netip.MustParseAddr(f[1])
-		e.eps[epKey{uid: f[0], endpoint: ep}] = info
+		all = append(all, sliceEP{epKey{uid: f[0], endpoint: ep}, info})
 	}
+	e.eps = newSliceEPs(all)
 	return e
 }
 
@@ -396,7 +399,8 @@ func FuzzParseSlice(f *testing.F) {
 		if e == nil {
 			return
 		}
-		for k, info := range e.eps {
+		for _, x := range e.eps {
+			k, info := x.key, x.info
 			if k.endpoint.Addr.Is4() != (s.AddressType == discoveryv1.AddressTypeIPv4) {
 				t.Errorf("%s in a %s slice", k.endpoint.Addr, s.AddressType)
 			}
@@ -412,5 +416,66 @@ func FuzzParseSlice(f *testing.F) {
 		if len(tr.slices)+len(tr.services)+len(tr.deferred)+len(tr.held) != 0 {
 			t.Error("tracker not empty after the slice was removed")
 		}
+	})
+}
+
+// A slice's endpoints are kept once per key, the last listed winning (as a map assigned them in
+// order did: a slice may list an endpoint twice), and found by key alone.
+func TestSliceEPsKeepTheLastOfEachKey(t *testing.T) {
+	key := func(uid, addr string, port uint16) epKey {
+		return epKey{uid: uid, endpoint: probes.Endpoint{Addr: netip.MustParseAddr(addr), Port: port, Protocol: "TCP"}}
+	}
+	in := []sliceEP{
+		{key("b", "10.0.0.2", 80), epInfo{node: "first"}},
+		{key("a", "10.0.0.9", 80), epInfo{node: "a"}},
+		{key("b", "10.0.0.2", 80), epInfo{node: "second"}},
+		{key("b", "10.0.0.2", 443), epInfo{node: "b443"}},
+		{key("b", "10.0.0.1", 80), epInfo{node: "b1"}},
+		{key("b", "10.0.0.2", 80), epInfo{node: "third"}},
+	}
+	s := newSliceEPs(in)
+	var got []string
+	for _, x := range s {
+		got = append(got, fmt.Sprintf("%s %s %s", x.key.uid, x.key.endpoint, x.info.node))
+	}
+	want := []string{"a 10.0.0.9:80/TCP a", "b 10.0.0.1:80/TCP b1", "b 10.0.0.2:80/TCP third", "b 10.0.0.2:443/TCP b443"}
+	if !slices.Equal(got, want) {
+		t.Fatalf("entries %q, want %q", got, want)
+	}
+	for _, x := range s {
+		if info, ok := s.get(x.key); !ok || info != x.info {
+			t.Errorf("get(%v) = %+v, %v", x.key, info, ok)
+		}
+	}
+	for _, k := range []epKey{key("a", "10.0.0.2", 80), key("c", "10.0.0.2", 80), key("b", "10.0.0.2", 8080), key("", "10.0.0.1", 80)} {
+		if _, ok := s.get(k); ok {
+			t.Errorf("get(%v) found a key the slice does not list", k)
+		}
+	}
+}
+
+// BenchmarkSliceEntryOfTen reports the heap a slice of ten endpoints keeps for them, as the
+// probe keeps them (a sorted slice) and as the map it used before (docs/benchmarks.md).
+//
+// Run: go test ./probes/kube -run '^$' -bench SliceEntryOfTen -benchtime 100000x
+func BenchmarkSliceEntryOfTen(b *testing.B) {
+	var eps []sliceEP
+	for i := range 10 {
+		eps = append(eps, sliceEP{
+			epKey{uid: fmt.Sprintf("0b4d6c1e-5f7a-4a8e-9c3b-%012d", i), endpoint: probes.Endpoint{Addr: netip.AddrFrom4([4]byte{10, 64, byte(i), 1}), Port: 8080, Protocol: "TCP"}},
+			epInfo{pod: probes.PodRef{Namespace: "shop", Name: fmt.Sprint("web-", i)}, node: "node1", portName: "http", cond: ready, serving: true},
+		})
+	}
+	b.Run("slice", func(b *testing.B) {
+		probetest.HeapPer(b, func() sliceEPs { return newSliceEPs(slices.Clone(eps)) })
+	})
+	b.Run("map", func(b *testing.B) {
+		probetest.HeapPer(b, func() map[epKey]epInfo {
+			m := make(map[epKey]epInfo, len(eps))
+			for _, x := range eps {
+				m[x.key] = x.info
+			}
+			return m
+		})
 	})
 }

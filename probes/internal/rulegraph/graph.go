@@ -130,13 +130,48 @@ func (s rootSet) each(f func(Key)) {
 type walk struct {
 	root    Root
 	reached []Key
-	eps     map[probes.Endpoint]probes.Policy
+	// eps is never changed once walked: a group of one root shares it (group).
+	eps reachSet
 }
 
 type group struct {
 	service probes.ServiceRef
 	path    probes.Path
-	roots   map[Key]bool
+	roots   rootSet
+}
+
+// reach is an endpoint and the policy chains it is reached through.
+type reach struct {
+	ep     probes.Endpoint
+	policy probes.Policy
+}
+
+// reachSet is a set of endpoints with their policies, ordered by probes.CompareEndpoints. A graph
+// holds two for every Service port: its root's walk and its group's state. As sorted slices they
+// took half the heap maps did (BenchmarkReachSetOfTen), and a Service of one port shares one.
+type reachSet []reach
+
+// find returns the policies ep is reached through, and whether it is.
+func (s reachSet) find(ep probes.Endpoint) (probes.Policy, bool) {
+	i, ok := slices.BinarySearchFunc(s, ep, func(r reach, ep probes.Endpoint) int { return probes.CompareEndpoints(r.ep, ep) })
+	if !ok {
+		return probes.Policy{}, false
+	}
+	return s[i].policy, true
+}
+
+// merged sorts rs in place and merges the entries of one endpoint, their policies joined.
+func merged(rs []reach) reachSet {
+	slices.SortFunc(rs, func(a, b reach) int { return probes.CompareEndpoints(a.ep, b.ep) })
+	out := rs[:0]
+	for _, r := range rs {
+		if n := len(out); n > 0 && out[n-1].ep == r.ep {
+			out[n-1].policy = probes.Policy{Cluster: out[n-1].policy.Cluster || r.policy.Cluster, Local: out[n-1].policy.Local || r.policy.Local}
+			continue
+		}
+		out = append(out, r)
+	}
+	return slices.Clip(out)
 }
 
 // New returns an empty graph whose policy chains classify names.
@@ -198,10 +233,10 @@ func (g *Graph) SetRoot(k Key, r Root) {
 	g.roots[k] = &walk{root: r}
 	gr := g.groups[r.Group]
 	if gr == nil {
-		gr = &group{service: r.Service, path: r.Path, roots: map[Key]bool{}}
+		gr = &group{service: r.Service, path: r.Path}
 		g.groups[r.Group] = gr
 	}
-	gr.roots[k] = true
+	gr.roots = gr.roots.with(k)
 	g.dirty[k] = true
 }
 
@@ -214,8 +249,8 @@ func (g *Graph) RemoveRoot(k Key) {
 	g.unreach(k, w)
 	delete(g.roots, k)
 	if gr := g.groups[w.root.Group]; gr != nil {
-		delete(gr.roots, k)
-		if len(gr.roots) == 0 {
+		gr.roots = gr.roots.without(k)
+		if gr.roots.len() == 0 {
 			delete(g.groups, w.root.Group)
 		}
 	}
@@ -266,7 +301,7 @@ func (g *Graph) Update() map[string]bool {
 // chain on the way to its DNAT (none on the way: cluster-wide); a chain reached under two
 // policies is walked under each.
 func (g *Graph) walk(root Key, w *walk) {
-	w.eps = map[probes.Endpoint]probes.Policy{}
+	var eps []reach
 	type visit struct {
 		chain  string
 		policy probes.Policy
@@ -303,39 +338,35 @@ func (g *Graph) walk(root Key, w *walk) {
 			if proto == "" {
 				proto = w.root.Protocol
 			}
-			ep := probes.Endpoint{Addr: d.Dest.Addr().Unmap(), Port: d.Dest.Port(), Protocol: proto}
-			have := w.eps[ep]
-			w.eps[ep] = probes.Policy{Cluster: have.Cluster || policy.Cluster, Local: have.Local || policy.Local}
+			eps = append(eps, reach{probes.Endpoint{Addr: d.Dest.Addr().Unmap(), Port: d.Dest.Port(), Protocol: proto}, policy})
 		}
 		for _, j := range c.Jumps {
 			stack = append(stack, visit{chain: j, policy: v.policy})
 		}
 	}
+	w.eps = merged(eps)
 }
 
 // group returns a group's endpoints now, with the policies its roots reach each through; ok is
 // false for a group without roots.
-func (g *Graph) group(key string) (gr *group, eps map[probes.Endpoint]probes.Policy, ok bool) {
+func (g *Graph) group(key string) (gr *group, eps reachSet, ok bool) {
 	gr = g.groups[key]
-	eps = map[probes.Endpoint]probes.Policy{}
 	if gr == nil {
-		return nil, eps, false
+		return nil, nil, false
 	}
-	for r := range gr.roots {
-		for ep, p := range g.roots[r].eps {
-			have := eps[ep]
-			eps[ep] = probes.Policy{Cluster: have.Cluster || p.Cluster, Local: have.Local || p.Local}
-		}
+	if len(gr.roots.few) == 1 {
+		return gr, g.roots[gr.roots.few[0]].eps, true
 	}
-	return gr, eps, true
+	var all []reach
+	gr.roots.each(func(r Key) { all = append(all, g.roots[r].eps...) })
+	return gr, merged(all), true
 }
 
-// Reached is what one group's roots reached at the last Publish.
-type Reached struct {
-	Service probes.ServiceRef
-	Path    probes.Path
-	// Endpoints map each endpoint to the policy chains it was reached through.
-	Endpoints map[probes.Endpoint]probes.Policy
+// reached is what one group's roots reached at the last Publish.
+type reached struct {
+	service probes.ServiceRef
+	path    probes.Path
+	eps     reachSet
 }
 
 // Removal is an endpoint a group's roots no longer reach.
@@ -348,14 +379,14 @@ type Removal struct {
 // State is what the rules reached at the last Publish, per group, for the probe's readers:
 // Snapshot (inspect rules) and Reaches (the collector, when an endpoint starts terminating).
 type State struct {
-	groups map[string]Reached
+	groups map[string]reached
 	// unnamed are the groups whose rules name no Service.
 	unnamed map[string]bool
 }
 
 // NewState returns an empty state.
 func NewState() *State {
-	return &State{groups: map[string]Reached{}, unnamed: map[string]bool{}}
+	return &State{groups: map[string]reached{}, unnamed: map[string]bool{}}
 }
 
 // Len is the number of groups.
@@ -373,9 +404,9 @@ func (g *Graph) Publish(state *State) []Removal {
 	for key := range g.Update() {
 		gr, next, ok := g.group(key)
 		prev := state.groups[key]
-		for ep := range prev.Endpoints {
-			if _, still := next[ep]; !still {
-				out = append(out, Removal{Service: prev.Service, Path: prev.Path, Endpoint: ep})
+		for _, r := range prev.eps {
+			if _, still := next.find(r.ep); !still {
+				out = append(out, Removal{Service: prev.service, Path: prev.path, Endpoint: r.ep})
 			}
 		}
 		if !ok || len(next) == 0 {
@@ -383,7 +414,7 @@ func (g *Graph) Publish(state *State) []Removal {
 			delete(state.unnamed, key)
 			continue
 		}
-		state.groups[key] = Reached{Service: gr.service, Path: gr.path, Endpoints: next}
+		state.groups[key] = reached{service: gr.service, path: gr.path, eps: next}
 		if gr.service.Name == "" {
 			state.unnamed[key] = true
 		}
@@ -395,18 +426,18 @@ func (g *Graph) Publish(state *State) []Removal {
 // the groups whose rules name no Service.
 func (s *State) Reaches(svc probes.ServiceRef, ep probes.Endpoint) []probes.Reach {
 	var out []probes.Reach
-	add := func(r Reached) {
-		p, ok := r.Endpoints[ep]
+	add := func(r reached) {
+		p, ok := r.eps.find(ep)
 		if !ok {
 			return
 		}
 		for i := range out {
-			if out[i].Path == r.Path {
+			if out[i].Path == r.path {
 				out[i].Policy = probes.Policy{Cluster: out[i].Policy.Cluster || p.Cluster, Local: out[i].Policy.Local || p.Local}
 				return
 			}
 		}
-		out = append(out, probes.Reach{Path: r.Path, Policy: p})
+		out = append(out, probes.Reach{Path: r.path, Policy: p})
 	}
 	if svc.Name != "" {
 		for _, path := range []probes.Path{probes.PathCluster, probes.PathExternal} {
@@ -414,7 +445,7 @@ func (s *State) Reaches(svc probes.ServiceRef, ep probes.Endpoint) []probes.Reac
 		}
 	} else {
 		for _, r := range s.groups {
-			if r.Service.Name != "" {
+			if r.service.Name != "" {
 				add(r)
 			}
 		}
@@ -430,12 +461,12 @@ func (s *State) Reaches(svc probes.ServiceRef, ep probes.Endpoint) []probes.Reac
 func (s *State) Snapshot() []probes.ServiceEndpoints {
 	out := make([]probes.ServiceEndpoints, 0, len(s.groups))
 	for key, r := range s.groups {
-		eps := make(map[probes.Endpoint]bool, len(r.Endpoints))
-		for ep := range r.Endpoints {
-			eps[ep] = true
+		eps := make([]probes.Endpoint, len(r.eps))
+		for i, x := range r.eps {
+			eps[i] = x.ep
 		}
-		se := probes.ServiceEndpoints{Service: r.Service, Path: r.Path, Endpoints: probes.EndpointList(eps)}
-		if r.Service.Name == "" {
+		se := probes.ServiceEndpoints{Service: r.service, Path: r.path, Endpoints: eps}
+		if r.service.Name == "" {
 			se.Chain, _, _ = strings.Cut(key, " ")
 		}
 		out = append(out, se)

@@ -213,3 +213,62 @@ func BenchmarkSetOfOneRoot(b *testing.B) {
 		probetest.HeapPer(b, func() map[Key]bool { return map[Key]bool{root: true} })
 	})
 }
+
+// A reach set keeps each endpoint once, in order, with the policies of all its entries joined,
+// and finds exactly the endpoints it holds.
+func TestReachSetMergesAndFinds(t *testing.T) {
+	ep := func(addr string, port uint16, proto string) probes.Endpoint {
+		return probes.Endpoint{Addr: netip.MustParseAddr(addr), Port: port, Protocol: proto}
+	}
+	cluster, local := probes.Policy{Cluster: true}, probes.Policy{Local: true}
+	s := merged([]reach{
+		{ep("10.0.0.2", 80, "TCP"), cluster},
+		{ep("10.0.0.1", 80, "UDP"), local},
+		{ep("10.0.0.1", 80, "TCP"), local},
+		{ep("10.0.0.2", 80, "TCP"), local},
+		{ep("10.0.0.1", 8080, "TCP"), cluster},
+		{ep("10.0.0.1", 80, "TCP"), local},
+	})
+	want := reachSet{
+		{ep("10.0.0.1", 80, "TCP"), local},
+		{ep("10.0.0.1", 80, "UDP"), local},
+		{ep("10.0.0.1", 8080, "TCP"), cluster},
+		{ep("10.0.0.2", 80, "TCP"), probes.Policy{Cluster: true, Local: true}},
+	}
+	if !slices.Equal(s, want) {
+		t.Fatalf("merged %+v, want %+v", s, want)
+	}
+	for _, r := range want {
+		if p, ok := s.find(r.ep); !ok || p != r.policy {
+			t.Errorf("find(%s) = %+v, %v; want %+v", r.ep, p, ok, r.policy)
+		}
+	}
+	for _, e := range []probes.Endpoint{ep("10.0.0.0", 80, "TCP"), ep("10.0.0.1", 81, "TCP"), ep("10.0.0.1", 80, "SCTP"), ep("10.0.0.3", 80, "TCP")} {
+		if _, ok := s.find(e); ok {
+			t.Errorf("find(%s) found an endpoint the set does not hold", e)
+		}
+	}
+}
+
+// BenchmarkReachSetOfTen reports the heap a Service port's ten endpoints keep, as the graph keeps
+// them (a sorted slice) and as the map it used before (docs/benchmarks.md).
+//
+// Run: go test ./probes/internal/rulegraph -run '^$' -bench ReachSetOfTen -benchtime 100000x
+func BenchmarkReachSetOfTen(b *testing.B) {
+	var rs []reach
+	for i := range 10 {
+		rs = append(rs, reach{probes.Endpoint{Addr: netip.AddrFrom4([4]byte{10, 64, byte(i), 1}), Port: 8080, Protocol: "TCP"}, probes.Policy{Cluster: true}})
+	}
+	b.Run("slice", func(b *testing.B) {
+		probetest.HeapPer(b, func() reachSet { return merged(slices.Clone(rs)) })
+	})
+	b.Run("map", func(b *testing.B) {
+		probetest.HeapPer(b, func() map[probes.Endpoint]probes.Policy {
+			m := map[probes.Endpoint]probes.Policy{}
+			for _, r := range rs {
+				m[r.ep] = r.policy
+			}
+			return m
+		})
+	})
+}
