@@ -33,6 +33,7 @@ import (
 
 	"github.com/endpointlag/endpointlag/bpf"
 	"github.com/endpointlag/endpointlag/probes"
+	"github.com/endpointlag/endpointlag/probes/internal/poll"
 )
 
 // Name is the probe's registry name and the source of its observations.
@@ -50,7 +51,10 @@ type Options struct {
 	// EventsPerSecond bounds, per CPU, the new-connection events sent to user space.
 	EventsPerSecond int
 	// ReconcileInterval is how often the maps are compared with the collector's list even
-	// without a change notification.
+	// without a change notification, and the programs' places among the interfaces' checked,
+	// while the probe tracks a pod's addresses. While it tracks none, the reconciliations grow
+	// apart up to poll.AbsentPolls intervals: a pod that starts terminating is reconciled at
+	// once, by its notification.
 	ReconcileInterval time.Duration
 }
 
@@ -269,8 +273,9 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 	if p.pods != nil {
 		p.pods.NotifyLocalPods(notify)
 	}
+	wait := poll.Backoff{Interval: p.opts.ReconcileInterval}
 	p.sync(sink)
-	tick := time.NewTicker(p.opts.ReconcileInterval)
+	tick := time.NewTimer(wait.Next(p.idle()))
 	defer tick.Stop()
 	for {
 		select {
@@ -300,10 +305,19 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 			sink.Error(Name, fmt.Errorf("link events: %w", err))
 		case <-notify:
 			p.sync(sink)
+			tick.Reset(wait.Next(p.idle()))
 		case <-tick.C:
 			p.sync(sink)
+			tick.Reset(wait.Next(p.idle()))
 		}
 	}
+}
+
+// idle tells whether the probe tracks no pod's address.
+func (p *Probe) idle() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.tracked) == 0
 }
 
 // sync reconciles and reports the probe's health: up again after a reconciliation that

@@ -32,12 +32,21 @@ type fakePods struct {
 	mu   sync.Mutex
 	pods []probes.LocalPod
 	chs  []chan<- struct{}
+	// listed counts the probe's calls: one per reconciliation.
+	listed int
 }
 
 func (f *fakePods) LocalPods() []probes.LocalPod {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.listed++
 	return append([]probes.LocalPod(nil), f.pods...)
+}
+
+func (f *fakePods) reconciliations() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.listed
 }
 
 func (f *fakePods) NotifyLocalPods(ch chan<- struct{}) {
@@ -520,6 +529,23 @@ func TestLinkEventsResubscribe(t *testing.T) {
 	run(t, "ip", "-n", l.node, "link", "add", "vpod2", "type", "veth", "peer", "name", "eth1", "netns", l.pod)
 	want := "[from_pod ingress on vpod from_pod ingress on vpod2 to_pod egress on vpod to_pod egress on vpod2]"
 	rec.Wait(t, "links attached through the new subscription", func() bool { return fmt.Sprint(p.attached()) == want })
+}
+
+// While the probe tracks no pod's address, its reconciliations grow apart (every interval they
+// would be 50 in the half second); a pod that starts terminating is reconciled at once.
+func TestIdleReconcilesLessOften(t *testing.T) {
+	l := newLab(t)
+	pods := &fakePods{}
+	opts := DefaultOptions()
+	opts.ReconcileInterval = 10 * time.Millisecond
+	p, rec, _ := startProbe(t, l, opts, pods)
+	start := pods.reconciliations()
+	time.Sleep(500 * time.Millisecond)
+	if n := pods.reconciliations() - start; n >= 20 {
+		t.Errorf("%d reconciliations in 500 ms with nothing tracked, at a 10 ms interval: want them to grow apart (under 20)", n)
+	}
+	pods.set(probes.LocalPod{Pod: probes.PodRef{Namespace: "default", Name: "web-1", UID: "uid-1"}, Addrs: []netip.Addr{l.podAddr}, T0: time.Now()})
+	rec.Wait(t, "the address tracked", func() bool { return !p.idle() })
 }
 
 // A terminating pod whose veth is deleted is, for the programs, gone: its address moves to the
