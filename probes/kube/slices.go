@@ -451,11 +451,10 @@ func (t *sliceTracker) ready(svc probes.ServiceRef) map[portKey]readyCount {
 			if x.info.cond != ready {
 				continue
 			}
-			info := x.info
-			pk := portKey{info.portName, x.key.endpoint.Protocol, x.key.endpoint.Addr.Is4()}
+			pk := portKey{x.info.portName, x.key.endpoint.Protocol, x.key.endpoint.Addr.Is4()}
 			n := out[pk]
 			n.cluster++
-			if info.node == t.node {
+			if x.info.node == t.node {
 				n.local++
 			}
 			out[pk] = n

@@ -274,8 +274,12 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 		p.pods.NotifyLocalPods(notify)
 	}
 	wait := poll.Backoff{Interval: p.opts.ReconcileInterval}
-	p.sync(sink)
-	tick := time.NewTimer(wait.Next(p.idle()))
+	// reconcile syncs and returns the wait before the next reconciliation.
+	reconcile := func() time.Duration {
+		p.sync(sink)
+		return wait.Next(p.idle())
+	}
+	tick := time.NewTimer(reconcile())
 	defer tick.Stop()
 	for {
 		select {
@@ -304,11 +308,9 @@ func (p *Probe) Run(ctx context.Context, sink probes.Sink) error {
 		case err := <-subErr:
 			sink.Error(Name, fmt.Errorf("link events: %w", err))
 		case <-notify:
-			p.sync(sink)
-			tick.Reset(wait.Next(p.idle()))
+			tick.Reset(reconcile())
 		case <-tick.C:
-			p.sync(sink)
-			tick.Reset(wait.Next(p.idle()))
+			tick.Reset(reconcile())
 		}
 	}
 }
